@@ -1,0 +1,2 @@
+//! ringfence, the coordinator, as a library: inventory, wave specs, the pure
+//! wave planner, the I/O loop that drives agents, evidence, and the demo.

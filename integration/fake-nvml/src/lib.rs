@@ -1,0 +1,1 @@
+//! fake NVML (filled in by the health work)
