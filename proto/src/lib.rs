@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attest;
+pub mod config;
 pub mod envelope;
 pub mod keys;
 pub mod pki;
@@ -15,7 +16,12 @@ pub mod trust;
 
 /// Generated protobuf messages and gRPC client/server code (`ringfence.v1`).
 pub mod pb {
-    #![allow(missing_docs, missing_debug_implementations, clippy::all, clippy::pedantic)]
+    #![allow(
+        missing_docs,
+        missing_debug_implementations,
+        clippy::all,
+        clippy::pedantic
+    )]
     tonic::include_proto!("ringfence.v1");
 }
 
