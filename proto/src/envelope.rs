@@ -1,1 +1,619 @@
-//! TODO
+//! DSSE-style signed envelopes and the agent's task verification.
+//!
+//! Signatures are ed25519 over `PAE(type, payload) = "DSSEv1" SP len(type)
+//! SP type SP len(payload) SP payload` (len as ASCII decimal). Any standard
+//! DSSE/ed25519 library can produce an envelope ringfence accepts.
+//!
+//! [`TaskVerifier::verify`] runs the six checks of ARCHITECTURE.md in order:
+//! 1. size limits and decoding; 2. payload type and signatures (`verify_strict`
+//! over the exact received bytes, keys identified by public key bytes, revoked
+//! keys refused); 3. a coordinator signature, and for protected-ring patches
+//! and forced undrains a threshold of distinct approver keys (a coordinator key
+//! never counts); 4. host id and time (skew, capped lifetime); 5. replay
+//! (recorded outcome returned) and the sequence high-water mark; 6. whether
+//! the action is allowed by the agent's local config. Each failure is its own
+//! [`TaskRejection`] variant; [`crate::status`] maps them to gRPC statuses.
+
+use std::collections::HashSet;
+
+use ed25519_dalek::{Signer, SigningKey};
+use prost::Message;
+
+use crate::keys;
+use crate::pb;
+use crate::time::Clock;
+use crate::trust::{KeyRole, SigFailure, TrustSet};
+
+/// Payload type of a [`pb::TaskPayload`].
+pub const TASK_TYPE: &str = "application/vnd.ringfence.task.v1+protobuf";
+/// Payload type of a [`pb::RingApproval`].
+pub const APPROVAL_TYPE: &str = "application/vnd.ringfence.approval.v1+protobuf";
+/// Payload type of a [`pb::BreakGlass`].
+pub const BREAKGLASS_TYPE: &str = "application/vnd.ringfence.breakglass.v1+protobuf";
+/// Payload type of a [`pb::Attestation`].
+pub const ATTESTATION_TYPE: &str = "application/vnd.ringfence.attestation.v1+protobuf";
+/// Payload type of an evidence packet (JSON).
+pub const EVIDENCE_TYPE: &str = "application/vnd.ringfence.evidence.v1+json";
+
+/// Largest task or approval payload accepted, bytes.
+pub const MAX_TASK_PAYLOAD: usize = 16 * 1024;
+/// Most signatures accepted on one envelope.
+pub const MAX_SIGNATURES: usize = 16;
+/// Most approval envelopes accepted with one task.
+pub const MAX_APPROVALS: usize = 32;
+/// Longest payload type string accepted.
+pub const MAX_TYPE_LEN: usize = 128;
+/// Nonces for validation/attestation are 16 to 64 bytes.
+pub const NONCE_LEN: std::ops::RangeInclusive<usize> = 16..=64;
+
+/// The DSSE pre-authentication encoding that signatures cover.
+pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload_type.len() + payload.len() + 32);
+    out.extend_from_slice(b"DSSEv1 ");
+    out.extend_from_slice(payload_type.len().to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(payload_type.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(payload.len().to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Sign `payload` as `payload_type` with each `(key_id, key)`.
+pub fn sign(payload_type: &str, payload: Vec<u8>, signers: &[(&str, &SigningKey)]) -> pb::Envelope {
+    let mut env = pb::Envelope {
+        payload_type: payload_type.to_string(),
+        payload,
+        signatures: Vec::new(),
+    };
+    for (id, key) in signers {
+        add_signature(&mut env, id, key);
+    }
+    env
+}
+
+/// Encode and sign a protobuf message.
+pub fn sign_message<M: Message>(
+    payload_type: &str,
+    msg: &M,
+    signers: &[(&str, &SigningKey)],
+) -> pb::Envelope {
+    sign(payload_type, msg.encode_to_vec(), signers)
+}
+
+/// Add one more signature (e.g. a second approver countersigning).
+pub fn add_signature(env: &mut pb::Envelope, key_id: &str, key: &SigningKey) {
+    let sig = key.sign(&pae(&env.payload_type, &env.payload));
+    env.signatures.push(pb::Signature {
+        key_id: key_id.to_string(),
+        sig: sig.to_bytes().to_vec(),
+    });
+}
+
+/// Verify that `env` is of `payload_type` and signed by `key` (one known key,
+/// as for attestations and evidence). Returns the payload bytes.
+pub fn verify_single<'a>(
+    env: &'a pb::Envelope,
+    payload_type: &str,
+    key: &keys::VerifyingKey,
+    max_payload: usize,
+) -> Result<&'a [u8], SingleKeyError> {
+    if env.payload.len() > max_payload {
+        return Err(SingleKeyError::Oversized {
+            size: env.payload.len(),
+            limit: max_payload,
+        });
+    }
+    if env.payload_type != payload_type {
+        return Err(SingleKeyError::WrongPayloadType {
+            got: truncate(&env.payload_type),
+            want: payload_type.to_string(),
+        });
+    }
+    if env.signatures.is_empty() {
+        return Err(SingleKeyError::Unsigned);
+    }
+    let msg = pae(&env.payload_type, &env.payload);
+    let ok = env.signatures.iter().take(MAX_SIGNATURES).any(|s| {
+        ed25519_dalek::Signature::from_slice(&s.sig)
+            .map(|sig| key.verify_strict(&msg, &sig).is_ok())
+            .unwrap_or(false)
+    });
+    if ok {
+        Ok(&env.payload)
+    } else {
+        Err(SingleKeyError::BadSignature {
+            fingerprint: keys::fingerprint(key),
+        })
+    }
+}
+
+/// An envelope expected to be signed by one known key failed verification.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SingleKeyError {
+    /// the payload is larger than allowed
+    #[error("payload is {size} bytes, limit {limit}")]
+    Oversized { size: usize, limit: usize },
+    /// the envelope carries another kind of payload
+    #[error("payload type is `{got}`, expected `{want}`")]
+    WrongPayloadType { got: String, want: String },
+    /// the envelope has no signature
+    #[error("envelope is not signed")]
+    Unsigned,
+    /// no signature verifies against the expected key
+    #[error("no valid signature by the expected key {fingerprint}")]
+    BadSignature { fingerprint: String },
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(MAX_TYPE_LEN).collect()
+}
+
+/// Why a task was refused. Each variant is one failed check; `check()` names it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TaskRejection {
+    /// something in the request exceeds a size limit
+    #[error("{what} is {size}, limit {limit}")]
+    Oversized {
+        what: &'static str,
+        size: usize,
+        limit: usize,
+    },
+    /// the request is not a well-formed signed task
+    #[error("malformed {what}: {reason}")]
+    Malformed { what: &'static str, reason: String },
+    /// the task envelope carries another kind of payload (e.g. an attestation)
+    #[error("payload type is `{got}`, expected `{TASK_TYPE}`")]
+    WrongPayloadType { got: String },
+    /// the task envelope has no signature
+    #[error("task envelope is not signed")]
+    Unsigned,
+    /// a signature names a trusted key but does not verify
+    #[error("signature {index} (key id `{key_id}`) does not verify over the received bytes")]
+    BadSignature { index: usize, key_id: String },
+    /// a signature was made by no key in the trust file
+    #[error("signature {index} (key id `{key_id}`) is by a key not in the trust file")]
+    UnknownKey { index: usize, key_id: String },
+    /// a signature was made by a revoked key
+    #[error("signature by revoked key `{key_id}` ({fingerprint})")]
+    RevokedKey { key_id: String, fingerprint: String },
+    /// no signature on the task is by a coordinator key
+    #[error("task is not signed by a coordinator key (signed by: {signers})")]
+    NoCoordinatorSignature { signers: String },
+    /// an approval envelope is not a ring approval
+    #[error("approval {index}: payload type is `{got}`, expected `{APPROVAL_TYPE}`")]
+    ApprovalWrongType { index: usize, got: String },
+    /// an approval is signed by a coordinator key, which can never approve
+    #[error(
+        "approval {index} is signed by coordinator key `{key_id}`; a coordinator key never counts as an approver"
+    )]
+    CoordinatorKeyAsApprover { index: usize, key_id: String },
+    /// an approval does not cover this task
+    #[error(
+        "approval {index} does not cover this task: {field} is `{approved}`, task has `{task}`"
+    )]
+    ApprovalScope {
+        index: usize,
+        field: &'static str,
+        approved: String,
+        task: String,
+    },
+    /// an approval has expired or is not yet valid
+    #[error("approval {index} is outside its validity ({detail})")]
+    ApprovalExpired { index: usize, detail: String },
+    /// too few distinct approver keys
+    #[error("ring {ring} needs {need} distinct approver keys, got {have}")]
+    ApprovalThreshold { ring: u32, have: usize, need: usize },
+    /// the task is for another host
+    #[error("task is for host `{task_host}`, this agent is `{agent_host}`")]
+    WrongHost {
+        task_host: String,
+        agent_host: String,
+    },
+    /// the task was issued in the future beyond the allowed clock skew
+    #[error(
+        "task issued at {issued_at_ms} ms, now is {now_ms} ms: beyond the {skew_s} s clock skew"
+    )]
+    NotYetValid {
+        issued_at_ms: i64,
+        now_ms: i64,
+        skew_s: u64,
+    },
+    /// the task has expired
+    #[error("task expired at {expires_at_ms} ms, now is {now_ms} ms")]
+    Expired { expires_at_ms: i64, now_ms: i64 },
+    /// the task's lifetime is longer than the agent allows
+    #[error("task lifetime {lifetime_s} s exceeds the cap of {cap_s} s")]
+    LifetimeTooLong { lifetime_s: i64, cap_s: u64 },
+    /// the sequence number is not above the agent's high-water mark
+    #[error("sequence {sequence} is not above the high-water mark {high_water}")]
+    SequenceNotIncreasing { sequence: u64, high_water: u64 },
+    /// the action is not allowed by this agent's local configuration
+    #[error("{reason}")]
+    ActionRefused { reason: String },
+    /// the agent's journal could not be read
+    #[error("journal: {reason}")]
+    Journal { reason: String },
+}
+
+impl TaskRejection {
+    /// The name of the failed check, stable for logs, metrics and clients.
+    pub fn check(&self) -> &'static str {
+        match self {
+            Self::Oversized { .. } => "size",
+            Self::Malformed { .. } => "decode",
+            Self::WrongPayloadType { .. } => "payload_type",
+            Self::Unsigned => "signature",
+            Self::BadSignature { .. } => "signature",
+            Self::UnknownKey { .. } => "unknown_key",
+            Self::RevokedKey { .. } => "revoked_key",
+            Self::NoCoordinatorSignature { .. } => "coordinator_signature",
+            Self::ApprovalWrongType { .. } => "approval_type",
+            Self::CoordinatorKeyAsApprover { .. } => "coordinator_as_approver",
+            Self::ApprovalScope { .. } => "approval_scope",
+            Self::ApprovalExpired { .. } => "approval_expired",
+            Self::ApprovalThreshold { .. } => "approval_threshold",
+            Self::WrongHost { .. } => "host",
+            Self::NotYetValid { .. } => "not_yet_valid",
+            Self::Expired { .. } => "expired",
+            Self::LifetimeTooLong { .. } => "lifetime",
+            Self::SequenceNotIncreasing { .. } => "sequence",
+            Self::ActionRefused { .. } => "action",
+            Self::Journal { .. } => "journal",
+        }
+    }
+}
+
+/// What the verifier needs from the agent's durable task journal (check 5).
+pub trait ReplayGuard {
+    /// The recorded status of a task id, if it was seen before.
+    fn recorded(&self, task_id: &str) -> Result<Option<pb::TaskStatus>, String>;
+    /// The highest task sequence accepted so far (0 if none).
+    fn high_water(&self) -> Result<u64, String>;
+}
+
+/// What the verifier needs from the agent's local config (check 6).
+pub trait ActionPolicy {
+    /// Whether this agent may run the task's action; the error says why not.
+    fn allow(&self, task: &pb::TaskPayload) -> Result<(), String>;
+}
+
+/// Allows every action (the action check is then the caller's job).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AllowAll;
+
+impl ActionPolicy for AllowAll {
+    fn allow(&self, _task: &pb::TaskPayload) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A task that passed every check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifiedTask {
+    /// The payload, decoded once from the verified bytes.
+    pub payload: pb::TaskPayload,
+    /// Key id (from the trust file) of the coordinator key that signed it.
+    pub coordinator: String,
+    /// Trust-file ids of the distinct approver keys whose approvals counted.
+    pub approvers: Vec<String>,
+}
+
+/// The outcome of verification.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verified {
+    /// A new task, to be recorded and run.
+    New(Box<VerifiedTask>),
+    /// A task id seen before: its recorded status (it does not run again).
+    Replay(Box<pb::TaskStatus>),
+}
+
+/// Verifies signed tasks for one agent.
+#[derive(Debug)]
+pub struct TaskVerifier<'a> {
+    /// Keys and policy from the trust file.
+    pub trust: &'a TrustSet,
+    /// This agent's host id.
+    pub host_id: &'a str,
+    /// Source of "now".
+    pub clock: &'a dyn Clock,
+}
+
+impl TaskVerifier<'_> {
+    /// Run all six checks, in order, on a received task.
+    pub fn verify(
+        &self,
+        signed: &pb::SignedTask,
+        journal: &dyn ReplayGuard,
+        actions: &dyn ActionPolicy,
+    ) -> Result<Verified, TaskRejection> {
+        // 1. Size limits, then structure.
+        let env = signed.task.as_ref().ok_or(TaskRejection::Malformed {
+            what: "signed task",
+            reason: "no task envelope".into(),
+        })?;
+        check_sizes(env, "task payload")?;
+        if signed.approvals.len() > MAX_APPROVALS {
+            return Err(TaskRejection::Oversized {
+                what: "approval count",
+                size: signed.approvals.len(),
+                limit: MAX_APPROVALS,
+            });
+        }
+        for a in &signed.approvals {
+            check_sizes(a, "approval payload")?;
+        }
+
+        // 2. Payload type, then signatures over the exact received bytes.
+        if env.payload_type != TASK_TYPE {
+            return Err(TaskRejection::WrongPayloadType {
+                got: truncate(&env.payload_type),
+            });
+        }
+        if env.signatures.is_empty() {
+            return Err(TaskRejection::Unsigned);
+        }
+        let msg = pae(&env.payload_type, &env.payload);
+        let mut coordinator = None;
+        let mut signers = Vec::new();
+        for (index, sig) in env.signatures.iter().enumerate() {
+            let key = self.identify(&msg, sig, index)?;
+            signers.push(format!("{} ({:?})", key.id, key.role));
+            if key.role == KeyRole::Coordinator && coordinator.is_none() {
+                coordinator = Some(key.id.clone());
+            }
+        }
+        let payload = pb::TaskPayload::decode(env.payload.as_slice()).map_err(|e| {
+            TaskRejection::Malformed {
+                what: "task payload",
+                reason: e.to_string(),
+            }
+        })?;
+        if payload.task_id.is_empty() || payload.action.is_none() {
+            return Err(TaskRejection::Malformed {
+                what: "task payload",
+                reason: "task_id and action are required".into(),
+            });
+        }
+
+        // 3. Coordinator signature; approvals where the ring is protected.
+        let coordinator = coordinator.ok_or_else(|| TaskRejection::NoCoordinatorSignature {
+            signers: signers.join(", "),
+        })?;
+        let approvers = if self.needs_approval(&payload) {
+            self.check_approvals(&payload, &signed.approvals)?
+        } else {
+            Vec::new()
+        };
+
+        // 4. Host and time.
+        if payload.host_id != self.host_id {
+            return Err(TaskRejection::WrongHost {
+                task_host: payload.host_id.clone(),
+                agent_host: self.host_id.to_string(),
+            });
+        }
+        self.check_time(&payload)?;
+
+        // 5. Replay and sequence.
+        let journal_err = |reason| TaskRejection::Journal { reason };
+        if let Some(status) = journal.recorded(&payload.task_id).map_err(journal_err)? {
+            return Ok(Verified::Replay(Box::new(status)));
+        }
+        let high_water = journal.high_water().map_err(journal_err)?;
+        if payload.sequence <= high_water {
+            return Err(TaskRejection::SequenceNotIncreasing {
+                sequence: payload.sequence,
+                high_water,
+            });
+        }
+
+        // 6. Action allowed by local config.
+        actions
+            .allow(&payload)
+            .map_err(|reason| TaskRejection::ActionRefused { reason })?;
+
+        Ok(Verified::New(Box::new(VerifiedTask {
+            payload,
+            coordinator,
+            approvers,
+        })))
+    }
+
+    fn identify(
+        &self,
+        msg: &[u8],
+        sig: &pb::Signature,
+        index: usize,
+    ) -> Result<&crate::trust::TrustedKey, TaskRejection> {
+        match self.trust.identify(msg, sig) {
+            Ok(k) if k.role == KeyRole::Revoked => Err(TaskRejection::RevokedKey {
+                key_id: k.id.clone(),
+                fingerprint: keys::fingerprint(&k.key),
+            }),
+            Ok(k) => Ok(k),
+            Err(SigFailure::UnknownKey) => Err(TaskRejection::UnknownKey {
+                index,
+                key_id: truncate(&sig.key_id),
+            }),
+            Err(SigFailure::Malformed | SigFailure::BadSignature) => {
+                Err(TaskRejection::BadSignature {
+                    index,
+                    key_id: truncate(&sig.key_id),
+                })
+            }
+        }
+    }
+
+    fn needs_approval(&self, task: &pb::TaskPayload) -> bool {
+        let protected = self.trust.policy.protected_rings.contains(&task.ring);
+        match &task.action {
+            Some(pb::task_payload::Action::Patch(_)) => protected,
+            Some(pb::task_payload::Action::Undrain(u)) => u.force,
+            _ => false,
+        }
+    }
+
+    fn check_approvals(
+        &self,
+        task: &pb::TaskPayload,
+        approvals: &[pb::Envelope],
+    ) -> Result<Vec<String>, TaskRejection> {
+        let mut distinct: HashSet<[u8; 32]> = HashSet::new();
+        let mut ids = Vec::new();
+        for (index, env) in approvals.iter().enumerate() {
+            if env.payload_type != APPROVAL_TYPE {
+                return Err(TaskRejection::ApprovalWrongType {
+                    index,
+                    got: truncate(&env.payload_type),
+                });
+            }
+            if env.signatures.is_empty() {
+                return Err(TaskRejection::Unsigned);
+            }
+            let msg = pae(&env.payload_type, &env.payload);
+            let mut keys_here = Vec::new();
+            for sig in &env.signatures {
+                let key = self.identify(&msg, sig, index)?;
+                if key.role == KeyRole::Coordinator {
+                    return Err(TaskRejection::CoordinatorKeyAsApprover {
+                        index,
+                        key_id: key.id.clone(),
+                    });
+                }
+                keys_here.push(key);
+            }
+            let approval = pb::RingApproval::decode(env.payload.as_slice()).map_err(|e| {
+                TaskRejection::Malformed {
+                    what: "ring approval",
+                    reason: format!("approval {index}: {e}"),
+                }
+            })?;
+            check_scope(index, &approval, task)?;
+            let now = self.clock.now_ms();
+            let skew = skew_ms(self.trust.policy.max_clock_skew_s);
+            if now > approval.expires_at_unix_ms.saturating_add(skew)
+                || approval.issued_at_unix_ms > now.saturating_add(skew)
+            {
+                return Err(TaskRejection::ApprovalExpired {
+                    index,
+                    detail: format!(
+                        "valid {}..{} ms, now {now} ms",
+                        approval.issued_at_unix_ms, approval.expires_at_unix_ms
+                    ),
+                });
+            }
+            for key in keys_here {
+                if distinct.insert(key.key.to_bytes()) {
+                    ids.push(key.id.clone());
+                }
+            }
+        }
+        let need = self.trust.policy.approver_threshold;
+        if distinct.len() < need {
+            return Err(TaskRejection::ApprovalThreshold {
+                ring: task.ring,
+                have: distinct.len(),
+                need,
+            });
+        }
+        Ok(ids)
+    }
+
+    fn check_time(&self, task: &pb::TaskPayload) -> Result<(), TaskRejection> {
+        let now = self.clock.now_ms();
+        let policy = &self.trust.policy;
+        let skew = skew_ms(policy.max_clock_skew_s);
+        if task.issued_at_unix_ms > now.saturating_add(skew) {
+            return Err(TaskRejection::NotYetValid {
+                issued_at_ms: task.issued_at_unix_ms,
+                now_ms: now,
+                skew_s: policy.max_clock_skew_s,
+            });
+        }
+        if now > task.expires_at_unix_ms.saturating_add(skew) {
+            return Err(TaskRejection::Expired {
+                expires_at_ms: task.expires_at_unix_ms,
+                now_ms: now,
+            });
+        }
+        let lifetime_ms = task
+            .expires_at_unix_ms
+            .saturating_sub(task.issued_at_unix_ms);
+        if lifetime_ms < 0 || lifetime_ms > skew_ms(policy.max_task_lifetime_s) {
+            return Err(TaskRejection::LifetimeTooLong {
+                lifetime_s: lifetime_ms / 1000,
+                cap_s: policy.max_task_lifetime_s,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn skew_ms(s: u64) -> i64 {
+    i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX)
+}
+
+fn check_sizes(env: &pb::Envelope, what: &'static str) -> Result<(), TaskRejection> {
+    if env.payload.len() > MAX_TASK_PAYLOAD {
+        return Err(TaskRejection::Oversized {
+            what,
+            size: env.payload.len(),
+            limit: MAX_TASK_PAYLOAD,
+        });
+    }
+    if env.payload_type.len() > MAX_TYPE_LEN {
+        return Err(TaskRejection::Oversized {
+            what: "payload type",
+            size: env.payload_type.len(),
+            limit: MAX_TYPE_LEN,
+        });
+    }
+    if env.signatures.len() > MAX_SIGNATURES {
+        return Err(TaskRejection::Oversized {
+            what: "signature count",
+            size: env.signatures.len(),
+            limit: MAX_SIGNATURES,
+        });
+    }
+    Ok(())
+}
+
+fn check_scope(
+    index: usize,
+    a: &pb::RingApproval,
+    task: &pb::TaskPayload,
+) -> Result<(), TaskRejection> {
+    let scope = |field: &'static str, approved: &str, task: &str| {
+        if approved == task {
+            Ok(())
+        } else {
+            Err(TaskRejection::ApprovalScope {
+                index,
+                field,
+                approved: approved.to_string(),
+                task: task.to_string(),
+            })
+        }
+    };
+    scope("wave_id", &a.wave_id, &task.wave_id)?;
+    scope("ring", &a.ring.to_string(), &task.ring.to_string())?;
+    if !a.host_ids.iter().any(|h| h == &task.host_id) {
+        return Err(TaskRejection::ApprovalScope {
+            index,
+            field: "host_ids",
+            approved: a.host_ids.join(","),
+            task: task.host_id.clone(),
+        });
+    }
+    if let Some(pb::task_payload::Action::Patch(p)) = &task.action {
+        scope("profile", &a.profile, &p.profile)?;
+        if p.rollback {
+            scope("rollback_version", &a.rollback_version, &p.version)?;
+        } else {
+            scope("version", &a.version, &p.version)?;
+        }
+    }
+    Ok(())
+}
