@@ -5,13 +5,17 @@
 //! DSSE/ed25519 library can produce an envelope ringfence accepts.
 //!
 //! [`TaskVerifier::verify`] runs the six checks of ARCHITECTURE.md in order:
-//! 1. size limits and decoding; 2. payload type and signatures (`verify_strict`
-//! over the exact received bytes, keys identified by public key bytes, revoked
-//! keys refused); 3. a coordinator signature, and for protected-ring patches
-//! and forced undrains a threshold of distinct approver keys (a coordinator key
-//! never counts); 4. host id and time (skew, capped lifetime); 5. replay
-//! (recorded outcome returned) and the sequence high-water mark; 6. whether
-//! the action is allowed by the agent's local config. Each failure is its own
+//! 1. size limits and decoding;
+//! 2. payload type and signatures (`verify_strict` over the exact received
+//!    bytes, keys identified by public key bytes, revoked keys refused);
+//! 3. a coordinator signature, and for protected-ring patches and forced
+//!    undrains a threshold of distinct approver keys (a coordinator key never
+//!    counts);
+//! 4. host id and time (skew, capped lifetime);
+//! 5. replay (recorded outcome returned) and the sequence high-water mark;
+//! 6. whether the action is allowed by the agent's local config.
+//!
+//! Each failure is its own
 //! [`TaskRejection`] variant; [`crate::status`] maps them to gRPC statuses.
 
 use std::collections::HashSet;
