@@ -223,10 +223,10 @@ impl TrustSet {
             return Err(SigFailure::Malformed);
         };
         let hinted = self.keys.iter().find(|k| k.id == sig.key_id);
-        if let Some(k) = hinted {
-            if k.key.verify_strict(msg, &signature).is_ok() {
-                return Ok(k);
-            }
+        if let Some(k) = hinted
+            && k.key.verify_strict(msg, &signature).is_ok()
+        {
+            return Ok(k);
         }
         for k in &self.keys {
             if k.id != sig.key_id && k.key.verify_strict(msg, &signature).is_ok() {
