@@ -1,2 +1,5 @@
 //! ringfence, the coordinator, as a library: inventory, wave specs, the pure
 //! wave planner, the I/O loop that drives agents, evidence, and the demo.
+pub mod client;
+pub mod hostrun;
+pub mod store;

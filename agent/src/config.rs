@@ -1,0 +1,159 @@
+//! The agent's configuration file (`/etc/ringfence/agent.toml`), loaded and
+//! fully validated before any socket is bound or NVML is touched. Unknown
+//! keys are refused; every error names the file, line and key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ringfence::config::{ConfigError, Source};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Default location of the agent config.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/ringfence/agent.toml";
+
+/// TLS material of the agent (reloaded on SIGHUP).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of this host (SAN DNS:<host_id> + SPIFFE URI).
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    pub key: PathBuf,
+    /// PEM bundle of the fleet CA(s) that client certificates must chain to.
+    pub ca_bundle: PathBuf,
+    /// Optional PEM CRL of the fleet CA; expired CRLs are refused.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
+    /// SPIFFE trust domain of the fleet, e.g. `gpu.example.com`.
+    pub trust_domain: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    host_id: Spanned<String>,
+    #[serde(default = "default_listen")]
+    listen: Spanned<String>,
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    #[serde(default = "default_trust_file")]
+    trust_file: PathBuf,
+    tls: Spanned<TlsConfig>,
+}
+
+fn default_listen() -> Spanned<String> {
+    Spanned::new(0..0, "0.0.0.0:7443".to_string())
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/ringfence")
+}
+fn default_trust_file() -> PathBuf {
+    PathBuf::from("/etc/ringfence/trust.toml")
+}
+
+/// The validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This host's id; must equal the name in its TLS certificate.
+    pub host_id: String,
+    /// Address the mTLS gRPC listener binds.
+    pub listen: SocketAddr,
+    /// Durable state: attestation key, task journal, XID log.
+    pub state_dir: PathBuf,
+    /// Coordinator / approver / revoked keys and verification policy.
+    pub trust_file: PathBuf,
+    /// TLS material.
+    pub tls: TlsConfig,
+}
+
+impl AgentConfig {
+    /// Load and validate the config file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_source(&Source::read(path)?)
+    }
+
+    /// Validate config text (`src.path` is used in errors).
+    pub fn from_source(src: &Source) -> Result<Self, ConfigError> {
+        let raw: RawConfig = src.parse()?;
+        if !ringfence::spiffe::valid_name(raw.host_id.get_ref()) {
+            return Err(src.invalid(
+                raw.host_id.span(),
+                "host_id",
+                "must be 1-253 characters of [A-Za-z0-9._-]",
+            ));
+        }
+        let listen: SocketAddr = raw.listen.get_ref().parse().map_err(|e| {
+            src.invalid(
+                raw.listen.span(),
+                "listen",
+                format!("`{}` is not an address:port ({e})", raw.listen.get_ref()),
+            )
+        })?;
+        let tls_span = raw.tls.span();
+        let tls = raw.tls.into_inner();
+        if ringfence::spiffe::SpiffeId::new(
+            &tls.trust_domain,
+            ringfence::spiffe::Role::Host,
+            raw.host_id.get_ref(),
+        )
+        .is_err()
+        {
+            return Err(src.invalid(
+                tls_span,
+                "tls.trust_domain",
+                format!("`{}` is not a valid SPIFFE trust domain", tls.trust_domain),
+            ));
+        }
+        Ok(Self {
+            host_id: raw.host_id.into_inner(),
+            listen,
+            state_dir: raw.state_dir,
+            trust_file: raw.trust_file,
+            tls,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+host_id = "gpu-0001"
+listen = "127.0.0.1:7443"
+state_dir = "/tmp/rf"
+[tls]
+cert = "/etc/ringfence/tls/host.pem"
+key = "/etc/ringfence/tls/host.key"
+ca_bundle = "/etc/ringfence/tls/ca.pem"
+trust_domain = "gpu.example.com"
+"#;
+
+    #[test]
+    fn good_config_loads() {
+        let c = AgentConfig::from_source(&Source::from_text("agent.toml", GOOD)).unwrap();
+        assert_eq!(c.host_id, "gpu-0001");
+        assert_eq!(c.listen.port(), 7443);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_line() {
+        let text = GOOD.replace("state_dir", "stat_dir");
+        let err = AgentConfig::from_source(&Source::from_text("agent.toml", text))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("agent.toml:4:"), "{err}");
+        assert!(err.contains("stat_dir"), "{err}");
+    }
+
+    #[test]
+    fn bad_listen_names_key_and_line() {
+        let text = GOOD.replace("127.0.0.1:7443", "localhost");
+        let err = AgentConfig::from_source(&Source::from_text("agent.toml", text))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("agent.toml:3:"), "{err}");
+        assert!(err.contains("key `listen`"), "{err}");
+    }
+}

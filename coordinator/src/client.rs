@@ -1,0 +1,154 @@
+//! The seam between the coordinator and its agents. The wave engine talks to
+//! hosts only through [`HostApi`], so tests can drive it against fakes and
+//! the real implementation is a thin layer over the generated gRPC client.
+
+use std::time::Duration;
+
+use ringfence::pb;
+use tonic::Code;
+
+/// A call to an agent failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// the host could not be reached (connect failure, transport error, timeout)
+    #[error("host `{host}` unreachable: {reason}")]
+    Unreachable { host: String, reason: String },
+    /// the agent refused the task; `check` names the failed check
+    #[error("host `{host}` rejected the task by check `{check}`: {message}")]
+    Rejected {
+        host: String,
+        check: String,
+        message: String,
+    },
+    /// the agent answered with another error status
+    #[error("host `{host}` answered {code:?}: {message}")]
+    Status {
+        host: String,
+        code: Code,
+        message: String,
+    },
+}
+
+impl ClientError {
+    /// Classify a gRPC status from `host`.
+    pub fn from_status(host: &str, s: &tonic::Status) -> Self {
+        if let Some(check) = ringfence::status::rejected_check(s) {
+            return Self::Rejected {
+                host: host.to_string(),
+                check,
+                message: s.message().to_string(),
+            };
+        }
+        match s.code() {
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+                Self::Unreachable {
+                    host: host.to_string(),
+                    reason: format!("{:?}: {}", s.code(), s.message()),
+                }
+            }
+            code => Self::Status {
+                host: host.to_string(),
+                code,
+                message: s.message().to_string(),
+            },
+        }
+    }
+
+    /// Whether retrying later may help (the host may come back).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Self::Unreachable { .. })
+    }
+}
+
+/// What the coordinator needs from one agent.
+#[tonic::async_trait]
+pub trait HostApi: Send + Sync {
+    /// Host id, attestation key, sequence high-water mark.
+    async fn identity(&self) -> Result<pb::Identity, ClientError>;
+    /// A signed attestation bound to `nonce`.
+    async fn attest(&self, nonce: Vec<u8>) -> Result<pb::Envelope, ClientError>;
+    /// The last health report.
+    async fn health(&self) -> Result<pb::HealthReport, ClientError>;
+    /// Submit a signed task (idempotent by task id).
+    async fn submit(&self, task: pb::SignedTask) -> Result<pb::TaskStatus, ClientError>;
+    /// The recorded status of a task; `None` if the agent never recorded it.
+    async fn get_task(&self, task_id: &str) -> Result<Option<pb::TaskStatus>, ClientError>;
+}
+
+/// The real [`HostApi`]: the generated gRPC client over an mTLS channel.
+#[derive(Debug, Clone)]
+pub struct GrpcHost {
+    host: String,
+    client: pb::agent_client::AgentClient<tonic::transport::Channel>,
+    timeout: Duration,
+}
+
+impl GrpcHost {
+    /// Wrap a connected channel to `host`; every call is bounded by `timeout`.
+    pub fn new(host: &str, channel: tonic::transport::Channel, timeout: Duration) -> Self {
+        Self {
+            host: host.to_string(),
+            client: pb::agent_client::AgentClient::new(channel),
+            timeout,
+        }
+    }
+
+    fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(self.timeout);
+        r
+    }
+
+    fn err(&self, s: &tonic::Status) -> ClientError {
+        ClientError::from_status(&self.host, s)
+    }
+}
+
+#[tonic::async_trait]
+impl HostApi for GrpcHost {
+    async fn identity(&self) -> Result<pb::Identity, ClientError> {
+        let mut c = self.client.clone();
+        c.get_identity(self.req(pb::GetIdentityRequest {}))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.err(&s))
+    }
+
+    async fn attest(&self, nonce: Vec<u8>) -> Result<pb::Envelope, ClientError> {
+        let mut c = self.client.clone();
+        c.attest(self.req(pb::AttestRequest { nonce }))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.err(&s))
+    }
+
+    async fn health(&self) -> Result<pb::HealthReport, ClientError> {
+        let mut c = self.client.clone();
+        c.get_health(self.req(pb::GetHealthRequest { fresh: false }))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.err(&s))
+    }
+
+    async fn submit(&self, task: pb::SignedTask) -> Result<pb::TaskStatus, ClientError> {
+        let mut c = self.client.clone();
+        c.submit_task(self.req(task))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.err(&s))
+    }
+
+    async fn get_task(&self, task_id: &str) -> Result<Option<pb::TaskStatus>, ClientError> {
+        let mut c = self.client.clone();
+        match c
+            .get_task(self.req(pb::GetTaskRequest {
+                task_id: task_id.to_string(),
+            }))
+            .await
+        {
+            Ok(r) => Ok(Some(r.into_inner())),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(self.err(&s)),
+        }
+    }
+}

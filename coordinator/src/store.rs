@@ -1,0 +1,379 @@
+//! The coordinator's durable wave state: one redb file per wave under the
+//! state dir, written ahead of every step (a task is recorded before it is
+//! sent, and its outcome after it is known), so a coordinator killed at any
+//! point resumes without patching a host twice or skipping one.
+//!
+//! Only one coordinator may drive a wave: `<wave>.lock` is held with
+//! `flock` and names its holder. Other terminals read `<wave>.status.json`
+//! (a snapshot the holder rewrites atomically) and request a halt by
+//! creating `<wave>.halt`.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
+const HOSTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("hosts");
+const SEQ: TableDefinition<'_, &str, u64> = TableDefinition::new("sequence");
+const EVENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("events");
+
+/// The wave store could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// the state directory or a state file could not be used
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// another coordinator holds this wave
+    #[error(
+        "wave `{wave}` is held by another coordinator ({holder}); stop it, or wait for it to finish"
+    )]
+    Held { wave: String, holder: String },
+    /// the embedded database failed
+    #[error("wave store {path}: {reason}")]
+    Db { path: PathBuf, reason: String },
+    /// a stored record does not decode
+    #[error("wave store {path}: record `{key}` is corrupt: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+    /// no state exists for this wave
+    #[error("no state for wave `{wave}` under {dir}")]
+    NoSuchWave { wave: String, dir: PathBuf },
+}
+
+/// Paths of one wave's files.
+#[derive(Debug, Clone)]
+pub struct WavePaths {
+    /// The redb database.
+    pub db: PathBuf,
+    /// flock'd while a coordinator drives the wave; holds the holder's description.
+    pub lock: PathBuf,
+    /// Snapshot for `wave status` from other terminals.
+    pub status: PathBuf,
+    /// Created by `wave halt` to request an emergency stop.
+    pub halt: PathBuf,
+    /// Evidence packets of this wave.
+    pub evidence_dir: PathBuf,
+}
+
+impl WavePaths {
+    /// Files of `wave` under `state_dir`.
+    pub fn new(state_dir: &Path, wave: &str) -> Self {
+        Self {
+            db: state_dir.join(format!("{wave}.redb")),
+            lock: state_dir.join(format!("{wave}.lock")),
+            status: state_dir.join(format!("{wave}.status.json")),
+            halt: state_dir.join(format!("{wave}.halt")),
+            evidence_dir: state_dir.join(format!("{wave}.evidence")),
+        }
+    }
+}
+
+/// An open, exclusively held wave store.
+#[derive(Debug)]
+pub struct WaveStore {
+    db: Database,
+    /// Paths of this wave's files.
+    pub paths: WavePaths,
+    _lock: Flock<File>,
+}
+
+impl WaveStore {
+    /// Open (or create) the store of `wave`, taking the wave's lock.
+    pub fn open(state_dir: &Path, wave: &str) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Io {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let paths = WavePaths::new(state_dir, wave);
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { path, source }
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&paths.lock)
+            .map_err(io(&paths.lock))?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((_, _)) => {
+                let holder = std::fs::read_to_string(&paths.lock)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string();
+                return Err(StoreError::Held {
+                    wave: wave.to_string(),
+                    holder: if holder.is_empty() {
+                        "unknown holder".into()
+                    } else {
+                        holder
+                    },
+                });
+            }
+        };
+        let host = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        lock.set_len(0).map_err(io(&paths.lock))?;
+        write!(
+            &mut *lock,
+            "pid {} on {} since {}",
+            std::process::id(),
+            host,
+            ringfence::time::now_ms()
+        )
+        .map_err(io(&paths.lock))?;
+        lock.sync_all().map_err(io(&paths.lock))?;
+        let db = Database::create(&paths.db).map_err(|e| StoreError::Db {
+            path: paths.db.clone(),
+            reason: e.to_string(),
+        })?;
+        let store = Self {
+            db,
+            paths,
+            _lock: lock,
+        };
+        store.init_tables()?;
+        Ok(store)
+    }
+
+    /// Whether state for `wave` exists under `state_dir`.
+    pub fn exists(state_dir: &Path, wave: &str) -> bool {
+        WavePaths::new(state_dir, wave).db.exists()
+    }
+
+    fn db_err(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Db {
+            path: self.paths.db.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn init_tables(&self) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        {
+            tx.open_table(META).map_err(|e| self.db_err(e))?;
+            tx.open_table(HOSTS).map_err(|e| self.db_err(e))?;
+            tx.open_table(SEQ).map_err(|e| self.db_err(e))?;
+            tx.open_table(EVENTS).map_err(|e| self.db_err(e))?;
+        }
+        tx.commit().map_err(|e| self.db_err(e))
+    }
+
+    fn put(
+        &self,
+        table: TableDefinition<'_, &str, &[u8]>,
+        key: &str,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        {
+            let mut t = tx.open_table(table).map_err(|e| self.db_err(e))?;
+            t.insert(key, bytes).map_err(|e| self.db_err(e))?;
+        }
+        tx.commit().map_err(|e| self.db_err(e))
+    }
+
+    fn get<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<'_, &str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let t = tx.open_table(table).map_err(|e| self.db_err(e))?;
+        let Some(v) = t.get(key).map_err(|e| self.db_err(e))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                path: self.paths.db.clone(),
+                key: key.to_string(),
+                reason: e.to_string(),
+            })
+    }
+
+    fn encode<T: Serialize>(&self, key: &str, v: &T) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(v).map_err(|e| StoreError::Corrupt {
+            path: self.paths.db.clone(),
+            key: key.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Store a wave-level record (spec, plan, sequencer state, decisions).
+    pub fn put_meta<T: Serialize>(&self, key: &str, v: &T) -> Result<(), StoreError> {
+        let bytes = self.encode(key, v)?;
+        self.put(META, key, &bytes)
+    }
+
+    /// Read a wave-level record.
+    pub fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        self.get(META, key)
+    }
+
+    /// Store one host's record (durable when this returns).
+    pub fn put_host<T: Serialize>(&self, host: &str, v: &T) -> Result<(), StoreError> {
+        let bytes = self.encode(host, v)?;
+        self.put(HOSTS, host, &bytes)
+    }
+
+    /// Read one host's record.
+    pub fn get_host<T: DeserializeOwned>(&self, host: &str) -> Result<Option<T>, StoreError> {
+        self.get(HOSTS, host)
+    }
+
+    /// Every host record, by host id.
+    pub fn hosts<T: DeserializeOwned>(&self) -> Result<Vec<(String, T)>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let t = tx.open_table(HOSTS).map_err(|e| self.db_err(e))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|e| self.db_err(e))? {
+            let (k, v) = row.map_err(|e| self.db_err(e))?;
+            let key = k.value().to_string();
+            let rec = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                path: self.paths.db.clone(),
+                key: key.clone(),
+                reason: e.to_string(),
+            })?;
+            out.push((key, rec));
+        }
+        Ok(out)
+    }
+
+    /// The next task sequence number for `host`: above both what this store
+    /// has handed out and `floor` (the agent's reported high-water mark).
+    /// Durable before it returns, so numbers only grow.
+    pub fn next_sequence(&self, host: &str, floor: u64) -> Result<u64, StoreError> {
+        let tx = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        let next;
+        {
+            let mut t = tx.open_table(SEQ).map_err(|e| self.db_err(e))?;
+            let cur = t
+                .get(host)
+                .map_err(|e| self.db_err(e))?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            next = cur.max(floor).saturating_add(1);
+            t.insert(host, next).map_err(|e| self.db_err(e))?;
+        }
+        tx.commit().map_err(|e| self.db_err(e))?;
+        Ok(next)
+    }
+
+    /// Append an audit event; returns its index.
+    pub fn append_event<T: Serialize>(&self, event: &T) -> Result<u64, StoreError> {
+        let bytes = self.encode("event", event)?;
+        let tx = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        let idx;
+        {
+            let mut t = tx.open_table(EVENTS).map_err(|e| self.db_err(e))?;
+            idx = t
+                .last()
+                .map_err(|e| self.db_err(e))?
+                .map(|(k, _)| k.value() + 1)
+                .unwrap_or(0);
+            t.insert(idx, bytes.as_slice())
+                .map_err(|e| self.db_err(e))?;
+        }
+        tx.commit().map_err(|e| self.db_err(e))?;
+        Ok(idx)
+    }
+
+    /// Every audit event, oldest first.
+    pub fn events<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let t = tx.open_table(EVENTS).map_err(|e| self.db_err(e))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|e| self.db_err(e))? {
+            let (k, v) = row.map_err(|e| self.db_err(e))?;
+            out.push(
+                serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                    path: self.paths.db.clone(),
+                    key: format!("event {}", k.value()),
+                    reason: e.to_string(),
+                })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Write the status snapshot other terminals read (atomic rename).
+    pub fn write_status<T: Serialize>(&self, status: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec_pretty(status).map_err(|e| StoreError::Corrupt {
+            path: self.paths.status.clone(),
+            key: "status".into(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&self.paths.status, &bytes)
+    }
+
+    /// Whether `wave halt` asked this wave to stop.
+    pub fn halt_requested(&self) -> bool {
+        self.paths.halt.exists()
+    }
+}
+
+/// Write a file by writing a temporary sibling, syncing it, and renaming it.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let io = |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_holder_is_refused_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let _a = WaveStore::open(dir.path(), "w1").unwrap();
+        let err = WaveStore::open(dir.path(), "w1").unwrap_err().to_string();
+        assert!(err.contains("held by another coordinator"), "{err}");
+        assert!(
+            err.contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn records_survive_reopen_and_sequences_only_grow() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = WaveStore::open(dir.path(), "w").unwrap();
+            s.put_host("gpu-1", &serde_json::json!({"phase": "patching"}))
+                .unwrap();
+            assert_eq!(s.next_sequence("gpu-1", 0).unwrap(), 1);
+            assert_eq!(s.next_sequence("gpu-1", 0).unwrap(), 2);
+            assert_eq!(s.next_sequence("gpu-1", 10).unwrap(), 11);
+            s.append_event(&"started").unwrap();
+        }
+        let s = WaveStore::open(dir.path(), "w").unwrap();
+        let rec: serde_json::Value = s.get_host("gpu-1").unwrap().unwrap();
+        assert_eq!(rec["phase"], "patching");
+        assert_eq!(s.next_sequence("gpu-1", 3).unwrap(), 12);
+        let ev: Vec<String> = s.events().unwrap();
+        assert_eq!(ev, vec!["started".to_string()]);
+    }
+}
