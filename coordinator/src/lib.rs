@@ -2,4 +2,6 @@
 //! wave planner, the I/O loop that drives agents, evidence, and the demo.
 pub mod client;
 pub mod hostrun;
+pub mod settings;
+pub mod simhost;
 pub mod store;

@@ -1,0 +1,112 @@
+//! The coordinator's own configuration (`ringfence.toml`): where wave state
+//! lives, which key signs tasks, and the operator's TLS identity.
+//!
+//! ```toml
+//! state_dir = "/var/lib/ringfence-coordinator"   # wave stores, status snapshots, evidence
+//! [signing]
+//! key = "/etc/ringfence/coordinator.key"         # ed25519 PKCS#8 PEM, mode 0600
+//! key_id = "coord-2026"                          # must match the id in the agents' trust files
+//! [tls]
+//! cert = "/etc/ringfence/tls/ops-coordinator.pem" # spiffe://<td>/ops/<name>
+//! key = "/etc/ringfence/tls/ops-coordinator.key"
+//! ca_bundle = "/etc/ringfence/tls/ca.pem"
+//! [timeouts]
+//! connect_s = 5                                   # TCP+TLS connect to one agent
+//! rpc_s = 30                                      # one RPC
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ringfence::config::{ConfigError, Source};
+use serde::Deserialize;
+
+/// Where the coordinator looks for its config when `--config` is not given.
+pub const DEFAULT_PATHS: &[&str] = &["ringfence.toml", "/etc/ringfence/coordinator.toml"];
+
+/// The task-signing key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Signing {
+    /// PKCS#8 PEM ed25519 private key.
+    pub key: PathBuf,
+    /// Key id put in signatures.
+    pub key_id: String,
+}
+
+/// The operator's client TLS identity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate with an `ops` SPIFFE id.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA bundle agents' certificates chain to.
+    pub ca_bundle: PathBuf,
+}
+
+/// Network timeouts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// Connect timeout, seconds.
+    pub connect_s: u64,
+    /// Per-RPC timeout, seconds.
+    pub rpc_s: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect_s: 5,
+            rpc_s: 30,
+        }
+    }
+}
+
+impl Timeouts {
+    /// Connect timeout.
+    pub fn connect(&self) -> Duration {
+        Duration::from_secs(self.connect_s)
+    }
+    /// Per-RPC timeout.
+    pub fn rpc(&self) -> Duration {
+        Duration::from_secs(self.rpc_s)
+    }
+}
+
+/// The coordinator's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Wave stores, status snapshots, evidence packets.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Task-signing key.
+    pub signing: Signing,
+    /// Operator TLS identity.
+    pub tls: Tls,
+    /// Network timeouts.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/ringfence-coordinator")
+}
+
+impl Settings {
+    /// Load from `path`, or from the first of [`DEFAULT_PATHS`] that exists.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let path = match path {
+            Some(p) => p.to_path_buf(),
+            None => DEFAULT_PATHS
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| p.exists())
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_PATHS[0])),
+        };
+        Source::read(&path)?.parse()
+    }
+}

@@ -1,0 +1,287 @@
+//! An in-memory agent for coordinator tests and the scale benchmark: it
+//! verifies tasks with the real [`TaskVerifier`] (real signatures, real
+//! replay and sequence checks), executes them instantly, and signs real
+//! attestations — without processes, NVML or TLS.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ed25519_dalek::SigningKey;
+use ringfence::envelope::{AllowAll, ReplayGuard, TaskVerifier, Verified};
+use ringfence::pb::{self, task_payload::Action};
+use ringfence::time::Clock;
+use ringfence::trust::TrustSet;
+
+use crate::client::{ClientError, HostApi};
+
+/// The mutable state of a simulated host.
+#[derive(Debug, Clone, Default)]
+pub struct SimState {
+    /// Task journal.
+    pub tasks: BTreeMap<String, pb::TaskStatus>,
+    /// Order in which tasks were accepted.
+    pub order: Vec<String>,
+    /// Sequence high-water mark.
+    pub high_water: u64,
+    /// Out of service.
+    pub draining: bool,
+    /// Installed driver version.
+    pub driver_version: String,
+    /// Version before the last patch.
+    pub previous_version: String,
+    /// CUDA driver version.
+    pub cuda_version: String,
+    /// Patch executions (counted on the "agent").
+    pub patches: u32,
+    /// A driver version that brings an uncorrected ECC error when installed.
+    pub faulty_version: Option<String>,
+    /// Unhealthy regardless of version.
+    pub unhealthy: bool,
+    /// Calls fail as unreachable.
+    pub unreachable: bool,
+    /// Last validation verdict.
+    pub last_verdict: i32,
+}
+
+/// A simulated agent.
+#[derive(Debug, Clone)]
+pub struct SimHost {
+    /// Its host id.
+    pub host_id: String,
+    key: Arc<SigningKey>,
+    trust: Arc<TrustSet>,
+    clock: Arc<dyn Clock>,
+    state: Arc<Mutex<SimState>>,
+}
+
+struct Journal<'a>(&'a SimState);
+
+impl ReplayGuard for Journal<'_> {
+    fn recorded(&self, task_id: &str) -> Result<Option<pb::TaskStatus>, String> {
+        Ok(self.0.tasks.get(task_id).cloned())
+    }
+    fn high_water(&self) -> Result<u64, String> {
+        Ok(self.0.high_water)
+    }
+}
+
+impl SimHost {
+    /// A healthy host on `driver_version`.
+    pub fn new(
+        host_id: &str,
+        key: SigningKey,
+        trust: Arc<TrustSet>,
+        clock: Arc<dyn Clock>,
+        driver_version: &str,
+    ) -> Self {
+        Self {
+            host_id: host_id.to_string(),
+            key: Arc::new(key),
+            trust,
+            clock,
+            state: Arc::new(Mutex::new(SimState {
+                driver_version: driver_version.to_string(),
+                cuda_version: "12.4".into(),
+                last_verdict: pb::Verdict::Healthy as i32,
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// The host's attestation public key.
+    pub fn public_key(&self) -> ringfence::keys::VerifyingKey {
+        self.key.verifying_key()
+    }
+
+    /// Lock the state (tests inspect and change it).
+    pub fn state(&self) -> MutexGuard<'_, SimState> {
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn unreachable(&self) -> Result<(), ClientError> {
+        if self.state().unreachable {
+            Err(ClientError::Unreachable {
+                host: self.host_id.clone(),
+                reason: "simulated: host does not answer".into(),
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    fn report(&self, s: &SimState) -> pb::HealthReport {
+        let mut reasons = Vec::new();
+        let faulty = s.faulty_version.as_deref() == Some(s.driver_version.as_str());
+        if faulty || s.unhealthy {
+            reasons.push(pb::Reason {
+                code: "ecc_uncorrected_volatile".into(),
+                severity: pb::Verdict::Unhealthy as i32,
+                gpu_index: 0,
+                gpu_uuid: format!("GPU-{}-0", self.host_id),
+                observed: "2".into(),
+                threshold: "0".into(),
+                message: "uncorrected volatile ECC errors".into(),
+                fault_id: format!("ecc_uncorrected_volatile/GPU-{}-0", self.host_id),
+            });
+        }
+        let verdict = if reasons.is_empty() {
+            pb::Verdict::Healthy
+        } else {
+            pb::Verdict::Unhealthy
+        };
+        pb::HealthReport {
+            host_id: self.host_id.clone(),
+            collected_at_unix_ms: self.clock.now_ms(),
+            boot_id: "sim-boot".into(),
+            driver_version: s.driver_version.clone(),
+            cuda_driver_version: s.cuda_version.clone(),
+            gpus_expected: 1,
+            gpus_found: 1,
+            gpus: vec![pb::GpuReport {
+                index: 0,
+                uuid: format!("GPU-{}-0", self.host_id),
+                name: "Simulated GPU".into(),
+                ecc_volatile_uncorrected: Some(if faulty { 2 } else { 0 }),
+                ecc_aggregate_uncorrected: Some(if faulty { 2 } else { 0 }),
+                ..Default::default()
+            }],
+            verdict: verdict as i32,
+            reasons,
+            agent_version: ringfence::VERSION.into(),
+            draining: s.draining,
+            backend: "simulated".into(),
+            ..Default::default()
+        }
+    }
+
+    fn attestation(&self, s: &SimState, nonce: &[u8]) -> pb::Envelope {
+        let report = self.report(s);
+        let att = pb::Attestation {
+            host_id: self.host_id.clone(),
+            boot_id: report.boot_id.clone(),
+            nonce: nonce.to_vec(),
+            issued_at_unix_ms: self.clock.now_ms(),
+            verdict: report.verdict,
+            report: Some(report),
+            agent_version: ringfence::VERSION.into(),
+        };
+        ringfence::attest::sign(&att, &self.host_id, &self.key)
+    }
+
+    fn execute(&self, s: &mut SimState, p: &pb::TaskPayload) -> pb::TaskStatus {
+        let now = self.clock.now_ms();
+        let mut st = pb::TaskStatus {
+            task_id: p.task_id.clone(),
+            host_id: p.host_id.clone(),
+            wave_id: p.wave_id.clone(),
+            sequence: p.sequence,
+            state: pb::TaskState::Succeeded as i32,
+            accepted_at_unix_ms: now,
+            updated_at_unix_ms: now,
+            exit_code: -1,
+            ..Default::default()
+        };
+        match &p.action {
+            Some(Action::Drain(_)) => {
+                st.action = "drain".into();
+                s.draining = true;
+            }
+            Some(Action::Patch(patch)) => {
+                st.action = "patch".into();
+                s.patches += 1;
+                st.version_before = s.driver_version.clone();
+                s.previous_version = s.driver_version.clone();
+                s.driver_version = patch.version.clone();
+                st.version_after = patch.version.clone();
+                st.exit_code = 0;
+            }
+            Some(Action::Validate(v)) => {
+                st.action = "validate".into();
+                let env = self.attestation(s, &v.nonce);
+                let report = self.report(s);
+                s.last_verdict = report.verdict;
+                let ok = report.verdict == pb::Verdict::Healthy as i32
+                    && (v.expect_driver_version.is_empty()
+                        || v.expect_driver_version == report.driver_version);
+                if !ok {
+                    st.state = pb::TaskState::Failed as i32;
+                    st.message = "validation failed".into();
+                }
+                st.verdict = report.verdict;
+                st.attestation = Some(env);
+            }
+            Some(Action::Undrain(u)) => {
+                st.action = "undrain".into();
+                if s.last_verdict != pb::Verdict::Healthy as i32 && !u.force {
+                    st.state = pb::TaskState::Failed as i32;
+                    st.message = "last validation was not HEALTHY".into();
+                } else {
+                    s.draining = false;
+                }
+            }
+            Some(Action::AckFaults(_)) => st.action = "ack_faults".into(),
+            None => {}
+        }
+        st
+    }
+}
+
+#[tonic::async_trait]
+impl HostApi for SimHost {
+    async fn identity(&self) -> Result<pb::Identity, ClientError> {
+        self.unreachable()?;
+        let s = self.state();
+        Ok(pb::Identity {
+            host_id: self.host_id.clone(),
+            attestation_public_key: self.key.verifying_key().to_bytes().to_vec(),
+            sequence_high_water: s.high_water,
+            draining: s.draining,
+            agent_version: ringfence::VERSION.into(),
+            ..Default::default()
+        })
+    }
+
+    async fn attest(&self, nonce: Vec<u8>) -> Result<pb::Envelope, ClientError> {
+        self.unreachable()?;
+        let s = self.state();
+        Ok(self.attestation(&s, &nonce))
+    }
+
+    async fn health(&self) -> Result<pb::HealthReport, ClientError> {
+        self.unreachable()?;
+        let s = self.state();
+        Ok(self.report(&s))
+    }
+
+    async fn submit(&self, task: pb::SignedTask) -> Result<pb::TaskStatus, ClientError> {
+        self.unreachable()?;
+        let mut s = self.state();
+        let verifier = TaskVerifier {
+            trust: &self.trust,
+            host_id: &self.host_id,
+            clock: self.clock.as_ref(),
+        };
+        match verifier.verify(&task, &Journal(&s), &AllowAll) {
+            Ok(Verified::Replay(st)) => Ok(*st),
+            Ok(Verified::New(v)) => {
+                let st = self.execute(&mut s, &v.payload);
+                s.high_water = v.payload.sequence;
+                s.order.push(st.task_id.clone());
+                s.tasks.insert(st.task_id.clone(), st.clone());
+                Ok(st)
+            }
+            Err(r) => Err(ClientError::from_status(
+                &self.host_id,
+                &ringfence::status::task_rejection(&r),
+            )),
+        }
+    }
+
+    async fn get_task(&self, task_id: &str) -> Result<Option<pb::TaskStatus>, ClientError> {
+        self.unreachable()?;
+        Ok(self.state().tasks.get(task_id).cloned())
+    }
+}

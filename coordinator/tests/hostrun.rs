@@ -1,0 +1,253 @@
+//! A single host's way through a wave, against simulated agents that verify
+//! every task with the real verifier.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use ringfence::keys;
+use ringfence::pb;
+use ringfence::time::{Clock, SystemClock};
+use ringfence::trust::{KeyRole, Policy, TrustSet, TrustedKey};
+use ringfence_coordinator::client::HostApi;
+use ringfence_coordinator::hostrun::{self, Ctx, HostJob, HostRecord, Params, Phase, Signer};
+use ringfence_coordinator::simhost::SimHost;
+use ringfence_coordinator::store::WaveStore;
+
+struct World {
+    _dir: tempfile::TempDir,
+    ctx: Ctx,
+    trust: Arc<TrustSet>,
+    clock: Arc<dyn Clock>,
+}
+
+fn world(rollback: bool) -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let coord = keys::generate();
+    let trust = Arc::new(TrustSet::from_keys(
+        vec![TrustedKey {
+            id: "coord".into(),
+            key: coord.verifying_key(),
+            role: KeyRole::Coordinator,
+        }],
+        Policy::default(),
+    ));
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store = Arc::new(WaveStore::open(dir.path(), "wave-1").unwrap());
+    let ctx = Ctx {
+        params: Arc::new(Params {
+            wave_id: "wave-1".into(),
+            profile: "nvidia-driver".into(),
+            version: "560.35.03".into(),
+            expect_driver_version: "560.35.03".into(),
+            expect_cuda_version: String::new(),
+            task_lifetime_ms: 600_000,
+            task_timeout_ms: 5_000,
+            attestation_max_age_ms: 60_000,
+            poll_interval: Duration::from_millis(5),
+            rollback_on_failure: rollback,
+        }),
+        signer: Arc::new(Signer {
+            key_id: "coord".into(),
+            key: coord,
+        }),
+        store,
+        clock: clock.clone(),
+        halt: Arc::new(AtomicBool::new(false)),
+    };
+    World {
+        _dir: dir,
+        ctx,
+        trust,
+        clock,
+    }
+}
+
+fn host(w: &World, id: &str, ring: u32) -> (SimHost, HostJob) {
+    let sim = SimHost::new(
+        id,
+        keys::generate(),
+        w.trust.clone(),
+        w.clock.clone(),
+        "550.54.15",
+    );
+    let job = HostJob {
+        host_id: id.into(),
+        ring,
+        pool: "p".into(),
+        key: sim.public_key(),
+        approvals: Vec::new(),
+    };
+    (sim, job)
+}
+
+#[tokio::test]
+async fn healthy_host_is_patched_once_validated_and_back_in_service() {
+    let w = world(false);
+    let (sim, job) = host(&w, "gpu-1", 0);
+    let rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    assert_eq!(rec.phase, Phase::Done, "{:?}", rec.failure);
+    let s = sim.state();
+    assert_eq!(s.patches, 1);
+    assert_eq!(s.driver_version, "560.35.03");
+    assert!(!s.draining);
+    let actions: Vec<String> = s
+        .order
+        .iter()
+        .map(|id| s.tasks[id].action.clone())
+        .collect();
+    assert_eq!(actions, ["drain", "patch", "validate", "undrain"]);
+    assert_eq!(rec.after.as_ref().unwrap().verdict, "HEALTHY");
+}
+
+#[tokio::test]
+async fn uncorrected_ecc_after_patch_fails_validation_and_host_stays_drained() {
+    let w = world(false);
+    let (sim, job) = host(&w, "gpu-2", 2);
+    sim.state().faulty_version = Some("560.35.03".into());
+    let mut job = job;
+    job.ring = 1; // unprotected, so no approvals needed here
+    let rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    assert_eq!(rec.phase, Phase::Failed);
+    let f = rec.failure.unwrap();
+    assert_eq!(f.step, "validate");
+    assert!(
+        f.reason.contains("ecc_uncorrected_volatile"),
+        "{}",
+        f.reason
+    );
+    assert!(f.reason.contains("uncorrected ECC"), "{}", f.reason);
+    assert!(sim.state().draining, "failed host must stay drained");
+}
+
+#[tokio::test]
+async fn rollback_on_failure_returns_host_to_previous_version_still_drained() {
+    let w = world(true);
+    let (sim, job) = host(&w, "gpu-3", 1);
+    sim.state().faulty_version = Some("560.35.03".into());
+    let rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    assert_eq!(rec.phase, Phase::Failed);
+    let s = sim.state();
+    assert_eq!(s.driver_version, "550.54.15");
+    assert_eq!(s.patches, 2);
+    assert!(s.draining);
+    assert!(
+        rec.failure
+            .unwrap()
+            .reason
+            .contains("rolled back to 550.54.15")
+    );
+}
+
+#[tokio::test]
+async fn unhealthy_before_is_not_patched() {
+    let w = world(false);
+    let (sim, job) = host(&w, "gpu-4", 0);
+    sim.state().unhealthy = true;
+    let rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    assert_eq!(rec.failure.unwrap().kind, "unhealthy_before");
+    assert_eq!(sim.state().patches, 0);
+    assert!(sim.state().tasks.is_empty());
+}
+
+#[tokio::test]
+async fn protected_ring_without_approvals_is_refused_by_the_agent() {
+    let w = world(false);
+    let (sim, job) = host(&w, "gpu-5", 2);
+    let rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    let f = rec.failure.unwrap();
+    assert_eq!((f.step.as_str(), f.kind.as_str()), ("patch", "rejected"));
+    assert!(f.reason.contains("approval_threshold"), "{}", f.reason);
+    assert_eq!(sim.state().patches, 0);
+}
+
+#[tokio::test]
+async fn previously_drained_host_is_never_undrained_by_the_wave() {
+    let w = world(false);
+    let (sim, job) = host(&w, "gpu-6", 0);
+    sim.state().draining = true;
+    let rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    assert_eq!(rec.phase, Phase::Done);
+    assert!(rec.already_drained);
+    assert!(sim.state().draining);
+    assert!(!sim.state().order.iter().any(|t| t.ends_with("/undrain")));
+}
+
+/// A coordinator that dies around the moment it sends the patch: before the
+/// agent gets it, or right after, before the outcome is recorded.
+#[derive(Clone)]
+struct CrashAtPatch {
+    inner: SimHost,
+    deliver_first: bool,
+}
+
+#[tonic::async_trait]
+impl HostApi for CrashAtPatch {
+    async fn identity(&self) -> Result<pb::Identity, ringfence_coordinator::client::ClientError> {
+        self.inner.identity().await
+    }
+    async fn attest(
+        &self,
+        n: Vec<u8>,
+    ) -> Result<pb::Envelope, ringfence_coordinator::client::ClientError> {
+        self.inner.attest(n).await
+    }
+    async fn health(&self) -> Result<pb::HealthReport, ringfence_coordinator::client::ClientError> {
+        self.inner.health().await
+    }
+    async fn submit(
+        &self,
+        t: pb::SignedTask,
+    ) -> Result<pb::TaskStatus, ringfence_coordinator::client::ClientError> {
+        use prost::Message;
+        let payload = pb::TaskPayload::decode(t.task.as_ref().unwrap().payload.as_slice()).unwrap();
+        if matches!(payload.action, Some(pb::task_payload::Action::Patch(_))) {
+            if self.deliver_first {
+                let _ = self.inner.submit(t).await;
+            }
+            panic!("coordinator killed while sending the patch");
+        }
+        self.inner.submit(t).await
+    }
+    async fn get_task(
+        &self,
+        id: &str,
+    ) -> Result<Option<pb::TaskStatus>, ringfence_coordinator::client::ClientError> {
+        self.inner.get_task(id).await
+    }
+}
+
+async fn crash_then_resume(deliver_first: bool) {
+    let w = world(false);
+    let (sim, job) = host(&w, "gpu-7", 0);
+    let crashing = CrashAtPatch {
+        inner: sim.clone(),
+        deliver_first,
+    };
+    let (ctx, job2) = (w.ctx.clone(), job.clone());
+    let died = tokio::spawn(async move { hostrun::run(&ctx, &job2, &crashing).await }).await;
+    assert!(died.is_err(), "the first coordinator must have died");
+    let rec: HostRecord = w.ctx.store.get_host("gpu-7").unwrap().unwrap();
+    assert_eq!(rec.phase, Phase::Patching);
+    assert!(
+        rec.tasks.last().unwrap().outcome.is_none(),
+        "patch recorded before sending"
+    );
+    assert_eq!(sim.state().patches, u32::from(deliver_first));
+
+    let rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    assert_eq!(rec.phase, Phase::Done, "{:?}", rec.failure);
+    assert_eq!(sim.state().patches, 1, "the patch must run exactly once");
+    let patch_tasks = rec.tasks.iter().filter(|t| t.step == "patch").count();
+    assert_eq!(patch_tasks, 1, "the same task id is reused, not re-signed");
+}
+
+#[tokio::test]
+async fn coordinator_killed_before_the_patch_reached_the_agent_resends_it_once() {
+    crash_then_resume(false).await;
+}
+
+#[tokio::test]
+async fn coordinator_killed_after_sending_the_patch_reattaches_by_task_id() {
+    crash_then_resume(true).await;
+}
