@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! A single host's way through a wave, against simulated agents that verify
 //! every task with the real verifier.
 
