@@ -2,3 +2,4 @@
 //! parses arguments and wires these modules together. The coordinator's
 //! `demo` and the integration tests run the same agent in-process.
 pub mod config;
+pub mod healthcell;
