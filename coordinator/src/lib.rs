@@ -1,6 +1,7 @@
 //! ringfence, the coordinator, as a library: inventory, wave specs, the pure
 //! wave planner, the I/O loop that drives agents, evidence, and the demo.
 pub mod client;
+pub mod evidence;
 pub mod hostrun;
 pub mod settings;
 pub mod simhost;
