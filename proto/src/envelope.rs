@@ -614,6 +614,15 @@ fn check_scope(
     if let Some(pb::task_payload::Action::Patch(p)) = &task.action {
         scope("profile", &a.profile, &p.profile)?;
         if p.rollback {
+            // An empty rollback_version approves no rollback (see task.proto).
+            if a.rollback_version.is_empty() {
+                return Err(TaskRejection::ApprovalScope {
+                    index,
+                    field: "rollback_version",
+                    approved: "(none approved)".into(),
+                    task: p.version.clone(),
+                });
+            }
             scope("rollback_version", &a.rollback_version, &p.version)?;
         } else {
             scope("version", &a.version, &p.version)?;

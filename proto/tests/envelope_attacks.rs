@@ -1,0 +1,1739 @@
+//! The envelope attack matrix (issue 2, "Must show"): every attack on a
+//! signed task is refused by the agent-side verifier with its own
+//! `TaskRejection` variant, and the gRPC status built from it names the
+//! failed check. Property tests cover sign→verify round trips and single-bit
+//! flips anywhere in what is signed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+
+use ed25519_dalek::SigningKey;
+use proptest::prelude::*;
+use prost::Message;
+use ringfence::config::Source;
+use ringfence::envelope::{
+    self, APPROVAL_TYPE, ATTESTATION_TYPE, ActionPolicy, AllowAll, MAX_APPROVALS, MAX_SIGNATURES,
+    MAX_TASK_PAYLOAD, MAX_TYPE_LEN, ReplayGuard, TASK_TYPE, TaskRejection, TaskVerifier, Verified,
+    VerifiedTask,
+};
+use ringfence::keys;
+use ringfence::pb;
+use ringfence::pb::task_payload::Action;
+use ringfence::status;
+use ringfence::time::ManualClock;
+use ringfence::trust::{KeyRole, Policy, TrustSet, TrustedKey};
+
+/// The agent's "now" in every test, ms since the Unix epoch.
+const NOW: i64 = 1_800_000_000_000;
+/// The agent under test.
+const HOST: &str = "gpu-17";
+const WAVE: &str = "wave-2026-11";
+const PROFILE: &str = "nvidia-driver";
+const VERSION: &str = "550.54.15";
+const ROLLBACK_VERSION: &str = "535.161.08";
+/// Default policy values (see `trust::Policy::default`), in ms.
+const SKEW_MS: i64 = 120_000;
+const CAP_MS: i64 = 3_600_000;
+
+/// Deterministic keys, so a failure reproduces exactly.
+fn key(seed: u8) -> SigningKey {
+    SigningKey::from_bytes(&[seed; 32])
+}
+
+fn coord() -> SigningKey {
+    key(1)
+}
+fn coord_b() -> SigningKey {
+    key(2)
+}
+fn alice() -> SigningKey {
+    key(3)
+}
+fn bob() -> SigningKey {
+    key(4)
+}
+fn carol() -> SigningKey {
+    key(5)
+}
+/// Listed under `[[revoked]]`.
+fn old_coord() -> SigningKey {
+    key(6)
+}
+/// In no list at all.
+fn stranger() -> SigningKey {
+    key(7)
+}
+
+fn pk(k: &SigningKey) -> String {
+    keys::public_key_text(&k.verifying_key())
+}
+
+/// The fixture's trust file: two coordinators, three approvers, one revoked
+/// key, default policy (rings 2-4 protected, threshold 2, 120 s skew, 1 h cap).
+fn trust_text() -> String {
+    format!(
+        "[[coordinator]]\nid = \"coord\"\nkey = \"{}\"\n\n\
+         [[coordinator]]\nid = \"coord-b\"\nkey = \"{}\"\n\n\
+         [[approver]]\nid = \"alice\"\nkey = \"{}\"\n\n\
+         [[approver]]\nid = \"bob\"\nkey = \"{}\"\n\n\
+         [[approver]]\nid = \"carol\"\nkey = \"{}\"\n\n\
+         [[revoked]]\nid = \"old-coord\"\nkey = \"{}\"\n",
+        pk(&coord()),
+        pk(&coord_b()),
+        pk(&alice()),
+        pk(&bob()),
+        pk(&carol()),
+        pk(&old_coord()),
+    )
+}
+
+fn trust() -> TrustSet {
+    TrustSet::from_source(&Source::from_text("trust.toml", trust_text())).unwrap()
+}
+
+/// An in-memory stand-in for the agent's durable task journal.
+#[derive(Debug, Default)]
+struct MemJournal {
+    seen: HashMap<String, pb::TaskStatus>,
+    high_water: u64,
+    broken: Option<String>,
+}
+
+impl ReplayGuard for MemJournal {
+    fn recorded(&self, task_id: &str) -> Result<Option<pb::TaskStatus>, String> {
+        if let Some(reason) = &self.broken {
+            return Err(reason.clone());
+        }
+        Ok(self.seen.get(task_id).cloned())
+    }
+    fn high_water(&self) -> Result<u64, String> {
+        if let Some(reason) = &self.broken {
+            return Err(reason.clone());
+        }
+        Ok(self.high_water)
+    }
+}
+
+/// A local config that knows one patch profile.
+#[derive(Debug)]
+struct OneProfile(&'static str);
+
+impl ActionPolicy for OneProfile {
+    fn allow(&self, task: &pb::TaskPayload) -> Result<(), String> {
+        match &task.action {
+            Some(Action::Patch(p)) if p.profile != self.0 => {
+                Err(format!("patch profile `{}` is not configured", p.profile))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn verify_with(
+    trust: &TrustSet,
+    clock: &ManualClock,
+    signed: &pb::SignedTask,
+    journal: &MemJournal,
+) -> Result<Verified, TaskRejection> {
+    TaskVerifier {
+        trust,
+        host_id: HOST,
+        clock,
+    }
+    .verify(signed, journal, &AllowAll)
+}
+
+/// Verify against the fixture trust file, at NOW, with an empty journal.
+fn verify(signed: &pb::SignedTask) -> Result<Verified, TaskRejection> {
+    verify_with(
+        &trust(),
+        &ManualClock::at(NOW),
+        signed,
+        &MemJournal::default(),
+    )
+}
+
+/// Assert a rejection by `check`, and that the gRPC status built from it
+/// names that check in its message and metadata.
+#[track_caller]
+fn rejected(res: Result<Verified, TaskRejection>, check: &str) -> TaskRejection {
+    let err = match res {
+        Ok(v) => panic!("expected rejection by check `{check}`, got {v:?}"),
+        Err(e) => e,
+    };
+    assert_eq!(err.check(), check, "wrong check for: {err}");
+    let st = status::task_rejection(&err);
+    assert_ne!(st.code(), tonic::Code::Ok);
+    assert!(
+        st.message().contains(&format!("check `{check}`")),
+        "status message does not name the check: {}",
+        st.message()
+    );
+    assert!(st.message().contains(&err.to_string()), "{}", st.message());
+    assert_eq!(status::rejected_check(&st).as_deref(), Some(check));
+    err
+}
+
+/// `rejected!(result, Pattern, "check")`: the variant and the check name.
+macro_rules! rejected {
+    ($res:expr, $pat:pat, $check:literal) => {{
+        let err = rejected($res, $check);
+        assert!(
+            matches!(err, $pat),
+            "expected {}, got {err:?}",
+            stringify!($pat)
+        );
+        err
+    }};
+}
+
+#[track_caller]
+fn accepted(res: Result<Verified, TaskRejection>) -> VerifiedTask {
+    match res {
+        Ok(Verified::New(v)) => *v,
+        other => panic!("expected a new verified task, got {other:?}"),
+    }
+}
+
+fn patch(version: &str, rollback: bool) -> Action {
+    Action::Patch(pb::Patch {
+        profile: PROFILE.into(),
+        version: version.into(),
+        rollback,
+    })
+}
+
+fn drain() -> Action {
+    Action::Drain(pb::Drain {
+        reason: "patch wave".into(),
+    })
+}
+
+fn task(ring: u32, action: Action) -> pb::TaskPayload {
+    pb::TaskPayload {
+        task_id: format!("{WAVE}/{HOST}/5/x"),
+        host_id: HOST.into(),
+        wave_id: WAVE.into(),
+        ring,
+        sequence: 5,
+        issued_at_unix_ms: NOW - 1_000,
+        expires_at_unix_ms: NOW + 600_000,
+        action: Some(action),
+    }
+}
+
+/// An approval that covers `task(ring, patch(..))` on this host.
+fn approval(ring: u32) -> pb::RingApproval {
+    pb::RingApproval {
+        wave_id: WAVE.into(),
+        ring,
+        profile: PROFILE.into(),
+        version: VERSION.into(),
+        rollback_version: ROLLBACK_VERSION.into(),
+        host_ids: vec!["gpu-16".into(), HOST.into()],
+        issued_at_unix_ms: NOW - 60_000,
+        expires_at_unix_ms: NOW + 86_400_000,
+        approver: "ops/alice".into(),
+    }
+}
+
+fn sign_task(t: &pb::TaskPayload) -> pb::Envelope {
+    envelope::sign_message(TASK_TYPE, t, &[("coord", &coord())])
+}
+
+fn sign_approval(a: &pb::RingApproval, signers: &[(&str, &SigningKey)]) -> pb::Envelope {
+    envelope::sign_message(APPROVAL_TYPE, a, signers)
+}
+
+fn signed(task: pb::Envelope, approvals: Vec<pb::Envelope>) -> pb::SignedTask {
+    pb::SignedTask {
+        task: Some(task),
+        approvals,
+    }
+}
+
+/// A ring-2 patch with approvals by alice and bob: accepted as is.
+fn approved_patch(t: &pb::TaskPayload) -> pb::SignedTask {
+    signed(
+        sign_task(t),
+        vec![
+            sign_approval(&approval(t.ring), &[("alice", &alice())]),
+            sign_approval(&approval(t.ring), &[("bob", &bob())]),
+        ],
+    )
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), no extra crate needed.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------- baseline
+
+#[test]
+fn valid_task_is_accepted_and_decoded_from_the_signed_bytes() {
+    let t = task(0, drain());
+    let v = accepted(verify(&signed(sign_task(&t), vec![])));
+    assert_eq!(v.payload, t);
+    assert_eq!(v.coordinator, "coord");
+    assert!(v.approvers.is_empty());
+}
+
+// ------------------------------------------------------ changed bytes (1, 2)
+
+#[test]
+fn every_changed_payload_byte_is_rejected() {
+    let env = sign_task(&task(0, drain()));
+    assert!(verify(&signed(env.clone(), vec![])).is_ok());
+    for i in 0..env.payload.len() {
+        for mask in [0x01u8, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0xff] {
+            let mut bad = env.clone();
+            bad.payload[i] ^= mask;
+            let err = rejected(verify(&signed(bad, vec![])), "signature");
+            assert_eq!(
+                err,
+                TaskRejection::BadSignature {
+                    index: 0,
+                    key_id: "coord".into()
+                },
+                "payload byte {i} mask {mask:#04x}"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_changed_payload_type_byte_is_rejected() {
+    let env = sign_task(&task(0, drain()));
+    let type_bytes = TASK_TYPE.as_bytes();
+    for i in 0..type_bytes.len() {
+        for mask in [0x01u8, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0xff] {
+            let mut changed = type_bytes.to_vec();
+            changed[i] ^= mask;
+            match String::from_utf8(changed.clone()) {
+                Ok(t) => {
+                    let mut bad = env.clone();
+                    bad.payload_type = t;
+                    rejected!(
+                        verify(&signed(bad, vec![])),
+                        TaskRejection::WrongPayloadType { .. },
+                        "payload_type"
+                    );
+                }
+                // Not UTF-8: the protobuf decoder refuses the envelope before
+                // the verifier ever sees it.
+                Err(_) => assert_invalid_utf8_type_is_undecodable(&changed, &env.payload),
+            }
+        }
+    }
+}
+
+/// Wire-encode an Envelope whose payload_type field holds `type_bytes` and
+/// check that decoding it fails (proto3 strings must be UTF-8).
+#[track_caller]
+fn assert_invalid_utf8_type_is_undecodable(type_bytes: &[u8], payload: &[u8]) {
+    let mut wire = Vec::new();
+    prost::encoding::encode_key(1, prost::encoding::WireType::LengthDelimited, &mut wire);
+    prost::encoding::encode_varint(type_bytes.len() as u64, &mut wire);
+    wire.extend_from_slice(type_bytes);
+    prost::encoding::encode_key(2, prost::encoding::WireType::LengthDelimited, &mut wire);
+    prost::encoding::encode_varint(payload.len() as u64, &mut wire);
+    wire.extend_from_slice(payload);
+    assert!(
+        pb::Envelope::decode(wire.as_slice()).is_err(),
+        "an envelope with a non-UTF-8 type decoded"
+    );
+}
+
+#[test]
+fn every_changed_signature_byte_is_rejected() {
+    let env = sign_task(&task(0, drain()));
+    assert_eq!(env.signatures[0].sig.len(), 64);
+    for i in 0..64 {
+        for mask in [0x01u8, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0xff] {
+            let mut bad = env.clone();
+            bad.signatures[0].sig[i] ^= mask;
+            rejected!(
+                verify(&signed(bad, vec![])),
+                TaskRejection::BadSignature { index: 0, .. },
+                "signature"
+            );
+        }
+    }
+    // Truncated, extended and missing signatures.
+    let mut short = env.clone();
+    short.signatures[0].sig.pop();
+    rejected!(
+        verify(&signed(short, vec![])),
+        TaskRejection::BadSignature { .. },
+        "signature"
+    );
+    let mut long = env.clone();
+    long.signatures[0].sig.push(0);
+    rejected!(
+        verify(&signed(long, vec![])),
+        TaskRejection::BadSignature { .. },
+        "signature"
+    );
+    let mut none = env;
+    none.signatures.clear();
+    rejected!(
+        verify(&signed(none, vec![])),
+        TaskRejection::Unsigned,
+        "signature"
+    );
+}
+
+#[test]
+fn payload_type_is_covered_by_the_signature() {
+    // The coordinator signed these bytes as an approval; relabelled as a task
+    // the signature no longer verifies, because the type is inside the PAE.
+    let t = task(0, drain());
+    let mut env = envelope::sign_message(APPROVAL_TYPE, &t, &[("coord", &coord())]);
+    env.payload_type = TASK_TYPE.into();
+    rejected!(
+        verify(&signed(env, vec![])),
+        TaskRejection::BadSignature { index: 0, .. },
+        "signature"
+    );
+}
+
+#[test]
+fn attestation_or_approval_presented_as_task_is_wrong_payload_type() {
+    // Even validly signed by a coordinator key.
+    let att = pb::Attestation {
+        host_id: HOST.into(),
+        boot_id: "boot".into(),
+        nonce: vec![7; 32],
+        issued_at_unix_ms: NOW,
+        ..Default::default()
+    };
+    let env = envelope::sign_message(ATTESTATION_TYPE, &att, &[("coord", &coord())]);
+    let err = rejected!(
+        verify(&signed(env, vec![])),
+        TaskRejection::WrongPayloadType { .. },
+        "payload_type"
+    );
+    assert!(err.to_string().contains(ATTESTATION_TYPE), "{err}");
+
+    // A task payload signed under the attestation type is still refused.
+    let env = envelope::sign_message(ATTESTATION_TYPE, &task(0, drain()), &[("coord", &coord())]);
+    rejected!(
+        verify(&signed(env, vec![])),
+        TaskRejection::WrongPayloadType { .. },
+        "payload_type"
+    );
+
+    let approval_env = sign_approval(&approval(2), &[("alice", &alice()), ("bob", &bob())]);
+    let err = rejected!(
+        verify(&signed(approval_env, vec![])),
+        TaskRejection::WrongPayloadType { .. },
+        "payload_type"
+    );
+    assert!(err.to_string().contains(APPROVAL_TYPE), "{err}");
+}
+
+// ------------------------------------------------------------- keys (2, 3)
+
+#[test]
+fn unknown_key_is_rejected() {
+    let t = task(0, drain());
+    let env = envelope::sign_message(TASK_TYPE, &t, &[("stranger", &stranger())]);
+    rejected!(
+        verify(&signed(env, vec![])),
+        TaskRejection::UnknownKey { index: 0, .. },
+        "unknown_key"
+    );
+    // Claiming a trusted key's id does not help: the named key does not verify.
+    let env = envelope::sign_message(TASK_TYPE, &t, &[("coord", &stranger())]);
+    rejected!(
+        verify(&signed(env, vec![])),
+        TaskRejection::BadSignature { index: 0, .. },
+        "signature"
+    );
+    // One unknown signature beside a valid one still fails closed.
+    let env = envelope::sign_message(
+        TASK_TYPE,
+        &t,
+        &[("coord", &coord()), ("stranger", &stranger())],
+    );
+    rejected!(
+        verify(&signed(env, vec![])),
+        TaskRejection::UnknownKey { index: 1, .. },
+        "unknown_key"
+    );
+}
+
+#[test]
+fn approver_key_alone_cannot_sign_a_task() {
+    let env = envelope::sign_message(TASK_TYPE, &task(0, drain()), &[("alice", &alice())]);
+    let err = rejected!(
+        verify(&signed(env, vec![])),
+        TaskRejection::NoCoordinatorSignature { .. },
+        "coordinator_signature"
+    );
+    assert!(err.to_string().contains("alice"), "{err}");
+}
+
+#[test]
+fn revoked_key_is_rejected_whatever_its_key_id_claims() {
+    let t = task(0, drain());
+    for hint in ["old-coord", "coord", "anything"] {
+        let env = envelope::sign_message(TASK_TYPE, &t, &[(hint, &old_coord())]);
+        let err = rejected!(
+            verify(&signed(env, vec![])),
+            TaskRejection::RevokedKey { .. },
+            "revoked_key"
+        );
+        let TaskRejection::RevokedKey {
+            key_id,
+            fingerprint,
+        } = err
+        else {
+            unreachable!()
+        };
+        assert_eq!(key_id, "old-coord");
+        assert_eq!(fingerprint, keys::fingerprint(&old_coord().verifying_key()));
+    }
+    // Beside a valid coordinator signature.
+    let env = envelope::sign_message(
+        TASK_TYPE,
+        &t,
+        &[("coord", &coord()), ("old-coord", &old_coord())],
+    );
+    rejected!(
+        verify(&signed(env, vec![])),
+        TaskRejection::RevokedKey { .. },
+        "revoked_key"
+    );
+    // As an approver.
+    let p = task(2, patch(VERSION, false));
+    let st = signed(
+        sign_task(&p),
+        vec![
+            sign_approval(&approval(2), &[("alice", &alice())]),
+            sign_approval(&approval(2), &[("bob", &old_coord())]),
+        ],
+    );
+    rejected!(verify(&st), TaskRejection::RevokedKey { .. }, "revoked_key");
+}
+
+#[test]
+fn revoked_key_stays_rejected_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("trust.toml");
+    // The revoked key is still listed as a coordinator too (an operator forgot
+    // to remove it) and `[[revoked]]` comes last: revocation still wins.
+    let text = format!(
+        "[[coordinator]]\nid = \"coord\"\nkey = \"{}\"\n\n\
+         [[coordinator]]\nid = \"coord-2025\"\nkey = \"{}\"\n\n\
+         [[revoked]]\nid = \"coord-2025-revoked\"\nkey = \"{}\"\n",
+        pk(&coord()),
+        pk(&old_coord()),
+        pk(&old_coord()),
+    );
+    std::fs::write(&path, text).unwrap();
+    let t = task(0, drain());
+    let by_revoked = signed(
+        envelope::sign_message(TASK_TYPE, &t, &[("coord-2025", &old_coord())]),
+        vec![],
+    );
+    let by_valid = signed(sign_task(&t), vec![]);
+
+    let check = |trust: &TrustSet| {
+        let clock = ManualClock::at(NOW);
+        let journal = MemJournal::default();
+        rejected!(
+            verify_with(trust, &clock, &by_revoked, &journal),
+            TaskRejection::RevokedKey { .. },
+            "revoked_key"
+        );
+        accepted(verify_with(trust, &clock, &by_valid, &journal));
+    };
+    let first = TrustSet::load(&path).unwrap();
+    check(&first);
+    drop(first);
+    // A new process loads the same file from disk again.
+    let second = TrustSet::load(&path).unwrap();
+    let revoked: Vec<_> = second
+        .keys()
+        .iter()
+        .filter(|k| k.role == KeyRole::Revoked)
+        .collect();
+    assert_eq!(revoked.len(), 1);
+    assert_eq!(revoked[0].key, old_coord().verifying_key());
+    check(&second);
+}
+
+/// The eight small-order points of edwards25519 (the libsodium blocklist,
+/// canonical encodings).
+const SMALL_ORDER: [&str; 8] = [
+    "0100000000000000000000000000000000000000000000000000000000000000",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "0000000000000000000000000000000000000000000000000000000000000000",
+    "0000000000000000000000000000000000000000000000000000000000000080",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+];
+
+#[test]
+fn small_order_key_in_trust_file_names_file_line_and_key() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    for (n, hex_key) in SMALL_ORDER.iter().enumerate() {
+        let raw = hex::decode(hex_key).unwrap();
+        let text = format!(
+            "[[coordinator]]\nid = \"coord\"\nkey = \"{}\"\n\n[[approver]]\nid = \"weak\"\nkey = \"ed25519:{}\"\n",
+            pk(&coord()),
+            base64::engine::general_purpose::STANDARD.encode(&raw)
+        );
+        let path = dir.path().join(format!("trust-{n}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let err = TrustSet::load(&path).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("{}:7:", path.display())),
+            "key {hex_key}: {err}"
+        );
+        assert!(err.contains("approver.key"), "key {hex_key}: {err}");
+        assert!(err.contains("weak"), "key {hex_key}: {err}");
+    }
+}
+
+#[test]
+fn same_key_twice_in_trust_file_is_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("trust.toml");
+    let text = format!(
+        "[[approver]]\nid = \"alice\"\nkey = \"{}\"\n\n[[approver]]\nid = \"alice-laptop\"\nkey = \"{}\"\n",
+        pk(&alice()),
+        pk(&alice())
+    );
+    std::fs::write(&path, text).unwrap();
+    let err = TrustSet::load(&path).unwrap_err().to_string();
+    assert!(err.starts_with(&format!("{}:7:", path.display())), "{err}");
+    assert!(err.contains("approver.key"), "{err}");
+    assert!(err.contains("alice"), "{err}");
+}
+
+// -------------------------------------------------------- host and time (4)
+
+#[test]
+fn task_for_another_host_is_rejected() {
+    let mut t = task(0, drain());
+    t.host_id = "gpu-18".into();
+    let err = rejected!(
+        verify(&signed(sign_task(&t), vec![])),
+        TaskRejection::WrongHost { .. },
+        "host"
+    );
+    assert_eq!(
+        err,
+        TaskRejection::WrongHost {
+            task_host: "gpu-18".into(),
+            agent_host: HOST.into()
+        }
+    );
+}
+
+#[test]
+fn expired_task_is_rejected_beyond_the_skew_only() {
+    let t = task(0, drain());
+    let st = signed(sign_task(&t), vec![]);
+    let journal = MemJournal::default();
+    let clock = ManualClock::at(t.expires_at_unix_ms + SKEW_MS);
+    accepted(verify_with(&trust(), &clock, &st, &journal));
+    clock.advance(1);
+    rejected!(
+        verify_with(&trust(), &clock, &st, &journal),
+        TaskRejection::Expired { .. },
+        "expired"
+    );
+    clock.advance(86_400_000);
+    rejected!(
+        verify_with(&trust(), &clock, &st, &journal),
+        TaskRejection::Expired { .. },
+        "expired"
+    );
+}
+
+#[test]
+fn task_from_the_future_is_accepted_within_the_skew_and_rejected_beyond() {
+    for (ahead, ok) in [
+        (0, true),
+        (60_000, true),
+        (SKEW_MS, true),
+        (SKEW_MS + 1, false),
+        (3_600_000, false),
+    ] {
+        let mut t = task(0, drain());
+        t.issued_at_unix_ms = NOW + ahead;
+        t.expires_at_unix_ms = NOW + ahead + 600_000;
+        let res = verify(&signed(sign_task(&t), vec![]));
+        if ok {
+            accepted(res);
+        } else {
+            let err = rejected!(res, TaskRejection::NotYetValid { .. }, "not_yet_valid");
+            assert!(err.to_string().contains("120 s"), "{err}");
+        }
+    }
+}
+
+#[test]
+fn lifetime_over_the_cap_is_rejected_whatever_the_signer_claims() {
+    let mut t = task(0, drain());
+    t.issued_at_unix_ms = NOW - 1_000;
+    t.expires_at_unix_ms = t.issued_at_unix_ms + CAP_MS;
+    accepted(verify(&signed(sign_task(&t), vec![])));
+
+    t.expires_at_unix_ms += 1;
+    rejected!(
+        verify(&signed(sign_task(&t), vec![])),
+        TaskRejection::LifetimeTooLong { cap_s: 3600, .. },
+        "lifetime"
+    );
+    t.expires_at_unix_ms = i64::MAX;
+    rejected!(
+        verify(&signed(sign_task(&t), vec![])),
+        TaskRejection::LifetimeTooLong { .. },
+        "lifetime"
+    );
+    // Expiring before it was issued is no valid lifetime either.
+    t.issued_at_unix_ms = NOW;
+    t.expires_at_unix_ms = NOW - 1;
+    rejected!(
+        verify(&signed(sign_task(&t), vec![])),
+        TaskRejection::LifetimeTooLong { .. },
+        "lifetime"
+    );
+}
+
+// ---------------------------------------------------- replay, sequence (5)
+
+fn recorded_status(t: &pb::TaskPayload) -> pb::TaskStatus {
+    pb::TaskStatus {
+        task_id: t.task_id.clone(),
+        host_id: t.host_id.clone(),
+        wave_id: t.wave_id.clone(),
+        sequence: t.sequence,
+        action: "drain".into(),
+        state: pb::TaskState::Succeeded as i32,
+        step: "done".into(),
+        message: "drained".into(),
+        exit_code: -1,
+        accepted_at_unix_ms: NOW - 500,
+        updated_at_unix_ms: NOW - 100,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn replayed_task_id_returns_the_recorded_outcome() {
+    let t = task(0, drain());
+    let st = signed(sign_task(&t), vec![]);
+    let recorded = recorded_status(&t);
+    let mut journal = MemJournal {
+        high_water: t.sequence,
+        ..Default::default()
+    };
+    journal.seen.insert(t.task_id.clone(), recorded.clone());
+    let res = verify_with(&trust(), &ManualClock::at(NOW), &st, &journal).unwrap();
+    assert_eq!(res, Verified::Replay(Box::new(recorded.clone())));
+
+    // Later tasks raised the high-water mark: the retry still gets its
+    // recorded outcome, not a sequence error, and never a New task.
+    journal.high_water = t.sequence + 10;
+    let res = verify_with(&trust(), &ManualClock::at(NOW), &st, &journal).unwrap();
+    assert_eq!(res, Verified::Replay(Box::new(recorded.clone())));
+
+    // Another payload reusing a recorded id does not run either.
+    let mut other = t.clone();
+    other.action = Some(patch(VERSION, false));
+    other.sequence = t.sequence + 100;
+    let res = verify_with(
+        &trust(),
+        &ManualClock::at(NOW),
+        &signed(sign_task(&other), vec![]),
+        &journal,
+    )
+    .unwrap();
+    assert_eq!(res, Verified::Replay(Box::new(recorded)));
+}
+
+#[test]
+fn sequence_at_or_below_the_high_water_mark_is_refused() {
+    let journal = MemJournal {
+        high_water: 5,
+        ..Default::default()
+    };
+    let clock = ManualClock::at(NOW);
+    for (seq, ok) in [
+        (0, false),
+        (4, false),
+        (5, false),
+        (6, true),
+        (u64::MAX, true),
+    ] {
+        let mut t = task(0, drain());
+        t.sequence = seq;
+        t.task_id = format!("{WAVE}/{HOST}/{seq}/drain");
+        let res = verify_with(&trust(), &clock, &signed(sign_task(&t), vec![]), &journal);
+        if ok {
+            assert_eq!(accepted(res).payload.sequence, seq);
+        } else {
+            let err = rejected!(res, TaskRejection::SequenceNotIncreasing { .. }, "sequence");
+            assert_eq!(
+                err,
+                TaskRejection::SequenceNotIncreasing {
+                    sequence: seq,
+                    high_water: 5
+                }
+            );
+        }
+    }
+}
+
+#[test]
+fn unreadable_journal_fails_closed() {
+    let journal = MemJournal {
+        broken: Some("redb: disk I/O error".into()),
+        ..Default::default()
+    };
+    let st = signed(sign_task(&task(0, drain())), vec![]);
+    let err = rejected!(
+        verify_with(&trust(), &ManualClock::at(NOW), &st, &journal),
+        TaskRejection::Journal { .. },
+        "journal"
+    );
+    assert!(err.to_string().contains("disk I/O error"), "{err}");
+}
+
+// ------------------------------------------------------------- action (6)
+
+#[test]
+fn action_not_in_local_config_is_refused() {
+    let t = task(0, patch(VERSION, false));
+    let st = signed(sign_task(&t), vec![]);
+    let verifier = TaskVerifier {
+        trust: &trust(),
+        host_id: HOST,
+        clock: &ManualClock::at(NOW),
+    };
+    let journal = MemJournal::default();
+    accepted(verifier.verify(&st, &journal, &OneProfile(PROFILE)));
+    let err = rejected!(
+        verifier.verify(&st, &journal, &OneProfile("firmware")),
+        TaskRejection::ActionRefused { .. },
+        "action"
+    );
+    assert!(err.to_string().contains(PROFILE), "{err}");
+}
+
+// ------------------------------------------------ ring approvals (step 3)
+
+#[test]
+fn protected_ring_patch_without_approvals_is_refused() {
+    let t = task(2, patch(VERSION, false));
+    let err = rejected!(
+        verify(&signed(sign_task(&t), vec![])),
+        TaskRejection::ApprovalThreshold { .. },
+        "approval_threshold"
+    );
+    assert_eq!(
+        err,
+        TaskRejection::ApprovalThreshold {
+            ring: 2,
+            have: 0,
+            need: 2
+        }
+    );
+}
+
+#[test]
+fn one_approval_is_below_the_threshold() {
+    let t = task(2, patch(VERSION, false));
+    let st = signed(
+        sign_task(&t),
+        vec![sign_approval(&approval(2), &[("alice", &alice())])],
+    );
+    rejected!(
+        verify(&st),
+        TaskRejection::ApprovalThreshold {
+            ring: 2,
+            have: 1,
+            need: 2
+        },
+        "approval_threshold"
+    );
+}
+
+#[test]
+fn same_approver_key_twice_counts_once() {
+    let t = task(2, patch(VERSION, false));
+    // Two envelopes by the same key.
+    let st = signed(
+        sign_task(&t),
+        vec![
+            sign_approval(&approval(2), &[("alice", &alice())]),
+            sign_approval(&approval(2), &[("alice", &alice())]),
+        ],
+    );
+    rejected!(
+        verify(&st),
+        TaskRejection::ApprovalThreshold { have: 1, .. },
+        "approval_threshold"
+    );
+    // Two signatures by the same key on one envelope.
+    let st = signed(
+        sign_task(&t),
+        vec![sign_approval(
+            &approval(2),
+            &[("alice", &alice()), ("alice", &alice())],
+        )],
+    );
+    rejected!(
+        verify(&st),
+        TaskRejection::ApprovalThreshold { have: 1, .. },
+        "approval_threshold"
+    );
+    // The same key under another key id (a hint naming bob): still alice, once.
+    let st = signed(
+        sign_task(&t),
+        vec![
+            sign_approval(&approval(2), &[("alice", &alice())]),
+            sign_approval(&approval(2), &[("bob", &alice())]),
+        ],
+    );
+    rejected!(
+        verify(&st),
+        TaskRejection::ApprovalThreshold { have: 1, .. },
+        "approval_threshold"
+    );
+}
+
+#[test]
+fn same_key_under_two_trusted_ids_counts_once() {
+    // A trust file refuses this (see same_key_twice_in_trust_file_is_refused_at_load);
+    // a trust set built in code must still count key bytes, not ids.
+    let approver = |id: &str, k: &SigningKey| TrustedKey {
+        id: id.into(),
+        key: k.verifying_key(),
+        role: KeyRole::Approver,
+    };
+    let trust = TrustSet::from_keys(
+        vec![
+            TrustedKey {
+                id: "coord".into(),
+                key: coord().verifying_key(),
+                role: KeyRole::Coordinator,
+            },
+            approver("alice", &alice()),
+            approver("alice-laptop", &alice()),
+            approver("bob", &bob()),
+        ],
+        Policy::default(),
+    );
+    let t = task(2, patch(VERSION, false));
+    let st = signed(
+        sign_task(&t),
+        vec![
+            sign_approval(&approval(2), &[("alice", &alice())]),
+            sign_approval(&approval(2), &[("alice-laptop", &alice())]),
+        ],
+    );
+    let clock = ManualClock::at(NOW);
+    let journal = MemJournal::default();
+    rejected!(
+        verify_with(&trust, &clock, &st, &journal),
+        TaskRejection::ApprovalThreshold { have: 1, .. },
+        "approval_threshold"
+    );
+    // A genuinely second key reaches the threshold.
+    let st = signed(
+        sign_task(&t),
+        vec![
+            sign_approval(&approval(2), &[("alice-laptop", &alice())]),
+            sign_approval(&approval(2), &[("bob", &bob())]),
+        ],
+    );
+    let v = accepted(verify_with(&trust, &clock, &st, &journal));
+    assert_eq!(v.approvers, vec!["alice-laptop", "bob"]);
+}
+
+#[test]
+fn coordinator_key_never_counts_as_approver() {
+    let t = task(2, patch(VERSION, false));
+    for (hint, k, want_id) in [
+        ("coord", coord(), "coord"),
+        ("coord-b", coord_b(), "coord-b"),
+        // Hiding behind an approver's id does not launder it.
+        ("bob", coord(), "coord"),
+    ] {
+        let st = signed(
+            sign_task(&t),
+            vec![
+                sign_approval(&approval(2), &[("alice", &alice())]),
+                sign_approval(&approval(2), &[(hint, &k)]),
+            ],
+        );
+        let err = rejected!(
+            verify(&st),
+            TaskRejection::CoordinatorKeyAsApprover { index: 1, .. },
+            "coordinator_as_approver"
+        );
+        assert_eq!(
+            err,
+            TaskRejection::CoordinatorKeyAsApprover {
+                index: 1,
+                key_id: want_id.into()
+            }
+        );
+    }
+    // A coordinator countersigning an otherwise valid approval.
+    let st = signed(
+        sign_task(&t),
+        vec![sign_approval(
+            &approval(2),
+            &[("alice", &alice()), ("bob", &bob()), ("coord", &coord())],
+        )],
+    );
+    rejected!(
+        verify(&st),
+        TaskRejection::CoordinatorKeyAsApprover { index: 0, .. },
+        "coordinator_as_approver"
+    );
+}
+
+#[test]
+fn approval_for_another_scope_names_the_field() {
+    let t = task(2, patch(VERSION, false));
+    type Edit = fn(&mut pb::RingApproval);
+    let cases: [(&str, Edit); 5] = [
+        ("wave_id", |a| a.wave_id = "wave-other".into()),
+        ("ring", |a| a.ring = 3),
+        ("profile", |a| a.profile = "firmware".into()),
+        ("version", |a| a.version = "560.28.03".into()),
+        ("host_ids", |a| {
+            a.host_ids = vec!["gpu-16".into(), "gpu-18".into()]
+        }),
+    ];
+    for (field, edit) in cases {
+        let mut a = approval(2);
+        edit(&mut a);
+        // Both approvers signed the out-of-scope approval.
+        let st = signed(
+            sign_task(&t),
+            vec![sign_approval(&a, &[("alice", &alice()), ("bob", &bob())])],
+        );
+        let err = rejected!(
+            verify(&st),
+            TaskRejection::ApprovalScope { .. },
+            "approval_scope"
+        );
+        let TaskRejection::ApprovalScope { field: got, .. } = &err else {
+            unreachable!()
+        };
+        assert_eq!(*got, field);
+        let msg = status::task_rejection(&err).message().to_string();
+        assert!(msg.contains(field), "{msg}");
+    }
+}
+
+#[test]
+fn ring_3_patch_with_ring_2_approval_is_refused() {
+    let t = task(3, patch(VERSION, false));
+    let st = signed(
+        sign_task(&t),
+        vec![
+            sign_approval(&approval(2), &[("alice", &alice())]),
+            sign_approval(&approval(2), &[("bob", &bob())]),
+        ],
+    );
+    let err = rejected!(
+        verify(&st),
+        TaskRejection::ApprovalScope { field: "ring", .. },
+        "approval_scope"
+    );
+    assert!(
+        err.to_string().contains("`2`") && err.to_string().contains("`3`"),
+        "{err}"
+    );
+    // And the same approvals scoped to ring 3 are accepted.
+    accepted(verify(&approved_patch(&t)));
+}
+
+#[test]
+fn rollback_patch_is_checked_against_rollback_version() {
+    // Approval: forward to VERSION, rollback to ROLLBACK_VERSION.
+    let rollback = task(2, patch(ROLLBACK_VERSION, true));
+    let v = accepted(verify(&approved_patch(&rollback)));
+    assert_eq!(v.approvers, vec!["alice", "bob"]);
+
+    // A "rollback" to the forward version is not what was approved.
+    let bad = task(2, patch(VERSION, true));
+    rejected!(
+        verify(&approved_patch(&bad)),
+        TaskRejection::ApprovalScope {
+            field: "rollback_version",
+            ..
+        },
+        "approval_scope"
+    );
+    // A forward patch to the rollback version is not approved either.
+    let bad = task(2, patch(ROLLBACK_VERSION, false));
+    rejected!(
+        verify(&approved_patch(&bad)),
+        TaskRejection::ApprovalScope {
+            field: "version",
+            ..
+        },
+        "approval_scope"
+    );
+    // An approval with no rollback_version approves no rollback at all, not
+    // even one to an empty version.
+    let mut a = approval(2);
+    a.rollback_version.clear();
+    let empty = task(2, patch("", true));
+    let st = signed(
+        sign_task(&empty),
+        vec![sign_approval(&a, &[("alice", &alice()), ("bob", &bob())])],
+    );
+    rejected!(
+        verify(&st),
+        TaskRejection::ApprovalScope {
+            field: "rollback_version",
+            ..
+        },
+        "approval_scope"
+    );
+}
+
+#[test]
+fn expired_or_future_approval_is_refused() {
+    let t = task(2, patch(VERSION, false));
+    let mut expired = approval(2);
+    expired.expires_at_unix_ms = NOW - SKEW_MS - 1;
+    let mut future = approval(2);
+    future.issued_at_unix_ms = NOW + SKEW_MS + 1;
+    for a in [expired, future] {
+        let st = signed(
+            sign_task(&t),
+            vec![
+                sign_approval(&approval(2), &[("alice", &alice())]),
+                sign_approval(&a, &[("bob", &bob())]),
+            ],
+        );
+        rejected!(
+            verify(&st),
+            TaskRejection::ApprovalExpired { index: 1, .. },
+            "approval_expired"
+        );
+    }
+    // At the edge of the skew it still counts.
+    let mut edge = approval(2);
+    edge.expires_at_unix_ms = NOW - SKEW_MS;
+    let st = signed(
+        sign_task(&t),
+        vec![sign_approval(
+            &edge,
+            &[("alice", &alice()), ("bob", &bob())],
+        )],
+    );
+    accepted(verify(&st));
+}
+
+#[test]
+fn two_distinct_approvers_are_accepted_and_credited() {
+    let t = task(2, patch(VERSION, false));
+    let v = accepted(verify(&approved_patch(&t)));
+    assert_eq!(v.payload, t);
+    assert_eq!(v.coordinator, "coord");
+    assert_eq!(v.approvers, vec!["alice", "bob"]);
+
+    // Both on one envelope, plus a third approver.
+    let st = signed(
+        sign_task(&t),
+        vec![sign_approval(
+            &approval(2),
+            &[("bob", &bob()), ("alice", &alice()), ("carol", &carol())],
+        )],
+    );
+    let v = accepted(verify(&st));
+    assert_eq!(v.approvers, vec!["bob", "alice", "carol"]);
+}
+
+#[test]
+fn unprotected_ring_patch_needs_no_approval() {
+    for ring in [0, 1] {
+        let v = accepted(verify(&signed(
+            sign_task(&task(ring, patch(VERSION, false))),
+            vec![],
+        )));
+        assert!(v.approvers.is_empty());
+    }
+    for ring in [2, 3, 4] {
+        rejected!(
+            verify(&signed(
+                sign_task(&task(ring, patch(VERSION, false))),
+                vec![]
+            )),
+            TaskRejection::ApprovalThreshold { have: 0, .. },
+            "approval_threshold"
+        );
+    }
+    // Non-patch actions on a protected ring need none either.
+    accepted(verify(&signed(sign_task(&task(4, drain())), vec![])));
+}
+
+#[test]
+fn forced_undrain_needs_approvals() {
+    let undrain = |force| {
+        Action::Undrain(pb::Undrain {
+            reason: "back to service".into(),
+            force,
+        })
+    };
+    for ring in [0, 3] {
+        accepted(verify(&signed(
+            sign_task(&task(ring, undrain(false))),
+            vec![],
+        )));
+        let forced = task(ring, undrain(true));
+        rejected!(
+            verify(&signed(sign_task(&forced), vec![])),
+            TaskRejection::ApprovalThreshold { have: 0, .. },
+            "approval_threshold"
+        );
+        let v = accepted(verify(&approved_patch(&forced)));
+        assert_eq!(v.approvers, vec!["alice", "bob"]);
+        // Approvals for another host do not cover it.
+        let mut a = approval(ring);
+        a.host_ids = vec!["gpu-18".into()];
+        let st = signed(
+            sign_task(&forced),
+            vec![sign_approval(&a, &[("alice", &alice()), ("bob", &bob())])],
+        );
+        rejected!(
+            verify(&st),
+            TaskRejection::ApprovalScope {
+                field: "host_ids",
+                ..
+            },
+            "approval_scope"
+        );
+    }
+}
+
+#[test]
+fn malformed_approvals_are_refused() {
+    let t = task(2, patch(VERSION, false));
+    let good = sign_approval(&approval(2), &[("alice", &alice())]);
+
+    // An attestation offered as an approval.
+    let att = envelope::sign_message(ATTESTATION_TYPE, &approval(2), &[("bob", &bob())]);
+    rejected!(
+        verify(&signed(sign_task(&t), vec![good.clone(), att])),
+        TaskRejection::ApprovalWrongType { index: 1, .. },
+        "approval_type"
+    );
+    // An unsigned approval.
+    let mut unsigned = sign_approval(&approval(2), &[("bob", &bob())]);
+    unsigned.signatures.clear();
+    rejected!(
+        verify(&signed(sign_task(&t), vec![good.clone(), unsigned])),
+        TaskRejection::Unsigned,
+        "signature"
+    );
+    // An approval by a key nobody trusts.
+    let unknown = sign_approval(&approval(2), &[("mallory", &stranger())]);
+    rejected!(
+        verify(&signed(sign_task(&t), vec![good.clone(), unknown])),
+        TaskRejection::UnknownKey { .. },
+        "unknown_key"
+    );
+    // A changed approval byte.
+    let mut changed = sign_approval(&approval(2), &[("bob", &bob())]);
+    changed.payload[3] ^= 0x20;
+    rejected!(
+        verify(&signed(sign_task(&t), vec![good.clone(), changed])),
+        TaskRejection::BadSignature { .. },
+        "signature"
+    );
+    // Validly signed bytes that are no RingApproval.
+    let junk = envelope::sign(APPROVAL_TYPE, vec![0xff; 40], &[("bob", &bob())]);
+    let err = rejected!(
+        verify(&signed(sign_task(&t), vec![good, junk])),
+        TaskRejection::Malformed { .. },
+        "decode"
+    );
+    assert!(err.to_string().contains("approval 1"), "{err}");
+}
+
+// ------------------------------------------------- sizes and garbage (1)
+
+#[test]
+fn oversized_requests_are_refused() {
+    let t = task(2, patch(VERSION, false));
+
+    let big = envelope::sign(
+        TASK_TYPE,
+        vec![0; MAX_TASK_PAYLOAD + 1],
+        &[("coord", &coord())],
+    );
+    rejected!(
+        verify(&signed(big, vec![])),
+        TaskRejection::Oversized {
+            what: "task payload",
+            ..
+        },
+        "size"
+    );
+
+    let mut long_type = sign_task(&t);
+    long_type.payload_type = "x".repeat(MAX_TYPE_LEN + 1);
+    rejected!(
+        verify(&signed(long_type, vec![])),
+        TaskRejection::Oversized {
+            what: "payload type",
+            ..
+        },
+        "size"
+    );
+
+    let coord_key = coord();
+    let many: Vec<(&str, &SigningKey)> = vec![("coord", &coord_key); MAX_SIGNATURES + 1];
+    let env = envelope::sign_message(TASK_TYPE, &t, &many);
+    rejected!(
+        verify(&signed(env, vec![])),
+        TaskRejection::Oversized {
+            what: "signature count",
+            ..
+        },
+        "size"
+    );
+    // At the limit, duplicates are merely redundant.
+    let env = envelope::sign_message(TASK_TYPE, &task(0, drain()), &many[..MAX_SIGNATURES]);
+    accepted(verify(&signed(env, vec![])));
+
+    let one = sign_approval(&approval(2), &[("alice", &alice())]);
+    rejected!(
+        verify(&signed(sign_task(&t), vec![one; MAX_APPROVALS + 1])),
+        TaskRejection::Oversized {
+            what: "approval count",
+            ..
+        },
+        "size"
+    );
+
+    let big_approval = envelope::sign(
+        APPROVAL_TYPE,
+        vec![0; MAX_TASK_PAYLOAD + 1],
+        &[("alice", &alice())],
+    );
+    rejected!(
+        verify(&signed(sign_task(&t), vec![big_approval])),
+        TaskRejection::Oversized {
+            what: "approval payload",
+            ..
+        },
+        "size"
+    );
+}
+
+#[test]
+fn missing_or_empty_task_is_malformed() {
+    let err = rejected!(
+        verify(&pb::SignedTask::default()),
+        TaskRejection::Malformed { .. },
+        "decode"
+    );
+    assert!(err.to_string().contains("no task envelope"), "{err}");
+
+    // Validly signed but empty: no task id, no action.
+    let env = envelope::sign(TASK_TYPE, Vec::new(), &[("coord", &coord())]);
+    rejected!(
+        verify(&signed(env, vec![])),
+        TaskRejection::Malformed { .. },
+        "decode"
+    );
+    let mut no_action = task(0, drain());
+    no_action.action = None;
+    rejected!(
+        verify(&signed(sign_task(&no_action), vec![])),
+        TaskRejection::Malformed { .. },
+        "decode"
+    );
+}
+
+/// What the verifier must say about validly signed `bytes` as a task payload.
+fn assert_garbage_payload_refused(bytes: Vec<u8>) {
+    let decodes_to_task = pb::TaskPayload::decode(bytes.as_slice())
+        .map(|p| !p.task_id.is_empty() && p.action.is_some())
+        .unwrap_or(false);
+    let res = verify(&signed(
+        envelope::sign(TASK_TYPE, bytes, &[("coord", &coord())]),
+        vec![],
+    ));
+    if decodes_to_task {
+        // Astronomically unlikely; it would still be for no known host.
+        assert!(res.is_err(), "{res:?}");
+    } else {
+        rejected!(res, TaskRejection::Malformed { .. }, "decode");
+    }
+}
+
+#[test]
+fn random_bytes_are_refused() {
+    // Validly signed random payloads do not decode to a task.
+    for seed in 1..=200u64 {
+        let len = (seed as usize * 37) % 2048;
+        assert_garbage_payload_refused(noise(seed, len));
+    }
+    // Random bytes as the signature.
+    let t = task(0, drain());
+    for seed in 1..=50u64 {
+        let mut env = sign_task(&t);
+        env.signatures[0].sig = noise(seed, 64);
+        rejected!(
+            verify(&signed(env.clone(), vec![])),
+            TaskRejection::BadSignature { index: 0, .. },
+            "signature"
+        );
+        env.signatures[0].key_id = "nobody".into();
+        rejected!(
+            verify(&signed(env.clone(), vec![])),
+            TaskRejection::UnknownKey { index: 0, .. },
+            "unknown_key"
+        );
+        // Random length too: not even a signature.
+        env.signatures[0].sig = noise(seed, seed as usize % 200);
+        if env.signatures[0].sig.len() != 64 {
+            rejected!(
+                verify(&signed(env, vec![])),
+                TaskRejection::BadSignature { index: 0, .. },
+                "signature"
+            );
+        }
+    }
+    // Random bytes as the whole request: either not a SignedTask at all, or
+    // one the verifier refuses.
+    for seed in 1..=200u64 {
+        let wire = noise(seed, (seed as usize * 13) % 512);
+        if let Ok(st) = pb::SignedTask::decode(wire.as_slice()) {
+            assert!(verify(&st).is_err(), "seed {seed}");
+        }
+    }
+}
+
+// ------------------------------------------------------- key_id is a hint
+
+/// `key_id` is deliberately outside the signature (DSSE puts it beside the
+/// signed PAE): it is only a hint for which key to try first, and keys are
+/// identified by their public key bytes. So a changed key_id is not expected
+/// to be rejected; what must hold is that it never changes WHICH key is
+/// credited, nor its role.
+#[test]
+fn changed_key_id_still_credits_the_real_signer() {
+    let t = task(2, patch(VERSION, false));
+    for hint in ["", "alice", "coord-b", "old-coord", "no-such-key"] {
+        let mut st = approved_patch(&t);
+        st.task.as_mut().unwrap().signatures[0].key_id = hint.into();
+        let v = accepted(verify(&st));
+        assert_eq!(v.coordinator, "coord", "hint `{hint}`");
+        assert_eq!(v.approvers, vec!["alice", "bob"], "hint `{hint}`");
+    }
+    // Swapped approver hints: still alice then bob, by key bytes.
+    let st = signed(
+        sign_task(&t),
+        vec![
+            sign_approval(&approval(2), &[("bob", &alice())]),
+            sign_approval(&approval(2), &[("alice", &bob())]),
+        ],
+    );
+    assert_eq!(accepted(verify(&st)).approvers, vec!["alice", "bob"]);
+    // An approver's signature claiming to be the coordinator neither signs
+    // the task as coordinator nor is refused as one.
+    let env = envelope::sign_message(TASK_TYPE, &t, &[("coord", &alice())]);
+    rejected!(
+        verify(&signed(env, vec![])),
+        TaskRejection::NoCoordinatorSignature { .. },
+        "coordinator_signature"
+    );
+    let st = signed(
+        sign_task(&t),
+        vec![
+            sign_approval(&approval(2), &[("coord", &alice())]),
+            sign_approval(&approval(2), &[("coord-b", &bob())]),
+        ],
+    );
+    assert_eq!(accepted(verify(&st)).approvers, vec!["alice", "bob"]);
+}
+
+// ------------------------------------------------------------ properties
+
+fn arb_action() -> impl Strategy<Value = Action> {
+    prop_oneof![
+        ".{0,40}".prop_map(|reason| Action::Drain(pb::Drain { reason })),
+        (".{0,20}", ".{1,20}", any::<bool>()).prop_map(|(profile, version, rollback)| {
+            Action::Patch(pb::Patch {
+                profile,
+                version,
+                rollback,
+            })
+        }),
+        (
+            ".{0,20}",
+            ".{0,20}",
+            prop::collection::vec(any::<u8>(), 16..=64),
+            ".{0,20}"
+        )
+            .prop_map(|(driver, cuda, nonce, profile)| {
+                Action::Validate(pb::Validate {
+                    expect_driver_version: driver,
+                    expect_cuda_version: cuda,
+                    nonce,
+                    profile,
+                })
+            }),
+        (".{0,40}", any::<bool>())
+            .prop_map(|(reason, force)| Action::Undrain(pb::Undrain { reason, force })),
+        (
+            prop::collection::vec(".{0,12}", 0..4),
+            any::<i32>(),
+            ".{0,20}",
+            ".{0,40}"
+        )
+            .prop_map(|(codes, gpu_index, operator, reason)| {
+                Action::AckFaults(pb::AckFaults {
+                    codes,
+                    gpu_index,
+                    operator,
+                    reason,
+                })
+            }),
+    ]
+}
+
+/// Any task that is valid at NOW for its own host with an empty journal:
+/// issued no later than NOW + skew, not expired beyond the skew, lifetime
+/// within the cap.
+fn arb_task() -> impl Strategy<Value = pb::TaskPayload> {
+    let times = (-CAP_MS..=SKEW_MS).prop_flat_map(|issued| {
+        let lo = issued.max(-SKEW_MS);
+        (Just(issued), lo..=issued + CAP_MS)
+    });
+    (
+        ".{1,60}",
+        ".{0,40}",
+        ".{0,40}",
+        0u32..=4,
+        1u64..=u64::MAX,
+        times,
+        arb_action(),
+    )
+        .prop_map(
+            |(task_id, host_id, wave_id, ring, sequence, (issued, expires), action)| {
+                pb::TaskPayload {
+                    task_id,
+                    host_id,
+                    wave_id,
+                    ring,
+                    sequence,
+                    issued_at_unix_ms: NOW + issued,
+                    expires_at_unix_ms: NOW + expires,
+                    action: Some(action),
+                }
+            },
+        )
+}
+
+fn needs_approval(t: &pb::TaskPayload) -> bool {
+    match &t.action {
+        Some(Action::Patch(_)) => t.ring >= 2,
+        Some(Action::Undrain(u)) => u.force,
+        _ => false,
+    }
+}
+
+/// The signed task, with approvals by alice and bob exactly covering it
+/// where it needs them.
+fn sign_with_approvals(t: &pb::TaskPayload) -> pb::SignedTask {
+    let mut approvals = Vec::new();
+    if needs_approval(t) {
+        let mut a = pb::RingApproval {
+            wave_id: t.wave_id.clone(),
+            ring: t.ring,
+            host_ids: vec![t.host_id.clone()],
+            issued_at_unix_ms: NOW - 1_000,
+            expires_at_unix_ms: NOW + 60_000,
+            ..Default::default()
+        };
+        if let Some(Action::Patch(p)) = &t.action {
+            a.profile = p.profile.clone();
+            if p.rollback {
+                a.rollback_version = p.version.clone();
+            } else {
+                a.version = p.version.clone();
+            }
+        }
+        approvals.push(sign_approval(&a, &[("alice", &alice())]));
+        approvals.push(sign_approval(&a, &[("bob", &bob())]));
+    }
+    signed(sign_task(t), approvals)
+}
+
+fn verify_for_own_host(
+    t: &pb::TaskPayload,
+    st: &pb::SignedTask,
+) -> Result<Verified, TaskRejection> {
+    TaskVerifier {
+        trust: &trust(),
+        host_id: &t.host_id,
+        clock: &ManualClock::at(NOW),
+    }
+    .verify(st, &MemJournal::default(), &AllowAll)
+}
+
+/// Where a flipped bit landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Type,
+    Payload,
+    /// Signature number, on that envelope.
+    Sig(usize),
+}
+
+/// The task envelope, then each approval envelope.
+fn envelopes(st: &pb::SignedTask) -> impl Iterator<Item = &pb::Envelope> {
+    st.task.iter().chain(st.approvals.iter())
+}
+
+/// Envelope index, part and offset within the part of byte `pos` of the
+/// concatenation, over all envelopes, of payload_type ‖ payload ‖ signatures.
+fn locate(st: &pb::SignedTask, mut pos: usize) -> (usize, Part, usize) {
+    for (index, env) in envelopes(st).enumerate() {
+        if pos < env.payload_type.len() {
+            return (index, Part::Type, pos);
+        }
+        pos -= env.payload_type.len();
+        if pos < env.payload.len() {
+            return (index, Part::Payload, pos);
+        }
+        pos -= env.payload.len();
+        for (n, sig) in env.signatures.iter().enumerate() {
+            if pos < sig.sig.len() {
+                return (index, Part::Sig(n), pos);
+            }
+            pos -= sig.sig.len();
+        }
+    }
+    unreachable!("position past the signed bytes")
+}
+
+/// Flip bit `bit` of byte `pos` (see [`locate`]). Returns where it landed
+/// and the changed request, or `None` for the request when the flip made a
+/// payload type invalid UTF-8 (after checking that such an envelope does not
+/// even decode).
+fn flip(st: &pb::SignedTask, pos: usize, bit: u8) -> (usize, Part, Option<pb::SignedTask>) {
+    let (index, part, offset) = locate(st, pos);
+    let mask = 1u8 << bit;
+    let mut out = st.clone();
+    let env = if index == 0 {
+        out.task.as_mut().unwrap()
+    } else {
+        &mut out.approvals[index - 1]
+    };
+    match part {
+        Part::Type => {
+            let mut bytes = env.payload_type.clone().into_bytes();
+            bytes[offset] ^= mask;
+            match String::from_utf8(bytes) {
+                Ok(t) => env.payload_type = t,
+                Err(e) => {
+                    assert_invalid_utf8_type_is_undecodable(e.as_bytes(), &env.payload);
+                    return (index, part, None);
+                }
+            }
+        }
+        Part::Payload => env.payload[offset] ^= mask,
+        Part::Sig(n) => env.signatures[n].sig[offset] ^= mask,
+    }
+    (index, part, Some(out))
+}
+
+fn signed_len(st: &pb::SignedTask) -> usize {
+    envelopes(st)
+        .map(|e| {
+            e.payload_type.len()
+                + e.payload.len()
+                + e.signatures.iter().map(|s| s.sig.len()).sum::<usize>()
+        })
+        .sum()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    #[test]
+    fn sign_verify_round_trips(t in arb_task()) {
+        let st = sign_with_approvals(&t);
+        let v = accepted(verify_for_own_host(&t, &st));
+        prop_assert_eq!(&v.payload, &t);
+        prop_assert_eq!(v.coordinator.as_str(), "coord");
+        let want: Vec<String> = if needs_approval(&t) {
+            vec!["alice".into(), "bob".into()]
+        } else {
+            Vec::new()
+        };
+        prop_assert_eq!(v.approvers, want);
+    }
+
+    #[test]
+    fn any_single_bit_flip_is_rejected(
+        t in arb_task(),
+        at in any::<prop::sample::Index>(),
+        bit in 0u8..8,
+    ) {
+        let st = sign_with_approvals(&t);
+        prop_assert!(verify_for_own_host(&t, &st).is_ok());
+        let (index, part, changed) = flip(&st, at.index(signed_len(&st)), bit);
+        let Some(changed) = changed else {
+            // Invalid UTF-8 in a type: refused by the decoder (checked in flip).
+            return Ok(());
+        };
+        let res = verify_for_own_host(&t, &changed);
+        match (index, part) {
+            (0, Part::Type) => {
+                rejected!(res, TaskRejection::WrongPayloadType { .. }, "payload_type");
+            }
+            (_, Part::Type) => {
+                rejected!(res, TaskRejection::ApprovalWrongType { .. }, "approval_type");
+            }
+            (_, Part::Payload | Part::Sig(_)) => {
+                rejected!(res, TaskRejection::BadSignature { .. }, "signature");
+            }
+        }
+    }
+
+    #[test]
+    fn any_key_id_credits_the_same_key(t in arb_task(), hint in ".{0,30}") {
+        let mut st = sign_with_approvals(&t);
+        st.task.as_mut().unwrap().signatures[0].key_id = hint;
+        let v = accepted(verify_for_own_host(&t, &st));
+        prop_assert_eq!(v.coordinator.as_str(), "coord");
+    }
+
+    #[test]
+    fn validly_signed_random_payloads_are_malformed(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        assert_garbage_payload_refused(bytes);
+    }
+}
