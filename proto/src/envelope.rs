@@ -170,15 +170,25 @@ pub enum TaskRejection {
     /// the task envelope carries another kind of payload (e.g. an attestation)
     #[error("payload type is `{got}`, expected `{TASK_TYPE}`")]
     WrongPayloadType { got: String },
-    /// the task envelope has no signature
-    #[error("task envelope is not signed")]
-    Unsigned,
+    /// the task envelope or an approval envelope has no signature
+    #[error("{on} is not signed")]
+    Unsigned { on: String },
     /// a signature names a trusted key but does not verify
-    #[error("signature {index} (key id `{key_id}`) does not verify over the received bytes")]
-    BadSignature { index: usize, key_id: String },
+    #[error(
+        "signature {index} on the {on} (key id `{key_id}`) does not verify over the received bytes"
+    )]
+    BadSignature {
+        index: usize,
+        on: String,
+        key_id: String,
+    },
     /// a signature was made by no key in the trust file
-    #[error("signature {index} (key id `{key_id}`) is by a key not in the trust file")]
-    UnknownKey { index: usize, key_id: String },
+    #[error("signature {index} on the {on} (key id `{key_id}`) is by a key not in the trust file")]
+    UnknownKey {
+        index: usize,
+        on: String,
+        key_id: String,
+    },
     /// a signature was made by a revoked key
     #[error("signature by revoked key `{key_id}` ({fingerprint})")]
     RevokedKey { key_id: String, fingerprint: String },
@@ -248,7 +258,7 @@ impl TaskRejection {
             Self::Oversized { .. } => "size",
             Self::Malformed { .. } => "decode",
             Self::WrongPayloadType { .. } => "payload_type",
-            Self::Unsigned => "signature",
+            Self::Unsigned { .. } => "signature",
             Self::BadSignature { .. } => "signature",
             Self::UnknownKey { .. } => "unknown_key",
             Self::RevokedKey { .. } => "revoked_key",
@@ -356,13 +366,15 @@ impl TaskVerifier<'_> {
             });
         }
         if env.signatures.is_empty() {
-            return Err(TaskRejection::Unsigned);
+            return Err(TaskRejection::Unsigned {
+                on: "task envelope".into(),
+            });
         }
         let msg = pae(&env.payload_type, &env.payload);
         let mut coordinator = None;
         let mut signers = Vec::new();
         for (index, sig) in env.signatures.iter().enumerate() {
-            let key = self.identify(&msg, sig, index)?;
+            let key = self.identify(&msg, sig, index, "task")?;
             signers.push(format!("{} ({:?})", key.id, key.role));
             if key.role == KeyRole::Coordinator && coordinator.is_none() {
                 coordinator = Some(key.id.clone());
@@ -430,6 +442,7 @@ impl TaskVerifier<'_> {
         msg: &[u8],
         sig: &pb::Signature,
         index: usize,
+        on: &str,
     ) -> Result<&crate::trust::TrustedKey, TaskRejection> {
         match self.trust.identify(msg, sig) {
             Ok(k) if k.role == KeyRole::Revoked => Err(TaskRejection::RevokedKey {
@@ -439,11 +452,13 @@ impl TaskVerifier<'_> {
             Ok(k) => Ok(k),
             Err(SigFailure::UnknownKey) => Err(TaskRejection::UnknownKey {
                 index,
+                on: on.to_string(),
                 key_id: truncate(&sig.key_id),
             }),
             Err(SigFailure::Malformed | SigFailure::BadSignature) => {
                 Err(TaskRejection::BadSignature {
                     index,
+                    on: on.to_string(),
                     key_id: truncate(&sig.key_id),
                 })
             }
@@ -474,12 +489,15 @@ impl TaskVerifier<'_> {
                 });
             }
             if env.signatures.is_empty() {
-                return Err(TaskRejection::Unsigned);
+                return Err(TaskRejection::Unsigned {
+                    on: format!("approval {index}"),
+                });
             }
             let msg = pae(&env.payload_type, &env.payload);
             let mut keys_here = Vec::new();
-            for sig in &env.signatures {
-                let key = self.identify(&msg, sig, index)?;
+            let on = format!("approval {index}");
+            for (sig_index, sig) in env.signatures.iter().enumerate() {
+                let key = self.identify(&msg, sig, sig_index, &on)?;
                 if key.role == KeyRole::Coordinator {
                     return Err(TaskRejection::CoordinatorKeyAsApprover {
                         index,

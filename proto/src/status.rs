@@ -16,7 +16,7 @@ pub fn task_rejection_code(r: &TaskRejection) -> Code {
         R::Oversized { .. } | R::Malformed { .. } | R::WrongPayloadType { .. } => {
             Code::InvalidArgument
         }
-        R::Unsigned
+        R::Unsigned { .. }
         | R::BadSignature { .. }
         | R::UnknownKey { .. }
         | R::RevokedKey { .. }

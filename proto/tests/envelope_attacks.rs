@@ -302,6 +302,7 @@ fn every_changed_payload_byte_is_rejected() {
                 err,
                 TaskRejection::BadSignature {
                     index: 0,
+                    on: "task".into(),
                     key_id: "coord".into()
                 },
                 "payload byte {i} mask {mask:#04x}"
@@ -387,7 +388,7 @@ fn every_changed_signature_byte_is_rejected() {
     none.signatures.clear();
     rejected!(
         verify(&signed(none, vec![])),
-        TaskRejection::Unsigned,
+        TaskRejection::Unsigned { .. },
         "signature"
     );
 }
@@ -1250,7 +1251,7 @@ fn malformed_approvals_are_refused() {
     unsigned.signatures.clear();
     rejected!(
         verify(&signed(sign_task(&t), vec![good.clone(), unsigned])),
-        TaskRejection::Unsigned,
+        TaskRejection::Unsigned { .. },
         "signature"
     );
     // An approval by a key nobody trusts.
