@@ -1,5 +1,6 @@
 //! ringfence, the coordinator, as a library: inventory, wave specs, the pure
 //! wave planner, the I/O loop that drives agents, evidence, and the demo.
+pub mod approvals;
 pub mod client;
 pub mod evidence;
 pub mod hostrun;

@@ -3,6 +3,7 @@
 //!
 //! ```toml
 //! state_dir = "/var/lib/ringfence-coordinator"   # wave stores, status snapshots, evidence
+//! trust_file = "/etc/ringfence/trust.toml"       # the agents' trust file: coordinator + approver keys
 //! [signing]
 //! key = "/etc/ringfence/coordinator.key"         # ed25519 PKCS#8 PEM, mode 0600
 //! key_id = "coord-2026"                          # must match the id in the agents' trust files
@@ -83,6 +84,9 @@ pub struct Settings {
     /// Wave stores, status snapshots, evidence packets.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// The same trust file the agents use: which keys are coordinators and approvers.
+    #[serde(default = "default_trust_file")]
+    pub trust_file: PathBuf,
     /// Task-signing key.
     pub signing: Signing,
     /// Operator TLS identity.
@@ -90,6 +94,10 @@ pub struct Settings {
     /// Network timeouts.
     #[serde(default)]
     pub timeouts: Timeouts,
+}
+
+fn default_trust_file() -> PathBuf {
+    PathBuf::from("/etc/ringfence/trust.toml")
 }
 
 fn default_state_dir() -> PathBuf {
