@@ -35,6 +35,10 @@ pub enum Phase {
     Validating,
     /// Rolling back after a failed validation (`on_failure = "rollback"`).
     RollingBack,
+    /// Rollback drill: patched and validated; now rolling back and validating the old version.
+    DrillRollback,
+    /// Rollback drill: rolled back; now re-patching and validating the new version.
+    DrillRepatch,
     /// Returning to service.
     Undraining,
     /// Patched, attested healthy, back in service (or left drained if it was before).
@@ -137,6 +141,9 @@ pub struct HostRecord {
     pub tasks: Vec<TaskRef>,
     /// Set when the host failed.
     pub failure: Option<Failure>,
+    /// Attestations of the rollback drill (after rollback, after re-patch).
+    #[serde(default)]
+    pub drill: Vec<AttestationRecord>,
     /// When work on the host started / ended (ms since the epoch).
     pub started_at_ms: i64,
     /// When work on the host ended.
@@ -156,6 +163,7 @@ impl HostRecord {
             already_drained: false,
             tasks: Vec::new(),
             failure: None,
+            drill: Vec::new(),
             started_at_ms: 0,
             finished_at_ms: 0,
         }
@@ -194,6 +202,8 @@ pub struct Params {
     pub poll_interval: Duration,
     /// Roll a host that fails validation back to its previous version.
     pub rollback_on_failure: bool,
+    /// Version to roll back to ("" = the driver version the host attested before).
+    pub rollback_version: String,
 }
 
 /// A host run stopped for a reason the wave must hear about.
@@ -238,6 +248,9 @@ pub struct HostJob {
     pub key: VerifyingKey,
     /// Ring approvals to attach to protected-ring Patch tasks.
     pub approvals: Vec<pb::Envelope>,
+    /// Run the rollback drill on this host (patch, validate, roll back,
+    /// validate, re-patch, validate) before returning it to service.
+    pub drill: bool,
 }
 
 /// Drive one host from wherever its record says it is to Done or Failed.
@@ -306,6 +319,8 @@ pub async fn run(ctx: &Ctx, job: &HostJob, api: &dyn HostApi) -> Result<HostReco
             }
             Phase::Validating => validate(ctx, job, api, &mut rec).await?,
             Phase::RollingBack => rollback(ctx, job, api, &mut rec).await?,
+            Phase::DrillRollback => drill_rollback(ctx, job, api, &mut rec).await?,
+            Phase::DrillRepatch => drill_repatch(ctx, job, api, &mut rec).await?,
             Phase::Undraining => {
                 if rec.already_drained {
                     // Someone else drained it before the wave; it stays drained.
@@ -719,7 +734,12 @@ async fn validate(
     match validate_step(ctx, job, api, rec, "validate", &expect_driver, &expect_cuda).await? {
         Ok(after) => {
             rec.after = Some(after);
-            set_phase(ctx, rec, Phase::Undraining)?;
+            let next = if job.drill && rec.drill.is_empty() {
+                Phase::DrillRollback
+            } else {
+                Phase::Undraining
+            };
+            set_phase(ctx, rec, next)?;
             Ok(None)
         }
         Err(f) => {
@@ -906,7 +926,7 @@ async fn rollback(
     rec: &mut HostRecord,
 ) -> Result<Option<Failure>, HostRunError> {
     let original = rec.failure.clone();
-    let Some(previous) = rec.before.as_ref().map(|b| b.driver_version.clone()) else {
+    let Some(previous) = rollback_target(ctx, rec) else {
         return Ok(original);
     };
     let action = Action::Patch(pb::Patch {
@@ -966,4 +986,153 @@ async fn rollback(
         }
     }
     Ok(Some(failure))
+}
+
+/// The version a rollback returns to: the spec's `rollback_version`, else the
+/// driver version the host attested before the patch.
+fn rollback_target(ctx: &Ctx, rec: &HostRecord) -> Option<String> {
+    if ctx.params.rollback_version.is_empty() {
+        rec.before.as_ref().map(|b| b.driver_version.clone())
+    } else {
+        Some(ctx.params.rollback_version.clone())
+    }
+}
+
+/// Drill, first half: roll the freshly patched host back and prove the old
+/// version healthy.
+async fn drill_rollback(
+    ctx: &Ctx,
+    job: &HostJob,
+    api: &dyn HostApi,
+    rec: &mut HostRecord,
+) -> Result<Option<Failure>, HostRunError> {
+    let Some(previous) = rollback_target(ctx, rec) else {
+        return Ok(fail(
+            "drill_rollback",
+            "drill",
+            "no version to roll back to",
+        ));
+    };
+    let action = Action::Patch(pb::Patch {
+        profile: ctx.params.profile.clone(),
+        version: previous.clone(),
+        rollback: true,
+    });
+    let status = match run_task(
+        ctx,
+        job,
+        api,
+        rec,
+        "drill_rollback",
+        action,
+        job.approvals.clone(),
+        Vec::new(),
+    )
+    .await?
+    {
+        Ok(s) => s,
+        Err(f) => {
+            return Ok(Some(Failure {
+                kind: "drill".into(),
+                ..f
+            }));
+        }
+    };
+    if status.state != pb::TaskState::Succeeded as i32 {
+        return Ok(fail(
+            "drill_rollback",
+            "drill",
+            format!(
+                "rollback task ended {}: {}",
+                state_name(status.state),
+                status.message
+            ),
+        ));
+    }
+    let cuda = rec
+        .before
+        .as_ref()
+        .map(|b| b.cuda_version.clone())
+        .unwrap_or_default();
+    match validate_step(
+        ctx,
+        job,
+        api,
+        rec,
+        "drill_rollback_validate",
+        &previous,
+        &cuda,
+    )
+    .await?
+    {
+        Ok(att) => {
+            rec.drill.push(att);
+            set_phase(ctx, rec, Phase::DrillRepatch)?;
+            Ok(None)
+        }
+        Err(f) => Ok(Some(Failure {
+            kind: "drill".into(),
+            ..f
+        })),
+    }
+}
+
+/// Drill, second half: patch forward again and prove the new version healthy.
+async fn drill_repatch(
+    ctx: &Ctx,
+    job: &HostJob,
+    api: &dyn HostApi,
+    rec: &mut HostRecord,
+) -> Result<Option<Failure>, HostRunError> {
+    let action = Action::Patch(pb::Patch {
+        profile: ctx.params.profile.clone(),
+        version: ctx.params.version.clone(),
+        rollback: false,
+    });
+    let status = match run_task(
+        ctx,
+        job,
+        api,
+        rec,
+        "drill_repatch",
+        action,
+        job.approvals.clone(),
+        Vec::new(),
+    )
+    .await?
+    {
+        Ok(s) => s,
+        Err(f) => {
+            return Ok(Some(Failure {
+                kind: "drill".into(),
+                ..f
+            }));
+        }
+    };
+    if status.state != pb::TaskState::Succeeded as i32 {
+        return Ok(fail(
+            "drill_repatch",
+            "drill",
+            format!(
+                "re-patch task ended {}: {}",
+                state_name(status.state),
+                status.message
+            ),
+        ));
+    }
+    let (d, c) = (
+        ctx.params.expect_driver_version.clone(),
+        ctx.params.expect_cuda_version.clone(),
+    );
+    match validate_step(ctx, job, api, rec, "drill_repatch_validate", &d, &c).await? {
+        Ok(att) => {
+            rec.drill.push(att);
+            set_phase(ctx, rec, Phase::Undraining)?;
+            Ok(None)
+        }
+        Err(f) => Ok(Some(Failure {
+            kind: "drill".into(),
+            ..f
+        })),
+    }
 }

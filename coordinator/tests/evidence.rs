@@ -41,6 +41,7 @@ async fn packet() -> (Vec<u8>, TrustSet, BTreeMap<String, keys::VerifyingKey>) {
             attestation_max_age_ms: 60_000,
             poll_interval: Duration::from_millis(5),
             rollback_on_failure: false,
+            rollback_version: String::new(),
         }),
         signer: Arc::new(Signer {
             key_id: "coord".into(),
@@ -63,6 +64,7 @@ async fn packet() -> (Vec<u8>, TrustSet, BTreeMap<String, keys::VerifyingKey>) {
         pool: "p".into(),
         key: sim.public_key(),
         approvals: Vec::new(),
+        drill: false,
     };
     let rec = hostrun::run(&ctx, &job, &sim).await.unwrap();
     let p = Packet {

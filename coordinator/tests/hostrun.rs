@@ -47,6 +47,7 @@ fn world(rollback: bool) -> World {
             attestation_max_age_ms: 60_000,
             poll_interval: Duration::from_millis(5),
             rollback_on_failure: rollback,
+            rollback_version: String::new(),
         }),
         signer: Arc::new(Signer {
             key_id: "coord".into(),
@@ -78,6 +79,7 @@ fn host(w: &World, id: &str, ring: u32) -> (SimHost, HostJob) {
         pool: "p".into(),
         key: sim.public_key(),
         approvals: Vec::new(),
+        drill: false,
     };
     (sim, job)
 }
@@ -251,4 +253,34 @@ async fn coordinator_killed_before_the_patch_reached_the_agent_resends_it_once()
 #[tokio::test]
 async fn coordinator_killed_after_sending_the_patch_reattaches_by_task_id() {
     crash_then_resume(true).await;
+}
+
+#[tokio::test]
+async fn rollback_drill_patches_rolls_back_and_repatches_with_three_attestations() {
+    let w = world(false);
+    let (sim, mut job) = host(&w, "gpu-9", 0);
+    job.drill = true;
+    let rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    assert_eq!(rec.phase, Phase::Done, "{:?}", rec.failure);
+    let s = sim.state();
+    assert_eq!(s.patches, 3, "patch, rollback, re-patch");
+    assert_eq!(s.driver_version, "560.35.03");
+    assert!(!s.draining);
+    let steps: Vec<&str> = rec.tasks.iter().map(|t| t.step.as_str()).collect();
+    assert_eq!(
+        steps,
+        [
+            "drain",
+            "patch",
+            "validate",
+            "drill_rollback",
+            "drill_rollback_validate",
+            "drill_repatch",
+            "drill_repatch_validate",
+            "undrain"
+        ]
+    );
+    assert_eq!(rec.drill.len(), 2);
+    assert_eq!(rec.drill[0].driver_version, "550.54.15");
+    assert_eq!(rec.drill[1].driver_version, "560.35.03");
 }
