@@ -289,6 +289,28 @@ pub fn verify(
             attestations_checked += 1;
         }
     }
+    if let Some(proof) = &packet.rollback_proof {
+        let key = enrolled
+            .get(&proof.host_id)
+            .ok_or_else(|| EvidenceError::UnknownHost(proof.host_id.clone()))?;
+        for (index, a) in proof.attestations.iter().enumerate() {
+            let reason = |r: String| EvidenceError::Attestation {
+                host: proof.host_id.clone(),
+                index,
+                reason: format!("rollback proof: {r}"),
+            };
+            let raw = B64.decode(a).map_err(|e| reason(e.to_string()))?;
+            let env = pb::Envelope::decode(raw.as_slice()).map_err(|e| reason(e.to_string()))?;
+            envelope::verify_single(
+                &env,
+                envelope::ATTESTATION_TYPE,
+                key,
+                ringfence::attest::MAX_ATTESTATION_PAYLOAD,
+            )
+            .map_err(|e| reason(e.to_string()))?;
+            attestations_checked += 1;
+        }
+    }
     let mut approvers = Vec::new();
     let all = packet
         .approvals
@@ -383,4 +405,27 @@ pub fn host_evidence(rec: &crate::hostrun::HostRecord) -> HostEvidence {
         started_at_ms: rec.started_at_ms,
         finished_at_ms: rec.finished_at_ms,
     }
+}
+
+/// The rollback proof of a host that ran the drill (None if it did not finish it).
+pub fn rollback_proof(rec: &crate::hostrun::HostRecord) -> Option<RollbackProof> {
+    if rec.drill.len() < 2 {
+        return None;
+    }
+    let after = rec.after.as_ref()?;
+    let mut attestations = vec![B64.encode(&after.envelope)];
+    attestations.extend(rec.drill.iter().map(|d| B64.encode(&d.envelope)));
+    Some(RollbackProof {
+        host_id: rec.host_id.clone(),
+        versions: std::iter::once(after.driver_version.clone())
+            .chain(rec.drill.iter().map(|d| d.driver_version.clone()))
+            .collect(),
+        task_ids: rec
+            .tasks
+            .iter()
+            .filter(|t| t.step.starts_with("drill_") || t.step == "patch" || t.step == "validate")
+            .map(|t| t.task_id.clone())
+            .collect(),
+        attestations,
+    })
 }
