@@ -1,3 +1,9 @@
 //! ringfenced, the per-host agent, as a library: the binary in `main.rs` only
 //! parses arguments and wires these modules together. The coordinator's
 //! `demo` and the integration tests run the same agent in-process.
+
+pub mod command;
+pub mod journal;
+pub mod notify;
+pub mod profiles;
+pub mod tasks;
