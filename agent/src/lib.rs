@@ -1,5 +1,12 @@
 //! ringfenced, the per-host agent, as a library: the binary in `main.rs` only
 //! parses arguments and wires these modules together. The coordinator's
 //! `demo` and the integration tests run the same agent in-process.
+
+pub mod command;
 pub mod config;
 pub mod healthcell;
+pub mod journal;
+pub mod notify;
+pub mod profiles;
+pub mod server;
+pub mod tasks;

@@ -1,0 +1,337 @@
+//! The command-runner seam (the Executor of ARCHITECTURE.md): every hook,
+//! patch command, smoke test and the reboot command goes through
+//! [`CommandRunner`]. Commands are argv vectors from the agent's local
+//! config, run directly (never through a shell), each in its own process
+//! group so that a timeout kills everything the command started.
+
+use std::collections::VecDeque;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tracing::Instrument;
+
+/// Longest output line kept or logged; longer lines are split.
+pub const MAX_LINE_BYTES: usize = 4096;
+
+/// One command to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandSpec {
+    /// What the command is for, in logs and errors ("drain hook", "patch command").
+    pub label: String,
+    /// Program and arguments; `argv[0]` is an absolute path or found in `PATH`.
+    pub argv: Vec<String>,
+    /// Extra environment variables (the task id, host id, version).
+    pub env: Vec<(String, String)>,
+    /// After this long the whole process group is terminated.
+    pub timeout: Duration,
+    /// How many of the last output lines to keep in the outcome.
+    pub tail_lines: usize,
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandOutcome {
+    /// Exit code, if the command exited normally.
+    pub exit_code: Option<i32>,
+    /// Signal that ended the command, if any.
+    pub signal: Option<i32>,
+    /// True when the command outlived its timeout and its group was killed.
+    pub timed_out: bool,
+    /// The last `tail_lines` lines of stdout and stderr, interleaved as read.
+    pub tail: Vec<String>,
+    /// How long it ran.
+    pub elapsed: Duration,
+}
+
+impl CommandOutcome {
+    /// Exited with status 0 within its timeout.
+    pub fn success(&self) -> bool {
+        !self.timed_out && self.exit_code == Some(0)
+    }
+
+    /// The exit code for a task status: the code, or -1 for a signal/timeout.
+    pub fn code_or_minus_one(&self) -> i32 {
+        self.exit_code.unwrap_or(-1)
+    }
+
+    /// A sentence describing the end: "exited with status 3",
+    /// "killed by signal 9", "killed after the 30 s timeout".
+    pub fn describe(&self, timeout: Duration) -> String {
+        if self.timed_out {
+            format!(
+                "killed with its process group after the {} s timeout",
+                timeout.as_secs()
+            )
+        } else if let Some(code) = self.exit_code {
+            format!("exited with status {code}")
+        } else if let Some(sig) = self.signal {
+            format!("killed by signal {sig}")
+        } else {
+            "ended without status".to_string()
+        }
+    }
+}
+
+/// A command could not be run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// the argv is empty
+    #[error("{label}: empty argv")]
+    EmptyArgv { label: String },
+    /// the program could not be started
+    #[error("{label}: cannot start `{program}`: {source}")]
+    Spawn {
+        label: String,
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// waiting for the program failed
+    #[error("{label}: waiting for `{program}` failed: {source}")]
+    Wait {
+        label: String,
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs commands. The real implementation is [`ProcessRunner`]; a
+/// privileged executor process can implement the same seam later.
+pub trait CommandRunner: Send + Sync {
+    /// Run one command to completion (or until its timeout).
+    fn run(&self, spec: CommandSpec) -> BoxFuture<'_, Result<CommandOutcome, CommandError>>;
+}
+
+/// Runs commands as child processes of the agent.
+#[derive(Debug, Clone)]
+pub struct ProcessRunner {
+    /// Time between SIGTERM and SIGKILL to the process group on timeout.
+    pub kill_grace: Duration,
+}
+
+impl Default for ProcessRunner {
+    fn default() -> Self {
+        Self {
+            kill_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+type Tail = Arc<Mutex<VecDeque<String>>>;
+
+impl CommandRunner for ProcessRunner {
+    fn run(&self, spec: CommandSpec) -> BoxFuture<'_, Result<CommandOutcome, CommandError>> {
+        Box::pin(self.run_process(spec))
+    }
+}
+
+impl ProcessRunner {
+    async fn run_process(&self, spec: CommandSpec) -> Result<CommandOutcome, CommandError> {
+        let Some((program, args)) = spec.argv.split_first() else {
+            return Err(CommandError::EmptyArgv { label: spec.label });
+        };
+        let started = Instant::now();
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own process group, so that a timeout can kill all of it.
+            .process_group(0);
+        let mut child = cmd.spawn().map_err(|source| CommandError::Spawn {
+            label: spec.label.clone(),
+            program: program.clone(),
+            source,
+        })?;
+        let pgid = child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(Pid::from_raw);
+        tracing::info!(label = %spec.label, argv = ?spec.argv, pid = ?pgid, "command started");
+
+        let tail: Tail = Arc::new(Mutex::new(VecDeque::new()));
+        let mut readers = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            readers.push(spawn_reader(out, "stdout", &spec, tail.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            readers.push(spawn_reader(err, "stderr", &spec, tail.clone()));
+        }
+
+        let wait_err = |source| CommandError::Wait {
+            label: spec.label.clone(),
+            program: program.clone(),
+            source,
+        };
+        let mut timed_out = false;
+        let status = tokio::select! {
+            status = child.wait() => status.map_err(wait_err)?,
+            () = tokio::time::sleep(spec.timeout) => {
+                timed_out = true;
+                tracing::warn!(label = %spec.label, timeout_s = spec.timeout.as_secs(),
+                    "command outlived its timeout; terminating its process group");
+                signal_group(pgid, Signal::SIGTERM);
+                match tokio::time::timeout(self.kill_grace, child.wait()).await {
+                    Ok(status) => {
+                        // The leader is gone; members that ignored SIGTERM are not.
+                        signal_group(pgid, Signal::SIGKILL);
+                        status.map_err(wait_err)?
+                    }
+                    Err(_) => {
+                        signal_group(pgid, Signal::SIGKILL);
+                        child.wait().await.map_err(wait_err)?
+                    }
+                }
+            }
+        };
+        // A background child may still hold the pipes open: give the readers
+        // a moment to drain what was written, then stop reading.
+        for r in readers {
+            let abort = r.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(1), r)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        use std::os::unix::process::ExitStatusExt;
+        let outcome = CommandOutcome {
+            exit_code: status.code(),
+            signal: status.signal(),
+            timed_out,
+            tail: tail
+                .lock()
+                .map(|t| t.iter().cloned().collect())
+                .unwrap_or_default(),
+            elapsed: started.elapsed(),
+        };
+        tracing::info!(label = %spec.label, exit_code = ?outcome.exit_code, signal = ?outcome.signal,
+            timed_out, elapsed_ms = u64::try_from(outcome.elapsed.as_millis()).unwrap_or(u64::MAX),
+            "command ended");
+        Ok(outcome)
+    }
+}
+
+fn signal_group(pgid: Option<Pid>, sig: Signal) {
+    if let Some(pgid) = pgid {
+        // ESRCH (group already gone) is the normal case after an exit.
+        let _ = killpg(pgid, sig);
+    }
+}
+
+/// Read one output stream: log every line (the current span carries the
+/// task id) and keep the last `tail_lines` of them.
+fn spawn_reader<R>(
+    mut stream: R,
+    name: &'static str,
+    spec: &CommandSpec,
+    tail: Tail,
+) -> tokio::task::JoinHandle<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    let label = spec.label.clone();
+    let keep = spec.tail_lines;
+    let fut = async move {
+        let mut buf = [0u8; 4096];
+        let mut line: Vec<u8> = Vec::new();
+        let emit = |line: &mut Vec<u8>| {
+            let text = String::from_utf8_lossy(line)
+                .trim_end_matches('\r')
+                .to_string();
+            line.clear();
+            tracing::info!(label = %label, stream = name, "{text}");
+            if keep > 0
+                && let Ok(mut t) = tail.lock()
+            {
+                if t.len() >= keep {
+                    t.pop_front();
+                }
+                t.push_back(text);
+            }
+        };
+        loop {
+            let n = match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            for &b in &buf[..n] {
+                if b == b'\n' {
+                    emit(&mut line);
+                } else {
+                    line.push(b);
+                    if line.len() >= MAX_LINE_BYTES {
+                        emit(&mut line);
+                    }
+                }
+            }
+        }
+        if !line.is_empty() {
+            emit(&mut line);
+        }
+    };
+    tokio::spawn(fut.instrument(tracing::Span::current()))
+}
+
+/// Replace `{name}` placeholders in an argv template. Only the given names
+/// are known; the config loader has already refused any other placeholder.
+pub fn substitute(template: &[String], vars: &[(&str, &str)]) -> Vec<String> {
+    template
+        .iter()
+        .map(|arg| {
+            let mut out = arg.clone();
+            for (name, value) in vars {
+                out = out.replace(&format!("{{{name}}}"), value);
+            }
+            out
+        })
+        .collect()
+}
+
+/// The placeholders (`{...}`) in `arg` that are not in `allowed`.
+pub fn unknown_placeholders(arg: &str, allowed: &[&str]) -> Vec<String> {
+    let mut bad = Vec::new();
+    let mut rest = arg;
+    while let Some(start) = rest.find('{') {
+        let after = &rest[start + 1..];
+        match after.find('}') {
+            Some(end) => {
+                let name = &after[..end];
+                if !allowed.contains(&name) {
+                    bad.push(format!("{{{name}}}"));
+                }
+                rest = &after[end + 1..];
+            }
+            None => {
+                bad.push(rest[start..].to_string());
+                break;
+            }
+        }
+    }
+    bad
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders() {
+        assert!(unknown_placeholders("--version={version}", &["version"]).is_empty());
+        assert_eq!(
+            unknown_placeholders("{foo}-{version}", &["version"]),
+            vec!["{foo}".to_string()]
+        );
+        assert_eq!(unknown_placeholders("a{b", &["version"]), vec!["{b"]);
+        let argv = substitute(&["x".into(), "v={version}".into()], &[("version", "1.2.3")]);
+        assert_eq!(argv, vec!["x".to_string(), "v=1.2.3".to_string()]);
+    }
+}

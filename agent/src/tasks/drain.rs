@@ -1,0 +1,121 @@
+//! Drain: mark the host draining (journalled first, so health goes
+//! NOT_SERVING at once), run the scheduler hook, then wait until no GPU
+//! compute process remains or the timeout hits. The host stays drained
+//! whatever happens; only an Undrain clears the mark.
+
+use std::time::Duration;
+
+use ringfence::pb::{self, TaskState};
+use tokio::time::Instant;
+
+use super::{OnTimeout, Run};
+use crate::command::substitute;
+use crate::journal::{DrainMark, JournalError};
+
+pub(super) async fn run(run: &mut Run, d: &pb::Drain) -> Result<(), JournalError> {
+    let cfg = run.inner.drain.clone();
+    let deadline = Instant::now() + Duration::from_secs(cfg.timeout_s);
+    let existing = run.inner.journal.drain_mark()?;
+    let mark = DrainMark {
+        task_id: run.status.task_id.clone(),
+        reason: d.reason.clone(),
+        since_unix_ms: existing
+            .as_ref()
+            .map_or_else(|| run.inner.clock.now_ms(), |m| m.since_unix_ms),
+        already_draining: existing.is_some(),
+    };
+    run.status.set_state(TaskState::Running);
+    run.status.step = "mark".into();
+    run.status.message = if existing.is_some() {
+        "host was already marked draining".into()
+    } else {
+        "host marked draining".into()
+    };
+    run.save_with(|t| t.set_drain_mark(Some(&mark)))?;
+    run.inner.draining.send_replace(true);
+
+    if !cfg.hook.is_empty() {
+        let host_id = run.inner.host_id.clone();
+        let argv = substitute(&cfg.hook, &[("host_id", &host_id), ("reason", &d.reason)]);
+        run.step("hook", format!("running drain hook `{}`", argv[0]))?;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let timeout = remaining.min(Duration::from_secs(cfg.hook_timeout_s));
+        let timeout = timeout.max(Duration::from_secs(1));
+        match run.command("drain hook", argv.clone(), timeout, &[]).await {
+            Ok(o) if o.success() => {}
+            Ok(o) => {
+                return run.fail(format!(
+                    "drain hook `{}` {}; host stays drained",
+                    argv[0],
+                    o.describe(timeout)
+                ));
+            }
+            Err(e) => return run.fail(format!("{e}; host stays drained")),
+        }
+    }
+
+    run.step(
+        "wait_processes",
+        "waiting for GPU compute processes to exit",
+    )?;
+    let poll = Duration::from_millis(cfg.poll_ms);
+    let mut last_count = None;
+    loop {
+        let report = match run.fresh_report(true).await {
+            Ok(r) => r,
+            Err(e) => return run.fail(format!("{e}; host stays drained")),
+        };
+        let pids: Vec<u32> = report
+            .gpus
+            .iter()
+            .flat_map(|g| g.processes.iter().map(|p| p.pid))
+            .collect();
+        if pids.is_empty() {
+            return run.finish_with(
+                TaskState::Succeeded,
+                "DRAINED: no GPU compute process remains",
+                |_| Ok(()),
+            );
+        }
+        if Instant::now() >= deadline {
+            let left = format!(
+                "{} GPU compute process(es) remain (pids {})",
+                pids.len(),
+                pid_list(&pids)
+            );
+            return match cfg.on_timeout {
+                OnTimeout::Fail => run.fail(format!(
+                    "drain timed out after {} s: {left}; host stays drained",
+                    cfg.timeout_s
+                )),
+                OnTimeout::Proceed => run.finish_with(
+                    TaskState::Succeeded,
+                    format!(
+                        "DRAINED at the {} s timeout (on_timeout = proceed): {left}",
+                        cfg.timeout_s
+                    ),
+                    |_| Ok(()),
+                ),
+            };
+        }
+        if last_count != Some(pids.len()) {
+            last_count = Some(pids.len());
+            run.status.message = format!(
+                "waiting for {} GPU compute process(es) to exit (pids {})",
+                pids.len(),
+                pid_list(&pids)
+            );
+            run.save()?;
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        tokio::time::sleep(poll.min(remaining).max(Duration::from_millis(10))).await;
+    }
+}
+
+fn pid_list(pids: &[u32]) -> String {
+    let mut s: Vec<String> = pids.iter().take(16).map(u32::to_string).collect();
+    if pids.len() > 16 {
+        s.push("...".into());
+    }
+    s.join(", ")
+}
