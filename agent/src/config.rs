@@ -9,6 +9,9 @@ use ringfence::config::{ConfigError, Source};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::profiles::{PatchConfig, ProfilePolicy};
+use crate::tasks::{DrainConfig, RebootConfig, TaskConfigError};
+
 /// Default location of the agent config.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/ringfence/agent.toml";
 
@@ -40,6 +43,12 @@ struct RawConfig {
     #[serde(default = "default_trust_file")]
     trust_file: PathBuf,
     tls: Spanned<TlsConfig>,
+    #[serde(default)]
+    drain: Option<Spanned<DrainConfig>>,
+    #[serde(default)]
+    reboot: Option<Spanned<RebootConfig>>,
+    #[serde(default)]
+    patch: Option<Spanned<PatchConfig>>,
 }
 
 fn default_listen() -> Spanned<String> {
@@ -65,6 +74,12 @@ pub struct AgentConfig {
     pub trust_file: PathBuf,
     /// TLS material.
     pub tls: TlsConfig,
+    /// Drain / undrain hooks and the process wait.
+    pub drain: DrainConfig,
+    /// How the host reboots for `reboot = true` profiles.
+    pub reboot: RebootConfig,
+    /// Patch profiles.
+    pub patch: PatchConfig,
 }
 
 impl AgentConfig {
@@ -105,14 +120,50 @@ impl AgentConfig {
                 format!("`{}` is not a valid SPIFFE trust domain", tls.trust_domain),
             ));
         }
+        let drain = section(src, raw.drain, "drain", DrainConfig::validate)?;
+        let reboot = section(src, raw.reboot, "reboot", RebootConfig::validate)?;
+        let patch = match raw.patch {
+            Some(p) => {
+                let span = p.span();
+                let p = p.into_inner();
+                if let Err(e) = ProfilePolicy::new(&p) {
+                    return Err(src.invalid(span, &e.key_path(), e.to_string()));
+                }
+                p
+            }
+            None => PatchConfig::default(),
+        };
         Ok(Self {
             host_id: raw.host_id.into_inner(),
             listen,
             state_dir: raw.state_dir,
             trust_file: raw.trust_file,
             tls,
+            drain,
+            reboot,
+            patch,
         })
     }
+}
+
+/// A table with defaults, validated; errors point at the table's line.
+fn section<T: Default>(
+    src: &Source,
+    value: Option<Spanned<T>>,
+    table: &str,
+    validate: fn(&T) -> Result<(), TaskConfigError>,
+) -> Result<T, ConfigError> {
+    let Some(v) = value else {
+        return Ok(T::default());
+    };
+    let span = v.span();
+    let v = v.into_inner();
+    validate(&v).map_err(|e| match e {
+        TaskConfigError::Invalid { key, message } => {
+            src.invalid(span, &format!("{table}.{key}"), message)
+        }
+    })?;
+    Ok(v)
 }
 
 #[cfg(test)]
@@ -145,6 +196,27 @@ trust_domain = "gpu.example.com"
             .to_string();
         assert!(err.starts_with("agent.toml:4:"), "{err}");
         assert!(err.contains("stat_dir"), "{err}");
+    }
+
+    #[test]
+    fn bad_profile_pattern_names_profile_key_and_line() {
+        let text = format!(
+            "{GOOD}\n[patch.profiles.drv]\nargv = [\"/bin/true\", \"{{version}}\"]\nversion_pattern = '[0-9]+'\n"
+        );
+        let err = AgentConfig::from_source(&Source::from_text("agent.toml", text))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("patch.profiles.drv.version_pattern"), "{err}");
+        assert!(err.starts_with("agent.toml:1"), "{err}");
+    }
+
+    #[test]
+    fn drain_hook_with_unknown_substitution_is_refused() {
+        let text = format!("{GOOD}\n[drain]\nhook = [\"/bin/echo\", \"{{host}}\"]\n");
+        let err = AgentConfig::from_source(&Source::from_text("agent.toml", text))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key `drain.hook`"), "{err}");
     }
 
     #[test]
