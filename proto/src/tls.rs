@@ -1,1 +1,1148 @@
-//! TODO
+//! Mutual TLS for every ringfence RPC: our own certificate verifiers (chain
+//! via webpki, then SPIFFE rules), a role layer in front of all services, hot
+//! reload of certs / CA bundle / CRL, and a client connector that pins the
+//! server's SPIFFE id.
+//!
+//! TLS 1.3 only, rustls with the ring provider. There is no plaintext mode.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use futures_util::future::{Either, Ready, ready};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
+    RootCertStore, ServerConfig, SignatureScheme,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tonic::Status;
+use tonic::service::Routes;
+use tonic::transport::server::Connected;
+use tonic::transport::{Channel, Endpoint};
+use tower::{Layer, Service};
+use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
+
+use crate::spiffe::{SpiffeError, SpiffeId};
+
+/// How long a client waits for TCP + TLS + HTTP/2 setup by default.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the server waits for a TLS handshake before dropping the socket,
+/// so a silent peer cannot hold an accept slot forever.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of the TLS layer.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// "cannot read {what} {path}: {source}"
+    #[error("cannot read {what} {}: {source}", path.display())]
+    Read {
+        /// Which file (certificate, key, CA bundle, CRL).
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// "{what}: {reason}" — a PEM file that holds nothing usable.
+    #[error("{what}: {reason}")]
+    Pem {
+        /// Which input (e.g. `certificate /etc/ringfence/agent.pem`).
+        what: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// "CRL {what} expired at {next_update}: publish a fresh CRL (ringfence pki revoke)"
+    #[error("CRL {what} expired at {next_update}: publish a fresh CRL (ringfence pki revoke)")]
+    CrlExpired {
+        /// Which CRL input.
+        what: String,
+        /// Its nextUpdate time.
+        next_update: String,
+    },
+    /// "own certificate {what} is unusable: {source}"
+    #[error("own certificate {what} is unusable: {source}")]
+    OwnIdentity {
+        /// Which certificate.
+        what: String,
+        /// Which SPIFFE rule it breaks.
+        source: IdentityError,
+    },
+    /// "cannot build the TLS configuration: {reason}"
+    #[error("cannot build the TLS configuration: {reason}")]
+    Config {
+        /// The rustls / webpki error.
+        reason: String,
+    },
+    /// "endpoint `{endpoint}` is invalid: {reason}"
+    #[error("endpoint `{endpoint}` is invalid: {reason}")]
+    Endpoint {
+        /// The endpoint as given.
+        endpoint: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// "cannot connect to {endpoint} (expecting {expected}): {reason}"
+    #[error("cannot connect to {endpoint} (expecting {expected}): {reason}")]
+    Connect {
+        /// The endpoint.
+        endpoint: String,
+        /// The SPIFFE id the server had to present.
+        expected: String,
+        /// The whole error chain, e.g. the refused certificate.
+        reason: String,
+    },
+    /// "connecting to {endpoint} timed out after {timeout:?}"
+    #[error("connecting to {endpoint} timed out after {timeout:?}")]
+    ConnectTimeout {
+        /// The endpoint.
+        endpoint: String,
+        /// The limit that was hit.
+        timeout: Duration,
+    },
+    /// "this TLS configuration was built from memory and has no files to reload"
+    #[error("this TLS configuration was built from memory and has no files to reload")]
+    NotReloadable,
+    /// "cannot install the SIGHUP handler: {0}"
+    #[error("cannot install the SIGHUP handler: {0}")]
+    Signal(io::Error),
+    /// "gRPC server failed: {0}"
+    #[error("gRPC server failed: {0}")]
+    Serve(String),
+}
+
+/// A certificate breaks a SPIFFE rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// "certificate is not valid X.509: {0}"
+    #[error("certificate is not valid X.509: {0}")]
+    Parse(String),
+    /// "certificate must carry exactly one URI SAN, found {0}"
+    #[error("certificate must carry exactly one URI SAN, found {0}")]
+    UriSanCount(usize),
+    /// The URI SAN is not a ringfence SPIFFE id (message from [`SpiffeError`]).
+    #[error(transparent)]
+    Spiffe(#[from] SpiffeError),
+    /// "{id} is outside trust domain `{expected}`"
+    #[error("{id} is outside trust domain `{expected}`")]
+    TrustDomain {
+        /// The id found.
+        id: SpiffeId,
+        /// Our trust domain.
+        expected: String,
+    },
+    /// "{0} is a CA certificate (basicConstraints CA:TRUE) and cannot be a leaf identity"
+    #[error("{0} is a CA certificate (basicConstraints CA:TRUE) and cannot be a leaf identity")]
+    IsCa(String),
+    /// "server presented {presented} but {expected} was expected"
+    #[error("server presented {presented} but {expected} was expected")]
+    WrongServer {
+        /// The id in the server's certificate.
+        presented: String,
+        /// The id the client asked for.
+        expected: String,
+    },
+}
+
+/// Install the ring crypto provider as the process default. Idempotent: a
+/// second call (or a provider installed elsewhere) is fine.
+pub fn install_crypto_provider() {
+    // Err only means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Our configs always use ring explicitly, so they work whatever the default is.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The SPIFFE identity and serial of a verified certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertIdentity {
+    /// The single URI SAN, parsed.
+    pub id: SpiffeId,
+    /// The serial number, lowercase hex (as `openssl x509 -serial`, lowercased).
+    pub serial: String,
+}
+
+/// Who is on the other end of an accepted connection. Inserted into every
+/// request's extensions by [`serve`]; read it with [`peer_identity`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// The client's SPIFFE id.
+    pub id: SpiffeId,
+    /// The client certificate's serial, lowercase hex.
+    pub serial: String,
+    /// The TCP peer address.
+    pub remote_addr: Option<SocketAddr>,
+}
+
+/// The verified peer of a request handled behind [`serve`].
+pub fn peer_identity<T>(request: &tonic::Request<T>) -> Option<&PeerIdentity> {
+    request.extensions().get::<PeerIdentity>()
+}
+
+/// Apply the SPIFFE rules to a DER certificate: exactly one URI SAN, a
+/// ringfence SPIFFE id in `trust_domain`, not a CA. Does NOT check the chain.
+pub fn cert_identity(der: &[u8], trust_domain: &str) -> Result<CertIdentity, IdentityError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| IdentityError::Parse(e.to_string()))?;
+    let id = spiffe_id_in(&cert)?;
+    if id.trust_domain != trust_domain {
+        return Err(IdentityError::TrustDomain {
+            id,
+            expected: trust_domain.to_string(),
+        });
+    }
+    Ok(CertIdentity {
+        id,
+        serial: hex::encode(cert.tbs_certificate.raw_serial()),
+    })
+}
+
+/// The single SPIFFE URI SAN of a leaf that is not a CA, any trust domain.
+fn spiffe_id_in(cert: &X509Certificate<'_>) -> Result<SpiffeId, IdentityError> {
+    let mut uris = Vec::new();
+    let mut is_ca = false;
+    for ext in cert.extensions() {
+        match ext.parsed_extension() {
+            ParsedExtension::SubjectAlternativeName(san) => {
+                for name in &san.general_names {
+                    if let GeneralName::URI(uri) = name {
+                        uris.push(uri.to_string());
+                    }
+                }
+            }
+            ParsedExtension::BasicConstraints(bc) => is_ca = bc.ca,
+            _ => {}
+        }
+    }
+    if uris.len() != 1 {
+        return Err(IdentityError::UriSanCount(uris.len()));
+    }
+    let id = SpiffeId::parse(&uris[0])?;
+    if is_ca {
+        return Err(IdentityError::IsCa(id.to_string()));
+    }
+    Ok(id)
+}
+
+fn rejected(e: IdentityError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+}
+
+// ---------------------------------------------------------------- PEM input
+
+fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn parse_certs(what: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            what: what.to_string(),
+            reason: format!("invalid PEM: {e}"),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            what: what.to_string(),
+            reason: "no CERTIFICATE block found".to_string(),
+        });
+    }
+    for (i, c) in certs.iter().enumerate() {
+        X509Certificate::from_der(c).map_err(|e| TlsError::Pem {
+            what: what.to_string(),
+            reason: format!("certificate #{} is not valid X.509: {e}", i + 1),
+        })?;
+    }
+    Ok(certs)
+}
+
+fn parse_key(what: &str, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| TlsError::Pem {
+        what: what.to_string(),
+        reason: format!("no usable private key: {e}"),
+    })
+}
+
+fn parse_roots(what: &str, pem: &[u8]) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for (i, cert) in parse_certs(what, pem)?.into_iter().enumerate() {
+        roots.add(cert).map_err(|e| TlsError::Pem {
+            what: what.to_string(),
+            reason: format!("certificate #{} is not a usable trust anchor: {e}", i + 1),
+        })?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// Parse a PEM CRL file and refuse it if any CRL in it is past its nextUpdate.
+fn parse_crls(
+    what: &str,
+    pem: &[u8],
+    now: SystemTime,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let crls = CertificateRevocationListDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            what: what.to_string(),
+            reason: format!("invalid PEM: {e}"),
+        })?;
+    if crls.is_empty() {
+        return Err(TlsError::Pem {
+            what: what.to_string(),
+            reason: "no X509 CRL block found".to_string(),
+        });
+    }
+    let now_secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    for crl in &crls {
+        let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(crl)
+            .map_err(|e| TlsError::Pem {
+                what: what.to_string(),
+                reason: format!("not a valid X.509 CRL: {e}"),
+            })?;
+        if let Some(next) = parsed.next_update() {
+            let next_secs = next.timestamp();
+            if next_secs < 0 || (next_secs as u64) < now_secs {
+                return Err(TlsError::CrlExpired {
+                    what: what.to_string(),
+                    next_update: next.to_string(),
+                });
+            }
+        }
+    }
+    Ok(crls)
+}
+
+// ------------------------------------------------------------ server config
+
+/// Where the agent's TLS material lives; everything is re-read on reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTlsPaths {
+    /// PEM chain: the agent's leaf first, then any intermediates.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// PEM bundle of CAs that client certificates must chain to.
+    pub ca_bundle: PathBuf,
+    /// PEM CRL file(s); with a CRL, a client whose issuer it does not cover is refused.
+    pub crl: Option<PathBuf>,
+}
+
+/// The same material as [`ServerTlsPaths`], already in memory (demo, benchmarks, tests).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServerTlsPem {
+    /// PEM chain, leaf first.
+    pub cert: Vec<u8>,
+    /// PEM private key.
+    pub key: Vec<u8>,
+    /// PEM CA bundle for client certificates.
+    pub ca_bundle: Vec<u8>,
+    /// Optional PEM CRL.
+    pub crl: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for ServerTlsPem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerTlsPem")
+            .field("cert_bytes", &self.cert.len())
+            .field("key", &"<redacted>")
+            .field("crl", &self.crl.is_some())
+            .finish()
+    }
+}
+
+impl ServerTlsPaths {
+    /// Read all files.
+    pub fn read(&self) -> Result<ServerTlsPem, TlsError> {
+        Ok(ServerTlsPem {
+            cert: read_file("certificate", &self.cert)?,
+            key: read_file("private key", &self.key)?,
+            ca_bundle: read_file("CA bundle", &self.ca_bundle)?,
+            crl: match &self.crl {
+                Some(p) => Some(read_file("CRL", p)?),
+                None => None,
+            },
+        })
+    }
+
+    fn labels(&self) -> Labels {
+        Labels {
+            cert: format!("certificate {}", self.cert.display()),
+            key: format!("private key {}", self.key.display()),
+            ca: format!("CA bundle {}", self.ca_bundle.display()),
+            crl: self
+                .crl
+                .as_ref()
+                .map(|p| format!("CRL {}", p.display()))
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Names for inputs in error messages.
+struct Labels {
+    cert: String,
+    key: String,
+    ca: String,
+    crl: String,
+}
+
+impl Labels {
+    fn memory() -> Self {
+        Self {
+            cert: "certificate (in memory)".into(),
+            key: "private key (in memory)".into(),
+            ca: "CA bundle (in memory)".into(),
+            crl: "CRL (in memory)".into(),
+        }
+    }
+}
+
+/// Build a TLS 1.3 server config that requires a client certificate chained
+/// to the CA bundle, not revoked by the CRL, and obeying the SPIFFE rules.
+pub fn server_config(pem: &ServerTlsPem, trust_domain: &str) -> Result<Arc<ServerConfig>, TlsError> {
+    build_server_config(pem, trust_domain, &Labels::memory())
+}
+
+fn build_server_config(
+    pem: &ServerTlsPem,
+    trust_domain: &str,
+    labels: &Labels,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs = parse_certs(&labels.cert, &pem.cert)?;
+    cert_identity(&certs[0], trust_domain).map_err(|source| TlsError::OwnIdentity {
+        what: labels.cert.clone(),
+        source,
+    })?;
+    let key = parse_key(&labels.key, &pem.key)?;
+    let roots = parse_roots(&labels.ca, &pem.ca_bundle)?;
+    let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
+    if let Some(crl) = &pem.crl {
+        let crls = parse_crls(&labels.crl, crl, SystemTime::now())?;
+        builder = builder
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .enforce_revocation_expiration();
+    }
+    let inner = builder.build().map_err(|e| TlsError::Config {
+        reason: format!("client verifier from {}: {e}", labels.ca),
+    })?;
+    let verifier = Arc::new(SpiffeClientVerifier {
+        inner,
+        trust_domain: trust_domain.to_string(),
+    });
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config {
+            reason: e.to_string(),
+        })?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Config {
+            reason: format!("{} with {}: {e}", labels.cert, labels.key),
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// webpki chain + CRL checks, then the SPIFFE rules.
+#[derive(Debug)]
+struct SpiffeClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        if let Err(e) = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            tracing::warn!(error = %e, "client certificate refused");
+            return Err(e);
+        }
+        if let Err(e) = cert_identity(end_entity, &self.trust_domain) {
+            tracing::warn!(error = %e, "client certificate refused");
+            return Err(rejected(e));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+// -------------------------------------------------------------- hot reload
+
+/// The agent's current server config, swappable at run time. Cloning shares it.
+#[derive(Clone)]
+pub struct ReloadableServerConfig {
+    inner: Arc<ReloadInner>,
+}
+
+struct ReloadInner {
+    paths: Option<ServerTlsPaths>,
+    trust_domain: String,
+    current: RwLock<Arc<ServerConfig>>,
+    generation: AtomicU64,
+}
+
+impl fmt::Debug for ReloadableServerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReloadableServerConfig")
+            .field("paths", &self.inner.paths)
+            .field("trust_domain", &self.inner.trust_domain)
+            .field("generation", &self.generation())
+            .finish()
+    }
+}
+
+impl ReloadableServerConfig {
+    /// Load from files; fails (naming the file) if anything is wrong.
+    pub fn load(paths: ServerTlsPaths, trust_domain: &str) -> Result<Self, TlsError> {
+        let config = build_server_config(&paths.read()?, trust_domain, &paths.labels())?;
+        Ok(Self::with(Some(paths), trust_domain, config))
+    }
+
+    /// Build from PEM in memory; [`reload`](Self::reload) then has nothing to re-read.
+    pub fn from_pem(pem: &ServerTlsPem, trust_domain: &str) -> Result<Self, TlsError> {
+        let config = server_config(pem, trust_domain)?;
+        Ok(Self::with(None, trust_domain, config))
+    }
+
+    fn with(paths: Option<ServerTlsPaths>, trust_domain: &str, config: Arc<ServerConfig>) -> Self {
+        Self {
+            inner: Arc::new(ReloadInner {
+                paths,
+                trust_domain: trust_domain.to_string(),
+                current: RwLock::new(config),
+                generation: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The config new connections get.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        // A poisoned lock still holds a valid Arc: keep serving with it.
+        self.inner
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The trust domain client certificates must belong to.
+    pub fn trust_domain(&self) -> &str {
+        &self.inner.trust_domain
+    }
+
+    /// How many successful reloads happened (0 after load).
+    pub fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::SeqCst)
+    }
+
+    /// Re-read every file and swap the new config in. On any error the last
+    /// good config keeps serving and the error is logged and returned.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let Some(paths) = &self.inner.paths else {
+            return Err(TlsError::NotReloadable);
+        };
+        let built = paths.read().and_then(|pem| {
+            build_server_config(&pem, &self.inner.trust_domain, &paths.labels())
+        });
+        match built {
+            Ok(config) => {
+                *self
+                    .inner
+                    .current
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner()) = config;
+                let generation = self.inner.generation.fetch_add(1, Ordering::SeqCst) + 1;
+                tracing::info!(generation, "TLS certificates, CA bundle and CRL reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "TLS reload failed; still serving the previous certificates");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Reload `tls` on every SIGHUP for the life of the process. The handler is
+/// registered before this returns, so a SIGHUP sent right after is not lost.
+/// Must be called inside a tokio runtime.
+pub fn spawn_sighup_reloader(
+    tls: ReloadableServerConfig,
+) -> Result<tokio::task::JoinHandle<()>, TlsError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).map_err(TlsError::Signal)?;
+    Ok(tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading TLS material");
+            // reload() logs its own failure; the old config keeps serving.
+            let _ = tls.reload();
+        }
+    }))
+}
+
+// ------------------------------------------------------------------ serving
+
+/// An accepted, verified TLS connection carrying its peer's identity to tonic.
+#[derive(Debug)]
+pub struct TlsConn {
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    identity: PeerIdentity,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = PeerIdentity;
+
+    fn connect_info(&self) -> PeerIdentity {
+        self.identity.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Serve `routes` (e.g. the Agent service plus `grpc.health.v1`) over mTLS on
+/// `listener` until `shutdown` completes. Every request passes [`RoleLayer`].
+/// Each new connection uses `tls.current()`, so reloads apply without
+/// dropping the listener; failed handshakes are logged and never stop it.
+pub async fn serve<F>(
+    listener: TcpListener,
+    tls: ReloadableServerConfig,
+    routes: Routes,
+    shutdown: F,
+) -> Result<(), TlsError>
+where
+    F: Future<Output = ()>,
+{
+    let (tx, rx) = mpsc::channel::<TlsConn>(64);
+    let accept = tokio::spawn(accept_loop(listener, tls, tx));
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, io::Error>);
+    let result = tonic::transport::Server::builder()
+        .layer(RoleLayer)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    accept.abort();
+    result.map_err(|e| TlsError::Serve(error_chain(&e)))
+}
+
+async fn accept_loop(listener: TcpListener, tls: ReloadableServerConfig, tx: mpsc::Sender<TlsConn>) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = tx.closed() => return,
+        };
+        let (tcp, addr) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // e.g. EMFILE: back off briefly, keep the listener.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = TlsAcceptor::from(tls.current());
+        let trust_domain = tls.trust_domain().to_string();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::warn!(peer = %addr, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(peer = %addr, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let leaf = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first());
+            let Some(leaf) = leaf else {
+                tracing::warn!(peer = %addr, "TLS peer presented no certificate");
+                return;
+            };
+            let identity = match cert_identity(leaf, &trust_domain) {
+                Ok(c) => PeerIdentity {
+                    id: c.id,
+                    serial: c.serial,
+                    remote_addr: Some(addr),
+                },
+                Err(e) => {
+                    tracing::warn!(peer = %addr, error = %e, "client certificate refused");
+                    return;
+                }
+            };
+            tracing::debug!(peer = %addr, id = %identity.id, "mTLS connection accepted");
+            let _ = tx.send(TlsConn { stream, identity }).await;
+        });
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        let msg = inner.to_string();
+        if !s.contains(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = inner.source();
+    }
+    s
+}
+
+// -------------------------------------------------------------- role layer
+
+/// Rejects callers whose role may not call the RPC path with `PERMISSION_DENIED`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RoleLayer;
+
+impl<S> Layer<S> for RoleLayer {
+    type Service = RoleService<S>;
+
+    fn layer(&self, inner: S) -> RoleService<S> {
+        RoleService { inner }
+    }
+}
+
+/// The service made by [`RoleLayer`].
+#[derive(Debug, Clone)]
+pub struct RoleService<S> {
+    inner: S,
+}
+
+/// Whether `peer` may call `path`. The status names role, id and RPC.
+pub fn authorize(peer: Option<&PeerIdentity>, path: &str) -> Result<(), Status> {
+    let Some(peer) = peer else {
+        return Err(Status::unauthenticated(format!(
+            "no verified client identity for {path}"
+        )));
+    };
+    if peer.id.role.may_call(path) {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "role `{}` ({}) may not call {path}",
+            peer.id.role, peer.id
+        )))
+    }
+}
+
+impl<S, B> Service<http::Request<B>> for RoleService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = Either<S::Future, Ready<Result<Self::Response, S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        match authorize(req.extensions().get::<PeerIdentity>(), req.uri().path()) {
+            Ok(()) => Either::Left(self.inner.call(req)),
+            Err(status) => {
+                tracing::warn!(rpc = req.uri().path(), reason = status.message(), "RPC refused");
+                Either::Right(ready(Ok(status.into_http())))
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ client
+
+/// A client's certificate chain, key and the CA bundle it trusts servers by.
+pub struct ClientIdentity {
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: Arc<RootCertStore>,
+}
+
+impl Clone for ClientIdentity {
+    fn clone(&self) -> Self {
+        Self {
+            certs: self.certs.clone(),
+            key: self.key.clone_key(),
+            roots: self.roots.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("certs", &self.certs.len())
+            .field("key", &"<redacted>")
+            .field("roots", &self.roots.len())
+            .finish()
+    }
+}
+
+impl ClientIdentity {
+    /// Load PEM files: certificate chain (leaf first), private key, CA bundle.
+    pub fn load(cert: &Path, key: &Path, ca_bundle: &Path) -> Result<Self, TlsError> {
+        Ok(Self {
+            certs: parse_certs(
+                &format!("certificate {}", cert.display()),
+                &read_file("certificate", cert)?,
+            )?,
+            key: parse_key(
+                &format!("private key {}", key.display()),
+                &read_file("private key", key)?,
+            )?,
+            roots: parse_roots(
+                &format!("CA bundle {}", ca_bundle.display()),
+                &read_file("CA bundle", ca_bundle)?,
+            )?,
+        })
+    }
+
+    /// The same from PEM bytes in memory.
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8], ca_pem: &[u8]) -> Result<Self, TlsError> {
+        Ok(Self {
+            certs: parse_certs("certificate (in memory)", cert_pem)?,
+            key: parse_key("private key (in memory)", key_pem)?,
+            roots: parse_roots("CA bundle (in memory)", ca_pem)?,
+        })
+    }
+
+    /// A TLS 1.3 client config that only accepts a server presenting `expected`.
+    pub fn client_config(&self, expected: &SpiffeId) -> Result<Arc<ClientConfig>, TlsError> {
+        let inner = WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Config {
+                reason: format!("server verifier: {e}"),
+            })?;
+        let verifier = Arc::new(SpiffeServerVerifier {
+            inner,
+            expected: expected.clone(),
+        });
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config {
+                reason: e.to_string(),
+            })?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(self.certs.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Config {
+                reason: format!("client certificate and key: {e}"),
+            })?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+/// Checks the server's SPIFFE id against the expected one (so the error names
+/// both), then the chain and DNS name via webpki.
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    expected: SpiffeId,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let (_, cert) = X509Certificate::from_der(end_entity)
+            .map_err(|e| rejected(IdentityError::Parse(e.to_string())))?;
+        let presented = spiffe_id_in(&cert).map_err(rejected)?;
+        if presented != self.expected {
+            return Err(rejected(IdentityError::WrongServer {
+                presented: presented.to_string(),
+                expected: self.expected.to_string(),
+            }));
+        }
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// `host:port` out of `host:port`, `https://host:port[/]` or `http://host:port`.
+fn authority_of(endpoint: &str) -> Result<String, TlsError> {
+    let bad = |reason: &str| TlsError::Endpoint {
+        endpoint: endpoint.to_string(),
+        reason: reason.to_string(),
+    };
+    let rest = endpoint
+        .strip_prefix("https://")
+        .or_else(|| endpoint.strip_prefix("http://"))
+        .unwrap_or(endpoint)
+        .trim_end_matches('/');
+    let uri: http::Uri = format!("https://{rest}")
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+    if uri.path() != "/" && !uri.path().is_empty() {
+        return Err(bad("must be host:port without a path"));
+    }
+    let authority = uri.authority().ok_or_else(|| bad("missing host"))?;
+    if authority.port_u16().is_none() {
+        return Err(bad("missing port (host:port)"));
+    }
+    Ok(authority.as_str().to_string())
+}
+
+fn server_name_for(expected: &SpiffeId) -> Result<ServerName<'static>, TlsError> {
+    ServerName::try_from(expected.name.clone()).map_err(|e| TlsError::Config {
+        reason: format!("`{}` is not usable as a TLS server name: {e}", expected.name),
+    })
+}
+
+async fn tls_connect(
+    authority: &str,
+    connector: &TlsConnector,
+    name: ServerName<'static>,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(authority).await?;
+    tcp.set_nodelay(true)?;
+    connector.connect(name, tcp).await
+}
+
+/// Connect with [`DEFAULT_CONNECT_TIMEOUT`]; see [`connect_with_timeout`].
+pub async fn connect(
+    endpoint: &str,
+    expected_server: &SpiffeId,
+    identity: &ClientIdentity,
+) -> Result<Channel, TlsError> {
+    connect_with_timeout(endpoint, expected_server, identity, DEFAULT_CONNECT_TIMEOUT).await
+}
+
+/// Open an mTLS gRPC channel to `endpoint` (`host:port` or `https://host:port`)
+/// that only talks to a server whose certificate chains to the client's CA
+/// bundle, carries `expected_server` as its single URI SAN and
+/// `DNS:<expected_server.name>`. Reconnects use the same checks.
+pub async fn connect_with_timeout(
+    endpoint: &str,
+    expected_server: &SpiffeId,
+    identity: &ClientIdentity,
+    timeout: Duration,
+) -> Result<Channel, TlsError> {
+    let authority = authority_of(endpoint)?;
+    let connector = TlsConnector::from(identity.client_config(expected_server)?);
+    let name = server_name_for(expected_server)?;
+    let ep = Endpoint::from_shared(format!("http://{authority}"))
+        .map_err(|e| TlsError::Endpoint {
+            endpoint: endpoint.to_string(),
+            reason: e.to_string(),
+        })?
+        .connect_timeout(timeout);
+    let target = authority.clone();
+    let make = tower::service_fn(move |_uri: http::Uri| {
+        let connector = connector.clone();
+        let name = name.clone();
+        let target = target.clone();
+        async move {
+            let tls = tokio::time::timeout(timeout, tls_connect(&target, &connector, name))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS connect timed out"))??;
+            Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    match tokio::time::timeout(timeout, ep.connect_with_connector(make)).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(e)) => Err(TlsError::Connect {
+            endpoint: endpoint.to_string(),
+            expected: expected_server.to_string(),
+            reason: error_chain(&e),
+        }),
+        Err(_) => Err(TlsError::ConnectTimeout {
+            endpoint: endpoint.to_string(),
+            timeout,
+        }),
+    }
+}
+
+/// Do only the TLS handshake and return the server's certificate chain as
+/// presented (leaf first): for `ringfence hosts` diagnostics and rotation checks.
+pub async fn server_certificates(
+    endpoint: &str,
+    expected_server: &SpiffeId,
+    identity: &ClientIdentity,
+    timeout: Duration,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let authority = authority_of(endpoint)?;
+    let connector = TlsConnector::from(identity.client_config(expected_server)?);
+    let name = server_name_for(expected_server)?;
+    let stream = match tokio::time::timeout(timeout, tls_connect(&authority, &connector, name))
+        .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return Err(TlsError::Connect {
+                endpoint: endpoint.to_string(),
+                expected: expected_server.to_string(),
+                reason: error_chain(&e),
+            });
+        }
+        Err(_) => {
+            return Err(TlsError::ConnectTimeout {
+                endpoint: endpoint.to_string(),
+                timeout,
+            });
+        }
+    };
+    Ok(stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.to_vec())
+        .unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn endpoints_parse_to_authority() {
+        assert_eq!(authority_of("10.0.0.1:7443").unwrap(), "10.0.0.1:7443");
+        assert_eq!(authority_of("https://gpu-1:7443/").unwrap(), "gpu-1:7443");
+        assert!(authority_of("gpu-1").is_err());
+        assert!(authority_of("https://gpu-1:7443/x").is_err());
+    }
+}
