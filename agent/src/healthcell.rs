@@ -11,6 +11,8 @@ use tokio::sync::watch;
 pub trait ReportSource: Send + Sync {
     /// Collect a report now. `draining` is copied into it.
     fn collect(&self, draining: bool) -> pb::HealthReport;
+    /// Stop counting these fault ids in the verdict (operator AckFaults).
+    fn acknowledge(&self, fault_ids: &[String]);
 }
 
 /// The last report and a channel that fires when the verdict or any reason changes.

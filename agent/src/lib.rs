@@ -4,6 +4,7 @@
 
 pub mod command;
 pub mod config;
+pub mod daemon;
 pub mod healthcell;
 pub mod journal;
 pub mod notify;

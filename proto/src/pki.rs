@@ -130,7 +130,11 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&b)
 }
 
-fn ca_params(trust_domain: &str, not_before: SystemTime, not_after: SystemTime) -> CertificateParams {
+fn ca_params(
+    trust_domain: &str,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "ringfence");
@@ -527,7 +531,10 @@ fn read_revoked(path: &Path) -> Result<Vec<(String, SystemTime)>, PkiError> {
         let (Some(secs), true) = (secs, hex::decode(serial).is_ok()) else {
             return Err(PkiError::Invalid {
                 path: path.to_path_buf(),
-                reason: format!("line {}: expected `<serial-hex> <unix-seconds> [id]`", i + 1),
+                reason: format!(
+                    "line {}: expected `<serial-hex> <unix-seconds> [id]`",
+                    i + 1
+                ),
             });
         };
         out.push((

@@ -429,7 +429,10 @@ impl Labels {
 
 /// Build a TLS 1.3 server config that requires a client certificate chained
 /// to the CA bundle, not revoked by the CRL, and obeying the SPIFFE rules.
-pub fn server_config(pem: &ServerTlsPem, trust_domain: &str) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(
+    pem: &ServerTlsPem,
+    trust_domain: &str,
+) -> Result<Arc<ServerConfig>, TlsError> {
     build_server_config(pem, trust_domain, &Labels::memory())
 }
 
@@ -612,9 +615,9 @@ impl ReloadableServerConfig {
         let Some(paths) = &self.inner.paths else {
             return Err(TlsError::NotReloadable);
         };
-        let built = paths.read().and_then(|pem| {
-            build_server_config(&pem, &self.inner.trust_domain, &paths.labels())
-        });
+        let built = paths
+            .read()
+            .and_then(|pem| build_server_config(&pem, &self.inner.trust_domain, &paths.labels()));
         match built {
             Ok(config) => {
                 *self
@@ -733,7 +736,11 @@ where
     result.map_err(|e| TlsError::Serve(error_chain(&e)))
 }
 
-async fn accept_loop(listener: TcpListener, tls: ReloadableServerConfig, tx: mpsc::Sender<TlsConn>) {
+async fn accept_loop(
+    listener: TcpListener,
+    tls: ReloadableServerConfig,
+    tx: mpsc::Sender<TlsConn>,
+) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -753,8 +760,7 @@ async fn accept_loop(listener: TcpListener, tls: ReloadableServerConfig, tx: mps
         let trust_domain = tls.trust_domain().to_string();
         let tx = tx.clone();
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::warn!(peer = %addr, error = %e, "TLS handshake failed");
@@ -858,7 +864,11 @@ where
         match authorize(req.extensions().get::<PeerIdentity>(), req.uri().path()) {
             Ok(()) => Either::Left(self.inner.call(req)),
             Err(status) => {
-                tracing::warn!(rpc = req.uri().path(), reason = status.message(), "RPC refused");
+                tracing::warn!(
+                    rpc = req.uri().path(),
+                    reason = status.message(),
+                    "RPC refused"
+                );
                 Either::Right(ready(Ok(status.into_http())))
             }
         }
@@ -1028,7 +1038,10 @@ fn authority_of(endpoint: &str) -> Result<String, TlsError> {
 
 fn server_name_for(expected: &SpiffeId) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(expected.name.clone()).map_err(|e| TlsError::Config {
-        reason: format!("`{}` is not usable as a TLS server name: {e}", expected.name),
+        reason: format!(
+            "`{}` is not usable as a TLS server name: {e}",
+            expected.name
+        ),
     })
 }
 
@@ -1107,24 +1120,23 @@ pub async fn server_certificates(
     let authority = authority_of(endpoint)?;
     let connector = TlsConnector::from(identity.client_config(expected_server)?);
     let name = server_name_for(expected_server)?;
-    let stream = match tokio::time::timeout(timeout, tls_connect(&authority, &connector, name))
-        .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return Err(TlsError::Connect {
-                endpoint: endpoint.to_string(),
-                expected: expected_server.to_string(),
-                reason: error_chain(&e),
-            });
-        }
-        Err(_) => {
-            return Err(TlsError::ConnectTimeout {
-                endpoint: endpoint.to_string(),
-                timeout,
-            });
-        }
-    };
+    let stream =
+        match tokio::time::timeout(timeout, tls_connect(&authority, &connector, name)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(TlsError::Connect {
+                    endpoint: endpoint.to_string(),
+                    expected: expected_server.to_string(),
+                    reason: error_chain(&e),
+                });
+            }
+            Err(_) => {
+                return Err(TlsError::ConnectTimeout {
+                    endpoint: endpoint.to_string(),
+                    timeout,
+                });
+            }
+        };
     Ok(stream
         .get_ref()
         .1

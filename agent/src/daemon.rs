@@ -1,0 +1,381 @@
+//! Wires the agent together: trust file, TLS material, attestation key,
+//! task engine, health poll loop, gRPC listener, systemd notifications.
+//! Everything is loaded and validated before the listener binds.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use ringfence::pb;
+use ringfence::spiffe::{Role, SpiffeId};
+use ringfence::time::{Clock, SystemClock};
+use ringfence::tls::{ReloadableServerConfig, ServerTlsPaths};
+use ringfence::trust::TrustSet;
+use tonic_health::ServingStatus;
+
+use crate::command::{CommandRunner, ProcessRunner};
+use crate::config::AgentConfig;
+use crate::healthcell::{HealthCell, ReportSource};
+use crate::notify::{self, Heartbeat, Notifier};
+use crate::server::AgentService;
+use crate::tasks::{EngineParts, HealthSource, TaskEngine};
+
+/// Name of the attestation key file under the state dir.
+pub const HOST_KEY_FILE: &str = "host.key";
+
+/// The agent could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// the trust file is unusable
+    #[error("trust file: {0}")]
+    Trust(#[from] ringfence::trust::TrustError),
+    /// the TLS material is unusable
+    #[error("TLS: {0}")]
+    Tls(#[from] ringfence::tls::TlsError),
+    /// the attestation key is unusable
+    #[error("attestation key: {0}")]
+    Key(#[from] ringfence::keys::KeyError),
+    /// the task engine could not open its journal or recover
+    #[error("task engine: {0}")]
+    Engine(#[from] crate::tasks::EngineError),
+    /// the listener could not bind
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// the state directory could not be created
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Everything loaded and validated before anything binds.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The agent config.
+    pub config: AgentConfig,
+    /// The trust file.
+    pub trust: TrustSet,
+    /// TLS material (reloadable).
+    pub tls: ReloadableServerConfig,
+    /// Attestation key.
+    pub key: SigningKey,
+    /// Current boot id.
+    pub boot_id: String,
+}
+
+/// Read the current boot id (empty if unreadable).
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Load and validate the trust file, TLS material and attestation key.
+pub fn prepare(config: AgentConfig) -> Result<Prepared, DaemonError> {
+    let trust = TrustSet::load(&config.trust_file)?;
+    let tls = ReloadableServerConfig::load(
+        ServerTlsPaths {
+            cert: config.tls.cert.clone(),
+            key: config.tls.key.clone(),
+            ca_bundle: config.tls.ca_bundle.clone(),
+            crl: config.tls.crl.clone(),
+        },
+        &config.tls.trust_domain,
+    )?;
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| DaemonError::StateDir {
+        path: config.state_dir.clone(),
+        source,
+    })?;
+    let (key, created) = ringfence::keys::load_or_create(&config.state_dir.join(HOST_KEY_FILE))?;
+    if created {
+        tracing::info!(
+            fingerprint = %ringfence::keys::fingerprint(&key.verifying_key()),
+            "created attestation key"
+        );
+    }
+    Ok(Prepared {
+        config,
+        trust,
+        tls,
+        key,
+        boot_id: boot_id(),
+    })
+}
+
+/// The engine's view of health: fresh reports and attestations over the
+/// report source, plus acknowledged faults.
+struct AgentHealth {
+    host_id: String,
+    key: Arc<SigningKey>,
+    source: Arc<dyn ReportSource>,
+    acked: Mutex<Vec<String>>,
+}
+
+impl HealthSource for AgentHealth {
+    fn fresh_report(&self, draining: bool) -> pb::HealthReport {
+        self.source.collect(draining)
+    }
+
+    fn attest(&self, nonce: &[u8], draining: bool) -> pb::Envelope {
+        let report = self.source.collect(draining);
+        let att = pb::Attestation {
+            host_id: self.host_id.clone(),
+            boot_id: report.boot_id.clone(),
+            nonce: nonce.to_vec(),
+            issued_at_unix_ms: ringfence::time::now_ms(),
+            verdict: report.verdict,
+            agent_version: ringfence::VERSION.to_string(),
+            report: Some(report),
+        };
+        ringfence::attest::sign(&att, &self.host_id, &self.key)
+    }
+
+    fn acknowledge(&self, ack: &pb::AckFaults) -> Vec<String> {
+        let report = self.source.collect(false);
+        let ids: Vec<String> = report
+            .reasons
+            .iter()
+            .filter(|r| ack.codes.is_empty() || ack.codes.contains(&r.code))
+            .filter(|r| ack.gpu_index < 0 || r.gpu_index == ack.gpu_index)
+            .map(|r| r.fault_id.clone())
+            .collect();
+        self.source.acknowledge(&ids);
+        if let Ok(mut a) = self.acked.lock() {
+            a.extend(ids.iter().cloned());
+        }
+        ids
+    }
+}
+
+/// What a running agent exposes to its caller (tests, the demo).
+#[derive(Debug, Clone)]
+pub struct Handles {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The task engine.
+    pub engine: TaskEngine,
+    /// The health cell.
+    pub health: Arc<HealthCell>,
+    /// TLS material (call `reload()` as SIGHUP would).
+    pub tls: ReloadableServerConfig,
+}
+
+/// Options of [`serve`] beyond the config.
+pub struct ServeOptions {
+    /// Where reports come from.
+    pub source: Arc<dyn ReportSource>,
+    /// The executor seam for hooks, patches and reboots.
+    pub runner: Arc<dyn CommandRunner>,
+    /// Health poll interval.
+    pub poll_interval: Duration,
+    /// systemd notifications.
+    pub notifier: Notifier,
+    /// Called once the listener is bound (before READY).
+    pub on_ready: Option<Box<dyn FnOnce(Handles) + Send>>,
+    /// Install the SIGHUP reloader (the real daemon; not in-process fleets).
+    pub sighup: bool,
+    /// Grace given to a running task step at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl std::fmt::Debug for ServeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeOptions")
+            .field("poll_interval", &self.poll_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServeOptions {
+    /// Real processes, real notifications.
+    pub fn new(source: Arc<dyn ReportSource>, poll_interval: Duration) -> Self {
+        Self {
+            source,
+            runner: Arc::new(ProcessRunner::default()),
+            poll_interval,
+            notifier: Notifier::from_env(),
+            on_ready: None,
+            sighup: true,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Run the agent until `shutdown` completes; then stop accepting tasks, give
+/// a running step its bounded time, sync the journal and send STOPPING.
+pub async fn serve(
+    prep: Prepared,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    let cfg = &prep.config;
+    let key = Arc::new(prep.key);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let health_src = Arc::new(AgentHealth {
+        host_id: cfg.host_id.clone(),
+        key: key.clone(),
+        source: opts.source.clone(),
+        acked: Mutex::new(Vec::new()),
+    });
+    let engine = TaskEngine::open_parts(EngineParts {
+        state_dir: cfg.state_dir.clone(),
+        host_id: cfg.host_id.clone(),
+        trust: prep.trust,
+        drain: cfg.drain.clone(),
+        reboot: cfg.reboot.clone(),
+        patch: cfg.patch.clone(),
+        health: health_src,
+        runner: opts.runner.clone(),
+        clock,
+        boot_id: prep.boot_id.clone(),
+        agent_version: ringfence::VERSION.to_string(),
+    })?;
+
+    // First report before serving, so the first answer is real.
+    let source = opts.source.clone();
+    let draining = *engine.draining().borrow();
+    let first = tokio::task::spawn_blocking(move || source.collect(draining))
+        .await
+        .unwrap_or_default();
+    let health = Arc::new(HealthCell::new(first));
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    set_serving(&reporter, health.serving()).await;
+
+    let spiffe = SpiffeId::new(&cfg.tls.trust_domain, Role::Host, &cfg.host_id)
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    let service = AgentService {
+        host_id: cfg.host_id.clone(),
+        spiffe_id: spiffe,
+        key,
+        boot_id: prep.boot_id.clone(),
+        health: health.clone(),
+        source: opts.source.clone(),
+        engine: engine.clone(),
+    };
+    let mut routes = tonic::service::Routes::default();
+    routes = routes
+        .add_service(pb::agent_server::AgentServer::new(service))
+        .add_service(health_service);
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| DaemonError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| DaemonError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
+    if opts.sighup {
+        ringfence::tls::spawn_sighup_reloader(prep.tls.clone())?;
+    }
+
+    // Poll loop: fresh report every interval and whenever draining changes.
+    let heartbeat = Heartbeat::new();
+    let poll = tokio::spawn(poll_loop(
+        opts.source.clone(),
+        health.clone(),
+        engine.clone(),
+        reporter,
+        opts.poll_interval,
+        heartbeat.clone(),
+    ));
+    if let Some(interval) = notify::watchdog_interval() {
+        let stale = (opts.poll_interval * 3).max(interval * 2);
+        notify::spawn_watchdog(opts.notifier.clone(), interval, heartbeat, stale);
+    }
+    notify::spawn_status_forwarder(opts.notifier.clone(), engine.activity());
+
+    if let Some(cb) = opts.on_ready {
+        cb(Handles {
+            addr,
+            engine: engine.clone(),
+            health: health.clone(),
+            tls: prep.tls.clone(),
+        });
+    }
+    if let Err(e) = opts.notifier.ready() {
+        tracing::warn!(error = %e, "READY notify failed");
+    }
+    tracing::info!(%addr, host_id = %cfg.host_id, "ringfenced serving");
+
+    let notifier = opts.notifier.clone();
+    let grace = opts.shutdown_grace;
+    let engine_for_stop = engine.clone();
+    let stop = async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new tasks");
+        let _ = notifier.stopping();
+        match engine_for_stop.shutdown(grace).await {
+            Ok(true) => tracing::info!("journal synced"),
+            Ok(false) => tracing::warn!(
+                "a task step was still running at shutdown; it will be reported INTERRUPTED"
+            ),
+            Err(e) => tracing::error!(error = %e, "journal sync failed at shutdown"),
+        }
+    };
+    let result = ringfence::tls::serve(listener, prep.tls, routes, stop).await;
+    poll.abort();
+    result.map_err(DaemonError::from)
+}
+
+async fn set_serving(reporter: &tonic_health::server::HealthReporter, serving: bool) {
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    reporter.set_service_status("", status).await;
+    reporter
+        .set_service_status("ringfence.v1.Agent", status)
+        .await;
+}
+
+async fn poll_loop(
+    source: Arc<dyn ReportSource>,
+    health: Arc<HealthCell>,
+    engine: TaskEngine,
+    reporter: tonic_health::server::HealthReporter,
+    interval: Duration,
+    heartbeat: Heartbeat,
+) {
+    let mut draining_rx = engine.draining();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            r = draining_rx.changed() => {
+                if r.is_err() { return; }
+                // Draining flips NOT_SERVING at once, before the next poll.
+                if *draining_rx.borrow_and_update() {
+                    set_serving(&reporter, false).await;
+                }
+            }
+        }
+        heartbeat.beat();
+        let draining = *engine.draining().borrow();
+        let src = source.clone();
+        match tokio::task::spawn_blocking(move || src.collect(draining)).await {
+            Ok(report) => {
+                if health.publish(report) {
+                    tracing::info!(verdict = health.last().verdict, "health changed");
+                }
+                set_serving(&reporter, health.serving()).await;
+            }
+            Err(e) => tracing::error!(error = %e, "health collection panicked"),
+        }
+    }
+}
