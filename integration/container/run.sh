@@ -11,7 +11,10 @@
 #    (state gone).
 # 3. Under real systemd as PID 1 (see packaging/README.md): install, check
 #    the unit is enabled and skipped (not failed) until the operator
-#    installs a certificate.
+#    installs a certificate; then, with a stand-in main process
+#    (unit-probe.sh) under the packaged unit's hardening: READY, a dpkg
+#    self-upgrade run inside the sandbox, watchdog restart after SIGSTOP,
+#    SIGHUP reload, stop on remove.
 # 4. The agent phases (agent serving health over mTLS, READY, watchdog
 #    restart) run when RINGFENCE_CONTAINER_AGENT=1; see the TODO below.
 # 5. .rpm: contents, modes, %config(noreplace) and scriptlets via rpm -qp.
@@ -59,6 +62,11 @@ prev_deb=$(ls "$work"/prev/*.deb)
 cur_rpm=$(ls "$work"/cur/*.rpm)
 prev_rpm=$(ls "$work"/prev/*.rpm)
 chmod -R a+rX "$work"
+# Debian versions as built (cargo-deb may append a revision).
+cur_deb_version=$(dpkg-deb -f "$cur_deb" Version)
+prev_deb_version=$(dpkg-deb -f "$prev_deb" Version)
+dpkg --compare-versions "$prev_deb_version" lt "$cur_deb_version" \
+    || fail "previous .deb version $prev_deb_version is not older than $cur_deb_version"
 
 echo "== base image"
 image=$("$here/base-image.sh")
@@ -121,7 +129,7 @@ check_installed_files() { # version
 echo "== deb lifecycle in a fresh container (no init)"
 new_container ringfence-pkg-lifecycle "$image" sleep infinity
 in_ct dpkg -i "/pkgs/prev/$(basename "$prev_deb")" >/dev/null || fail "dpkg -i of the previous .deb"
-check_installed_files "$prev_version"
+check_installed_files "$prev_deb_version"
 
 # The operator edits the config; the agent has created its key.
 in_ct sed -i 's/^host_id = "gpu-0001"/host_id = "ct-host-1"/' /etc/ringfence/agent.toml
@@ -133,12 +141,12 @@ cfg_sum=$(sha /etc/ringfence/agent.toml)
 key_sum=$(sha /var/lib/ringfence/host.key)
 
 in_ct dpkg -i "/pkgs/cur/$(basename "$cur_deb")" >/dev/null || fail "dpkg -i upgrade to the current .deb"
-check_installed_files "$cur_version"
+check_installed_files "$cur_deb_version"
 [ "$(sha /etc/ringfence/agent.toml)" = "$cfg_sum" ] || fail "upgrade changed the edited /etc/ringfence/agent.toml"
 [ "$(sha /var/lib/ringfence/host.key)" = "$key_sum" ] || fail "upgrade changed /var/lib/ringfence/host.key"
 expect_stat /var/lib/ringfence/host.key "600 root:root regular file"
 expect_absent /etc/ringfence/agent.toml.dpkg-dist "no conffile prompt expected"
-pass "upgrade $prev_version -> $cur_version kept the edited config and the agent key"
+pass "upgrade $prev_deb_version -> $cur_deb_version kept the edited config and the agent key"
 
 in_ct dpkg -r ringfenced >/dev/null || fail "dpkg -r"
 st=$(pkg_status)
@@ -162,8 +170,12 @@ pass "purge: /var/lib/ringfence and /etc/ringfence deleted"
 
 # ------------------------------------------------------ real systemd as PID 1
 echo "== deb under systemd as PID 1"
-new_container ringfence-pkg-systemd --privileged --cgroupns=host \
-    --tmpfs /run --tmpfs /run/lock -v /sys/fs/cgroup:/sys/fs/cgroup:rw \
+# --privileged is refused here (the engine itself lacks CAP_SYS_RESOURCE:
+# "unable to apply caps"); every other capability, no seccomp/AppArmor
+# profile and the host's cgroup v1 tree are enough for systemd.
+new_container ringfence-pkg-systemd --cap-add ALL --cap-drop SYS_RESOURCE \
+    --security-opt seccomp=unconfined --security-opt apparmor=unconfined \
+    --cgroupns=host -v /sys/fs/cgroup:/sys/fs/cgroup:rw --tmpfs /run --tmpfs /run/lock \
     --stop-signal SIGRTMIN+3 -e container=docker "$image" /lib/systemd/systemd
 booted=""
 for _ in $(seq 1 60); do
@@ -173,7 +185,7 @@ for _ in $(seq 1 60); do
 done
 [ -n "$booted" ] || fail "systemd did not boot in the container (last state: '${state:-none}'); see packaging/README.md"
 pass "systemd is PID 1 in the container ($state)"
-in_ct dpkg -i "/pkgs/cur/$(basename "$cur_deb")" >/dev/null || fail "dpkg -i under systemd"
+in_ct dpkg -i "/pkgs/prev/$(basename "$prev_deb")" >/dev/null || fail "dpkg -i under systemd"
 [ "$(in_ct systemctl is-enabled ringfenced.service)" = enabled ] || fail "unit not enabled after install"
 # No certificate yet: postinst's start must be a condition skip, not a failure.
 in_ct systemctl start ringfenced.service || fail "systemctl start without certificate"
@@ -181,8 +193,65 @@ active=$(in_ct systemctl is-active ringfenced.service || true)
 [ "$active" = inactive ] || fail "without /etc/ringfence/tls/host.pem the unit must stay inactive, got '$active'"
 in_ct systemctl show -p ConditionResult --value ringfenced.service | grep -qx no \
     || fail "unit was not skipped by its condition"
-in_ct systemctl is-failed ringfenced.service >/dev/null && fail "unit is failed after install without certificate"
+if in_ct systemctl is-failed ringfenced.service >/dev/null; then fail "unit is failed after install without certificate"; fi
 pass "fresh install under systemd: enabled, skipped by ConditionPathExists, not failed"
+
+# The unit's own semantics (sandbox set-up, Type=notify, watchdog, restart,
+# running dpkg inside the sandbox) with a stand-in main process: the drop-in
+# replaces only ExecStart, shortens the watchdog and lets the shell's
+# systemd-notify child speak for it (NotifyAccess=all). Every hardening
+# directive of the packaged unit stays in force.
+in_ct mkdir -p /etc/systemd/system/ringfenced.service.d /usr/local/lib/ringfence-test
+docker cp "$here/unit-probe.sh" "$ct:/usr/local/lib/ringfence-test/unit-probe"
+in_ct chmod 755 /usr/local/lib/ringfence-test/unit-probe
+in_ct sh -c 'printf "%s\n" "[Service]" "ExecStart=" "ExecStart=/usr/local/lib/ringfence-test/unit-probe" \
+    "NotifyAccess=all" "WatchdogSec=4s" "RestartSec=1s" > /etc/systemd/system/ringfenced.service.d/probe.conf'
+in_ct touch /etc/ringfence/tls/host.pem
+# The stand-in runs a "patch": dpkg upgrading ringfenced itself, inside the unit.
+in_ct sh -c "echo /pkgs/cur/$(basename "$cur_deb") > /etc/ringfence/probe-patch"
+in_ct systemctl daemon-reload
+in_ct systemctl start ringfenced.service || fail "systemctl start with the stand-in agent"
+[ "$(in_ct systemctl is-active ringfenced.service)" = active ] || fail "unit not active"
+[ "$(in_ct systemctl show -p StatusText --value ringfenced.service)" = "probe serving" ] \
+    || fail "READY/STATUS from the main process not seen by systemd"
+pass "Type=notify: READY=1 and STATUS reached systemd; unit active"
+
+for _ in $(seq 1 120); do in_ct test -f /var/lib/ringfence/probe-patch.rc && break; sleep 0.5; done
+rc=$(in_ct cat /var/lib/ringfence/probe-patch.rc 2>/dev/null || echo missing)
+[ "$rc" = 0 ] || fail "dpkg inside the unit's sandbox failed (rc $rc): $(in_ct cat /var/lib/ringfence/probe-patch.log 2>/dev/null)"
+[ "$(pkg_status)" = "ii $cur_deb_version" ] || fail "self-upgrade inside the unit did not install $cur_deb_version: $(pkg_status)"
+in_ct grep -q "upgraded by its own patch profile" /var/lib/ringfence/probe-patch.log \
+    || fail "postinst did not notice it ran inside ringfenced.service"
+[ "$(in_ct systemctl show -p NRestarts --value ringfenced.service)" = 0 ] \
+    || fail "the self-upgrade restarted the unit under dpkg"
+pass "dpkg upgrade of ringfenced from inside the hardened unit succeeded without killing itself"
+
+pid=$(in_ct systemctl show -p MainPID --value ringfenced.service)
+in_ct kill -STOP "$pid"
+restarted=""
+for _ in $(seq 1 40); do
+    if [ "$(in_ct systemctl show -p NRestarts --value ringfenced.service)" -ge 1 ] \
+        && [ "$(in_ct systemctl is-active ringfenced.service || true)" = active ]; then
+        restarted=1
+        break
+    fi
+    sleep 0.5
+done
+[ -n "$restarted" ] || fail "no watchdog restart after SIGSTOP of the main process"
+in_ct journalctl -u ringfenced.service --no-pager | grep -q "Watchdog timeout" \
+    || fail "restart was not caused by the watchdog"
+[ "$(in_ct systemctl show -p MainPID --value ringfenced.service)" != "$pid" ] || fail "main PID unchanged after restart"
+pass "watchdog: frozen main process killed and the unit restarted"
+
+in_ct systemctl reload ringfenced.service || fail "systemctl reload (SIGHUP)"
+for _ in $(seq 1 20); do in_ct test -f /var/lib/ringfence/probe-hup && break; sleep 0.25; done
+in_ct test -f /var/lib/ringfence/probe-hup || fail "ExecReload did not deliver SIGHUP to the main process"
+pass "ExecReload delivers SIGHUP"
+
+in_ct dpkg -r ringfenced >/dev/null || fail "dpkg -r under systemd"
+[ "$(in_ct systemctl is-active ringfenced.service || true)" = inactive ] || fail "remove did not stop the unit"
+in_ct test -d /var/lib/ringfence || fail "remove under systemd lost /var/lib/ringfence"
+pass "remove under systemd: unit stopped, state kept"
 
 # ------------------------------------------------------------ agent phases
 if [ "${RINGFENCE_CONTAINER_AGENT:-0}" = 1 ]; then
