@@ -110,7 +110,7 @@ check_installed_files() { # version
     expect_stat /var/lib/ringfence "700 root:root directory"
     expect_stat /usr/share/doc/ringfenced/README.md "644 root:root regular file"
     expect_stat /usr/share/doc/ringfenced/copyright "644 root:root regular file"
-    expect_stat /usr/share/doc/ringfenced/changelog.gz "644 root:root regular file"
+    expect_stat /usr/share/doc/ringfenced/changelog.Debian.gz "644 root:root regular file"
     in_ct dpkg-query -W -f='${Conffiles}\n' ringfenced | grep -q '^ /etc/ringfence/agent.toml ' \
         || fail "/etc/ringfence/agent.toml is not a conffile"
     [ "$(in_ct readlink "$wants")" = /lib/systemd/system/ringfenced.service ] \
