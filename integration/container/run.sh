@@ -3,7 +3,8 @@
 #
 #   integration/container/run.sh
 #
-# 1. Builds the .deb/.rpm twice (previous version 0.0.0~prev and current).
+# 1. Builds the .deb/.rpm twice (previous version 0.0.0~prev and current);
+#    lintian on the .deb, systemd-analyze verify and exposure score.
 # 2. In a fresh Debian bookworm container (base image from base-image.sh):
 #    install the previous .deb, check files, owners, modes, conffile and
 #    enablement; edit the config and put an agent key in place; upgrade to
@@ -67,6 +68,15 @@ cur_deb_version=$(dpkg-deb -f "$cur_deb" Version)
 prev_deb_version=$(dpkg-deb -f "$prev_deb" Version)
 dpkg --compare-versions "$prev_deb_version" lt "$cur_deb_version" \
     || fail "previous .deb version $prev_deb_version is not older than $cur_deb_version"
+
+echo "== lintian and unit checks"
+command -v lintian >/dev/null 2>&1 || fail "lintian is not installed (apt-get install lintian)"
+if ! out=$(lintian --fail-on error,warning "$cur_deb" 2>&1); then
+    echo "$out" >&2
+    fail "lintian reports errors or warnings on $cur_deb"
+fi
+pass "lintian: no errors or warnings (overrides in packaging/lintian/ringfenced)"
+packaging/security-score.sh || fail "packaging/security-score.sh"
 
 echo "== base image"
 image=$("$here/base-image.sh")
