@@ -102,6 +102,7 @@ expect_stat() {
 expect_absent() {
     if in_ct test -e "$1" || in_ct test -L "$1"; then fail "$1 still exists ($2)"; fi
 }
+# shellcheck disable=SC2016 # dpkg-query format fields, not shell expansions
 pkg_status() { in_ct dpkg-query -W -f='${db:Status-Abbrev}${Version}' ringfenced 2>/dev/null || true; }
 sha() { in_ct sha256sum "$1" | cut -d' ' -f1; }
 
@@ -121,6 +122,7 @@ check_installed_files() { # version
     expect_stat /usr/share/doc/ringfenced/README.md "644 root:root regular file"
     expect_stat /usr/share/doc/ringfenced/copyright "644 root:root regular file"
     expect_stat /usr/share/doc/ringfenced/changelog.Debian.gz "644 root:root regular file"
+    # shellcheck disable=SC2016 # dpkg-query format field
     in_ct dpkg-query -W -f='${Conffiles}\n' ringfenced | grep -q '^ /etc/ringfence/agent.toml ' \
         || fail "/etc/ringfence/agent.toml is not a conffile"
     [ "$(in_ct readlink "$wants")" = /lib/systemd/system/ringfenced.service ] \
