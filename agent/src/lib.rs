@@ -5,9 +5,13 @@
 pub mod command;
 pub mod config;
 pub mod daemon;
+pub mod gpu;
+pub mod health;
 pub mod healthcell;
+pub mod hostfacts;
 pub mod journal;
 pub mod notify;
 pub mod profiles;
 pub mod server;
 pub mod tasks;
+pub mod xidlog;
