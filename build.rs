@@ -21,6 +21,10 @@ fn main() -> Result<(), Box<dyn Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // JSON for operators and fixtures (`ringfenced health --json`,
+        // `ringfence hosts health --json`): field names as in the .proto.
+        .type_attribute(".", "#[derive(serde::Serialize, serde::Deserialize)]")
+        .message_attribute(".", "#[serde(default)]")
         .file_descriptor_set_path(out_dir.join("ringfence_descriptor.bin"))
         .compile_fds(fds)?;
     Ok(())

@@ -9,6 +9,8 @@ use ringfence::config::{ConfigError, Source};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::gpu::{BackendKind, GpuConfig};
+use crate::health::HealthConfig;
 use crate::profiles::{PatchConfig, ProfilePolicy};
 use crate::tasks::{DrainConfig, RebootConfig, TaskConfigError};
 
@@ -44,6 +46,10 @@ struct RawConfig {
     trust_file: PathBuf,
     tls: Spanned<TlsConfig>,
     #[serde(default)]
+    gpu: Option<Spanned<GpuConfig>>,
+    #[serde(default)]
+    health: HealthConfig,
+    #[serde(default)]
     drain: Option<Spanned<DrainConfig>>,
     #[serde(default)]
     reboot: Option<Spanned<RebootConfig>>,
@@ -74,6 +80,10 @@ pub struct AgentConfig {
     pub trust_file: PathBuf,
     /// TLS material.
     pub tls: TlsConfig,
+    /// GPU backend, expected GPU count, poll interval.
+    pub gpu: GpuConfig,
+    /// Verdict thresholds.
+    pub health: HealthConfig,
     /// Drain / undrain hooks and the process wait.
     pub drain: DrainConfig,
     /// How the host reboots for `reboot = true` profiles.
@@ -120,6 +130,24 @@ impl AgentConfig {
                 format!("`{}` is not a valid SPIFFE trust domain", tls.trust_domain),
             ));
         }
+        let gpu = match raw.gpu {
+            Some(g) => {
+                let span = g.span();
+                let g = g.into_inner();
+                if g.backend == BackendKind::Simulated && g.scenario.is_none() {
+                    return Err(src.invalid(
+                        span,
+                        "gpu.scenario",
+                        "the simulated backend needs a scenario file",
+                    ));
+                }
+                if g.poll_interval_s == 0 {
+                    return Err(src.invalid(span, "gpu.poll_interval_s", "must be at least 1"));
+                }
+                g
+            }
+            None => GpuConfig::default(),
+        };
         let drain = section(src, raw.drain, "drain", DrainConfig::validate)?;
         let reboot = section(src, raw.reboot, "reboot", RebootConfig::validate)?;
         let patch = match raw.patch {
@@ -139,6 +167,8 @@ impl AgentConfig {
             state_dir: raw.state_dir,
             trust_file: raw.trust_file,
             tls,
+            gpu,
+            health: raw.health,
             drain,
             reboot,
             patch,
@@ -180,6 +210,14 @@ key = "/etc/ringfence/tls/host.key"
 ca_bundle = "/etc/ringfence/tls/ca.pem"
 trust_domain = "gpu.example.com"
 "#;
+
+    #[test]
+    fn packaged_default_config_is_valid() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/agent.toml");
+        let c = AgentConfig::load(std::path::Path::new(path)).unwrap();
+        assert_eq!(c.gpu.expected_gpus, 8);
+        assert!(c.patch.profiles.contains_key("nvidia-driver"));
+    }
 
     #[test]
     fn good_config_loads() {

@@ -379,3 +379,66 @@ async fn poll_loop(
         }
     }
 }
+
+/// The production [`ReportSource`]: the health collector over the configured
+/// GPU backend, with the host's identity and acknowledged faults.
+pub struct CollectorSource {
+    collector: crate::health::Collector,
+    host_id: String,
+    acknowledged: Mutex<Vec<String>>,
+}
+
+impl std::fmt::Debug for CollectorSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CollectorSource")
+            .field("host_id", &self.host_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CollectorSource {
+    /// Open the configured GPU backend and start the collector (XID watch).
+    /// A backend that cannot load NVML still yields a source: its reports
+    /// are UNHEALTHY with `nvml_unavailable`, and the agent keeps serving.
+    pub fn start(config: &AgentConfig) -> Result<Self, crate::health::HealthError> {
+        let backend = crate::gpu::open(&config.gpu).map_err(crate::health::HealthError::from)?;
+        let collector = crate::health::Collector::start(
+            backend,
+            config.health.clone(),
+            config.gpu.expected_gpus,
+            &config.state_dir,
+            std::path::Path::new("/proc/sys/kernel/random/boot_id"),
+        )?;
+        Ok(Self {
+            collector,
+            host_id: config.host_id.clone(),
+            acknowledged: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+impl ReportSource for CollectorSource {
+    fn collect(&self, draining: bool) -> pb::HealthReport {
+        let acknowledged = self
+            .acknowledged
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default();
+        self.collector.collect(&crate::health::ReportContext {
+            host_id: self.host_id.clone(),
+            agent_version: ringfence::VERSION.to_string(),
+            draining,
+            acknowledged,
+        })
+    }
+
+    fn acknowledge(&self, fault_ids: &[String]) {
+        if let Ok(mut a) = self.acknowledged.lock() {
+            for id in fault_ids {
+                if !a.contains(id) {
+                    a.push(id.clone());
+                }
+            }
+        }
+    }
+}

@@ -112,3 +112,66 @@ mod tests {
         assert!(!cell.serving());
     }
 }
+
+/// A report as JSON (field names as in the .proto; verdicts by name).
+pub fn report_json(r: &pb::HealthReport) -> serde_json::Value {
+    let mut v = serde_json::to_value(r).unwrap_or(serde_json::Value::Null);
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("verdict_name".into(), verdict_name(r.verdict).into());
+    }
+    v
+}
+
+/// The name of a verdict value.
+pub fn verdict_name(v: i32) -> &'static str {
+    match pb::Verdict::try_from(v) {
+        Ok(pb::Verdict::Healthy) => "HEALTHY",
+        Ok(pb::Verdict::Degraded) => "DEGRADED",
+        Ok(pb::Verdict::Unhealthy) => "UNHEALTHY",
+        _ => "UNSPECIFIED",
+    }
+}
+
+/// A report as a few human lines.
+pub fn report_text(r: &pb::HealthReport) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "host {}  verdict {}  driver {}  CUDA {}  GPUs {}/{}  backend {}{}",
+        r.host_id,
+        verdict_name(r.verdict),
+        r.driver_version,
+        r.cuda_driver_version,
+        r.gpus_found,
+        r.gpus_expected,
+        r.backend,
+        if r.draining { "  DRAINING" } else { "" }
+    );
+    for g in &r.gpus {
+        let _ = writeln!(
+            s,
+            "  gpu {} {} {} {}  temp {}  ecc uncorrected {}",
+            g.index,
+            g.name,
+            g.uuid,
+            g.pci_bus_id,
+            g.temperature_c.map_or("n/a".into(), |t| format!("{t} C")),
+            g.ecc_volatile_uncorrected
+                .map_or("n/a".into(), |e| e.to_string())
+        );
+    }
+    for reason in &r.reasons {
+        let _ = writeln!(
+            s,
+            "  {} {} gpu {}: {} (observed {}, threshold {})",
+            verdict_name(reason.severity),
+            reason.code,
+            reason.gpu_index,
+            reason.message,
+            reason.observed,
+            reason.threshold
+        );
+    }
+    s
+}

@@ -10,6 +10,7 @@ pub mod health;
 pub mod healthcell;
 pub mod hostfacts;
 pub mod journal;
+pub mod logging;
 pub mod notify;
 pub mod profiles;
 pub mod server;

@@ -36,6 +36,8 @@ pub struct GpuConfig {
     pub scenario: Option<PathBuf>,
     /// GPUs this host must have; fewer found is UNHEALTHY.
     pub expected_gpus: u32,
+    /// How often health is collected, seconds (default 10).
+    pub poll_interval_s: u64,
 }
 
 impl Default for GpuConfig {
@@ -45,6 +47,7 @@ impl Default for GpuConfig {
             nvml_library: None,
             scenario: None,
             expected_gpus: 8,
+            poll_interval_s: 10,
         }
     }
 }
