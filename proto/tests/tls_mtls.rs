@@ -241,3 +241,62 @@ async fn server_refuses_to_load_a_certificate_without_our_spiffe_id() {
     let err = ReloadableServerConfig::from_pem(&server_pem(&pki, &host, None), TD).unwrap_err();
     assert!(matches!(err, TlsError::OwnIdentity { .. }), "{err}");
 }
+
+/// The server-side handshake error for `who`, over an in-memory pipe, so the
+/// test can see WHICH check refused the certificate.
+async fn server_side_refusal(pki: &TestPki, crl: Option<String>, who: &ringfence::pki::IssuedPem) -> String {
+    let host = pki.issue(Role::Host, HOST).unwrap();
+    let server_cfg = tls::server_config(&server_pem(pki, &host, crl), TD).unwrap();
+    let client_cfg = client(pki, who).client_config(&host_id()).unwrap();
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let server = tokio::spawn(async move { tokio_rustls::TlsAcceptor::from(server_cfg).accept(a).await.map(|_| ()) });
+    let client = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut s = tokio_rustls::TlsConnector::from(client_cfg)
+            .connect(ServerName::try_from(HOST).unwrap(), b)
+            .await?;
+        let mut buf = [0u8; 1];
+        s.read(&mut buf).await.map(|_| ())
+    });
+    let server_result = server.await.unwrap();
+    let _ = client.await;
+    server_result.expect_err("server accepted the certificate").to_string()
+}
+
+#[tokio::test]
+async fn each_bad_certificate_is_refused_by_the_right_check() {
+    let pki = TestPki::new(TD).unwrap();
+    let other = TestPki::new(TD).unwrap();
+    let now = SystemTime::now();
+    let cases: Vec<(LeafSpec, &str)> = {
+        let mut expired = LeafSpec::new(Role::Ops, "old", 1);
+        expired.not_before = now - DAY * 10;
+        expired.not_after = now - DAY;
+        let mut two = LeafSpec::new(Role::Ops, "two", 1);
+        two.extra_uri = Some("spiffe://fleet.test/ops/other".into());
+        let mut foreign = LeafSpec::new(Role::Ops, "alice", 1);
+        foreign.trust_domain = Some("evil.test".into());
+        let mut ca = LeafSpec::new(Role::Ops, "ca-leaf", 1);
+        ca.is_ca = true;
+        vec![
+            (expired, "certificate expired"),
+            (two, "exactly one URI SAN, found 2"),
+            (foreign, "outside trust domain `fleet.test`"),
+            (ca, "CaUsedAsEndEntity"),
+        ]
+    };
+    for (spec, want) in cases {
+        let err = server_side_refusal(&pki, None, &pki.issue_spec(&spec).unwrap()).await;
+        assert!(err.contains(want), "{}: want `{want}` in `{err}`", spec.name);
+    }
+    let foreign_ca = other.issue(Role::Ops, "alice").unwrap();
+    let err = server_side_refusal(&pki, None, &foreign_ca).await;
+    // Same CA subject name, other key: webpki finds our CA by name and the
+    // signature does not verify.
+    assert!(err.contains("BadSignature") || err.contains("UnknownIssuer"), "{err}");
+
+    let revoked = pki.issue(Role::Ops, "mallory").unwrap();
+    let crl = pki.fresh_crl(&[&revoked]).unwrap();
+    let err = server_side_refusal(&pki, Some(crl), &revoked).await;
+    assert!(err.contains("Revoked"), "{err}");
+}
