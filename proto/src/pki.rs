@@ -138,7 +138,10 @@ fn ca_params(
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "ringfence");
-    dn.push(DnType::CommonName, format!("ringfence CA {trust_domain}"));
+    // A random suffix keeps two CAs of one trust domain apart by name
+    // (rotation bundles hold both; webpki finds issuers by name).
+    let tag = hex::encode(&random_serial().to_bytes()[..4]);
+    dn.push(DnType::CommonName, format!("ringfence CA {trust_domain} {tag}"));
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
@@ -468,9 +471,9 @@ pub fn revoke(ca_dir: &Path, cert_path: &Path, next_update_days: u64) -> Result<
         path: ca_dir.join(CA_CERT),
         reason: e.to_string(),
     })?;
-    if cert.issuer().as_raw() != ca_cert.subject().as_raw() {
+    if !signed_by(&der, &ca.cert_der, &cert) {
         return Err(invalid(format!(
-            "was issued by `{}`, not by this CA (`{}`)",
+            "was issued by `{}`, not by this CA (`{}`): its signature does not verify",
             cert.issuer(),
             ca_cert.subject()
         )));
@@ -511,6 +514,30 @@ pub fn revoke(ca_dir: &Path, cert_path: &Path, next_update_days: u64) -> Result<
         crl: crl_path,
         count: entries.len(),
     })
+}
+
+/// Whether `der` chains directly to the CA certificate `ca_der`. Checked at
+/// the leaf's own notBefore, so an expired certificate can still be revoked.
+fn signed_by(der: &[u8], ca_der: &[u8], cert: &X509Certificate<'_>) -> bool {
+    use rustls::pki_types::{CertificateDer, UnixTime};
+    let mut roots = rustls::RootCertStore::empty();
+    if roots.add(CertificateDer::from(ca_der.to_vec())).is_err() {
+        return false;
+    }
+    let leaf = CertificateDer::from(der.to_vec());
+    let Ok(parsed) = rustls::server::ParsedCertificate::try_from(&leaf) else {
+        return false;
+    };
+    let at = cert.validity().not_before.timestamp().max(0) as u64 + 1;
+    let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &parsed,
+        &roots,
+        &[],
+        UnixTime::since_unix_epoch(Duration::from_secs(at)),
+        algs.all,
+    )
+    .is_ok()
 }
 
 fn read_revoked(path: &Path) -> Result<Vec<(String, SystemTime)>, PkiError> {

@@ -247,8 +247,26 @@ fn spiffe_id_in(cert: &X509Certificate<'_>) -> Result<SpiffeId, IdentityError> {
     Ok(id)
 }
 
+/// rustls prints `OtherError` with `{:?}`: make that the readable message.
+struct Refusal(IdentityError);
+
+impl fmt::Debug for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// A bad certificate alert carrying which SPIFFE rule failed.
 fn rejected(e: IdentityError) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Refusal(e)))))
 }
 
 // ---------------------------------------------------------------- PEM input

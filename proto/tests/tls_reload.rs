@@ -1,0 +1,119 @@
+//! Hot reload: new connections get the new certificate, the listener keeps
+//! running, and a corrupt file keeps the last good config serving.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use ringfence::pki::{IssuedPem, TestPki};
+use ringfence::spiffe::Role;
+use ringfence::tls::{self, ReloadableServerConfig, ServerTlsPaths};
+
+pub fn write_server_files(dir: &Path, pki: &TestPki, host: &IssuedPem, crl: Option<&str>) -> ServerTlsPaths {
+    std::fs::write(dir.join("agent.pem"), &host.cert_pem).unwrap();
+    std::fs::write(dir.join("agent.key"), &host.key_pem).unwrap();
+    std::fs::write(dir.join("ca.pem"), pki.ca_pem()).unwrap();
+    if let Some(crl) = crl {
+        std::fs::write(dir.join("crl.pem"), crl).unwrap();
+    }
+    ServerTlsPaths {
+        cert: dir.join("agent.pem"),
+        key: dir.join("agent.key"),
+        ca_bundle: dir.join("ca.pem"),
+        crl: crl.map(|_| dir.join("crl.pem")),
+    }
+}
+
+/// The serial of the certificate the server presents to a new connection.
+pub async fn presented_serial(addr: &str, pki: &TestPki) -> String {
+    let ops = client(pki, &pki.issue(Role::Ops, "probe").unwrap());
+    let chain = tls::server_certificates(addr, &host_id(), &ops, Duration::from_secs(5))
+        .await
+        .unwrap();
+    tls::cert_identity(&chain[0], TD).unwrap().serial
+}
+
+#[tokio::test]
+async fn reload_serves_new_cert_to_new_connections_and_keeps_old_on_corrupt_file() {
+    let pki = TestPki::new(TD).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let first = pki.issue(Role::Host, HOST).unwrap();
+    let paths = write_server_files(dir.path(), &pki, &first, None);
+    let cfg = ReloadableServerConfig::load(paths.clone(), TD).unwrap();
+    let srv = start(cfg.clone()).await;
+    let ops = client(&pki, &pki.issue(Role::Ops, "alice").unwrap());
+
+    assert_eq!(presented_serial(&srv.addr, &pki).await, first.serial);
+    // A connection opened before the reload.
+    let before = tls::connect(&srv.addr, &host_id(), &ops).await.unwrap();
+
+    let second = pki.issue(Role::Host, HOST).unwrap();
+    assert_ne!(first.serial, second.serial);
+    write_server_files(dir.path(), &pki, &second, None);
+    cfg.reload().unwrap();
+    assert_eq!(cfg.generation(), 1);
+    assert_eq!(presented_serial(&srv.addr, &pki).await, second.serial);
+    assert!(call_identity(&srv.addr, &ops).await.is_ok());
+    // The old connection still works too.
+    let mut old = ringfence::pb::agent_client::AgentClient::new(before);
+    old.get_health(ringfence::pb::GetHealthRequest::default()).await.unwrap();
+
+    // Corrupt new cert: reload fails naming the file, old config keeps serving.
+    std::fs::write(&paths.cert, "-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n").unwrap();
+    let err = cfg.reload().unwrap_err().to_string();
+    assert!(err.contains("agent.pem"), "{err}");
+    assert_eq!(cfg.generation(), 1);
+    assert_eq!(presented_serial(&srv.addr, &pki).await, second.serial);
+
+    // A key that does not match the certificate is also refused.
+    let third = pki.issue(Role::Host, HOST).unwrap();
+    std::fs::write(&paths.cert, &third.cert_pem).unwrap();
+    assert!(cfg.reload().is_err());
+    assert_eq!(presented_serial(&srv.addr, &pki).await, second.serial);
+
+    // A missing file, too.
+    std::fs::remove_file(&paths.key).unwrap();
+    let err = cfg.reload().unwrap_err().to_string();
+    assert!(err.contains("agent.key"), "{err}");
+    assert!(call_identity(&srv.addr, &ops).await.is_ok());
+    assert!(!srv.task.is_finished(), "listener must keep running");
+}
+
+#[tokio::test]
+async fn reload_picks_up_a_new_crl() {
+    let pki = TestPki::new(TD).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let host = pki.issue(Role::Host, HOST).unwrap();
+    let mallory = pki.issue(Role::Ops, "mallory").unwrap();
+    let crl = pki.fresh_crl(&[]).unwrap();
+    let paths = write_server_files(dir.path(), &pki, &host, Some(&crl));
+    let cfg = ReloadableServerConfig::load(paths.clone(), TD).unwrap();
+    let srv = start(cfg.clone()).await;
+    assert!(call_identity(&srv.addr, &client(&pki, &mallory)).await.is_ok());
+
+    std::fs::write(&paths.crl.clone().unwrap(), pki.fresh_crl(&[&mallory]).unwrap()).unwrap();
+    cfg.reload().unwrap();
+    assert!(call_identity(&srv.addr, &client(&pki, &mallory)).await.is_err());
+    let alice = pki.issue(Role::Ops, "alice").unwrap();
+    assert!(call_identity(&srv.addr, &client(&pki, &alice)).await.is_ok());
+
+    // An expired CRL on reload is refused; the fresh one stays in force.
+    let now = std::time::SystemTime::now();
+    let day = Duration::from_secs(86_400);
+    std::fs::write(paths.crl.as_ref().unwrap(), pki.crl(&[], now - day * 9, now - day).unwrap()).unwrap();
+    let err = cfg.reload().unwrap_err();
+    assert!(matches!(err, tls::TlsError::CrlExpired { .. }), "{err}");
+    assert!(call_identity(&srv.addr, &client(&pki, &mallory)).await.is_err());
+}
+
+#[test]
+fn in_memory_config_is_not_reloadable() {
+    tls::install_crypto_provider();
+    let pki = TestPki::new(TD).unwrap();
+    let host = pki.issue(Role::Host, HOST).unwrap();
+    let cfg = ReloadableServerConfig::from_pem(&server_pem(&pki, &host, None), TD).unwrap();
+    assert!(matches!(cfg.reload(), Err(tls::TlsError::NotReloadable)));
+}
