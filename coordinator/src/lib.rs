@@ -7,3 +7,4 @@ pub mod hostrun;
 pub mod settings;
 pub mod simhost;
 pub mod store;
+pub mod fleet;

@@ -1,0 +1,508 @@
+//! A simulated fleet on this machine: a throwaway PKI, trust file,
+//! coordinator and approver keys, and one real agent per host — either
+//! in-process (`ringfence demo`) or as separate `ringfenced` processes on
+//! their own 127.0.0.x addresses with the fake NVML library (the
+//! multi-process tests). Every agent has its own state dir, certificate,
+//! attestation key and simulated GPUs whose driver version lives in a file
+//! the patch profile rewrites.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ringfence::keys;
+use ringfence::pki;
+use ringfence::spiffe::Role;
+
+/// The driver version every simulated host starts on.
+pub const OLD_VERSION: &str = "550.54.15";
+/// The version the demo wave installs.
+pub const NEW_VERSION: &str = "560.35.03";
+/// The fleet's trust domain.
+pub const TRUST_DOMAIN: &str = "demo.ringfence.test";
+
+/// One host of the fleet.
+#[derive(Debug, Clone)]
+pub struct HostSpec {
+    /// Host id.
+    pub id: String,
+    /// Ring 0-4.
+    pub ring: u32,
+    /// Pool name.
+    pub pool: String,
+    /// Installing this version brings uncorrected ECC errors on GPU 0.
+    pub faulty_version: Option<String>,
+    /// Compute processes that keep running (drain waits for them).
+    pub busy_for_s: Option<f64>,
+}
+
+/// How agents run.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Inside this process, simulated GPU backend.
+    InProcess,
+    /// `ringfenced` processes with the fake NVML library.
+    Processes {
+        /// Path of the `ringfenced` binary.
+        agent_bin: PathBuf,
+        /// Path of the fake `libnvidia-ml.so.1`.
+        fake_nvml: PathBuf,
+    },
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct RunningHost {
+    /// Its spec.
+    pub spec: HostSpec,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its directory (config, scenario, driver version file, state).
+    pub dir: PathBuf,
+    /// Its attestation public key.
+    pub public_key: keys::VerifyingKey,
+    process: Option<std::process::Child>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningHost {
+    /// The state dir (journal, key).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+    /// The installed driver version (as the simulated GPUs report it).
+    pub fn driver_version(&self) -> String {
+        std::fs::read_to_string(self.dir.join("driver_version"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// A whole simulated fleet and its files.
+#[derive(Debug)]
+pub struct Fleet {
+    /// Root directory of every file.
+    pub root: PathBuf,
+    /// The hosts.
+    pub hosts: Vec<RunningHost>,
+    /// Coordinator settings file (ringfence.toml).
+    pub settings: PathBuf,
+    /// Inventory file.
+    pub inventory: PathBuf,
+    /// Trust file (shared by agents and coordinator).
+    pub trust: PathBuf,
+    /// Approver key files.
+    pub approver_keys: Vec<PathBuf>,
+    /// Coordinator state dir.
+    pub state_dir: PathBuf,
+    mode: Mode,
+}
+
+/// Something went wrong building or starting the fleet.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// a fleet file could not be written
+    #[error("{path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    /// the throwaway PKI failed
+    #[error("PKI: {0}")]
+    Pki(#[from] pki::PkiError),
+    /// a key could not be made
+    #[error("key: {0}")]
+    Key(#[from] keys::KeyError),
+    /// an agent did not start
+    #[error("agent `{host}` did not start: {reason}")]
+    Agent { host: String, reason: String },
+}
+
+fn write(path: &Path, text: &str) -> Result<(), FleetError> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).map_err(|e| FleetError::Io {
+            path: d.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    }
+    std::fs::write(path, text).map_err(|e| FleetError::Io {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// The demo's 20 hosts: 5 rings, 2 pools.
+pub fn demo_hosts(canary_fails: bool) -> Vec<HostSpec> {
+    let mut hosts = Vec::new();
+    let layout: &[(u32, usize)] = &[(0, 2), (1, 2), (2, 2), (3, 10), (4, 4)];
+    let mut n = 0;
+    for &(ring, count) in layout {
+        for i in 0..count {
+            n += 1;
+            let pool = if i % 2 == 0 { "h100-train" } else { "a100-infer" };
+            hosts.push(HostSpec {
+                id: format!("gpu-{n:02}"),
+                ring,
+                pool: pool.to_string(),
+                faulty_version: (canary_fails && ring == 2 && i == 1).then(|| NEW_VERSION.to_string()),
+                busy_for_s: None,
+            });
+        }
+    }
+    hosts
+}
+
+fn scenario(spec: &HostSpec, driver_file: &Path) -> String {
+    let mut s = format!(
+        "driver_version = \"{OLD_VERSION}\"\ndriver_version_file = \"{}\"\ncuda_driver_version = \"12.4\"\n",
+        driver_file.display()
+    );
+    for g in 0..2 {
+        let _ = write!(
+            s,
+            "\n[[gpu]]\nuuid = \"GPU-{}-{g}\"\nname = \"NVIDIA H100 80GB HBM3 (simulated)\"\n",
+            spec.id
+        );
+        if g == 0
+            && let Some(t) = spec.busy_for_s
+        {
+            let _ = write!(
+                s,
+                "[[gpu.processes]]\npid = 4242\nused_memory_bytes = 1073741824\nexit_after_s = {t}\n"
+            );
+        }
+    }
+    if let Some(v) = &spec.faulty_version {
+        let _ = write!(
+            s,
+            "\n[[when_driver]]\nversion = \"{v}\"\ngpu = 0\necc_volatile_uncorrected = 2\necc_aggregate_uncorrected = 2\n"
+        );
+    }
+    s
+}
+
+fn agent_config(spec: &HostSpec, dir: &Path, listen: &str, mode: &Mode, trust: &Path) -> String {
+    let gpu = match mode {
+        Mode::InProcess => format!(
+            "backend = \"simulated\"\nscenario = \"{}\"",
+            dir.join("scenario.toml").display()
+        ),
+        Mode::Processes { fake_nvml, .. } => format!(
+            "backend = \"nvml\"\nnvml_library = \"{}\"",
+            fake_nvml.display()
+        ),
+    };
+    format!(
+        r#"host_id = "{id}"
+listen = "{listen}"
+state_dir = "{state}"
+trust_file = "{trust}"
+
+[tls]
+cert = "{dir}/host-{id}.pem"
+key = "{dir}/host-{id}.key"
+ca_bundle = "{ca}"
+trust_domain = "{TRUST_DOMAIN}"
+
+[gpu]
+{gpu}
+expected_gpus = 2
+poll_interval_s = 1
+
+[drain]
+timeout_s = 30
+poll_ms = 100
+
+[reboot]
+command = ["/bin/true"]
+
+[patch.profiles.nvidia-driver]
+argv = ["/bin/sh", "-c", "printf '%s' \"$1\" > \"$2\"", "sh", "{{version}}", "{driver_file}"]
+version_pattern = '^[0-9]+\.[0-9]+\.[0-9]+$'
+timeout_s = 30
+"#,
+        id = spec.id,
+        state = dir.join("state").display(),
+        trust = trust.display(),
+        dir = dir.display(),
+        ca = dir.parent().and_then(Path::parent).map(|r| r.join("pki/ca.pem")).unwrap_or_default().display(),
+        driver_file = dir.join("driver_version").display(),
+    )
+}
+
+impl Fleet {
+    /// Build every file and start every agent. `approvers` approver keys
+    /// are made (the demo uses 2 for protected rings).
+    pub async fn start(
+        root: &Path,
+        specs: Vec<HostSpec>,
+        mode: Mode,
+        approvers: usize,
+    ) -> Result<Self, FleetError> {
+        let pki_dir = root.join("pki");
+        pki::init(&pki_dir, TRUST_DOMAIN)?;
+        let ops = pki::issue(&pki_dir, Role::Ops, "coordinator", root, 30)?;
+
+        let coord_key_path = root.join("coordinator.key");
+        let coord = keys::generate();
+        keys::write_signing_key(&coord_key_path, &coord)?;
+        let mut trust = format!(
+            "[policy]\nprotected_rings = [2, 3, 4]\napprover_threshold = {}\n\n[[coordinator]]\nid = \"coord-demo\"\nkey = \"{}\"\n",
+            approvers.clamp(1, 16),
+            keys::public_key_text(&coord.verifying_key())
+        );
+        let mut approver_keys = Vec::new();
+        for i in 0..approvers {
+            let k = keys::generate();
+            let p = root.join(format!("approver-{i}.key"));
+            keys::write_signing_key(&p, &k)?;
+            let _ = write!(
+                trust,
+                "\n[[approver]]\nid = \"approver-{i}\"\nkey = \"{}\"\n",
+                keys::public_key_text(&k.verifying_key())
+            );
+            approver_keys.push(p);
+        }
+        let trust_path = root.join("trust.toml");
+        write(&trust_path, &trust)?;
+
+        let state_dir = root.join("coordinator-state");
+        let settings = root.join("ringfence.toml");
+        write(
+            &settings,
+            &format!(
+                "state_dir = \"{}\"\ntrust_file = \"{}\"\n\n[signing]\nkey = \"{}\"\nkey_id = \"coord-demo\"\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nca_bundle = \"{}\"\n\n[timeouts]\nconnect_s = 3\nrpc_s = 10\n",
+                state_dir.display(),
+                trust_path.display(),
+                coord_key_path.display(),
+                ops.cert.display(),
+                ops.key.display(),
+                pki_dir.join("ca.pem").display()
+            ),
+        )?;
+
+        let mut hosts = Vec::new();
+        for (i, spec) in specs.into_iter().enumerate() {
+            let dir = root.join("hosts").join(&spec.id);
+            std::fs::create_dir_all(dir.join("state")).map_err(|e| FleetError::Io {
+                path: dir.clone(),
+                reason: e.to_string(),
+            })?;
+            pki::issue(&pki_dir, Role::Host, &spec.id, &dir, 30)?;
+            write(&dir.join("driver_version"), OLD_VERSION)?;
+            write(&dir.join("scenario.toml"), &scenario(&spec, &dir.join("driver_version")))?;
+            let listen = match &mode {
+                Mode::InProcess => "127.0.0.1:0".to_string(),
+                Mode::Processes { .. } => format!("127.0.{}.{}:{}", 1 + i / 200, 10 + i % 200, free_port()),
+            };
+            write(
+                &dir.join("agent.toml"),
+                &agent_config(&spec, &dir, &listen, &mode, &trust_path),
+            )?;
+            let host = start_agent(spec, dir, &mode).await?;
+            hosts.push(host);
+        }
+
+        let mut fleet = Self {
+            root: root.to_path_buf(),
+            hosts,
+            settings,
+            inventory: root.join("inventory.toml"),
+            trust: trust_path,
+            approver_keys,
+            state_dir,
+            mode,
+        };
+        fleet.write_inventory()?;
+        Ok(fleet)
+    }
+
+    /// (Re)write the inventory with every host's address and enrolled key.
+    pub fn write_inventory(&mut self) -> Result<(), FleetError> {
+        let mut inv = format!(
+            "trust_domain = \"{TRUST_DOMAIN}\"\n\n[[pool]]\nname = \"h100-train\"\nreserve_percent = 20\n\n[[pool]]\nname = \"a100-infer\"\nreserve_percent = 20\n"
+        );
+        for h in &self.hosts {
+            let _ = write!(
+                inv,
+                "\n[[host]]\nid = \"{}\"\naddress = \"{}\"\npool = \"{}\"\nring = {}\nattestation_key = \"{}\"\nexpected_gpus = 2\n",
+                h.spec.id,
+                h.addr,
+                h.spec.pool,
+                h.spec.ring,
+                keys::public_key_text(&h.public_key)
+            );
+        }
+        write(&self.inventory, &inv)
+    }
+
+    /// Write a wave spec for this fleet and return its path.
+    pub fn write_spec(&self, wave_id: &str, extra: &str) -> Result<PathBuf, FleetError> {
+        let path = self.root.join(format!("{wave_id}.toml"));
+        write(
+            &path,
+            &format!(
+                "wave_id = \"{wave_id}\"\nprofile = \"nvidia-driver\"\nversion = \"{NEW_VERSION}\"\nexpect_driver_version = \"{NEW_VERSION}\"\nexpect_cuda_version = \"12.4\"\nrollback_version = \"{OLD_VERSION}\"\n{extra}"
+            ),
+        )?;
+        Ok(path)
+    }
+
+    /// Stop one agent (SIGKILL for processes; abort for in-process agents).
+    pub fn kill(&mut self, host: &str) {
+        if let Some(h) = self.hosts.iter_mut().find(|h| h.spec.id == host) {
+            if let Some(mut p) = h.process.take() {
+                let _ = p.kill();
+                let _ = p.wait();
+            }
+            if let Some(t) = h.task.take() {
+                t.abort();
+            }
+            h.stop.take();
+        }
+    }
+
+    /// Start a stopped agent again on the same address and state.
+    pub async fn restart(&mut self, host: &str) -> Result<(), FleetError> {
+        let Some(idx) = self.hosts.iter().position(|h| h.spec.id == host) else {
+            return Ok(());
+        };
+        self.kill(host);
+        let spec = self.hosts[idx].spec.clone();
+        let dir = self.hosts[idx].dir.clone();
+        let fresh = start_agent(spec, dir, &self.mode).await?;
+        self.hosts[idx] = fresh;
+        Ok(())
+    }
+
+    /// Stop every agent.
+    pub async fn shutdown(&mut self) {
+        for h in &mut self.hosts {
+            if let Some(stop) = h.stop.take() {
+                let _ = stop.send(());
+            }
+            if let Some(mut p) = h.process.take() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(i32::try_from(p.id()).unwrap_or(0)),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+                let _ = p.wait();
+            }
+            if let Some(t) = h.task.take() {
+                let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+            }
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for h in &mut self.hosts {
+            if let Some(mut p) = h.process.take() {
+                let _ = p.kill();
+                let _ = p.wait();
+            }
+            if let Some(t) = h.task.take() {
+                t.abort();
+            }
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(17443)
+}
+
+async fn start_agent(spec: HostSpec, dir: PathBuf, mode: &Mode) -> Result<RunningHost, FleetError> {
+    let cfg_path = dir.join("agent.toml");
+    let err = |reason: String| FleetError::Agent {
+        host: spec.id.clone(),
+        reason,
+    };
+    let config = ringfenced::config::AgentConfig::load(&cfg_path).map_err(|e| err(e.to_string()))?;
+    let (key, _) = keys::load_or_create(&config.state_dir.join(ringfenced::daemon::HOST_KEY_FILE))?;
+    let public_key = key.verifying_key();
+    match mode {
+        Mode::InProcess => {
+            let prepared = ringfenced::daemon::prepare(config.clone()).map_err(|e| err(e.to_string()))?;
+            let source: Arc<dyn ringfenced::healthcell::ReportSource> = Arc::new(
+                ringfenced::daemon::CollectorSource::start(&config).map_err(|e| err(e.to_string()))?,
+            );
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            let mut opts = ringfenced::daemon::ServeOptions::new(source, Duration::from_millis(500));
+            opts.sighup = false;
+            opts.notifier = ringfenced::notify::Notifier::default();
+            opts.shutdown_grace = Duration::from_secs(2);
+            opts.on_ready = Some(Box::new(move |h: ringfenced::daemon::Handles| {
+                let _ = ready_tx.send(h.addr);
+            }));
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let host = spec.id.clone();
+            let task = tokio::spawn(async move {
+                let stop = async move {
+                    let _ = stop_rx.await;
+                };
+                if let Err(e) = ringfenced::daemon::serve(prepared, opts, stop).await {
+                    tracing::error!(host = %host, error = %e, "agent stopped");
+                }
+            });
+            let addr = tokio::time::timeout(Duration::from_secs(10), ready_rx)
+                .await
+                .map_err(|_| err("not ready within 10 s".into()))?
+                .map_err(|_| err("exited before it was ready".into()))?;
+            Ok(RunningHost {
+                spec,
+                addr,
+                dir,
+                public_key,
+                process: None,
+                stop: Some(stop_tx),
+                task: Some(task),
+            })
+        }
+        Mode::Processes { agent_bin, .. } => {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("agent.log"))
+                .map_err(|e| err(e.to_string()))?;
+            let log2 = log.try_clone().map_err(|e| err(e.to_string()))?;
+            let child = std::process::Command::new(agent_bin)
+                .arg("--config")
+                .arg(&cfg_path)
+                .env("FAKE_NVML_SCENARIO", dir.join("scenario.toml"))
+                .env_remove("NOTIFY_SOCKET")
+                .stdout(log)
+                .stderr(log2)
+                .spawn()
+                .map_err(|e| err(format!("{}: {e}", agent_bin.display())))?;
+            let addr = config.listen;
+            // Ready when the port accepts connections.
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(err(format!(
+                        "not listening on {addr} within 15 s (see {})",
+                        dir.join("agent.log").display()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(RunningHost {
+                spec,
+                addr,
+                dir,
+                public_key,
+                process: Some(child),
+                stop: None,
+                task: None,
+            })
+        }
+    }
+}
