@@ -84,20 +84,76 @@ fn healthy_host_reports_every_field() {
 
 /// One row per failure class: scenario keys for GPU 3, reason code, verdict.
 const CLASSES: &[(&str, &str, Verdict)] = &[
-    ("ecc_volatile_uncorrected = 1", "ecc_uncorrected_volatile", Verdict::Unhealthy),
-    ("retired_pages_pending = true", "retired_pages_pending", Verdict::Unhealthy),
-    ("retired_pages_double_bit = 60", "retired_pages_limit", Verdict::Unhealthy),
-    ("retired_pages_single_bit = 2", "retired_pages", Verdict::Degraded),
-    ("remapped_rows_pending = true", "row_remap_pending", Verdict::Unhealthy),
-    ("remapped_rows_failure = true", "row_remap_failure", Verdict::Unhealthy),
-    ("throttle_reasons_mask = 0x48", "hw_thermal_slowdown", Verdict::Unhealthy),
-    ("throttle_reasons_mask = 0x88", "hw_power_brake", Verdict::Unhealthy),
-    ("temperature_c = 83", "temperature_near_slowdown", Verdict::Unhealthy),
-    ("pcie_link_gen_current = 4", "pcie_link_degraded", Verdict::Degraded),
-    ("pcie_link_width_current = 8", "pcie_link_degraded", Verdict::Degraded),
-    ("pcie_replay_counter = 101", "pcie_replay_high", Verdict::Degraded),
-    ("nvlinks = [{ active = false }]", "nvlink_inactive", Verdict::Degraded),
-    ("nvlinks = [{ crc_flit_errors = 150 }]", "nvlink_errors_high", Verdict::Degraded),
+    (
+        "ecc_volatile_uncorrected = 1",
+        "ecc_uncorrected_volatile",
+        Verdict::Unhealthy,
+    ),
+    (
+        "retired_pages_pending = true",
+        "retired_pages_pending",
+        Verdict::Unhealthy,
+    ),
+    (
+        "retired_pages_double_bit = 60",
+        "retired_pages_limit",
+        Verdict::Unhealthy,
+    ),
+    (
+        "retired_pages_single_bit = 2",
+        "retired_pages",
+        Verdict::Degraded,
+    ),
+    (
+        "remapped_rows_pending = true",
+        "row_remap_pending",
+        Verdict::Unhealthy,
+    ),
+    (
+        "remapped_rows_failure = true",
+        "row_remap_failure",
+        Verdict::Unhealthy,
+    ),
+    (
+        "throttle_reasons_mask = 0x48",
+        "hw_thermal_slowdown",
+        Verdict::Unhealthy,
+    ),
+    (
+        "throttle_reasons_mask = 0x88",
+        "hw_power_brake",
+        Verdict::Unhealthy,
+    ),
+    (
+        "temperature_c = 83",
+        "temperature_near_slowdown",
+        Verdict::Unhealthy,
+    ),
+    (
+        "pcie_link_gen_current = 4",
+        "pcie_link_degraded",
+        Verdict::Degraded,
+    ),
+    (
+        "pcie_link_width_current = 8",
+        "pcie_link_degraded",
+        Verdict::Degraded,
+    ),
+    (
+        "pcie_replay_counter = 101",
+        "pcie_replay_high",
+        Verdict::Degraded,
+    ),
+    (
+        "nvlinks = [{ active = false }]",
+        "nvlink_inactive",
+        Verdict::Degraded,
+    ),
+    (
+        "nvlinks = [{ crc_flit_errors = 150 }]",
+        "nvlink_errors_high",
+        Verdict::Degraded,
+    ),
 ];
 
 #[test]
@@ -114,7 +170,11 @@ fn each_failure_class_gives_its_verdict_code_and_gpu() {
         assert_eq!(r.code, *code, "{keys}");
         assert_eq!(r.gpu_index, 3, "{keys}");
         assert_eq!(r.gpu_uuid, snap.gpus[3].uuid, "{keys}");
-        assert!(r.fault_id.starts_with(&format!("{code}/{}/", r.gpu_uuid)), "{}", r.fault_id);
+        assert!(
+            r.fault_id.starts_with(&format!("{code}/{}/", r.gpu_uuid)),
+            "{}",
+            r.fault_id
+        );
     }
 }
 
@@ -153,7 +213,11 @@ fn unsupported_fields_are_recorded_not_failures() {
         "pcie_replay_counter",
         "nvlinks",
     ] {
-        assert!(g.unsupported.iter().any(|u| u == field), "{field} in {:?}", g.unsupported);
+        assert!(
+            g.unsupported.iter().any(|u| u == field),
+            "{field} in {:?}",
+            g.unsupported
+        );
     }
     assert_eq!(g.remapped_rows_pending, None);
     assert_eq!(g.temperature_slowdown_c, None);
@@ -203,7 +267,10 @@ fn processes_with_exit_after_disappear() {
     let start = Instant::now();
     let first = b.collect();
     let pids: Vec<u32> = first.gpus[0].processes.iter().map(|p| p.pid).collect();
-    assert!(start.elapsed() < Duration::from_millis(900), "collect too slow for this test");
+    assert!(
+        start.elapsed() < Duration::from_millis(900),
+        "collect too slow for this test"
+    );
     assert_eq!(pids, vec![10, 11]);
     std::thread::sleep(Duration::from_millis(1300));
     let later = b.collect();
@@ -218,7 +285,11 @@ fn missing_or_broken_library_is_nvml_unavailable() {
     std::fs::write(&garbage, b"not an ELF file").unwrap();
     let failing = tempfile::tempdir().unwrap();
     let failing_lib = install(failing.path(), "nvml_init_fails = true\n[[gpu]]\n");
-    for lib in [dir.path().join("absent/libnvidia-ml.so.1"), garbage, failing_lib] {
+    for lib in [
+        dir.path().join("absent/libnvidia-ml.so.1"),
+        garbage,
+        failing_lib,
+    ] {
         let snap = NvmlBackend::new(Some(lib.clone())).collect();
         assert!(!snap.nvml_available, "{}", lib.display());
         assert!(snap.error.is_some());
@@ -263,18 +334,39 @@ fn xid_79_while_running_flips_the_verdict_and_survives_restart() {
     );
     let lib = install(dir.path(), &scenario);
     let backend = Arc::new(NvmlBackend::new(Some(lib)));
-    let c = Collector::start(backend.clone(), HealthConfig::default(), 8, state.path(), &boot).unwrap();
+    let c = Collector::start(
+        backend.clone(),
+        HealthConfig::default(),
+        8,
+        state.path(),
+        &boot,
+    )
+    .unwrap();
     let report = c.collect(&ctx());
-    assert_eq!(report.verdict, Verdict::Healthy as i32, "{:?}", report.reasons);
+    assert_eq!(
+        report.verdict,
+        Verdict::Healthy as i32,
+        "{:?}",
+        report.reasons
+    );
     assert_eq!(report.backend, "nvml");
     assert_eq!(report.boot_id, "boot-1");
     assert_eq!(report.gpus_found, 8);
     assert_eq!(report.host_id, "gpu-host-01");
-    assert!(report.host.as_ref().is_some_and(|h| h.memory_total_bytes > 0));
+    assert!(
+        report
+            .host
+            .as_ref()
+            .is_some_and(|h| h.memory_total_bytes > 0)
+    );
 
     std::fs::write(&trigger, "").unwrap();
     let report = wait_for_verdict(&c, Verdict::Unhealthy);
-    assert_eq!(report.verdict, Verdict::Unhealthy as i32, "XID 79 never arrived");
+    assert_eq!(
+        report.verdict,
+        Verdict::Unhealthy as i32,
+        "XID 79 never arrived"
+    );
     let r = &report.reasons[0];
     assert_eq!(r.code, "xid_critical");
     assert_eq!(r.gpu_index, 2);
@@ -287,12 +379,24 @@ fn xid_79_while_running_flips_the_verdict_and_survives_restart() {
         acknowledged: vec![fault],
         ..ctx()
     });
-    assert_eq!(acked.verdict, Verdict::Healthy as i32, "{:?}", acked.reasons);
+    assert_eq!(
+        acked.verdict,
+        Verdict::Healthy as i32,
+        "{:?}",
+        acked.reasons
+    );
     drop(c);
 
     // An agent restart in the same boot remembers it (the trigger is gone).
     std::fs::remove_file(&trigger).unwrap();
-    let c = Collector::start(backend.clone(), HealthConfig::default(), 8, state.path(), &boot).unwrap();
+    let c = Collector::start(
+        backend.clone(),
+        HealthConfig::default(),
+        8,
+        state.path(),
+        &boot,
+    )
+    .unwrap();
     let report = c.collect(&ctx());
     assert_eq!(report.verdict, Verdict::Unhealthy as i32);
     assert_eq!(report.reasons[0].code, "xid_critical");
@@ -302,5 +406,10 @@ fn xid_79_while_running_flips_the_verdict_and_survives_restart() {
     std::fs::write(&boot, "boot-2\n").unwrap();
     let c = Collector::start(backend, HealthConfig::default(), 8, state.path(), &boot).unwrap();
     let report = c.collect(&ctx());
-    assert_eq!(report.verdict, Verdict::Healthy as i32, "{:?}", report.reasons);
+    assert_eq!(
+        report.verdict,
+        Verdict::Healthy as i32,
+        "{:?}",
+        report.reasons
+    );
 }
