@@ -12,8 +12,12 @@ pub fn fake_library() -> PathBuf {
         // target/<profile>/deps/<test> -> target/<profile>
         let profile_dir = exe.parent().unwrap().parent().unwrap().to_owned();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut args = vec!["build", "--quiet", "-p", "fake-nvml"];
+        if profile_dir.ends_with("release") {
+            args.push("--release");
+        }
         let status = std::process::Command::new(cargo)
-            .args(["build", "--quiet", "-p", "fake-nvml"])
+            .args(&args)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("run cargo build -p fake-nvml");
