@@ -413,3 +413,27 @@ fn xid_79_while_running_flips_the_verdict_and_survives_restart() {
         report.reasons
     );
 }
+
+#[test]
+fn nvml_that_appears_later_is_picked_up_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = dir.path().join("libnvidia-ml.so.1");
+    let b = NvmlBackend::new(Some(lib.clone()));
+    let before = b.collect();
+    assert!(!before.nvml_available);
+    assert!(
+        before
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("libnvidia-ml.so.1"),
+        "error names the library: {:?}",
+        before.error
+    );
+    let installed = install(dir.path(), &gpus(8));
+    assert_eq!(installed, lib);
+    let after = b.collect();
+    assert!(after.nvml_available, "{:?}", after.error);
+    assert_eq!(after.gpus.len(), 8);
+    assert_eq!(judge(&after, 8).0, Verdict::Healthy);
+}
