@@ -34,6 +34,7 @@ use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ringfence::pb;
+use ringfence::pb::Verdict;
 use serde::Deserialize;
 
 use crate::gpu::{GpuBackend, GpuError, Snapshot, XidWatch};
@@ -88,8 +89,6 @@ pub enum HealthError {
     Thread(std::io::Error),
 }
 
-use pb::Verdict;
-
 fn worse(a: Verdict, b: Verdict) -> Verdict {
     if (b as i32) > (a as i32) { b } else { a }
 }
@@ -131,7 +130,9 @@ impl Rules<'_> {
 
 /// Applies the rules in the module table. XIDs are read from each GPU's
 /// `xids`; those of another boot than `boot_id` are ignored. Reasons whose
-/// `fault_id` is in `acknowledged` are dropped and do not count.
+/// `fault_id` is in `acknowledged` are dropped and do not count. `_host` is
+/// taken so host-level rules can be added without changing callers; none
+/// exists by default.
 pub fn evaluate(
     snapshot: &Snapshot,
     _host: &pb::HostFacts,
@@ -206,8 +207,10 @@ pub fn evaluate(
                 format!("GPU {i} has pages pending retirement (reboot needed)"),
             );
         }
-        let retired =
-            g.retired_pages_single_bit.unwrap_or(0) + g.retired_pages_double_bit.unwrap_or(0);
+        let retired = g
+            .retired_pages_single_bit
+            .unwrap_or(0)
+            .saturating_add(g.retired_pages_double_bit.unwrap_or(0));
         if retired >= config.retired_pages_limit {
             r.add(
                 "retired_pages_limit",
@@ -342,9 +345,11 @@ pub fn evaluate(
                     format!("GPU {i} NVLink {} is not active", l.link),
                 );
             }
-            let errs = l.replay_errors.unwrap_or(0)
-                + l.recovery_errors.unwrap_or(0)
-                + l.crc_flit_errors.unwrap_or(0);
+            let errs = l
+                .replay_errors
+                .unwrap_or(0)
+                .saturating_add(l.recovery_errors.unwrap_or(0))
+                .saturating_add(l.crc_flit_errors.unwrap_or(0));
             if errs > config.nvlink_error_threshold {
                 r.add(
                     "nvlink_errors_high",

@@ -2,7 +2,6 @@
 //! NVML library, integration/fake-nvml/README.md) without loading any library.
 
 #[path = "../../../integration/fake-nvml/src/scenario.rs"]
-#[allow(missing_docs, clippy::all)]
 pub mod scenario;
 
 use std::collections::HashSet;

@@ -45,16 +45,40 @@ fn default_cuda_version() -> String {
 }
 
 /// Overrides for one GPU (or all GPUs when `gpu` is absent) under one driver version.
+/// Parsed by hand rather than with `#[serde(flatten)]`, which would let a
+/// misspelt field name pass silently.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(try_from = "toml::Table")]
 pub struct WhenDriver {
     /// The driver version these overrides belong to.
     pub version: String,
     /// GPU index; absent means every GPU.
-    #[serde(default)]
     pub gpu: Option<u32>,
     /// Any GPU field; it replaces the base value.
-    #[serde(flatten)]
     pub set: GpuSpec,
+}
+
+impl TryFrom<toml::Table> for WhenDriver {
+    type Error = String;
+
+    fn try_from(mut table: toml::Table) -> Result<Self, String> {
+        let version = match table.remove("version") {
+            Some(toml::Value::String(v)) => v,
+            Some(_) => return Err("when_driver: `version` must be a string".to_owned()),
+            None => return Err("when_driver: missing `version`".to_owned()),
+        };
+        let gpu = match table.remove("gpu") {
+            None => None,
+            Some(toml::Value::Integer(i)) => Some(
+                u32::try_from(i).map_err(|_| format!("when_driver: `gpu = {i}` out of range"))?,
+            ),
+            Some(_) => return Err("when_driver: `gpu` must be an integer".to_owned()),
+        };
+        let set: GpuSpec = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| format!("when_driver {version}: {}", e.message()))?;
+        Ok(Self { version, gpu, set })
+    }
 }
 
 /// One XID event.
