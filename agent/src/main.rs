@@ -62,7 +62,10 @@ fn main() -> ExitCode {
         Command::Identity => identity(&config),
         Command::CheckConfig => match daemon::prepare(config) {
             Ok(p) => {
-                println!("config ok: host {} on {}", p.config.host_id, p.config.listen);
+                println!(
+                    "config ok: host {} on {}",
+                    p.config.host_id, p.config.listen
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -117,7 +120,10 @@ fn run(config: AgentConfig) -> ExitCode {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

@@ -139,12 +139,17 @@ pub fn demo_hosts(canary_fails: bool) -> Vec<HostSpec> {
     for &(ring, count) in layout {
         for i in 0..count {
             n += 1;
-            let pool = if i % 2 == 0 { "h100-train" } else { "a100-infer" };
+            let pool = if i % 2 == 0 {
+                "h100-train"
+            } else {
+                "a100-infer"
+            };
             hosts.push(HostSpec {
                 id: format!("gpu-{n:02}"),
                 ring,
                 pool: pool.to_string(),
-                faulty_version: (canary_fails && ring == 2 && i == 1).then(|| NEW_VERSION.to_string()),
+                faulty_version: (canary_fails && ring == 2 && i == 1)
+                    .then(|| NEW_VERSION.to_string()),
                 busy_for_s: None,
             });
         }
@@ -225,7 +230,12 @@ timeout_s = 30
         state = dir.join("state").display(),
         trust = trust.display(),
         dir = dir.display(),
-        ca = dir.parent().and_then(Path::parent).map(|r| r.join("pki/ca.pem")).unwrap_or_default().display(),
+        ca = dir
+            .parent()
+            .and_then(Path::parent)
+            .map(|r| r.join("pki/ca.pem"))
+            .unwrap_or_default()
+            .display(),
         driver_file = dir.join("driver_version").display(),
     )
 }
@@ -290,10 +300,15 @@ impl Fleet {
             })?;
             pki::issue(&pki_dir, Role::Host, &spec.id, &dir, 30)?;
             write(&dir.join("driver_version"), OLD_VERSION)?;
-            write(&dir.join("scenario.toml"), &scenario(&spec, &dir.join("driver_version")))?;
+            write(
+                &dir.join("scenario.toml"),
+                &scenario(&spec, &dir.join("driver_version")),
+            )?;
             let listen = match &mode {
                 Mode::InProcess => "127.0.0.1:0".to_string(),
-                Mode::Processes { .. } => format!("127.0.{}.{}:{}", 1 + i / 200, 10 + i % 200, free_port()),
+                Mode::Processes { .. } => {
+                    format!("127.0.{}.{}:{}", 1 + i / 200, 10 + i % 200, free_port())
+                }
             };
             write(
                 &dir.join("agent.toml"),
@@ -422,17 +437,21 @@ async fn start_agent(spec: HostSpec, dir: PathBuf, mode: &Mode) -> Result<Runnin
         host: spec.id.clone(),
         reason,
     };
-    let config = ringfenced::config::AgentConfig::load(&cfg_path).map_err(|e| err(e.to_string()))?;
+    let config =
+        ringfenced::config::AgentConfig::load(&cfg_path).map_err(|e| err(e.to_string()))?;
     let (key, _) = keys::load_or_create(&config.state_dir.join(ringfenced::daemon::HOST_KEY_FILE))?;
     let public_key = key.verifying_key();
     match mode {
         Mode::InProcess => {
-            let prepared = ringfenced::daemon::prepare(config.clone()).map_err(|e| err(e.to_string()))?;
+            let prepared =
+                ringfenced::daemon::prepare(config.clone()).map_err(|e| err(e.to_string()))?;
             let source: Arc<dyn ringfenced::healthcell::ReportSource> = Arc::new(
-                ringfenced::daemon::CollectorSource::start(&config).map_err(|e| err(e.to_string()))?,
+                ringfenced::daemon::CollectorSource::start(&config)
+                    .map_err(|e| err(e.to_string()))?,
             );
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-            let mut opts = ringfenced::daemon::ServeOptions::new(source, Duration::from_millis(500));
+            let mut opts =
+                ringfenced::daemon::ServeOptions::new(source, Duration::from_millis(500));
             opts.sighup = false;
             opts.notifier = ringfenced::notify::Notifier::default();
             opts.shutdown_grace = Duration::from_secs(2);

@@ -3,8 +3,8 @@
 pub mod approvals;
 pub mod client;
 pub mod evidence;
+pub mod fleet;
 pub mod hostrun;
 pub mod settings;
 pub mod simhost;
 pub mod store;
-pub mod fleet;

@@ -141,7 +141,10 @@ fn ca_params(
     // A random suffix keeps two CAs of one trust domain apart by name
     // (rotation bundles hold both; webpki finds issuers by name).
     let tag = hex::encode(&random_serial().to_bytes()[..4]);
-    dn.push(DnType::CommonName, format!("ringfence CA {trust_domain} {tag}"));
+    dn.push(
+        DnType::CommonName,
+        format!("ringfence CA {trust_domain} {tag}"),
+    );
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
