@@ -130,14 +130,21 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&b)
 }
 
-fn ca_params(trust_domain: &str, not_before: SystemTime, not_after: SystemTime) -> CertificateParams {
+fn ca_params(
+    trust_domain: &str,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "ringfence");
     // A random suffix keeps two CAs of one trust domain apart by name
     // (rotation bundles hold both; webpki finds issuers by name).
     let tag = hex::encode(&random_serial().to_bytes()[..4]);
-    dn.push(DnType::CommonName, format!("ringfence CA {trust_domain} {tag}"));
+    dn.push(
+        DnType::CommonName,
+        format!("ringfence CA {trust_domain} {tag}"),
+    );
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
@@ -554,7 +561,10 @@ fn read_revoked(path: &Path) -> Result<Vec<(String, SystemTime)>, PkiError> {
         let (Some(secs), true) = (secs, hex::decode(serial).is_ok()) else {
             return Err(PkiError::Invalid {
                 path: path.to_path_buf(),
-                reason: format!("line {}: expected `<serial-hex> <unix-seconds> [id]`", i + 1),
+                reason: format!(
+                    "line {}: expected `<serial-hex> <unix-seconds> [id]`",
+                    i + 1
+                ),
             });
         };
         out.push((

@@ -447,7 +447,10 @@ impl Labels {
 
 /// Build a TLS 1.3 server config that requires a client certificate chained
 /// to the CA bundle, not revoked by the CRL, and obeying the SPIFFE rules.
-pub fn server_config(pem: &ServerTlsPem, trust_domain: &str) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(
+    pem: &ServerTlsPem,
+    trust_domain: &str,
+) -> Result<Arc<ServerConfig>, TlsError> {
     build_server_config(pem, trust_domain, &Labels::memory())
 }
 
@@ -630,9 +633,9 @@ impl ReloadableServerConfig {
         let Some(paths) = &self.inner.paths else {
             return Err(TlsError::NotReloadable);
         };
-        let built = paths.read().and_then(|pem| {
-            build_server_config(&pem, &self.inner.trust_domain, &paths.labels())
-        });
+        let built = paths
+            .read()
+            .and_then(|pem| build_server_config(&pem, &self.inner.trust_domain, &paths.labels()));
         match built {
             Ok(config) => {
                 *self
@@ -751,7 +754,11 @@ where
     result.map_err(|e| TlsError::Serve(error_chain(&e)))
 }
 
-async fn accept_loop(listener: TcpListener, tls: ReloadableServerConfig, tx: mpsc::Sender<TlsConn>) {
+async fn accept_loop(
+    listener: TcpListener,
+    tls: ReloadableServerConfig,
+    tx: mpsc::Sender<TlsConn>,
+) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -771,8 +778,7 @@ async fn accept_loop(listener: TcpListener, tls: ReloadableServerConfig, tx: mps
         let trust_domain = tls.trust_domain().to_string();
         let tx = tx.clone();
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::warn!(peer = %addr, error = %e, "TLS handshake failed");
@@ -876,7 +882,11 @@ where
         match authorize(req.extensions().get::<PeerIdentity>(), req.uri().path()) {
             Ok(()) => Either::Left(self.inner.call(req)),
             Err(status) => {
-                tracing::warn!(rpc = req.uri().path(), reason = status.message(), "RPC refused");
+                tracing::warn!(
+                    rpc = req.uri().path(),
+                    reason = status.message(),
+                    "RPC refused"
+                );
                 Either::Right(ready(Ok(status.into_http())))
             }
         }
@@ -1046,7 +1056,10 @@ fn authority_of(endpoint: &str) -> Result<String, TlsError> {
 
 fn server_name_for(expected: &SpiffeId) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(expected.name.clone()).map_err(|e| TlsError::Config {
-        reason: format!("`{}` is not usable as a TLS server name: {e}", expected.name),
+        reason: format!(
+            "`{}` is not usable as a TLS server name: {e}",
+            expected.name
+        ),
     })
 }
 
@@ -1125,24 +1138,23 @@ pub async fn server_certificates(
     let authority = authority_of(endpoint)?;
     let connector = TlsConnector::from(identity.client_config(expected_server)?);
     let name = server_name_for(expected_server)?;
-    let stream = match tokio::time::timeout(timeout, tls_connect(&authority, &connector, name))
-        .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return Err(TlsError::Connect {
-                endpoint: endpoint.to_string(),
-                expected: expected_server.to_string(),
-                reason: error_chain(&e),
-            });
-        }
-        Err(_) => {
-            return Err(TlsError::ConnectTimeout {
-                endpoint: endpoint.to_string(),
-                timeout,
-            });
-        }
-    };
+    let stream =
+        match tokio::time::timeout(timeout, tls_connect(&authority, &connector, name)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(TlsError::Connect {
+                    endpoint: endpoint.to_string(),
+                    expected: expected_server.to_string(),
+                    reason: error_chain(&e),
+                });
+            }
+            Err(_) => {
+                return Err(TlsError::ConnectTimeout {
+                    endpoint: endpoint.to_string(),
+                    timeout,
+                });
+            }
+        };
     Ok(stream
         .get_ref()
         .1

@@ -49,10 +49,18 @@ fn init_issue_revoke_on_disk() {
     let ca_dir = dir.path().join("ca");
     let files = pki::init(&ca_dir, TD).unwrap();
     assert_eq!(mode(&files.key), 0o600);
-    assert_eq!(std::fs::read_to_string(ca_dir.join(pki::TRUST_DOMAIN)).unwrap().trim(), TD);
+    assert_eq!(
+        std::fs::read_to_string(ca_dir.join(pki::TRUST_DOMAIN))
+            .unwrap()
+            .trim(),
+        TD
+    );
     let (_, _, _, _, ca) = sans(&std::fs::read_to_string(&files.cert).unwrap());
     assert!(ca, "the CA certificate must be CA:TRUE");
-    assert!(matches!(pki::init(&ca_dir, TD), Err(PkiError::Exists { .. })));
+    assert!(matches!(
+        pki::init(&ca_dir, TD),
+        Err(PkiError::Exists { .. })
+    ));
     assert!(pki::init(&dir.path().join("bad"), "Bad Domain").is_err());
 
     let out = dir.path().join("certs");
@@ -97,7 +105,9 @@ fn init_issue_revoke_on_disk() {
     let other_dir = dir.path().join("other");
     pki::init(&other_dir, TD).unwrap();
     let foreign = pki::issue(&other_dir, Role::Ops, "eve", &dir.path().join("o"), 30).unwrap();
-    let err = pki::revoke(&ca_dir, &foreign.cert, 7).unwrap_err().to_string();
+    let err = pki::revoke(&ca_dir, &foreign.cert, 7)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not by this CA"), "{err}");
 }
 
@@ -126,15 +136,18 @@ async fn issued_files_serve_real_mtls_and_revocation_bites() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (_r, health) = tonic_health::server::health_reporter();
-    let routes = tonic::service::Routes::new(ringfence::pb::agent_server::AgentServer::new(TestAgent))
-        .add_service(health);
+    let routes =
+        tonic::service::Routes::new(ringfence::pb::agent_server::AgentServer::new(TestAgent))
+            .add_service(health);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(tls::serve(listener, cfg, routes, async {
         let _ = stopped.await;
     }));
 
     let expected = SpiffeId::new(TD, Role::Host, HOST).unwrap();
-    let load = |f: &pki::IssuedFiles| ClientIdentity::load(&f.cert, &f.key, &ca_dir.join(pki::CA_CERT)).unwrap();
+    let load = |f: &pki::IssuedFiles| {
+        ClientIdentity::load(&f.cert, &f.key, &ca_dir.join(pki::CA_CERT)).unwrap()
+    };
     let call = |id: ClientIdentity| {
         let addr = addr.clone();
         let expected = expected.clone();
@@ -149,8 +162,14 @@ async fn issued_files_serve_real_mtls_and_revocation_bites() {
                 .map_err(|s| s.to_string())
         }
     };
-    assert_eq!(call(load(&alice)).await.unwrap(), "spiffe://fleet.test/ops/alice");
-    assert!(call(load(&bob)).await.is_err(), "revoked bob must be refused");
+    assert_eq!(
+        call(load(&alice)).await.unwrap(),
+        "spiffe://fleet.test/ops/alice"
+    );
+    assert!(
+        call(load(&bob)).await.is_err(),
+        "revoked bob must be refused"
+    );
 
     stop.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(10), server)

@@ -30,7 +30,9 @@ async fn ops_client_calls_and_handler_sees_its_spiffe_id() {
     let seen = call_identity(&srv.addr, &client(&pki, &ops)).await.unwrap();
     assert_eq!(seen, "spiffe://fleet.test/ops/alice");
 
-    let channel = tls::connect(&srv.addr, &host_id(), &client(&pki, &ops)).await.unwrap();
+    let channel = tls::connect(&srv.addr, &host_id(), &client(&pki, &ops))
+        .await
+        .unwrap();
     let mut c = pb::agent_client::AgentClient::new(channel);
     let st = c.submit_task(pb::SignedTask::default()).await.unwrap();
     assert_eq!(st.into_inner().task_id, "accepted");
@@ -69,19 +71,43 @@ async fn expired_two_uri_other_domain_and_ca_leaf_certs_are_refused() {
     let mut expired = LeafSpec::new(Role::Ops, "old", 1);
     expired.not_before = now - DAY * 10;
     expired.not_after = now - DAY;
-    assert_refused(&srv.addr, &pki, &pki.issue_spec(&expired).unwrap(), "expired").await;
+    assert_refused(
+        &srv.addr,
+        &pki,
+        &pki.issue_spec(&expired).unwrap(),
+        "expired",
+    )
+    .await;
 
     let mut two = LeafSpec::new(Role::Ops, "two", 1);
     two.extra_uri = Some("spiffe://fleet.test/ops/other".into());
-    assert_refused(&srv.addr, &pki, &pki.issue_spec(&two).unwrap(), "two URI SANs").await;
+    assert_refused(
+        &srv.addr,
+        &pki,
+        &pki.issue_spec(&two).unwrap(),
+        "two URI SANs",
+    )
+    .await;
 
     let mut foreign = LeafSpec::new(Role::Ops, "alice", 1);
     foreign.trust_domain = Some("evil.test".into());
-    assert_refused(&srv.addr, &pki, &pki.issue_spec(&foreign).unwrap(), "other domain").await;
+    assert_refused(
+        &srv.addr,
+        &pki,
+        &pki.issue_spec(&foreign).unwrap(),
+        "other domain",
+    )
+    .await;
 
     let mut ca = LeafSpec::new(Role::Ops, "ca-leaf", 1);
     ca.is_ca = true;
-    assert_refused(&srv.addr, &pki, &pki.issue_spec(&ca).unwrap(), "CA:TRUE leaf").await;
+    assert_refused(
+        &srv.addr,
+        &pki,
+        &pki.issue_spec(&ca).unwrap(),
+        "CA:TRUE leaf",
+    )
+    .await;
 
     // The listener survived all of that.
     let ok = pki.issue(Role::Ops, "alice").unwrap();
@@ -98,12 +124,18 @@ fn spiffe_rules_name_the_broken_rule() {
     let mut two = LeafSpec::new(Role::Ops, "two", 1);
     two.extra_uri = Some("spiffe://fleet.test/ops/other".into());
     let e = tls::cert_identity(&der(&pki.issue_spec(&two).unwrap()), TD).unwrap_err();
-    assert_eq!(e.to_string(), "certificate must carry exactly one URI SAN, found 2");
+    assert_eq!(
+        e.to_string(),
+        "certificate must carry exactly one URI SAN, found 2"
+    );
 
     let mut foreign = LeafSpec::new(Role::Ops, "alice", 1);
     foreign.trust_domain = Some("evil.test".into());
     let e = tls::cert_identity(&der(&pki.issue_spec(&foreign).unwrap()), TD).unwrap_err();
-    assert!(e.to_string().contains("outside trust domain `fleet.test`"), "{e}");
+    assert!(
+        e.to_string().contains("outside trust domain `fleet.test`"),
+        "{e}"
+    );
 
     let mut ca = LeafSpec::new(Role::Ops, "x", 1);
     ca.is_ca = true;
@@ -156,7 +188,9 @@ async fn client_without_certificate_cannot_call() {
             .await
             .map_err(|s| s.to_string())
     };
-    let got = tokio::time::timeout(Duration::from_secs(10), result).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), result)
+        .await
+        .unwrap();
     assert!(got.is_err(), "a client without a certificate got {got:?}");
 }
 
@@ -169,14 +203,17 @@ async fn revoked_client_is_refused_and_expired_crl_is_refused_at_load() {
     let srv = server(&pki, Some(crl)).await;
     assert_refused(&srv.addr, &pki, &revoked, "revoked").await;
     assert_eq!(
-        call_identity(&srv.addr, &client(&pki, &good)).await.unwrap(),
+        call_identity(&srv.addr, &client(&pki, &good))
+            .await
+            .unwrap(),
         "spiffe://fleet.test/ops/alice"
     );
 
     let now = SystemTime::now();
     let stale = pki.crl(&[&revoked], now - DAY * 10, now - DAY).unwrap();
     let host = pki.issue(Role::Host, HOST).unwrap();
-    let err = ReloadableServerConfig::from_pem(&server_pem(&pki, &host, Some(stale)), TD).unwrap_err();
+    let err =
+        ReloadableServerConfig::from_pem(&server_pem(&pki, &host, Some(stale)), TD).unwrap_err();
     assert!(matches!(err, TlsError::CrlExpired { .. }), "{err}");
     assert!(err.to_string().contains("expired"), "{err}");
 }
@@ -199,14 +236,23 @@ async fn scheduler_reads_health_but_cannot_submit_tasks() {
     );
 
     let mut agent = pb::agent_client::AgentClient::new(channel);
-    agent.get_health(pb::GetHealthRequest::default()).await.unwrap();
-    let denied = agent.submit_task(pb::SignedTask::default()).await.unwrap_err();
+    agent
+        .get_health(pb::GetHealthRequest::default())
+        .await
+        .unwrap();
+    let denied = agent
+        .submit_task(pb::SignedTask::default())
+        .await
+        .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
     assert_eq!(
         denied.message(),
         "role `scheduler` (spiffe://fleet.test/scheduler/slurm) may not call /ringfence.v1.Agent/SubmitTask"
     );
-    let denied = agent.list_tasks(pb::ListTasksRequest::default()).await.unwrap_err();
+    let denied = agent
+        .list_tasks(pb::ListTasksRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
 }
 
@@ -226,9 +272,14 @@ async fn client_refuses_server_naming_another_host() {
 
     // Control: expecting the right id works against the same server.
     let right = SpiffeId::new(TD, Role::Host, "gpu-002").unwrap();
-    let ch = tls::connect(&format!("https://{}", srv.addr), &right, &ops).await.unwrap();
+    let ch = tls::connect(&format!("https://{}", srv.addr), &right, &ops)
+        .await
+        .unwrap();
     let mut agent = pb::agent_client::AgentClient::new(ch);
-    agent.get_identity(pb::GetIdentityRequest::default()).await.unwrap();
+    agent
+        .get_identity(pb::GetIdentityRequest::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -244,12 +295,21 @@ async fn server_refuses_to_load_a_certificate_without_our_spiffe_id() {
 
 /// The server-side handshake error for `who`, over an in-memory pipe, so the
 /// test can see WHICH check refused the certificate.
-async fn server_side_refusal(pki: &TestPki, crl: Option<String>, who: &ringfence::pki::IssuedPem) -> String {
+async fn server_side_refusal(
+    pki: &TestPki,
+    crl: Option<String>,
+    who: &ringfence::pki::IssuedPem,
+) -> String {
     let host = pki.issue(Role::Host, HOST).unwrap();
     let server_cfg = tls::server_config(&server_pem(pki, &host, crl), TD).unwrap();
     let client_cfg = client(pki, who).client_config(&host_id()).unwrap();
     let (a, b) = tokio::io::duplex(64 * 1024);
-    let server = tokio::spawn(async move { tokio_rustls::TlsAcceptor::from(server_cfg).accept(a).await.map(|_| ()) });
+    let server = tokio::spawn(async move {
+        tokio_rustls::TlsAcceptor::from(server_cfg)
+            .accept(a)
+            .await
+            .map(|_| ())
+    });
     let client = tokio::spawn(async move {
         use tokio::io::AsyncReadExt;
         let mut s = tokio_rustls::TlsConnector::from(client_cfg)
@@ -260,7 +320,9 @@ async fn server_side_refusal(pki: &TestPki, crl: Option<String>, who: &ringfence
     });
     let server_result = server.await.unwrap();
     let _ = client.await;
-    server_result.expect_err("server accepted the certificate").to_string()
+    server_result
+        .expect_err("server accepted the certificate")
+        .to_string()
 }
 
 #[tokio::test]
@@ -287,13 +349,20 @@ async fn each_bad_certificate_is_refused_by_the_right_check() {
     };
     for (spec, want) in cases {
         let err = server_side_refusal(&pki, None, &pki.issue_spec(&spec).unwrap()).await;
-        assert!(err.contains(want), "{}: want `{want}` in `{err}`", spec.name);
+        assert!(
+            err.contains(want),
+            "{}: want `{want}` in `{err}`",
+            spec.name
+        );
     }
     let foreign_ca = other.issue(Role::Ops, "alice").unwrap();
     let err = server_side_refusal(&pki, None, &foreign_ca).await;
     // Same CA subject name, other key: webpki finds our CA by name and the
     // signature does not verify.
-    assert!(err.contains("BadSignature") || err.contains("UnknownIssuer"), "{err}");
+    assert!(
+        err.contains("BadSignature") || err.contains("UnknownIssuer"),
+        "{err}"
+    );
 
     let revoked = pki.issue(Role::Ops, "mallory").unwrap();
     let crl = pki.fresh_crl(&[&revoked]).unwrap();

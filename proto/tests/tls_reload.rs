@@ -12,7 +12,12 @@ use ringfence::pki::{IssuedPem, TestPki};
 use ringfence::spiffe::Role;
 use ringfence::tls::{self, ReloadableServerConfig, ServerTlsPaths};
 
-pub fn write_server_files(dir: &Path, pki: &TestPki, host: &IssuedPem, crl: Option<&str>) -> ServerTlsPaths {
+pub fn write_server_files(
+    dir: &Path,
+    pki: &TestPki,
+    host: &IssuedPem,
+    crl: Option<&str>,
+) -> ServerTlsPaths {
     std::fs::write(dir.join("agent.pem"), &host.cert_pem).unwrap();
     std::fs::write(dir.join("agent.key"), &host.key_pem).unwrap();
     std::fs::write(dir.join("ca.pem"), pki.ca_pem()).unwrap();
@@ -59,10 +64,16 @@ async fn reload_serves_new_cert_to_new_connections_and_keeps_old_on_corrupt_file
     assert!(call_identity(&srv.addr, &ops).await.is_ok());
     // The old connection still works too.
     let mut old = ringfence::pb::agent_client::AgentClient::new(before);
-    old.get_health(ringfence::pb::GetHealthRequest::default()).await.unwrap();
+    old.get_health(ringfence::pb::GetHealthRequest::default())
+        .await
+        .unwrap();
 
     // Corrupt new cert: reload fails naming the file, old config keeps serving.
-    std::fs::write(&paths.cert, "-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n").unwrap();
+    std::fs::write(
+        &paths.cert,
+        "-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     let err = cfg.reload().unwrap_err().to_string();
     assert!(err.contains("agent.pem"), "{err}");
     assert_eq!(cfg.generation(), 1);
@@ -92,21 +103,45 @@ async fn reload_picks_up_a_new_crl() {
     let paths = write_server_files(dir.path(), &pki, &host, Some(&crl));
     let cfg = ReloadableServerConfig::load(paths.clone(), TD).unwrap();
     let srv = start(cfg.clone()).await;
-    assert!(call_identity(&srv.addr, &client(&pki, &mallory)).await.is_ok());
+    assert!(
+        call_identity(&srv.addr, &client(&pki, &mallory))
+            .await
+            .is_ok()
+    );
 
-    std::fs::write(&paths.crl.clone().unwrap(), pki.fresh_crl(&[&mallory]).unwrap()).unwrap();
+    std::fs::write(
+        paths.crl.as_ref().unwrap(),
+        pki.fresh_crl(&[&mallory]).unwrap(),
+    )
+    .unwrap();
     cfg.reload().unwrap();
-    assert!(call_identity(&srv.addr, &client(&pki, &mallory)).await.is_err());
+    assert!(
+        call_identity(&srv.addr, &client(&pki, &mallory))
+            .await
+            .is_err()
+    );
     let alice = pki.issue(Role::Ops, "alice").unwrap();
-    assert!(call_identity(&srv.addr, &client(&pki, &alice)).await.is_ok());
+    assert!(
+        call_identity(&srv.addr, &client(&pki, &alice))
+            .await
+            .is_ok()
+    );
 
     // An expired CRL on reload is refused; the fresh one stays in force.
     let now = std::time::SystemTime::now();
     let day = Duration::from_secs(86_400);
-    std::fs::write(paths.crl.as_ref().unwrap(), pki.crl(&[], now - day * 9, now - day).unwrap()).unwrap();
+    std::fs::write(
+        paths.crl.as_ref().unwrap(),
+        pki.crl(&[], now - day * 9, now - day).unwrap(),
+    )
+    .unwrap();
     let err = cfg.reload().unwrap_err();
     assert!(matches!(err, tls::TlsError::CrlExpired { .. }), "{err}");
-    assert!(call_identity(&srv.addr, &client(&pki, &mallory)).await.is_err());
+    assert!(
+        call_identity(&srv.addr, &client(&pki, &mallory))
+            .await
+            .is_err()
+    );
 }
 
 #[test]

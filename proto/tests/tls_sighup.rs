@@ -44,7 +44,10 @@ async fn sighup_reloads_certificates() {
     nix::sys::signal::raise(nix::sys::signal::Signal::SIGHUP).unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while cfg.generation() < 1 {
-        assert!(tokio::time::Instant::now() < deadline, "SIGHUP did not reload");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "SIGHUP did not reload"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(presented_serial(&srv.addr, &pki).await, second.serial);

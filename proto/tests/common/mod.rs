@@ -23,8 +23,8 @@ impl Agent for TestAgent {
         &self,
         request: Request<pb::GetIdentityRequest>,
     ) -> Result<Response<pb::Identity>, Status> {
-        let peer = tls::peer_identity(&request)
-            .ok_or_else(|| Status::internal("no peer identity"))?;
+        let peer =
+            tls::peer_identity(&request).ok_or_else(|| Status::internal("no peer identity"))?;
         Ok(Response::new(pb::Identity {
             host_id: HOST.into(),
             spiffe_id: peer.id.to_string(),
@@ -44,7 +44,10 @@ impl Agent for TestAgent {
     ) -> Result<Response<Self::WatchHealthStream>, Status> {
         Ok(Response::new(tokio_stream::empty()))
     }
-    async fn attest(&self, _: Request<pb::AttestRequest>) -> Result<Response<pb::Envelope>, Status> {
+    async fn attest(
+        &self,
+        _: Request<pb::AttestRequest>,
+    ) -> Result<Response<pb::Envelope>, Status> {
         Ok(Response::new(pb::Envelope::default()))
     }
     async fn submit_task(
@@ -56,7 +59,10 @@ impl Agent for TestAgent {
             ..Default::default()
         }))
     }
-    async fn get_task(&self, _: Request<pb::GetTaskRequest>) -> Result<Response<pb::TaskStatus>, Status> {
+    async fn get_task(
+        &self,
+        _: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::TaskStatus>, Status> {
         Ok(Response::new(pb::TaskStatus::default()))
     }
     type WatchTaskStream = tokio_stream::Empty<Result<pb::TaskStatus, Status>>;
@@ -120,8 +126,12 @@ pub async fn start(config: ReloadableServerConfig) -> Running {
 }
 
 pub fn client(pki: &TestPki, who: &IssuedPem) -> ClientIdentity {
-    ClientIdentity::from_pem(who.cert_pem.as_bytes(), who.key_pem.as_bytes(), pki.ca_pem().as_bytes())
-        .unwrap()
+    ClientIdentity::from_pem(
+        who.cert_pem.as_bytes(),
+        who.key_pem.as_bytes(),
+        pki.ca_pem().as_bytes(),
+    )
+    .unwrap()
 }
 
 /// Connect and make one GetIdentity call; Ok(caller id the server saw).
