@@ -110,7 +110,7 @@ async fn reload_picks_up_a_new_crl() {
     );
 
     std::fs::write(
-        &paths.crl.clone().unwrap(),
+        paths.crl.as_ref().unwrap(),
         pki.fresh_crl(&[&mallory]).unwrap(),
     )
     .unwrap();
