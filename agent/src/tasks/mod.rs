@@ -682,6 +682,14 @@ impl Run {
             "{}",
             status.message
         );
+        if is_terminal(status.state()) {
+            // Free the engine before anyone watching sees the end, so that
+            // the next task submitted on that signal is not refused as busy.
+            let mut gate = lock(&self.inner.gate);
+            if gate.as_deref() == Some(status.task_id.as_str()) {
+                *gate = None;
+            }
+        }
         if let Some(tx) = lock(&self.inner.watchers).get(&status.task_id) {
             tx.send_replace(status.clone());
         }
