@@ -72,7 +72,8 @@ pub enum OnTimeout {
 #[serde(deny_unknown_fields, default)]
 pub struct DrainConfig {
     /// Scheduler hook run when draining (argv; `{host_id}` and `{reason}` are
-    /// substituted). Empty: none.
+    /// substituted). Empty: none. Also accepted as `drain_hook`.
+    #[serde(alias = "drain_hook")]
     pub hook: Vec<String>,
     /// Scheduler hook run when undraining (same substitutions). Empty: none.
     pub undrain_hook: Vec<String>,
