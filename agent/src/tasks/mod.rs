@@ -677,6 +677,14 @@ impl Run {
             t.put_task(status)?;
             extra(t)
         })?;
+        // The draining flag follows the journal before anyone sees the new
+        // status (health goes NOT_SERVING the moment the mark is written).
+        let drained = self.inner.journal.drain_mark()?.is_some();
+        self.inner.draining.send_if_modified(|d| {
+            let changed = *d != drained;
+            *d = drained;
+            changed
+        });
         tracing::info!(
             state = status.state().as_str_name(),
             step = %status.step,
@@ -690,9 +698,6 @@ impl Run {
             if gate.as_deref() == Some(status.task_id.as_str()) {
                 *gate = None;
             }
-        }
-        if let Some(tx) = lock(&self.inner.watchers).get(&status.task_id) {
-            tx.send_replace(status.clone());
         }
         let line = if is_terminal(status.state()) {
             format!(
@@ -710,6 +715,11 @@ impl Run {
             )
         };
         self.inner.activity.send_replace(line);
+        // Watchers last: whoever reacts to this status sees the engine's
+        // gate, draining flag and activity line already updated.
+        if let Some(tx) = lock(&self.inner.watchers).get(&status.task_id) {
+            tx.send_replace(status.clone());
+        }
         Ok(())
     }
 
