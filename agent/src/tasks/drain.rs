@@ -32,7 +32,6 @@ pub(super) async fn run(run: &mut Run, d: &pb::Drain) -> Result<(), JournalError
         "host marked draining".into()
     };
     run.save_with(|t| t.set_drain_mark(Some(&mark)))?;
-    run.inner.draining.send_replace(true);
 
     if !cfg.hook.is_empty() {
         let host_id = run.inner.host_id.clone();

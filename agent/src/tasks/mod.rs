@@ -72,7 +72,8 @@ pub enum OnTimeout {
 #[serde(deny_unknown_fields, default)]
 pub struct DrainConfig {
     /// Scheduler hook run when draining (argv; `{host_id}` and `{reason}` are
-    /// substituted). Empty: none.
+    /// substituted). Empty: none. Also accepted as `drain_hook`.
+    #[serde(alias = "drain_hook")]
     pub hook: Vec<String>,
     /// Scheduler hook run when undraining (same substitutions). Empty: none.
     pub undrain_hook: Vec<String>,
@@ -676,14 +677,27 @@ impl Run {
             t.put_task(status)?;
             extra(t)
         })?;
+        // The draining flag follows the journal before anyone sees the new
+        // status (health goes NOT_SERVING the moment the mark is written).
+        let drained = self.inner.journal.drain_mark()?.is_some();
+        self.inner.draining.send_if_modified(|d| {
+            let changed = *d != drained;
+            *d = drained;
+            changed
+        });
         tracing::info!(
             state = status.state().as_str_name(),
             step = %status.step,
             "{}",
             status.message
         );
-        if let Some(tx) = lock(&self.inner.watchers).get(&status.task_id) {
-            tx.send_replace(status.clone());
+        if is_terminal(status.state()) {
+            // Free the engine before anyone watching sees the end, so that
+            // the next task submitted on that signal is not refused as busy.
+            let mut gate = lock(&self.inner.gate);
+            if gate.as_deref() == Some(status.task_id.as_str()) {
+                *gate = None;
+            }
         }
         let line = if is_terminal(status.state()) {
             format!(
@@ -701,6 +715,11 @@ impl Run {
             )
         };
         self.inner.activity.send_replace(line);
+        // Watchers last: whoever reacts to this status sees the engine's
+        // gate, draining flag and activity line already updated.
+        if let Some(tx) = lock(&self.inner.watchers).get(&status.task_id) {
+            tx.send_replace(status.clone());
+        }
         Ok(())
     }
 

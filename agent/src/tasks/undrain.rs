@@ -68,7 +68,5 @@ pub(super) async fn run(run: &mut Run, u: &pb::Undrain) -> Result<(), JournalErr
         TaskState::Succeeded,
         format!("host back in service{forced_note}"),
         |t| t.set_drain_mark(None),
-    )?;
-    run.inner.draining.send_replace(false);
-    Ok(())
+    )
 }

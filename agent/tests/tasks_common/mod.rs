@@ -1,0 +1,211 @@
+//! Shared helpers of the `tasks_*` tests: a coordinator key, signed tasks,
+//! a fake health source and an engine over a temporary state dir.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use ringfence::envelope::{TASK_TYPE, sign_message};
+use ringfence::pb::{self, TaskState, task_payload::Action};
+use ringfence::time::SystemClock;
+use ringfence::trust::{KeyRole, Policy, TrustSet, TrustedKey};
+use ringfenced::command::ProcessRunner;
+use ringfenced::profiles::PatchConfig;
+use ringfenced::tasks::fake::FakeHealth;
+use ringfenced::tasks::{DrainConfig, RebootConfig, TaskEngine};
+
+pub const HOST: &str = "gpu-1";
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub coord: SigningKey,
+    pub trust: TrustSet,
+    pub health: Arc<FakeHealth>,
+    seq: AtomicU64,
+}
+
+impl Harness {
+    pub fn new() -> Self {
+        let coord = ringfence::keys::generate();
+        let trust = TrustSet::from_keys(
+            vec![TrustedKey {
+                id: "coord".into(),
+                key: coord.verifying_key(),
+                role: KeyRole::Coordinator,
+            }],
+            Policy::default(),
+        );
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            coord,
+            trust,
+            health: Arc::new(FakeHealth::new(HOST)),
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// A path for test files (markers, counters) outside the state dir.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn engine(&self, patch: &str, drain: DrainConfig) -> TaskEngine {
+        self.engine_with(patch, drain, RebootConfig::default(), "boot-1", "0.1.0")
+    }
+
+    pub fn engine_with(
+        &self,
+        patch: &str,
+        drain: DrainConfig,
+        reboot: RebootConfig,
+        boot_id: &str,
+        agent_version: &str,
+    ) -> TaskEngine {
+        TaskEngine::open(
+            &self.state_dir(),
+            HOST.into(),
+            self.trust.clone(),
+            drain,
+            reboot,
+            patch_config(patch),
+            self.health.clone(),
+            Arc::new(ProcessRunner {
+                kill_grace: Duration::from_secs(1),
+            }),
+            Arc::new(SystemClock),
+            boot_id.into(),
+            agent_version.into(),
+        )
+        .unwrap()
+    }
+
+    /// A task signed by the coordinator, ring 0, with the next sequence.
+    pub fn task(&self, id: &str, action: Action) -> pb::SignedTask {
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        self.task_seq(id, seq, action)
+    }
+
+    pub fn task_seq(&self, id: &str, seq: u64, action: Action) -> pb::SignedTask {
+        let now = ringfence::time::now_ms();
+        let payload = pb::TaskPayload {
+            task_id: id.into(),
+            host_id: HOST.into(),
+            wave_id: "wave-1".into(),
+            ring: 0,
+            sequence: seq,
+            issued_at_unix_ms: now,
+            expires_at_unix_ms: now + 600_000,
+            action: Some(action),
+        };
+        pb::SignedTask {
+            task: Some(sign_message(TASK_TYPE, &payload, &[("coord", &self.coord)])),
+            approvals: vec![],
+        }
+    }
+}
+
+pub fn patch_config(toml_text: &str) -> PatchConfig {
+    #[derive(serde::Deserialize)]
+    struct Top {
+        #[serde(default)]
+        patch: PatchConfig,
+    }
+    let top: Top = toml::from_str(toml_text).unwrap();
+    top.patch.validate().unwrap();
+    top.patch
+}
+
+pub fn drain(reason: &str) -> Action {
+    Action::Drain(pb::Drain {
+        reason: reason.into(),
+    })
+}
+
+pub fn patch(profile: &str, version: &str) -> Action {
+    Action::Patch(pb::Patch {
+        profile: profile.into(),
+        version: version.into(),
+        rollback: false,
+    })
+}
+
+pub fn rollback(profile: &str, version: &str) -> Action {
+    Action::Patch(pb::Patch {
+        profile: profile.into(),
+        version: version.into(),
+        rollback: true,
+    })
+}
+
+pub fn validate(driver: &str, cuda: &str, profile: &str) -> Action {
+    Action::Validate(pb::Validate {
+        expect_driver_version: driver.into(),
+        expect_cuda_version: cuda.into(),
+        nonce: vec![7u8; 32],
+        profile: profile.into(),
+    })
+}
+
+pub fn undrain(force: bool) -> Action {
+    Action::Undrain(pb::Undrain {
+        reason: "validated".into(),
+        force,
+    })
+}
+
+/// Wait until the task reaches `pred`, or panic after `limit`.
+pub async fn wait_for(
+    engine: &TaskEngine,
+    id: &str,
+    limit: Duration,
+    pred: impl Fn(&pb::TaskStatus) -> bool,
+) -> pb::TaskStatus {
+    let mut rx = engine.watch(id).expect("task is known");
+    let fut = async {
+        loop {
+            let s = rx.borrow_and_update().clone();
+            if pred(&s) {
+                return s;
+            }
+            rx.changed().await.expect("watch closed");
+        }
+    };
+    match tokio::time::timeout(limit, fut).await {
+        Ok(s) => s,
+        Err(_) => panic!(
+            "task {id} did not get there in {limit:?}: {:?}",
+            engine.get(id)
+        ),
+    }
+}
+
+pub async fn wait_terminal(engine: &TaskEngine, id: &str, limit: Duration) -> pb::TaskStatus {
+    wait_for(engine, id, limit, |s| {
+        matches!(
+            s.state(),
+            TaskState::Succeeded | TaskState::Failed | TaskState::Interrupted
+        )
+    })
+    .await
+}
+
+/// Submit a drain and wait until it succeeds (no processes).
+pub async fn drained(h: &Harness, engine: &TaskEngine, id: &str) {
+    engine
+        .submit(h.task(id, drain("maintenance")))
+        .await
+        .unwrap();
+    let s = wait_terminal(engine, id, Duration::from_secs(10)).await;
+    assert_eq!(s.state(), TaskState::Succeeded, "{s:?}");
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}
