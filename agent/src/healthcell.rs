@@ -79,40 +79,6 @@ impl HealthCell {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn report(verdict: pb::Verdict, codes: &[&str]) -> pb::HealthReport {
-        pb::HealthReport {
-            verdict: verdict as i32,
-            reasons: codes
-                .iter()
-                .map(|c| pb::Reason {
-                    code: (*c).to_string(),
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn only_changes_of_verdict_or_reasons_notify() {
-        let cell = HealthCell::new(report(pb::Verdict::Healthy, &[]));
-        let mut rx = cell.subscribe();
-        rx.mark_unchanged();
-        let mut same = report(pb::Verdict::Healthy, &[]);
-        same.collected_at_unix_ms = 5;
-        assert!(!cell.publish(same));
-        assert!(!rx.has_changed().unwrap());
-        assert_eq!(cell.last().collected_at_unix_ms, 5);
-        assert!(cell.publish(report(pb::Verdict::Unhealthy, &["xid_critical"])));
-        assert!(rx.has_changed().unwrap());
-        assert!(!cell.serving());
-    }
-}
-
 /// A report as JSON (field names as in the .proto; verdicts by name).
 pub fn report_json(r: &pb::HealthReport) -> serde_json::Value {
     let mut v = serde_json::to_value(r).unwrap_or(serde_json::Value::Null);
@@ -174,4 +140,38 @@ pub fn report_text(r: &pb::HealthReport) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(verdict: pb::Verdict, codes: &[&str]) -> pb::HealthReport {
+        pb::HealthReport {
+            verdict: verdict as i32,
+            reasons: codes
+                .iter()
+                .map(|c| pb::Reason {
+                    code: (*c).to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_changes_of_verdict_or_reasons_notify() {
+        let cell = HealthCell::new(report(pb::Verdict::Healthy, &[]));
+        let mut rx = cell.subscribe();
+        rx.mark_unchanged();
+        let mut same = report(pb::Verdict::Healthy, &[]);
+        same.collected_at_unix_ms = 5;
+        assert!(!cell.publish(same));
+        assert!(!rx.has_changed().unwrap());
+        assert_eq!(cell.last().collected_at_unix_ms, 5);
+        assert!(cell.publish(report(pb::Verdict::Unhealthy, &["xid_critical"])));
+        assert!(rx.has_changed().unwrap());
+        assert!(!cell.serving());
+    }
 }

@@ -92,6 +92,7 @@ fn simulated_driver_patch_missing_gpu_and_init_failure() {
         scenario: Some(p.clone()),
         expected_gpus: 8,
         nvml_library: None,
+        poll_interval_s: 1,
     };
     let b = open(&config).unwrap();
     assert_eq!(b.name(), "simulated");
