@@ -95,7 +95,10 @@ impl Agent for AgentService {
             self.health.publish(report.clone());
             return Ok(Response::new(report));
         }
-        Ok(Response::new((*self.health.last()).clone()))
+        // The cached report is up to one poll old; the drain mark is not.
+        let mut report = (*self.health.last()).clone();
+        report.draining = *self.engine.draining().borrow();
+        Ok(Response::new(report))
     }
 
     type WatchHealthStream = BoxStream<pb::HealthReport>;
