@@ -7,6 +7,7 @@ pub mod fleet;
 pub mod hostrun;
 pub mod inventory;
 pub mod pki_cli;
+pub mod plan;
 pub mod settings;
 pub mod simhost;
 pub mod spec;

@@ -1,0 +1,359 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The wave policy as table tests of a pure function, and a property test
+//! that drives random fleets to completion and checks the invariants.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use ringfence::config::Source;
+use ringfence_coordinator::inventory::Inventory;
+use ringfence_coordinator::plan::{
+    HostStatus, Plan, PlanError, RingStatus, Step, WaveState, next_steps, out_of_service,
+};
+use ringfence_coordinator::spec::WaveSpec;
+
+const KEY: &str = "ed25519:11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=";
+
+/// `hosts`: (id, pool, ring).
+fn inventory(pools: &[(&str, u32)], hosts: &[(&str, &str, u32)]) -> Inventory {
+    let mut t = String::from("trust_domain = \"t.test\"\n");
+    for (p, pct) in pools {
+        t.push_str(&format!(
+            "[[pool]]\nname = \"{p}\"\nreserve_percent = {pct}\n"
+        ));
+    }
+    for (id, pool, ring) in hosts {
+        t.push_str(&format!(
+            "[[host]]\nid = \"{id}\"\naddress = \"10.0.0.1:7443\"\npool = \"{pool}\"\nring = {ring}\nattestation_key = \"{KEY}\"\n"
+        ));
+    }
+    Inventory::from_source(&Source::from_text("inv.toml", t)).unwrap()
+}
+
+fn spec(extra: &str) -> WaveSpec {
+    WaveSpec::from_source(&Source::from_text(
+        "wave.toml",
+        format!("wave_id = \"w\"\nprofile = \"p\"\nversion = \"1.0.0\"\n{extra}"),
+    ))
+    .unwrap()
+}
+
+fn plan(inv: &Inventory, extra: &str) -> Plan {
+    Plan::build(inv, &spec(extra), &BTreeMap::new(), &BTreeMap::new()).unwrap()
+}
+
+fn starts(steps: &[Step]) -> Vec<String> {
+    steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Start(h) => Some(h.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn fleet_5_rings() -> Inventory {
+    inventory(
+        &[("a", 50), ("b", 50)],
+        &[
+            ("r0", "a", 0),
+            ("r1", "b", 1),
+            ("c1", "a", 2),
+            ("c2", "b", 2),
+            ("p1", "a", 3),
+            ("p2", "b", 3),
+            ("s1", "a", 4),
+        ],
+    )
+}
+
+#[test]
+fn rings_go_strictly_in_order() {
+    let inv = fleet_5_rings();
+    let p = plan(
+        &inv,
+        "protected_rings = []\n[ring.2]\nbatch_size = 2\nsoak_s = 0\n[ring.3]\nbatch_size = 2\nsoak_s = 0\n[ring.4]\nbatch_size = 1\nsoak_s = 0\n",
+    );
+    let mut st = WaveState::new(&p);
+    assert_eq!(starts(&next_steps(&p, &st)), ["r0"]);
+    st.hosts.insert("r0".into(), HostStatus::InFlight);
+    assert!(
+        starts(&next_steps(&p, &st)).is_empty(),
+        "ring 1 waits for ring 0"
+    );
+    st.hosts.insert("r0".into(), HostStatus::Done);
+    assert_eq!(next_steps(&p, &st), [Step::Promote(0)]);
+    st.rings.insert(0, RingStatus::Complete);
+    assert_eq!(starts(&next_steps(&p, &st)), ["r1"]);
+}
+
+#[test]
+fn canary_failure_halts_before_ring_3() {
+    let inv = fleet_5_rings();
+    let p = plan(
+        &inv,
+        "protected_rings = []\n[ring.2]\nbatch_size = 2\nsoak_s = 0\n",
+    );
+    let mut st = WaveState::new(&p);
+    for h in ["r0", "r1"] {
+        st.hosts.insert(h.into(), HostStatus::Done);
+    }
+    st.rings.insert(0, RingStatus::Complete);
+    st.rings.insert(1, RingStatus::Complete);
+    assert_eq!(starts(&next_steps(&p, &st)), ["c1", "c2"]);
+    st.hosts.insert("c1".into(), HostStatus::Failed);
+    st.hosts.insert("c2".into(), HostStatus::Done);
+    st.failures = 1;
+    let steps = next_steps(&p, &st);
+    assert!(
+        matches!(&steps[..], [Step::Halt(r)] if r.contains("failure budget of 0")),
+        "{steps:?}"
+    );
+}
+
+#[test]
+fn failure_budget_of_one_tolerates_one_failure() {
+    let inv = fleet_5_rings();
+    let p = plan(&inv, "protected_rings = []\nfailure_budget = 1\n");
+    let mut st = WaveState::new(&p);
+    st.hosts.insert("r0".into(), HostStatus::Failed);
+    st.failures = 1;
+    assert_eq!(next_steps(&p, &st), [Step::Promote(0)]);
+    st.failures = 2;
+    assert!(matches!(next_steps(&p, &st)[0], Step::Halt(_)));
+}
+
+#[test]
+fn reserve_15_percent_of_10_never_has_2_out_at_once() {
+    let hosts: Vec<(String, &str, u32)> = (0..10).map(|i| (format!("h{i}"), "big", 3)).collect();
+    let refs: Vec<(&str, &str, u32)> = hosts.iter().map(|(a, b, c)| (a.as_str(), *b, *c)).collect();
+    let inv = inventory(&[("big", 15)], &refs);
+    let p = plan(
+        &inv,
+        "protected_rings = []\n[ring.3]\nbatch_size = 5\nsoak_s = 0\n",
+    );
+    assert_eq!(p.pools["big"].max_out, 1);
+    assert!(
+        p.rings[&3].batches.iter().all(|b| b.len() == 1),
+        "{:?}",
+        p.rings[&3].batches
+    );
+    let st = WaveState::new(&p);
+    assert_eq!(starts(&next_steps(&p, &st)).len(), 1);
+}
+
+#[test]
+fn a_pool_whose_reserve_is_used_up_refuses_to_plan() {
+    let inv = inventory(
+        &[("big", 15)],
+        &(0..10)
+            .map(|i| {
+                (
+                    Box::leak(format!("h{i}").into_boxed_str()) as &str,
+                    "big",
+                    3,
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
+    let mut out = BTreeMap::new();
+    out.insert(
+        "h3".to_string(),
+        "UNHEALTHY (row_remap_pending)".to_string(),
+    );
+    let err = Plan::build(&inv, &spec(""), &out, &BTreeMap::new()).unwrap_err();
+    assert!(matches!(err, PlanError::CannotFit { .. }));
+    let msg = err.to_string();
+    assert!(
+        msg.contains("pool `big`: 10 hosts, reserve 15% = 1"),
+        "{msg}"
+    );
+    assert!(msg.contains("h3 UNHEALTHY"), "{msg}");
+    // A break-glass override for that pool lets it fit.
+    let mut bg = BTreeMap::new();
+    bg.insert("big".to_string(), 2);
+    let p = Plan::build(&inv, &spec(""), &out, &bg).unwrap();
+    assert!(p.pools["big"].break_glass);
+    assert_eq!(p.pool_limit("big"), 1);
+}
+
+#[test]
+fn failed_hosts_stay_out_of_service_and_use_the_reserve() {
+    let inv = inventory(
+        &[("p", 20)],
+        &[
+            ("a", "p", 3),
+            ("b", "p", 3),
+            ("c", "p", 3),
+            ("d", "p", 3),
+            ("e", "p", 3),
+        ],
+    );
+    let p = plan(
+        &inv,
+        "protected_rings = []\nfailure_budget = 5\n[ring.3]\nbatch_size = 5\nsoak_s = 0\n",
+    );
+    let mut st = WaveState::new(&p);
+    st.hosts.insert("a".into(), HostStatus::Failed);
+    st.failures = 1;
+    assert_eq!(out_of_service(&p, &st)["p"], 1);
+    assert!(
+        starts(&next_steps(&p, &st)).is_empty(),
+        "the failed host holds the only slot"
+    );
+}
+
+#[test]
+fn protected_ring_waits_for_approval() {
+    let inv = fleet_5_rings();
+    let p = plan(&inv, "[ring.2]\nbatch_size = 2\nsoak_s = 0\n");
+    let mut st = WaveState::new(&p);
+    for h in ["r0", "r1"] {
+        st.hosts.insert(h.into(), HostStatus::Done);
+    }
+    st.rings.insert(0, RingStatus::Complete);
+    st.rings.insert(1, RingStatus::Complete);
+    assert_eq!(next_steps(&p, &st), [Step::AwaitApproval(2)]);
+    st.approved.insert(2);
+    assert_eq!(starts(&next_steps(&p, &st)), ["c1", "c2"]);
+}
+
+#[test]
+fn soak_must_pass_before_promotion() {
+    let inv = fleet_5_rings();
+    let p = plan(
+        &inv,
+        "protected_rings = []\n[ring.0]\nbatch_size = 1\nsoak_s = 60\n",
+    );
+    let mut st = WaveState::new(&p);
+    st.hosts.insert("r0".into(), HostStatus::Done);
+    st.now_ms = 1_000;
+    assert_eq!(next_steps(&p, &st), [Step::StartSoak(0)]);
+    st.rings.insert(0, RingStatus::Soaking { since_ms: 1_000 });
+    st.now_ms = 30_000;
+    assert!(matches!(next_steps(&p, &st)[0], Step::Wait(_)));
+    st.now_ms = 61_000;
+    assert_eq!(next_steps(&p, &st), [Step::Promote(0)]);
+}
+
+#[test]
+fn closed_window_starts_nothing_and_halt_stops_dispatch() {
+    let inv = fleet_5_rings();
+    let p = plan(&inv, "protected_rings = []\n");
+    let mut st = WaveState::new(&p);
+    st.window_open = false;
+    assert!(matches!(&next_steps(&p, &st)[..], [Step::Wait(w)] if w.contains("window")));
+    st.window_open = true;
+    st.halt_requested = true;
+    assert!(matches!(next_steps(&p, &st)[0], Step::Halt(_)));
+}
+
+#[test]
+fn rollback_drill_host_goes_alone_first() {
+    let inv = inventory(
+        &[("a", 50)],
+        &[
+            ("r0a", "a", 0),
+            ("r0b", "a", 0),
+            ("r0c", "a", 0),
+            ("r0d", "a", 0),
+        ],
+    );
+    let p = plan(
+        &inv,
+        "rollback_drill = true\nprotected_rings = []\n[ring.0]\nbatch_size = 3\nsoak_s = 0\n",
+    );
+    assert_eq!(p.drill_host.as_deref(), Some("r0a"));
+    let mut st = WaveState::new(&p);
+    assert_eq!(starts(&next_steps(&p, &st)), ["r0a"]);
+    st.hosts.insert("r0a".into(), HostStatus::InFlight);
+    assert!(starts(&next_steps(&p, &st)).is_empty());
+    st.hosts.insert("r0a".into(), HostStatus::Done);
+    assert_eq!(starts(&next_steps(&p, &st)), ["r0b", "r0c"]);
+}
+
+#[test]
+fn plan_is_deterministic_and_unenrolled_hosts_refuse() {
+    let inv = fleet_5_rings();
+    assert_eq!(plan(&inv, ""), plan(&inv, ""));
+    let mut t = String::from("trust_domain = \"t.test\"\n[[pool]]\nname = \"a\"\n");
+    t.push_str("[[host]]\nid = \"x\"\naddress = \"h:1\"\npool = \"a\"\nring = 0\n");
+    let inv = Inventory::from_source(&Source::from_text("i", t)).unwrap();
+    assert_eq!(
+        Plan::build(&inv, &spec(""), &BTreeMap::new(), &BTreeMap::new()),
+        Err(PlanError::NotEnrolled("x".into()))
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Drive random fleets with random outcomes to the end: no pool ever
+    /// exceeds its limit, and no host of ring N starts while a host of an
+    /// earlier ring is unfinished.
+    #[test]
+    fn invariants_hold_for_random_fleets(
+        hosts in prop::collection::vec((0u32..5, 0usize..3), 1..40),
+        batch in 1usize..6,
+        fail_mask in any::<u64>(),
+        budget in 0u32..3,
+    ) {
+        let pools = [("p0", 20u32), ("p1", 30), ("p2", 50)];
+        let named: Vec<(String, &str, u32)> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, (ring, pool))| (format!("h{i:02}"), pools[*pool].0, *ring))
+            .collect();
+        let refs: Vec<(&str, &str, u32)> = named.iter().map(|(a, b, c)| (a.as_str(), *b, *c)).collect();
+        let inv = inventory(&pools, &refs);
+        let extra = format!(
+            "protected_rings = []\nfailure_budget = {budget}\n{}",
+            (0..5).map(|r| format!("[ring.{r}]\nbatch_size = {batch}\nsoak_s = 0\n")).collect::<String>()
+        );
+        let Ok(p) = Plan::build(&inv, &spec(&extra), &BTreeMap::new(), &BTreeMap::new()) else {
+            // Pools too small for any host to leave: the plan refuses, fine.
+            return Ok(());
+        };
+        let mut st = WaveState::new(&p);
+        let mut i = 0u32;
+        for _ in 0..1000 {
+            let steps = next_steps(&p, &st);
+            let mut progressed = false;
+            for s in &steps {
+                match s {
+                    Step::Start(h) => {
+                        let ring = p.host_ring[h];
+                        for (other, r) in &p.host_ring {
+                            if *r < ring {
+                                prop_assert!(matches!(st.hosts[other], HostStatus::Done | HostStatus::Failed | HostStatus::Skipped));
+                            }
+                        }
+                        st.hosts.insert(h.clone(), HostStatus::InFlight);
+                        progressed = true;
+                    }
+                    Step::Promote(r) => { st.rings.insert(*r, RingStatus::Complete); progressed = true; }
+                    Step::StartSoak(r) => { st.rings.insert(*r, RingStatus::Soaking { since_ms: 0 }); progressed = true; }
+                    Step::Halt(_) | Step::Done => return Ok(()),
+                    Step::AwaitApproval(_) | Step::Wait(_) => {}
+                }
+            }
+            for (pool, n) in out_of_service(&p, &st) {
+                prop_assert!(n <= p.pool_limit(&pool), "pool {pool}: {n} out, limit {}", p.pool_limit(&pool));
+            }
+            // Finish one in-flight host.
+            if let Some(h) = st.hosts.iter().find(|(_, s)| **s == HostStatus::InFlight).map(|(h, _)| h.clone()) {
+                let fails = fail_mask & (1 << (i % 64)) != 0 && i % 7 == 0;
+                i += 1;
+                st.hosts.insert(h, if fails { HostStatus::Failed } else { HostStatus::Done });
+                if fails { st.failures += 1; }
+                progressed = true;
+            }
+            if !progressed {
+                // Stuck only when failed hosts hold every slot of a pool.
+                let stuck_on_failures = st.hosts.values().any(|s| *s == HostStatus::Failed);
+                prop_assert!(stuck_on_failures, "no progress without failures: {steps:?}");
+                return Ok(());
+            }
+        }
+        prop_assert!(false, "did not finish");
+    }
+}
