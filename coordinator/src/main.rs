@@ -1,6 +1,35 @@
-//! ringfenced: parse arguments, load config, run. Everything else lives in the library.
+//! ringfence, the coordinator CLI: parse arguments, run, map errors to exit
+//! codes (0 ok, 1 failed, 2 usage, 3 config/input, 4 wave halted).
 use std::process::ExitCode;
 
+use clap::Parser;
+use ringfence_coordinator::cli::{self, Cli};
+
 fn main() -> ExitCode {
-    ExitCode::SUCCESS
+    let cli = Cli::parse();
+    ringfence::tls::install_crypto_provider();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RINGFENCE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ringfence: cannot start the runtime: {e}");
+            return ExitCode::from(cli::EXIT_FAILED);
+        }
+    };
+    match runtime.block_on(cli::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("ringfence: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
 }

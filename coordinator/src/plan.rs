@@ -413,7 +413,10 @@ pub fn next_steps(plan: &Plan, state: &WaveState) -> Vec<Step> {
                 if state.now_ms >= until {
                     vec![Step::Promote(ring)]
                 } else {
-                    vec![Step::Wait(format!("ring {ring} soaking until {until}"))]
+                    vec![Step::Wait(format!(
+                        "ring {ring} soaking, {} s left",
+                        (until - state.now_ms + 999) / 1000
+                    ))]
                 }
             }
             _ if rp.soak_s == 0 => vec![Step::Promote(ring)],

@@ -341,7 +341,7 @@ proptest! {
             }
             // Finish one in-flight host.
             if let Some(h) = st.hosts.iter().find(|(_, s)| **s == HostStatus::InFlight).map(|(h, _)| h.clone()) {
-                let fails = fail_mask & (1 << (i % 64)) != 0 && i % 7 == 0;
+                let fails = fail_mask & (1 << (i % 64)) != 0 && i.is_multiple_of(7);
                 i += 1;
                 st.hosts.insert(h, if fails { HostStatus::Failed } else { HostStatus::Done });
                 if fails { st.failures += 1; }

@@ -1,0 +1,951 @@
+//! The `ringfence` command line: argument structs and one function per
+//! command. `main.rs` parses, calls [`run`], and maps errors to exit codes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ringfence::config::Source;
+use ringfence::pb;
+use ringfence::time::{Clock, SystemClock};
+use ringfence::trust::TrustSet;
+
+use crate::approvals;
+use crate::inventory::Inventory;
+use crate::pki_cli::{KeysArgs, PkiArgs};
+use crate::plan::Plan;
+use crate::report::Reporter;
+use crate::settings::Settings;
+use crate::spec::WaveSpec;
+use crate::store::WaveStore;
+use crate::wave::{self, Driver, Outcome, TlsConnector};
+
+/// Exit code: bad usage (clap).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code: a config, inventory, spec or key file is unusable.
+pub const EXIT_CONFIG: u8 = 3;
+/// Exit code: the wave halted.
+pub const EXIT_HALTED: u8 = 4;
+/// Exit code: anything else failed.
+pub const EXIT_FAILED: u8 = 1;
+
+/// ringfence — patch a GPU fleet ring by ring without breaking all of it at once.
+#[derive(Debug, Parser)]
+#[command(name = "ringfence", version, about)]
+pub struct Cli {
+    /// Coordinator settings (default: ./ringfence.toml, then /etc/ringfence/coordinator.toml).
+    #[arg(long, global = true, env = "RINGFENCE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// A fleet CA for development and small fleets.
+    Pki(PkiArgs),
+    /// ed25519 keys for coordinators and approvers.
+    Keys(KeysArgs),
+    /// Check or enroll an inventory.
+    Inventory(InventoryArgs),
+    /// Ask hosts about their health.
+    Hosts(HostsArgs),
+    /// Plan, run and steer patch waves.
+    Wave(WaveArgs),
+    /// Break-glass approvals that raise a pool's out-of-service limit.
+    Breakglass(BreakglassArgs),
+    /// Check evidence packets.
+    Evidence(EvidenceArgs),
+    /// Run a whole simulated fleet on loopback and a wave through it.
+    Demo(DemoArgs),
+}
+
+/// `ringfence inventory`.
+#[derive(Debug, Args)]
+pub struct InventoryArgs {
+    #[command(subcommand)]
+    command: InventoryCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum InventoryCommand {
+    /// Validate an inventory file; print hosts per ring and pool.
+    Check {
+        /// Inventory file.
+        file: PathBuf,
+    },
+    /// Fetch attestation keys of hosts that have none (GetIdentity over mTLS) and write them in.
+    Enroll {
+        /// Inventory file.
+        #[arg(long)]
+        inventory: PathBuf,
+        /// Accept a changed key for this host (after a reinstall).
+        #[arg(long)]
+        rekey: Vec<String>,
+    },
+}
+
+/// `ringfence hosts`.
+#[derive(Debug, Args)]
+pub struct HostsArgs {
+    #[command(subcommand)]
+    command: HostsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum HostsCommand {
+    /// Query every host concurrently and print a health table (or JSON lines).
+    Health {
+        /// Inventory file.
+        #[arg(long)]
+        inventory: PathBuf,
+        /// One JSON object per host.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Call GetIdentity on one host.
+    Identity {
+        /// Inventory file.
+        #[arg(long)]
+        inventory: PathBuf,
+        /// Host id.
+        #[arg(long)]
+        host: String,
+    },
+}
+
+/// `ringfence wave`.
+#[derive(Debug, Args)]
+pub struct WaveArgs {
+    #[command(subcommand)]
+    command: WaveCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum WaveCommand {
+    /// Dry run: rings, batches, reserve math, protected rings.
+    Plan {
+        /// Inventory file.
+        #[arg(long)]
+        inventory: PathBuf,
+        /// Wave spec file.
+        #[arg(long)]
+        spec: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a wave.
+    Run {
+        /// Inventory file.
+        #[arg(long)]
+        inventory: PathBuf,
+        /// Wave spec file.
+        #[arg(long)]
+        spec: PathBuf,
+        /// JSON event stream on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Break-glass approval files.
+        #[arg(long = "break-glass")]
+        break_glass: Vec<PathBuf>,
+    },
+    /// Continue a wave after a crash or halt, with a decision per failed host.
+    Resume {
+        /// Wave id.
+        #[arg(long)]
+        wave: String,
+        /// Inventory file.
+        #[arg(long)]
+        inventory: PathBuf,
+        /// Run a failed host again from the start.
+        #[arg(long)]
+        retry: Vec<String>,
+        /// Skip a failed host (needs --reason).
+        #[arg(long)]
+        skip: Vec<String>,
+        /// Why the skipped hosts are skipped.
+        #[arg(long)]
+        reason: Option<String>,
+        /// JSON event stream on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Break-glass approval files.
+        #[arg(long = "break-glass")]
+        break_glass: Vec<PathBuf>,
+    },
+    /// Where a wave is (works while it runs, from another terminal).
+    Status {
+        /// Wave id.
+        #[arg(long)]
+        wave: String,
+        /// Print the snapshot as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Emergency stop: no new host starts; in-flight hosts finish their step.
+    Halt {
+        /// Wave id.
+        #[arg(long)]
+        wave: String,
+    },
+    /// End a wave for good (no resume).
+    Abort {
+        /// Wave id.
+        #[arg(long)]
+        wave: String,
+    },
+    /// Sign a ring approval (or import one signed elsewhere).
+    Approve {
+        /// Wave id.
+        #[arg(long)]
+        wave: String,
+        /// Ring to approve.
+        #[arg(long, required_unless_present = "import")]
+        ring: Option<u32>,
+        /// Approver key (PKCS#8 PEM).
+        #[arg(long, required_unless_present = "import")]
+        key: Option<PathBuf>,
+        /// Write the signed approval here instead of into the wave's approvals.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Add an approval file signed elsewhere to the wave's approvals.
+        #[arg(long)]
+        import: Option<PathBuf>,
+    },
+}
+
+/// `ringfence breakglass`.
+#[derive(Debug, Args)]
+pub struct BreakglassArgs {
+    #[command(subcommand)]
+    command: BreakglassCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum BreakglassCommand {
+    /// Sign (or countersign, with --add-to) a break-glass approval.
+    Sign {
+        /// Wave id.
+        #[arg(long)]
+        wave: String,
+        /// Pool whose limit is raised.
+        #[arg(long)]
+        pool: String,
+        /// New limit of hosts out of service at once.
+        #[arg(long)]
+        max_out: u32,
+        /// Why (recorded in the evidence).
+        #[arg(long)]
+        reason: String,
+        /// Approver key.
+        #[arg(long)]
+        key: PathBuf,
+        /// Output file (with --add-to: the file to countersign in place).
+        #[arg(long)]
+        out: PathBuf,
+        /// Countersign the existing file at --out.
+        #[arg(long)]
+        add_to: bool,
+        /// Validity, hours.
+        #[arg(long, default_value_t = 12)]
+        ttl_h: u64,
+    },
+}
+
+/// `ringfence evidence`.
+#[derive(Debug, Args)]
+pub struct EvidenceArgs {
+    #[command(subcommand)]
+    command: EvidenceCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum EvidenceCommand {
+    /// Check a packet's signature, its attestations and its approvals.
+    Verify {
+        /// Packet file.
+        packet: PathBuf,
+        /// Inventory with the enrolled host keys.
+        #[arg(long)]
+        inventory: PathBuf,
+        /// Trust file with coordinator and approver keys (default: from settings).
+        #[arg(long)]
+        trust: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `ringfence demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Run the whole wave to completion instead of failing a canary.
+    #[arg(long)]
+    pub all_healthy: bool,
+    /// Keep the fleet's files in this directory (default: a temporary one).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// JSON event stream on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A command failed; the exit code says how.
+#[derive(Debug)]
+pub struct Failure {
+    /// Exit code.
+    pub code: u8,
+    /// Message for stderr.
+    pub message: String,
+}
+
+fn config_err(e: impl std::fmt::Display) -> Failure {
+    Failure {
+        code: EXIT_CONFIG,
+        message: e.to_string(),
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> Failure {
+    Failure {
+        code: EXIT_FAILED,
+        message: e.to_string(),
+    }
+}
+
+/// Run a parsed command.
+pub async fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Pki(a) => crate::pki_cli::run_pki(&a.command)
+            .map(|s| print!("{s}"))
+            .map_err(config_err),
+        Command::Keys(a) => crate::pki_cli::run_keys(&a.command)
+            .map(|s| print!("{s}"))
+            .map_err(config_err),
+        Command::Inventory(a) => inventory(cli.config.as_deref(), a.command).await,
+        Command::Hosts(a) => hosts(cli.config.as_deref(), a.command).await,
+        Command::Wave(a) => wave_cmd(cli.config.as_deref(), a.command).await,
+        Command::Breakglass(a) => breakglass(a.command),
+        Command::Evidence(a) => evidence(cli.config.as_deref(), a.command),
+        Command::Demo(a) => crate::demo::run(a).await,
+    }
+}
+
+struct Env {
+    settings: Settings,
+    trust: TrustSet,
+    identity: ringfence::tls::ClientIdentity,
+}
+
+fn env(config: Option<&Path>) -> Result<Env, Failure> {
+    let settings = Settings::load(config).map_err(config_err)?;
+    let trust = TrustSet::load(&settings.trust_file).map_err(config_err)?;
+    let identity = ringfence::tls::ClientIdentity::load(
+        &settings.tls.cert,
+        &settings.tls.key,
+        &settings.tls.ca_bundle,
+    )
+    .map_err(config_err)?;
+    Ok(Env {
+        settings,
+        trust,
+        identity,
+    })
+}
+
+fn connector(env: &Env, inv: &Inventory) -> TlsConnector {
+    TlsConnector {
+        identity: env.identity.clone(),
+        trust_domain: inv.trust_domain.clone(),
+        connect_timeout: env.settings.timeouts.connect(),
+        rpc_timeout: env.settings.timeouts.rpc(),
+    }
+}
+
+async fn inventory(config: Option<&Path>, cmd: InventoryCommand) -> Result<(), Failure> {
+    match cmd {
+        InventoryCommand::Check { file } => {
+            let inv = Inventory::load(&file).map_err(config_err)?;
+            let s = inv.summary();
+            println!(
+                "{}: {} hosts, {} pools, trust domain {}",
+                file.display(),
+                inv.hosts.len(),
+                inv.pools.len(),
+                inv.trust_domain
+            );
+            for (r, n) in &s.per_ring {
+                println!("  ring {r}{}: {n} host(s)", crate::plan::ring_name(*r));
+            }
+            for (p, n) in &s.per_pool {
+                let pool = &inv.pools[p];
+                println!(
+                    "  pool {p}: {n} host(s), reserve {}% → {} out at once",
+                    pool.reserve_percent,
+                    n * pool.reserve_percent as usize / 100
+                );
+            }
+            if !s.unenrolled.is_empty() {
+                println!(
+                    "  not enrolled (run `ringfence inventory enroll`): {}",
+                    s.unenrolled.join(", ")
+                );
+            }
+            Ok(())
+        }
+        InventoryCommand::Enroll { inventory, rekey } => {
+            let env = env(config)?;
+            let inv = Inventory::load(&inventory).map_err(config_err)?;
+            let conn = connector(&env, &inv);
+            let mut refused = Vec::new();
+            for h in &inv.hosts {
+                use crate::wave::Connector;
+                let api = match conn.connect(h).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        println!("{}: unreachable: {e}", h.id);
+                        continue;
+                    }
+                };
+                let id = match api.identity().await {
+                    Ok(i) => i,
+                    Err(e) => {
+                        println!("{}: {e}", h.id);
+                        continue;
+                    }
+                };
+                let Ok(bytes) = <[u8; 32]>::try_from(id.attestation_public_key.as_slice()) else {
+                    println!("{}: malformed attestation key", h.id);
+                    continue;
+                };
+                let key = ringfence::keys::public_key_from_bytes(&bytes).map_err(config_err)?;
+                let text = ringfence::keys::public_key_text(&key);
+                match h.attestation_key {
+                    Some(k) if k == key => println!(
+                        "{}: enrolled, unchanged ({})",
+                        h.id, id.attestation_key_fingerprint
+                    ),
+                    Some(k) if !rekey.contains(&h.id) => {
+                        eprintln!(
+                            "{}: KEY CHANGED: enrolled {} but the host presents {} — reinstall or impersonation; refused (accept with --rekey {})",
+                            h.id,
+                            ringfence::keys::fingerprint(&k),
+                            id.attestation_key_fingerprint,
+                            h.id
+                        );
+                        refused.push(h.id.clone());
+                    }
+                    _ => {
+                        Inventory::set_attestation_key(&inventory, &h.id, &text)
+                            .map_err(config_err)?;
+                        println!("{}: enrolled {}", h.id, id.attestation_key_fingerprint);
+                    }
+                }
+            }
+            if refused.is_empty() {
+                Ok(())
+            } else {
+                Err(failed(format!(
+                    "changed keys refused for: {}",
+                    refused.join(", ")
+                )))
+            }
+        }
+    }
+}
+
+async fn hosts(config: Option<&Path>, cmd: HostsCommand) -> Result<(), Failure> {
+    let env = env(config)?;
+    match cmd {
+        HostsCommand::Identity { inventory, host } => {
+            let inv = Inventory::load(&inventory).map_err(config_err)?;
+            let h = inv.host(&host).ok_or_else(|| {
+                config_err(format!("no host `{host}` in {}", inventory.display()))
+            })?;
+            use crate::wave::Connector;
+            let api = connector(&env, &inv).connect(h).await.map_err(failed)?;
+            let id = api.identity().await.map_err(failed)?;
+            println!(
+                "host_id: {}\nspiffe_id: {}\nagent_version: {}\nboot_id: {}\nattestation_key_fingerprint: {}\nsequence_high_water: {}\ndraining: {}",
+                id.host_id,
+                id.spiffe_id,
+                id.agent_version,
+                id.boot_id,
+                id.attestation_key_fingerprint,
+                id.sequence_high_water,
+                id.draining
+            );
+            Ok(())
+        }
+        HostsCommand::Health { inventory, json } => {
+            let inv = Inventory::load(&inventory).map_err(config_err)?;
+            let rows =
+                crate::health_table::collect(&inv, Arc::new(connector(&env, &inv)), 64).await;
+            if json {
+                for r in &rows {
+                    println!("{}", serde_json::to_string(r).unwrap_or_default());
+                }
+            } else {
+                print!("{}", crate::health_table::render(&rows));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn parse_spec(path: &Path) -> Result<(WaveSpec, String), Failure> {
+    let src = Source::read(path).map_err(config_err)?;
+    let spec = WaveSpec::from_source(&src).map_err(config_err)?;
+    Ok((spec, src.text))
+}
+
+fn break_glass(
+    files: &[PathBuf],
+    trust: &TrustSet,
+    wave: &str,
+) -> Result<Vec<(approvals::BreakGlassGrant, pb::Envelope)>, Failure> {
+    let mut out = Vec::new();
+    for f in files {
+        let env = approvals::read_file(f).map_err(config_err)?;
+        let grant = approvals::check_breakglass(&env, trust, wave, ringfence::time::now_ms())
+            .map_err(|e| config_err(format!("break-glass {}: {e}", f.display())))?;
+        println!(
+            "break-glass in force: pool {} max_out {} ({}; approvers {})",
+            grant.pool,
+            grant.max_out,
+            grant.reason,
+            grant.approvers.join(", ")
+        );
+        out.push((grant, env));
+    }
+    Ok(out)
+}
+
+/// Build a driver for a wave.
+#[allow(clippy::too_many_arguments)]
+pub fn driver(
+    settings: &Settings,
+    trust: TrustSet,
+    inventory: Inventory,
+    spec: WaveSpec,
+    store: Arc<WaveStore>,
+    connector: Arc<dyn wave::Connector>,
+    reporter: Reporter,
+    break_glass: Vec<(approvals::BreakGlassGrant, pb::Envelope)>,
+) -> Result<Driver, Failure> {
+    let signer =
+        wave::load_signer(&settings.signing.key, &settings.signing.key_id).map_err(config_err)?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    Ok(Driver {
+        inventory,
+        spec,
+        trust,
+        signer,
+        store,
+        connector,
+        clock,
+        reporter,
+        poll_interval: Duration::from_millis(200),
+        state_dir: settings.state_dir.clone(),
+        break_glass,
+    })
+}
+
+fn outcome(o: Result<Outcome, wave::WaveError>, reporter: &Reporter) -> Result<(), Failure> {
+    reporter.finish();
+    match o {
+        Ok(Outcome::Completed) => {
+            println!("wave completed: every ring promoted");
+            Ok(())
+        }
+        Ok(Outcome::Halted(h)) => Err(Failure {
+            code: EXIT_HALTED,
+            message: format!(
+                "wave {} HALTED in ring {}: host {} step {} ({}): {}\nthe failed host is left drained; decide with `ringfence wave resume --wave {} --retry HOST | --skip HOST --reason ...` or `ringfence wave abort --wave {}`",
+                h.wave_id,
+                h.ring,
+                h.host.as_deref().unwrap_or("-"),
+                h.step,
+                h.kind,
+                h.reason,
+                h.wave_id,
+                h.wave_id
+            ),
+        }),
+        Err(
+            e @ (wave::WaveError::Plan(_)
+            | wave::WaveError::Exists(_)
+            | wave::WaveError::NeedsDecision { .. }
+            | wave::WaveError::BadDecision(_)
+            | wave::WaveError::NoState(_)
+            | wave::WaveError::Aborted(_)
+            | wave::WaveError::BreakGlass { .. }),
+        ) => Err(config_err(e)),
+        Err(e) => Err(failed(e)),
+    }
+}
+
+async fn wave_cmd(config: Option<&Path>, cmd: WaveCommand) -> Result<(), Failure> {
+    match cmd {
+        WaveCommand::Plan {
+            inventory,
+            spec,
+            json,
+        } => {
+            let inv = Inventory::load(&inventory).map_err(config_err)?;
+            let (spec, _) = parse_spec(&spec)?;
+            let plan =
+                Plan::build(&inv, &spec, &BTreeMap::new(), &BTreeMap::new()).map_err(config_err)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&crate::plan::render_json(&plan))
+                        .unwrap_or_default()
+                );
+            } else {
+                print!("{}", crate::plan::render_text(&plan));
+            }
+            Ok(())
+        }
+        WaveCommand::Run {
+            inventory,
+            spec,
+            json,
+            break_glass: bg,
+        } => {
+            let env = env(config)?;
+            let inv = Inventory::load(&inventory).map_err(config_err)?;
+            let (spec, text) = parse_spec(&spec)?;
+            let bg = break_glass(&bg, &env.trust, &spec.wave_id)?;
+            let store = Arc::new(
+                WaveStore::open(&env.settings.state_dir, &spec.wave_id).map_err(config_err)?,
+            );
+            store
+                .put_meta(wave::META_SPEC_TEXT, &text)
+                .map_err(failed)?;
+            let reporter = Reporter::new(json);
+            let conn = Arc::new(connector(&env, &inv));
+            let mut d = driver(
+                &env.settings,
+                env.trust,
+                inv,
+                spec,
+                store,
+                conn,
+                reporter.clone(),
+                bg,
+            )?;
+            outcome(d.run().await, &reporter)
+        }
+        WaveCommand::Resume {
+            wave: w,
+            inventory,
+            retry,
+            skip,
+            reason,
+            json,
+            break_glass: bg,
+        } => {
+            let env = env(config)?;
+            let inv = Inventory::load(&inventory).map_err(config_err)?;
+            if !skip.is_empty() && reason.as_deref().is_none_or(str::is_empty) {
+                return Err(config_err("--skip needs --reason \"...\""));
+            }
+            let store = Arc::new(WaveStore::open(&env.settings.state_dir, &w).map_err(config_err)?);
+            let text: String = store
+                .get_meta(wave::META_SPEC_TEXT)
+                .map_err(failed)?
+                .ok_or_else(|| {
+                    config_err(format!(
+                        "wave `{w}` has no state under {}",
+                        env.settings.state_dir.display()
+                    ))
+                })?;
+            let spec =
+                WaveSpec::from_source(&Source::from_text(format!("<stored spec of {w}>"), text))
+                    .map_err(config_err)?;
+            let bg = break_glass(&bg, &env.trust, &w)?;
+            let reporter = Reporter::new(json);
+            let conn = Arc::new(connector(&env, &inv));
+            let skip: Vec<(String, String)> = skip
+                .into_iter()
+                .map(|h| (h, reason.clone().unwrap_or_default()))
+                .collect();
+            let mut d = driver(
+                &env.settings,
+                env.trust,
+                inv,
+                spec,
+                store,
+                conn,
+                reporter.clone(),
+                bg,
+            )?;
+            outcome(d.resume(&retry, &skip).await, &reporter)
+        }
+        WaveCommand::Status { wave: w, json } => {
+            let settings = Settings::load(config).map_err(config_err)?;
+            let path = crate::store::WavePaths::new(&settings.state_dir, &w).status;
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                config_err(format!(
+                    "{}: {e} (no such wave, or it never started)",
+                    path.display()
+                ))
+            })?;
+            if json {
+                println!("{text}");
+                return Ok(());
+            }
+            let s: wave::StatusSnapshot = serde_json::from_str(&text).map_err(failed)?;
+            println!("{}", crate::report::summary(&s));
+            for (r, v) in &s.rings {
+                println!(
+                    "  ring {r}{}: {} ({}) {:?}",
+                    crate::plan::ring_name(*r),
+                    v.status,
+                    v.approval,
+                    v.counts
+                );
+            }
+            for (p, (out, max)) in &s.pools {
+                println!("  pool {p}: {out} out of service, limit {max}");
+            }
+            for b in &s.break_glass {
+                println!("  break-glass: {b}");
+            }
+            if let Some(n) = &s.next_window {
+                println!("  next maintenance window opens {n}");
+            }
+            if let Some(h) = &s.halt {
+                println!(
+                    "  HALT: ring {} host {} step {} ({}): {}",
+                    h.ring,
+                    h.host.as_deref().unwrap_or("-"),
+                    h.step,
+                    h.kind,
+                    h.reason
+                );
+            }
+            Ok(())
+        }
+        WaveCommand::Halt { wave: w } => {
+            let settings = Settings::load(config).map_err(config_err)?;
+            let paths = crate::store::WavePaths::new(&settings.state_dir, &w);
+            crate::store::write_atomic(
+                &paths.halt,
+                format!("halt requested at {}\n", ringfence::time::now_ms()).as_bytes(),
+            )
+            .map_err(failed)?;
+            println!(
+                "halt requested for wave {w}: no new host starts; hosts in flight finish their current step"
+            );
+            Ok(())
+        }
+        WaveCommand::Abort { wave: w } => {
+            let settings = Settings::load(config).map_err(config_err)?;
+            let store = WaveStore::open(&settings.state_dir, &w).map_err(config_err)?;
+            wave::abort(&store).map_err(failed)?;
+            println!(
+                "wave {w} aborted; hosts left drained stay drained until an operator undrains them"
+            );
+            Ok(())
+        }
+        WaveCommand::Approve {
+            wave: w,
+            ring,
+            key,
+            out,
+            import,
+        } => {
+            let settings = Settings::load(config).map_err(config_err)?;
+            let trust = TrustSet::load(&settings.trust_file).map_err(config_err)?;
+            let dir = approvals::approvals_dir(&settings.state_dir, &w);
+            if let Some(file) = import {
+                let env = approvals::read_file(&file).map_err(config_err)?;
+                let a: pb::RingApproval =
+                    prost::Message::decode(env.payload.as_slice()).map_err(config_err)?;
+                if a.wave_id != w {
+                    return Err(config_err(format!(
+                        "{} approves wave `{}`, not `{w}`",
+                        file.display(),
+                        a.wave_id
+                    )));
+                }
+                let name = format!("ring-{}-import-{}.json", a.ring, ringfence::time::now_ms());
+                approvals::write_file(&dir.join(&name), &env).map_err(failed)?;
+                println!(
+                    "imported approval for wave {w} ring {} into {}",
+                    a.ring,
+                    dir.display()
+                );
+                return Ok(());
+            }
+            let (Some(ring), Some(key)) = (ring, key) else {
+                return Err(config_err("--ring and --key are required"));
+            };
+            let signing = ringfence::keys::read_signing_key(&key).map_err(config_err)?;
+            let own = wave::load_signer(&settings.signing.key, &settings.signing.key_id).ok();
+            if own.is_some_and(|s| s.key.verifying_key() == signing.verifying_key()) {
+                return Err(config_err(
+                    "this is the wave's coordinator key; a coordinator key can never approve",
+                ));
+            }
+            let key_id = approvals::check_signing_key(&trust, &signing).map_err(config_err)?;
+            let status_path = crate::store::WavePaths::new(&settings.state_dir, &w).status;
+            let text = std::fs::read_to_string(&status_path).map_err(|e| {
+                config_err(format!(
+                    "{}: {e} (start the wave first; approvals cover the ring's planned hosts)",
+                    status_path.display()
+                ))
+            })?;
+            let s: wave::StatusSnapshot = serde_json::from_str(&text).map_err(failed)?;
+            let hosts = s
+                .ring_hosts
+                .get(&ring)
+                .cloned()
+                .ok_or_else(|| config_err(format!("wave {w} has no ring {ring}")))?;
+            let now = ringfence::time::now_ms();
+            let approval = pb::RingApproval {
+                wave_id: w.clone(),
+                ring,
+                profile: s.profile.clone(),
+                version: s.version.clone(),
+                rollback_version: s.rollback_version.clone(),
+                host_ids: hosts.clone(),
+                issued_at_unix_ms: now,
+                expires_at_unix_ms: now + 24 * 3600 * 1000,
+                approver: key_id.clone(),
+            };
+            let env = approvals::sign_ring(&approval, &key_id, &signing);
+            let path = out.unwrap_or_else(|| dir.join(format!("ring-{ring}-{key_id}.json")));
+            approvals::write_file(&path, &env).map_err(failed)?;
+            println!(
+                "approved wave {w} ring {ring} ({} hosts, {} {}) as {key_id}: {}",
+                hosts.len(),
+                s.profile,
+                s.version,
+                path.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn breakglass(cmd: BreakglassCommand) -> Result<(), Failure> {
+    match cmd {
+        BreakglassCommand::Sign {
+            wave: w,
+            pool,
+            max_out,
+            reason,
+            key,
+            out,
+            add_to,
+            ttl_h,
+        } => {
+            let signing = ringfence::keys::read_signing_key(&key).map_err(config_err)?;
+            let key_id = ringfence::keys::fingerprint(&signing.verifying_key());
+            if add_to {
+                let mut env = approvals::read_file(&out).map_err(config_err)?;
+                ringfence::envelope::add_signature(&mut env, &key_id, &signing);
+                approvals::write_file(&out, &env).map_err(failed)?;
+                println!("countersigned {}", out.display());
+                return Ok(());
+            }
+            let now = ringfence::time::now_ms();
+            let bg = pb::BreakGlass {
+                wave_id: w,
+                pool,
+                max_out,
+                reason,
+                issued_at_unix_ms: now,
+                expires_at_unix_ms: now + i64::try_from(ttl_h).unwrap_or(12) * 3600 * 1000,
+                approver: key_id.clone(),
+            };
+            approvals::write_file(&out, &approvals::sign_breakglass(&bg, &key_id, &signing))
+                .map_err(failed)?;
+            println!(
+                "signed break-glass {}; a second approver countersigns with --add-to",
+                out.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn evidence(config: Option<&Path>, cmd: EvidenceCommand) -> Result<(), Failure> {
+    match cmd {
+        EvidenceCommand::Verify {
+            packet,
+            inventory,
+            trust,
+            json,
+        } => {
+            let trust_path = match trust {
+                Some(t) => t,
+                None => Settings::load(config).map_err(config_err)?.trust_file,
+            };
+            let trust = TrustSet::load(&trust_path).map_err(config_err)?;
+            let inv = Inventory::load(&inventory).map_err(config_err)?;
+            let bytes = std::fs::read(&packet)
+                .map_err(|e| config_err(format!("{}: {e}", packet.display())))?;
+            let v = crate::evidence::verify(&bytes, &trust, &inv.enrolled_keys())
+                .map_err(|e| failed(format!("{}: INVALID: {e}", packet.display())))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                let p = &v.packet;
+                println!("{}: VALID, signed by {}", packet.display(), v.signed_by);
+                println!(
+                    "  wave {} ring {}{}: {} ({} hosts), {} {}",
+                    p.wave_id,
+                    p.ring,
+                    crate::plan::ring_name(p.ring),
+                    p.outcome,
+                    p.hosts.len(),
+                    p.profile,
+                    p.version
+                );
+                if let Some(r) = &p.halt_reason {
+                    println!("  halt: {r}");
+                }
+                for h in &p.hosts {
+                    println!(
+                        "  {} [{}] {}: {} {} → {} {}{}",
+                        h.host_id,
+                        h.pool,
+                        h.phase,
+                        h.verdict_before,
+                        h.driver_before,
+                        h.verdict_after,
+                        h.driver_after,
+                        h.failure
+                            .as_ref()
+                            .map(|f| format!(" FAILED {} {}: {}", f.0, f.1, f.2))
+                            .unwrap_or_default()
+                    );
+                }
+                println!(
+                    "  attestations verified: {}; approvals verified: {} (approvers: {})",
+                    v.attestations_checked,
+                    v.approvals_checked,
+                    v.approvers.join(", ")
+                );
+                if let Some(rp) = &p.rollback_proof {
+                    println!(
+                        "  rollback proof: {} went {}",
+                        rp.host_id,
+                        rp.versions.join(" → ")
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! `ringfence demo`: a whole simulated fleet on loopback — 20 real agents
+//! (in-process, simulated GPUs, real mTLS with a throwaway PKI, real
+//! signatures), 5 rings, 2 pools — and a wave through it. By default one
+//! ring-2 canary gets uncorrected ECC errors from the new driver: the wave
+//! must halt there, rings 3 and 4 must be untouched (no task in any of
+//! their agents' journals), and the failed canary must stay drained.
+//! `--all-healthy` runs the wave to completion. Exits 0 only when the wave
+//! behaved as the scenario expects.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ringfence::config::Source;
+use ringfence::pb;
+use ringfence::spiffe::{Role, SpiffeId};
+use ringfence::trust::TrustSet;
+
+use crate::approvals;
+use crate::cli::{DemoArgs, Failure};
+use crate::fleet::{self, Fleet, Mode};
+use crate::inventory::Inventory;
+use crate::plan::Plan;
+use crate::report::Reporter;
+use crate::settings::Settings;
+use crate::spec::WaveSpec;
+use crate::store::WaveStore;
+use crate::wave::{Outcome, TlsConnector};
+
+fn fail(message: impl Into<String>) -> Failure {
+    Failure {
+        code: crate::cli::EXIT_FAILED,
+        message: message.into(),
+    }
+}
+
+/// Tasks recorded in a host's journal (asked over mTLS with ListTasks).
+async fn journal(
+    f: &Fleet,
+    host: &str,
+    id: &ringfence::tls::ClientIdentity,
+) -> Result<Vec<pb::TaskStatus>, String> {
+    let h = f
+        .hosts
+        .iter()
+        .find(|h| h.spec.id == host)
+        .ok_or("no such host")?;
+    let expected =
+        SpiffeId::new(fleet::TRUST_DOMAIN, Role::Host, host).map_err(|e| e.to_string())?;
+    let ch = ringfence::tls::connect(&h.addr.to_string(), &expected, id)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut c = pb::agent_client::AgentClient::new(ch);
+    c.list_tasks(pb::ListTasksRequest {
+        wave_id: String::new(),
+    })
+    .await
+    .map(|r| r.into_inner().tasks)
+    .map_err(|e| e.to_string())
+}
+
+/// Run the demo.
+pub async fn run(args: DemoArgs) -> Result<(), Failure> {
+    let started = Instant::now();
+    let root = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(|e| fail(format!("{}: {e}", d.display())))?;
+            d.clone()
+        }
+        None => tempdir().map_err(fail)?,
+    };
+    let say = |s: &str| {
+        if !args.json {
+            println!("demo: {s}");
+        }
+    };
+    say(&format!("building a simulated fleet in {}", root.display()));
+    let mut fleet = Fleet::start(
+        &root,
+        fleet::demo_hosts(!args.all_healthy),
+        Mode::InProcess,
+        2,
+    )
+    .await
+    .map_err(|e| fail(e.to_string()))?;
+    say(&format!(
+        "{} agents up (real mTLS, throwaway CA, simulated GPUs on driver {})",
+        fleet.hosts.len(),
+        fleet::OLD_VERSION
+    ));
+
+    let spec_path = fleet
+        .write_spec(
+            "demo-wave",
+            "[ring.0]\nbatch_size = 2\nsoak_s = 1\n[ring.1]\nbatch_size = 2\nsoak_s = 1\n[ring.2]\nbatch_size = 2\nsoak_s = 1\n[ring.3]\nbatch_size = 4\nsoak_s = 1\n[ring.4]\nbatch_size = 2\nsoak_s = 0\n",
+        )
+        .map_err(|e| fail(e.to_string()))?;
+    let settings = Settings::load(Some(&fleet.settings)).map_err(|e| fail(e.to_string()))?;
+    let trust = TrustSet::load(&settings.trust_file).map_err(|e| fail(e.to_string()))?;
+    let inv = Inventory::load(&fleet.inventory).map_err(|e| fail(e.to_string()))?;
+    let src = Source::read(&spec_path).map_err(|e| fail(e.to_string()))?;
+    let spec = WaveSpec::from_source(&src).map_err(|e| fail(e.to_string()))?;
+
+    // The two throwaway approvers sign the protected rings up front.
+    let plan = Plan::build(&inv, &spec, &BTreeMap::new(), &BTreeMap::new())
+        .map_err(|e| fail(e.to_string()))?;
+    let dir = approvals::approvals_dir(&settings.state_dir, &spec.wave_id);
+    for (i, key_path) in fleet.approver_keys.iter().enumerate() {
+        let key = ringfence::keys::read_signing_key(key_path).map_err(|e| fail(e.to_string()))?;
+        for r in &spec.protected_rings {
+            let Some(rp) = plan.rings.get(r) else {
+                continue;
+            };
+            let now = ringfence::time::now_ms();
+            let a = pb::RingApproval {
+                wave_id: spec.wave_id.clone(),
+                ring: *r,
+                profile: spec.profile.clone(),
+                version: spec.version.clone(),
+                rollback_version: spec.rollback_version.clone(),
+                host_ids: rp.hosts.clone(),
+                issued_at_unix_ms: now,
+                expires_at_unix_ms: now + 3_600_000,
+                approver: format!("approver-{i}"),
+            };
+            let env = approvals::sign_ring(&a, &format!("approver-{i}"), &key);
+            approvals::write_file(&dir.join(format!("ring-{r}-approver-{i}.json")), &env)
+                .map_err(|e| fail(e.to_string()))?;
+        }
+    }
+    say("two approvers signed rings 2, 3 and 4; starting the wave");
+
+    let identity = ringfence::tls::ClientIdentity::load(
+        &settings.tls.cert,
+        &settings.tls.key,
+        &settings.tls.ca_bundle,
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    let connector = Arc::new(TlsConnector {
+        identity: identity.clone(),
+        trust_domain: inv.trust_domain.clone(),
+        connect_timeout: Duration::from_secs(3),
+        rpc_timeout: Duration::from_secs(10),
+    });
+    let store = Arc::new(
+        WaveStore::open(&settings.state_dir, &spec.wave_id).map_err(|e| fail(e.to_string()))?,
+    );
+    store
+        .put_meta(crate::wave::META_SPEC_TEXT, &src.text)
+        .map_err(|e| fail(e.to_string()))?;
+    let reporter = Reporter::new(args.json);
+    let mut driver = crate::cli::driver(
+        &settings,
+        trust,
+        inv.clone(),
+        spec.clone(),
+        store,
+        connector,
+        reporter.clone(),
+        Vec::new(),
+    )?;
+    driver.poll_interval = Duration::from_millis(50);
+    let outcome = driver.run().await;
+    reporter.finish();
+    let outcome = outcome.map_err(|e| fail(e.to_string()))?;
+
+    // Judge the wave by what the agents recorded.
+    let mut problems = Vec::new();
+    let mut tasks_by_ring: BTreeMap<u32, usize> = BTreeMap::new();
+    for h in &fleet.hosts {
+        let tasks = journal(&fleet, &h.spec.id, &identity).await.map_err(fail)?;
+        *tasks_by_ring.entry(h.spec.ring).or_default() += tasks.len();
+    }
+    let evidence_dir =
+        crate::store::WavePaths::new(&settings.state_dir, &spec.wave_id).evidence_dir;
+    match (&outcome, args.all_healthy) {
+        (Outcome::Halted(h), false) => {
+            say(&format!(
+                "wave HALTED in ring {} at host {} (step {}, {}): {}",
+                h.ring,
+                h.host.as_deref().unwrap_or("-"),
+                h.step,
+                h.kind,
+                h.reason
+            ));
+            if h.ring != 2 {
+                problems.push(format!("expected the halt in ring 2, got ring {}", h.ring));
+            }
+            for r in [3u32, 4] {
+                let n = tasks_by_ring.get(&r).copied().unwrap_or(0);
+                if n == 0 {
+                    say(&format!(
+                        "ring {r}: untouched — 0 tasks in its agents' journals"
+                    ));
+                } else {
+                    problems.push(format!("ring {r} agents recorded {n} task(s)"));
+                }
+            }
+            if let Some(failed) = &h.host {
+                let still_drained = fleet
+                    .hosts
+                    .iter()
+                    .find(|x| &x.spec.id == failed)
+                    .map(|x| x.driver_version() == fleet::NEW_VERSION);
+                let tasks = journal(&fleet, failed, &identity).await.map_err(fail)?;
+                let undrained = tasks.iter().any(|t| t.action == "undrain");
+                if undrained {
+                    problems.push(format!("{failed} was undrained"));
+                } else {
+                    say(&format!(
+                        "{failed}: left drained for a human (no undrain in its journal); on the new driver: {}",
+                        still_drained.unwrap_or(false)
+                    ));
+                }
+            }
+        }
+        (Outcome::Completed, true) => {
+            say("wave COMPLETED: every ring promoted");
+            for h in &fleet.hosts {
+                if h.driver_version() != fleet::NEW_VERSION {
+                    problems.push(format!("{} is on {}", h.spec.id, h.driver_version()));
+                }
+            }
+            if problems.is_empty() {
+                say(&format!(
+                    "all {} hosts on {} and back in service",
+                    fleet.hosts.len(),
+                    fleet::NEW_VERSION
+                ));
+            }
+        }
+        (o, _) => problems.push(format!("unexpected outcome {o:?}")),
+    }
+    // Verify the evidence packets written.
+    let enrolled = inv.enrolled_keys();
+    let trust = TrustSet::load(&settings.trust_file).map_err(|e| fail(e.to_string()))?;
+    if let Ok(entries) = std::fs::read_dir(&evidence_dir) {
+        let mut paths: Vec<_> = entries.filter_map(Result::ok).map(|e| e.path()).collect();
+        paths.sort();
+        for p in paths {
+            let bytes = std::fs::read(&p).map_err(|e| fail(e.to_string()))?;
+            match crate::evidence::verify(&bytes, &trust, &enrolled) {
+                Ok(v) => say(&format!(
+                    "evidence {}: VALID ({} outcome, {} attestations, {} approvals)",
+                    p.display(),
+                    v.packet.outcome,
+                    v.attestations_checked,
+                    v.approvals_checked
+                )),
+                Err(e) => problems.push(format!("evidence {}: {e}", p.display())),
+            }
+        }
+    }
+    fleet.shutdown().await;
+    drop(fleet);
+    if args.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&root);
+    }
+    say(&format!(
+        "finished in {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+    if problems.is_empty() {
+        say("the wave behaved as the scenario expects");
+        Ok(())
+    } else {
+        Err(fail(format!(
+            "the wave did NOT behave as expected: {}",
+            problems.join("; ")
+        )))
+    }
+}
+
+fn tempdir() -> Result<std::path::PathBuf, String> {
+    let base = std::env::temp_dir().join(format!(
+        "ringfence-demo-{}-{}",
+        std::process::id(),
+        ringfence::time::now_ms()
+    ));
+    std::fs::create_dir_all(&base).map_err(|e| format!("{}: {e}", base.display()))?;
+    Ok(base)
+}

@@ -1,0 +1,1042 @@
+//! The I/O loop of `wave run` / `wave resume`: carries out what the pure
+//! sequencer ([`crate::plan::next_steps`]) says, one host pipeline
+//! ([`crate::hostrun`]) per started host, and persists everything to the
+//! wave store before acting on it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use ringfence::pb;
+use ringfence::time::Clock;
+use ringfence::trust::TrustSet;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::approvals::{self, BreakGlassGrant, RingScope};
+use crate::client::HostApi;
+use crate::evidence;
+use crate::hostrun::{self, Ctx, HostJob, HostRecord, Params, Phase, Signer};
+use crate::inventory::Inventory;
+use crate::plan::{self, HostStatus, Plan, RingStatus, Step, WaveState};
+use crate::report::{Event, Reporter};
+use crate::spec::{OnFailure, WaveSpec};
+use crate::store::{StoreError, WaveStore};
+
+/// Opens a connection to a host (the seam tests and the demo fill).
+#[tonic::async_trait]
+pub trait Connector: Send + Sync {
+    /// A client for `host`, or why it cannot be reached.
+    async fn connect(&self, host: &crate::inventory::Host) -> Result<Arc<dyn HostApi>, String>;
+}
+
+/// The real connector: mTLS to the host's address, pinned to its SPIFFE id.
+#[derive(Debug, Clone)]
+pub struct TlsConnector {
+    /// Operator identity.
+    pub identity: ringfence::tls::ClientIdentity,
+    /// Trust domain of the fleet.
+    pub trust_domain: String,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Per-RPC timeout.
+    pub rpc_timeout: Duration,
+}
+
+#[tonic::async_trait]
+impl Connector for TlsConnector {
+    async fn connect(&self, host: &crate::inventory::Host) -> Result<Arc<dyn HostApi>, String> {
+        let expected = ringfence::spiffe::SpiffeId::new(
+            &self.trust_domain,
+            ringfence::spiffe::Role::Host,
+            &host.id,
+        )
+        .map_err(|e| e.to_string())?;
+        let ch = ringfence::tls::connect_with_timeout(
+            &host.address,
+            &expected,
+            &self.identity,
+            self.connect_timeout,
+        )
+        .await
+        .map_err(|e| format!("host `{}` unreachable: {e}", host.id))?;
+        Ok(Arc::new(crate::client::GrpcHost::new(
+            &host.id,
+            ch,
+            self.rpc_timeout,
+        )))
+    }
+}
+
+/// Why the wave stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaltReport {
+    /// Wave id.
+    pub wave_id: String,
+    /// Ring in progress.
+    pub ring: u32,
+    /// Failed host, if a host failed.
+    pub host: Option<String>,
+    /// Step that failed.
+    pub step: String,
+    /// Failure class.
+    pub kind: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every ring complete.
+    Completed,
+    /// Halted; hosts named in the report are left drained.
+    Halted(HaltReport),
+}
+
+/// The wave could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum WaveError {
+    /// the wave store failed
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// the wave cannot be planned
+    #[error(transparent)]
+    Plan(#[from] plan::PlanError),
+    /// the host pipeline failed to persist
+    #[error(transparent)]
+    HostRun(#[from] hostrun::HostRunError),
+    /// the wave already has state
+    #[error("wave `{0}` already has state; use `ringfence wave resume --wave {0}`")]
+    Exists(String),
+    /// resume without state
+    #[error("wave `{0}` has no state to resume")]
+    NoState(String),
+    /// resume needs a decision for each failed host
+    #[error(
+        "wave `{wave}` halted; decide for each failed host with --retry HOST or --skip HOST --reason TEXT (or `ringfence wave abort`): {hosts}"
+    )]
+    NeedsDecision { wave: String, hosts: String },
+    /// a decision names a host that did not fail
+    #[error("--retry/--skip `{0}`: that host has not failed in this wave")]
+    BadDecision(String),
+    /// the wave was aborted
+    #[error("wave `{0}` was aborted")]
+    Aborted(String),
+    /// a break-glass file is not acceptable
+    #[error("break-glass {path}: {reason}")]
+    BreakGlass { path: PathBuf, reason: String },
+}
+
+/// What the loop needs.
+pub struct Driver {
+    /// The inventory.
+    pub inventory: Inventory,
+    /// The spec.
+    pub spec: WaveSpec,
+    /// Trust file (approver and coordinator keys).
+    pub trust: TrustSet,
+    /// Coordinator key.
+    pub signer: Signer,
+    /// Store.
+    pub store: Arc<WaveStore>,
+    /// Connections.
+    pub connector: Arc<dyn Connector>,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+    /// Output.
+    pub reporter: Reporter,
+    /// Interval of task polls and loop ticks.
+    pub poll_interval: Duration,
+    /// Coordinator state dir (approvals directory lives there).
+    pub state_dir: PathBuf,
+    /// Verified break-glass grants.
+    pub break_glass: Vec<(BreakGlassGrant, pb::Envelope)>,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("wave", &self.spec.wave_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Status snapshot written for `wave status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusSnapshot {
+    /// Wave id.
+    pub wave_id: String,
+    /// "running", "awaiting_approval", "waiting_window", "soaking", "halted", "completed", "aborted".
+    pub phase: String,
+    /// Current ring.
+    pub ring: Option<u32>,
+    /// Per ring: status and host counts by status.
+    pub rings: BTreeMap<u32, RingView>,
+    /// Per pool: out of service now, and the limit.
+    pub pools: BTreeMap<String, (usize, usize)>,
+    /// Failures so far, and the budget.
+    pub failures: (u32, u32),
+    /// Halt report, if halted.
+    pub halt: Option<HaltReport>,
+    /// Next window opening, if waiting for one.
+    pub next_window: Option<String>,
+    /// Break-glass grants in force.
+    pub break_glass: Vec<String>,
+    /// Hosts of the current ring for `wave approve`.
+    pub ring_hosts: BTreeMap<u32, Vec<String>>,
+    /// Profile and version (for `wave approve`).
+    pub profile: String,
+    /// Version.
+    pub version: String,
+    /// Rollback version (for `wave approve`).
+    pub rollback_version: String,
+    /// Started / updated, ms since the epoch.
+    pub started_at_ms: i64,
+    /// Updated.
+    pub updated_at_ms: i64,
+    /// Per host phase and failure.
+    pub hosts: BTreeMap<String, String>,
+}
+
+/// One ring in the status snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RingView {
+    /// Status name.
+    pub status: String,
+    /// Hosts by status.
+    pub counts: BTreeMap<String, usize>,
+    /// Protected and approved?
+    pub approval: String,
+}
+
+const META_SPEC: &str = "spec";
+/// Meta key holding the wave spec's source text (re-parsed on resume).
+pub const META_SPEC_TEXT: &str = "spec_text";
+const META_PLAN: &str = "plan";
+const META_STATE: &str = "state";
+const META_STARTED: &str = "started_at_ms";
+const META_ABORTED: &str = "aborted";
+const META_HALT: &str = "halt";
+
+impl Driver {
+    /// Start a new wave: probe hosts, plan, persist, run.
+    pub async fn run(&mut self) -> Result<Outcome, WaveError> {
+        if self.store.get_meta::<Plan>(META_PLAN)?.is_some() {
+            return Err(WaveError::Exists(self.spec.wave_id.clone()));
+        }
+        let out_before = self.probe().await;
+        let overrides: BTreeMap<String, u32> = self
+            .break_glass
+            .iter()
+            .map(|(g, _)| (g.pool.clone(), g.max_out))
+            .collect();
+        let plan = Plan::build(&self.inventory, &self.spec, &out_before, &overrides)?;
+        self.store.put_meta(META_SPEC, &self.spec)?;
+        self.store.put_meta(META_PLAN, &plan)?;
+        self.store.put_meta(META_STARTED, &self.clock.now_ms())?;
+        let state = WaveState::new(&plan);
+        self.store.put_meta(META_STATE, &state)?;
+        self.store
+            .append_event(&Event::started(&self.spec.wave_id))?;
+        self.reporter.emit(&Event::planned(&plan));
+        self.drive(plan, state).await
+    }
+
+    /// Continue a wave after a crash or a halt, with operator decisions.
+    pub async fn resume(
+        &mut self,
+        retry: &[String],
+        skip: &[(String, String)],
+    ) -> Result<Outcome, WaveError> {
+        let wave = self.spec.wave_id.clone();
+        let Some(plan) = self.store.get_meta::<Plan>(META_PLAN)? else {
+            return Err(WaveError::NoState(wave));
+        };
+        if self.store.get_meta::<bool>(META_ABORTED)?.unwrap_or(false) {
+            return Err(WaveError::Aborted(wave));
+        }
+        let mut state: WaveState = self
+            .store
+            .get_meta(META_STATE)?
+            .unwrap_or_else(|| WaveState::new(&plan));
+        let failed: Vec<String> = state
+            .hosts
+            .iter()
+            .filter(|(_, s)| **s == HostStatus::Failed)
+            .map(|(h, _)| h.clone())
+            .collect();
+        for h in retry.iter().chain(skip.iter().map(|(h, _)| h)) {
+            if !failed.contains(h) {
+                return Err(WaveError::BadDecision(h.clone()));
+            }
+        }
+        let halted = self.store.get_meta::<HaltReport>(META_HALT)?.is_some();
+        let undecided: Vec<&String> = failed
+            .iter()
+            .filter(|h| !retry.contains(h) && !skip.iter().any(|(s, _)| s == *h))
+            .collect();
+        if halted && state.failures > plan.failure_budget && !undecided.is_empty() {
+            return Err(WaveError::NeedsDecision {
+                wave,
+                hosts: undecided
+                    .iter()
+                    .map(|h| h.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        for h in retry {
+            if let Some(mut rec) = self.store.get_host::<HostRecord>(h)? {
+                // Start over from attest-before; the agent's journal keeps
+                // every earlier task id, so nothing already done reruns.
+                rec.phase = Phase::Pending;
+                rec.failure = None;
+                rec.before = None;
+                rec.after = None;
+                rec.drill.clear();
+                self.store.put_host(h, &rec)?;
+            }
+            state.hosts.insert(h.clone(), HostStatus::Pending);
+            state.failures = state.failures.saturating_sub(1);
+            self.store.append_event(&Event::decision(h, "retry", ""))?;
+        }
+        for (h, reason) in skip {
+            state.hosts.insert(h.clone(), HostStatus::Skipped);
+            state.failures = state.failures.saturating_sub(1);
+            self.store
+                .append_event(&Event::decision(h, "skip", reason))?;
+        }
+        state.halt_requested = false;
+        let _ = std::fs::remove_file(&self.store.paths.halt);
+        self.store
+            .put_meta::<Option<HaltReport>>(META_HALT, &None)?;
+        self.store.put_meta(META_STATE, &state)?;
+        self.reporter.emit(&Event::resumed(&wave));
+        self.drive(plan, state).await
+    }
+
+    async fn probe(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        let sem = Arc::new(tokio::sync::Semaphore::new(64));
+        let mut tasks = Vec::new();
+        for h in self.inventory.hosts.clone() {
+            let c = self.connector.clone();
+            let sem = sem.clone();
+            tasks.push(tokio::spawn(async move {
+                let _permit = sem.acquire_owned().await;
+                let r = match c.connect(&h).await {
+                    Ok(api) => api.health().await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                };
+                (h.id, r)
+            }));
+        }
+        for t in tasks {
+            if let Ok((id, r)) = t.await {
+                match r {
+                    Ok(rep) if rep.verdict == pb::Verdict::Unhealthy as i32 => {
+                        let why = rep
+                            .reasons
+                            .first()
+                            .map(|r| r.code.clone())
+                            .unwrap_or_default();
+                        out.insert(id, format!("UNHEALTHY ({why})"));
+                    }
+                    Ok(rep) if rep.draining => {
+                        out.insert(id, "already drained".into());
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        // Unreachable hosts are found by their own pipeline.
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn params(&self) -> Params {
+        let s = &self.spec;
+        Params {
+            wave_id: s.wave_id.clone(),
+            profile: s.profile.clone(),
+            version: s.version.clone(),
+            expect_driver_version: s.expect_driver_version.clone(),
+            expect_cuda_version: s.expect_cuda_version.clone(),
+            task_lifetime_ms: i64::try_from(s.task_lifetime_s).unwrap_or(900) * 1000,
+            task_timeout_ms: i64::try_from(s.task_timeout_s).unwrap_or(1800) * 1000,
+            attestation_max_age_ms: i64::try_from(s.attestation_max_age_s).unwrap_or(300) * 1000,
+            poll_interval: self.poll_interval,
+            rollback_on_failure: s.on_failure == OnFailure::Rollback,
+            rollback_version: s.rollback_version.clone(),
+        }
+    }
+
+    fn ring_approvals(&self, plan: &Plan, ring: u32) -> approvals::RingApprovals {
+        let hosts = plan
+            .rings
+            .get(&ring)
+            .map(|r| r.hosts.clone())
+            .unwrap_or_default();
+        approvals::collect_ring(
+            &approvals::approvals_dir(&self.state_dir, &self.spec.wave_id),
+            &self.trust,
+            &RingScope {
+                wave_id: &self.spec.wave_id,
+                ring,
+                profile: &self.spec.profile,
+                version: &self.spec.version,
+                hosts: &hosts,
+            },
+            self.clock.now_ms(),
+        )
+    }
+
+    async fn drive(&mut self, plan: Plan, mut state: WaveState) -> Result<Outcome, WaveError> {
+        let halt_flag = Arc::new(AtomicBool::new(false));
+        let ctx = Ctx {
+            params: Arc::new(self.params()),
+            signer: Arc::new(self.signer.clone()),
+            store: self.store.clone(),
+            clock: self.clock.clone(),
+            halt: halt_flag.clone(),
+        };
+        let (tx, mut rx) = mpsc::channel::<(String, Result<HostRecord, String>)>(1024);
+        let mut in_flight: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+        let mut approvals_by_ring: BTreeMap<u32, Vec<pb::Envelope>> = BTreeMap::new();
+        let mut halt: Option<HaltReport> = None;
+        let mut announced_wait = String::new();
+
+        // Re-attach to hosts that were in flight when a coordinator died.
+        let resuming: Vec<String> = state
+            .hosts
+            .iter()
+            .filter(|(_, s)| **s == HostStatus::InFlight)
+            .map(|(h, _)| h.clone())
+            .collect();
+        for h in resuming {
+            let ring = plan.host_ring.get(&h).copied().unwrap_or(0);
+            if plan.rings.get(&ring).is_some_and(|r| r.protected) {
+                let got = self.ring_approvals(&plan, ring);
+                approvals_by_ring.insert(ring, got.envelopes);
+            }
+            self.reporter.emit(&Event::host(&h, "reattach", ""));
+            let job = self.job(&plan, &h, &approvals_by_ring);
+            in_flight.insert(h.clone(), self.spawn_host(ctx.clone(), job, tx.clone()));
+        }
+
+        loop {
+            state.now_ms = self.clock.now_ms();
+            state.window_open = self
+                .spec
+                .window
+                .as_ref()
+                .is_none_or(|w| w.is_open(state.now_ms));
+            if self.store.halt_requested() {
+                state.halt_requested = true;
+            }
+            // Approvals that arrived as files.
+            for (r, rp) in &plan.rings {
+                if rp.protected
+                    && !state.approved.contains(r)
+                    && state.rings.get(r) != Some(&RingStatus::Complete)
+                {
+                    let got = self.ring_approvals(&plan, *r);
+                    if got.approvers.len() >= self.spec.approver_threshold {
+                        state.approved.insert(*r);
+                        self.reporter.emit(&Event::approved(
+                            *r,
+                            &got.approvers.iter().cloned().collect::<Vec<_>>(),
+                        ));
+                        self.store.append_event(&Event::approved(
+                            *r,
+                            &got.approvers.iter().cloned().collect::<Vec<_>>(),
+                        ))?;
+                        approvals_by_ring.insert(*r, got.envelopes);
+                    }
+                } else if rp.protected
+                    && !approvals_by_ring.contains_key(r)
+                    && state.approved.contains(r)
+                {
+                    approvals_by_ring.insert(*r, self.ring_approvals(&plan, *r).envelopes);
+                }
+            }
+
+            let steps = if halt.is_some() {
+                Vec::new()
+            } else {
+                plan::next_steps(&plan, &state)
+            };
+            let mut done = false;
+            for step in &steps {
+                match step {
+                    Step::Start(h) => {
+                        state.hosts.insert(h.clone(), HostStatus::InFlight);
+                        self.store.put_meta(META_STATE, &state)?;
+                        self.reporter.emit(&Event::host(h, "start", ""));
+                        let job = self.job(&plan, h, &approvals_by_ring);
+                        in_flight.insert(h.clone(), self.spawn_host(ctx.clone(), job, tx.clone()));
+                    }
+                    Step::StartSoak(r) => {
+                        state.rings.insert(
+                            *r,
+                            RingStatus::Soaking {
+                                since_ms: state.now_ms,
+                            },
+                        );
+                        self.reporter.emit(&Event::ring(*r, "soak"));
+                    }
+                    Step::Promote(r) => {
+                        self.write_evidence(
+                            &plan,
+                            *r,
+                            "completed",
+                            None,
+                            approvals_by_ring.get(r),
+                        )?;
+                        state.rings.insert(*r, RingStatus::Complete);
+                        self.store.append_event(&Event::ring(*r, "promoted"))?;
+                        self.reporter.emit(&Event::ring(*r, "promoted"));
+                    }
+                    Step::AwaitApproval(r) => {
+                        let msg = format!(
+                            "ring {r} waits for {} approvals (ringfence wave approve --wave {} --ring {r})",
+                            self.spec.approver_threshold, self.spec.wave_id
+                        );
+                        if announced_wait != msg {
+                            self.reporter.emit(&Event::wait(&msg));
+                            announced_wait = msg;
+                        }
+                    }
+                    Step::Wait(why) => {
+                        if in_flight.is_empty()
+                            && !state
+                                .rings
+                                .values()
+                                .any(|s| matches!(s, RingStatus::Soaking { .. }))
+                            && state.window_open
+                        {
+                            // Nothing runs and nothing will change by itself.
+                            let report = HaltReport {
+                                wave_id: self.spec.wave_id.clone(),
+                                ring: current_ring(&plan, &state),
+                                host: None,
+                                step: "dispatch".into(),
+                                kind: "stalled".into(),
+                                reason: format!(
+                                    "no host can start: {why} (failed hosts hold the pool reserve)"
+                                ),
+                            };
+                            halt = Some(report);
+                        } else if announced_wait != *why {
+                            let msg = if why.contains("window") {
+                                let next =
+                                    self.spec.window.as_ref().and_then(|w| {
+                                        w.next_open(state.now_ms).map(|t| w.format(t))
+                                    });
+                                format!(
+                                    "{why}; next opening {}",
+                                    next.unwrap_or_else(|| "unknown".into())
+                                )
+                            } else {
+                                why.clone()
+                            };
+                            self.reporter.emit(&Event::wait(&msg));
+                            announced_wait = why.clone();
+                        }
+                    }
+                    Step::Halt(why) => {
+                        if halt.is_none() {
+                            let last = self.last_failure(&state)?;
+                            halt = Some(HaltReport {
+                                wave_id: self.spec.wave_id.clone(),
+                                ring: current_ring(&plan, &state),
+                                host: last.as_ref().map(|(h, _)| h.clone()),
+                                step: last
+                                    .as_ref()
+                                    .map(|(_, f)| f.step.clone())
+                                    .unwrap_or_else(|| "dispatch".into()),
+                                kind: last
+                                    .as_ref()
+                                    .map(|(_, f)| f.kind.clone())
+                                    .unwrap_or_else(|| "operator".into()),
+                                reason: last
+                                    .map(|(_, f)| format!("{}; {why}", f.reason))
+                                    .unwrap_or_else(|| why.clone()),
+                            });
+                        }
+                    }
+                    Step::Done => done = true,
+                }
+            }
+            if let Some(h) = &halt
+                && !halt_flag.load(Ordering::SeqCst)
+            {
+                halt_flag.store(true, Ordering::SeqCst);
+                self.store.put_meta(META_HALT, h)?;
+                self.reporter.emit(&Event::halting(h, in_flight.len()));
+            }
+            self.store.put_meta(META_STATE, &state)?;
+            self.write_status(
+                &plan,
+                &state,
+                halt.as_ref(),
+                if done { "completed" } else { "" },
+            )?;
+            if done {
+                self.reporter.emit(&Event::done(&self.spec.wave_id));
+                return Ok(Outcome::Completed);
+            }
+            if let Some(h) = &halt
+                && in_flight.is_empty()
+            {
+                let ring = h.ring;
+                self.write_evidence(
+                    &plan,
+                    ring,
+                    "halted",
+                    Some(h.reason.clone()),
+                    approvals_by_ring.get(&ring),
+                )?;
+                self.write_status(&plan, &state, Some(h), "halted")?;
+                return Ok(Outcome::Halted(h.clone()));
+            }
+
+            // Soak: watch the ring's finished hosts.
+            if let Some((r, _)) = state
+                .rings
+                .iter()
+                .find(|(_, s)| matches!(s, RingStatus::Soaking { .. }))
+            {
+                let r = *r;
+                if let Some(regressed) = self.soak_check(&plan, &state, r).await {
+                    for (h, why) in regressed {
+                        state.hosts.insert(h.clone(), HostStatus::Failed);
+                        state.failures += 1;
+                        if let Some(mut rec) = self.store.get_host::<HostRecord>(&h)? {
+                            rec.failure = Some(hostrun::Failure {
+                                step: "soak".into(),
+                                kind: "soak_regression".into(),
+                                reason: why.clone(),
+                            });
+                            rec.phase = Phase::Failed;
+                            self.store.put_host(&h, &rec)?;
+                        }
+                        self.reporter.emit(&Event::host(
+                            &h,
+                            "failed",
+                            &format!("soak regression: {why}"),
+                        ));
+                    }
+                }
+            }
+
+            tokio::select! {
+                msg = rx.recv() => {
+                    if let Some((h, result)) = msg {
+                        in_flight.remove(&h);
+                        self.host_finished(&mut state, &h, result);
+                        // Drain any other finished hosts without waiting.
+                        while let Ok((h, result)) = rx.try_recv() {
+                            in_flight.remove(&h);
+                            self.host_finished(&mut state, &h, result);
+                        }
+                    }
+                }
+                () = tokio::time::sleep(self.poll_interval) => {}
+            }
+        }
+    }
+
+    fn host_finished(&self, state: &mut WaveState, h: &str, result: Result<HostRecord, String>) {
+        match result {
+            Ok(rec) if rec.phase == Phase::Done => {
+                state.hosts.insert(h.to_string(), HostStatus::Done);
+                self.reporter.emit(&Event::host(
+                    h,
+                    "done",
+                    &rec.after
+                        .as_ref()
+                        .map(|a| a.driver_version.clone())
+                        .unwrap_or_default(),
+                ));
+            }
+            Ok(rec) if rec.phase == Phase::Failed => {
+                state.hosts.insert(h.to_string(), HostStatus::Failed);
+                state.failures += 1;
+                let why = rec
+                    .failure
+                    .map(|f| format!("{} {}: {}", f.step, f.kind, f.reason))
+                    .unwrap_or_default();
+                self.reporter.emit(&Event::host(h, "failed", &why));
+            }
+            Ok(rec) => {
+                // Stopped by the halt between steps: still in flight from
+                // the pool's point of view (drained), recorded as failed-safe.
+                if matches!(rec.phase, Phase::Pending) {
+                    state.hosts.insert(h.to_string(), HostStatus::Pending);
+                } else {
+                    state.hosts.insert(h.to_string(), HostStatus::InFlight);
+                }
+                self.reporter
+                    .emit(&Event::host(h, "stopped", &format!("{:?}", rec.phase)));
+            }
+            Err(e) => {
+                state.hosts.insert(h.to_string(), HostStatus::Failed);
+                state.failures += 1;
+                self.reporter.emit(&Event::host(h, "failed", &e));
+            }
+        }
+    }
+
+    fn last_failure(
+        &self,
+        state: &WaveState,
+    ) -> Result<Option<(String, hostrun::Failure)>, StoreError> {
+        let mut best: Option<(i64, String, hostrun::Failure)> = None;
+        for (h, s) in &state.hosts {
+            if *s != HostStatus::Failed {
+                continue;
+            }
+            if let Some(rec) = self.store.get_host::<HostRecord>(h)?
+                && let Some(f) = rec.failure
+            {
+                let at = rec.finished_at_ms;
+                if best.as_ref().is_none_or(|(t, _, _)| at < *t) {
+                    best = Some((at, h.clone(), f));
+                }
+            } else if best.is_none() {
+                best = Some((
+                    i64::MAX,
+                    h.clone(),
+                    hostrun::Failure {
+                        step: "connect".into(),
+                        kind: "unreachable".into(),
+                        reason: format!("host `{h}` could not be reached"),
+                    },
+                ));
+            }
+        }
+        Ok(best.map(|(_, h, f)| (h, f)))
+    }
+
+    fn job(
+        &self,
+        plan: &Plan,
+        host: &str,
+        approvals: &BTreeMap<u32, Vec<pb::Envelope>>,
+    ) -> HostJob {
+        let inv = self.inventory.host(host);
+        let ring = plan.host_ring.get(host).copied().unwrap_or(0);
+        HostJob {
+            host_id: host.to_string(),
+            ring,
+            pool: plan.host_pool.get(host).cloned().unwrap_or_default(),
+            key: inv
+                .and_then(|h| h.attestation_key)
+                .unwrap_or_else(|| ringfence::keys::generate().verifying_key()),
+            approvals: approvals.get(&ring).cloned().unwrap_or_default(),
+            drill: plan.drill_host.as_deref() == Some(host),
+        }
+    }
+
+    fn spawn_host(
+        &self,
+        ctx: Ctx,
+        job: HostJob,
+        tx: mpsc::Sender<(String, Result<HostRecord, String>)>,
+    ) -> tokio::task::JoinHandle<()> {
+        let connector = self.connector.clone();
+        let host = self.inventory.host(&job.host_id).cloned();
+        let reporter = self.reporter.clone();
+        tokio::spawn(async move {
+            let id = job.host_id.clone();
+            let result = match host {
+                None => Err(format!("host `{id}` is not in the inventory")),
+                Some(h) => match connector.connect(&h).await {
+                    Err(e) => {
+                        // Record the failure durably, as a pipeline would.
+                        let mut rec = ctx
+                            .store
+                            .get_host::<HostRecord>(&id)
+                            .ok()
+                            .flatten()
+                            .unwrap_or_else(|| HostRecord::new(&id, job.ring, &job.pool));
+                        rec.phase = Phase::Failed;
+                        rec.failure = Some(hostrun::Failure {
+                            step: "connect".into(),
+                            kind: "unreachable".into(),
+                            reason: e.clone(),
+                        });
+                        rec.finished_at_ms = ctx.clock.now_ms();
+                        let _ = ctx.store.put_host(&id, &rec);
+                        Ok(rec)
+                    }
+                    Ok(api) => {
+                        reporter.emit(&Event::host(&id, "connected", ""));
+                        hostrun::run(&ctx, &job, api.as_ref())
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                },
+            };
+            let _ = tx.send((id, result)).await;
+        })
+    }
+
+    async fn soak_check(
+        &self,
+        plan: &Plan,
+        state: &WaveState,
+        ring: u32,
+    ) -> Option<Vec<(String, String)>> {
+        let rp = plan.rings.get(&ring)?;
+        let mut regressed = Vec::new();
+        for h in &rp.hosts {
+            if state.hosts.get(h) != Some(&HostStatus::Done) {
+                continue;
+            }
+            let Some(host) = self.inventory.host(h) else {
+                continue;
+            };
+            match self.connector.connect(host).await {
+                Ok(api) => match api.health().await {
+                    Ok(r) if r.verdict == pb::Verdict::Unhealthy as i32 => {
+                        let why = r
+                            .reasons
+                            .iter()
+                            .map(|x| x.code.clone())
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        regressed.push((h.clone(), format!("UNHEALTHY during soak ({why})")));
+                    }
+                    Ok(_) => {}
+                    Err(e) => regressed.push((h.clone(), format!("unreachable during soak: {e}"))),
+                },
+                Err(e) => regressed.push((h.clone(), format!("unreachable during soak: {e}"))),
+            }
+        }
+        Some(regressed)
+    }
+
+    fn write_evidence(
+        &self,
+        plan: &Plan,
+        ring: u32,
+        outcome: &str,
+        halt_reason: Option<String>,
+        approvals: Option<&Vec<pb::Envelope>>,
+    ) -> Result<(), WaveError> {
+        let Some(rp) = plan.rings.get(&ring) else {
+            return Ok(());
+        };
+        let mut hosts = Vec::new();
+        let mut proof = None;
+        let (mut start, mut end) = (i64::MAX, 0);
+        for h in &rp.hosts {
+            if let Some(rec) = self.store.get_host::<HostRecord>(h)? {
+                if rec.started_at_ms > 0 {
+                    start = start.min(rec.started_at_ms);
+                }
+                end = end.max(rec.finished_at_ms);
+                if plan.drill_host.as_deref() == Some(h.as_str()) {
+                    proof = evidence::rollback_proof(&rec);
+                }
+                hosts.push(evidence::host_evidence(&rec));
+            }
+        }
+        let packet = evidence::Packet {
+            wave_id: self.spec.wave_id.clone(),
+            ring,
+            outcome: outcome.to_string(),
+            halt_reason,
+            profile: self.spec.profile.clone(),
+            version: self.spec.version.clone(),
+            expect_driver_version: self.spec.expect_driver_version.clone(),
+            expect_cuda_version: self.spec.expect_cuda_version.clone(),
+            hosts,
+            approvals: approvals
+                .map(|a| a.iter().map(evidence::embed).collect())
+                .unwrap_or_default(),
+            break_glass: self
+                .break_glass
+                .iter()
+                .map(|(_, e)| evidence::embed(e))
+                .collect(),
+            rollback_proof: proof,
+            started_at_ms: if start == i64::MAX { 0 } else { start },
+            finished_at_ms: end,
+            soak_s: rp.soak_s,
+            coordinator_key_id: self.signer.key_id.clone(),
+        };
+        let bytes =
+            evidence::seal(&packet, &self.signer.key_id, &self.signer.key).map_err(|e| {
+                WaveError::Store(StoreError::Db {
+                    path: self.store.paths.evidence_dir.clone(),
+                    reason: e.to_string(),
+                })
+            })?;
+        let path = self
+            .store
+            .paths
+            .evidence_dir
+            .join(format!("ring-{ring}.json"));
+        evidence::write(&path, &bytes).map_err(|e| {
+            WaveError::Store(StoreError::Db {
+                path: path.clone(),
+                reason: e.to_string(),
+            })
+        })?;
+        self.reporter.emit(&Event::evidence(ring, &path));
+        Ok(())
+    }
+
+    fn write_status(
+        &self,
+        plan: &Plan,
+        state: &WaveState,
+        halt: Option<&HaltReport>,
+        phase: &str,
+    ) -> Result<(), WaveError> {
+        let ring = plan
+            .rings
+            .keys()
+            .copied()
+            .find(|r| state.rings.get(r) != Some(&RingStatus::Complete));
+        let mut rings = BTreeMap::new();
+        let mut ring_hosts = BTreeMap::new();
+        for (r, rp) in &plan.rings {
+            let mut counts = BTreeMap::new();
+            for h in &rp.hosts {
+                let s = state.hosts.get(h).copied().unwrap_or(HostStatus::Pending);
+                *counts.entry(format!("{s:?}").to_lowercase()).or_insert(0) += 1;
+            }
+            let status = match state.rings.get(r) {
+                Some(RingStatus::Complete) => "complete".to_string(),
+                Some(RingStatus::Soaking { .. }) => "soaking".to_string(),
+                _ if Some(*r) == ring => "running".to_string(),
+                _ => "waiting".to_string(),
+            };
+            let approval = if !rp.protected {
+                "not needed".to_string()
+            } else if state.approved.contains(r) {
+                "approved".to_string()
+            } else {
+                "AWAITING_APPROVAL".to_string()
+            };
+            rings.insert(
+                *r,
+                RingView {
+                    status,
+                    counts,
+                    approval,
+                },
+            );
+            ring_hosts.insert(*r, rp.hosts.clone());
+        }
+        let out = plan::out_of_service(plan, state);
+        let pools = plan
+            .pools
+            .iter()
+            .map(|(p, pp)| {
+                (
+                    p.clone(),
+                    (
+                        out.get(p).copied().unwrap_or(0) + pp.out_before.len(),
+                        pp.max_out,
+                    ),
+                )
+            })
+            .collect();
+        let mut phase = phase.to_string();
+        if phase.is_empty() {
+            phase = if halt.is_some() {
+                "halting".into()
+            } else if !state.window_open {
+                "waiting_window".into()
+            } else if ring.is_some_and(|r| {
+                plan.rings.get(&r).is_some_and(|rp| rp.protected) && !state.approved.contains(&r)
+            }) {
+                "awaiting_approval".into()
+            } else {
+                "running".into()
+            };
+        }
+        let mut hosts = BTreeMap::new();
+        for h in plan.host_ring.keys() {
+            let s = state.hosts.get(h).copied().unwrap_or(HostStatus::Pending);
+            hosts.insert(h.clone(), format!("{s:?}").to_lowercase());
+        }
+        let snapshot = StatusSnapshot {
+            wave_id: self.spec.wave_id.clone(),
+            phase,
+            ring,
+            rings,
+            pools,
+            failures: (state.failures, plan.failure_budget),
+            halt: halt.cloned(),
+            next_window: if state.window_open {
+                None
+            } else {
+                self.spec
+                    .window
+                    .as_ref()
+                    .and_then(|w| w.next_open(state.now_ms).map(|t| w.format(t)))
+            },
+            break_glass: self
+                .break_glass
+                .iter()
+                .map(|(g, _)| {
+                    format!(
+                        "pool {} max_out {} ({}; approvers {})",
+                        g.pool,
+                        g.max_out,
+                        g.reason,
+                        g.approvers.join(", ")
+                    )
+                })
+                .collect(),
+            ring_hosts,
+            profile: self.spec.profile.clone(),
+            version: self.spec.version.clone(),
+            rollback_version: self.spec.rollback_version.clone(),
+            started_at_ms: self.store.get_meta(META_STARTED)?.unwrap_or(0),
+            updated_at_ms: self.clock.now_ms(),
+            hosts,
+        };
+        self.store.write_status(&snapshot)?;
+        self.reporter.status(&snapshot);
+        Ok(())
+    }
+}
+
+fn current_ring(plan: &Plan, state: &WaveState) -> u32 {
+    plan.rings
+        .keys()
+        .copied()
+        .find(|r| state.rings.get(r) != Some(&RingStatus::Complete))
+        .unwrap_or(0)
+}
+
+/// Mark a wave aborted (no further dispatch, ever).
+pub fn abort(store: &WaveStore) -> Result<(), StoreError> {
+    store.put_meta(META_ABORTED, &true)?;
+    store.append_event(&Event::wait("aborted by operator"))?;
+    Ok(())
+}
+
+/// Read the coordinator key.
+pub fn load_signer(
+    key: &std::path::Path,
+    key_id: &str,
+) -> Result<Signer, ringfence::keys::KeyError> {
+    let key: SigningKey = ringfence::keys::read_signing_key(key)?;
+    Ok(Signer {
+        key_id: key_id.to_string(),
+        key,
+    })
+}
