@@ -357,3 +357,15 @@ proptest! {
         prop_assert!(false, "did not finish");
     }
 }
+
+#[test]
+fn the_readme_example_files_load_and_plan() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples-config");
+    let inv = Inventory::load(&dir.join("inventory.toml")).unwrap();
+    let spec = WaveSpec::load(&dir.join("wave.toml")).unwrap();
+    match Plan::build(&inv, &spec, &BTreeMap::new(), &BTreeMap::new()) {
+        Ok(p) => assert!(!p.rings.is_empty()),
+        Err(PlanError::NotEnrolled(_)) => {}
+        Err(e) => panic!("{e}"),
+    }
+}
