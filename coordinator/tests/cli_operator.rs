@@ -1,0 +1,186 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The operator's command line against real agents (in-process, real mTLS):
+//! enrolment, the health table, and steering a running wave from another
+//! terminal (`wave status`, a second coordinator, `wave halt`).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ringfence_coordinator::fleet::{self, Fleet, HostSpec, Mode};
+
+fn ringfence(settings: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ringfence"));
+    c.arg("--config").arg(settings);
+    c
+}
+
+fn spec(id: &str, ring: u32, pool: &str) -> HostSpec {
+    HostSpec {
+        id: id.into(),
+        ring,
+        pool: pool.into(),
+        faulty_version: None,
+        busy_for_s: None,
+    }
+}
+
+async fn fleet(dir: &Path) -> Fleet {
+    ringfence::tls::install_crypto_provider();
+    Fleet::start(
+        dir,
+        vec![
+            spec("gpu-1", 0, "h100-train"),
+            spec("gpu-2", 2, "h100-train"),
+            spec("gpu-3", 2, "a100-infer"),
+        ],
+        Mode::InProcess,
+        2,
+    )
+    .await
+    .unwrap()
+}
+
+async fn output(mut c: Command) -> std::process::Output {
+    tokio::task::spawn_blocking(move || c.output().unwrap()).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_fills_missing_keys_and_refuses_a_changed_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fleet(dir.path()).await;
+    // Forget every key, as a fresh inventory would.
+    let text = std::fs::read_to_string(&f.inventory).unwrap();
+    let stripped: String = text
+        .lines()
+        .filter(|l| !l.starts_with("attestation_key"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&f.inventory, &stripped).unwrap();
+
+    let mut c = ringfence(&f.settings);
+    c.args(["inventory", "enroll", "--inventory"]).arg(&f.inventory);
+    let out = output(c).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let enrolled = std::fs::read_to_string(&f.inventory).unwrap();
+    for h in &f.hosts {
+        assert!(
+            enrolled.contains(&ringfence::keys::public_key_text(&h.public_key)),
+            "{} not enrolled",
+            h.spec.id
+        );
+    }
+
+    // A host that presents another key (reinstall or impersonation) is refused loudly.
+    let other = ringfence::keys::public_key_text(&ringfence::keys::generate().verifying_key());
+    let swapped = enrolled.replacen(
+        &ringfence::keys::public_key_text(&f.hosts[1].public_key),
+        &other,
+        1,
+    );
+    std::fs::write(&f.inventory, &swapped).unwrap();
+    let mut c = ringfence(&f.settings);
+    c.args(["inventory", "enroll", "--inventory"]).arg(&f.inventory);
+    let out = output(c).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("gpu-2") && err.contains("KEY CHANGED"), "{err}");
+    assert!(std::fs::read_to_string(&f.inventory).unwrap().contains(&other), "refused key left as it was");
+
+    // --rekey accepts it.
+    let mut c = ringfence(&f.settings);
+    c.args(["inventory", "enroll", "--rekey", "gpu-2", "--inventory"]).arg(&f.inventory);
+    let out = output(c).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!std::fs::read_to_string(&f.inventory).unwrap().contains(&other));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_table_lists_every_host_and_never_hangs_on_a_dead_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fleet(dir.path()).await;
+    // A host whose address answers nothing: a bound listener that never accepts TLS.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut inv = std::fs::read_to_string(&f.inventory).unwrap();
+    inv.push_str(&format!(
+        "\n[[host]]\nid = \"gpu-dead\"\naddress = \"{}\"\npool = \"h100-train\"\nring = 4\nexpected_gpus = 2\n",
+        silent.local_addr().unwrap()
+    ));
+    std::fs::write(&f.inventory, inv).unwrap();
+    let started = Instant::now();
+    let mut c = ringfence(&f.settings);
+    c.args(["hosts", "health", "--json", "--inventory"]).arg(&f.inventory);
+    let out = output(c).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 4);
+    for r in &rows {
+        if r["host"] == "gpu-dead" {
+            assert_eq!(r["verdict"], "UNREACHABLE");
+        } else {
+            assert_eq!(r["verdict"], "HEALTHY", "{r}");
+            assert_eq!(r["driver"], fleet::OLD_VERSION);
+            assert_eq!(r["attested"], true);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_wave_is_seen_from_another_terminal_and_halted_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fleet(dir.path()).await;
+    let spec_path = f
+        .write_spec("w-status", "[ring.0]\nbatch_size = 1\nsoak_s = 0\n")
+        .unwrap();
+    let mut run = ringfence(&f.settings);
+    run.args(["wave", "run", "--json", "--inventory"])
+        .arg(&f.inventory)
+        .arg("--spec")
+        .arg(&spec_path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = run.spawn().unwrap();
+
+    // Ring 2 is protected and nobody approves: the wave waits there.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let mut c = ringfence(&f.settings);
+        c.args(["wave", "status", "--json", "--wave", "w-status"]);
+        let out = output(c).await;
+        if out.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if v["phase"] == "awaiting_approval" {
+                break v;
+            }
+        }
+        assert!(Instant::now() < deadline, "wave never reached the approval gate");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status["rings"]["2"]["approval"], "AWAITING_APPROVAL");
+    assert_eq!(status["hosts"]["gpu-1"], "done");
+
+    // A second coordinator on the same wave is refused and told who holds it.
+    let mut second = ringfence(&f.settings);
+    second
+        .args(["wave", "resume", "--wave", "w-status", "--inventory"])
+        .arg(&f.inventory);
+    let out = output(second).await;
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("held by another coordinator") && err.contains("pid"), "{err}");
+
+    // Emergency stop from this terminal.
+    let mut halt = ringfence(&f.settings);
+    halt.args(["wave", "halt", "--wave", "w-status"]);
+    assert!(output(halt).await.status.success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("HALTED") && err.contains("operator"), "{err}");
+}
