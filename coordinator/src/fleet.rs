@@ -98,6 +98,8 @@ pub struct Fleet {
     pub approver_keys: Vec<PathBuf>,
     /// Coordinator state dir.
     pub state_dir: PathBuf,
+    /// Reserve of both pools written by [`Fleet::write_inventory`] (default 20).
+    pub reserve_percent: u32,
     mode: Mode,
 }
 
@@ -326,6 +328,7 @@ impl Fleet {
             trust: trust_path,
             approver_keys,
             state_dir,
+            reserve_percent: 20,
             mode,
         };
         fleet.write_inventory()?;
@@ -334,8 +337,9 @@ impl Fleet {
 
     /// (Re)write the inventory with every host's address and enrolled key.
     pub fn write_inventory(&mut self) -> Result<(), FleetError> {
+        let pct = self.reserve_percent;
         let mut inv = format!(
-            "trust_domain = \"{TRUST_DOMAIN}\"\n\n[[pool]]\nname = \"h100-train\"\nreserve_percent = 20\n\n[[pool]]\nname = \"a100-infer\"\nreserve_percent = 20\n"
+            "trust_domain = \"{TRUST_DOMAIN}\"\n\n[[pool]]\nname = \"h100-train\"\nreserve_percent = {pct}\n\n[[pool]]\nname = \"a100-infer\"\nreserve_percent = {pct}\n"
         );
         for h in &self.hosts {
             let _ = write!(

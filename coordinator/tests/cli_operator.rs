@@ -27,18 +27,23 @@ fn spec(id: &str, ring: u32, pool: &str) -> HostSpec {
 
 async fn fleet(dir: &Path) -> Fleet {
     ringfence::tls::install_crypto_provider();
-    Fleet::start(
+    let mut f = Fleet::start(
         dir,
         vec![
             spec("gpu-1", 0, "h100-train"),
             spec("gpu-2", 2, "h100-train"),
             spec("gpu-3", 2, "a100-infer"),
+            spec("gpu-4", 3, "a100-infer"),
         ],
         Mode::InProcess,
         2,
     )
     .await
-    .unwrap()
+    .unwrap();
+    // Small pools: 50% of 2 hosts lets one out at a time.
+    f.reserve_percent = 50;
+    f.write_inventory().unwrap();
+    f
 }
 
 async fn output(mut c: Command) -> std::process::Output {
@@ -117,7 +122,7 @@ async fn health_table_lists_every_host_and_never_hangs_on_a_dead_one() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(rows.len(), 4);
+    assert_eq!(rows.len(), 5);
     for r in &rows {
         if r["host"] == "gpu-dead" {
             assert_eq!(r["verdict"], "UNREACHABLE");
@@ -143,7 +148,7 @@ async fn a_running_wave_is_seen_from_another_terminal_and_halted_there() {
         .arg(&spec_path)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let child = run.spawn().unwrap();
+    let mut child = run.spawn().unwrap();
 
     // Ring 2 is protected and nobody approves: the wave waits there.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -157,7 +162,15 @@ async fn a_running_wave_is_seen_from_another_terminal_and_halted_there() {
                 break v;
             }
         }
-        assert!(Instant::now() < deadline, "wave never reached the approval gate");
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "wave never reached the approval gate: {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(status["rings"]["2"]["approval"], "AWAITING_APPROVAL");

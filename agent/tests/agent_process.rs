@@ -1,0 +1,533 @@
+//! The real `ringfenced` binary as an operator meets it: a child process on
+//! the fake NVML library, talked to over mutual TLS like the coordinator and
+//! a scheduler would. Crash safety under `kill -9`, systemd notifications,
+//! grpc.health.v1, XIDs while running, a missing NVML library, the local
+//! health dump, config errors, and certificate rotation on SIGHUP.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod nvml_common;
+mod proc_common;
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use ringfence::pb::{self, TaskState, Verdict};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use proc_common::*;
+
+const TASK_LIMIT: Duration = Duration::from_secs(20);
+
+fn patch_profile(marker: &std::path::Path, pidfile: &std::path::Path) -> String {
+    format!(
+        r#"
+[patch.profiles.driver]
+argv = ["/bin/sh", "-c", "echo run >> {marker}; echo $$ > {pidfile}; sleep 30"]
+version_pattern = '^[0-9]+\.[0-9]+\.[0-9]+$'
+timeout_s = 120
+"#,
+        marker = marker.display(),
+        pidfile = pidfile.display(),
+    )
+}
+
+async fn serving_status(host: &Host, service: &str) -> ServingStatus {
+    let mut hc = host.health_client().await;
+    let status = hc
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("grpc.health.v1 Check({service:?}): {e}"))
+        .into_inner()
+        .status;
+    ServingStatus::try_from(status).unwrap()
+}
+
+async fn get_health(host: &Host, fresh: bool) -> pb::HealthReport {
+    host.client()
+        .await
+        .get_health(pb::GetHealthRequest { fresh })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn identity(host: &Host) -> pb::Identity {
+    host.client()
+        .await
+        .get_identity(pb::GetIdentityRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// kill -9 in the middle of a patch command, restart on the same state dir:
+/// the journal says INTERRUPTED, the host is still drained, and the same
+/// signed task sent again is answered from the journal, not run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_patch_is_interrupted_after_restart_and_never_rerun() {
+    let marker_dir = tempfile::tempdir().unwrap();
+    let marker = marker_dir.path().join("MARKER");
+    let pidfile = marker_dir.path().join("patch.pid");
+    let host = Host::new(
+        "gpu-crash",
+        HostOpts {
+            extra: patch_profile(&marker, &pidfile),
+            ..HostOpts::default()
+        },
+    );
+    // The patch command outlives the killed agent; kill its group at the end.
+    let _orphan = GroupGuard(pidfile.clone());
+
+    let mut agent = host.spawn();
+    host.wait_listening(&mut agent).await;
+    let mut client = host.client().await;
+
+    client
+        .submit_task(host.task("d1", 1, drain("kernel update")))
+        .await
+        .unwrap();
+    wait_task(&mut client, "d1", TaskState::Succeeded, TASK_LIMIT).await;
+
+    let patch_task = host.task("p1", 2, patch("driver", "560.35.3"));
+    client.submit_task(patch_task.clone()).await.unwrap();
+    poll("the patch command wrote its pid", TASK_LIMIT, || async {
+        pidfile.exists().then_some(())
+    })
+    .await;
+    let running = task_state(&mut client, "p1").await;
+    assert_eq!(running.state(), TaskState::Running, "{running:?}");
+    assert_eq!(running.step, "command");
+
+    let status = agent.kill9();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "{status}"
+    );
+    drop(client);
+
+    // Second life, same config and state dir.
+    let mut agent = host.spawn();
+    host.wait_listening(&mut agent).await;
+    let mut client = host.client().await;
+
+    let p1 = task_state(&mut client, "p1").await;
+    assert_eq!(p1.state(), TaskState::Interrupted, "{p1:?}");
+    assert!(p1.message.contains("command"), "{}", p1.message);
+    let id = identity(&host).await;
+    assert!(
+        id.draining,
+        "the host stays drained after the crash: {id:?}"
+    );
+    assert_eq!(id.sequence_high_water, 2);
+
+    // The very same signed task again: the recorded state, not a new run.
+    let again = client.submit_task(patch_task).await.unwrap().into_inner();
+    assert_eq!(again.state(), TaskState::Interrupted, "{again:?}");
+    // The engine is idle (a re-run would hold it busy for 30 s): a new task runs.
+    client
+        .submit_task(host.task("v1", 3, validate()))
+        .await
+        .unwrap();
+    wait_task(&mut client, "v1", TaskState::Succeeded, TASK_LIMIT).await;
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap(),
+        "run\n",
+        "the patch command ran exactly once"
+    );
+
+    let listed: Vec<(String, TaskState)> = client
+        .list_tasks(pb::ListTasksRequest {
+            wave_id: "wave-proc".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks
+        .into_iter()
+        .map(|t| (t.task_id.clone(), t.state()))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("d1".to_string(), TaskState::Succeeded),
+            ("p1".to_string(), TaskState::Interrupted),
+            ("v1".to_string(), TaskState::Succeeded),
+        ]
+    );
+    assert!(identity(&host).await.draining, "still drained");
+}
+
+/// Split datagrams into `KEY=VALUE` lines, stamped with their arrival.
+async fn recv_lines(sock: &tokio::net::UnixDatagram, until: Instant) -> Option<Vec<String>> {
+    let mut buf = vec![0u8; 4096];
+    let left = until.saturating_duration_since(Instant::now());
+    match tokio::time::timeout(left, sock.recv(&mut buf)).await {
+        Ok(Ok(n)) => Some(
+            String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .map(str::to_owned)
+                .collect(),
+        ),
+        Ok(Err(e)) => panic!("notify socket: {e}"),
+        Err(_) => None,
+    }
+}
+
+/// systemd Type=notify: READY=1 once the listener accepts, WATCHDOG=1 every
+/// half WATCHDOG_USEC, STOPPING=1 on SIGTERM, and a clean exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_socket_sees_ready_watchdog_and_stopping() {
+    let host = Host::new("gpu-notify", HostOpts::default());
+    let sock_path = host.path("notify.sock");
+    let sock = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
+    let mut agent = host.spawn_with(|c| {
+        c.env("NOTIFY_SOCKET", &sock_path)
+            .env("WATCHDOG_USEC", "400000");
+    });
+
+    let mut seen: Vec<String> = Vec::new();
+    let deadline = Instant::now() + START_LIMIT;
+    while !seen.iter().any(|l| l == "READY=1") {
+        match recv_lines(&sock, deadline).await {
+            Some(lines) => seen.extend(lines),
+            None => panic!(
+                "no READY=1 within {START_LIMIT:?}; got {seen:?}; log:\n{}",
+                host.log()
+            ),
+        }
+    }
+    // READY means the listener is up: one plain connect, no retry.
+    let ready_at = Instant::now();
+    std::net::TcpStream::connect_timeout(&host.listen, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("READY=1 sent but {} refuses: {e}", host.listen));
+
+    // WATCHDOG_USEC=400000 → a ping every 200 ms; at least 3 within 2 s of READY.
+    let mut pings = 0;
+    let window = ready_at + Duration::from_secs(2);
+    while pings < 3 {
+        match recv_lines(&sock, window).await {
+            Some(lines) => {
+                pings += lines.iter().filter(|l| *l == "WATCHDOG=1").count();
+                seen.extend(lines);
+            }
+            None => panic!("only {pings} WATCHDOG=1 within 2 s of READY=1: {seen:?}"),
+        }
+    }
+    assert!(
+        seen.iter().any(|l| l.starts_with("STATUS=")),
+        "a STATUS line for systemctl status: {seen:?}"
+    );
+    assert_eq!(identity(&host).await.host_id, "gpu-notify");
+
+    agent.signal(Signal::SIGTERM);
+    let deadline = Instant::now() + START_LIMIT;
+    loop {
+        match recv_lines(&sock, deadline).await {
+            Some(lines) if lines.iter().any(|l| l == "STOPPING=1") => break,
+            Some(_) => {}
+            None => panic!("no STOPPING=1 after SIGTERM; log:\n{}", host.log()),
+        }
+    }
+    let status = agent.wait_exit(START_LIMIT).await;
+    assert_eq!(status.code(), Some(0), "exit after SIGTERM: {status}");
+    let log = host.log();
+    assert!(log.contains("journal synced"), "log:\n{log}");
+}
+
+/// A scheduler's standard grpc.health.v1 client: a GPU with a pending row
+/// remap is NOT_SERVING, a healthy host SERVING until a Drain task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_follows_row_remap_and_drain() {
+    let sick = Host::new(
+        "gpu-remap",
+        HostOpts {
+            scenario: "[[gpu]]\n[[gpu]]\nremapped_rows_pending = true\n",
+            expected_gpus: 2,
+            ..HostOpts::default()
+        },
+    );
+    let well = Host::new("gpu-well", HostOpts::default());
+    let mut sick_agent = sick.spawn();
+    let mut well_agent = well.spawn();
+    sick.wait_listening(&mut sick_agent).await;
+    well.wait_listening(&mut well_agent).await;
+
+    assert_eq!(serving_status(&sick, "").await, ServingStatus::NotServing);
+    assert_eq!(
+        serving_status(&sick, "ringfence.v1.Agent").await,
+        ServingStatus::NotServing
+    );
+    let report = get_health(&sick, false).await;
+    assert_eq!(report.verdict(), Verdict::Unhealthy, "{report:?}");
+    assert!(
+        reason_codes(&report).contains(&("row_remap_pending".to_string(), 1)),
+        "{:?}",
+        reason_codes(&report)
+    );
+
+    assert_eq!(serving_status(&well, "").await, ServingStatus::Serving);
+    assert_eq!(get_health(&well, false).await.verdict(), Verdict::Healthy);
+
+    let mut client = well.client().await;
+    client
+        .submit_task(well.task("d1", 1, drain("maintenance")))
+        .await
+        .unwrap();
+    poll("NOT_SERVING after a Drain task", TASK_LIMIT, || async {
+        (serving_status(&well, "").await == ServingStatus::NotServing).then_some(())
+    })
+    .await;
+    wait_task(&mut client, "d1", TaskState::Succeeded, TASK_LIMIT).await;
+    assert!(identity(&well).await.draining);
+    // Still healthy GPUs: it is the drain mark that keeps it out of service.
+    let report = get_health(&well, true).await;
+    assert_eq!(report.verdict(), Verdict::Healthy, "{report:?}");
+    assert!(report.draining);
+    assert_eq!(serving_status(&well, "").await, ServingStatus::NotServing);
+}
+
+/// An XID 79 (GPU fallen off the bus) delivered while the agent runs flips
+/// the verdict, and a WatchHealth subscriber has the report within two poll
+/// intervals (poll_interval_s = 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xid_79_while_running_streams_unhealthy_within_two_polls() {
+    let trig_dir = tempfile::tempdir().unwrap();
+    let trigger = trig_dir.path().join("xid79");
+    let scenario = format!(
+        "[[gpu]]\n[[gpu]]\n\n[[xid]]\ngpu = 1\nxid = 79\ntrigger_file = \"{}\"\n",
+        trigger.display()
+    );
+    let host = Host::new(
+        "gpu-xid",
+        HostOpts {
+            scenario: &scenario,
+            expected_gpus: 2,
+            ..HostOpts::default()
+        },
+    );
+    let mut agent = host.spawn();
+    host.wait_listening(&mut agent).await;
+
+    let mut stream = host
+        .client()
+        .await
+        .watch_health(pb::WatchHealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.verdict(), Verdict::Healthy, "{first:?}");
+
+    std::fs::write(&trigger, "").unwrap();
+    let delivered = Instant::now();
+    let limit = delivered + Duration::from_secs(2);
+    let report = loop {
+        let left = limit.saturating_duration_since(Instant::now());
+        let next = tokio::time::timeout(left, stream.message())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no UNHEALTHY report within two poll intervals of the XID; log:\n{}",
+                    host.log()
+                )
+            })
+            .unwrap()
+            .expect("stream ended");
+        if next.verdict() == Verdict::Unhealthy {
+            break next;
+        }
+    };
+    let xid = report
+        .reasons
+        .iter()
+        .find(|r| r.code == "xid_critical")
+        .unwrap_or_else(|| panic!("{:?}", reason_codes(&report)));
+    assert_eq!(xid.gpu_index, 1);
+    assert!(xid.observed.contains("79"), "{xid:?}");
+    eprintln!("XID 79 streamed after {:?}", delivered.elapsed());
+
+    // The agent keeps the event (with the boot id) in its state dir.
+    let log =
+        std::fs::read_to_string(host.state_dir().join(ringfenced::xidlog::FILE_NAME)).unwrap();
+    assert!(
+        log.contains("\"xid\":79") || log.contains("\"xid\": 79"),
+        "{log}"
+    );
+    assert_eq!(serving_status(&host, "").await, ServingStatus::NotServing);
+}
+
+/// No NVML at the configured path: UNHEALTHY with `nvml_unavailable`, and
+/// the agent still serves identity, health and grpc.health.v1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_nvml_library_is_unhealthy_and_the_agent_keeps_serving() {
+    let nowhere = tempfile::tempdir().unwrap();
+    let host = Host::new(
+        "gpu-nonvml",
+        HostOpts {
+            nvml_library: Some(nowhere.path().join("missing/libnvidia-ml.so.1")),
+            ..HostOpts::default()
+        },
+    );
+    let mut agent = host.spawn();
+    host.wait_listening(&mut agent).await;
+
+    let report = get_health(&host, false).await;
+    assert_eq!(report.verdict(), Verdict::Unhealthy, "{report:?}");
+    assert!(
+        report.reasons.iter().any(|r| r.code == "nvml_unavailable"),
+        "{:?}",
+        reason_codes(&report)
+    );
+    assert_eq!(identity(&host).await.host_id, "gpu-nonvml");
+    assert_eq!(serving_status(&host, "").await, ServingStatus::NotServing);
+    // Still up after further polls, still answering fresh reads.
+    let fresh = get_health(&host, true).await;
+    assert!(
+        fresh.reasons.iter().any(|r| r.code == "nvml_unavailable"),
+        "{fresh:?}"
+    );
+    assert!(agent.try_status().is_none(), "ringfenced exited");
+}
+
+async fn health_once(host: &Host) -> (std::process::Output, serde_json::Value) {
+    let mut cmd = tokio::process::Command::from(host.command());
+    cmd.args(["health", "--once", "--json"]).kill_on_drop(true);
+    let out = tokio::time::timeout(START_LIMIT, cmd.output())
+        .await
+        .expect("health --once did not finish")
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out, json)
+}
+
+/// `ringfenced health --once --json`: the scenario's driver and GPUs, exit 0
+/// when healthy and non-zero when not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_once_json_prints_driver_and_gpus_and_exits_by_verdict() {
+    let gpus =
+        "[[gpu]]\nname = \"NVIDIA A100-SXM4-80GB\"\n[[gpu]]\nname = \"NVIDIA A100-SXM4-80GB\"\n";
+    let healthy = Host::new(
+        "gpu-once",
+        HostOpts {
+            scenario: &format!("driver_version = \"535.183.01\"\n{gpus}"),
+            expected_gpus: 2,
+            ..HostOpts::default()
+        },
+    );
+    let (out, json) = health_once(&healthy).await;
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(json["host_id"], "gpu-once");
+    assert_eq!(json["driver_version"], "535.183.01");
+    assert_eq!(json["verdict_name"], "HEALTHY");
+    let listed = json["gpus"].as_array().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[1]["name"], "NVIDIA A100-SXM4-80GB");
+    assert_eq!(
+        listed[1]["uuid"],
+        "GPU-fa4e0000-0000-0000-0000-000000000001"
+    );
+
+    let sick = Host::new(
+        "gpu-once-ecc",
+        HostOpts {
+            scenario: &format!(
+                "driver_version = \"535.183.01\"\n{gpus}ecc_volatile_uncorrected = 2\n"
+            ),
+            expected_gpus: 2,
+            ..HostOpts::default()
+        },
+    );
+    let (out, json) = health_once(&sick).await;
+    assert_ne!(out.status.code(), Some(0), "{json}");
+    assert_eq!(json["verdict_name"], "UNHEALTHY");
+    assert_eq!(json["driver_version"], "535.183.01");
+    let reasons = json["reasons"].as_array().unwrap();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r["code"] == "ecc_uncorrected_volatile" && r["gpu_index"] == 1),
+        "{reasons:?}"
+    );
+}
+
+/// An unknown key in agent.toml: exit 3 naming file:line and the key, before
+/// the agent creates its state dir, loads NVML or binds its port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_config_key_exits_3_naming_file_line_and_key() {
+    let host = Host::new("gpu-badcfg", HostOpts::default());
+    let path = host.config_path();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replace(
+        "poll_interval_s = 1",
+        "poll_interval_s = 1\npoll_intervall_s = 5",
+    );
+    std::fs::write(&path, &text).unwrap();
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("poll_intervall_s"))
+        .unwrap()
+        + 1;
+    // Holding the port: an agent that got as far as binding would exit 4.
+    let _port = std::net::TcpListener::bind(host.listen).unwrap();
+
+    let mut agent = host.spawn();
+    let status = agent.wait_exit(START_LIMIT).await;
+    let log = host.log();
+    assert_eq!(status.code(), Some(3), "{status}; log:\n{log}");
+    assert!(
+        log.contains(&format!("{}:{line}:", path.display())),
+        "file:line {line} in:\n{log}"
+    );
+    assert!(log.contains("poll_intervall_s"), "{log}");
+    assert!(
+        !host.state_dir().exists(),
+        "the state dir was created before the config was accepted"
+    );
+}
+
+/// Certificate rotation: new files + SIGHUP → new connections get the new
+/// certificate, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_rotated_certificate_for_new_connections() {
+    let host = Host::new("gpu-rotate", HostOpts::default());
+    let mut agent = host.spawn();
+    host.wait_listening(&mut agent).await;
+
+    let serial = || async {
+        let chain = ringfence::tls::server_certificates(
+            &host.listen.to_string(),
+            &host.spiffe(),
+            &host.ops,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        ringfence::tls::cert_identity(chain[0].as_ref(), TRUST_DOMAIN)
+            .unwrap()
+            .serial
+    };
+    assert_eq!(serial().await, host.host_serial);
+
+    let rotated = host.rotate_host_cert();
+    assert_ne!(rotated.serial, host.host_serial);
+    agent.signal(Signal::SIGHUP);
+    poll("the rotated certificate is served", TASK_LIMIT, || async {
+        (serial().await == rotated.serial).then_some(())
+    })
+    .await;
+    assert!(
+        agent.try_status().is_none(),
+        "SIGHUP must not stop the agent"
+    );
+    assert_eq!(identity(&host).await.host_id, "gpu-rotate");
+}
