@@ -47,7 +47,9 @@ async fn fleet(dir: &Path) -> Fleet {
 }
 
 async fn output(mut c: Command) -> std::process::Output {
-    tokio::task::spawn_blocking(move || c.output().unwrap()).await.unwrap()
+    tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,9 +66,14 @@ async fn enroll_fills_missing_keys_and_refuses_a_changed_one() {
     std::fs::write(&f.inventory, &stripped).unwrap();
 
     let mut c = ringfence(&f.settings);
-    c.args(["inventory", "enroll", "--inventory"]).arg(&f.inventory);
+    c.args(["inventory", "enroll", "--inventory"])
+        .arg(&f.inventory);
     let out = output(c).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let enrolled = std::fs::read_to_string(&f.inventory).unwrap();
     for h in &f.hosts {
         assert!(
@@ -85,19 +92,37 @@ async fn enroll_fills_missing_keys_and_refuses_a_changed_one() {
     );
     std::fs::write(&f.inventory, &swapped).unwrap();
     let mut c = ringfence(&f.settings);
-    c.args(["inventory", "enroll", "--inventory"]).arg(&f.inventory);
+    c.args(["inventory", "enroll", "--inventory"])
+        .arg(&f.inventory);
     let out = output(c).await;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("gpu-2") && err.contains("KEY CHANGED"), "{err}");
-    assert!(std::fs::read_to_string(&f.inventory).unwrap().contains(&other), "refused key left as it was");
+    assert!(
+        err.contains("gpu-2") && err.contains("KEY CHANGED"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read_to_string(&f.inventory)
+            .unwrap()
+            .contains(&other),
+        "refused key left as it was"
+    );
 
     // --rekey accepts it.
     let mut c = ringfence(&f.settings);
-    c.args(["inventory", "enroll", "--rekey", "gpu-2", "--inventory"]).arg(&f.inventory);
+    c.args(["inventory", "enroll", "--rekey", "gpu-2", "--inventory"])
+        .arg(&f.inventory);
     let out = output(c).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!std::fs::read_to_string(&f.inventory).unwrap().contains(&other));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !std::fs::read_to_string(&f.inventory)
+            .unwrap()
+            .contains(&other)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,10 +139,19 @@ async fn health_table_lists_every_host_and_never_hangs_on_a_dead_one() {
     std::fs::write(&f.inventory, inv).unwrap();
     let started = Instant::now();
     let mut c = ringfence(&f.settings);
-    c.args(["hosts", "health", "--json", "--inventory"]).arg(&f.inventory);
+    c.args(["hosts", "health", "--json", "--inventory"])
+        .arg(&f.inventory);
     let out = output(c).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
     let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -184,7 +218,10 @@ async fn a_running_wave_is_seen_from_another_terminal_and_halted_there() {
     let out = output(second).await;
     assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("held by another coordinator") && err.contains("pid"), "{err}");
+    assert!(
+        err.contains("held by another coordinator") && err.contains("pid"),
+        "{err}"
+    );
 
     // Emergency stop from this terminal.
     let mut halt = ringfence(&f.settings);
@@ -193,7 +230,12 @@ async fn a_running_wave_is_seen_from_another_terminal_and_halted_there() {
     let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
         .await
         .unwrap();
-    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("HALTED") && err.contains("operator"), "{err}");
 }
