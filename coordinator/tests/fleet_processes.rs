@@ -29,7 +29,12 @@ fn all_rings(n: usize, pool: &str) -> Vec<HostSpec> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn happy_wave_patches_every_ring_and_leaves_every_host_healthy_in_service() {
     let dir = tempfile::tempdir().unwrap();
-    let f = start(dir.path(), all_rings(7, "h100-train"), &[("h100-train", 50)]).await;
+    let f = start(
+        dir.path(),
+        all_rings(7, "h100-train"),
+        &[("h100-train", 50)],
+    )
+    .await;
     let spec = f.write_spec("happy", &pacing(2)).unwrap();
     approve_all(&f, &spec);
 
@@ -42,11 +47,24 @@ async fn happy_wave_patches_every_ring_and_leaves_every_host_healthy_in_service(
     for h in &f.hosts {
         let id = &h.spec.id;
         assert_eq!(h.driver_version(), fleet::NEW_VERSION, "{id} driver file");
-        assert_eq!(h.patch_runs(), vec![fleet::NEW_VERSION.to_string()], "{id} patched once");
+        assert_eq!(
+            h.patch_runs(),
+            vec![fleet::NEW_VERSION.to_string()],
+            "{id} patched once"
+        );
         let report = health(&f, id).await;
         assert_eq!(report.backend, "nvml", "{id} reads the (fake) NVML library");
-        assert_eq!(report.driver_version, fleet::NEW_VERSION, "{id} as NVML reports it");
-        assert_eq!(report.verdict, pb::Verdict::Healthy as i32, "{id}: {:?}", report.reasons);
+        assert_eq!(
+            report.driver_version,
+            fleet::NEW_VERSION,
+            "{id} as NVML reports it"
+        );
+        assert_eq!(
+            report.verdict,
+            pb::Verdict::Healthy as i32,
+            "{id}: {:?}",
+            report.reasons
+        );
         assert!(!report.draining, "{id} is back in service");
         let tasks = journal(&f, id).await;
         assert_eq!(
@@ -55,7 +73,9 @@ async fn happy_wave_patches_every_ring_and_leaves_every_host_healthy_in_service(
             "{id} journal"
         );
         assert!(
-            tasks.iter().all(|t| t.state == pb::TaskState::Succeeded as i32),
+            tasks
+                .iter()
+                .all(|t| t.state == pb::TaskState::Succeeded as i32),
             "{id}: {tasks:?}"
         );
     }
@@ -164,7 +184,12 @@ async fn pool_of_ten_at_fifteen_percent_never_has_two_hosts_out_of_service_as_ag
     let mut all = Vec::new();
     for h in &f.hosts {
         let iv = out_of_service(&f, &h.spec.id).await;
-        assert_eq!(iv.len(), 1, "{} drained and undrained once: {iv:?}", h.spec.id);
+        assert_eq!(
+            iv.len(),
+            1,
+            "{} drained and undrained once: {iv:?}",
+            h.spec.id
+        );
         assert_eq!(h.driver_version(), fleet::NEW_VERSION, "{}", h.spec.id);
         all.extend(iv);
     }
@@ -179,7 +204,13 @@ async fn pool_of_ten_at_fifteen_percent_never_has_two_hosts_out_of_service_as_ag
 async fn pool_whose_reserve_is_used_up_by_an_unhealthy_host_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let specs = (0..5)
-        .map(|i| host(&format!("gpu-{i:02}"), u32::try_from(i % 2).unwrap(), "small"))
+        .map(|i| {
+            host(
+                &format!("gpu-{i:02}"),
+                u32::try_from(i % 2).unwrap(),
+                "small",
+            )
+        })
         .collect();
     let mut f = start(dir.path(), specs, &[("small", 20)]).await;
     // gpu-03 has a GPU with a pending row remap from the start.
@@ -201,7 +232,11 @@ async fn pool_whose_reserve_is_used_up_by_an_unhealthy_host_refuses_to_start() {
     assert!(stderr.contains("pool `small`"), "names the pool: {stderr}");
     assert!(stderr.contains("gpu-03"), "names the host: {stderr}");
     for h in &f.hosts {
-        assert!(journal(&f, &h.spec.id).await.is_empty(), "{} got a task", h.spec.id);
+        assert!(
+            journal(&f, &h.spec.id).await.is_empty(),
+            "{} got a task",
+            h.spec.id
+        );
         assert!(h.patch_runs().is_empty());
     }
 }
@@ -209,7 +244,12 @@ async fn pool_whose_reserve_is_used_up_by_an_unhealthy_host_refuses_to_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_sigkilled_ten_times_and_resumed_patches_every_host_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
-    let f = start(dir.path(), all_rings(7, "h100-train"), &[("h100-train", 50)]).await;
+    let f = start(
+        dir.path(),
+        all_rings(7, "h100-train"),
+        &[("h100-train", 50)],
+    )
+    .await;
     let spec = f.write_spec("crashy", &pacing(1)).unwrap();
     approve_all(&f, &spec);
 
@@ -217,6 +257,7 @@ async fn coordinator_sigkilled_ten_times_and_resumed_patches_every_host_exactly_
     let milestones = 3 * f.hosts.len();
     let mut seen = std::collections::BTreeSet::new();
     let mut kills: Vec<String> = Vec::new();
+    let mut reattached = 0;
     let mut c = Coordinator::run(&f, &spec);
     while kills.len() < 10 {
         let i = kills.len();
@@ -225,7 +266,10 @@ async fn coordinator_sigkilled_ten_times_and_resumed_patches_every_host_exactly_
         loop {
             let Some(ev) = c.next_event(Duration::from_secs(60)).await else {
                 let (code, stderr) = c.finish(Duration::from_secs(10)).await;
-                panic!("the wave ended (exit {code}) before kill {}: {stderr}", i + 1);
+                panic!(
+                    "the wave ended (exit {code}) before kill {}: {stderr}",
+                    i + 1
+                );
             };
             if ev["kind"] == "host" {
                 let what = ev["what"].as_str().unwrap_or_default();
@@ -242,12 +286,24 @@ async fn coordinator_sigkilled_ten_times_and_resumed_patches_every_host_exactly_
         if i % 2 == 1 {
             tokio::time::sleep(Duration::from_millis(150)).await;
         }
+        reattached += c
+            .events
+            .iter()
+            .filter(|e| is(e, "host", Some("reattach")))
+            .count();
         c.sigkill().await;
         kills.push(format!("after {} milestones: {last}", seen.len()));
         c = Coordinator::resume(&f, "crashy");
     }
     let (code, stderr) = c.finish(WAVE_LIMIT).await;
-    assert_eq!(code, 0, "final resume completes the wave: {stderr}\nkills: {kills:#?}");
+    assert_eq!(
+        code, 0,
+        "final resume completes the wave: {stderr}\nkills: {kills:#?}"
+    );
+    assert!(
+        reattached > 0,
+        "some kills landed in the middle of a host, and a resume re-attached to it: {kills:#?}"
+    );
 
     for h in &f.hosts {
         let id = &h.spec.id;
@@ -288,9 +344,11 @@ async fn agent_that_stops_answering_mid_wave_halts_it_as_unreachable_within_the_
     approve_all(&f, &spec);
 
     let mut c = Coordinator::run(&f, &spec);
-    c.until(WAVE_LIMIT, |e| is(e, "host", Some("connected")) && e["host"] == "gpu-01")
-        .await
-        .expect("the wave reaches gpu-01");
+    c.until(WAVE_LIMIT, |e| {
+        is(e, "host", Some("connected")) && e["host"] == "gpu-01"
+    })
+    .await
+    .expect("the wave reaches gpu-01");
     // Once the agent has taken the drain, freeze it (SIGSTOP): it stops answering.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !common::actions(&journal(&f, "gpu-01").await).contains(&"drain".to_string()) {
@@ -309,6 +367,7 @@ async fn agent_that_stops_answering_mid_wave_halts_it_as_unreachable_within_the_
         .await
         .expect("the wave halts");
     let took = frozen_at.elapsed();
+    eprintln!("halted {took:?} after gpu-01 froze");
     let (code, stderr) = c.finish(WAVE_LIMIT).await;
     // Let the agent run again so the fleet can shut it down cleanly.
     let _ = nix::sys::signal::kill(
@@ -325,6 +384,9 @@ async fn agent_that_stops_answering_mid_wave_halts_it_as_unreachable_within_the_
     );
     assert_eq!(code, 4, "{stderr}");
     assert!(stderr.contains("host gpu-01"), "{stderr}");
-    assert!(stderr.contains("(unreachable)"), "report says unreachable: {stderr}");
+    assert!(
+        stderr.contains("(unreachable)"),
+        "report says unreachable: {stderr}"
+    );
     assert!(journal(&f, "gpu-02").await.is_empty(), "ring 3 untouched");
 }

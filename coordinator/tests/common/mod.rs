@@ -51,11 +51,7 @@ pub fn host(id: &str, ring: u32, pool: &str) -> HostSpec {
 }
 
 /// Start real agent processes for `specs`, with `reserve` percent per pool.
-pub async fn start(
-    dir: &Path,
-    specs: Vec<HostSpec>,
-    reserve: &[(&str, u32)],
-) -> Fleet {
+pub async fn start(dir: &Path, specs: Vec<HostSpec>, reserve: &[(&str, u32)]) -> Fleet {
     ringfence::tls::install_crypto_provider();
     let mode = Mode::Processes {
         agent_bin: artifact("ringfenced"),
@@ -249,13 +245,18 @@ impl Coordinator {
             .await
             .expect("coordinator printed nothing for too long")
             .expect("reading coordinator stdout")?;
-        let ev: Event = serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({"kind":"text","what":line}));
+        let ev: Event = serde_json::from_str(&line)
+            .unwrap_or_else(|_| serde_json::json!({"kind":"text","what":line}));
         self.events.push(ev.clone());
         Some(ev)
     }
 
     /// Read events until one matches `pred` (returned) or output ends (None).
-    pub async fn until(&mut self, within: Duration, pred: impl Fn(&Event) -> bool) -> Option<Event> {
+    pub async fn until(
+        &mut self,
+        within: Duration,
+        pred: impl Fn(&Event) -> bool,
+    ) -> Option<Event> {
         let deadline = Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
