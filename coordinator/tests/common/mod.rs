@@ -181,7 +181,8 @@ pub struct Coordinator {
 impl Coordinator {
     /// `ringfence --config <fleet>/ringfence.toml <args..>`.
     pub fn spawn(f: &Fleet, args: &[&str]) -> Self {
-        let mut child = tokio::process::Command::new(artifact("ringfence"))
+        // This package's own binary: cargo builds it fresh for its tests.
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ringfence"))
             .arg("--config")
             .arg(&f.settings)
             .args(args)
