@@ -92,6 +92,20 @@ impl RunningHost {
     }
 }
 
+impl Drop for RunningHost {
+    // An agent process never outlives its handle, also when the fleet fails
+    // to start half way (the hosts started so far are dropped then).
+    fn drop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
 /// File in each host dir the patch profile appends the installed version to.
 pub const PATCH_COUNT_FILE: &str = "patch_runs";
 /// Name of the fake NVML library copied into each host dir (multi-process fleets).
