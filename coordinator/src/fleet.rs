@@ -79,7 +79,37 @@ impl RunningHost {
             .map(|s| s.trim().to_string())
             .unwrap_or_default()
     }
+    /// Every version the patch profile installed on this host, one per run
+    /// of the patch command, oldest first (the agent-side patch counter).
+    pub fn patch_runs(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join(PATCH_COUNT_FILE))
+            .map(|s| s.lines().map(str::to_string).collect())
+            .unwrap_or_default()
+    }
+    /// The agent's process id (multi-process fleets only).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(std::process::Child::id)
+    }
 }
+
+impl Drop for RunningHost {
+    // An agent process never outlives its handle, also when the fleet fails
+    // to start half way (the hosts started so far are dropped then).
+    fn drop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// File in each host dir the patch profile appends the installed version to.
+pub const PATCH_COUNT_FILE: &str = "patch_runs";
+/// Name of the fake NVML library copied into each host dir (multi-process fleets).
+pub const NVML_LIBRARY_NAME: &str = "libnvidia-ml.so.1";
 
 /// A whole simulated fleet and its files.
 #[derive(Debug)]
@@ -98,8 +128,9 @@ pub struct Fleet {
     pub approver_keys: Vec<PathBuf>,
     /// Coordinator state dir.
     pub state_dir: PathBuf,
-    /// Reserve of both pools written by [`Fleet::write_inventory`] (default 20).
-    pub reserve_percent: u32,
+    /// Reserve percent per pool written by [`Fleet::write_inventory`]
+    /// (pools not named here get 20%).
+    pub pool_reserve: std::collections::BTreeMap<String, u32>,
     mode: Mode,
 }
 
@@ -194,9 +225,9 @@ fn agent_config(spec: &HostSpec, dir: &Path, listen: &str, mode: &Mode, trust: &
             "backend = \"simulated\"\nscenario = \"{}\"",
             dir.join("scenario.toml").display()
         ),
-        Mode::Processes { fake_nvml, .. } => format!(
+        Mode::Processes { .. } => format!(
             "backend = \"nvml\"\nnvml_library = \"{}\"",
-            fake_nvml.display()
+            dir.join(NVML_LIBRARY_NAME).display()
         ),
     };
     format!(
@@ -224,7 +255,7 @@ poll_ms = 100
 command = ["/bin/true"]
 
 [patch.profiles.nvidia-driver]
-argv = ["/bin/sh", "-c", "printf '%s' \"$1\" > \"$2\"", "sh", "{{version}}", "{driver_file}"]
+argv = ["/bin/sh", "-c", "printf '%s' \"$1\" > \"$2\"; echo \"$1\" >> \"$3\"", "sh", "{{version}}", "{driver_file}", "{count_file}"]
 version_pattern = '^[0-9]+\.[0-9]+\.[0-9]+$'
 timeout_s = 30
 "#,
@@ -239,6 +270,7 @@ timeout_s = 30
             .unwrap_or_default()
             .display(),
         driver_file = dir.join("driver_version").display(),
+        count_file = dir.join(PATCH_COUNT_FILE).display(),
     )
 }
 
@@ -312,6 +344,15 @@ impl Fleet {
                     format!("127.0.{}.{}:{}", 1 + i / 200, 10 + i % 200, free_port())
                 }
             };
+            if let Mode::Processes { fake_nvml, .. } = &mode {
+                // A copy per host (the loader shares one instance per file),
+                // under the name the real library has.
+                let lib = dir.join(NVML_LIBRARY_NAME);
+                std::fs::copy(fake_nvml, &lib).map_err(|e| FleetError::Io {
+                    path: lib.clone(),
+                    reason: format!("copying the fake NVML library {}: {e}", fake_nvml.display()),
+                })?;
+            }
             write(
                 &dir.join("agent.toml"),
                 &agent_config(&spec, &dir, &listen, &mode, &trust_path),
@@ -328,7 +369,7 @@ impl Fleet {
             trust: trust_path,
             approver_keys,
             state_dir,
-            reserve_percent: 20,
+            pool_reserve: std::collections::BTreeMap::new(),
             mode,
         };
         fleet.write_inventory()?;
@@ -337,10 +378,20 @@ impl Fleet {
 
     /// (Re)write the inventory with every host's address and enrolled key.
     pub fn write_inventory(&mut self) -> Result<(), FleetError> {
-        let pct = self.reserve_percent;
-        let mut inv = format!(
-            "trust_domain = \"{TRUST_DOMAIN}\"\n\n[[pool]]\nname = \"h100-train\"\nreserve_percent = {pct}\n\n[[pool]]\nname = \"a100-infer\"\nreserve_percent = {pct}\n"
-        );
+        let mut inv = format!("trust_domain = \"{TRUST_DOMAIN}\"\n");
+        let mut pools: Vec<&str> = vec!["h100-train", "a100-infer"];
+        for h in &self.hosts {
+            if !pools.contains(&h.spec.pool.as_str()) {
+                pools.push(&h.spec.pool);
+            }
+        }
+        for p in pools {
+            let reserve = self.pool_reserve.get(p).copied().unwrap_or(20);
+            let _ = write!(
+                inv,
+                "\n[[pool]]\nname = \"{p}\"\nreserve_percent = {reserve}\n"
+            );
+        }
         for h in &self.hosts {
             let _ = write!(
                 inv,

@@ -274,7 +274,13 @@ impl Driver {
                 return Err(WaveError::BadDecision(h.clone()));
             }
         }
-        let halted = self.store.get_meta::<HaltReport>(META_HALT)?.is_some();
+        // A resume clears the record to `null`; read it as an Option so a
+        // second resume (e.g. after another crash) still works.
+        let halted = self
+            .store
+            .get_meta::<Option<HaltReport>>(META_HALT)?
+            .flatten()
+            .is_some();
         let undecided: Vec<&String> = failed
             .iter()
             .filter(|h| !retry.contains(h) && !skip.iter().any(|(s, _)| s == *h))

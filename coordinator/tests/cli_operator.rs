@@ -41,7 +41,8 @@ async fn fleet(dir: &Path) -> Fleet {
     .await
     .unwrap();
     // Small pools: 50% of 2 hosts lets one out at a time.
-    f.reserve_percent = 50;
+    f.pool_reserve.insert("h100-train".into(), 50);
+    f.pool_reserve.insert("a100-infer".into(), 50);
     f.write_inventory().unwrap();
     f
 }
