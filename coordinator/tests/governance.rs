@@ -225,7 +225,7 @@ async fn let_coordinator_look(f: &Fleet, wave: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ring_two_waits_for_two_distinct_approvers_and_a_ring_two_approval_cannot_patch_ring_three()
- {
+{
     let dir = tempfile::tempdir().unwrap();
     let f = fleet(
         dir.path(),
@@ -262,14 +262,26 @@ async fn ring_two_waits_for_two_distinct_approvers_and_a_ring_two_approval_canno
     .await;
     assert_eq!(driver_file(&f, "gpu-r0"), fleet::NEW_VERSION);
     for h in ["gpu-c1", "gpu-c2"] {
-        assert!(patches(&f, h).await.is_empty(), "{h} got a patch unapproved");
+        assert!(
+            patches(&f, h).await.is_empty(),
+            "{h} got a patch unapproved"
+        );
     }
 
     // The coordinator's own key can never approve.
     let coord_key = f.root.join("coordinator.key");
     let o = cli(
         &f,
-        &["wave", "approve", "--wave", wave_id, "--ring", "2", "--key", p(&coord_key)],
+        &[
+            "wave",
+            "approve",
+            "--wave",
+            wave_id,
+            "--ring",
+            "2",
+            "--key",
+            p(&coord_key),
+        ],
     );
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     assert!(text(&o).contains("coordinator key"), "{}", text(&o));
@@ -292,7 +304,10 @@ async fn ring_two_waits_for_two_distinct_approvers_and_a_ring_two_approval_canno
     assert_eq!(s["phase"], "awaiting_approval", "{s}");
     assert_eq!(s["rings"]["2"]["approval"], "AWAITING_APPROVAL");
     for h in ["gpu-c1", "gpu-c2"] {
-        assert!(patches(&f, h).await.is_empty(), "{h} patched on one approval");
+        assert!(
+            patches(&f, h).await.is_empty(),
+            "{h} patched on one approval"
+        );
     }
 
     // The same approver again, in a second file under another key id: still one.
@@ -393,7 +408,10 @@ async fn ring_two_waits_for_two_distinct_approvers_and_a_ring_two_approval_canno
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains("approval_scope"), "{err:?}");
     assert!(
-        journal(&f, "gpu-p1").await.iter().all(|t| t.action != "patch"),
+        journal(&f, "gpu-p1")
+            .await
+            .iter()
+            .all(|t| t.action != "patch"),
         "the ring-3 agent journaled a patch"
     );
     assert_eq!(driver_file(&f, "gpu-p1"), fleet::OLD_VERSION);
@@ -423,16 +441,41 @@ async fn break_glass_raises_one_pool_only_is_in_the_evidence_and_a_tampered_file
     let o = cli(
         &f,
         &[
-            "breakglass", "sign", "--wave", wave_id, "--pool", "h100-train", "--max-out", "3",
-            "--reason", reason, "--key", p(&f.approver_keys[0]), "--out", p(&bg),
+            "breakglass",
+            "sign",
+            "--wave",
+            wave_id,
+            "--pool",
+            "h100-train",
+            "--max-out",
+            "3",
+            "--reason",
+            reason,
+            "--key",
+            p(&f.approver_keys[0]),
+            "--out",
+            p(&bg),
         ],
     );
     assert!(o.status.success(), "{}", text(&o));
     let o = cli(
         &f,
         &[
-            "breakglass", "sign", "--wave", wave_id, "--pool", "h100-train", "--max-out", "3",
-            "--reason", reason, "--key", p(&f.approver_keys[1]), "--out", p(&bg), "--add-to",
+            "breakglass",
+            "sign",
+            "--wave",
+            wave_id,
+            "--pool",
+            "h100-train",
+            "--max-out",
+            "3",
+            "--reason",
+            reason,
+            "--key",
+            p(&f.approver_keys[1]),
+            "--out",
+            p(&bg),
+            "--add-to",
         ],
     );
     assert!(o.status.success(), "{}", text(&o));
@@ -440,9 +483,12 @@ async fn break_glass_raises_one_pool_only_is_in_the_evidence_and_a_tampered_file
     // Someone edits max_out in the signed file: refused, exit 3, nothing started.
     let mut file: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&bg).unwrap()).unwrap();
-    let mut grant =
-        pb::BreakGlass::decode(B64.decode(file["payload"].as_str().unwrap()).unwrap().as_slice())
-            .unwrap();
+    let mut grant = pb::BreakGlass::decode(
+        B64.decode(file["payload"].as_str().unwrap())
+            .unwrap()
+            .as_slice(),
+    )
+    .unwrap();
     assert_eq!(grant.max_out, 3);
     grant.max_out = 4;
     file["payload"] = B64.encode(grant.encode_to_vec()).into();
@@ -452,29 +498,57 @@ async fn break_glass_raises_one_pool_only_is_in_the_evidence_and_a_tampered_file
     let o = cli(
         &f,
         &[
-            "wave", "run", "--inventory", p(&inv), "--spec", p(&spec), "--break-glass", p(&tampered),
+            "wave",
+            "run",
+            "--inventory",
+            p(&inv),
+            "--spec",
+            p(&spec),
+            "--break-glass",
+            p(&tampered),
         ],
     );
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     assert!(text(&o).contains("break-glass"), "{}", text(&o));
     assert!(!WavePaths::new(&f.state_dir, wave_id).db.exists());
     for h in &f.hosts {
-        assert!(journal(&f, &h.spec.id).await.is_empty(), "{} touched", h.spec.id);
+        assert!(
+            journal(&f, &h.spec.id).await.is_empty(),
+            "{} touched",
+            h.spec.id
+        );
     }
 
     // The genuine file: the wave runs with the h100 pool raised to 3.
     let o = cli(
         &f,
-        &["wave", "run", "--inventory", p(&inv), "--spec", p(&spec), "--break-glass", p(&bg)],
+        &[
+            "wave",
+            "run",
+            "--inventory",
+            p(&inv),
+            "--spec",
+            p(&spec),
+            "--break-glass",
+            p(&bg),
+        ],
     );
     assert!(o.status.success(), "{}", text(&o));
     let s = status(&f, wave_id).unwrap();
     assert_eq!(s["phase"], "completed", "{s}");
     assert_eq!(s["pools"]["h100-train"][1], 3, "raised limit: {s}");
     assert_eq!(s["pools"]["a100-infer"][1], 1, "other pool unchanged: {s}");
-    assert!(s["break_glass"][0].as_str().unwrap().contains(reason), "{s}");
+    assert!(
+        s["break_glass"][0].as_str().unwrap().contains(reason),
+        "{s}"
+    );
     for h in &f.hosts {
-        assert_eq!(driver_file(&f, &h.spec.id), fleet::NEW_VERSION, "{}", h.spec.id);
+        assert_eq!(
+            driver_file(&f, &h.spec.id),
+            fleet::NEW_VERSION,
+            "{}",
+            h.spec.id
+        );
         assert_eq!(patches(&f, &h.spec.id).await.len(), 1, "{}", h.spec.id);
     }
 
@@ -485,8 +559,8 @@ async fn break_glass_raises_one_pool_only_is_in_the_evidence_and_a_tampered_file
     let bytes = std::fs::read(&packet_path).unwrap();
     let packet = packet_of(&bytes);
     assert_eq!(packet.break_glass.len(), 1);
-    let embedded = pb::Envelope::decode(B64.decode(&packet.break_glass[0]).unwrap().as_slice())
-        .unwrap();
+    let embedded =
+        pb::Envelope::decode(B64.decode(&packet.break_glass[0]).unwrap().as_slice()).unwrap();
     assert_eq!(
         pb::BreakGlass::decode(embedded.payload.as_slice())
             .unwrap()
@@ -495,7 +569,13 @@ async fn break_glass_raises_one_pool_only_is_in_the_evidence_and_a_tampered_file
     );
     let o = cli(
         &f,
-        &["evidence", "verify", p(&packet_path), "--inventory", p(&inv)],
+        &[
+            "evidence",
+            "verify",
+            p(&packet_path),
+            "--inventory",
+            p(&inv),
+        ],
     );
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("VALID"), "{}", text(&o));
@@ -506,7 +586,12 @@ async fn break_glass_raises_one_pool_only_is_in_the_evidence_and_a_tampered_file
         &Inventory::load(&inv).unwrap().enrolled_keys(),
     )
     .unwrap();
-    assert_eq!(v.approvers.len(), 2, "both break-glass signers: {:?}", v.approvers);
+    assert_eq!(
+        v.approvers.len(),
+        2,
+        "both break-glass signers: {:?}",
+        v.approvers
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,7 +604,10 @@ async fn evidence_verify_fails_naming_the_cause_when_packet_attestation_or_inven
         .write_spec(wave_id, "[ring.0]\nbatch_size = 1\nsoak_s = 0\n")
         .unwrap();
     let inv = f.inventory.clone();
-    let o = cli(&f, &["wave", "run", "--inventory", p(&inv), "--spec", p(&spec)]);
+    let o = cli(
+        &f,
+        &["wave", "run", "--inventory", p(&inv), "--spec", p(&spec)],
+    );
     assert!(o.status.success(), "{}", text(&o));
     let packet_path = WavePaths::new(&f.state_dir, wave_id)
         .evidence_dir
@@ -529,12 +617,31 @@ async fn evidence_verify_fails_naming_the_cause_when_packet_attestation_or_inven
     let enrolled = Inventory::load(&inv).unwrap().enrolled_keys();
     let v = evidence::verify(&bytes, &trust, &enrolled).unwrap();
     assert!(v.attestations_checked >= 4, "before and after per host");
-    let o = cli(&f, &["evidence", "verify", p(&packet_path), "--inventory", p(&inv)]);
+    let o = cli(
+        &f,
+        &[
+            "evidence",
+            "verify",
+            p(&packet_path),
+            "--inventory",
+            p(&inv),
+        ],
+    );
     assert!(o.status.success(), "{}", text(&o));
 
-    // Any byte of the packet file.
-    let step = (bytes.len() / 300).max(1);
-    for i in (0..bytes.len()).step_by(step) {
+    // Any byte of the packet file: every byte around the payload (type,
+    // signature, key id, JSON framing) and a sample of the payload's bytes.
+    let file: evidence::PacketFile = serde_json::from_slice(&bytes).unwrap();
+    let start = bytes
+        .windows(file.payload.len())
+        .position(|w| w == file.payload.as_bytes())
+        .unwrap();
+    let end = start + file.payload.len();
+    let step = (file.payload.len() / 300).max(1);
+    let positions = (0..start)
+        .chain((start..end).step_by(step))
+        .chain(end..bytes.len());
+    for i in positions {
         let mut b = bytes.clone();
         b[i] ^= 0x01;
         assert!(
@@ -544,16 +651,14 @@ async fn evidence_verify_fails_naming_the_cause_when_packet_attestation_or_inven
         );
     }
     let mut b = bytes.clone();
-    let file: evidence::PacketFile = serde_json::from_slice(&bytes).unwrap();
-    let mid = b
-        .windows(file.payload.len())
-        .position(|w| w == file.payload.as_bytes())
-        .unwrap()
-        + file.payload.len() / 2;
+    let mid = start + file.payload.len() / 2;
     b[mid] = if b[mid] == b'A' { b'B' } else { b'A' };
     let flipped = f.root.join("flipped.json");
     std::fs::write(&flipped, &b).unwrap();
-    let o = cli(&f, &["evidence", "verify", p(&flipped), "--inventory", p(&inv)]);
+    let o = cli(
+        &f,
+        &["evidence", "verify", p(&flipped), "--inventory", p(&inv)],
+    );
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("INVALID"), "{}", text(&o));
     assert!(text(&o).contains("signature"), "{}", text(&o));
@@ -562,9 +667,12 @@ async fn evidence_verify_fails_naming_the_cause_when_packet_attestation_or_inven
     // coordinator key, so only the attestation is wrong).
     let mut packet = packet_of(&bytes);
     let host_id = packet.hosts[0].host_id.clone();
-    let mut env =
-        pb::Envelope::decode(B64.decode(&packet.hosts[0].attestations[0]).unwrap().as_slice())
-            .unwrap();
+    let mut env = pb::Envelope::decode(
+        B64.decode(&packet.hosts[0].attestations[0])
+            .unwrap()
+            .as_slice(),
+    )
+    .unwrap();
     let last = env.payload.len() - 1;
     env.payload[last] ^= 0x01;
     packet.hosts[0].attestations[0] = B64.encode(env.encode_to_vec());
@@ -572,7 +680,10 @@ async fn evidence_verify_fails_naming_the_cause_when_packet_attestation_or_inven
     let resealed = evidence::seal(&packet, "coord-demo", &coord).unwrap();
     let bad_att = f.root.join("bad-attestation.json");
     std::fs::write(&bad_att, &resealed).unwrap();
-    let o = cli(&f, &["evidence", "verify", p(&bad_att), "--inventory", p(&inv)]);
+    let o = cli(
+        &f,
+        &["evidence", "verify", p(&bad_att), "--inventory", p(&inv)],
+    );
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("attestation"), "{}", text(&o));
     assert!(text(&o).contains(&host_id), "{}", text(&o));
@@ -583,7 +694,16 @@ async fn evidence_verify_fails_naming_the_cause_when_packet_attestation_or_inven
     let other = ringfence::keys::public_key_text(&ringfence::keys::generate().verifying_key());
     let bad_inv = f.root.join("inventory-bad-key.toml");
     std::fs::write(&bad_inv, inv_text.replace(&key_text, &other)).unwrap();
-    let o = cli(&f, &["evidence", "verify", p(&packet_path), "--inventory", p(&bad_inv)]);
+    let o = cli(
+        &f,
+        &[
+            "evidence",
+            "verify",
+            p(&packet_path),
+            "--inventory",
+            p(&bad_inv),
+        ],
+    );
     assert_ne!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).contains(&f.hosts[0].spec.id), "{}", text(&o));
     // Flipping a character of the key text itself is refused too.
@@ -592,7 +712,16 @@ async fn evidence_verify_fails_naming_the_cause_when_packet_attestation_or_inven
     chars[i] = if chars[i] == 'A' { 'B' } else { 'A' };
     let flipped_key: String = chars.into_iter().collect();
     std::fs::write(&bad_inv, inv_text.replace(&key_text, &flipped_key)).unwrap();
-    let o = cli(&f, &["evidence", "verify", p(&packet_path), "--inventory", p(&bad_inv)]);
+    let o = cli(
+        &f,
+        &[
+            "evidence",
+            "verify",
+            p(&packet_path),
+            "--inventory",
+            p(&bad_inv),
+        ],
+    );
     assert_ne!(o.status.code(), Some(0), "{}", text(&o));
 }
 
@@ -620,7 +749,10 @@ async fn rollback_on_failure_drill_on_ring_zero_and_rollback_by_hand() {
         )
         .unwrap();
     let inv = f.inventory.clone();
-    let o = cli(&f, &["wave", "run", "--inventory", p(&inv), "--spec", p(&spec)]);
+    let o = cli(
+        &f,
+        &["wave", "run", "--inventory", p(&inv), "--spec", p(&spec)],
+    );
     assert_eq!(o.status.code(), Some(4), "halted on gpu-bad: {}", text(&o));
     assert!(text(&o).contains("gpu-bad"), "{}", text(&o));
 
@@ -645,8 +777,12 @@ async fn rollback_on_failure_drill_on_ring_zero_and_rollback_by_hand() {
     let ev = WavePaths::new(&f.state_dir, wave_id).evidence_dir;
     let bytes = std::fs::read(ev.join("ring-0.json")).unwrap();
     let trust = TrustSet::load(&f.trust).unwrap();
-    let v = evidence::verify(&bytes, &trust, &Inventory::load(&inv).unwrap().enrolled_keys())
-        .unwrap();
+    let v = evidence::verify(
+        &bytes,
+        &trust,
+        &Inventory::load(&inv).unwrap().enrolled_keys(),
+    )
+    .unwrap();
     let proof = v.packet.rollback_proof.expect("rollback proof in ring 0");
     assert_eq!(
         proof.versions,
@@ -670,11 +806,24 @@ async fn rollback_on_failure_drill_on_ring_zero_and_rollback_by_hand() {
     assert!(ev.join("ring-1.json").exists(), "halt evidence for ring 1");
 
     // By hand: roll a patched, in-service ring-0 host back.
-    let target = if proof.host_id == "gpu-d0" { "gpu-d1" } else { "gpu-d0" };
+    let target = if proof.host_id == "gpu-d0" {
+        "gpu-d1"
+    } else {
+        "gpu-d0"
+    };
     assert!(!health(&f, target).await.draining);
     let o = cli(
         &f,
-        &["wave", "rollback", "--wave", wave_id, "--host", target, "--inventory", p(&inv)],
+        &[
+            "wave",
+            "rollback",
+            "--wave",
+            wave_id,
+            "--host",
+            target,
+            "--inventory",
+            p(&inv),
+        ],
     );
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(driver_file(&f, target), fleet::OLD_VERSION);
@@ -705,7 +854,16 @@ async fn rollback_on_failure_drill_on_ring_zero_and_rollback_by_hand() {
     // A host that is not in the wave is refused with a config error.
     let o = cli(
         &f,
-        &["wave", "rollback", "--wave", wave_id, "--host", "gpu-nope", "--inventory", p(&inv)],
+        &[
+            "wave",
+            "rollback",
+            "--wave",
+            wave_id,
+            "--host",
+            "gpu-nope",
+            "--inventory",
+            p(&inv),
+        ],
     );
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
 }
@@ -760,7 +918,13 @@ async fn a_window_that_closes_mid_wave_stops_new_hosts_and_the_wave_resumes_at_t
     wait_until("a first host to start", || {
         let s = status(&f, wave_id);
         async move {
-            s.is_some_and(|s| s["hosts"].as_object().unwrap().values().any(|v| v == "inflight"))
+            s.is_some_and(|s| {
+                s["hosts"]
+                    .as_object()
+                    .unwrap()
+                    .values()
+                    .any(|v| v == "inflight")
+            })
         }
     })
     .await;
@@ -784,8 +948,7 @@ async fn a_window_that_closes_mid_wave_stops_new_hosts_and_the_wave_resumes_at_t
         let started = started.clone();
         async move {
             s.is_some_and(|s| {
-                s["phase"] == "waiting_window"
-                    && started.iter().all(|h| s["hosts"][h] == "done")
+                s["phase"] == "waiting_window" && started.iter().all(|h| s["hosts"][h] == "done")
             })
         }
     })
@@ -810,10 +973,19 @@ async fn a_window_that_closes_mid_wave_stops_new_hosts_and_the_wave_resumes_at_t
 
     // The window opens again: the wave continues and completes.
     clock.set(reopen);
-    let outcome = tokio::time::timeout(WAIT, run).await.unwrap().unwrap().unwrap();
+    let outcome = tokio::time::timeout(WAIT, run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(outcome, Outcome::Completed);
     for h in &f.hosts {
-        assert_eq!(driver_file(&f, &h.spec.id), fleet::NEW_VERSION, "{}", h.spec.id);
+        assert_eq!(
+            driver_file(&f, &h.spec.id),
+            fleet::NEW_VERSION,
+            "{}",
+            h.spec.id
+        );
         assert_eq!(patches(&f, &h.spec.id).await.len(), 1, "{}", h.spec.id);
     }
 }
