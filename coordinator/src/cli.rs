@@ -199,6 +199,19 @@ enum WaveCommand {
         #[arg(long)]
         wave: String,
     },
+    /// Patch one host of the wave back by hand (toward the wave's rollback
+    /// version, else the version it attested before), validate it, leave it drained.
+    Rollback {
+        /// Wave id.
+        #[arg(long)]
+        wave: String,
+        /// Host to roll back.
+        #[arg(long)]
+        host: String,
+        /// Inventory file.
+        #[arg(long)]
+        inventory: PathBuf,
+    },
     /// Sign a ring approval (or import one signed elsewhere).
     Approve {
         /// Wave id.
@@ -585,7 +598,9 @@ fn outcome(o: Result<Outcome, wave::WaveError>, reporter: &Reporter) -> Result<(
             | wave::WaveError::BadDecision(_)
             | wave::WaveError::NoState(_)
             | wave::WaveError::Aborted(_)
-            | wave::WaveError::BreakGlass { .. }),
+            | wave::WaveError::BreakGlass { .. }
+            | wave::WaveError::NotInWave { .. }
+            | wave::WaveError::HostInFlight { .. }),
         ) => Err(config_err(e)),
         Err(e) => Err(failed(e)),
     }
@@ -688,6 +703,64 @@ async fn wave_cmd(config: Option<&Path>, cmd: WaveCommand) -> Result<(), Failure
                 bg,
             )?;
             outcome(d.resume(&retry, &skip).await, &reporter)
+        }
+        WaveCommand::Rollback {
+            wave: w,
+            host,
+            inventory,
+        } => {
+            let env = env(config)?;
+            let inv = Inventory::load(&inventory).map_err(config_err)?;
+            let store = Arc::new(WaveStore::open(&env.settings.state_dir, &w).map_err(config_err)?);
+            let text: String = store
+                .get_meta(wave::META_SPEC_TEXT)
+                .map_err(failed)?
+                .ok_or_else(|| {
+                    config_err(format!(
+                        "wave `{w}` has no state under {}",
+                        env.settings.state_dir.display()
+                    ))
+                })?;
+            let spec =
+                WaveSpec::from_source(&Source::from_text(format!("<stored spec of {w}>"), text))
+                    .map_err(config_err)?;
+            let reporter = Reporter::new(false);
+            let conn = Arc::new(connector(&env, &inv));
+            let mut d = driver(
+                &env.settings,
+                env.trust,
+                inv,
+                spec,
+                store,
+                conn,
+                reporter.clone(),
+                Vec::new(),
+            )?;
+            let result = d.rollback_host(&host).await;
+            reporter.finish();
+            match result {
+                Ok((rec, None)) => {
+                    println!(
+                        "{host}: rolled back to {} ({}); left drained — undrain it by hand when satisfied",
+                        rec.after
+                            .as_ref()
+                            .map(|a| a.driver_version.as_str())
+                            .unwrap_or("?"),
+                        rec.after
+                            .as_ref()
+                            .map(|a| a.verdict.as_str())
+                            .unwrap_or("?"),
+                    );
+                    Ok(())
+                }
+                Ok((_, Some(f))) => Err(failed(format!("{host}: {}", f.reason))),
+                Err(
+                    e @ (wave::WaveError::NotInWave { .. }
+                    | wave::WaveError::HostInFlight { .. }
+                    | wave::WaveError::NoState(_)),
+                ) => Err(config_err(e)),
+                Err(e) => Err(failed(e)),
+            }
         }
         WaveCommand::Status { wave: w, json } => {
             let settings = Settings::load(config).map_err(config_err)?;

@@ -247,6 +247,14 @@ pub fn verify(
                 .map_err(|e| EvidenceError::Malformed(format!("signature: {e}")))?,
         };
         match trust.identify(&msg, &sig) {
+            // The key id is outside what is signed; in evidence a hint that
+            // names another key than the one that signed is tampering.
+            Ok(k) if k.role == KeyRole::Coordinator && k.id != s.key_id => {
+                return Err(EvidenceError::PacketSignature(format!(
+                    "signature key_id `{}` does not name the key that signed (trust file id `{}`)",
+                    s.key_id, k.id
+                )));
+            }
             Ok(k) if k.role == KeyRole::Coordinator => signed_by = Some(k.id.clone()),
             Ok(k) => {
                 return Err(EvidenceError::PacketSignature(format!(

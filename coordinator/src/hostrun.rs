@@ -1136,3 +1136,132 @@ async fn drill_repatch(
         })),
     }
 }
+
+/// `ringfence wave rollback`: patch one host back by hand. The host is
+/// drained (a no-op if it already is), patched with `rollback = true` toward
+/// the wave's `rollback_version` (else the driver version it attested before
+/// the wave), validated against that version, and left drained for an
+/// operator. Every task is recorded in the host's wave record, written ahead
+/// like any other step. Returns the record and, if the rollback did not
+/// prove the old version healthy, why.
+pub async fn rollback_by_hand(
+    ctx: &Ctx,
+    job: &HostJob,
+    api: &dyn HostApi,
+) -> Result<(HostRecord, Option<Failure>), HostRunError> {
+    let mut rec: HostRecord = ctx
+        .store
+        .get_host(&job.host_id)?
+        .unwrap_or_else(|| HostRecord::new(&job.host_id, job.ring, &job.pool));
+    let Some(target) = rollback_target(ctx, &rec).filter(|v| !v.is_empty()) else {
+        return Ok((
+            rec,
+            fail(
+                "rollback",
+                "manual_rollback",
+                "no version to roll back to: the wave spec has no rollback_version and the host never attested before the wave",
+            ),
+        ));
+    };
+    if rec.started_at_ms == 0 {
+        rec.started_at_ms = ctx.clock.now_ms();
+    }
+    let drain = Action::Drain(pb::Drain {
+        reason: format!("ringfence wave {} rollback by hand", ctx.params.wave_id),
+    });
+    let outcome: Result<Result<String, String>, HostRunError> = async {
+        match run_task(
+            ctx,
+            job,
+            api,
+            &mut rec,
+            "manual_drain",
+            drain,
+            Vec::new(),
+            Vec::new(),
+        )
+        .await?
+        {
+            Ok(s) if s.state == pb::TaskState::Succeeded as i32 => {}
+            Ok(s) => {
+                return Ok(Err(format!(
+                    "drain task ended {}: {}",
+                    state_name(s.state),
+                    s.message
+                )));
+            }
+            Err(f) => return Ok(Err(format!("drain: {}", f.reason))),
+        }
+        let patch = Action::Patch(pb::Patch {
+            profile: ctx.params.profile.clone(),
+            version: target.clone(),
+            rollback: true,
+        });
+        match run_task(
+            ctx,
+            job,
+            api,
+            &mut rec,
+            "manual_rollback",
+            patch,
+            job.approvals.clone(),
+            Vec::new(),
+        )
+        .await?
+        {
+            Ok(s) if s.state == pb::TaskState::Succeeded as i32 => {}
+            Ok(s) => {
+                return Ok(Err(format!(
+                    "rollback task ended {}: {}",
+                    state_name(s.state),
+                    s.message
+                )));
+            }
+            Err(f) => return Ok(Err(format!("rollback: {}", f.reason))),
+        }
+        let cuda = rec
+            .before
+            .as_ref()
+            .map(|b| b.cuda_version.clone())
+            .unwrap_or_default();
+        match validate_step(
+            ctx,
+            job,
+            api,
+            &mut rec,
+            "manual_rollback_validate",
+            &target,
+            &cuda,
+        )
+        .await?
+        {
+            Ok(att) => {
+                let verdict = att.verdict.clone();
+                rec.after = Some(att);
+                Ok(Ok(verdict))
+            }
+            Err(f) => Ok(Err(format!("validation of {target}: {}", f.reason))),
+        }
+    }
+    .await;
+    let outcome = outcome?;
+    let failure = match &outcome {
+        Ok(verdict) => Failure {
+            step: "rollback".into(),
+            kind: "manual_rollback".into(),
+            reason: format!(
+                "rolled back by hand to {target} and attested {verdict}; left drained for an operator"
+            ),
+        },
+        Err(why) => Failure {
+            step: "rollback".into(),
+            kind: "manual_rollback_failed".into(),
+            reason: format!("rollback by hand to {target} failed: {why}; left drained"),
+        },
+    };
+    rec.failure = Some(failure.clone());
+    rec.phase = Phase::Failed;
+    rec.finished_at_ms = ctx.clock.now_ms();
+    ctx.store.put_host(&rec.host_id, &rec)?;
+    Ok((rec, outcome.err().map(|_| failure)))
+}

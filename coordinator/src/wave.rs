@@ -129,6 +129,21 @@ pub enum WaveError {
     /// a break-glass file is not acceptable
     #[error("break-glass {path}: {reason}")]
     BreakGlass { path: PathBuf, reason: String },
+    /// `wave rollback` names a host the wave does not cover
+    #[error("host `{host}` is not part of wave `{wave}`")]
+    NotInWave { wave: String, host: String },
+    /// `wave rollback` on a host the wave still has in flight
+    #[error(
+        "host `{host}` is in flight in wave `{wave}` (phase {phase}); resume or abort the wave before rolling it back by hand"
+    )]
+    HostInFlight {
+        wave: String,
+        host: String,
+        phase: String,
+    },
+    /// the host to roll back cannot be reached
+    #[error("{0}")]
+    Unreachable(String),
 }
 
 /// What the loop needs.
@@ -323,6 +338,85 @@ impl Driver {
         self.store.put_meta(META_STATE, &state)?;
         self.reporter.emit(&Event::resumed(&wave));
         self.drive(plan, state).await
+    }
+
+    /// `ringfence wave rollback`: patch one host of this wave back by hand
+    /// (see [`hostrun::rollback_by_hand`]), record it in the wave store and
+    /// its events, and count a host that the wave had finished as failed
+    /// again (it is drained and no longer on the wave's version).
+    pub async fn rollback_host(
+        &mut self,
+        host: &str,
+    ) -> Result<(HostRecord, Option<hostrun::Failure>), WaveError> {
+        let wave = self.spec.wave_id.clone();
+        let Some(plan) = self.store.get_meta::<Plan>(META_PLAN)? else {
+            return Err(WaveError::NoState(wave));
+        };
+        let Some(&ring) = plan.host_ring.get(host) else {
+            return Err(WaveError::NotInWave {
+                wave,
+                host: host.to_string(),
+            });
+        };
+        if let Some(rec) = self.store.get_host::<HostRecord>(host)?
+            && !matches!(rec.phase, Phase::Pending | Phase::Done | Phase::Failed)
+        {
+            return Err(WaveError::HostInFlight {
+                wave,
+                host: host.to_string(),
+                phase: format!("{:?}", rec.phase),
+            });
+        }
+        let mut approvals_by_ring = BTreeMap::new();
+        if plan.rings.get(&ring).is_some_and(|r| r.protected) {
+            approvals_by_ring.insert(ring, self.ring_approvals(&plan, ring).envelopes);
+        }
+        let job = self.job(&plan, host, &approvals_by_ring);
+        let inv_host = self
+            .inventory
+            .host(host)
+            .cloned()
+            .ok_or_else(|| WaveError::NotInWave {
+                wave: wave.clone(),
+                host: host.to_string(),
+            })?;
+        let api = self
+            .connector
+            .connect(&inv_host)
+            .await
+            .map_err(WaveError::Unreachable)?;
+        let ctx = Ctx {
+            params: Arc::new(self.params()),
+            signer: Arc::new(self.signer.clone()),
+            store: self.store.clone(),
+            clock: self.clock.clone(),
+            halt: Arc::new(AtomicBool::new(false)),
+        };
+        self.store
+            .append_event(&Event::host(host, "rollback", "rollback by hand started"))?;
+        let (rec, failure) = hostrun::rollback_by_hand(&ctx, &job, api.as_ref()).await?;
+        let detail = rec
+            .failure
+            .as_ref()
+            .map(|f| f.reason.clone())
+            .unwrap_or_default();
+        let what = if failure.is_none() {
+            "rolled_back"
+        } else {
+            "rollback_failed"
+        };
+        self.store.append_event(&Event::host(host, what, &detail))?;
+        self.reporter.emit(&Event::host(host, what, &detail));
+        let mut state: WaveState = self
+            .store
+            .get_meta(META_STATE)?
+            .unwrap_or_else(|| WaveState::new(&plan));
+        if state.hosts.get(host) == Some(&HostStatus::Done) {
+            state.hosts.insert(host.to_string(), HostStatus::Failed);
+            state.failures += 1;
+            self.store.put_meta(META_STATE, &state)?;
+        }
+        Ok((rec, failure))
     }
 
     async fn probe(&self) -> BTreeMap<String, String> {
