@@ -929,63 +929,86 @@ async fn rollback(
     let Some(previous) = rollback_target(ctx, rec) else {
         return Ok(original);
     };
-    let action = Action::Patch(pb::Patch {
-        profile: ctx.params.profile.clone(),
-        version: previous.clone(),
-        rollback: true,
-    });
     let mut failure = original.unwrap_or(Failure {
         step: "validate".into(),
         kind: "attestation".into(),
         reason: "validation failed".into(),
     });
+    let cuda = cuda_before(rec);
+    let steps = ("rollback", "rollback_validate");
+    let expect = (previous.as_str(), cuda.as_str());
+    match patch_then_validate(ctx, job, api, rec, steps, &previous, true, expect).await? {
+        Ok(after) => {
+            failure.reason = format!(
+                "{}; rolled back to {} and attested {} (left drained)",
+                failure.reason, previous, after.verdict
+            );
+            rec.after = Some(after);
+        }
+        Err(why) => failure.reason = format!("{}; rollback failed: {why}", failure.reason),
+    }
+    Ok(Some(failure))
+}
+
+/// Patch toward `version` (a rollback when `rollback`), then validate the
+/// host against `expect_driver` / `expect_cuda`. `Err` says which part failed.
+#[allow(clippy::too_many_arguments)]
+async fn patch_then_validate(
+    ctx: &Ctx,
+    job: &HostJob,
+    api: &dyn HostApi,
+    rec: &mut HostRecord,
+    (patch_step, validate_name): (&str, &str),
+    version: &str,
+    rollback: bool,
+    (expect_driver, expect_cuda): (&str, &str),
+) -> Result<Result<AttestationRecord, String>, HostRunError> {
+    let action = Action::Patch(pb::Patch {
+        profile: ctx.params.profile.clone(),
+        version: version.to_string(),
+        rollback,
+    });
+    let approvals = job.approvals.clone();
     match run_task(
         ctx,
         job,
         api,
         rec,
-        "rollback",
+        patch_step,
         action,
-        job.approvals.clone(),
+        approvals,
         Vec::new(),
     )
     .await?
     {
-        Ok(s) if s.state == pb::TaskState::Succeeded as i32 => {
-            let cuda = rec
-                .before
-                .as_ref()
-                .map(|b| b.cuda_version.clone())
-                .unwrap_or_default();
-            match validate_step(ctx, job, api, rec, "rollback_validate", &previous, &cuda).await? {
-                Ok(after) => {
-                    failure.reason = format!(
-                        "{}; rolled back to {} and attested {} (left drained)",
-                        failure.reason, previous, after.verdict
-                    );
-                    rec.after = Some(after);
-                }
-                Err(f) => {
-                    failure.reason = format!(
-                        "{}; rollback validation failed: {}",
-                        failure.reason, f.reason
-                    );
-                }
-            }
-        }
+        Ok(s) if s.state == pb::TaskState::Succeeded as i32 => {}
         Ok(s) => {
-            failure.reason = format!(
-                "{}; rollback task ended {}: {}",
-                failure.reason,
+            return Ok(Err(format!(
+                "{patch_step} task ended {}: {}",
                 state_name(s.state),
                 s.message
-            );
+            )));
         }
-        Err(f) => {
-            failure.reason = format!("{}; rollback failed: {}", failure.reason, f.reason);
-        }
+        Err(f) => return Ok(Err(format!("{patch_step}: {}", f.reason))),
     }
-    Ok(Some(failure))
+    Ok(validate_step(
+        ctx,
+        job,
+        api,
+        rec,
+        validate_name,
+        expect_driver,
+        expect_cuda,
+    )
+    .await?
+    .map_err(|f| format!("validation of {version}: {}", f.reason)))
+}
+
+fn cuda_before(rec: &HostRecord) -> String {
+    rec.before
+        .as_ref()
+        .map(|b| b.cuda_version.clone())
+        .unwrap_or_default()
 }
 
 /// The version a rollback returns to: the spec's `rollback_version`, else the
@@ -1013,67 +1036,16 @@ async fn drill_rollback(
             "no version to roll back to",
         ));
     };
-    let action = Action::Patch(pb::Patch {
-        profile: ctx.params.profile.clone(),
-        version: previous.clone(),
-        rollback: true,
-    });
-    let status = match run_task(
-        ctx,
-        job,
-        api,
-        rec,
-        "drill_rollback",
-        action,
-        job.approvals.clone(),
-        Vec::new(),
-    )
-    .await?
-    {
-        Ok(s) => s,
-        Err(f) => {
-            return Ok(Some(Failure {
-                kind: "drill".into(),
-                ..f
-            }));
-        }
-    };
-    if status.state != pb::TaskState::Succeeded as i32 {
-        return Ok(fail(
-            "drill_rollback",
-            "drill",
-            format!(
-                "rollback task ended {}: {}",
-                state_name(status.state),
-                status.message
-            ),
-        ));
-    }
-    let cuda = rec
-        .before
-        .as_ref()
-        .map(|b| b.cuda_version.clone())
-        .unwrap_or_default();
-    match validate_step(
-        ctx,
-        job,
-        api,
-        rec,
-        "drill_rollback_validate",
-        &previous,
-        &cuda,
-    )
-    .await?
-    {
+    let cuda = cuda_before(rec);
+    let steps = ("drill_rollback", "drill_rollback_validate");
+    let expect = (previous.as_str(), cuda.as_str());
+    match patch_then_validate(ctx, job, api, rec, steps, &previous, true, expect).await? {
         Ok(att) => {
             rec.drill.push(att);
             set_phase(ctx, rec, Phase::DrillRepatch)?;
             Ok(None)
         }
-        Err(f) => Ok(Some(Failure {
-            kind: "drill".into(),
-            ..f
-        })),
+        Err(why) => Ok(fail("drill_rollback", "drill", why)),
     }
 }
 
@@ -1084,56 +1056,19 @@ async fn drill_repatch(
     api: &dyn HostApi,
     rec: &mut HostRecord,
 ) -> Result<Option<Failure>, HostRunError> {
-    let action = Action::Patch(pb::Patch {
-        profile: ctx.params.profile.clone(),
-        version: ctx.params.version.clone(),
-        rollback: false,
-    });
-    let status = match run_task(
-        ctx,
-        job,
-        api,
-        rec,
-        "drill_repatch",
-        action,
-        job.approvals.clone(),
-        Vec::new(),
-    )
-    .await?
-    {
-        Ok(s) => s,
-        Err(f) => {
-            return Ok(Some(Failure {
-                kind: "drill".into(),
-                ..f
-            }));
-        }
-    };
-    if status.state != pb::TaskState::Succeeded as i32 {
-        return Ok(fail(
-            "drill_repatch",
-            "drill",
-            format!(
-                "re-patch task ended {}: {}",
-                state_name(status.state),
-                status.message
-            ),
-        ));
-    }
-    let (d, c) = (
-        ctx.params.expect_driver_version.clone(),
-        ctx.params.expect_cuda_version.clone(),
+    let p = ctx.params.clone();
+    let steps = ("drill_repatch", "drill_repatch_validate");
+    let expect = (
+        p.expect_driver_version.as_str(),
+        p.expect_cuda_version.as_str(),
     );
-    match validate_step(ctx, job, api, rec, "drill_repatch_validate", &d, &c).await? {
+    match patch_then_validate(ctx, job, api, rec, steps, &p.version, false, expect).await? {
         Ok(att) => {
             rec.drill.push(att);
             set_phase(ctx, rec, Phase::Undraining)?;
             Ok(None)
         }
-        Err(f) => Ok(Some(Failure {
-            kind: "drill".into(),
-            ..f
-        })),
+        Err(why) => Ok(fail("drill_repatch", "drill", why)),
     }
 }
 
@@ -1192,55 +1127,16 @@ pub async fn rollback_by_hand(
             }
             Err(f) => return Ok(Err(format!("drain: {}", f.reason))),
         }
-        let patch = Action::Patch(pb::Patch {
-            profile: ctx.params.profile.clone(),
-            version: target.clone(),
-            rollback: true,
-        });
-        match run_task(
-            ctx,
-            job,
-            api,
-            &mut rec,
-            "manual_rollback",
-            patch,
-            job.approvals.clone(),
-            Vec::new(),
-        )
-        .await?
-        {
-            Ok(s) if s.state == pb::TaskState::Succeeded as i32 => {}
-            Ok(s) => {
-                return Ok(Err(format!(
-                    "rollback task ended {}: {}",
-                    state_name(s.state),
-                    s.message
-                )));
-            }
-            Err(f) => return Ok(Err(format!("rollback: {}", f.reason))),
-        }
-        let cuda = rec
-            .before
-            .as_ref()
-            .map(|b| b.cuda_version.clone())
-            .unwrap_or_default();
-        match validate_step(
-            ctx,
-            job,
-            api,
-            &mut rec,
-            "manual_rollback_validate",
-            &target,
-            &cuda,
-        )
-        .await?
-        {
+        let cuda = cuda_before(&rec);
+        let steps = ("manual_rollback", "manual_rollback_validate");
+        let expect = (target.as_str(), cuda.as_str());
+        match patch_then_validate(ctx, job, api, &mut rec, steps, &target, true, expect).await? {
             Ok(att) => {
                 let verdict = att.verdict.clone();
                 rec.after = Some(att);
                 Ok(Ok(verdict))
             }
-            Err(f) => Ok(Err(format!("validation of {target}: {}", f.reason))),
+            Err(why) => Ok(Err(why)),
         }
     }
     .await;
