@@ -8,6 +8,8 @@
 //! their health) and by the evidence files, not only by what the
 //! coordinator says.
 
+mod common;
+
 use std::path::Path;
 use std::process::Output;
 use std::sync::Arc;
@@ -24,7 +26,7 @@ use ringfence::tls::ClientIdentity;
 use ringfence::trust::TrustSet;
 use ringfence_coordinator::approvals;
 use ringfence_coordinator::evidence;
-use ringfence_coordinator::fleet::{self, Fleet, HostSpec, Mode};
+use ringfence_coordinator::fleet::{self, Fleet, HostSpec};
 use ringfence_coordinator::inventory::Inventory;
 use ringfence_coordinator::report::{Mode as ReportMode, Reporter};
 use ringfence_coordinator::settings::Settings;
@@ -44,18 +46,11 @@ fn host(id: &str, ring: u32) -> HostSpec {
     }
 }
 
-/// A fleet whose pools keep half their hosts in service (small test pools
-/// would otherwise have no room at all under the default 20 %).
+/// A fleet of real `ringfenced` processes on the fake NVML library whose
+/// pools keep half their hosts in service (small test pools would otherwise
+/// have no room at all under the default 20 %).
 async fn fleet(dir: &Path, hosts: Vec<HostSpec>) -> Fleet {
-    ringfence::tls::install_crypto_provider();
-    let f = Fleet::start(dir, hosts, Mode::InProcess, 2).await.unwrap();
-    let inv = std::fs::read_to_string(&f.inventory).unwrap();
-    std::fs::write(
-        &f.inventory,
-        inv.replace("reserve_percent = 20", "reserve_percent = 50"),
-    )
-    .unwrap();
-    f
+    common::start(dir, hosts, &[("h100-train", 50), ("a100-infer", 50)]).await
 }
 
 fn identity(f: &Fleet) -> ClientIdentity {
