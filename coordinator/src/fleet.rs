@@ -325,6 +325,7 @@ impl Fleet {
             ),
         )?;
 
+        let subnet = random_subnet();
         let mut hosts = Vec::new();
         for (i, spec) in specs.into_iter().enumerate() {
             let dir = root.join("hosts").join(&spec.id);
@@ -341,7 +342,11 @@ impl Fleet {
             let listen = match &mode {
                 Mode::InProcess => "127.0.0.1:0".to_string(),
                 Mode::Processes { .. } => {
-                    format!("127.0.{}.{}:{}", 1 + i / 200, 10 + i % 200, free_port())
+                    // Each fleet gets its own random 127.x.y.0/24-ish range, so
+                    // fleets of tests running at the same time never share an
+                    // address even when their ports collide.
+                    let (b, c) = subnet;
+                    format!("127.{b}.{}.{}:{}", c + i / 200, 10 + i % 200, free_port())
                 }
             };
             if let Mode::Processes { fake_nvml, .. } = &mode {
@@ -479,6 +484,12 @@ impl Drop for Fleet {
     }
 }
 
+/// Second and third octet of a random loopback range (127.b.c.x).
+fn random_subnet() -> (usize, usize) {
+    let n = ringfence::attest::new_nonce();
+    (1 + usize::from(n[0]) % 250, usize::from(n[1]) % 200)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -554,9 +565,17 @@ async fn start_agent(spec: HostSpec, dir: PathBuf, mode: &Mode) -> Result<Runnin
                 .spawn()
                 .map_err(|e| err(format!("{}: {e}", agent_bin.display())))?;
             let addr = config.listen;
-            // Ready when the port accepts connections.
+            // Ready when the port accepts connections (and our agent is the
+            // one still running: a failed bind exits at once).
             let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            let mut child = child;
             loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(err(format!(
+                        "exited with {status} before listening on {addr} (see {})",
+                        dir.join("agent.log").display()
+                    )));
+                }
                 if tokio::net::TcpStream::connect(addr).await.is_ok() {
                     break;
                 }
