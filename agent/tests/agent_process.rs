@@ -283,6 +283,8 @@ async fn grpc_health_follows_row_remap_and_drain() {
     .await;
     wait_task(&mut client, "d1", TaskState::Succeeded, TASK_LIMIT).await;
     assert!(identity(&well).await.draining);
+    // The cached answer carries the drain mark at once, not a poll later.
+    assert!(get_health(&well, false).await.draining);
     // Still healthy GPUs: it is the drain mark that keeps it out of service.
     let report = get_health(&well, true).await;
     assert_eq!(report.verdict(), Verdict::Healthy, "{report:?}");
