@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use ringfence::pki::TestPki;
 use ringfence::spiffe::{Role, SpiffeId};
-use ringfence::tls::{ClientIdentity, ServerTlsPem};
+use ringfence::tls::{ClientIdentity, ServerTlsPaths};
 use tonic::transport::Channel;
 
 /// Trust domain of the benchmark fleet.
@@ -28,9 +28,6 @@ pub struct AgentFixture {
     pub listen: SocketAddr,
     /// Client identity with a `scheduler` certificate (may read health).
     pub scheduler: ClientIdentity,
-    /// The host certificate and key, and the CA bundle (for a baseline server
-    /// with the same TLS material).
-    pub host_tls: ServerTlsPem,
 }
 
 impl std::fmt::Debug for AgentFixture {
@@ -120,18 +117,16 @@ poll_interval_s = {poll_s}
             pki.ca_pem().as_bytes(),
         )
         .map_err(|e| format!("scheduler identity: {e}"))?;
-        let host_tls = ServerTlsPem {
-            cert: host.cert_pem.into_bytes(),
-            key: host.key_pem.into_bytes(),
-            ca_bundle: pki.ca_pem().as_bytes().to_vec(),
-            crl: None,
-        };
         Ok(Self {
             dir,
             listen,
             scheduler,
-            host_tls,
         })
+    }
+
+    /// The fixture's temp dir.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// A file in the fixture's temp dir.
@@ -200,6 +195,16 @@ poll_interval_s = {poll_s}
     }
 }
 
+/// The agent's TLS files in a fixture dir `dir` (a baseline server reuses them).
+pub fn host_tls_paths(dir: &Path) -> ServerTlsPaths {
+    ServerTlsPaths {
+        cert: dir.join("host.pem"),
+        key: dir.join("host.key"),
+        ca_bundle: dir.join("ca.pem"),
+        crl: None,
+    }
+}
+
 /// The `ringfenced` binary next to this benchmark's executable (so a release
 /// bench measures a release agent).
 pub fn ringfenced_exe() -> Result<PathBuf, String> {
@@ -216,7 +221,7 @@ pub fn ringfenced_exe() -> Result<PathBuf, String> {
     ))
 }
 
-/// A running agent process; killed and reaped on drop.
+/// A running child process (the agent, the bare server); killed and reaped on drop.
 #[derive(Debug)]
 pub struct Running {
     child: Child,
@@ -227,7 +232,12 @@ impl Running {
     pub fn spawn(mut cmd: Command) -> Result<Self, String> {
         cmd.spawn()
             .map(|child| Self { child })
-            .map_err(|e| format!("cannot start ringfenced: {e}"))
+            .map_err(|e| format!("cannot start {}: {e}", cmd.get_program().display()))
+    }
+
+    /// The child's piped stdout, if any (taken once).
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.stdout.take()
     }
 
     /// Process id.

@@ -1,14 +1,19 @@
 //! Health query latency (issue 8 item 1): GetHealth against the real
 //! `ringfenced` (simulated GPUs, mTLS on loopback) at concurrency 1 and 64,
-//! beside a bare tonic server in the same run. The bare server uses the same
-//! TLS material and serving path (`ringfence::tls::serve`) and answers every
-//! request with the agent's own report, pre-encoded, so both messages are
-//! the same size and the client decodes the same bytes. What the ratio shows
-//! is the agent's own cost per query.
+//! beside a bare tonic server in the same run. The bare server is a process
+//! of its own like the agent (this binary with `--serve-bare`, a runtime with
+//! as many workers as the agent's), uses the same TLS material and serving
+//! path (`ringfence::tls::serve`), and answers every request with the
+//! agent's own report, pre-encoded, so both messages are the same size and
+//! the client decodes the same bytes. What the ratio shows is the agent's
+//! own cost per query.
 
 use std::convert::Infallible;
 use std::future::Ready;
+use std::io::{BufRead, Write};
 use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -23,7 +28,7 @@ use tonic::server::{NamedService, UnaryService};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::fixture::{AgentFixture, TRUST_DOMAIN};
+use crate::fixture::{AgentFixture, Running, TRUST_DOMAIN, host_tls_paths};
 use crate::{Args, Figure};
 
 /// Default seconds per concurrency per server (the issue asks for 10 s each).
@@ -36,13 +41,29 @@ const GPUS: u32 = 8;
 const MAX_RATIO: f64 = 1.25;
 /// Worker threads of the bare server's runtime: as many as the agent's.
 const SERVER_WORKERS: usize = 2;
+/// The agent's report, encoded, in the fixture dir (what the bare server answers).
+const REPORT_FILE: &str = "report.bin";
 
 pub fn run(args: &Args) -> Result<Vec<Figure>, String> {
     let seconds = args.seconds.unwrap_or(DEFAULT_SECONDS);
     let fixture = AgentFixture::new(GPUS, 1)?;
     let client_rt = runtime(None)?;
-    let server_rt = runtime(Some(SERVER_WORKERS))?;
-    client_rt.block_on(measure(&fixture, &server_rt, seconds))
+    let (_agent, report) = client_rt.block_on(async {
+        let agent = fixture.start().await?;
+        let report = get_health(&fixture.channel(fixture.listen).await?).await?;
+        Ok::<_, String>((agent, report))
+    })?;
+    if report.gpus.len() != GPUS as usize {
+        return Err(format!(
+            "the agent reports {} GPUs, the scenario has {GPUS}",
+            report.gpus.len()
+        ));
+    }
+    let report_path = fixture.path(REPORT_FILE);
+    std::fs::write(&report_path, report.encode_to_vec())
+        .map_err(|e| format!("cannot write {}: {e}", report_path.display()))?;
+    let (_bare, bare_addr) = spawn_bare(fixture.dir())?;
+    client_rt.block_on(measure(&fixture, &report, bare_addr, seconds))
 }
 
 fn runtime(workers: Option<usize>) -> Result<Runtime, String> {
@@ -57,29 +78,20 @@ fn runtime(workers: Option<usize>) -> Result<Runtime, String> {
 
 async fn measure(
     fixture: &AgentFixture,
-    server_rt: &Runtime,
+    report: &pb::HealthReport,
+    bare_addr: SocketAddr,
     seconds: f64,
 ) -> Result<Vec<Figure>, String> {
-    let _agent = fixture.start().await?;
     let agent = fixture.channel(fixture.listen).await?;
-    let report = get_health(&agent).await?;
-    if report.gpus.len() != GPUS as usize {
-        return Err(format!(
-            "the agent reports {} GPUs, the scenario has {GPUS}",
-            report.gpus.len()
-        ));
-    }
-    let encoded = Bytes::from(report.encode_to_vec());
-    let bare_addr = start_bare(fixture, server_rt, encoded.clone())?;
     let bare = fixture.channel(bare_addr).await?;
-    if get_health(&bare).await? != report {
+    if get_health(&bare).await? != *report {
         return Err("the bare server's answer differs from the agent's report".into());
     }
 
     let mut figures = vec![Figure::info(
         "health",
         &format!("HealthReport size ({GPUS} GPUs)"),
-        encoded.len() as f64,
+        report.encoded_len() as f64,
         "bytes",
         "same for both",
     )];
@@ -216,29 +228,65 @@ fn compare(c: usize, agent: &mut Samples, bare: &mut Samples) -> Vec<Figure> {
     figures
 }
 
-/// Start the bare server on `rt` with the agent's TLS material; it lives as
-/// long as the runtime.
-fn start_bare(fixture: &AgentFixture, rt: &Runtime, report: Bytes) -> Result<SocketAddr, String> {
-    let tls = ReloadableServerConfig::from_pem(&fixture.host_tls, TRUST_DOMAIN)
+/// Start `--serve-bare` on the fixture dir; returns the process and its address.
+fn spawn_bare(dir: &Path) -> Result<(Running, SocketAddr), String> {
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot locate the bench binary: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--serve-bare")
+        .arg(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut bare = Running::spawn(cmd)?;
+    let stdout = bare
+        .take_stdout()
+        .ok_or("the bare server has no stdout pipe")?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(|e| format!("bare server: {e}"))?;
+    let addr = line.trim().parse().map_err(|e| {
+        format!(
+            "bare server printed `{}`, not its address: {e}",
+            line.trim()
+        )
+    })?;
+    Ok((bare, addr))
+}
+
+/// The bare server (`ringfence-bench --serve-bare DIR`): the agent's TLS
+/// files and encoded report from DIR, a loopback port printed on stdout,
+/// served until stdin closes (the bench exited).
+pub fn serve_bare(dir: &Path) -> Result<(), String> {
+    let report_path = dir.join(REPORT_FILE);
+    let report = std::fs::read(&report_path)
+        .map_err(|e| format!("cannot read {}: {e}", report_path.display()))?;
+    let tls = ReloadableServerConfig::load(host_tls_paths(dir), TRUST_DOMAIN)
         .map_err(|e| format!("bare server TLS: {e}"))?;
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .map_err(|e| format!("bare server bind: {e}"))?;
-    let _in_server_rt = rt.enter();
-    let listener = tokio::net::TcpListener::from_std(std_listener)
-        .map_err(|e| format!("bare server listener: {e}"))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("bare server address: {e}"))?;
-    let routes = tonic::service::Routes::new(Bare { report });
-    rt.spawn(async move {
-        if let Err(e) =
-            ringfence::tls::serve(listener, tls, routes, std::future::pending::<()>()).await
-        {
-            eprintln!("ringfence-bench: bare server stopped: {e}");
-        }
-    });
-    Ok(addr)
+    runtime(Some(SERVER_WORKERS))?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| format!("bare server bind: {e}"))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| format!("bare server address: {e}"))?;
+        let mut out = std::io::stdout();
+        writeln!(out, "{addr}")
+            .and_then(|()| out.flush())
+            .map_err(|e| format!("cannot print the address: {e}"))?;
+        let routes = tonic::service::Routes::new(Bare {
+            report: Bytes::from(report),
+        });
+        let stdin_closed = async {
+            let _ = tokio::task::spawn_blocking(|| {
+                std::io::copy(&mut std::io::stdin(), &mut std::io::sink())
+            })
+            .await;
+        };
+        ringfence::tls::serve(listener, tls, routes, stdin_closed)
+            .await
+            .map_err(|e| format!("bare server: {e}"))
+    })
 }
 
 /// A `ringfence.v1.Agent` that only answers GetHealth, always with the same bytes.

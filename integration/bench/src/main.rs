@@ -35,6 +35,9 @@ pub struct Args {
     /// Seconds per measurement (default per bench: envelope 3, health 10, footprint 60).
     #[arg(long)]
     pub seconds: Option<f64>,
+    /// Internal: run the health bench's bare baseline server on the fixture in DIR.
+    #[arg(long, hide = true, value_name = "DIR")]
+    pub serve_bare: Option<PathBuf>,
 }
 
 /// One measured figure.
@@ -121,6 +124,15 @@ fn write_results(args: &Args, figures: &[Figure]) -> Result<(), String> {
 fn main() -> ExitCode {
     ringfence::tls::install_crypto_provider();
     let args = Args::parse();
+    if let Some(dir) = &args.serve_bare {
+        return match health::serve_bare(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ringfence-bench --serve-bare: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let benches: Vec<&str> = args.only.split(',').map(str::trim).collect();
     if let Some(bad) = benches.iter().find(|b| !KNOWN.contains(b)) {
         eprintln!(
