@@ -10,12 +10,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use ringfence::tls::{ReloadableServerConfig, ServerTlsPaths};
+use ringfence::trust::TrustSet;
 use ringfenced::config::{AgentConfig, DEFAULT_CONFIG_PATH};
 use ringfenced::daemon::{self, CollectorSource, ServeOptions};
 use ringfenced::healthcell::ReportSource;
 use ringfenced::tasks::TaskEngine;
-use ringfence::tls::{ReloadableServerConfig, ServerTlsPaths};
-use ringfence::trust::TrustSet;
 
 const EXIT_CONFIG: u8 = 3;
 const EXIT_RUNTIME: u8 = 4;

@@ -605,7 +605,11 @@ require_drained = false
         assert_eq!(done.state(), want, "{done:?}");
         if want == TaskState::Succeeded {
             assert_eq!(done.step, "restart", "{done:?}");
-            assert!(done.message.contains("restarted on version"), "{}", done.message);
+            assert!(
+                done.message.contains("restarted on version"),
+                "{}",
+                done.message
+            );
         } else {
             assert!(
                 done.message.contains(&format!("expected {version}")),
@@ -619,4 +623,38 @@ require_drained = false
         agent.signal(Signal::SIGTERM);
         assert_eq!(agent.wait_exit(TASK_LIMIT).await.code(), Some(0));
     }
+}
+
+/// `check-config` validates without writing: no state dir, no host.key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_writes_nothing_to_the_state_dir() {
+    let host = Host::new("gpu-check", HostOpts::default());
+    assert!(!host.state_dir().exists());
+    let out = host.command().arg("check-config").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("config ok: host gpu-check"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        !host.state_dir().exists(),
+        "check-config created {}",
+        host.state_dir().display()
+    );
+
+    // A broken TLS key is still reported (the check did not become a no-op).
+    std::fs::write(host.path("host.key"), "not a key").unwrap();
+    let out = host.command().arg("check-config").output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", out.status);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("TLS"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
