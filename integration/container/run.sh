@@ -470,7 +470,14 @@ wait_active "after the self-upgrade"
 [ "$(unit_prop NRestarts)" = $((restarts + 1)) ] \
     || fail "self-upgrade: expected exactly one restart (the agent's exit 75), NRestarts $restarts -> $(unit_prop NRestarts)"
 [ "$(unit_prop MainPID)" != "$pid" ] || fail "self-upgrade: MainPID unchanged"
+journal | grep -q "upgraded by its own patch profile" \
+    || fail "the postinst did not notice it ran inside ringfenced.service (patch output in the journal)"
 journal | grep -q "exiting with status 75" || fail "the agent did not exit 75 for the restart"
+# SuccessExitStatus=75: a clean stop, not a failure (the watchdog kill above
+# is logged as result 'watchdog', never 'exit-code').
+if in_ct journalctl -u ringfenced.service --no-pager | grep -q "Failed with result 'exit-code'"; then
+    fail "systemd counted the exit-75 restart as a failure"
+fi
 journal | grep -q "ringfenced restarted on version $cur_version" \
     || fail "the restarted agent did not finish the patch task"
 expect_healthy ops "after the self-upgrade"
