@@ -2,6 +2,8 @@
 //! each figure beside a baseline measured in the same run, printed with its
 //! target and PASS/MISS, and written as JSON and a Markdown table.
 
+mod scale;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -23,7 +25,7 @@ use serde::Serialize;
     about = "ringfence benchmarks with in-run baselines"
 )]
 struct Args {
-    /// Which benchmarks to run (comma separated): envelope.
+    /// Which benchmarks to run (comma separated): envelope, scale.
     #[arg(long, default_value = "envelope")]
     only: String,
     /// Where to write results.json and results.md.
@@ -174,8 +176,15 @@ fn main() -> ExitCode {
     for bench in args.only.split(',').map(str::trim) {
         match bench {
             "envelope" => figures.extend(bench_envelope(args.seconds)),
+            "scale" => match scale::host_count().and_then(scale::run) {
+                Ok(f) => figures.extend(f),
+                Err(e) => {
+                    eprintln!("ringfence-bench: scale: {e}");
+                    return ExitCode::from(1);
+                }
+            },
             other => {
-                eprintln!("ringfence-bench: unknown benchmark `{other}` (known: envelope)");
+                eprintln!("ringfence-bench: unknown benchmark `{other}` (known: envelope, scale)");
                 return ExitCode::from(2);
             }
         }
