@@ -246,8 +246,9 @@ pub struct HostJob {
     pub pool: String,
     /// Its enrolled attestation key.
     pub key: VerifyingKey,
-    /// Ring approvals to attach to protected-ring Patch tasks.
-    pub approvals: Vec<pb::Envelope>,
+    /// Ring approvals to attach to protected-ring Patch tasks (one copy per
+    /// ring, shared by its hosts).
+    pub approvals: Arc<Vec<pb::Envelope>>,
     /// Run the rollback drill on this host (patch, validate, roll back,
     /// validate, re-patch, validate) before returning it to service.
     pub drill: bool,
@@ -290,7 +291,7 @@ pub async fn run(ctx: &Ctx, job: &HostJob, api: &dyn HostApi) -> Result<HostReco
                     &mut rec,
                     "drain",
                     action,
-                    Vec::new(),
+                    &[],
                     Phase::Patching,
                 )
                 .await?
@@ -304,7 +305,6 @@ pub async fn run(ctx: &Ctx, job: &HostJob, api: &dyn HostApi) -> Result<HostReco
                     version: ctx.params.version.clone(),
                     rollback: false,
                 });
-                let approvals = job.approvals.clone();
                 task_step(
                     ctx,
                     job,
@@ -312,7 +312,7 @@ pub async fn run(ctx: &Ctx, job: &HostJob, api: &dyn HostApi) -> Result<HostReco
                     &mut rec,
                     "patch",
                     action,
-                    approvals,
+                    &job.approvals,
                     Phase::Validating,
                 )
                 .await?
@@ -331,17 +331,7 @@ pub async fn run(ctx: &Ctx, job: &HostJob, api: &dyn HostApi) -> Result<HostReco
                     reason: format!("ringfence wave {} validated", ctx.params.wave_id),
                     force: false,
                 });
-                task_step(
-                    ctx,
-                    job,
-                    api,
-                    &mut rec,
-                    "undrain",
-                    action,
-                    Vec::new(),
-                    Phase::Done,
-                )
-                .await?
+                task_step(ctx, job, api, &mut rec, "undrain", action, &[], Phase::Done).await?
             }
             Phase::Done | Phase::Failed => return Ok(rec),
         };
@@ -476,7 +466,7 @@ async fn task_step(
     rec: &mut HostRecord,
     step: &str,
     action: Action,
-    approvals: Vec<pb::Envelope>,
+    approvals: &[pb::Envelope],
     next: Phase,
 ) -> Result<Option<Failure>, HostRunError> {
     let status = match run_task(ctx, job, api, rec, step, action, approvals, Vec::new()).await? {
@@ -536,7 +526,7 @@ async fn run_task(
     rec: &mut HostRecord,
     step: &str,
     action: Action,
-    approvals: Vec<pb::Envelope>,
+    approvals: &[pb::Envelope],
     nonce: Vec<u8>,
 ) -> Result<Result<pb::TaskStatus, Failure>, HostRunError> {
     // Re-attach to a recorded, unfinished task of this step (coordinator resumed).
@@ -573,7 +563,7 @@ async fn run_task(
                         // Recorded without the ring approvals (see
                         // `new_task`): attach them again.
                         if let Some(mut s) = signed {
-                            s.approvals = approvals;
+                            s.approvals = approvals.to_vec();
                             if let Err(e) = api.submit(s).await {
                                 return Ok(Err(client_failure_of(step, &e)));
                             }
@@ -624,7 +614,7 @@ async fn new_task(
     rec: &mut HostRecord,
     step: &str,
     action: Action,
-    approvals: Vec<pb::Envelope>,
+    approvals: &[pb::Envelope],
     nonce: Vec<u8>,
 ) -> Result<Result<usize, Failure>, HostRunError> {
     let floor = api
@@ -685,7 +675,7 @@ async fn new_task(
             reason: "the wave halted before the task was sent".into(),
         }));
     }
-    signed.approvals = approvals;
+    signed.approvals = approvals.to_vec();
     if let Err(e) = api.submit(signed).await {
         // The agent did not take it (rejected, or unreachable before recording).
         rec.tasks[idx].outcome = Some(TaskOutcome {
@@ -808,8 +798,7 @@ async fn validate_step(
         nonce: nonce.clone(),
         profile: ctx.params.profile.clone(),
     });
-    let status = match run_task(ctx, job, api, rec, step, action, Vec::new(), nonce.clone()).await?
-    {
+    let status = match run_task(ctx, job, api, rec, step, action, &[], nonce.clone()).await? {
         Ok(s) => s,
         Err(f) => return Ok(Err(f)),
     };
@@ -998,7 +987,6 @@ async fn patch_then_validate(
         version: version.to_string(),
         rollback,
     });
-    let approvals = job.approvals.clone();
     match run_task(
         ctx,
         job,
@@ -1006,7 +994,7 @@ async fn patch_then_validate(
         rec,
         patch_step,
         action,
-        approvals,
+        &job.approvals,
         Vec::new(),
     )
     .await?
@@ -1142,7 +1130,7 @@ pub async fn rollback_by_hand(
             &mut rec,
             "manual_drain",
             drain,
-            Vec::new(),
+            &[],
             Vec::new(),
         )
         .await?

@@ -373,7 +373,7 @@ impl Driver {
         }
         let mut approvals_by_ring = BTreeMap::new();
         if plan.rings.get(&ring).is_some_and(|r| r.protected) {
-            approvals_by_ring.insert(ring, self.ring_approvals(&plan, ring).envelopes);
+            approvals_by_ring.insert(ring, Arc::new(self.ring_approvals(&plan, ring).envelopes));
         }
         let job = self.job(&plan, host, &approvals_by_ring);
         let inv_host = self
@@ -511,7 +511,7 @@ impl Driver {
         };
         let (tx, mut rx) = mpsc::channel::<(String, Result<HostRecord, String>)>(1024);
         let mut in_flight: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
-        let mut approvals_by_ring: BTreeMap<u32, Vec<pb::Envelope>> = BTreeMap::new();
+        let mut approvals_by_ring: BTreeMap<u32, Arc<Vec<pb::Envelope>>> = BTreeMap::new();
         let mut halt: Option<HaltReport> = None;
         let mut halt_recorded = false;
         let mut last_persist = Instant::now();
@@ -528,7 +528,7 @@ impl Driver {
             let ring = plan.host_ring.get(&h).copied().unwrap_or(0);
             if plan.rings.get(&ring).is_some_and(|r| r.protected) {
                 let got = self.ring_approvals(&plan, ring);
-                approvals_by_ring.insert(ring, got.envelopes);
+                approvals_by_ring.insert(ring, Arc::new(got.envelopes));
             }
             self.reporter.emit(&Event::host(&h, "reattach", ""));
             let job = self.job(&plan, &h, &approvals_by_ring);
@@ -562,13 +562,14 @@ impl Driver {
                             *r,
                             &got.approvers.iter().cloned().collect::<Vec<_>>(),
                         ))?;
-                        approvals_by_ring.insert(*r, got.envelopes);
+                        approvals_by_ring.insert(*r, Arc::new(got.envelopes));
                     }
                 } else if rp.protected
                     && !approvals_by_ring.contains_key(r)
                     && state.approved.contains(r)
                 {
-                    approvals_by_ring.insert(*r, self.ring_approvals(&plan, *r).envelopes);
+                    approvals_by_ring
+                        .insert(*r, Arc::new(self.ring_approvals(&plan, *r).envelopes));
                 }
             }
 
@@ -605,7 +606,7 @@ impl Driver {
                             *r,
                             "completed",
                             None,
-                            approvals_by_ring.get(r),
+                            approvals_by_ring.get(r).map(|a| a.as_slice()),
                         )?;
                         state.rings.insert(*r, RingStatus::Complete);
                         self.store.append_event(&Event::ring(*r, "promoted"))?;
@@ -726,7 +727,7 @@ impl Driver {
                     ring,
                     "halted",
                     Some(h.reason.clone()),
-                    approvals_by_ring.get(&ring),
+                    approvals_by_ring.get(&ring).map(|a| a.as_slice()),
                 )?;
                 self.write_status(&plan, &state, Some(h), "halted")?;
                 return Ok(Outcome::Halted(h.clone()));
@@ -859,7 +860,7 @@ impl Driver {
         &self,
         plan: &Plan,
         host: &str,
-        approvals: &BTreeMap<u32, Vec<pb::Envelope>>,
+        approvals: &BTreeMap<u32, Arc<Vec<pb::Envelope>>>,
     ) -> HostJob {
         let inv = self.inventory.host(host);
         let ring = plan.host_ring.get(host).copied().unwrap_or(0);
@@ -960,7 +961,7 @@ impl Driver {
         ring: u32,
         outcome: &str,
         halt_reason: Option<String>,
-        approvals: Option<&Vec<pb::Envelope>>,
+        approvals: Option<&[pb::Envelope]>,
     ) -> Result<(), WaveError> {
         let Some(rp) = plan.rings.get(&ring) else {
             return Ok(());
