@@ -149,6 +149,13 @@ fn run_in(root: &Path, bins: &Binaries, hosts: usize) -> Result<Vec<Figure>, Str
         Some(h.last_dispatch_ms <= HALT_TARGET_MS),
     ));
     figures.push(figure(
+        "halt: hosts in flight at the failure",
+        h.in_flight as f64,
+        "hosts",
+        "",
+        None,
+    ));
+    figures.push(figure(
         "halt: drain/patch tasks after the failure (in-flight hosts)",
         h.dispatched_after as f64,
         "tasks",
@@ -555,6 +562,8 @@ struct HaltFigures {
     to_unstarted: usize,
     /// Tasks received by ring 3 and 4 hosts.
     to_later_rings: usize,
+    /// Other hosts that had attested but not been undrained at the failure.
+    in_flight: usize,
 }
 
 const TASK_ACTIONS: [&str; 4] = ["drain", "patch", "validate", "undrain"];
@@ -580,6 +589,16 @@ impl HaltFigures {
             .filter(|e| e.what == "attest" && e.at_us <= t_fail)
             .map(|e| e.host.as_str())
             .collect();
+        let undrained: BTreeSet<&str> = record
+            .events
+            .iter()
+            .filter(|e| e.what == "undrain" && e.at_us <= t_fail)
+            .map(|e| e.host.as_str())
+            .collect();
+        let in_flight = started
+            .iter()
+            .filter(|h| **h != faulty && !undrained.contains(*h))
+            .count();
         let mut last = t_fail;
         let (mut dispatched_after, mut to_unstarted, mut to_later_rings) = (0, 0, 0);
         for e in &record.events {
@@ -605,6 +624,7 @@ impl HaltFigures {
             dispatched_after,
             to_unstarted,
             to_later_rings,
+            in_flight,
         })
     }
 }
@@ -657,6 +677,7 @@ mod tests {
                 dispatched_after: 3,
                 to_unstarted: 1,
                 to_later_rings: 0,
+                in_flight: 1,
             }
         );
         assert!(HaltFigures::of(&record, "b", &ring_of).is_err());
