@@ -70,7 +70,10 @@ pub fn run(hosts: usize) -> Result<Vec<Figure>, String> {
     let root = std::env::temp_dir().join(format!("ringfence-scale-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let result = run_in(&root, &bins, hosts);
-    let _ = std::fs::remove_dir_all(&root);
+    // Kept after a failure: the error names logs in it.
+    if result.is_ok() {
+        let _ = std::fs::remove_dir_all(&root);
+    }
     result
 }
 
