@@ -217,6 +217,9 @@ trust_domain = "gpu.example.com"
         let c = AgentConfig::load(std::path::Path::new(path)).unwrap();
         assert_eq!(c.gpu.expected_gpus, 8);
         assert!(c.patch.profiles.contains_key("nvidia-driver"));
+        // A CRL file does not exist on a fresh host: configuring one by
+        // default would stop the agent at its first start.
+        assert_eq!(c.tls.crl, None, "the packaged config must not set a CRL");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::command::{CommandRunner, ProcessRunner};
 use crate::config::AgentConfig;
 use crate::healthcell::{HealthCell, ReportSource};
 use crate::notify::{self, Heartbeat, Notifier};
-use crate::server::AgentService;
+use crate::server::{AgentRouter, AgentService};
 use crate::tasks::{EngineParts, HealthSource, TaskEngine};
 
 /// Name of the attestation key file under the state dir.
@@ -265,7 +265,7 @@ pub async fn serve(
     };
     let mut routes = tonic::service::Routes::default();
     routes = routes
-        .add_service(pb::agent_server::AgentServer::new(service))
+        .add_service(AgentRouter::new(service))
         .add_service(health_service);
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)

@@ -1,8 +1,14 @@
 //! The agent's current health: the last report, who is waiting for a change,
 //! and the standard `grpc.health.v1` status derived from it.
+//!
+//! The report is also kept protobuf-encoded, once per drain state, so that
+//! GetHealth (asked often by schedulers) costs a copy of bytes, not an encode:
+//! encoding happens once per poll instead of once per request.
 
 use std::sync::{Arc, RwLock};
 
+use prost::Message;
+use prost::bytes::Bytes;
 use ringfence::pb;
 use tokio::sync::watch;
 
@@ -18,8 +24,27 @@ pub trait ReportSource: Send + Sync {
 /// The last report and a channel that fires when the verdict or any reason changes.
 #[derive(Debug)]
 pub struct HealthCell {
-    last: RwLock<Arc<pb::HealthReport>>,
+    last: RwLock<Current>,
     changes: watch::Sender<Arc<pb::HealthReport>>,
+}
+
+/// The last report, and its encoding with `draining` false (`[0]`) and true (`[1]`).
+#[derive(Debug, Clone)]
+struct Current {
+    report: Arc<pb::HealthReport>,
+    encoded: [Bytes; 2],
+}
+
+impl Current {
+    fn new(report: Arc<pb::HealthReport>) -> Self {
+        let mut copy = (*report).clone();
+        let mut encode = |draining: bool| {
+            copy.draining = draining;
+            Bytes::from(copy.encode_to_vec())
+        };
+        let encoded = [encode(false), encode(true)];
+        Self { report, encoded }
+    }
 }
 
 /// What a change is judged by: verdict, reasons, draining.
@@ -40,7 +65,7 @@ impl HealthCell {
         let initial = Arc::new(initial);
         let (changes, _) = watch::channel(initial.clone());
         Self {
-            last: RwLock::new(initial),
+            last: RwLock::new(Current::new(initial)),
             changes,
         }
     }
@@ -48,8 +73,19 @@ impl HealthCell {
     /// The last report.
     pub fn last(&self) -> Arc<pb::HealthReport> {
         match self.last.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
+            Ok(g) => g.report.clone(),
+            Err(p) => p.into_inner().report.clone(),
+        }
+    }
+
+    /// The last report, protobuf-encoded, with its `draining` field set to
+    /// `draining` (the drain mark is current even when the report is up to
+    /// one poll old). Cheap: a reference-counted copy of bytes encoded at publish.
+    pub fn encoded(&self, draining: bool) -> Bytes {
+        let i = usize::from(draining);
+        match self.last.read() {
+            Ok(g) => g.encoded[i].clone(),
+            Err(p) => p.into_inner().encoded[i].clone(),
         }
     }
 
@@ -57,9 +93,11 @@ impl HealthCell {
     pub fn publish(&self, report: pb::HealthReport) -> bool {
         let report = Arc::new(report);
         let changed = signature(&report) != signature(&self.last());
+        // Encode outside the lock: readers never wait for an encode.
+        let current = Current::new(report.clone());
         match self.last.write() {
-            Ok(mut g) => *g = report.clone(),
-            Err(p) => *p.into_inner() = report.clone(),
+            Ok(mut g) => *g = current,
+            Err(p) => *p.into_inner() = current,
         }
         if changed {
             self.changes.send_replace(report);
@@ -173,5 +211,19 @@ mod tests {
         assert!(cell.publish(report(pb::Verdict::Unhealthy, &["xid_critical"])));
         assert!(rx.has_changed().unwrap());
         assert!(!cell.serving());
+    }
+
+    #[test]
+    fn encoded_follows_the_last_report_and_the_drain_mark() {
+        let cell = HealthCell::new(report(pb::Verdict::Healthy, &[]));
+        let mut next = report(pb::Verdict::Degraded, &["link_degraded"]);
+        next.host_id = "gpu-0001".into();
+        cell.publish(next.clone());
+        for draining in [false, true] {
+            let decoded = pb::HealthReport::decode(cell.encoded(draining)).unwrap();
+            let mut want = next.clone();
+            want.draining = draining;
+            assert_eq!(decoded, want);
+        }
     }
 }

@@ -1,10 +1,11 @@
 //! Logging through `tracing`: to the systemd journal when stderr is
-//! connected to it (`$JOURNAL_STREAM`), otherwise to stderr. Each formatted
+//! connected to it (`$JOURNAL_STREAM`), otherwise to stderr (with colour
+//! only when stderr is a terminal). Each formatted
 //! event (with the fields of its spans: task id, wave id, host id) becomes
 //! one journal entry at the event's priority, sent by
 //! systemd-journal-logger.
 
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 
 use systemd_journal_logger::JournalLog;
 use tracing::Level;
@@ -31,8 +32,11 @@ pub fn init() {
             .try_init();
         return;
     }
+    // Colour codes only on a terminal: in a file, a pipe or a log collector
+    // they are noise that breaks grep.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(io::stderr().is_terminal())
         .with_writer(io::stderr)
         .try_init();
 }

@@ -283,6 +283,8 @@ async fn grpc_health_follows_row_remap_and_drain() {
     .await;
     wait_task(&mut client, "d1", TaskState::Succeeded, TASK_LIMIT).await;
     assert!(identity(&well).await.draining);
+    // The cached answer carries the drain mark at once, not a poll later.
+    assert!(get_health(&well, false).await.draining);
     // Still healthy GPUs: it is the drain mark that keeps it out of service.
     let report = get_health(&well, true).await;
     assert_eq!(report.verdict(), Verdict::Healthy, "{report:?}");
@@ -530,4 +532,131 @@ async fn sighup_reloads_rotated_certificate_for_new_connections() {
         "SIGHUP must not stop the agent"
     );
     assert_eq!(identity(&host).await.host_id, "gpu-rotate");
+}
+
+/// With stderr in a file (no terminal) the log has no ANSI colour codes,
+/// even without `NO_COLOR` in the environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_to_a_file_carry_no_colour_codes() {
+    let host = Host::new("gpu-nocolour", HostOpts::default());
+    let mut agent = host.spawn_with(|cmd| {
+        cmd.env_remove("NO_COLOR");
+    });
+    host.wait_listening(&mut agent).await;
+    poll("the agent logged that it serves", TASK_LIMIT, || async {
+        host.log().contains("ringfenced serving").then_some(())
+    })
+    .await;
+    agent.signal(Signal::SIGTERM);
+    agent.wait_exit(TASK_LIMIT).await;
+    let log = host.log();
+    assert!(log.contains("INFO"), "levels are still written: {log}");
+    assert!(
+        !log.contains("\x1b["),
+        "colour codes in a log file: {log:?}"
+    );
+}
+
+/// A `restarts_agent` profile: after its command succeeds the agent exits
+/// with 75 (systemd's RestartForceExitStatus restarts it); the next start
+/// finishes the task: SUCCEEDED when it runs the task's version, FAILED
+/// when it came back on the old one. The test binary's version is fixed,
+/// so "the new version" is a patch toward the version it already runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_upgrade_exits_75_and_the_next_start_finishes_the_task() {
+    let host = Host::new(
+        "gpu-selfup",
+        HostOpts {
+            extra: r#"
+[patch.profiles.agent]
+argv = ["/bin/true", "{version}"]
+version_pattern = '^[0-9]+\.[0-9]+\.[0-9]+$'
+timeout_s = 30
+restarts_agent = true
+require_drained = false
+"#
+            .into(),
+            ..HostOpts::default()
+        },
+    );
+    let old_version = "9.9.9";
+    assert_ne!(ringfence::VERSION, old_version);
+
+    for (seq, (id, version, want)) in [
+        ("up", ringfence::VERSION, TaskState::Succeeded),
+        ("stale", old_version, TaskState::Failed),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut agent = host.spawn();
+        host.wait_listening(&mut agent).await;
+        let mut client = host.client().await;
+        client
+            .submit_task(host.task(id, seq as u64 + 1, patch("agent", version)))
+            .await
+            .unwrap();
+        let status = agent.wait_exit(TASK_LIMIT).await;
+        assert_eq!(status.code(), Some(75), "{status}; log:\n{}", host.log());
+        drop(client);
+
+        let mut agent = host.spawn();
+        host.wait_listening(&mut agent).await;
+        let mut client = host.client().await;
+        let done = task_state(&mut client, id).await;
+        assert_eq!(done.state(), want, "{done:?}");
+        if want == TaskState::Succeeded {
+            assert_eq!(done.step, "restart", "{done:?}");
+            assert!(
+                done.message.contains("restarted on version"),
+                "{}",
+                done.message
+            );
+        } else {
+            assert!(
+                done.message.contains(&format!("expected {version}")),
+                "{}",
+                done.message
+            );
+        }
+        // A finished self-upgrade does not restart the agent again.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(agent.try_status().is_none(), "the agent exited again");
+        agent.signal(Signal::SIGTERM);
+        assert_eq!(agent.wait_exit(TASK_LIMIT).await.code(), Some(0));
+    }
+}
+
+/// `check-config` validates without writing: no state dir, no host.key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_writes_nothing_to_the_state_dir() {
+    let host = Host::new("gpu-check", HostOpts::default());
+    assert!(!host.state_dir().exists());
+    let out = host.command().arg("check-config").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("config ok: host gpu-check"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        !host.state_dir().exists(),
+        "check-config created {}",
+        host.state_dir().display()
+    );
+
+    // A broken TLS key is still reported (the check did not become a no-op).
+    std::fs::write(host.path("host.key"), "not a key").unwrap();
+    let out = host.command().arg("check-config").output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", out.status);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("TLS"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

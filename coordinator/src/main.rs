@@ -1,5 +1,6 @@
 //! ringfence, the coordinator CLI: parse arguments, run, map errors to exit
 //! codes (0 ok, 1 failed, 2 usage, 3 config/input, 4 wave halted).
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -13,6 +14,8 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("RINGFENCE_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
+        // Colour codes only on a terminal, never in files or pipes.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

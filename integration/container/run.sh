@@ -12,13 +12,16 @@
 #    (state gone).
 # 3. Under real systemd as PID 1 (see packaging/README.md): install, check
 #    the unit is enabled and skipped (not failed) until the operator
-#    installs a certificate; then, with a stand-in main process
-#    (unit-probe.sh) under the packaged unit's hardening: READY, a dpkg
-#    self-upgrade run inside the sandbox, watchdog restart after SIGSTOP,
-#    SIGHUP reload, stop on remove.
-# 4. The agent phases (agent serving health over mTLS, READY, watchdog
-#    restart) run when RINGFENCE_CONTAINER_AGENT=1; see the TODO below.
-# 5. .rpm: contents, modes, %config(noreplace) and scriptlets via rpm -qp.
+#    installs a certificate. Then the real ringfenced from the package, run
+#    by the packaged unit on the fake NVML library (2 GPUs): READY and
+#    STATUS from the agent, host.key 0600; from this host over mTLS with
+#    the `ringfence` CLI: enroll, attested HEALTHY 2/2; a client of another
+#    CA refused; a revoked client refused after `systemctl reload` (new
+#    CRL); watchdog restart after SIGSTOP; upgrade with the agent running
+#    (restarted on the new binary, config and key kept); a self-upgrade
+#    wave whose patch profile runs dpkg inside the unit (the agent exits
+#    75, systemd restarts it once, the task finishes); remove.
+# 4. .rpm: contents, modes, %config(noreplace) and scriptlets via rpm -qp.
 #
 # Without a Docker engine this prints SKIP and exits 0, unless CI=true.
 # Exits non-zero on the first failed check.
@@ -56,6 +59,8 @@ cur_version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
 [ -n "$cur_version" ] || fail "no version in Cargo.toml"
 
 echo "== packages: $prev_version (previous) and $cur_version (current)"
+# The fake NVML library the agent loads in the container (debug build).
+cargo build --locked -q -p fake-nvml
 DIST_DIR="$work/cur" packaging/build.sh >/dev/null
 SKIP_CARGO_BUILD=1 RINGFENCE_VERSION="$prev_version" DIST_DIR="$work/prev" packaging/build.sh >/dev/null
 cur_deb=$(ls "$work"/cur/*.deb)
@@ -208,82 +213,281 @@ in_ct systemctl show -p ConditionResult --value ringfenced.service | grep -qx no
 if in_ct systemctl is-failed ringfenced.service >/dev/null; then fail "unit is failed after install without certificate"; fi
 pass "fresh install under systemd: enabled, skipped by ConditionPathExists, not failed"
 
-# The unit's own semantics (sandbox set-up, Type=notify, watchdog, restart,
-# running dpkg inside the sandbox) with a stand-in main process: the drop-in
-# replaces only ExecStart, shortens the watchdog and lets the shell's
-# systemd-notify child speak for it (NotifyAccess=all). Every hardening
-# directive of the packaged unit stays in force.
-in_ct mkdir -p /etc/systemd/system/ringfenced.service.d /usr/local/lib/ringfence-test
-docker cp "$here/unit-probe.sh" "$ct:/usr/local/lib/ringfence-test/unit-probe"
-in_ct chmod 755 /usr/local/lib/ringfence-test/unit-probe
-in_ct sh -c 'printf "%s\n" "[Service]" "ExecStart=" "ExecStart=/usr/local/lib/ringfence-test/unit-probe" \
-    "NotifyAccess=all" "WatchdogSec=4s" "RestartSec=1s" > /etc/systemd/system/ringfenced.service.d/probe.conf'
-in_ct touch /etc/ringfence/tls/host.pem
-# The stand-in runs a "patch": dpkg upgrading ringfenced itself, inside the unit.
-in_ct sh -c "echo /pkgs/cur/$(basename "$cur_deb") > /etc/ringfence/probe-patch"
+# --------------------------------------- the real agent under systemd PID 1
+# ringfenced from the package, run by the packaged unit, on the fake NVML
+# library with 2 GPUs, talked to from this host over mTLS with the
+# `ringfence` CLI. A drop-in shortens WatchdogSec and RestartSec only, so
+# the watchdog phase takes seconds; every other line of the unit applies.
+#
+# Start limit: the unit allows 5 starts in 600 s (StartLimitBurst). Here:
+# first start, watchdog restart, upgrade restart (3), then reset-failed
+# (which clears the counter), then downgrade restart and the self-upgrade's
+# exit-75 restart (2). A condition-skipped start does not count.
+echo "== ringfenced under systemd: mTLS health, CRL reload, watchdog, upgrade, self-upgrade"
+rf=target/release/ringfence
+td=gpu.example.com
+hid="ct-host-1"
+pki="$work/pki"
+mkdir -p "$pki" "$work/other-pki" "$work/coord"
+"$rf" pki init --dir "$pki" --trust-domain "$td" >/dev/null
+"$rf" pki issue --dir "$pki" --role host --name "$hid" >/dev/null
+for name in coordinator revokee retired; do
+    "$rf" pki issue --dir "$pki" --role ops --name "$name" >/dev/null
+done
+# An operator certificate from a CA the agent does not trust.
+"$rf" pki init --dir "$work/other-pki" --trust-domain "$td" >/dev/null
+"$rf" pki issue --dir "$work/other-pki" --role ops --name coordinator >/dev/null
+# The agent starts with a CRL (revoking a retired certificate) configured.
+"$rf" pki revoke --dir "$pki" --cert "$pki/ops-retired.pem" >/dev/null
+pubkey() { "$rf" keys new --out "$1" | sed -n 's/^public key: *//p'; }
+coord_pub=$(pubkey "$work/coord/coord.key")
+approver_pub=$(pubkey "$work/coord/approver.key")
+cat >"$work/trust.toml" <<TOML
+[policy]
+protected_rings = [2, 3, 4]
+approver_threshold = 1
+
+[[coordinator]]
+id = "ct-coord"
+key = "$coord_pub"
+
+[[approver]]
+id = "ct-approver"
+key = "$approver_pub"
+TOML
+settings() { # name cert-pem key-pem
+    cat >"$work/coord/$1.toml" <<TOML
+state_dir = "$work/coord/state"
+trust_file = "$work/trust.toml"
+[signing]
+key = "$work/coord/coord.key"
+key_id = "ct-coord"
+[tls]
+cert = "$2"
+key = "$3"
+ca_bundle = "$pki/ca.pem"
+[timeouts]
+connect_s = 3
+rpc_s = 10
+TOML
+}
+settings ops "$pki/ops-coordinator.pem" "$pki/ops-coordinator.key"
+settings revokee "$pki/ops-revokee.pem" "$pki/ops-revokee.key"
+settings other "$work/other-pki/ops-coordinator.pem" "$work/other-pki/ops-coordinator.key"
+
+# Agent config: the packaged conffile, edited by the operator.
+agent_conf="$work/agent.toml"
+cat >"$agent_conf" <<TOML
+# Edited by the container test (operator's config).
+host_id = "$hid"
+listen = "0.0.0.0:7443"
+state_dir = "/var/lib/ringfence"
+trust_file = "/etc/ringfence/trust.toml"
+
+[tls]
+cert = "/etc/ringfence/tls/host.pem"
+key = "/etc/ringfence/tls/host.key"
+ca_bundle = "/etc/ringfence/tls/ca.pem"
+crl = "/etc/ringfence/tls/crl.pem"
+trust_domain = "$td"
+
+[gpu]
+backend = "nvml"
+nvml_library = "/usr/local/lib/ringfence-test/libnvidia-ml.so.1"
+expected_gpus = 2
+poll_interval_s = 2
+
+[drain]
+timeout_s = 30
+
+# Upgrades ringfenced itself from a local .deb, as a fleet would from its
+# mirror: dpkg runs inside the unit, the agent exits 75, systemd restarts it.
+[patch.profiles.ringfenced-self]
+argv = ["/usr/bin/dpkg", "-i", "/var/cache/ringfence-test/ringfenced_{version}.deb"]
+version_pattern = '^[0-9]+\.[0-9]+\.[0-9]+$'
+timeout_s = 300
+restarts_agent = true
+TOML
+in_ct mkdir -p /usr/local/lib/ringfence-test /var/cache/ringfence-test /etc/systemd/system/ringfenced.service.d
+docker cp target/debug/libnvidia_ml.so "$ct:/usr/local/lib/ringfence-test/libnvidia-ml.so.1" >/dev/null
+in_ct sh -c 'printf "[[gpu]]\n[[gpu]]\n" > /usr/local/lib/ringfence-test/fake-nvml-scenario.toml'
+docker cp "$agent_conf" "$ct:/etc/ringfence/agent.toml"
+docker cp "$work/trust.toml" "$ct:/etc/ringfence/trust.toml"
+docker cp "$pki/ca.pem" "$ct:/etc/ringfence/tls/ca.pem"
+docker cp "$pki/crl.pem" "$ct:/etc/ringfence/tls/crl.pem"
+docker cp "$pki/host-$hid.pem" "$ct:/etc/ringfence/tls/host.pem"
+docker cp "$pki/host-$hid.key" "$ct:/etc/ringfence/tls/host.key"
+in_ct chown -R root:root /etc/ringfence /usr/local/lib/ringfence-test
+in_ct chmod 600 /etc/ringfence/tls/host.key
+in_ct cp "/pkgs/cur/$(basename "$cur_deb")" "/var/cache/ringfence-test/ringfenced_${cur_version}.deb"
+in_ct sh -c 'printf "%s\n" "[Service]" "WatchdogSec=6s" "RestartSec=1s" > /etc/systemd/system/ringfenced.service.d/test-timing.conf'
 in_ct systemctl daemon-reload
-in_ct systemctl start ringfenced.service || fail "systemctl start with the stand-in agent"
-[ "$(in_ct systemctl is-active ringfenced.service)" = active ] || fail "unit not active"
-[ "$(in_ct systemctl show -p StatusText --value ringfenced.service)" = "probe serving" ] \
-    || fail "READY/STATUS from the main process not seen by systemd"
-pass "Type=notify: READY=1 and STATUS reached systemd; unit active"
+in_ct /usr/bin/ringfenced check-config >/dev/null || fail "ringfenced check-config: $(in_ct /usr/bin/ringfenced check-config 2>&1)"
+expect_absent /var/lib/ringfence/host.key "check-config must not create the key"
 
-for _ in $(seq 1 120); do in_ct test -f /var/lib/ringfence/probe-patch.rc && break; sleep 0.5; done
-rc=$(in_ct cat /var/lib/ringfence/probe-patch.rc 2>/dev/null || echo missing)
-[ "$rc" = 0 ] || fail "dpkg inside the unit's sandbox failed (rc $rc): $(in_ct cat /var/lib/ringfence/probe-patch.log 2>/dev/null)"
-[ "$(pkg_status)" = "ii $cur_deb_version" ] || fail "self-upgrade inside the unit did not install $cur_deb_version: $(pkg_status)"
-in_ct grep -q "upgraded by its own patch profile" /var/lib/ringfence/probe-patch.log \
-    || fail "postinst did not notice it ran inside ringfenced.service"
-[ "$(in_ct systemctl show -p NRestarts --value ringfenced.service)" = 0 ] \
-    || fail "the self-upgrade restarted the unit under dpkg"
-pass "dpkg upgrade of ringfenced from inside the hardened unit succeeded without killing itself"
+unit_prop() { in_ct systemctl show -p "$1" --value ringfenced.service; }
+journal() { in_ct journalctl -u ringfenced.service --no-pager -o cat; }
+wait_active() { # what
+    for _ in $(seq 1 60); do
+        [ "$(in_ct systemctl is-active ringfenced.service || true)" = active ] && return 0
+        sleep 0.5
+    done
+    fail "$1: unit not active: $(in_ct systemctl status --no-pager ringfenced.service 2>&1 | tail -n 20)"
+}
 
-pid=$(in_ct systemctl show -p MainPID --value ringfenced.service)
+in_ct systemctl start ringfenced.service || fail "systemctl start ringfenced: $(journal | tail -n 20)"
+wait_active "first start"
+# Type=notify with NotifyAccess=main: only the agent's own READY=1 can make
+# the unit active, and only its STATUS= sets the status text.
+status_text=$(unit_prop StatusText)
+[ -n "$status_text" ] || fail "no STATUS= from the agent"
+journal | grep -q "ringfenced serving" || fail "the agent did not log that it serves"
+expect_stat /var/lib/ringfence/host.key "600 root:root regular file"
+pass "ringfenced active under systemd: READY from the agent (status: $status_text), host.key 0600"
+
+ip=$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$ct")
+[ -n "$ip" ] || fail "no IP address for container $ct"
+inv="$work/coord/inventory.toml"
+cat >"$inv" <<TOML
+trust_domain = "$td"
+
+[[pool]]
+name = "ct"
+reserve_percent = 50
+
+[[host]]
+id = "$hid"
+address = "$ip:7443"
+pool = "ct"
+ring = 0
+expected_gpus = 2
+TOML
+"$rf" --config "$work/coord/ops.toml" inventory enroll --inventory "$inv" >/dev/null \
+    || fail "ringfence inventory enroll against $ip:7443"
+health_row() { # settings name
+    "$rf" --config "$work/coord/$1.toml" hosts health --inventory "$inv" --json 2>&1 || true
+}
+expect_healthy() { # settings name, what
+    local row
+    for _ in $(seq 1 20); do
+        row=$(health_row "$1")
+        if grep -q '"verdict":"HEALTHY"' <<<"$row" && grep -q '"gpus_found":2,"gpus_expected":2' <<<"$row" \
+            && grep -q '"attested":true' <<<"$row"; then
+            return 0
+        fi
+        sleep 0.5
+    done
+    fail "$2: expected an attested HEALTHY 2/2 row, got: $row"
+}
+expect_refused() { # settings name, what
+    local row
+    row=$(health_row "$1")
+    grep -q '"verdict":"UNREACHABLE"' <<<"$row" || fail "$2: expected the agent to refuse the client, got: $row"
+}
+expect_healthy ops "hosts health over mTLS from the host"
+pass "enrolled; ringfence hosts health from the host: attested HEALTHY, 2/2 GPUs"
+
+expect_refused other "client certificate from another CA"
+expect_healthy revokee "not yet revoked client"
+"$rf" pki revoke --dir "$pki" --cert "$pki/ops-revokee.pem" >/dev/null
+docker cp "$pki/crl.pem" "$ct:/etc/ringfence/tls/crl.pem"
+pid=$(unit_prop MainPID)
+in_ct systemctl reload ringfenced.service || fail "systemctl reload ringfenced"
+refused=""
+for _ in $(seq 1 20); do
+    if grep -q '"verdict":"UNREACHABLE"' <<<"$(health_row revokee)"; then refused=1; break; fi
+    sleep 0.5
+done
+[ -n "$refused" ] || fail "a revoked client is still served after systemctl reload"
+[ "$(unit_prop MainPID)" = "$pid" ] || fail "reload restarted the agent"
+expect_healthy ops "after the CRL reload"
+pass "another CA's client refused; revoked client refused after systemctl reload (same PID), others served"
+
+restarts=$(unit_prop NRestarts)
 in_ct kill -STOP "$pid"
 restarted=""
-for _ in $(seq 1 40); do
-    if [ "$(in_ct systemctl show -p NRestarts --value ringfenced.service)" -ge 1 ] \
+for _ in $(seq 1 60); do
+    if [ "$(unit_prop NRestarts)" -gt "$restarts" ] \
         && [ "$(in_ct systemctl is-active ringfenced.service || true)" = active ]; then
         restarted=1
         break
     fi
     sleep 0.5
 done
-[ -n "$restarted" ] || fail "no watchdog restart after SIGSTOP of the main process"
+[ -n "$restarted" ] || fail "no watchdog restart after SIGSTOP of ringfenced"
 in_ct journalctl -u ringfenced.service --no-pager | grep -q "Watchdog timeout" \
     || fail "restart was not caused by the watchdog"
-[ "$(in_ct systemctl show -p MainPID --value ringfenced.service)" != "$pid" ] || fail "main PID unchanged after restart"
-pass "watchdog: frozen main process killed and the unit restarted"
+[ "$(unit_prop MainPID)" != "$pid" ] || fail "main PID unchanged after the watchdog restart"
+expect_healthy ops "after the watchdog restart"
+pass "watchdog: frozen ringfenced killed, restarted (NRestarts $restarts -> $(unit_prop NRestarts)), serving again"
 
-in_ct systemctl reload ringfenced.service || fail "systemctl reload (SIGHUP)"
-for _ in $(seq 1 20); do in_ct test -f /var/lib/ringfence/probe-hup && break; sleep 0.25; done
-in_ct test -f /var/lib/ringfence/probe-hup || fail "ExecReload did not deliver SIGHUP to the main process"
-pass "ExecReload delivers SIGHUP"
+# Upgrade with the agent running (an operator's dpkg, outside the unit).
+cfg_sum=$(sha /etc/ringfence/agent.toml)
+key_sum=$(sha /var/lib/ringfence/host.key)
+pid=$(unit_prop MainPID)
+in_ct dpkg -i "/pkgs/cur/$(basename "$cur_deb")" >/dev/null || fail "dpkg -i upgrade with the agent running"
+[ "$(pkg_status)" = "ii $cur_deb_version" ] || fail "upgrade: dpkg status $(pkg_status)"
+wait_active "after the upgrade"
+new_pid=$(unit_prop MainPID)
+[ "$new_pid" != "$pid" ] || fail "upgrade did not restart the agent (MainPID still $pid)"
+[ "$(in_ct readlink "/proc/$new_pid/exe")" = /usr/bin/ringfenced ] \
+    || fail "the agent does not run the installed binary: $(in_ct readlink "/proc/$new_pid/exe")"
+[ "$(sha /etc/ringfence/agent.toml)" = "$cfg_sum" ] || fail "upgrade changed the edited agent.toml"
+[ "$(sha /var/lib/ringfence/host.key)" = "$key_sum" ] || fail "upgrade changed host.key"
+expect_absent /etc/ringfence/agent.toml.dpkg-dist "no conffile prompt expected"
+expect_healthy ops "after the upgrade (enrolled key unchanged)"
+pass "upgrade $prev_deb_version -> $cur_deb_version with the agent running: restarted on the new binary, config and key kept"
+
+# Self-upgrade: the agent's own patch profile runs dpkg inside the unit.
+in_ct systemctl reset-failed ringfenced.service # clears the start-limit counter (see above)
+in_ct dpkg -i "/pkgs/prev/$(basename "$prev_deb")" >/dev/null || fail "downgrade to $prev_deb_version"
+[ "$(pkg_status)" = "ii $prev_deb_version" ] || fail "downgrade: dpkg status $(pkg_status)"
+wait_active "after the downgrade"
+expect_healthy ops "after the downgrade"
+restarts=$(unit_prop NRestarts)
+pid=$(unit_prop MainPID)
+cat >"$work/coord/self-upgrade.toml" <<TOML
+wave_id = "ct-self-upgrade"
+profile = "ringfenced-self"
+version = "$cur_version"
+failure_budget = 0
+[ring.0]
+batch_size = 1
+soak_s = 0
+TOML
+# One host in its pool: its reserve allows none out of service, so an
+# approver signs a break-glass raising the pool's limit to 1.
+"$rf" breakglass sign --wave ct-self-upgrade --pool ct --max-out 1 --reason "container test" \
+    --key "$work/coord/approver.key" --out "$work/coord/bg.json" >/dev/null || fail "breakglass sign"
+if ! out=$(timeout 300 "$rf" --config "$work/coord/ops.toml" wave run --inventory "$inv" \
+    --spec "$work/coord/self-upgrade.toml" --break-glass "$work/coord/bg.json" 2>&1); then
+    echo "$out" >&2
+    journal | tail -n 40 >&2
+    fail "self-upgrade wave did not succeed"
+fi
+[ "$(pkg_status)" = "ii $cur_deb_version" ] || fail "self-upgrade did not install $cur_deb_version: $(pkg_status)"
+wait_active "after the self-upgrade"
+[ "$(unit_prop NRestarts)" = $((restarts + 1)) ] \
+    || fail "self-upgrade: expected exactly one restart (the agent's exit 75), NRestarts $restarts -> $(unit_prop NRestarts)"
+[ "$(unit_prop MainPID)" != "$pid" ] || fail "self-upgrade: MainPID unchanged"
+journal | grep -q "upgraded by its own patch profile" \
+    || fail "the postinst did not notice it ran inside ringfenced.service (patch output in the journal)"
+journal | grep -q "exiting with status 75" || fail "the agent did not exit 75 for the restart"
+# SuccessExitStatus=75: a clean stop, not a failure (the watchdog kill above
+# is logged as result 'watchdog', never 'exit-code').
+if in_ct journalctl -u ringfenced.service --no-pager | grep -q "Failed with result 'exit-code'"; then
+    fail "systemd counted the exit-75 restart as a failure"
+fi
+journal | grep -q "ringfenced restarted on version $cur_version" \
+    || fail "the restarted agent did not finish the patch task"
+expect_healthy ops "after the self-upgrade"
+grep -q '"draining":false' <<<"$(health_row ops)" || fail "host still drained after the self-upgrade wave"
+pass "self-upgrade wave: dpkg inside the unit, agent exited 75, systemd restarted it once, task finished, host undrained"
 
 in_ct dpkg -r ringfenced >/dev/null || fail "dpkg -r under systemd"
 [ "$(in_ct systemctl is-active ringfenced.service || true)" = inactive ] || fail "remove did not stop the unit"
-in_ct test -d /var/lib/ringfence || fail "remove under systemd lost /var/lib/ringfence"
-pass "remove under systemd: unit stopped, state kept"
-
-# ------------------------------------------------------------ agent phases
-if [ "${RINGFENCE_CONTAINER_AGENT:-0}" = 1 ]; then
-    # TODO(lead): enable by default once ringfenced serves with --config. Steps:
-    #  - issue CA, host cert (DNS:ct-host-1, URI spiffe://gpu.example.com/host/ct-host-1)
-    #    and an ops client cert with `target/release/ringfence pki ...`; copy host
-    #    cert/key/CA into /etc/ringfence/tls/ and a trust.toml into /etc/ringfence/;
-    #  - [gpu] backend = "nvml", nvml_library = copy of target/debug/libnvidia_ml.so
-    #    as /usr/lib/ringfence-test/libnvidia-ml.so.1, FAKE_NVML_SCENARIO via a
-    #    drop-in Environment= (or backend = "simulated");
-    #  - `systemctl start ringfenced` → is-active = active, `systemctl show -p
-    #    StatusText` non-empty (READY=1 was sent), /var/lib/ringfence/host.key 0600;
-    #  - from the host: `target/release/ringfence hosts health --inventory INV --json`
-    #    against the container's IP:7443 over mTLS → this host HEALTHY;
-    #  - watchdog: `kill -STOP $(systemctl show -p MainPID --value ringfenced)`,
-    #    wait > WatchdogSec, expect NRestarts to grow and the unit active again.
-    fail "RINGFENCE_CONTAINER_AGENT=1: agent phases are not written yet (TODO(lead) in $0)"
-else
-    echo "SKIP: agent phases (mTLS health from the host, READY, watchdog restart): set RINGFENCE_CONTAINER_AGENT=1 once ringfenced serves (TODO(lead) in $0)"
-fi
+[ "$(sha /var/lib/ringfence/host.key)" = "$key_sum" ] || fail "remove under systemd lost host.key"
+pass "remove under systemd: agent stopped, state kept"
 
 # -------------------------------------------------------------------- rpm
 echo "== rpm metadata and scriptlets"

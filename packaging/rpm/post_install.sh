@@ -13,7 +13,8 @@ if [ "$1" -eq 1 ]; then
     fi
 elif [ -d /run/systemd/system ]; then
     # Upgrade. Inside the unit (a patch profile upgrading the agent itself) a
-    # restart would kill rpm half way; the agent restarts itself instead.
+    # restart would kill rpm half way; the agent exits 75 after the profile
+    # and systemd restarts it (RestartForceExitStatus=75) instead.
     if ! grep -q '/ringfenced\.service$' /proc/self/cgroup 2>/dev/null; then
         systemctl try-restart ringfenced.service >/dev/null 2>&1 || :
     fi

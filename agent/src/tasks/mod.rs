@@ -268,6 +268,9 @@ struct Inner {
     watchers: Mutex<HashMap<String, watch::Sender<pb::TaskStatus>>>,
     draining: watch::Sender<bool>,
     activity: watch::Sender<String>,
+    /// Set once a `restarts_agent` patch command succeeded: the process
+    /// must exit so that systemd starts the new binary.
+    restart: watch::Sender<bool>,
     shutting_down: AtomicBool,
     job: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -351,6 +354,7 @@ impl TaskEngine {
         let journal = Journal::open(&p.state_dir)?;
         let (draining, _) = watch::channel(false);
         let (activity, _) = watch::channel("idle".to_string());
+        let (restart, _) = watch::channel(false);
         let engine = Self {
             inner: Arc::new(Inner {
                 journal,
@@ -368,6 +372,7 @@ impl TaskEngine {
                 watchers: Mutex::new(HashMap::new()),
                 draining,
                 activity,
+                restart,
                 shutting_down: AtomicBool::new(false),
                 job: Mutex::new(None),
             }),
@@ -610,6 +615,15 @@ impl TaskEngine {
     /// One line about what the engine is doing, for systemd STATUS.
     pub fn activity(&self) -> watch::Receiver<String> {
         self.inner.activity.subscribe()
+    }
+
+    /// Completes once a `restarts_agent` patch has installed a new agent and
+    /// its task is journalled AWAITING_RESTART: the caller should shut down
+    /// and exit so that the service manager starts the new binary.
+    pub async fn restart_requested(&self) {
+        let mut rx = self.inner.restart.subscribe();
+        // The sender lives in the engine, so this only ends when it is set.
+        let _ = rx.wait_for(|requested| *requested).await;
     }
 
     /// The highest task sequence accepted (0 if none or unreadable).

@@ -2,9 +2,11 @@
 //! with the verified version) in its own process group with its timeout;
 //! the exit status decides. `reboot = true` parks the task in
 //! AWAITING_REBOOT and runs the reboot command; `restarts_agent = true`
-//! parks it in AWAITING_RESTART before the command runs (the command
-//! restarts the agent). `TaskEngine::open` finishes either at the next
-//! start. A rollback runs the same profile toward the version recorded
+//! parks it in AWAITING_RESTART before the command runs and, once the
+//! command succeeded, asks the process to exit for a restart
+//! ([`super::TaskEngine::restart_requested`]; `ringfenced` exits 75 and
+//! systemd starts the new binary). `TaskEngine::open` finishes either at
+//! the next start. A rollback runs the same profile toward the version recorded
 //! before the last patch.
 
 use std::time::Duration;
@@ -106,7 +108,11 @@ pub(super) async fn run(run: &mut Run, p: &pb::Patch) -> Result<(), JournalError
             "patch command succeeded; waiting for ringfenced to restart on version `{}` (running `{}`)",
             p.version, run.inner.agent_version
         );
-        return run.save();
+        run.save()?;
+        // Journalled: now the old process must go so the new binary starts.
+        tracing::info!(version = %p.version, "self-upgrade installed; asking the agent to restart");
+        run.inner.restart.send_replace(true);
+        return Ok(());
     }
 
     if profile.reboot {

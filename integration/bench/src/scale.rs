@@ -23,7 +23,7 @@ use ringfence::spiffe::Role;
 use ringfence_coordinator::fleet::{self, NEW_VERSION, OLD_VERSION, TRUST_DOMAIN};
 use ringfence_coordinator::simhost::{SimFleet, SimHostSpec, SimRecord};
 
-use crate::Figure;
+use crate::{Args, Figure};
 
 /// Hosts when `RINGFENCE_BENCH_HOSTS` is not set.
 pub const DEFAULT_HOSTS: usize = 10_000;
@@ -54,18 +54,15 @@ pub fn host_count() -> Result<usize, String> {
 }
 
 fn figure(name: &str, value: f64, unit: &str, target: &str, pass: Option<bool>) -> Figure {
-    Figure {
-        bench: "scale".into(),
-        name: name.into(),
-        value,
-        unit: unit.into(),
-        target: target.into(),
-        pass,
+    match pass {
+        Some(p) => Figure::check("scale", name, value, unit, target, p),
+        None => Figure::info("scale", name, value, unit, target),
     }
 }
 
-/// Run both waves over `hosts` simulated hosts.
-pub fn run(hosts: usize) -> Result<Vec<Figure>, String> {
+/// Run both waves over [`host_count`] simulated hosts (`--seconds` does not apply).
+pub fn run(_args: &Args) -> Result<Vec<Figure>, String> {
+    let hosts = host_count()?;
     let bins = Binaries::find()?;
     let root = std::env::temp_dir().join(format!("ringfence-scale-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
