@@ -16,7 +16,6 @@ use ringfence::pb;
 use ringfence::spiffe::{Role, SpiffeId};
 use ringfence::trust::TrustSet;
 
-use crate::approvals;
 use crate::cli::{DemoArgs, Failure};
 use crate::fleet::{self, Fleet, Mode};
 use crate::inventory::Inventory;
@@ -104,30 +103,8 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     // The two throwaway approvers sign the protected rings up front.
     let plan = Plan::build(&inv, &spec, &BTreeMap::new(), &BTreeMap::new())
         .map_err(|e| fail(e.to_string()))?;
-    let dir = approvals::approvals_dir(&settings.state_dir, &spec.wave_id);
-    for (i, key_path) in fleet.approver_keys.iter().enumerate() {
-        let key = ringfence::keys::read_signing_key(key_path).map_err(|e| fail(e.to_string()))?;
-        for r in &spec.protected_rings {
-            let Some(rp) = plan.rings.get(r) else {
-                continue;
-            };
-            let now = ringfence::time::now_ms();
-            let a = pb::RingApproval {
-                wave_id: spec.wave_id.clone(),
-                ring: *r,
-                profile: spec.profile.clone(),
-                version: spec.version.clone(),
-                rollback_version: spec.rollback_version.clone(),
-                host_ids: rp.hosts.clone(),
-                issued_at_unix_ms: now,
-                expires_at_unix_ms: now + 3_600_000,
-                approver: format!("approver-{i}"),
-            };
-            let env = approvals::sign_ring(&a, &format!("approver-{i}"), &key);
-            approvals::write_file(&dir.join(format!("ring-{r}-approver-{i}.json")), &env)
-                .map_err(|e| fail(e.to_string()))?;
-        }
-    }
+    fleet::approve_protected_rings(&settings.state_dir, &spec, &plan, &fleet.approver_keys)
+        .map_err(fail)?;
     say("two approvers signed rings 2, 3 and 4; starting the wave");
 
     let identity = ringfence::tls::ClientIdentity::load(

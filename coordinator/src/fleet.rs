@@ -274,6 +274,74 @@ timeout_s = 30
     )
 }
 
+/// The coordinator key, approver keys and trust file of a simulated fleet.
+#[derive(Debug, Clone)]
+pub struct FleetKeys {
+    /// Trust file (shared by agents and coordinator).
+    pub trust: PathBuf,
+    /// Coordinator signing key.
+    pub coordinator_key: PathBuf,
+    /// Approver key files (`approver-<i>.key`, trust ids `approver-<i>`).
+    pub approver_keys: Vec<PathBuf>,
+}
+
+/// Make a coordinator key and `approvers` approver keys under `root` and a
+/// trust file naming them (rings 2-4 protected, threshold `approvers`).
+pub fn write_keys(root: &Path, approvers: usize) -> Result<FleetKeys, FleetError> {
+    let coord_key_path = root.join("coordinator.key");
+    let coord = keys::generate();
+    keys::write_signing_key(&coord_key_path, &coord)?;
+    let mut trust = format!(
+        "[policy]\nprotected_rings = [2, 3, 4]\napprover_threshold = {}\n\n[[coordinator]]\nid = \"coord-demo\"\nkey = \"{}\"\n",
+        approvers.clamp(1, 16),
+        keys::public_key_text(&coord.verifying_key())
+    );
+    let mut approver_keys = Vec::new();
+    for i in 0..approvers {
+        let k = keys::generate();
+        let p = root.join(format!("approver-{i}.key"));
+        keys::write_signing_key(&p, &k)?;
+        let _ = write!(
+            trust,
+            "\n[[approver]]\nid = \"approver-{i}\"\nkey = \"{}\"\n",
+            keys::public_key_text(&k.verifying_key())
+        );
+        approver_keys.push(p);
+    }
+    let trust_path = root.join("trust.toml");
+    write(&trust_path, &trust)?;
+    Ok(FleetKeys {
+        trust: trust_path,
+        coordinator_key: coord_key_path,
+        approver_keys,
+    })
+}
+
+/// Write the coordinator settings file (`root/ringfence.toml`) and return its path.
+pub fn write_settings(
+    root: &Path,
+    state_dir: &Path,
+    keys: &FleetKeys,
+    cert: &Path,
+    key: &Path,
+    ca: &Path,
+) -> Result<PathBuf, FleetError> {
+    let settings = root.join("ringfence.toml");
+    write(
+        &settings,
+        &format!(
+            "state_dir = \"{}\"\ntrust_file = \"{}\"\n\n[signing]\nkey = \"{}\"\nkey_id = \"coord-demo\"\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nca_bundle = \"{}\"\n\n[timeouts]\nconnect_s = 3\nrpc_s = 10\n",
+            state_dir.display(),
+            keys.trust.display(),
+            keys.coordinator_key.display(),
+            cert.display(),
+            key.display(),
+            ca.display()
+        ),
+    )?;
+    Ok(settings)
+}
+
 impl Fleet {
     /// Build every file and start every agent. `approvers` approver keys
     /// are made (the demo uses 2 for protected rings).
@@ -286,44 +354,21 @@ impl Fleet {
         let pki_dir = root.join("pki");
         pki::init(&pki_dir, TRUST_DOMAIN)?;
         let ops = pki::issue(&pki_dir, Role::Ops, "coordinator", root, 30)?;
-
-        let coord_key_path = root.join("coordinator.key");
-        let coord = keys::generate();
-        keys::write_signing_key(&coord_key_path, &coord)?;
-        let mut trust = format!(
-            "[policy]\nprotected_rings = [2, 3, 4]\napprover_threshold = {}\n\n[[coordinator]]\nid = \"coord-demo\"\nkey = \"{}\"\n",
-            approvers.clamp(1, 16),
-            keys::public_key_text(&coord.verifying_key())
-        );
-        let mut approver_keys = Vec::new();
-        for i in 0..approvers {
-            let k = keys::generate();
-            let p = root.join(format!("approver-{i}.key"));
-            keys::write_signing_key(&p, &k)?;
-            let _ = write!(
-                trust,
-                "\n[[approver]]\nid = \"approver-{i}\"\nkey = \"{}\"\n",
-                keys::public_key_text(&k.verifying_key())
-            );
-            approver_keys.push(p);
-        }
-        let trust_path = root.join("trust.toml");
-        write(&trust_path, &trust)?;
-
+        let keys = write_keys(root, approvers)?;
         let state_dir = root.join("coordinator-state");
-        let settings = root.join("ringfence.toml");
-        write(
-            &settings,
-            &format!(
-                "state_dir = \"{}\"\ntrust_file = \"{}\"\n\n[signing]\nkey = \"{}\"\nkey_id = \"coord-demo\"\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nca_bundle = \"{}\"\n\n[timeouts]\nconnect_s = 3\nrpc_s = 10\n",
-                state_dir.display(),
-                trust_path.display(),
-                coord_key_path.display(),
-                ops.cert.display(),
-                ops.key.display(),
-                pki_dir.join("ca.pem").display()
-            ),
+        let settings = write_settings(
+            root,
+            &state_dir,
+            &keys,
+            &ops.cert,
+            &ops.key,
+            &pki_dir.join("ca.pem"),
         )?;
+        let FleetKeys {
+            trust: trust_path,
+            approver_keys,
+            ..
+        } = keys;
 
         let subnet = random_subnet();
         let mut hosts = Vec::new();
@@ -598,4 +643,40 @@ async fn start_agent(spec: HostSpec, dir: PathBuf, mode: &Mode) -> Result<Runnin
             })
         }
     }
+}
+
+/// Have every approver key sign every protected ring of `plan` up front
+/// (files in the wave's approvals directory under `state_dir`), valid for an hour.
+pub fn approve_protected_rings(
+    state_dir: &Path,
+    spec: &crate::spec::WaveSpec,
+    plan: &crate::plan::Plan,
+    approver_keys: &[PathBuf],
+) -> Result<(), String> {
+    let dir = crate::approvals::approvals_dir(state_dir, &spec.wave_id);
+    for (i, key_path) in approver_keys.iter().enumerate() {
+        let key = keys::read_signing_key(key_path).map_err(|e| e.to_string())?;
+        let id = format!("approver-{i}");
+        for r in &spec.protected_rings {
+            let Some(rp) = plan.rings.get(r) else {
+                continue;
+            };
+            let now = ringfence::time::now_ms();
+            let a = ringfence::pb::RingApproval {
+                wave_id: spec.wave_id.clone(),
+                ring: *r,
+                profile: spec.profile.clone(),
+                version: spec.version.clone(),
+                rollback_version: spec.rollback_version.clone(),
+                host_ids: rp.hosts.clone(),
+                issued_at_unix_ms: now,
+                expires_at_unix_ms: now + 3_600_000,
+                approver: id.clone(),
+            };
+            let env = crate::approvals::sign_ring(&a, &id, &key);
+            crate::approvals::write_file(&dir.join(format!("ring-{r}-{id}.json")), &env)
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
 }

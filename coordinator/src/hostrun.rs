@@ -246,8 +246,9 @@ pub struct HostJob {
     pub pool: String,
     /// Its enrolled attestation key.
     pub key: VerifyingKey,
-    /// Ring approvals to attach to protected-ring Patch tasks.
-    pub approvals: Vec<pb::Envelope>,
+    /// Ring approvals to attach to protected-ring Patch tasks (one copy per
+    /// ring, shared by its hosts).
+    pub approvals: Arc<Vec<pb::Envelope>>,
     /// Run the rollback drill on this host (patch, validate, roll back,
     /// validate, re-patch, validate) before returning it to service.
     pub drill: bool,
@@ -273,7 +274,7 @@ pub async fn run(ctx: &Ctx, job: &HostJob, api: &dyn HostApi) -> Result<HostReco
                 if halted {
                     return Ok(rec);
                 }
-                set_phase(ctx, &mut rec, Phase::AttestBefore)?;
+                set_phase(ctx, &mut rec, Phase::AttestBefore).await?;
                 continue;
             }
             Phase::AttestBefore => attest_before(ctx, job, api, &mut rec).await?,
@@ -290,7 +291,7 @@ pub async fn run(ctx: &Ctx, job: &HostJob, api: &dyn HostApi) -> Result<HostReco
                     &mut rec,
                     "drain",
                     action,
-                    Vec::new(),
+                    &[],
                     Phase::Patching,
                 )
                 .await?
@@ -304,7 +305,6 @@ pub async fn run(ctx: &Ctx, job: &HostJob, api: &dyn HostApi) -> Result<HostReco
                     version: ctx.params.version.clone(),
                     rollback: false,
                 });
-                let approvals = job.approvals.clone();
                 task_step(
                     ctx,
                     job,
@@ -312,7 +312,7 @@ pub async fn run(ctx: &Ctx, job: &HostJob, api: &dyn HostApi) -> Result<HostReco
                     &mut rec,
                     "patch",
                     action,
-                    approvals,
+                    &job.approvals,
                     Phase::Validating,
                 )
                 .await?
@@ -324,37 +324,35 @@ pub async fn run(ctx: &Ctx, job: &HostJob, api: &dyn HostApi) -> Result<HostReco
             Phase::Undraining => {
                 if rec.already_drained {
                     // Someone else drained it before the wave; it stays drained.
-                    set_phase(ctx, &mut rec, Phase::Done)?;
+                    set_phase(ctx, &mut rec, Phase::Done).await?;
                     continue;
                 }
                 let action = Action::Undrain(pb::Undrain {
                     reason: format!("ringfence wave {} validated", ctx.params.wave_id),
                     force: false,
                 });
-                task_step(
-                    ctx,
-                    job,
-                    api,
-                    &mut rec,
-                    "undrain",
-                    action,
-                    Vec::new(),
-                    Phase::Done,
-                )
-                .await?
+                task_step(ctx, job, api, &mut rec, "undrain", action, &[], Phase::Done).await?
             }
             Phase::Done | Phase::Failed => return Ok(rec),
         };
         if let Some(failure) = next {
+            if failure.kind == HALTED {
+                // Not a failure of the host: stopped between steps.
+                return Ok(rec);
+            }
             rec.failure = Some(failure);
             rec.finished_at_ms = ctx.clock.now_ms();
-            set_phase(ctx, &mut rec, Phase::Failed)?;
+            set_phase(ctx, &mut rec, Phase::Failed).await?;
         } else if rec.phase == Phase::Done {
             rec.finished_at_ms = ctx.clock.now_ms();
-            ctx.store.put_host(&rec.host_id, &rec)?;
+            ctx.store.put_host_async(&rec.host_id, &rec).await?;
         }
     }
 }
+
+/// [`Failure::kind`] of a task not sent because the wave halted; the host
+/// run stops where it is instead of failing the host.
+const HALTED: &str = "halted";
 
 fn has_unfinished(rec: &HostRecord, step: &str) -> bool {
     rec.tasks
@@ -362,9 +360,9 @@ fn has_unfinished(rec: &HostRecord, step: &str) -> bool {
         .any(|t| t.step == step && t.outcome.is_none())
 }
 
-fn set_phase(ctx: &Ctx, rec: &mut HostRecord, phase: Phase) -> Result<(), StoreError> {
+async fn set_phase(ctx: &Ctx, rec: &mut HostRecord, phase: Phase) -> Result<(), StoreError> {
     rec.phase = phase;
-    ctx.store.put_host(&rec.host_id, rec)
+    ctx.store.put_host_async(&rec.host_id, rec).await
 }
 
 fn fail(step: &str, kind: &str, reason: impl Into<String>) -> Option<Failure> {
@@ -411,7 +409,7 @@ async fn attest_before(
             ),
         ));
     }
-    set_phase(ctx, rec, Phase::Draining)?;
+    set_phase(ctx, rec, Phase::Draining).await?;
     Ok(None)
 }
 
@@ -468,7 +466,7 @@ async fn task_step(
     rec: &mut HostRecord,
     step: &str,
     action: Action,
-    approvals: Vec<pb::Envelope>,
+    approvals: &[pb::Envelope],
     next: Phase,
 ) -> Result<Option<Failure>, HostRunError> {
     let status = match run_task(ctx, job, api, rec, step, action, approvals, Vec::new()).await? {
@@ -476,7 +474,7 @@ async fn task_step(
         Err(f) => return Ok(Some(f)),
     };
     if status.state == pb::TaskState::Succeeded as i32 {
-        set_phase(ctx, rec, next)?;
+        set_phase(ctx, rec, next).await?;
         Ok(None)
     } else {
         Ok(fail(
@@ -528,7 +526,7 @@ async fn run_task(
     rec: &mut HostRecord,
     step: &str,
     action: Action,
-    approvals: Vec<pb::Envelope>,
+    approvals: &[pb::Envelope],
     nonce: Vec<u8>,
 ) -> Result<Result<pb::TaskStatus, Failure>, HostRunError> {
     // Re-attach to a recorded, unfinished task of this step (coordinator resumed).
@@ -556,16 +554,19 @@ async fn run_task(
                             message: "never reached the agent; superseded".into(),
                             at_ms: ctx.clock.now_ms(),
                         });
-                        ctx.store.put_host(&rec.host_id, rec)?;
+                        ctx.store.put_host_async(&rec.host_id, rec).await?;
                         match new_task(ctx, job, api, rec, step, action, approvals, nonce).await? {
                             Ok(i) => i,
                             Err(f) => return Ok(Err(f)),
                         }
                     } else {
-                        if let Some(s) = signed
-                            && let Err(e) = api.submit(s).await
-                        {
-                            return Ok(Err(client_failure_of(step, &e)));
+                        // Recorded without the ring approvals (see
+                        // `new_task`): attach them again.
+                        if let Some(mut s) = signed {
+                            s.approvals = approvals.to_vec();
+                            if let Err(e) = api.submit(s).await {
+                                return Ok(Err(client_failure_of(step, &e)));
+                            }
                         }
                         i
                     }
@@ -600,7 +601,7 @@ async fn run_task(
         message: status.message.clone(),
         at_ms: ctx.clock.now_ms(),
     });
-    ctx.store.put_host(&rec.host_id, rec)?;
+    ctx.store.put_host_async(&rec.host_id, rec).await?;
     Ok(Ok(status))
 }
 
@@ -613,7 +614,7 @@ async fn new_task(
     rec: &mut HostRecord,
     step: &str,
     action: Action,
-    approvals: Vec<pb::Envelope>,
+    approvals: &[pb::Envelope],
     nonce: Vec<u8>,
 ) -> Result<Result<usize, Failure>, HostRunError> {
     let floor = api
@@ -621,7 +622,7 @@ async fn new_task(
         .await
         .map(|i| i.sequence_high_water)
         .unwrap_or(0);
-    let sequence = ctx.store.next_sequence(&job.host_id, floor)?;
+    let sequence = ctx.store.next_sequence_async(&job.host_id, floor).await?;
     let now = ctx.clock.now_ms();
     let payload = pb::TaskPayload {
         task_id: format!(
@@ -641,9 +642,12 @@ async fn new_task(
         &payload,
         &[(ctx.signer.key_id.as_str(), &ctx.signer.key)],
     );
-    let signed = pb::SignedTask {
+    // Recorded without the ring approvals: they are the same for every host
+    // of the ring (and name all of them), so keeping a copy per task would
+    // grow the store with the square of the ring size. A resend attaches them.
+    let mut signed = pb::SignedTask {
         task: Some(env),
-        approvals,
+        approvals: Vec::new(),
     };
     rec.tasks.push(TaskRef {
         step: step.to_string(),
@@ -654,8 +658,24 @@ async fn new_task(
         outcome: None,
     });
     // Write ahead: the task is durable before it leaves.
-    ctx.store.put_host(&rec.host_id, rec)?;
+    ctx.store.put_host_async(&rec.host_id, rec).await?;
     let idx = rec.tasks.len() - 1;
+    // The wave may have halted while this task was signed and recorded:
+    // nothing that takes a host out of service leaves after a halt.
+    if matches!(step, "drain" | "patch") && ctx.halt.load(Ordering::SeqCst) {
+        rec.tasks[idx].outcome = Some(TaskOutcome {
+            state: "NOT_SENT".into(),
+            message: "the wave halted before it was sent".into(),
+            at_ms: ctx.clock.now_ms(),
+        });
+        ctx.store.put_host_async(&rec.host_id, rec).await?;
+        return Ok(Err(Failure {
+            step: step.to_string(),
+            kind: HALTED.into(),
+            reason: "the wave halted before the task was sent".into(),
+        }));
+    }
+    signed.approvals = approvals.to_vec();
     if let Err(e) = api.submit(signed).await {
         // The agent did not take it (rejected, or unreachable before recording).
         rec.tasks[idx].outcome = Some(TaskOutcome {
@@ -663,7 +683,7 @@ async fn new_task(
             message: e.to_string(),
             at_ms: ctx.clock.now_ms(),
         });
-        ctx.store.put_host(&rec.host_id, rec)?;
+        ctx.store.put_host_async(&rec.host_id, rec).await?;
         return Ok(Err(client_failure_of(step, &e)));
     }
     Ok(Ok(idx))
@@ -739,13 +759,13 @@ async fn validate(
             } else {
                 Phase::Undraining
             };
-            set_phase(ctx, rec, next)?;
+            set_phase(ctx, rec, next).await?;
             Ok(None)
         }
         Err(f) => {
             if ctx.params.rollback_on_failure && rec.before.is_some() {
                 rec.failure = Some(f);
-                set_phase(ctx, rec, Phase::RollingBack)?;
+                set_phase(ctx, rec, Phase::RollingBack).await?;
                 Ok(None)
             } else {
                 Ok(Some(f))
@@ -778,8 +798,7 @@ async fn validate_step(
         nonce: nonce.clone(),
         profile: ctx.params.profile.clone(),
     });
-    let status = match run_task(ctx, job, api, rec, step, action, Vec::new(), nonce.clone()).await?
-    {
+    let status = match run_task(ctx, job, api, rec, step, action, &[], nonce.clone()).await? {
         Ok(s) => s,
         Err(f) => return Ok(Err(f)),
     };
@@ -968,7 +987,6 @@ async fn patch_then_validate(
         version: version.to_string(),
         rollback,
     });
-    let approvals = job.approvals.clone();
     match run_task(
         ctx,
         job,
@@ -976,7 +994,7 @@ async fn patch_then_validate(
         rec,
         patch_step,
         action,
-        approvals,
+        &job.approvals,
         Vec::new(),
     )
     .await?
@@ -1042,7 +1060,7 @@ async fn drill_rollback(
     match patch_then_validate(ctx, job, api, rec, steps, &previous, true, expect).await? {
         Ok(att) => {
             rec.drill.push(att);
-            set_phase(ctx, rec, Phase::DrillRepatch)?;
+            set_phase(ctx, rec, Phase::DrillRepatch).await?;
             Ok(None)
         }
         Err(why) => Ok(fail("drill_rollback", "drill", why)),
@@ -1065,7 +1083,7 @@ async fn drill_repatch(
     match patch_then_validate(ctx, job, api, rec, steps, &p.version, false, expect).await? {
         Ok(att) => {
             rec.drill.push(att);
-            set_phase(ctx, rec, Phase::Undraining)?;
+            set_phase(ctx, rec, Phase::Undraining).await?;
             Ok(None)
         }
         Err(why) => Ok(fail("drill_repatch", "drill", why)),
@@ -1112,7 +1130,7 @@ pub async fn rollback_by_hand(
             &mut rec,
             "manual_drain",
             drain,
-            Vec::new(),
+            &[],
             Vec::new(),
         )
         .await?
@@ -1158,6 +1176,6 @@ pub async fn rollback_by_hand(
     rec.failure = Some(failure.clone());
     rec.phase = Phase::Failed;
     rec.finished_at_ms = ctx.clock.now_ms();
-    ctx.store.put_host(&rec.host_id, &rec)?;
+    ctx.store.put_host_async(&rec.host_id, &rec).await?;
     Ok((rec, outcome.err().map(|_| failure)))
 }

@@ -171,6 +171,28 @@ impl SimHost {
         ringfence::attest::sign(&att, &self.host_id, &self.key)
     }
 
+    /// Verify and run a task as the agent's `SubmitTask` does; a refused
+    /// task is the agent's gRPC status (the check named in its metadata).
+    pub fn submit_task(&self, task: &pb::SignedTask) -> Result<pb::TaskStatus, tonic::Status> {
+        let mut s = self.state();
+        let verifier = TaskVerifier {
+            trust: &self.trust,
+            host_id: &self.host_id,
+            clock: self.clock.as_ref(),
+        };
+        match verifier.verify(task, &Journal(&s), &AllowAll) {
+            Ok(Verified::Replay(st)) => Ok(*st),
+            Ok(Verified::New(v)) => {
+                let st = self.execute(&mut s, &v.payload);
+                s.high_water = v.payload.sequence;
+                s.order.push(st.task_id.clone());
+                s.tasks.insert(st.task_id.clone(), st.clone());
+                Ok(st)
+            }
+            Err(r) => Err(ringfence::status::task_rejection(&r)),
+        }
+    }
+
     fn execute(&self, s: &mut SimState, p: &pb::TaskPayload) -> pb::TaskStatus {
         let now = self.clock.now_ms();
         let mut st = pb::TaskStatus {
@@ -258,30 +280,247 @@ impl HostApi for SimHost {
 
     async fn submit(&self, task: pb::SignedTask) -> Result<pb::TaskStatus, ClientError> {
         self.unreachable()?;
-        let mut s = self.state();
-        let verifier = TaskVerifier {
-            trust: &self.trust,
-            host_id: &self.host_id,
-            clock: self.clock.as_ref(),
-        };
-        match verifier.verify(&task, &Journal(&s), &AllowAll) {
-            Ok(Verified::Replay(st)) => Ok(*st),
-            Ok(Verified::New(v)) => {
-                let st = self.execute(&mut s, &v.payload);
-                s.high_water = v.payload.sequence;
-                s.order.push(st.task_id.clone());
-                s.tasks.insert(st.task_id.clone(), st.clone());
-                Ok(st)
-            }
-            Err(r) => Err(ClientError::from_status(
-                &self.host_id,
-                &ringfence::status::task_rejection(&r),
-            )),
-        }
+        self.submit_task(&task)
+            .map_err(|s| ClientError::from_status(&self.host_id, &s))
     }
 
     async fn get_task(&self, task_id: &str) -> Result<Option<pb::TaskStatus>, ClientError> {
         self.unreachable()?;
         Ok(self.state().tasks.get(task_id).cloned())
+    }
+}
+
+// ------------------------------------------------ many hosts on one listener
+
+/// The fleet file the scale benchmark writes for `ringfence-hostsim`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SimFleet {
+    /// Trust domain of every certificate.
+    pub trust_domain: String,
+    /// Driver version every host starts on.
+    pub driver_version: String,
+    /// The hosts.
+    pub hosts: Vec<SimHostSpec>,
+}
+
+/// One simulated host of a [`SimFleet`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SimHostSpec {
+    /// Host id (also its TLS server name).
+    pub id: String,
+    /// Ring (for the benchmark's bookkeeping).
+    pub ring: u32,
+    /// Its mTLS certificate, PEM.
+    pub cert_pem: String,
+    /// Its mTLS key, PEM.
+    pub key_pem: String,
+    /// Its attestation key seed, hex (the inventory enrolls the public half).
+    pub attestation_seed: String,
+}
+
+/// Something a simulated host received or answered, and when.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SimEvent {
+    /// Microseconds since the Unix epoch.
+    pub at_us: i64,
+    /// Host id.
+    pub host: String,
+    /// "attest", a task action ("drain", "patch", "validate", "undrain"), or
+    /// "validate_failed" when a failed validation is handed to the coordinator.
+    pub what: String,
+}
+
+/// What a `ringfence-hostsim` run saw, written when it stops.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct SimRecord {
+    /// Every attestation and accepted task, in arrival order.
+    pub events: Vec<SimEvent>,
+    /// Patch executions per host (the agent-side counter).
+    pub patches: BTreeMap<String, u32>,
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Many [`SimHost`]s behind one gRPC Agent service; each request goes to
+/// the host the client named by TLS SNI.
+#[derive(Debug, Clone)]
+pub struct MultiHost {
+    hosts: Arc<std::collections::HashMap<String, SimHost>>,
+    events: Arc<Mutex<Vec<SimEvent>>>,
+}
+
+impl MultiHost {
+    /// Build every host of `fleet`; `faulty` = (host, version whose install
+    /// brings an uncorrected ECC error on that host).
+    pub fn new(
+        fleet: &SimFleet,
+        trust: Arc<TrustSet>,
+        faulty: Option<(&str, &str)>,
+    ) -> Result<Self, String> {
+        let clock: Arc<dyn Clock> = Arc::new(ringfence::time::SystemClock);
+        let mut hosts = std::collections::HashMap::with_capacity(fleet.hosts.len());
+        for h in &fleet.hosts {
+            let seed: [u8; 32] = hex::decode(&h.attestation_seed)
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| format!("host `{}`: attestation_seed is not 32 hex bytes", h.id))?;
+            let sim = SimHost::new(
+                &h.id,
+                SigningKey::from_bytes(&seed),
+                trust.clone(),
+                clock.clone(),
+                &fleet.driver_version,
+            );
+            if let Some((id, version)) = faulty
+                && id == h.id
+            {
+                sim.state().faulty_version = Some(version.to_string());
+            }
+            hosts.insert(h.id.clone(), sim);
+        }
+        if let Some((id, _)) = faulty
+            && !hosts.contains_key(id)
+        {
+            return Err(format!("faulty host `{id}` is not in the fleet"));
+        }
+        Ok(Self {
+            hosts: Arc::new(hosts),
+            events: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    fn host<T>(&self, req: &tonic::Request<T>) -> Result<&SimHost, tonic::Status> {
+        let name = ringfence::tls::peer_identity(req)
+            .and_then(|p| p.server_name.as_deref())
+            .ok_or_else(|| tonic::Status::failed_precondition("no TLS server name (SNI) given"))?;
+        self.hosts
+            .get(name)
+            .ok_or_else(|| tonic::Status::not_found(format!("no simulated host `{name}`")))
+    }
+
+    fn record(&self, host: &str, what: &str) {
+        let e = SimEvent {
+            at_us: now_us(),
+            host: host.to_string(),
+            what: what.to_string(),
+        };
+        match self.events.lock() {
+            Ok(mut v) => v.push(e),
+            Err(p) => p.into_inner().push(e),
+        }
+    }
+
+    /// Everything seen so far.
+    pub fn snapshot(&self) -> SimRecord {
+        let events = match self.events.lock() {
+            Ok(v) => v.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let patches = self
+            .hosts
+            .iter()
+            .map(|(id, h)| (id.clone(), h.state().patches))
+            .collect();
+        SimRecord { events, patches }
+    }
+}
+
+fn api_status(e: ClientError) -> tonic::Status {
+    tonic::Status::unavailable(e.to_string())
+}
+
+type NoStream<T> = futures_util::stream::Empty<Result<T, tonic::Status>>;
+
+#[tonic::async_trait]
+impl pb::agent_server::Agent for MultiHost {
+    async fn get_identity(
+        &self,
+        req: tonic::Request<pb::GetIdentityRequest>,
+    ) -> Result<tonic::Response<pb::Identity>, tonic::Status> {
+        let h = self.host(&req)?;
+        h.identity()
+            .await
+            .map(tonic::Response::new)
+            .map_err(api_status)
+    }
+
+    async fn get_health(
+        &self,
+        req: tonic::Request<pb::GetHealthRequest>,
+    ) -> Result<tonic::Response<pb::HealthReport>, tonic::Status> {
+        let h = self.host(&req)?;
+        h.health()
+            .await
+            .map(tonic::Response::new)
+            .map_err(api_status)
+    }
+
+    type WatchHealthStream = NoStream<pb::HealthReport>;
+
+    async fn watch_health(
+        &self,
+        _req: tonic::Request<pb::WatchHealthRequest>,
+    ) -> Result<tonic::Response<Self::WatchHealthStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not simulated"))
+    }
+
+    async fn attest(
+        &self,
+        req: tonic::Request<pb::AttestRequest>,
+    ) -> Result<tonic::Response<pb::Envelope>, tonic::Status> {
+        let h = self.host(&req)?;
+        self.record(&h.host_id, "attest");
+        h.attest(req.into_inner().nonce)
+            .await
+            .map(tonic::Response::new)
+            .map_err(api_status)
+    }
+
+    async fn submit_task(
+        &self,
+        req: tonic::Request<pb::SignedTask>,
+    ) -> Result<tonic::Response<pb::TaskStatus>, tonic::Status> {
+        let h = self.host(&req)?;
+        let st = h.submit_task(req.get_ref())?;
+        self.record(&h.host_id, &st.action);
+        Ok(tonic::Response::new(st))
+    }
+
+    async fn get_task(
+        &self,
+        req: tonic::Request<pb::GetTaskRequest>,
+    ) -> Result<tonic::Response<pb::TaskStatus>, tonic::Status> {
+        let h = self.host(&req)?;
+        match h.get_task(&req.get_ref().task_id).await {
+            Ok(Some(st)) => {
+                if st.action == "validate" && st.state == pb::TaskState::Failed as i32 {
+                    self.record(&h.host_id, "validate_failed");
+                }
+                Ok(tonic::Response::new(st))
+            }
+            Ok(None) => Err(tonic::Status::not_found("no such task")),
+            Err(e) => Err(api_status(e)),
+        }
+    }
+
+    type WatchTaskStream = NoStream<pb::TaskStatus>;
+
+    async fn watch_task(
+        &self,
+        _req: tonic::Request<pb::GetTaskRequest>,
+    ) -> Result<tonic::Response<Self::WatchTaskStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not simulated"))
+    }
+
+    async fn list_tasks(
+        &self,
+        _req: tonic::Request<pb::ListTasksRequest>,
+    ) -> Result<tonic::Response<pb::ListTasksResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not simulated"))
     }
 }

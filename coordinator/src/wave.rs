@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use ringfence::pb;
@@ -228,6 +228,10 @@ pub struct RingView {
     pub approval: String,
 }
 
+/// Longest gap between writes of the wave state and status snapshot while
+/// hosts progress (ring, halt and dispatch changes are written at once).
+const PERSIST_EVERY: Duration = Duration::from_millis(250);
+
 const META_SPEC: &str = "spec";
 /// Meta key holding the wave spec's source text (re-parsed on resume).
 pub const META_SPEC_TEXT: &str = "spec_text";
@@ -369,7 +373,7 @@ impl Driver {
         }
         let mut approvals_by_ring = BTreeMap::new();
         if plan.rings.get(&ring).is_some_and(|r| r.protected) {
-            approvals_by_ring.insert(ring, self.ring_approvals(&plan, ring).envelopes);
+            approvals_by_ring.insert(ring, Arc::new(self.ring_approvals(&plan, ring).envelopes));
         }
         let job = self.job(&plan, host, &approvals_by_ring);
         let inv_host = self
@@ -507,8 +511,10 @@ impl Driver {
         };
         let (tx, mut rx) = mpsc::channel::<(String, Result<HostRecord, String>)>(1024);
         let mut in_flight: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
-        let mut approvals_by_ring: BTreeMap<u32, Vec<pb::Envelope>> = BTreeMap::new();
+        let mut approvals_by_ring: BTreeMap<u32, Arc<Vec<pb::Envelope>>> = BTreeMap::new();
         let mut halt: Option<HaltReport> = None;
+        let mut halt_recorded = false;
+        let mut last_persist = Instant::now();
         let mut announced_wait = String::new();
 
         // Re-attach to hosts that were in flight when a coordinator died.
@@ -522,7 +528,7 @@ impl Driver {
             let ring = plan.host_ring.get(&h).copied().unwrap_or(0);
             if plan.rings.get(&ring).is_some_and(|r| r.protected) {
                 let got = self.ring_approvals(&plan, ring);
-                approvals_by_ring.insert(ring, got.envelopes);
+                approvals_by_ring.insert(ring, Arc::new(got.envelopes));
             }
             self.reporter.emit(&Event::host(&h, "reattach", ""));
             let job = self.job(&plan, &h, &approvals_by_ring);
@@ -556,13 +562,14 @@ impl Driver {
                             *r,
                             &got.approvers.iter().cloned().collect::<Vec<_>>(),
                         ))?;
-                        approvals_by_ring.insert(*r, got.envelopes);
+                        approvals_by_ring.insert(*r, Arc::new(got.envelopes));
                     }
                 } else if rp.protected
                     && !approvals_by_ring.contains_key(r)
                     && state.approved.contains(r)
                 {
-                    approvals_by_ring.insert(*r, self.ring_approvals(&plan, *r).envelopes);
+                    approvals_by_ring
+                        .insert(*r, Arc::new(self.ring_approvals(&plan, *r).envelopes));
                 }
             }
 
@@ -572,16 +579,18 @@ impl Driver {
                 plan::next_steps(&plan, &state)
             };
             let mut done = false;
+            let mut starts = Vec::new();
+            // Ring and halt changes are written at once; host progress at
+            // most every PERSIST_EVERY (each host run keeps its own record).
+            let mut urgent = false;
             for step in &steps {
                 match step {
                     Step::Start(h) => {
                         state.hosts.insert(h.clone(), HostStatus::InFlight);
-                        self.store.put_meta(META_STATE, &state)?;
-                        self.reporter.emit(&Event::host(h, "start", ""));
-                        let job = self.job(&plan, h, &approvals_by_ring);
-                        in_flight.insert(h.clone(), self.spawn_host(ctx.clone(), job, tx.clone()));
+                        starts.push(h);
                     }
                     Step::StartSoak(r) => {
+                        urgent = true;
                         state.rings.insert(
                             *r,
                             RingStatus::Soaking {
@@ -591,12 +600,13 @@ impl Driver {
                         self.reporter.emit(&Event::ring(*r, "soak"));
                     }
                     Step::Promote(r) => {
+                        urgent = true;
                         self.write_evidence(
                             &plan,
                             *r,
                             "completed",
                             None,
-                            approvals_by_ring.get(r),
+                            approvals_by_ring.get(r).map(|a| a.as_slice()),
                         )?;
                         state.rings.insert(*r, RingStatus::Complete);
                         self.store.append_event(&Event::ring(*r, "promoted"))?;
@@ -673,20 +683,37 @@ impl Driver {
                     Step::Done => done = true,
                 }
             }
+            if !starts.is_empty() {
+                // Write ahead once for the whole dispatch round: every
+                // started host is InFlight in the store before its run begins.
+                self.store.put_meta(META_STATE, &state)?;
+                last_persist = Instant::now();
+                for h in starts {
+                    self.reporter.emit(&Event::host(h, "start", ""));
+                    let job = self.job(&plan, h, &approvals_by_ring);
+                    in_flight.insert(h.clone(), self.spawn_host(ctx.clone(), job, tx.clone()));
+                }
+            }
             if let Some(h) = &halt
-                && !halt_flag.load(Ordering::SeqCst)
+                && !halt_recorded
             {
+                halt_recorded = true;
+                urgent = true;
                 halt_flag.store(true, Ordering::SeqCst);
                 self.store.put_meta(META_HALT, h)?;
                 self.reporter.emit(&Event::halting(h, in_flight.len()));
             }
-            self.store.put_meta(META_STATE, &state)?;
-            self.write_status(
-                &plan,
-                &state,
-                halt.as_ref(),
-                if done { "completed" } else { "" },
-            )?;
+            let finishing = done || (halt.is_some() && in_flight.is_empty());
+            if urgent || finishing || last_persist.elapsed() >= PERSIST_EVERY {
+                self.store.put_meta(META_STATE, &state)?;
+                self.write_status(
+                    &plan,
+                    &state,
+                    halt.as_ref(),
+                    if done { "completed" } else { "" },
+                )?;
+                last_persist = Instant::now();
+            }
             if done {
                 self.reporter.emit(&Event::done(&self.spec.wave_id));
                 return Ok(Outcome::Completed);
@@ -700,7 +727,7 @@ impl Driver {
                     ring,
                     "halted",
                     Some(h.reason.clone()),
-                    approvals_by_ring.get(&ring),
+                    approvals_by_ring.get(&ring).map(|a| a.as_slice()),
                 )?;
                 self.write_status(&plan, &state, Some(h), "halted")?;
                 return Ok(Outcome::Halted(h.clone()));
@@ -744,6 +771,11 @@ impl Driver {
                         while let Ok((h, result)) = rx.try_recv() {
                             in_flight.remove(&h);
                             self.host_finished(&mut state, &h, result);
+                        }
+                        // Trip at once: no host run sends another drain or
+                        // patch while the sequencer is still catching up.
+                        if state.failures > plan.failure_budget {
+                            halt_flag.store(true, Ordering::SeqCst);
                         }
                     }
                 }
@@ -828,7 +860,7 @@ impl Driver {
         &self,
         plan: &Plan,
         host: &str,
-        approvals: &BTreeMap<u32, Vec<pb::Envelope>>,
+        approvals: &BTreeMap<u32, Arc<Vec<pb::Envelope>>>,
     ) -> HostJob {
         let inv = self.inventory.host(host);
         let ring = plan.host_ring.get(host).copied().unwrap_or(0);
@@ -929,7 +961,7 @@ impl Driver {
         ring: u32,
         outcome: &str,
         halt_reason: Option<String>,
-        approvals: Option<&Vec<pb::Envelope>>,
+        approvals: Option<&[pb::Envelope]>,
     ) -> Result<(), WaveError> {
         let Some(rp) = plan.rings.get(&ring) else {
             return Ok(());

@@ -63,7 +63,7 @@ async fn packet() -> (Vec<u8>, TrustSet, BTreeMap<String, keys::VerifyingKey>) {
         ring: 0,
         pool: "p".into(),
         key: sim.public_key(),
-        approvals: Vec::new(),
+        approvals: Default::default(),
         drill: false,
     };
     let rec = hostrun::run(&ctx, &job, &sim).await.unwrap();

@@ -86,7 +86,7 @@ async fn one_host_patched_over_mtls_ends_on_the_new_driver() {
         ring: 0,
         pool: "h100-train".into(),
         key: fleet.hosts[0].public_key,
-        approvals: Vec::new(),
+        approvals: Default::default(),
         drill: false,
     };
     let rec = hostrun::run(&ctx, &job, &api).await.unwrap();

@@ -92,10 +92,12 @@ async fn patches(f: &Fleet, host: &str) -> Vec<pb::TaskStatus> {
         .collect()
 }
 
+/// A freshly collected report: the cached one may predate the last task
+/// (e.g. a rollback that just cleared the ECC error).
 async fn health(f: &Fleet, host: &str) -> pb::HealthReport {
     agent(f, host)
         .await
-        .get_health(pb::GetHealthRequest::default())
+        .get_health(pb::GetHealthRequest { fresh: true })
         .await
         .unwrap()
         .into_inner()

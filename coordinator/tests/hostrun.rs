@@ -78,7 +78,7 @@ fn host(w: &World, id: &str, ring: u32) -> (SimHost, HostJob) {
         ring,
         pool: "p".into(),
         key: sim.public_key(),
-        approvals: Vec::new(),
+        approvals: Default::default(),
         drill: false,
     };
     (sim, job)

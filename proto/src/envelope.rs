@@ -39,8 +39,11 @@ pub const ATTESTATION_TYPE: &str = "application/vnd.ringfence.attestation.v1+pro
 /// Payload type of an evidence packet (JSON).
 pub const EVIDENCE_TYPE: &str = "application/vnd.ringfence.evidence.v1+json";
 
-/// Largest task or approval payload accepted, bytes.
+/// Largest task payload accepted, bytes.
 pub const MAX_TASK_PAYLOAD: usize = 16 * 1024;
+/// Largest approval payload accepted, bytes: a ring approval names every
+/// host of the ring, and a ring of a 10,000-host fleet is that big.
+pub const MAX_APPROVAL_PAYLOAD: usize = 1024 * 1024;
 /// Most signatures accepted on one envelope.
 pub const MAX_SIGNATURES: usize = 16;
 /// Most approval envelopes accepted with one task.
@@ -347,7 +350,7 @@ impl TaskVerifier<'_> {
             what: "signed task",
             reason: "no task envelope".into(),
         })?;
-        check_sizes(env, "task payload")?;
+        check_sizes(env, "task payload", MAX_TASK_PAYLOAD)?;
         if signed.approvals.len() > MAX_APPROVALS {
             return Err(TaskRejection::Oversized {
                 what: "approval count",
@@ -356,7 +359,7 @@ impl TaskVerifier<'_> {
             });
         }
         for a in &signed.approvals {
-            check_sizes(a, "approval payload")?;
+            check_sizes(a, "approval payload", MAX_APPROVAL_PAYLOAD)?;
         }
 
         // 2. Payload type, then signatures over the exact received bytes.
@@ -577,12 +580,16 @@ fn skew_ms(s: u64) -> i64 {
     i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX)
 }
 
-fn check_sizes(env: &pb::Envelope, what: &'static str) -> Result<(), TaskRejection> {
-    if env.payload.len() > MAX_TASK_PAYLOAD {
+fn check_sizes(
+    env: &pb::Envelope,
+    what: &'static str,
+    max_payload: usize,
+) -> Result<(), TaskRejection> {
+    if env.payload.len() > max_payload {
         return Err(TaskRejection::Oversized {
             what,
             size: env.payload.len(),
-            limit: MAX_TASK_PAYLOAD,
+            limit: max_payload,
         });
     }
     if env.payload_type.len() > MAX_TYPE_LEN {

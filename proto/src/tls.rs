@@ -195,6 +195,9 @@ pub struct PeerIdentity {
     pub serial: String,
     /// The TCP peer address.
     pub remote_addr: Option<SocketAddr>,
+    /// The TLS server name (SNI) the client asked for: lets one listener
+    /// serve several host identities (the scale benchmark's simulator).
+    pub server_name: Option<String>,
 }
 
 /// The verified peer of a request handled behind [`serve`].
@@ -465,22 +468,7 @@ fn build_server_config(
         source,
     })?;
     let key = parse_key(&labels.key, &pem.key)?;
-    let roots = parse_roots(&labels.ca, &pem.ca_bundle)?;
-    let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
-    if let Some(crl) = &pem.crl {
-        let crls = parse_crls(&labels.crl, crl, SystemTime::now())?;
-        builder = builder
-            .with_crls(crls)
-            .only_check_end_entity_revocation()
-            .enforce_revocation_expiration();
-    }
-    let inner = builder.build().map_err(|e| TlsError::Config {
-        reason: format!("client verifier from {}: {e}", labels.ca),
-    })?;
-    let verifier = Arc::new(SpiffeClientVerifier {
-        inner,
-        trust_domain: trust_domain.to_string(),
-    });
+    let verifier = client_verifier(&pem.ca_bundle, pem.crl.as_deref(), trust_domain, labels)?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config {
@@ -491,6 +479,88 @@ fn build_server_config(
         .map_err(|e| TlsError::Config {
             reason: format!("{} with {}: {e}", labels.cert, labels.key),
         })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The client verifier every server config uses: chain to the CA bundle,
+/// optional CRL, then the SPIFFE rules.
+fn client_verifier(
+    ca_bundle: &[u8],
+    crl: Option<&[u8]>,
+    trust_domain: &str,
+    labels: &Labels,
+) -> Result<Arc<SpiffeClientVerifier>, TlsError> {
+    let roots = parse_roots(&labels.ca, ca_bundle)?;
+    let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
+    if let Some(crl) = crl {
+        let crls = parse_crls(&labels.crl, crl, SystemTime::now())?;
+        builder = builder
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .enforce_revocation_expiration();
+    }
+    let inner = builder.build().map_err(|e| TlsError::Config {
+        reason: format!("client verifier from {}: {e}", labels.ca),
+    })?;
+    Ok(Arc::new(SpiffeClientVerifier {
+        inner,
+        trust_domain: trust_domain.to_string(),
+    }))
+}
+
+/// One identity of a [`server_config_by_sni`] listener.
+#[derive(Debug, Clone)]
+pub struct SniIdentity {
+    /// The TLS server name clients ask for (a host id).
+    pub name: String,
+    /// PEM chain, leaf first.
+    pub cert_pem: Vec<u8>,
+    /// PEM private key.
+    pub key_pem: Vec<u8>,
+}
+
+/// A TLS 1.3 server config like [`server_config`] that presents the
+/// certificate of whichever identity the client names by SNI: one listener
+/// for many simulated hosts (the coordinator scale benchmark). Every
+/// certificate must obey the SPIFFE rules and be valid for its name.
+pub fn server_config_by_sni(
+    identities: &[SniIdentity],
+    ca_bundle: &[u8],
+    trust_domain: &str,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let labels = Labels::memory();
+    let mut resolver = rustls::server::ResolvesServerCertUsingSni::new();
+    let provider = provider();
+    for ident in identities {
+        let what = format!("certificate of `{}`", ident.name);
+        let certs = parse_certs(&what, &ident.cert_pem)?;
+        cert_identity(&certs[0], trust_domain).map_err(|source| TlsError::OwnIdentity {
+            what: what.clone(),
+            source,
+        })?;
+        let key = parse_key(&format!("private key of `{}`", ident.name), &ident.key_pem)?;
+        let signing =
+            provider
+                .key_provider
+                .load_private_key(key)
+                .map_err(|e| TlsError::Config {
+                    reason: format!("private key of `{}`: {e}", ident.name),
+                })?;
+        resolver
+            .add(&ident.name, rustls::sign::CertifiedKey::new(certs, signing))
+            .map_err(|e| TlsError::Config {
+                reason: format!("{what}: {e}"),
+            })?;
+    }
+    let verifier = client_verifier(ca_bundle, None, trust_domain, &labels)?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config {
+            reason: e.to_string(),
+        })?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
@@ -594,6 +664,12 @@ impl ReloadableServerConfig {
     pub fn from_pem(pem: &ServerTlsPem, trust_domain: &str) -> Result<Self, TlsError> {
         let config = server_config(pem, trust_domain)?;
         Ok(Self::with(None, trust_domain, config))
+    }
+
+    /// Wrap a config built elsewhere (e.g. [`server_config_by_sni`]); it
+    /// cannot be reloaded.
+    pub fn fixed(config: Arc<ServerConfig>, trust_domain: &str) -> Self {
+        Self::with(None, trust_domain, config)
     }
 
     fn with(paths: Option<ServerTlsPaths>, trust_domain: &str, config: Arc<ServerConfig>) -> Self {
@@ -803,6 +879,7 @@ async fn accept_loop(
                     id: c.id,
                     serial: c.serial,
                     remote_addr: Some(addr),
+                    server_name: stream.get_ref().1.server_name().map(str::to_string),
                 },
                 Err(e) => {
                     tracing::warn!(peer = %addr, error = %e, "client certificate refused");
@@ -973,6 +1050,9 @@ impl ClientIdentity {
                 reason: format!("client certificate and key: {e}"),
             })?;
         config.alpn_protocols = vec![b"h2".to_vec()];
+        // One config per connection target: a session cache per config would
+        // only hold tickets nobody reuses (memory at fleet scale).
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(Arc::new(config))
     }
 }

@@ -1337,7 +1337,7 @@ fn oversized_requests_are_refused() {
 
     let big_approval = envelope::sign(
         APPROVAL_TYPE,
-        vec![0; MAX_TASK_PAYLOAD + 1],
+        vec![0; envelope::MAX_APPROVAL_PAYLOAD + 1],
         &[("alice", &alice())],
     );
     rejected!(

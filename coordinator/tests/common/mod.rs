@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use ringfence::pb;
 use ringfence::spiffe::{Role, SpiffeId};
 use ringfence::tls::ClientIdentity;
-use ringfence_coordinator::approvals;
 use ringfence_coordinator::fleet::{self, Fleet, HostSpec, Mode};
 use ringfence_coordinator::inventory::Inventory;
 use ringfence_coordinator::plan::Plan;
@@ -93,29 +92,7 @@ pub fn approve_all(f: &Fleet, spec_path: &Path) {
     let src = ringfence::config::Source::read(spec_path).unwrap();
     let spec = WaveSpec::from_source(&src).unwrap();
     let plan = Plan::build(&inv, &spec, &BTreeMap::new(), &BTreeMap::new()).unwrap();
-    let dir = approvals::approvals_dir(&settings.state_dir, &spec.wave_id);
-    for (i, key_path) in f.approver_keys.iter().enumerate() {
-        let key = ringfence::keys::read_signing_key(key_path).unwrap();
-        for r in &spec.protected_rings {
-            let Some(rp) = plan.rings.get(r) else {
-                continue;
-            };
-            let now = ringfence::time::now_ms();
-            let a = pb::RingApproval {
-                wave_id: spec.wave_id.clone(),
-                ring: *r,
-                profile: spec.profile.clone(),
-                version: spec.version.clone(),
-                rollback_version: spec.rollback_version.clone(),
-                host_ids: rp.hosts.clone(),
-                issued_at_unix_ms: now,
-                expires_at_unix_ms: now + 3_600_000,
-                approver: format!("approver-{i}"),
-            };
-            let env = approvals::sign_ring(&a, &format!("approver-{i}"), &key);
-            approvals::write_file(&dir.join(format!("ring-{r}-approver-{i}.json")), &env).unwrap();
-        }
-    }
+    fleet::approve_protected_rings(&settings.state_dir, &spec, &plan, &f.approver_keys).unwrap();
 }
 
 /// The operator's mTLS identity.

@@ -9,6 +9,7 @@ mod envelope;
 mod fixture;
 mod footprint;
 mod health;
+mod scale;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,7 +18,7 @@ use clap::Parser;
 use serde::Serialize;
 
 /// Benchmarks this binary knows, in the order they run by default.
-const KNOWN: &[&str] = &["envelope", "health", "footprint"];
+const KNOWN: &[&str] = &["envelope", "health", "footprint", "scale"];
 
 /// Command-line arguments.
 #[derive(Debug, Parser)]
@@ -26,7 +27,7 @@ const KNOWN: &[&str] = &["envelope", "health", "footprint"];
     about = "ringfence benchmarks with in-run baselines"
 )]
 pub struct Args {
-    /// Which benchmarks to run (comma separated): envelope, health, footprint.
+    /// Which benchmarks to run (comma separated): envelope, health, footprint, scale.
     #[arg(long, default_value = "envelope,health,footprint")]
     pub only: String,
     /// Where to write results.json and results.md.
@@ -86,6 +87,7 @@ fn run_bench(name: &str, args: &Args) -> Result<Vec<Figure>, String> {
         "envelope" => envelope::run(args),
         "health" => health::run(args),
         "footprint" => footprint::run(args),
+        "scale" => scale::run(args),
         other => Err(format!(
             "unknown benchmark `{other}` (known: {})",
             KNOWN.join(", ")
