@@ -27,8 +27,9 @@ const KNOWN: &[&str] = &["envelope", "health", "footprint", "scale"];
     about = "ringfence benchmarks with in-run baselines"
 )]
 pub struct Args {
-    /// Which benchmarks to run (comma separated): envelope, health, footprint, scale.
-    #[arg(long, default_value = "envelope,health,footprint")]
+    /// Which benchmarks to run (comma separated; default all): envelope,
+    /// health, footprint, scale.
+    #[arg(long, default_value = "envelope,health,footprint,scale")]
     pub only: String,
     /// Where to write results.json and results.md.
     #[arg(long, default_value = "target/bench")]
