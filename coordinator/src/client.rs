@@ -4,8 +4,14 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use ringfence::pb;
 use tonic::Code;
+
+/// A host's health as it changes: the current report first, then each
+/// change; an error item means the watch broke (the stream may end after it).
+pub type HealthStream = BoxStream<'static, Result<pb::HealthReport, ClientError>>;
 
 /// A call to an agent failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -69,6 +75,9 @@ pub trait HostApi: Send + Sync {
     async fn attest(&self, nonce: Vec<u8>) -> Result<pb::Envelope, ClientError>;
     /// The last health report.
     async fn health(&self) -> Result<pb::HealthReport, ClientError>;
+    /// Watch the host's health (`WatchHealth`): the soak watches a ring's
+    /// hosts with this instead of polling each one.
+    async fn watch_health(&self) -> Result<HealthStream, ClientError>;
     /// Submit a signed task (idempotent by task id).
     async fn submit(&self, task: pb::SignedTask) -> Result<pb::TaskStatus, ClientError>;
     /// The recorded status of a task; `None` if the agent never recorded it.
@@ -128,6 +137,27 @@ impl HostApi for GrpcHost {
             .await
             .map(tonic::Response::into_inner)
             .map_err(|s| self.err(&s))
+    }
+
+    async fn watch_health(&self) -> Result<HealthStream, ClientError> {
+        let mut c = self.client.clone();
+        // No per-request deadline: it would end the stream after `timeout`.
+        // Only opening the stream is bounded.
+        let opened = tokio::time::timeout(
+            self.timeout,
+            c.watch_health(tonic::Request::new(pb::WatchHealthRequest {})),
+        )
+        .await
+        .map_err(|_| ClientError::Unreachable {
+            host: self.host.clone(),
+            reason: format!("WatchHealth not answered within {:?}", self.timeout),
+        })?
+        .map_err(|s| self.err(&s))?;
+        let host = self.host.clone();
+        Ok(opened
+            .into_inner()
+            .map(move |r| r.map_err(|s| ClientError::from_status(&host, &s)))
+            .boxed())
     }
 
     async fn submit(&self, task: pb::SignedTask) -> Result<pb::TaskStatus, ClientError> {

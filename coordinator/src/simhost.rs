@@ -12,7 +12,22 @@ use ringfence::pb::{self, task_payload::Action};
 use ringfence::time::Clock;
 use ringfence::trust::TrustSet;
 
-use crate::client::{ClientError, HostApi};
+use crate::client::{ClientError, HealthStream, HostApi};
+
+/// How often a simulated host's health watch re-reads its state (tests
+/// change [`SimState`] directly, so there is no change signal to wait on).
+const WATCH_PERIOD: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// What makes two reports of a simulated host differ for a watcher (the
+/// collection time alone does not).
+fn watch_key(r: &pb::HealthReport) -> (i32, Vec<String>, bool, String) {
+    (
+        r.verdict,
+        r.reasons.iter().map(|x| x.code.clone()).collect(),
+        r.draining,
+        r.driver_version.clone(),
+    )
+}
 
 /// The mutable state of a simulated host.
 #[derive(Debug, Clone, Default)]
@@ -278,6 +293,37 @@ impl HostApi for SimHost {
         Ok(self.report(&s))
     }
 
+    async fn watch_health(&self) -> Result<HealthStream, ClientError> {
+        use futures_util::StreamExt;
+        self.unreachable()?;
+        // The current report first, then one whenever a re-read differs; an
+        // unreachable host ends the stream with the error, as a broken
+        // connection would.
+        let host = self.clone();
+        let stream = futures_util::stream::unfold(
+            (host, None::<(i32, Vec<String>, bool, String)>, false),
+            |(host, last, ended)| async move {
+                if ended {
+                    return None;
+                }
+                loop {
+                    if last.is_some() {
+                        tokio::time::sleep(WATCH_PERIOD).await;
+                    }
+                    if let Err(e) = host.unreachable() {
+                        return Some((Err(e), (host, last, true)));
+                    }
+                    let report = host.report(&host.state());
+                    let key = watch_key(&report);
+                    if last.as_ref() != Some(&key) {
+                        return Some((Ok(report), (host, Some(key), false)));
+                    }
+                }
+            },
+        );
+        Ok(stream.boxed())
+    }
+
     async fn submit(&self, task: pb::SignedTask) -> Result<pb::TaskStatus, ClientError> {
         self.unreachable()?;
         self.submit_task(&task)
@@ -460,13 +506,19 @@ impl pb::agent_server::Agent for MultiHost {
             .map_err(api_status)
     }
 
-    type WatchHealthStream = NoStream<pb::HealthReport>;
+    type WatchHealthStream =
+        futures_util::stream::BoxStream<'static, Result<pb::HealthReport, tonic::Status>>;
 
     async fn watch_health(
         &self,
-        _req: tonic::Request<pb::WatchHealthRequest>,
+        req: tonic::Request<pb::WatchHealthRequest>,
     ) -> Result<tonic::Response<Self::WatchHealthStream>, tonic::Status> {
-        Err(tonic::Status::unimplemented("not simulated"))
+        use futures_util::StreamExt;
+        let h = self.host(&req)?;
+        let stream = h.watch_health().await.map_err(api_status)?;
+        Ok(tonic::Response::new(
+            stream.map(|r| r.map_err(api_status)).boxed(),
+        ))
     }
 
     async fn attest(

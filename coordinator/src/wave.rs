@@ -3,18 +3,20 @@
 //! ([`crate::hostrun`]) per started host, and persists everything to the
 //! wave store before acting on it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
+use futures_util::StreamExt;
 use ringfence::pb;
 use ringfence::time::Clock;
 use ringfence::trust::TrustSet;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use crate::approvals::{self, BreakGlassGrant, RingScope};
 use crate::client::HostApi;
@@ -231,6 +233,70 @@ pub struct RingView {
 /// Longest gap between writes of the wave state and status snapshot while
 /// hosts progress (ring, halt and dispatch changes are written at once).
 const PERSIST_EVERY: Duration = Duration::from_millis(250);
+
+/// How long a soak watcher waits before reopening a broken health stream
+/// (once; a second break in a row makes the host unreachable).
+const SOAK_REOPEN_AFTER: Duration = Duration::from_millis(500);
+
+/// What a soak watcher tells the wave loop about its host.
+#[derive(Debug)]
+enum SoakNews {
+    /// The first report arrived: the host is being watched.
+    Watching(String),
+    /// The host regressed (UNHEALTHY, or its watch broke for good): why.
+    Regressed(String, String),
+}
+
+/// Watch one host of a soaking ring until it regresses (or the task is
+/// aborted when the ring is promoted or the wave ends).
+async fn watch_soak(
+    connector: Arc<dyn Connector>,
+    host: crate::inventory::Host,
+    tx: mpsc::Sender<SoakNews>,
+) {
+    let id = host.id.clone();
+    let mut retried = false;
+    loop {
+        let opened = match connector.connect(&host).await {
+            Ok(api) => api.watch_health().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        let broke = match opened {
+            Err(e) => e,
+            Ok(mut stream) => loop {
+                match stream.next().await {
+                    Some(Ok(r)) => {
+                        // A report on this stream: a later break may be
+                        // retried once more.
+                        retried = false;
+                        if r.verdict == pb::Verdict::Unhealthy as i32 {
+                            let codes = r
+                                .reasons
+                                .iter()
+                                .filter(|x| x.severity == pb::Verdict::Unhealthy as i32)
+                                .map(|x| x.code.clone())
+                                .collect::<Vec<_>>()
+                                .join(", ");
+                            let why = format!("UNHEALTHY during soak ({codes})");
+                            let _ = tx.send(SoakNews::Regressed(id, why)).await;
+                            return;
+                        }
+                        let _ = tx.send(SoakNews::Watching(id.clone())).await;
+                    }
+                    Some(Err(e)) => break e.to_string(),
+                    None => break "the health stream ended".to_string(),
+                }
+            },
+        };
+        if retried {
+            let why = format!("unreachable during soak: {broke}");
+            let _ = tx.send(SoakNews::Regressed(id, why)).await;
+            return;
+        }
+        retried = true;
+        tokio::time::sleep(SOAK_REOPEN_AFTER).await;
+    }
+}
 
 const META_SPEC: &str = "spec";
 /// Meta key holding the wave spec's source text (re-parsed on resume).
@@ -511,6 +577,13 @@ impl Driver {
         };
         let (tx, mut rx) = mpsc::channel::<(String, Result<HostRecord, String>)>(1024);
         let mut in_flight: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+        // Soak watchers by ring; dropping a JoinSet aborts its tasks, so
+        // none outlives its ring's soak or this call (any return path).
+        let (soak_tx, mut soak_rx) = mpsc::channel::<SoakNews>(1024);
+        let mut soak_watchers: BTreeMap<u32, JoinSet<()>> = BTreeMap::new();
+        // Hosts with a watcher, and hosts a watcher has had a report from.
+        let mut soak_started: BTreeSet<String> = BTreeSet::new();
+        let mut soak_watched: BTreeSet<String> = BTreeSet::new();
         let mut approvals_by_ring: BTreeMap<u32, Arc<Vec<pb::Envelope>>> = BTreeMap::new();
         let mut halt: Option<HaltReport> = None;
         let mut halt_recorded = false;
@@ -544,6 +617,11 @@ impl Driver {
                 .is_none_or(|w| w.is_open(state.now_ms));
             if self.store.halt_requested() {
                 state.halt_requested = true;
+            }
+            // Soak news that arrived since the last round counts before the
+            // sequencer may promote the ring.
+            while let Ok(news) = soak_rx.try_recv() {
+                self.soak_news(&plan, &mut state, &mut soak_watched, news, &halt_flag)?;
             }
             // Approvals that arrived as files.
             for (r, rp) in &plan.rings {
@@ -598,6 +676,18 @@ impl Driver {
                             },
                         );
                         self.reporter.emit(&Event::ring(*r, "soak"));
+                    }
+                    Step::Promote(r) if soak_unwatched(&plan, &state, *r, &soak_watched) > 0 => {
+                        // Soak time passed, but not every host was seen
+                        // through WatchHealth yet: the ring was not watched.
+                        let msg = format!(
+                            "ring {r} soak time passed; waiting for the first health report of {} host(s)",
+                            soak_unwatched(&plan, &state, *r, &soak_watched)
+                        );
+                        if announced_wait != msg {
+                            self.reporter.emit(&Event::wait(&msg));
+                            announced_wait = msg;
+                        }
                     }
                     Step::Promote(r) => {
                         urgent = true;
@@ -733,33 +823,26 @@ impl Driver {
                 return Ok(Outcome::Halted(h.clone()));
             }
 
-            // Soak: watch the ring's finished hosts.
-            if let Some((r, _)) = state
-                .rings
-                .iter()
-                .find(|(_, s)| matches!(s, RingStatus::Soaking { .. }))
-            {
-                let r = *r;
-                if let Some(regressed) = self.soak_check(&plan, &state, r).await {
-                    for (h, why) in regressed {
-                        state.hosts.insert(h.clone(), HostStatus::Failed);
-                        state.failures += 1;
-                        if let Some(mut rec) = self.store.get_host::<HostRecord>(&h)? {
-                            rec.failure = Some(hostrun::Failure {
-                                step: "soak".into(),
-                                kind: "soak_regression".into(),
-                                reason: why.clone(),
-                            });
-                            rec.phase = Phase::Failed;
-                            self.store.put_host(&h, &rec)?;
-                        }
-                        self.reporter.emit(&Event::host(
-                            &h,
-                            "failed",
-                            &format!("soak regression: {why}"),
-                        ));
-                    }
-                }
+            // Soak: one watcher per finished host of each soaking ring
+            // (started on StartSoak, on resume, or when a retried host of a
+            // soaking ring finishes); none once the ring is promoted or the
+            // wave halts.
+            soak_watchers.retain(|r, _| {
+                halt.is_none() && matches!(state.rings.get(r), Some(RingStatus::Soaking { .. }))
+            });
+            soak_started.retain(|h| {
+                plan.host_ring
+                    .get(h)
+                    .is_some_and(|r| soak_watchers.contains_key(r))
+            });
+            if halt.is_none() {
+                self.start_soak_watch(
+                    &plan,
+                    &state,
+                    &mut soak_watchers,
+                    &mut soak_started,
+                    &soak_tx,
+                );
             }
 
             tokio::select! {
@@ -779,9 +862,100 @@ impl Driver {
                         }
                     }
                 }
+                Some(news) = soak_rx.recv() => {
+                    self.soak_news(&plan, &mut state, &mut soak_watched, news, &halt_flag)?;
+                }
                 () = tokio::time::sleep(self.poll_interval) => {}
             }
         }
+    }
+
+    /// Start a watcher for every finished host of a soaking ring that has
+    /// none yet.
+    fn start_soak_watch(
+        &self,
+        plan: &Plan,
+        state: &WaveState,
+        watchers: &mut BTreeMap<u32, JoinSet<()>>,
+        started: &mut BTreeSet<String>,
+        tx: &mpsc::Sender<SoakNews>,
+    ) {
+        for (r, rs) in &state.rings {
+            if !matches!(rs, RingStatus::Soaking { .. }) {
+                continue;
+            }
+            let Some(rp) = plan.rings.get(r) else {
+                continue;
+            };
+            for h in &rp.hosts {
+                if state.hosts.get(h) != Some(&HostStatus::Done) || started.contains(h) {
+                    continue;
+                }
+                started.insert(h.clone());
+                let set = watchers.entry(*r).or_default();
+                if let Some(host) = self.inventory.host(h) {
+                    set.spawn(watch_soak(self.connector.clone(), host.clone(), tx.clone()));
+                } else {
+                    // Cannot be watched, so it cannot pass the soak.
+                    let (tx, id) = (tx.clone(), h.clone());
+                    set.spawn(async move {
+                        let why = "not in the inventory, cannot be watched".to_string();
+                        let _ = tx.send(SoakNews::Regressed(id, why)).await;
+                    });
+                }
+            }
+        }
+    }
+
+    /// Act on one soak watcher message: a regression fails the host (it
+    /// counts against the failure budget and trips the halt at once).
+    fn soak_news(
+        &self,
+        plan: &Plan,
+        state: &mut WaveState,
+        watched: &mut BTreeSet<String>,
+        news: SoakNews,
+        halt_flag: &AtomicBool,
+    ) -> Result<(), WaveError> {
+        let (h, why) = match news {
+            SoakNews::Watching(h) => {
+                watched.insert(h);
+                return Ok(());
+            }
+            SoakNews::Regressed(h, why) => (h, why),
+        };
+        // Late news from a ring already promoted, or a host already failed.
+        let ring = plan.host_ring.get(&h).copied().unwrap_or(0);
+        if !matches!(state.rings.get(&ring), Some(RingStatus::Soaking { .. }))
+            || state.hosts.get(&h) != Some(&HostStatus::Done)
+        {
+            return Ok(());
+        }
+        // The host passed validation and was undrained; the wave does not
+        // drain it again (its agent reports NOT_SERVING while UNHEALTHY).
+        let why = format!(
+            "{why}; the host was back in service after validation and the wave leaves it so: drain it by hand"
+        );
+        state.hosts.insert(h.clone(), HostStatus::Failed);
+        state.failures += 1;
+        if let Some(mut rec) = self.store.get_host::<HostRecord>(&h)? {
+            rec.failure = Some(hostrun::Failure {
+                step: "soak".into(),
+                kind: "soak_regression".into(),
+                reason: why.clone(),
+            });
+            rec.phase = Phase::Failed;
+            self.store.put_host(&h, &rec)?;
+        }
+        self.reporter.emit(&Event::host(
+            &h,
+            "failed",
+            &format!("soak regression: {why}"),
+        ));
+        if state.failures > plan.failure_budget {
+            halt_flag.store(true, Ordering::SeqCst);
+        }
+        Ok(())
     }
 
     fn host_finished(&self, state: &mut WaveState, h: &str, result: Result<HostRecord, String>) {
@@ -918,41 +1092,6 @@ impl Driver {
             };
             let _ = tx.send((id, result)).await;
         })
-    }
-
-    async fn soak_check(
-        &self,
-        plan: &Plan,
-        state: &WaveState,
-        ring: u32,
-    ) -> Option<Vec<(String, String)>> {
-        let rp = plan.rings.get(&ring)?;
-        let mut regressed = Vec::new();
-        for h in &rp.hosts {
-            if state.hosts.get(h) != Some(&HostStatus::Done) {
-                continue;
-            }
-            let Some(host) = self.inventory.host(h) else {
-                continue;
-            };
-            match self.connector.connect(host).await {
-                Ok(api) => match api.health().await {
-                    Ok(r) if r.verdict == pb::Verdict::Unhealthy as i32 => {
-                        let why = r
-                            .reasons
-                            .iter()
-                            .map(|x| x.code.clone())
-                            .collect::<Vec<_>>()
-                            .join(", ");
-                        regressed.push((h.clone(), format!("UNHEALTHY during soak ({why})")));
-                    }
-                    Ok(_) => {}
-                    Err(e) => regressed.push((h.clone(), format!("unreachable during soak: {e}"))),
-                },
-                Err(e) => regressed.push((h.clone(), format!("unreachable during soak: {e}"))),
-            }
-        }
-        Some(regressed)
     }
 
     fn write_evidence(
@@ -1144,6 +1283,19 @@ impl Driver {
         self.reporter.status(&snapshot);
         Ok(())
     }
+}
+
+/// Finished hosts of soaking `ring` no watcher has reported on yet.
+fn soak_unwatched(plan: &Plan, state: &WaveState, ring: u32, watched: &BTreeSet<String>) -> usize {
+    if !matches!(state.rings.get(&ring), Some(RingStatus::Soaking { .. })) {
+        return 0;
+    }
+    plan.rings.get(&ring).map_or(0, |rp| {
+        rp.hosts
+            .iter()
+            .filter(|h| state.hosts.get(*h) == Some(&HostStatus::Done) && !watched.contains(*h))
+            .count()
+    })
 }
 
 fn current_ring(plan: &Plan, state: &WaveState) -> u32 {

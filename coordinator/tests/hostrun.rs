@@ -198,6 +198,14 @@ impl HostApi for CrashAtPatch {
     async fn health(&self) -> Result<pb::HealthReport, ringfence_coordinator::client::ClientError> {
         self.inner.health().await
     }
+    async fn watch_health(
+        &self,
+    ) -> Result<
+        ringfence_coordinator::client::HealthStream,
+        ringfence_coordinator::client::ClientError,
+    > {
+        self.inner.watch_health().await
+    }
     async fn submit(
         &self,
         t: pb::SignedTask,
