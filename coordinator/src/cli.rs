@@ -580,13 +580,19 @@ fn outcome(o: Result<Outcome, wave::WaveError>, reporter: &Reporter) -> Result<(
         Ok(Outcome::Halted(h)) => Err(Failure {
             code: EXIT_HALTED,
             message: format!(
-                "wave {} HALTED in ring {}: host {} step {} ({}): {}\nthe failed host is left drained; decide with `ringfence wave resume --wave {} --retry HOST | --skip HOST --reason ...` or `ringfence wave abort --wave {}`",
+                "wave {} HALTED in ring {}: host {} step {} ({}): {}\n{}; decide with `ringfence wave resume --wave {} --retry HOST | --skip HOST --reason ...` or `ringfence wave abort --wave {}`",
                 h.wave_id,
                 h.ring,
                 h.host.as_deref().unwrap_or("-"),
                 h.step,
                 h.kind,
                 h.reason,
+                // A soak regression comes after validation and undrain.
+                if h.kind == "soak_regression" {
+                    "the failed host regressed after it was back in service and is NOT drained by the wave"
+                } else {
+                    "the failed host is left drained"
+                },
                 h.wave_id,
                 h.wave_id
             ),

@@ -36,6 +36,10 @@ pub struct HostSpec {
     pub faulty_version: Option<String>,
     /// Compute processes that keep running (drain waits for them).
     pub busy_for_s: Option<f64>,
+    /// GPU 0 raises XID 79 (fallen off the bus) as soon as the file
+    /// [`XID_TRIGGER_FILE`] exists in the host dir (see
+    /// [`RunningHost::xid_trigger`]).
+    pub xid_trigger: bool,
 }
 
 /// How agents run.
@@ -86,6 +90,11 @@ impl RunningHost {
             .map(|s| s.lines().map(str::to_string).collect())
             .unwrap_or_default()
     }
+    /// The file whose creation delivers XID 79 on GPU 0 (hosts with
+    /// [`HostSpec::xid_trigger`]).
+    pub fn xid_trigger(&self) -> PathBuf {
+        self.dir.join(XID_TRIGGER_FILE)
+    }
     /// The agent's process id (multi-process fleets only).
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().map(std::process::Child::id)
@@ -106,6 +115,8 @@ impl Drop for RunningHost {
     }
 }
 
+/// File in a host dir whose creation delivers XID 79 ([`HostSpec::xid_trigger`]).
+pub const XID_TRIGGER_FILE: &str = "xid79";
 /// File in each host dir the patch profile appends the installed version to.
 pub const PATCH_COUNT_FILE: &str = "patch_runs";
 /// Name of the fake NVML library copied into each host dir (multi-process fleets).
@@ -184,13 +195,15 @@ pub fn demo_hosts(canary_fails: bool) -> Vec<HostSpec> {
                 faulty_version: (canary_fails && ring == 2 && i == 1)
                     .then(|| NEW_VERSION.to_string()),
                 busy_for_s: None,
+                xid_trigger: false,
             });
         }
     }
     hosts
 }
 
-fn scenario(spec: &HostSpec, driver_file: &Path) -> String {
+fn scenario(spec: &HostSpec, dir: &Path) -> String {
+    let driver_file = dir.join("driver_version");
     let mut s = format!(
         "driver_version = \"{OLD_VERSION}\"\ndriver_version_file = \"{}\"\ncuda_driver_version = \"12.4\"\n",
         driver_file.display()
@@ -214,6 +227,13 @@ fn scenario(spec: &HostSpec, driver_file: &Path) -> String {
         let _ = write!(
             s,
             "\n[[when_driver]]\nversion = \"{v}\"\ngpu = 0\necc_volatile_uncorrected = 2\necc_aggregate_uncorrected = 2\n"
+        );
+    }
+    if spec.xid_trigger {
+        let _ = write!(
+            s,
+            "\n[[xid]]\ngpu = 0\nxid = 79\ntrigger_file = \"{}\"\n",
+            dir.join(XID_TRIGGER_FILE).display()
         );
     }
     s
@@ -382,7 +402,7 @@ impl Fleet {
             write(&dir.join("driver_version"), OLD_VERSION)?;
             write(
                 &dir.join("scenario.toml"),
-                &scenario(&spec, &dir.join("driver_version")),
+                &scenario(&spec, &dir),
             )?;
             let listen = match &mode {
                 Mode::InProcess => "127.0.0.1:0".to_string(),

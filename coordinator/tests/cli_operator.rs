@@ -22,6 +22,7 @@ fn spec(id: &str, ring: u32, pool: &str) -> HostSpec {
         pool: pool.into(),
         faulty_version: None,
         busy_for_s: None,
+        xid_trigger: false,
     }
 }
 

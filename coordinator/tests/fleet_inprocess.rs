@@ -22,6 +22,7 @@ fn spec(id: &str, ring: u32, faulty: bool) -> HostSpec {
         pool: "h100-train".into(),
         faulty_version: faulty.then(|| fleet::NEW_VERSION.to_string()),
         busy_for_s: None,
+        xid_trigger: false,
     }
 }
 

@@ -43,6 +43,7 @@ fn host(id: &str, ring: u32) -> HostSpec {
         pool: "h100-train".into(),
         faulty_version: None,
         busy_for_s: None,
+        xid_trigger: false,
     }
 }
 

@@ -46,6 +46,7 @@ pub fn host(id: &str, ring: u32, pool: &str) -> HostSpec {
         pool: pool.into(),
         faulty_version: None,
         busy_for_s: None,
+        xid_trigger: false,
     }
 }
 
