@@ -400,10 +400,7 @@ impl Fleet {
             })?;
             pki::issue(&pki_dir, Role::Host, &spec.id, &dir, 30)?;
             write(&dir.join("driver_version"), OLD_VERSION)?;
-            write(
-                &dir.join("scenario.toml"),
-                &scenario(&spec, &dir),
-            )?;
+            write(&dir.join("scenario.toml"), &scenario(&spec, &dir))?;
             let listen = match &mode {
                 Mode::InProcess => "127.0.0.1:0".to_string(),
                 Mode::Processes { .. } => {

@@ -773,6 +773,38 @@ impl Driver {
                     Step::Done => done = true,
                 }
             }
+            // Soak: one watcher per finished host of each soaking ring
+            // (started on StartSoak, on resume, or when a retried host of a
+            // soaking ring finishes). A promoted ring's watchers, and all of
+            // them once the wave halts, are stopped (and awaited) here,
+            // before anything else starts.
+            let stop: Vec<u32> = soak_watchers
+                .keys()
+                .copied()
+                .filter(|r| {
+                    halt.is_some()
+                        || !matches!(state.rings.get(r), Some(RingStatus::Soaking { .. }))
+                })
+                .collect();
+            for r in stop {
+                if let Some(mut set) = soak_watchers.remove(&r) {
+                    set.shutdown().await;
+                }
+            }
+            soak_started.retain(|h| {
+                plan.host_ring
+                    .get(h)
+                    .is_some_and(|r| soak_watchers.contains_key(r))
+            });
+            if halt.is_none() {
+                self.start_soak_watch(
+                    &plan,
+                    &state,
+                    &mut soak_watchers,
+                    &mut soak_started,
+                    &soak_tx,
+                );
+            }
             if !starts.is_empty() {
                 // Write ahead once for the whole dispatch round: every
                 // started host is InFlight in the store before its run begins.
@@ -821,28 +853,6 @@ impl Driver {
                 )?;
                 self.write_status(&plan, &state, Some(h), "halted")?;
                 return Ok(Outcome::Halted(h.clone()));
-            }
-
-            // Soak: one watcher per finished host of each soaking ring
-            // (started on StartSoak, on resume, or when a retried host of a
-            // soaking ring finishes); none once the ring is promoted or the
-            // wave halts.
-            soak_watchers.retain(|r, _| {
-                halt.is_none() && matches!(state.rings.get(r), Some(RingStatus::Soaking { .. }))
-            });
-            soak_started.retain(|h| {
-                plan.host_ring
-                    .get(h)
-                    .is_some_and(|r| soak_watchers.contains_key(r))
-            });
-            if halt.is_none() {
-                self.start_soak_watch(
-                    &plan,
-                    &state,
-                    &mut soak_watchers,
-                    &mut soak_started,
-                    &soak_tx,
-                );
             }
 
             tokio::select! {
