@@ -180,14 +180,17 @@ struct Counting {
     inner: TlsConnector,
     open: Arc<AtomicUsize>,
     opened: Arc<AtomicUsize>,
-    /// Open streams when a ring-1 host was first connected (`usize::MAX`: never).
+    /// Open streams when the first task was sent to a ring-1 host
+    /// (`usize::MAX`: never).
     open_at_ring_1: Arc<AtomicUsize>,
 }
 
 struct CountingHost {
     inner: Arc<dyn HostApi>,
+    ring: u32,
     open: Arc<AtomicUsize>,
     opened: Arc<AtomicUsize>,
+    open_at_ring_1: Arc<AtomicUsize>,
 }
 
 /// Decrements the open count when the stream is dropped (its watcher ended
@@ -203,19 +206,13 @@ impl Drop for OpenGuard {
 #[tonic::async_trait]
 impl Connector for Counting {
     async fn connect(&self, host: &Host) -> Result<Arc<dyn HostApi>, String> {
-        if host.ring == 1 {
-            let _ = self.open_at_ring_1.compare_exchange(
-                usize::MAX,
-                self.open.load(Ordering::SeqCst),
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            );
-        }
         let inner = self.inner.connect(host).await?;
         Ok(Arc::new(CountingHost {
             inner,
+            ring: host.ring,
             open: self.open.clone(),
             opened: self.opened.clone(),
+            open_at_ring_1: self.open_at_ring_1.clone(),
         }))
     }
 }
@@ -243,6 +240,14 @@ impl HostApi for CountingHost {
         .boxed())
     }
     async fn submit(&self, task: pb::SignedTask) -> Result<pb::TaskStatus, ClientError> {
+        if self.ring == 1 {
+            let _ = self.open_at_ring_1.compare_exchange(
+                usize::MAX,
+                self.open.load(Ordering::SeqCst),
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+        }
         self.inner.submit(task).await
     }
     async fn get_task(&self, id: &str) -> Result<Option<pb::TaskStatus>, ClientError> {
@@ -250,8 +255,8 @@ impl HostApi for CountingHost {
     }
 }
 
-/// Ring 0 soaks 1 s with both its hosts watched; by the time ring 1's host
-/// is connected the watchers are gone, and none is left when the wave ends.
+/// Ring 0 soaks 1 s with both its hosts watched; by the time ring 1's first
+/// task is sent the watchers are gone, and none is left when the wave ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_watchers_stop_when_the_ring_is_promoted() {
     let dir = tempfile::tempdir().unwrap();
