@@ -24,18 +24,7 @@ use ringfence_coordinator::spec::WaveSpec;
 use ringfence_coordinator::store::{WavePaths, WaveStore};
 use ringfence_coordinator::wave::{Connector, Outcome, TlsConnector};
 
-use common::{Coordinator, is};
-
-fn host(id: &str, ring: u32, pool: &str) -> HostSpec {
-    HostSpec {
-        id: id.into(),
-        ring,
-        pool: pool.into(),
-        faulty_version: None,
-        busy_for_s: None,
-        xid_trigger: false,
-    }
-}
+use common::{Coordinator, host, is};
 
 async fn inprocess(dir: &Path, specs: Vec<HostSpec>) -> Fleet {
     ringfence::tls::install_crypto_provider();
