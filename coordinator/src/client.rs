@@ -142,7 +142,7 @@ impl HostApi for GrpcHost {
     async fn watch_health(&self) -> Result<HealthStream, ClientError> {
         let mut c = self.client.clone();
         // No per-request deadline: it would end the stream after `timeout`.
-        // Only opening the stream is bounded.
+        // Only opening the stream and its first report are bounded.
         let opened = tokio::time::timeout(
             self.timeout,
             c.watch_health(tonic::Request::new(pb::WatchHealthRequest {})),
@@ -153,10 +153,23 @@ impl HostApi for GrpcHost {
             reason: format!("WatchHealth not answered within {:?}", self.timeout),
         })?
         .map_err(|s| self.err(&s))?;
+        // The agent sends the current report at once: waiting for it (also
+        // bounded) means a hung agent cannot look like a watched one.
+        let mut stream = opened.into_inner();
+        let first = tokio::time::timeout(self.timeout, stream.message())
+            .await
+            .map_err(|_| ClientError::Unreachable {
+                host: self.host.clone(),
+                reason: format!("no health report within {:?} of WatchHealth", self.timeout),
+            })?
+            .map_err(|s| self.err(&s))?
+            .ok_or_else(|| ClientError::Unreachable {
+                host: self.host.clone(),
+                reason: "WatchHealth ended before the first report".into(),
+            })?;
         let host = self.host.clone();
-        Ok(opened
-            .into_inner()
-            .map(move |r| r.map_err(|s| ClientError::from_status(&host, &s)))
+        Ok(futures_util::stream::once(async { Ok(first) })
+            .chain(stream.map(move |r| r.map_err(|s| ClientError::from_status(&host, &s))))
             .boxed())
     }
 
