@@ -164,6 +164,55 @@ async fn xid_79_during_the_ring_2_soak_halts_the_wave_and_ring_3_is_never_touche
     assert_eq!(other.verdict(), pb::Verdict::Healthy, "{other:?}");
 }
 
+/// An agent that dies while its ring soaks: the watcher's stream breaks, the
+/// one reopen fails, and the wave halts with the host unreachable during
+/// soak; the next ring is never touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_lost_during_the_soak_halts_the_wave_as_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut f = inprocess(
+        dir.path(),
+        vec![
+            host("gpu-a", 0, "h100-train"),
+            host("gpu-b", 0, "h100-train"),
+            host("gpu-c", 1, "h100-train"),
+        ],
+    )
+    .await;
+    let spec = f
+        .write_spec(
+            "soak-lost",
+            "[ring.0]\nbatch_size = 1\nsoak_s = 20\n[ring.1]\nbatch_size = 1\nsoak_s = 0\n",
+        )
+        .unwrap();
+    let mut c = Coordinator::run(&f, &spec);
+    c.until(Duration::from_secs(30), |e| {
+        is(e, "ring", Some("soak")) && e["ring"] == 0
+    })
+    .await
+    .expect("ring 0 starts its soak");
+    let soak_started = Instant::now();
+    f.kill("gpu-a");
+    let failed = c
+        .until(Duration::from_secs(15), |e| {
+            is(e, "host", Some("failed")) && e["host"] == "gpu-a"
+        })
+        .await
+        .expect("the lost host fails the soak");
+    let detail = failed["detail"].as_str().unwrap();
+    assert!(detail.contains("unreachable during soak"), "{detail}");
+    let (code, stderr) = c.finish(Duration::from_secs(15)).await;
+    assert_eq!(code, 4, "exit code 4 (halted); stderr:\n{stderr}");
+    assert!(
+        soak_started.elapsed() < Duration::from_secs(15),
+        "halted during the soak"
+    );
+    assert!(
+        common::journal(&f, "gpu-c").await.is_empty(),
+        "ring 1 untouched"
+    );
+}
+
 /// Counts the health streams its hosts have open.
 struct Counting {
     inner: TlsConnector,
