@@ -75,8 +75,9 @@ pub trait HostApi: Send + Sync {
     async fn attest(&self, nonce: Vec<u8>) -> Result<pb::Envelope, ClientError>;
     /// The last health report.
     async fn health(&self) -> Result<pb::HealthReport, ClientError>;
-    /// Watch the host's health (`WatchHealth`): the soak watches a ring's
-    /// hosts with this instead of polling each one.
+    /// Watch the host's health (`WatchHealth`): the current report first,
+    /// then each change. The soak watches a ring's hosts with this instead
+    /// of polling each one.
     async fn watch_health(&self) -> Result<HealthStream, ClientError>;
     /// Submit a signed task (idempotent by task id).
     async fn submit(&self, task: pb::SignedTask) -> Result<pb::TaskStatus, ClientError>;

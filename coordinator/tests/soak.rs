@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The soak: while a ring soaks, its hosts are watched through WatchHealth
-//! and a regression fails the ring. Real agents in-process (real mTLS, real
-//! signatures, simulated GPUs playing the fake-NVML scenario format), judged
+//! and a regression fails the ring. Real agents (in-process with simulated
+//! GPUs playing the fake-NVML scenario format, or `ringfenced` processes on
+//! the fake NVML where an agent must die), real mTLS and signatures, judged
 //! by what the agents recorded.
 
 mod common;
@@ -35,6 +36,74 @@ async fn inprocess(dir: &Path, specs: Vec<HostSpec>) -> Fleet {
     f
 }
 
+/// What a `wave run` (the CLI, `--json`) did after `act` hit `host` while
+/// `ring` soaked.
+struct SoakFailure {
+    /// Detail of the host's `failed` event.
+    detail: String,
+    /// Its stderr.
+    stderr: String,
+    /// From `act` to the `failed` event.
+    detected: Duration,
+    /// From the soak's start to the coordinator's exit.
+    halted_after: Duration,
+}
+
+fn status(f: &Fleet, wave_id: &str) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(WavePaths::new(&f.state_dir, wave_id).status).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Run the wave until `ring` soaks (its event, and `wave status` says so),
+/// do `act`, and expect `host` to fail and the wave to halt (exit 4)
+/// well within the ring's 20 s soak.
+async fn fail_during_soak(
+    f: &mut Fleet,
+    spec: &Path,
+    wave_id: &str,
+    ring: u32,
+    host: &str,
+    act: impl FnOnce(&mut Fleet),
+) -> SoakFailure {
+    let mut c = Coordinator::run(f, spec);
+    c.until(Duration::from_secs(30), |e| {
+        is(e, "ring", Some("soak")) && e["ring"] == ring
+    })
+    .await
+    .expect("the ring starts its soak");
+    let soak_started = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status(f, wave_id).is_none_or(|s| s["rings"][ring.to_string()]["status"] != "soaking") {
+        assert!(
+            Instant::now() < deadline,
+            "status never showed ring {ring} soaking"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    act(f);
+    let acted = Instant::now();
+    let failed = c
+        .until(Duration::from_secs(15), |e| {
+            is(e, "host", Some("failed")) && e["host"] == host
+        })
+        .await
+        .expect("the host fails the soak");
+    let detected = acted.elapsed();
+    let (code, stderr) = c.finish(Duration::from_secs(15)).await;
+    let halted_after = soak_started.elapsed();
+    assert_eq!(code, 4, "exit code 4 (halted); stderr:\n{stderr}");
+    assert!(
+        halted_after < Duration::from_secs(15),
+        "the wave must halt during the 20 s soak, not after it ({halted_after:?})"
+    );
+    SoakFailure {
+        detail: failed["detail"].as_str().unwrap_or_default().to_string(),
+        stderr,
+        detected,
+        halted_after,
+    }
+}
+
 /// An operator's wave: a ring-2 canary's GPU raises XID 79 (fallen off the
 /// bus) while ring 2 soaks. The wave must halt with a soak regression
 /// naming `xid_critical` long before the soak would have ended, and no
@@ -43,7 +112,7 @@ async fn inprocess(dir: &Path, specs: Vec<HostSpec>) -> Fleet {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xid_79_during_the_ring_2_soak_halts_the_wave_and_ring_3_is_never_touched() {
     let dir = tempfile::tempdir().unwrap();
-    let f = inprocess(
+    let mut f = inprocess(
         dir.path(),
         vec![
             host("gpu-r0", 0, "h100-train"),
@@ -68,61 +137,29 @@ async fn xid_79_during_the_ring_2_soak_halts_the_wave_and_ring_3_is_never_touche
         .unwrap();
     common::approve_all(&f, &spec);
 
-    let mut c = Coordinator::run(&f, &spec);
-    c.until(Duration::from_secs(30), |e| {
-        is(e, "ring", Some("soak")) && e["ring"] == 2
-    })
-    .await
-    .expect("ring 2 starts its soak");
-    let soak_started = Instant::now();
-    // `wave status` shows the ring soaking, with both canaries done.
-    let status_path = WavePaths::new(&f.state_dir, wave_id).status;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let st: Option<serde_json::Value> = std::fs::read_to_string(&status_path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok());
-        if st
-            .as_ref()
-            .is_some_and(|s| s["rings"]["2"]["status"] == "soaking")
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "status never showed ring 2 soaking"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let canary = f.hosts.iter().find(|h| h.spec.id == "gpu-canary").unwrap();
-    std::fs::write(canary.xid_trigger(), "").unwrap();
-    let triggered = Instant::now();
-
-    let failed = c
-        .until(Duration::from_secs(15), |e| {
-            is(e, "host", Some("failed")) && e["host"] == "gpu-canary"
-        })
-        .await
-        .expect("the canary fails the soak");
-    let detected = triggered.elapsed();
-    let detail = failed["detail"].as_str().unwrap();
+    let trigger = canary.xid_trigger();
+    let got = fail_during_soak(&mut f, &spec, wave_id, 2, "gpu-canary", |_| {
+        std::fs::write(&trigger, "").unwrap();
+    })
+    .await;
     assert!(
-        detail.contains("soak regression") && detail.contains("xid_critical"),
-        "{detail}"
+        got.detail.contains("soak regression") && got.detail.contains("xid_critical"),
+        "{}",
+        got.detail
     );
-    let (code, stderr) = c.finish(Duration::from_secs(15)).await;
-    let halted_after = soak_started.elapsed();
-    assert_eq!(code, 4, "exit code 4 (halted); stderr:\n{stderr}");
-    assert!(stderr.contains("is NOT drained by the wave"), "{stderr}");
     assert!(
-        halted_after < Duration::from_secs(15),
-        "the wave must halt during the 20 s soak, not after it ({halted_after:?})"
+        got.stderr.contains("is NOT drained by the wave"),
+        "{}",
+        got.stderr
     );
-    eprintln!("XID to failed event: {detected:?}; soak start to exit: {halted_after:?}");
+    eprintln!(
+        "XID to failed event: {:?}; soak start to exit: {:?}",
+        got.detected, got.halted_after
+    );
 
     // The halt record names the host, the soak step and the regression.
-    let st: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&status_path).unwrap()).unwrap();
+    let st = status(&f, wave_id).unwrap();
     assert_eq!(st["phase"], "halted", "{st}");
     let halt = &st["halt"];
     assert_eq!(halt["ring"], 2, "{halt}");
@@ -170,47 +207,45 @@ async fn xid_79_during_the_ring_2_soak_halts_the_wave_and_ring_3_is_never_touche
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_lost_during_the_soak_halts_the_wave_as_unreachable() {
     let dir = tempfile::tempdir().unwrap();
-    let mut f = inprocess(
-        dir.path(),
-        vec![
-            host("gpu-a", 0, "h100-train"),
-            host("gpu-b", 0, "h100-train"),
-            host("gpu-c", 1, "h100-train"),
-        ],
-    )
-    .await;
-    let spec = f
-        .write_spec(
-            "soak-lost",
-            "[ring.0]\nbatch_size = 1\nsoak_s = 20\n[ring.1]\nbatch_size = 1\nsoak_s = 0\n",
-        )
-        .unwrap();
-    let mut c = Coordinator::run(&f, &spec);
-    c.until(Duration::from_secs(30), |e| {
-        is(e, "ring", Some("soak")) && e["ring"] == 0
-    })
-    .await
-    .expect("ring 0 starts its soak");
-    let soak_started = Instant::now();
-    f.kill("gpu-a");
-    let failed = c
-        .until(Duration::from_secs(15), |e| {
-            is(e, "host", Some("failed")) && e["host"] == "gpu-a"
-        })
-        .await
-        .expect("the lost host fails the soak");
-    let detail = failed["detail"].as_str().unwrap();
-    assert!(detail.contains("unreachable during soak"), "{detail}");
-    let (code, stderr) = c.finish(Duration::from_secs(15)).await;
-    assert_eq!(code, 4, "exit code 4 (halted); stderr:\n{stderr}");
+    let (mut f, spec) = two_rings(dir.path(), "soak-lost", 20, true).await;
+    let got = fail_during_soak(&mut f, &spec, "soak-lost", 0, "gpu-a", |f| f.kill("gpu-a")).await;
     assert!(
-        soak_started.elapsed() < Duration::from_secs(15),
-        "halted during the soak"
+        got.detail.contains("unreachable during soak"),
+        "{}",
+        got.detail
     );
     assert!(
         common::journal(&f, "gpu-c").await.is_empty(),
         "ring 1 untouched"
     );
+}
+
+/// gpu-a and gpu-b in ring 0 (soaking `soak_s`, one at a time), gpu-c in
+/// ring 1; the wave spec's path. `processes`: real `ringfenced` processes on
+/// the fake NVML (a killed one drops its connections), else in-process.
+async fn two_rings(
+    dir: &Path,
+    wave_id: &str,
+    soak_s: u64,
+    processes: bool,
+) -> (Fleet, std::path::PathBuf) {
+    let specs = vec![
+        host("gpu-a", 0, "h100-train"),
+        host("gpu-b", 0, "h100-train"),
+        host("gpu-c", 1, "h100-train"),
+    ];
+    let f = if processes {
+        common::start(dir, specs, &[("h100-train", 50)]).await
+    } else {
+        inprocess(dir, specs).await
+    };
+    let spec = f
+        .write_spec(
+            wave_id,
+            &format!("[ring.0]\nbatch_size = 1\nsoak_s = {soak_s}\n[ring.1]\nbatch_size = 1\nsoak_s = 0\n"),
+        )
+        .unwrap();
+    (f, spec)
 }
 
 /// Counts the health streams its hosts have open.
@@ -298,21 +333,7 @@ impl HostApi for CountingHost {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_watchers_stop_when_the_ring_is_promoted() {
     let dir = tempfile::tempdir().unwrap();
-    let f = inprocess(
-        dir.path(),
-        vec![
-            host("gpu-a", 0, "h100-train"),
-            host("gpu-b", 0, "h100-train"),
-            host("gpu-c", 1, "h100-train"),
-        ],
-    )
-    .await;
-    let spec_path = f
-        .write_spec(
-            "soak-stop",
-            "[ring.0]\nbatch_size = 1\nsoak_s = 1\n[ring.1]\nbatch_size = 1\nsoak_s = 0\n",
-        )
-        .unwrap();
+    let (f, spec_path) = two_rings(dir.path(), "soak-stop", 1, false).await;
     let settings = Settings::load(Some(&f.settings)).unwrap();
     let inv = Inventory::load(&f.inventory).unwrap();
     let spec = WaveSpec::from_source(&Source::read(&spec_path).unwrap()).unwrap();
