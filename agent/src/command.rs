@@ -42,7 +42,8 @@ pub struct CommandOutcome {
     pub signal: Option<i32>,
     /// True when the command outlived its timeout and its group was killed.
     pub timed_out: bool,
-    /// The last `tail_lines` lines of stdout and stderr, interleaved as read.
+    /// The last `tail_lines` lines of stdout and stderr, in the order the
+    /// command wrote them (both go to one pipe).
     pub tail: Vec<String>,
     /// How long it ran.
     pub elapsed: Duration,
@@ -137,19 +138,32 @@ impl ProcessRunner {
             return Err(CommandError::EmptyArgv { label: spec.label });
         };
         let started = Instant::now();
+        let spawn_err = |source| CommandError::Spawn {
+            label: spec.label.clone(),
+            program: program.clone(),
+            source,
+        };
+        // stdout and stderr share one pipe, as `2>&1` would: the last lines
+        // kept are then the last lines written (with two pipes a final
+        // `dpkg: error` on stderr could be pushed out by stdout lines read
+        // after it).
+        let (output, writer) = std::io::pipe().map_err(spawn_err)?;
+        let writer_for_stderr = writer.try_clone().map_err(spawn_err)?;
+        let output =
+            tokio::net::unix::pipe::Receiver::from_owned_fd(output.into()).map_err(spawn_err)?;
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(args)
             .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(writer)
+            .stderr(writer_for_stderr)
             // Its own process group, so that a timeout can kill all of it.
             .process_group(0);
-        let mut child = cmd.spawn().map_err(|source| CommandError::Spawn {
-            label: spec.label.clone(),
-            program: program.clone(),
-            source,
-        })?;
+        let spawned = cmd.spawn();
+        // Close our copies of the pipe's write end, or the reader never
+        // sees the end of the output.
+        drop(cmd);
+        let mut child = spawned.map_err(spawn_err)?;
         let pgid = child
             .id()
             .and_then(|id| i32::try_from(id).ok())
@@ -157,13 +171,7 @@ impl ProcessRunner {
         tracing::info!(label = %spec.label, argv = ?spec.argv, pid = ?pgid, "command started");
 
         let tail: Tail = Arc::new(Mutex::new(VecDeque::new()));
-        let mut readers = Vec::new();
-        if let Some(out) = child.stdout.take() {
-            readers.push(spawn_reader(out, "stdout", &spec, tail.clone()));
-        }
-        if let Some(err) = child.stderr.take() {
-            readers.push(spawn_reader(err, "stderr", &spec, tail.clone()));
-        }
+        let reader = spawn_reader(output, &spec, tail.clone());
 
         let wait_err = |source| CommandError::Wait {
             label: spec.label.clone(),
@@ -191,16 +199,14 @@ impl ProcessRunner {
                 }
             }
         };
-        // A background child may still hold the pipes open: give the readers
+        // A background child may still hold the pipe open: give the reader
         // a moment to drain what was written, then stop reading.
-        for r in readers {
-            let abort = r.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(1), r)
-                .await
-                .is_err()
-            {
-                abort.abort();
-            }
+        let abort = reader.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(1), reader)
+            .await
+            .is_err()
+        {
+            abort.abort();
         }
         use std::os::unix::process::ExitStatusExt;
         let outcome = CommandOutcome {
@@ -227,14 +233,9 @@ fn signal_group(pgid: Option<Pid>, sig: Signal) {
     }
 }
 
-/// Read one output stream: log every line (the current span carries the
+/// Read the command's output: log every line (the current span carries the
 /// task id) and keep the last `tail_lines` of them.
-fn spawn_reader<R>(
-    mut stream: R,
-    name: &'static str,
-    spec: &CommandSpec,
-    tail: Tail,
-) -> tokio::task::JoinHandle<()>
+fn spawn_reader<R>(mut stream: R, spec: &CommandSpec, tail: Tail) -> tokio::task::JoinHandle<()>
 where
     R: AsyncRead + Unpin + Send + 'static,
 {
@@ -248,7 +249,7 @@ where
                 .trim_end_matches('\r')
                 .to_string();
             line.clear();
-            tracing::info!(label = %label, stream = name, "{text}");
+            tracing::info!(label = %label, "{text}");
             if keep > 0
                 && let Ok(mut t) = tail.lock()
             {
@@ -333,5 +334,29 @@ mod tests {
         assert_eq!(unknown_placeholders("a{b", &["version"]), vec!["{b"]);
         let argv = substitute(&["x".into(), "v={version}".into()], &[("version", "1.2.3")]);
         assert_eq!(argv, vec!["x".to_string(), "v=1.2.3".to_string()]);
+    }
+
+    /// stdout and stderr lines keep the order they were written in, so the
+    /// error a package manager prints last is the last line kept.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn output_tail_keeps_the_written_order_of_stdout_and_stderr() {
+        let script = "for i in $(seq 1 200); do echo out$i; echo err$i >&2; done; echo 'dpkg: error' >&2; exit 3";
+        for _ in 0..5 {
+            let outcome = ProcessRunner::default()
+                .run(CommandSpec {
+                    label: "test".into(),
+                    argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                    env: Vec::new(),
+                    timeout: Duration::from_secs(20),
+                    tail_lines: 5,
+                })
+                .await
+                .unwrap();
+            assert_eq!(outcome.exit_code, Some(3));
+            assert_eq!(
+                outcome.tail,
+                ["out199", "err199", "out200", "err200", "dpkg: error"]
+            );
+        }
     }
 }
