@@ -587,9 +587,10 @@ fn outcome(o: Result<Outcome, wave::WaveError>, reporter: &Reporter) -> Result<(
                 h.step,
                 h.kind,
                 h.reason,
-                // A soak regression comes after validation and undrain.
+                // A soak regression comes after validation and undrain; the
+                // reason says whether the wave could drain the host again.
                 if h.kind == "soak_regression" {
-                    "the failed host regressed after it was back in service and is NOT drained by the wave"
+                    "the failed host regressed after it was back in service"
                 } else {
                     "the failed host is left drained"
                 },

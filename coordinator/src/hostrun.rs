@@ -394,7 +394,9 @@ async fn attest_before(
     };
     let record = attestation_record(ctx, &att, &env);
     let unhealthy = att.verdict == pb::Verdict::Unhealthy as i32;
-    rec.already_drained = record.draining;
+    // Drained by someone else, not by this wave's own earlier tasks (a host
+    // retried after a failure is still drained by the wave: undrain it).
+    rec.already_drained = record.draining && !drained_by_this_wave(rec);
     rec.before = Some(record);
     if unhealthy {
         return Ok(fail(
@@ -494,6 +496,88 @@ async fn task_step(
             ),
         ))
     }
+}
+
+/// Steps whose successful task takes the host out of service.
+const DRAIN_STEPS: &[&str] = &["drain", "manual_drain", "soak_drain"];
+
+/// Whether this wave's own tasks left the host drained: a successful drain
+/// came after the last successful undrain.
+pub fn drained_by_this_wave(rec: &HostRecord) -> bool {
+    let mut drained = false;
+    for t in &rec.tasks {
+        if t.outcome.as_ref().is_some_and(|o| o.state == "SUCCEEDED") {
+            if DRAIN_STEPS.contains(&t.step.as_str()) {
+                drained = true;
+            } else if t.step == "undrain" {
+                drained = false;
+            }
+        }
+    }
+    drained
+}
+
+/// A host that regressed during its ring's soak had been undrained after
+/// validation; a halt leaves the failed host out of service, so drain it
+/// again. Records the outcome in the host's failure and returns whether
+/// the host is drained.
+pub async fn drain_after_soak(
+    ctx: &Ctx,
+    job: &HostJob,
+    api: &dyn HostApi,
+    why: &str,
+) -> Result<(HostRecord, bool), HostRunError> {
+    let mut rec: HostRecord = ctx
+        .store
+        .get_host(&job.host_id)?
+        .unwrap_or_else(|| HostRecord::new(&job.host_id, job.ring, &job.pool));
+    let action = Action::Drain(pb::Drain {
+        reason: format!("ringfence wave {}: soak regression", ctx.params.wave_id),
+    });
+    let outcome = run_task(
+        ctx,
+        job,
+        api,
+        &mut rec,
+        "soak_drain",
+        action,
+        &[],
+        Vec::new(),
+    )
+    .await?;
+    let (drained, reason) = match outcome {
+        Ok(s) if s.state == pb::TaskState::Succeeded as i32 => (
+            true,
+            format!(
+                "{why}; drained again by the wave (task {}) and left drained for an operator",
+                s.task_id
+            ),
+        ),
+        Ok(s) => (
+            false,
+            format!(
+                "{why}; the wave's drain task {} ended {}: {}; drain it by hand",
+                s.task_id,
+                state_name(s.state),
+                s.message
+            ),
+        ),
+        Err(f) => (
+            false,
+            format!(
+                "{why}; the wave could not drain it again ({}): drain it by hand",
+                f.reason
+            ),
+        ),
+    };
+    rec.failure = Some(Failure {
+        step: "soak".into(),
+        kind: "soak_regression".into(),
+        reason,
+    });
+    rec.phase = Phase::Failed;
+    ctx.store.put_host_async(&rec.host_id, &rec).await?;
+    Ok((rec, drained))
 }
 
 /// The name of a task state value.

@@ -580,6 +580,10 @@ impl Driver {
         // Soak watchers by ring; dropping a JoinSet aborts its tasks, so
         // none outlives its ring's soak or this call (any return path).
         let (soak_tx, mut soak_rx) = mpsc::channel::<SoakNews>(1024);
+        // Hosts that regressed during a soak, drained again (in `in_flight`
+        // until their drain ends, so a halt waits for it).
+        let (redrain_tx, mut redrain_rx) = mpsc::channel::<(String, Result<bool, String>)>(64);
+        let mut redrained: BTreeMap<String, bool> = BTreeMap::new();
         let mut soak_watchers: BTreeMap<u32, JoinSet<()>> = BTreeMap::new();
         // Hosts with a watcher, and hosts a watcher has had a report from.
         let mut soak_started: BTreeSet<String> = BTreeSet::new();
@@ -621,7 +625,13 @@ impl Driver {
             // Soak news that arrived since the last round counts before the
             // sequencer may promote the ring.
             while let Ok(news) = soak_rx.try_recv() {
-                self.soak_news(&plan, &mut state, &mut soak_watched, news, &halt_flag)?;
+                if let Some((h, why)) =
+                    self.soak_news(&plan, &mut state, &mut soak_watched, news, &halt_flag)?
+                {
+                    let job = self.job(&plan, &h, &approvals_by_ring);
+                    let drain = self.spawn_soak_drain(ctx.clone(), job, why, redrain_tx.clone());
+                    in_flight.insert(h, drain);
+                }
             }
             // Approvals that arrived as files.
             for (r, rp) in &plan.rings {
@@ -843,6 +853,17 @@ impl Driver {
             if let Some(h) = &halt
                 && in_flight.is_empty()
             {
+                let mut h = h.clone();
+                if h.kind == "soak_regression"
+                    && let Some(drained) = h.host.as_ref().and_then(|x| redrained.get(x))
+                {
+                    h.reason.push_str(if *drained {
+                        "; the host was drained again by the wave"
+                    } else {
+                        "; the wave could NOT drain the host again: drain it by hand"
+                    });
+                }
+                let h = &h;
                 let ring = h.ring;
                 self.write_evidence(
                     &plan,
@@ -873,7 +894,24 @@ impl Driver {
                     }
                 }
                 Some(news) = soak_rx.recv() => {
-                    self.soak_news(&plan, &mut state, &mut soak_watched, news, &halt_flag)?;
+                    if let Some((h, why)) =
+                        self.soak_news(&plan, &mut state, &mut soak_watched, news, &halt_flag)?
+                    {
+                        let job = self.job(&plan, &h, &approvals_by_ring);
+                        let drain = self.spawn_soak_drain(ctx.clone(), job, why, redrain_tx.clone());
+                        in_flight.insert(h, drain);
+                    }
+                }
+                Some((h, result)) = redrain_rx.recv() => {
+                    in_flight.remove(&h);
+                    redrained.insert(h.clone(), matches!(result, Ok(true)));
+                    let (what, detail) = match result {
+                        Ok(true) => ("drained", "drained again after its soak regression".to_string()),
+                        Ok(false) => ("drain_failed", "the wave could not drain it again: drain it by hand".to_string()),
+                        Err(e) => ("drain_failed", format!("{e}: drain it by hand")),
+                    };
+                    self.store.append_event(&Event::host(&h, what, &detail))?;
+                    self.reporter.emit(&Event::host(&h, what, &detail));
                 }
                 () = tokio::time::sleep(self.poll_interval) => {}
             }
@@ -918,7 +956,8 @@ impl Driver {
     }
 
     /// Act on one soak watcher message: a regression fails the host (it
-    /// counts against the failure budget and trips the halt at once).
+    /// counts against the failure budget and trips the halt at once) and
+    /// returns the host and reason, to be drained again.
     fn soak_news(
         &self,
         plan: &Plan,
@@ -926,11 +965,11 @@ impl Driver {
         watched: &mut BTreeSet<String>,
         news: SoakNews,
         halt_flag: &AtomicBool,
-    ) -> Result<(), WaveError> {
+    ) -> Result<Option<(String, String)>, WaveError> {
         let (h, why) = match news {
             SoakNews::Watching(h) => {
                 watched.insert(h);
-                return Ok(());
+                return Ok(None);
             }
             SoakNews::Regressed(h, why) => (h, why),
         };
@@ -939,13 +978,10 @@ impl Driver {
         if !matches!(state.rings.get(&ring), Some(RingStatus::Soaking { .. }))
             || state.hosts.get(&h) != Some(&HostStatus::Done)
         {
-            return Ok(());
+            return Ok(None);
         }
-        // The host passed validation and was undrained; the wave does not
-        // drain it again (its agent reports NOT_SERVING while UNHEALTHY).
-        let why = format!(
-            "{why}; the host was back in service after validation and the wave leaves it so: drain it by hand"
-        );
+        // The host passed validation and was undrained: the wave drains it
+        // again (spawned by the caller), as a halt leaves a failed host.
         state.hosts.insert(h.clone(), HostStatus::Failed);
         state.failures += 1;
         if let Some(mut rec) = self.store.get_host::<HostRecord>(&h)? {
@@ -965,7 +1001,34 @@ impl Driver {
         if state.failures > plan.failure_budget {
             halt_flag.store(true, Ordering::SeqCst);
         }
-        Ok(())
+        Ok(Some((h, why)))
+    }
+
+    /// Drain again a host that regressed during its ring's soak (see
+    /// [`hostrun::drain_after_soak`]); reports whether it is drained.
+    fn spawn_soak_drain(
+        &self,
+        ctx: Ctx,
+        job: HostJob,
+        why: String,
+        tx: mpsc::Sender<(String, Result<bool, String>)>,
+    ) -> tokio::task::JoinHandle<()> {
+        let connector = self.connector.clone();
+        let host = self.inventory.host(&job.host_id).cloned();
+        tokio::spawn(async move {
+            let id = job.host_id.clone();
+            let result = match host {
+                None => Err(format!("host `{id}` is not in the inventory")),
+                Some(h) => match connector.connect(&h).await {
+                    Err(e) => Err(format!("unreachable: {e}")),
+                    Ok(api) => hostrun::drain_after_soak(&ctx, &job, api.as_ref(), &why)
+                        .await
+                        .map(|(_, drained)| drained)
+                        .map_err(|e| e.to_string()),
+                },
+            };
+            let _ = tx.send((id, result)).await;
+        })
     }
 
     fn host_finished(&self, state: &mut WaveState, h: &str, result: Result<HostRecord, String>) {

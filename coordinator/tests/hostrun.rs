@@ -176,6 +176,34 @@ async fn previously_drained_host_is_never_undrained_by_the_wave() {
     assert!(!sim.state().order.iter().any(|t| t.ends_with("/undrain")));
 }
 
+/// An operator fixes a host that failed validation and retries it
+/// (`wave resume --retry`, which starts the host over): the host is still
+/// drained by the wave's own drain, so the wave undrains it once it passes.
+#[tokio::test]
+async fn a_retried_host_drained_by_this_wave_is_undrained_when_it_passes() {
+    let w = world(false);
+    let (sim, mut job) = host(&w, "gpu-7", 1);
+    job.ring = 1;
+    sim.state().faulty_version = Some("560.35.03".into());
+    let mut rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    assert_eq!(rec.phase, Phase::Failed);
+    assert!(sim.state().draining, "failed host stays drained");
+    assert!(hostrun::drained_by_this_wave(&rec));
+
+    // The operator's fix, then the retry (as `wave resume --retry` resets it).
+    sim.state().faulty_version = None;
+    rec.phase = Phase::Pending;
+    rec.failure = None;
+    rec.before = None;
+    rec.after = None;
+    w.ctx.store.put_host(&job.host_id, &rec).unwrap();
+    let rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    assert_eq!(rec.phase, Phase::Done, "{:?}", rec.failure);
+    assert!(!rec.already_drained, "the drain was the wave's own");
+    assert!(!sim.state().draining, "undrained after passing");
+    assert!(!hostrun::drained_by_this_wave(&rec));
+}
+
 /// A coordinator that dies around the moment it sends the patch: before the
 /// agent gets it, or right after, before the outcome is recorded.
 #[derive(Clone)]

@@ -108,7 +108,8 @@ async fn fail_during_soak(
 /// bus) while ring 2 soaks. The wave must halt with a soak regression
 /// naming `xid_critical` long before the soak would have ended, and no
 /// ring-3 or ring-4 agent may hold any task. The canary had passed
-/// validation and was undrained; the wave reports it and leaves it so.
+/// validation and was undrained; the wave drains it again, as a halt
+/// leaves a failed host out of service.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xid_79_during_the_ring_2_soak_halts_the_wave_and_ring_3_is_never_touched() {
     let dir = tempfile::tempdir().unwrap();
@@ -149,7 +150,9 @@ async fn xid_79_during_the_ring_2_soak_halts_the_wave_and_ring_3_is_never_touche
         got.detail
     );
     assert!(
-        got.stderr.contains("is NOT drained by the wave"),
+        got.stderr
+            .contains("regressed after it was back in service")
+            && got.stderr.contains("drained again by the wave"),
         "{}",
         got.stderr
     );
@@ -170,6 +173,13 @@ async fn xid_79_during_the_ring_2_soak_halts_the_wave_and_ring_3_is_never_touche
         halt["reason"].as_str().unwrap().contains("xid_critical"),
         "{halt}"
     );
+    assert!(
+        halt["reason"]
+            .as_str()
+            .unwrap()
+            .contains("drained again by the wave"),
+        "{halt}"
+    );
     assert_eq!(
         st["rings"]["2"]["status"], "soaking",
         "ring 2 never promoted"
@@ -187,8 +197,8 @@ async fn xid_79_during_the_ring_2_soak_halts_the_wave_and_ring_3_is_never_touche
     let canary_tasks = common::actions(&common::journal(&f, "gpu-canary").await);
     assert_eq!(
         canary_tasks,
-        ["drain", "patch", "validate", "undrain"],
-        "the canary was patched and validated once, then undrained"
+        ["drain", "patch", "validate", "undrain", "drain"],
+        "the canary was patched and validated once, undrained, and drained again after its regression"
     );
     let health = common::health(&f, "gpu-canary").await;
     assert_eq!(health.verdict(), pb::Verdict::Unhealthy, "{health:?}");
@@ -196,7 +206,7 @@ async fn xid_79_during_the_ring_2_soak_halts_the_wave_and_ring_3_is_never_touche
         health.reasons.iter().any(|r| r.code == "xid_critical"),
         "{health:?}"
     );
-    assert!(!health.draining, "the wave did not drain it again");
+    assert!(health.draining, "the wave drained it again");
     let other = common::health(&f, "gpu-c2").await;
     assert_eq!(other.verdict(), pb::Verdict::Healthy, "{other:?}");
 }
@@ -213,6 +223,12 @@ async fn an_agent_lost_during_the_soak_halts_the_wave_as_unreachable() {
         got.detail.contains("unreachable during soak"),
         "{}",
         got.detail
+    );
+    assert!(
+        got.stderr
+            .contains("could NOT drain the host again: drain it by hand"),
+        "{}",
+        got.stderr
     );
     assert!(
         common::journal(&f, "gpu-c").await.is_empty(),
