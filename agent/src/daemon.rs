@@ -81,16 +81,7 @@ pub fn boot_id() -> String {
 
 /// Load and validate the trust file, TLS material and attestation key.
 pub fn prepare(config: AgentConfig) -> Result<Prepared, DaemonError> {
-    let trust = TrustSet::load(&config.trust_file)?;
-    let tls = ReloadableServerConfig::load(
-        ServerTlsPaths {
-            cert: config.tls.cert.clone(),
-            key: config.tls.key.clone(),
-            ca_bundle: config.tls.ca_bundle.clone(),
-            crl: config.tls.crl.clone(),
-        },
-        &config.tls.trust_domain,
-    )?;
+    let (trust, tls) = load_trust_and_tls(&config)?;
     std::fs::create_dir_all(&config.state_dir).map_err(|source| DaemonError::StateDir {
         path: config.state_dir.clone(),
         source,
@@ -109,6 +100,45 @@ pub fn prepare(config: AgentConfig) -> Result<Prepared, DaemonError> {
         key,
         boot_id: boot_id(),
     })
+}
+
+/// `ringfenced check-config`: what [`prepare`] loads, read-only. It
+/// creates neither the state directory nor the attestation key (an existing
+/// key is read), so a config can be checked without changing the host.
+pub fn check(config: &AgentConfig) -> Result<(), DaemonError> {
+    load_trust_and_tls(config)?;
+    let key = config.state_dir.join(HOST_KEY_FILE);
+    if key.exists() {
+        ringfence::keys::read_signing_key(&key)?;
+    }
+    Ok(())
+}
+
+fn load_trust_and_tls(
+    config: &AgentConfig,
+) -> Result<(TrustSet, ReloadableServerConfig), DaemonError> {
+    let trust = TrustSet::load(&config.trust_file)?;
+    let tls = ReloadableServerConfig::load(
+        ServerTlsPaths {
+            cert: config.tls.cert.clone(),
+            key: config.tls.key.clone(),
+            ca_bundle: config.tls.ca_bundle.clone(),
+            crl: config.tls.crl.clone(),
+        },
+        &config.tls.trust_domain,
+    )?;
+    Ok((trust, tls))
+}
+
+/// Why [`serve`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// The `shutdown` future completed (SIGTERM, SIGINT, a test).
+    Shutdown,
+    /// A `restarts_agent` patch installed a new agent and its task is
+    /// journalled AWAITING_RESTART: the process must exit so that the
+    /// service manager starts the new binary.
+    RestartRequested,
 }
 
 /// The engine's view of health: fresh reports and attestations over the
@@ -210,13 +240,14 @@ impl ServeOptions {
     }
 }
 
-/// Run the agent until `shutdown` completes; then stop accepting tasks, give
+/// Run the agent until `shutdown` completes or a self-upgrade asks for a
+/// restart (see [`Stopped`]); then stop accepting tasks, give
 /// a running step its bounded time, sync the journal and send STOPPING.
 pub async fn serve(
     prep: Prepared,
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), DaemonError> {
+) -> Result<Stopped, DaemonError> {
     let cfg = &prep.config;
     let key = Arc::new(prep.key);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -314,8 +345,18 @@ pub async fn serve(
     let notifier = opts.notifier.clone();
     let grace = opts.shutdown_grace;
     let engine_for_stop = engine.clone();
+    let stopped = Arc::new(Mutex::new(Stopped::Shutdown));
+    let stopped_by = stopped.clone();
     let stop = async move {
-        shutdown.await;
+        tokio::select! {
+            () = shutdown => {}
+            () = engine_for_stop.restart_requested() => {
+                tracing::info!("self-upgrade installed: stopping so that the new agent starts");
+                if let Ok(mut s) = stopped_by.lock() {
+                    *s = Stopped::RestartRequested;
+                }
+            }
+        }
         tracing::info!("shutting down: no new tasks");
         let _ = notifier.stopping();
         match engine_for_stop.shutdown(grace).await {
@@ -328,7 +369,8 @@ pub async fn serve(
     };
     let result = ringfence::tls::serve(listener, prep.tls, routes, stop).await;
     poll.abort();
-    result.map_err(DaemonError::from)
+    result?;
+    Ok(stopped.lock().map(|s| *s).unwrap_or(Stopped::Shutdown))
 }
 
 async fn set_serving(reporter: &tonic_health::server::HealthReporter, serving: bool) {

@@ -6,16 +6,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use ringfence::tls::{ReloadableServerConfig, ServerTlsPaths};
-use ringfence::trust::TrustSet;
 use ringfenced::config::{AgentConfig, DEFAULT_CONFIG_PATH};
-use ringfenced::daemon::{self, CollectorSource, ServeOptions};
+use ringfenced::daemon::{self, CollectorSource, ServeOptions, Stopped};
 use ringfenced::healthcell::ReportSource;
-use ringfenced::tasks::TaskEngine;
 
 const EXIT_CONFIG: u8 = 3;
 const EXIT_RUNTIME: u8 = 4;
@@ -70,7 +66,7 @@ fn main() -> ExitCode {
         Command::Run => run(config),
         Command::Health { once: _, json } => health(&config, json),
         Command::Identity => identity(&config),
-        Command::CheckConfig => match check_config(&config) {
+        Command::CheckConfig => match daemon::check(&config) {
             Ok(()) => {
                 println!("config ok: host {} on {}", config.host_id, config.listen);
                 ExitCode::SUCCESS
@@ -81,30 +77,6 @@ fn main() -> ExitCode {
             }
         },
     }
-}
-
-/// What `daemon::prepare` loads, read-only: the trust file, the TLS
-/// material and an existing attestation key. Unlike `prepare` it creates
-/// neither the state directory nor the key, so an operator can check a
-/// config (or a package test can) without changing the host.
-fn check_config(config: &AgentConfig) -> Result<(), String> {
-    TrustSet::load(&config.trust_file).map_err(|e| format!("trust file: {e}"))?;
-    let tls = &config.tls;
-    ReloadableServerConfig::load(
-        ServerTlsPaths {
-            cert: tls.cert.clone(),
-            key: tls.key.clone(),
-            ca_bundle: tls.ca_bundle.clone(),
-            crl: tls.crl.clone(),
-        },
-        &tls.trust_domain,
-    )
-    .map_err(|e| format!("TLS: {e}"))?;
-    let key = config.state_dir.join(daemon::HOST_KEY_FILE);
-    if key.exists() {
-        ringfence::keys::read_signing_key(&key).map_err(|e| format!("attestation key: {e}"))?;
-    }
-    Ok(())
 }
 
 fn run(config: AgentConfig) -> ExitCode {
@@ -135,39 +107,24 @@ fn run(config: AgentConfig) -> ExitCode {
             }
         };
         let poll = Duration::from_secs(prepared.config.gpu.poll_interval_s);
-        let mut opts = ServeOptions::new(source, poll);
-        let (engine_tx, engine_rx) = tokio::sync::oneshot::channel::<TaskEngine>();
-        opts.on_ready = Some(Box::new(move |handles| {
-            let _ = engine_tx.send(handles.engine);
-        }));
-        let restart = Arc::new(AtomicBool::new(false));
-        let restart_flag = restart.clone();
-        // Stop on SIGTERM/SIGINT, or when a self-upgrade asks for a restart;
-        // either way `serve` drains gracefully and syncs the journal.
-        let stop = async move {
-            let restart_wanted = async {
-                match engine_rx.await {
-                    Ok(engine) => engine.restart_requested().await,
-                    Err(_) => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = shutdown_signal() => {}
-                _ = restart_wanted => {
-                    tracing::info!("exiting with status {EXIT_RESTART} so that systemd starts the upgraded agent");
-                    restart_flag.store(true, Ordering::SeqCst);
-                }
-            }
-        };
-        daemon::serve(prepared, opts, stop).await.map_err(|e| {
-            eprintln!("ringfenced: {e}");
-            EXIT_RUNTIME
-        })?;
-        Ok(restart.load(Ordering::SeqCst))
+        let opts = ServeOptions::new(source, poll);
+        // Stops gracefully (journal synced) on SIGTERM/SIGINT, or when a
+        // self-upgrade asks for a restart.
+        daemon::serve(prepared, opts, shutdown_signal())
+            .await
+            .map_err(|e| {
+                eprintln!("ringfenced: {e}");
+                EXIT_RUNTIME
+            })
     });
     match result {
-        Ok(false) => ExitCode::SUCCESS,
-        Ok(true) => ExitCode::from(EXIT_RESTART),
+        Ok(Stopped::Shutdown) => ExitCode::SUCCESS,
+        Ok(Stopped::RestartRequested) => {
+            tracing::info!(
+                "exiting with status {EXIT_RESTART} so that systemd starts the upgraded agent"
+            );
+            ExitCode::from(EXIT_RESTART)
+        }
         Err(code) => ExitCode::from(code),
     }
 }

@@ -166,20 +166,26 @@ fn commit_group(db: &Database, group: &[Pending]) -> Result<Vec<u64>, String> {
                     out.push(0);
                 }
                 GroupOp::Sequence { host, floor } => {
-                    let cur = seq
-                        .get(host.as_str())
-                        .map_err(|e| e.to_string())?
-                        .map(|v| v.value())
-                        .unwrap_or(0);
-                    let next = cur.max(*floor).saturating_add(1);
-                    seq.insert(host.as_str(), next).map_err(|e| e.to_string())?;
-                    out.push(next);
+                    out.push(bump_sequence(&mut seq, host, *floor).map_err(|e| e.to_string())?);
                 }
             }
         }
     }
     tx.commit().map_err(|e| e.to_string())?;
     Ok(out)
+}
+
+/// The next sequence number of `host`: above every one handed out and
+/// above `floor`; stored before it is returned.
+fn bump_sequence(
+    t: &mut redb::Table<'_, &str, u64>,
+    host: &str,
+    floor: u64,
+) -> Result<u64, redb::StorageError> {
+    let cur = t.get(host)?.map(|v| v.value()).unwrap_or(0);
+    let next = cur.max(floor).saturating_add(1);
+    t.insert(host, next)?;
+    Ok(next)
 }
 
 impl Drop for WaveStore {
@@ -406,13 +412,7 @@ impl WaveStore {
         let next;
         {
             let mut t = tx.open_table(SEQ).map_err(|e| self.db_err(e))?;
-            let cur = t
-                .get(host)
-                .map_err(|e| self.db_err(e))?
-                .map(|v| v.value())
-                .unwrap_or(0);
-            next = cur.max(floor).saturating_add(1);
-            t.insert(host, next).map_err(|e| self.db_err(e))?;
+            next = bump_sequence(&mut t, host, floor).map_err(|e| self.db_err(e))?;
         }
         tx.commit().map_err(|e| self.db_err(e))?;
         Ok(next)
