@@ -106,6 +106,7 @@ impl Agent for AgentService {
             boot_id: self.boot_id.clone(),
             sequence_high_water: self.engine.high_water(),
             draining: *self.engine.draining().borrow(),
+            ..Default::default()
         }))
     }
 
@@ -233,6 +234,7 @@ impl Agent for AgentService {
         let wave = req.into_inner().wave_id;
         Ok(Response::new(pb::ListTasksResponse {
             tasks: self.engine.list(&wave),
+            ..Default::default()
         }))
     }
 }

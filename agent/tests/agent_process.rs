@@ -142,6 +142,7 @@ async fn kill_9_during_a_patch_is_interrupted_after_restart_and_never_rerun() {
     let listed: Vec<(String, TaskState)> = client
         .list_tasks(pb::ListTasksRequest {
             wave_id: "wave-proc".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -901,6 +901,7 @@ async fn wave_cmd(config: Option<&Path>, cmd: WaveCommand) -> Result<(), Failure
                 issued_at_unix_ms: now,
                 expires_at_unix_ms: now + 24 * 3600 * 1000,
                 approver: key_id.clone(),
+                actions: vec![pb::ApprovedAction::Patch as i32],
             };
             let env = approvals::sign_ring(&approval, &key_id, &signing);
             let path = out.unwrap_or_else(|| dir.join(format!("ring-{ring}-{key_id}.json")));

@@ -52,6 +52,7 @@ async fn journal(
     let mut c = pb::agent_client::AgentClient::new(ch);
     c.list_tasks(pb::ListTasksRequest {
         wave_id: String::new(),
+        ..Default::default()
     })
     .await
     .map(|r| r.into_inner().tasks)

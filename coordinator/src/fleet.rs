@@ -689,6 +689,7 @@ pub fn approve_protected_rings(
                 issued_at_unix_ms: now,
                 expires_at_unix_ms: now + 3_600_000,
                 approver: id.clone(),
+                actions: vec![ringfence::pb::ApprovedAction::Patch as i32],
             };
             let env = crate::approvals::sign_ring(&a, &id, &key);
             crate::approvals::write_file(&dir.join(format!("ring-{r}-{id}.json")), &env)

@@ -138,6 +138,7 @@ fn ring_approvals_are_collected_per_ring_and_checked_for_scope() {
         issued_at_unix_ms: 1_000,
         expires_at_unix_ms: 100_000,
         approver: String::new(),
+        actions: vec![pb::ApprovedAction::Patch as i32],
     };
     let scope = RingScope {
         wave_id: "w1",

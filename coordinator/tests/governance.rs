@@ -78,6 +78,7 @@ async fn journal(f: &Fleet, host: &str) -> Vec<pb::TaskStatus> {
         .await
         .list_tasks(pb::ListTasksRequest {
             wave_id: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -206,6 +207,7 @@ fn ring_approval(status: &serde_json::Value, wave: &str, ring: u32, who: &str) -
         issued_at_unix_ms: now,
         expires_at_unix_ms: now + 3_600_000,
         approver: who.into(),
+        actions: vec![pb::ApprovedAction::Patch as i32],
     }
 }
 

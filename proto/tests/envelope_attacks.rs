@@ -234,6 +234,7 @@ fn approval(ring: u32) -> pb::RingApproval {
         issued_at_unix_ms: NOW - 60_000,
         expires_at_unix_ms: NOW + 86_400_000,
         approver: "ops/alice".into(),
+        actions: vec![pb::ApprovedAction::Patch as i32],
     }
 }
 

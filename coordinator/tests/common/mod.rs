@@ -126,6 +126,7 @@ pub async fn journal(f: &Fleet, host: &str) -> Vec<pb::TaskStatus> {
     let mut t = c
         .list_tasks(pb::ListTasksRequest {
             wave_id: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("ListTasks on {host}: {e}"))
