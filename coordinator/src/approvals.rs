@@ -19,11 +19,13 @@ use ringfence::pb;
 use ringfence::trust::{KeyRole, TrustSet};
 use serde::{Deserialize, Serialize};
 
-/// An envelope as a JSON file (base64 payload and signatures).
+/// An envelope as a JSON file: standard DSSE JSON (`payloadType`, `payload`,
+/// `signatures[{keyid, sig}]`); the older `payload_type` / `key_id` are read too.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnvelopeFile {
     /// The envelope's payload type.
+    #[serde(rename = "payloadType", alias = "payload_type")]
     pub payload_type: String,
     /// base64 of the payload bytes.
     pub payload: String,

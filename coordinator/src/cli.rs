@@ -279,7 +279,7 @@ pub struct EvidenceArgs {
 
 #[derive(Debug, Subcommand)]
 enum EvidenceCommand {
-    /// Check a packet's signature, its attestations and its approvals.
+    /// Check a packet: its signer, tasks, attestations, approvals and break-glass.
     Verify {
         /// Packet file.
         packet: PathBuf,
@@ -289,6 +289,10 @@ enum EvidenceCommand {
         /// Trust file with coordinator and approver keys (default: from settings).
         #[arg(long)]
         trust: Option<PathBuf>,
+        /// Trust-file id of the coordinator key that must have signed
+        /// (default: `signing.key_id` of the settings, when they are read).
+        #[arg(long)]
+        coordinator_key: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -966,67 +970,99 @@ fn evidence(config: Option<&Path>, cmd: EvidenceCommand) -> Result<(), Failure> 
             packet,
             inventory,
             trust,
+            coordinator_key,
             json,
         } => {
-            let trust_path = match trust {
-                Some(t) => t,
-                None => Settings::load(config).map_err(config_err)?.trust_file,
+            // The settings name the trust file and the coordinator key; they
+            // are read unless --trust is given without --config.
+            let settings = if trust.is_none() || config.is_some() {
+                Some(Settings::load(config).map_err(config_err)?)
+            } else {
+                None
             };
+            let trust_path = match (trust, &settings) {
+                (Some(t), _) => t,
+                (None, Some(s)) => s.trust_file.clone(),
+                (None, None) => return Err(config_err("no trust file: pass --trust")),
+            };
+            let pinned = coordinator_key.or_else(|| settings.map(|s| s.signing.key_id));
             let trust = TrustSet::load(&trust_path).map_err(config_err)?;
             let inv = Inventory::load(&inventory).map_err(config_err)?;
             let bytes = std::fs::read(&packet)
                 .map_err(|e| config_err(format!("{}: {e}", packet.display())))?;
-            let v = crate::evidence::verify(&bytes, &trust, &inv.enrolled_keys())
-                .map_err(|e| failed(format!("{}: INVALID: {e}", packet.display())))?;
+            let enrolled = inv.enrolled_keys();
+            let v = crate::evidence::verify_with(
+                &bytes,
+                &crate::evidence::VerifyWith {
+                    trust: &trust,
+                    enrolled: &enrolled,
+                    coordinator_key_id: pinned.as_deref(),
+                },
+            )
+            .map_err(|e| {
+                failed(format!(
+                    "{}: INVALID [{}]: {e}",
+                    packet.display(),
+                    e.check()
+                ))
+            })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
-                let p = &v.packet;
-                println!("{}: VALID, signed by {}", packet.display(), v.signed_by);
-                println!(
-                    "  wave {} ring {}{}: {} ({} hosts), {} {}",
-                    p.wave_id,
-                    p.ring,
-                    crate::plan::ring_name(p.ring),
-                    p.outcome,
-                    p.hosts.len(),
-                    p.profile,
-                    p.version
-                );
-                if let Some(r) = &p.halt_reason {
-                    println!("  halt: {r}");
-                }
-                for h in &p.hosts {
-                    println!(
-                        "  {} [{}] {}: {} {} → {} {}{}",
-                        h.host_id,
-                        h.pool,
-                        h.phase,
-                        h.verdict_before,
-                        h.driver_before,
-                        h.verdict_after,
-                        h.driver_after,
-                        h.failure
-                            .as_ref()
-                            .map(|f| format!(" FAILED {} {}: {}", f.0, f.1, f.2))
-                            .unwrap_or_default()
-                    );
-                }
-                println!(
-                    "  attestations verified: {}; approvals verified: {} (approvers: {})",
-                    v.attestations_checked,
-                    v.approvals_checked,
-                    v.approvers.join(", ")
-                );
-                if let Some(rp) = &p.rollback_proof {
-                    println!(
-                        "  rollback proof: {} went {}",
-                        rp.host_id,
-                        rp.versions.join(" → ")
-                    );
-                }
+                print_verified(&packet, &v);
             }
             Ok(())
         }
+    }
+}
+
+/// Print a verified packet: every verdict and version from the attestations.
+fn print_verified(path: &Path, v: &crate::evidence::Verified) {
+    let p = &v.packet;
+    println!("{}: VALID, signed by {}", path.display(), v.signed_by);
+    println!(
+        "  wave {} ring {}{}: {} ({} hosts), {} {}",
+        p.wave_id,
+        p.ring,
+        crate::plan::ring_name(p.ring),
+        p.outcome,
+        p.hosts.len(),
+        p.profile,
+        p.version
+    );
+    if let Some(r) = &p.halt_reason {
+        println!("  halt: {r}");
+    }
+    let att = |a: Option<&crate::evidence::Attested>| {
+        a.map(|a| format!("{} {}", a.verdict, a.driver_version))
+            .unwrap_or_else(|| "(no attestation)".into())
+    };
+    for (h, e) in v.hosts.iter().zip(&p.hosts) {
+        println!(
+            "  {} [{}] {}: {} → {}{}",
+            h.host_id,
+            h.pool,
+            h.phase,
+            att(h.before.as_ref()),
+            att(h.after.as_ref()),
+            e.failure
+                .as_ref()
+                .map(|f| format!(" FAILED {} {}: {}", f.0, f.1, f.2))
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "  verified: {} signed tasks, {} attestations, {} approvals (approvers: {})",
+        v.tasks_checked,
+        v.attestations_checked,
+        v.approvals_checked,
+        v.approvers.join(", ")
+    );
+    if let Some(rp) = &p.rollback_proof {
+        println!(
+            "  rollback proof: {} went {}",
+            rp.host_id,
+            v.rollback_versions.join(" → ")
+        );
     }
 }
