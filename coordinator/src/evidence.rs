@@ -1013,6 +1013,9 @@ fn check_rollback_proof(
     Ok((proof.attestations.len(), versions))
 }
 
+/// Approver keys that signed an envelope: trust-file id and public key bytes.
+type Signers = Vec<(String, [u8; 32])>;
+
 /// Who signed an approval or break-glass envelope: trust-file ids and key
 /// bytes of approver keys. A coordinator key, a revoked or unknown key, or a
 /// bad signature is a finding.
@@ -1022,7 +1025,7 @@ fn approval_signers(
     env: &pb::Envelope,
     ty: &str,
     trust: &TrustSet,
-) -> Result<Vec<(String, [u8; 32])>, EvidenceError> {
+) -> Result<Signers, EvidenceError> {
     let err = |reason: String| EvidenceError::Approval {
         what,
         index,
@@ -1081,7 +1084,7 @@ fn open_approvals(
     packet: &Packet,
     trust: &TrustSet,
     approvers: &mut Vec<String>,
-) -> Result<Vec<(pb::RingApproval, Vec<(String, [u8; 32])>)>, EvidenceError> {
+) -> Result<Vec<(pb::RingApproval, Signers)>, EvidenceError> {
     let mut out = Vec::new();
     for (index, b64) in packet.approvals.iter().enumerate() {
         let env = decode_envelope("approval", index, b64)?;
@@ -1126,7 +1129,7 @@ const NOT_RUN: &[&str] = &["NOT_SENT", "NOT_ACCEPTED", "NOT_DELIVERED"];
 fn check_task_approvals(
     packet: &Packet,
     tasks_by_host: &BTreeMap<&str, Vec<Task>>,
-    approvals: &[(pb::RingApproval, Vec<(String, [u8; 32])>)],
+    approvals: &[(pb::RingApproval, Signers)],
     trust: &TrustSet,
 ) -> Result<(), EvidenceError> {
     let policy = &trust.policy;
