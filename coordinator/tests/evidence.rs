@@ -809,3 +809,62 @@ async fn an_altered_or_missing_task_is_invalid() {
         "{err}"
     );
 }
+
+/// The Python snippet of README's "Evidence packets", as written there.
+fn readme_python_snippet() -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let at = readme
+        .find("<!-- dsse-python -->")
+        .expect("README marks the DSSE snippet");
+    let rest = &readme[at..];
+    let start = rest.find("```python\n").expect("a python block") + "```python\n".len();
+    let len = rest[start..].find("```").expect("the block ends");
+    rest[start..start + len].to_string()
+}
+
+#[tokio::test]
+async fn an_auditor_verifies_a_real_packet_with_python_cryptography_and_the_public_key_alone() {
+    let have_python = std::process::Command::new("python3")
+        .args(["-c", "import cryptography"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_python {
+        // Never a silent pass: only an explicit opt-out skips this check.
+        assert!(
+            std::env::var_os("RINGFENCE_SKIP_PYTHON_DSSE").is_some(),
+            "this test runs README's DSSE snippet and needs python3 with the `cryptography` \
+             package (Debian: python3-cryptography); set RINGFENCE_SKIP_PYTHON_DSSE=1 to skip it"
+        );
+        eprintln!("SKIPPED: python3 with `cryptography` is not installed");
+        return;
+    }
+    let fx = fixture(2, false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("verify_dsse.py");
+    std::fs::write(&script, readme_python_snippet()).unwrap();
+    let run = |bytes: &[u8], key: &SigningKey| {
+        let packet = dir.path().join("ring-2.json");
+        std::fs::write(&packet, bytes).unwrap();
+        std::process::Command::new("python3")
+            .arg(&script)
+            .arg(&packet)
+            .arg(keys::public_key_text(&key.verifying_key()))
+            .output()
+            .unwrap()
+    };
+    let o = run(&fx.bytes, &fx.coord);
+    let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("signature OK: w ring 2 completed"), "{out}");
+    // Another coordinator key, a changed payload: refused.
+    let o = run(&fx.bytes, &fx.coord2);
+    assert!(!o.status.success());
+    let mut file: serde_json::Value = serde_json::from_slice(&fx.bytes).unwrap();
+    let mut packet = fx.packet.clone();
+    packet.hosts[0].driver_after = "999.99".into();
+    file["payload"] = B64.encode(serde_json::to_vec(&packet).unwrap()).into();
+    let o = run(&serde_json::to_vec(&file).unwrap(), &fx.coord);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("INVALID"));
+}
