@@ -75,6 +75,12 @@ fn sign_approval(a: &pb::RingApproval, signers: &[(&str, &SigningKey)]) -> pb::E
 /// Run gpu-1 (ring `ring`) through a whole host run and seal its packet.
 /// On a protected ring the run carries a real approval by alice and bob.
 async fn fixture(ring: u32, faulty: bool) -> Fx {
+    fixture_with(ring, faulty, false).await
+}
+
+/// As [`fixture`]; with `drill`, gpu-1 also runs the rollback drill and the
+/// packet carries its rollback proof.
+async fn fixture_with(ring: u32, faulty: bool, drill: bool) -> Fx {
     let dir = tempfile::tempdir().unwrap();
     let (coord, coord2, alice, bob) = (
         keys::generate(),
@@ -140,7 +146,7 @@ async fn fixture(ring: u32, faulty: bool) -> Fx {
         pool: "p".into(),
         key: sim.public_key(),
         approvals: Arc::new(approvals.clone()),
-        drill: false,
+        drill,
     };
     let rec = hostrun::run(&ctx, &job, &sim).await.unwrap();
     let host = evidence::host_evidence(&rec);
@@ -158,7 +164,11 @@ async fn fixture(ring: u32, faulty: bool) -> Fx {
         hosts: vec![host],
         approvals: approvals.iter().map(evidence::embed).collect(),
         break_glass: Vec::new(),
-        rollback_proof: None,
+        rollback_proof: if drill {
+            Some(evidence::rollback_proof(&rec).expect("the drill finished"))
+        } else {
+            None
+        },
         soak_s: 0,
         coordinator_key_id: "coord".into(),
     };
@@ -867,4 +877,111 @@ async fn an_auditor_verifies_a_real_packet_with_python_cryptography_and_the_publ
     let o = run(&serde_json::to_vec(&file).unwrap(), &fx.coord);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("INVALID"));
+}
+
+#[tokio::test]
+async fn a_rollback_proof_is_derived_from_its_attestations() {
+    let fx = fixture_with(0, false, true).await;
+    let v = evidence::verify(&fx.bytes, &fx.trust, &fx.enrolled).unwrap();
+    assert_eq!(v.rollback_versions, vec![NEW, OLD, NEW]);
+    // The coordinator claims the drill went elsewhere.
+    let err = fx
+        .resealed(|p| {
+            if let Some(r) = p.rollback_proof.as_mut() {
+                r.versions[1] = "549.00.00".into();
+            }
+        })
+        .unwrap_err();
+    assert!(matches!(err, EvidenceError::RollbackProof { .. }), "{err}");
+    assert!(err.to_string().contains("549.00.00"), "{err}");
+    // An attestation of the host not bound to a drill task (the one before).
+    let err = fx
+        .resealed(|p| {
+            let before = p.hosts[0].attestations[0].clone();
+            if let Some(r) = p.rollback_proof.as_mut() {
+                r.attestations[1] = before;
+            }
+        })
+        .unwrap_err();
+    assert!(matches!(err, EvidenceError::RollbackProof { .. }), "{err}");
+    assert_eq!(err.check(), "rollback_proof");
+}
+
+/// `ringfence evidence verify` on a packet file, with a trust file and an
+/// inventory written for the fixture's keys.
+fn cli_verify(fx: &Fx, bytes: &[u8], extra: &[&str]) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let k = |k: &SigningKey| keys::public_key_text(&k.verifying_key());
+    let trust = dir.path().join("trust.toml");
+    std::fs::write(
+        &trust,
+        format!(
+            "[[coordinator]]\nid = \"coord\"\nkey = \"{}\"\n[[coordinator]]\nid = \"coord2\"\nkey = \"{}\"\n\
+             [[approver]]\nid = \"alice\"\nkey = \"{}\"\n[[approver]]\nid = \"bob\"\nkey = \"{}\"\n",
+            k(&fx.coord),
+            k(&fx.coord2),
+            k(&fx.alice),
+            k(&fx.bob)
+        ),
+    )
+    .unwrap();
+    let inv = dir.path().join("inventory.toml");
+    std::fs::write(
+        &inv,
+        format!(
+            "trust_domain = \"gpu.example.com\"\n[[pool]]\nname = \"p\"\n\
+             [[host]]\nid = \"gpu-1\"\naddress = \"127.0.0.1:7443\"\npool = \"p\"\nring = {}\nattestation_key = \"{}\"\n",
+            fx.packet.ring,
+            k(&fx.host_key)
+        ),
+    )
+    .unwrap();
+    let packet = dir.path().join("ring.json");
+    std::fs::write(&packet, bytes).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_ringfence"))
+        .args(["evidence", "verify"])
+        .arg(&packet)
+        .arg("--inventory")
+        .arg(&inv)
+        .arg("--trust")
+        .arg(&trust)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
+}
+
+#[tokio::test]
+async fn the_cli_prints_what_the_attestations_prove_and_names_the_failed_check() {
+    let fx = fixture(2, true).await;
+    let o = cli_verify(&fx, &fx.bytes, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("HEALTHY {OLD} → UNHEALTHY {NEW}")),
+        "{}",
+        text(&o)
+    );
+    // The coordinator's fields rewritten to a healthy host: refused, naming
+    // the check and the field.
+    let mut p = fx.packet.clone();
+    p.hosts[0].verdict_after = "HEALTHY".into();
+    p.hosts[0].phase = "done".into();
+    p.hosts[0].failure = None;
+    let forged = evidence::seal(&p, "coord", &fx.coord).unwrap();
+    let o = cli_verify(&fx, &forged, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("INVALID [recorded_field]"),
+        "{}",
+        text(&o)
+    );
+    assert!(text(&o).contains("verdict_after"), "{}", text(&o));
+    assert!(!text(&o).contains("VALID,"), "{}", text(&o));
+    // The signer pinned to another coordinator key.
+    let o = cli_verify(&fx, &fx.bytes, &["--coordinator-key", "coord2"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("INVALID [signer]"), "{}", text(&o));
 }
