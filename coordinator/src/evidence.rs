@@ -1153,6 +1153,7 @@ fn check_task_approvals(
             let task = &t.payload.task_id;
             let at_ms = t.payload.issued_at_unix_ms;
             let mut distinct = BTreeSet::new();
+            let mut out_of_time = None;
             for (index, (a, signers)) in approvals.iter().enumerate() {
                 if !a.host_ids.iter().any(|h| h == host) {
                     return Err(EvidenceError::ApprovalScope {
@@ -1194,7 +1195,10 @@ fn check_task_approvals(
                 if at_ms > a.expires_at_unix_ms.saturating_add(skew)
                     || a.issued_at_unix_ms > at_ms.saturating_add(skew)
                 {
-                    return Err(EvidenceError::ApprovalTime {
+                    // The packet holds the ring's approvals as they are at
+                    // its end; one signed after (or expired before) this
+                    // task was issued did not authorise it, but others may.
+                    out_of_time.get_or_insert(EvidenceError::ApprovalTime {
                         what: "approval",
                         index,
                         from_ms: a.issued_at_unix_ms,
@@ -1202,10 +1206,14 @@ fn check_task_approvals(
                         at: format!("the issue of task `{task}`"),
                         at_ms,
                     });
+                    continue;
                 }
                 distinct.extend(signers.iter().map(|(_, k)| *k));
             }
             if distinct.len() < policy.approver_threshold {
+                if let Some(e) = out_of_time {
+                    return Err(e);
+                }
                 return Err(EvidenceError::ApprovalThreshold {
                     what: format!("task `{task}` on protected ring {}", packet.ring),
                     have: distinct.len(),
