@@ -490,6 +490,11 @@ async fn an_approval_signed_after_the_patch_was_issued_is_invalid() {
         matches!(err, EvidenceError::ApprovalTime { index: 0, .. }),
         "{err}"
     );
+    // Next to the approval that did authorise the patch (a ring re-approved
+    // later, e.g. before a resume), the later one is no finding.
+    let original = fx.packet.approvals[0].clone();
+    fx.resealed(|p| p.approvals = vec![original, evidence::embed(&env)])
+        .unwrap();
 }
 
 #[tokio::test]
