@@ -990,3 +990,28 @@ async fn the_cli_prints_what_the_attestations_prove_and_names_the_failed_check()
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("INVALID [signer]"), "{}", text(&o));
 }
+
+#[test]
+fn approval_files_are_standard_dsse_json_and_the_old_names_still_read() {
+    let alice = keys::generate();
+    let env = sign_approval(&ring_approval(1, 2), &[("alice", &alice)]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ring-2-alice.json");
+    ringfence_coordinator::approvals::write_file(&path, &env).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["payloadType"], APPROVAL_TYPE, "{text}");
+    assert_eq!(json["signatures"][0]["keyid"], "alice", "{text}");
+    assert_eq!(
+        ringfence_coordinator::approvals::read_file(&path).unwrap(),
+        env
+    );
+    let old = text
+        .replace("\"payloadType\"", "\"payload_type\"")
+        .replace("\"keyid\"", "\"key_id\"");
+    std::fs::write(&path, old).unwrap();
+    assert_eq!(
+        ringfence_coordinator::approvals::read_file(&path).unwrap(),
+        env
+    );
+}
