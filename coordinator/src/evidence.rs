@@ -511,8 +511,6 @@ pub fn verify_with(bytes: &[u8], with: &VerifyWith<'_>) -> Result<Verified, Evid
         });
     }
     let policy = &with.trust.policy;
-    let skew = ms(policy.max_clock_skew_s);
-    let lifetime_cap = ms(policy.max_task_lifetime_s);
 
     let mut out = Verified {
         packet: packet.clone(),
@@ -539,83 +537,8 @@ pub fn verify_with(bytes: &[u8], with: &VerifyWith<'_>) -> Result<Verified, Evid
         }
         let tasks = host_tasks(&packet, h, with.trust)?;
         out.tasks_checked += tasks.len();
-        let mut before = None;
-        let mut after = None;
-        for (index, a) in h.attestations.iter().enumerate() {
-            let att = open_attestation(&h.host_id, index, a, key)?;
-            let at = att.issued_at_unix_ms;
-            let validates: Vec<&Task> = tasks
-                .iter()
-                .filter(|t| matches!(&t.payload.action, Some(Action::Validate(v)) if v.nonce == att.nonce))
-                .collect();
-            let task_id = if let Some(first) = validates.first() {
-                // Bound to a Validate task: made while that task was valid.
-                let window = |t: &Task| {
-                    let p = &t.payload;
-                    let end = p
-                        .expires_at_unix_ms
-                        .min(p.issued_at_unix_ms.saturating_add(lifetime_cap));
-                    (
-                        p.issued_at_unix_ms.saturating_sub(skew),
-                        end.saturating_add(skew),
-                    )
-                };
-                match validates.iter().find(|t| {
-                    let (from, to) = window(t);
-                    (from..=to).contains(&at)
-                }) {
-                    Some(t) => Some(t.payload.task_id.clone()),
-                    None => {
-                        let (from_ms, to_ms) = window(first);
-                        return Err(EvidenceError::AttestationWindow {
-                            host: h.host_id.clone(),
-                            index,
-                            at_ms: at,
-                            window: format!("the validity of task `{}`", first.payload.task_id),
-                            from_ms,
-                            to_ms,
-                        });
-                    }
-                }
-            } else if index == 0 {
-                // The attestation before the wave's tasks: its nonce is the
-                // coordinator's, so it is bounded by the host's recorded work.
-                let from_ms = h.started_at_ms.saturating_sub(skew);
-                let end = [h.finished_at_ms, packet.finished_at_ms]
-                    .into_iter()
-                    .chain(tasks.iter().map(|t| t.payload.issued_at_unix_ms))
-                    .max()
-                    .unwrap_or(0);
-                let to_ms = if end > 0 {
-                    end.saturating_add(skew)
-                } else {
-                    i64::MAX
-                };
-                if h.started_at_ms <= 0 || !(from_ms..=to_ms).contains(&at) {
-                    return Err(EvidenceError::AttestationWindow {
-                        host: h.host_id.clone(),
-                        index,
-                        at_ms: at,
-                        window: "the host's work in the wave".into(),
-                        from_ms,
-                        to_ms,
-                    });
-                }
-                None
-            } else {
-                return Err(EvidenceError::AttestationNonce {
-                    host: h.host_id.clone(),
-                    index,
-                });
-            };
-            let proven = attested(&att, task_id);
-            if proven.task_id.is_some() {
-                after = Some(proven);
-            } else {
-                before = Some(proven);
-            }
-            out.attestations_checked += 1;
-        }
+        let (before, after, n) = host_attestations(h, &tasks, key, policy)?;
+        out.attestations_checked += n;
         check_recorded(h, before.as_ref(), after.as_ref())?;
         if h.phase == "done" {
             check_done(&packet, h, after.as_ref())?;
@@ -641,6 +564,102 @@ pub fn verify_with(bytes: &[u8], with: &VerifyWith<'_>) -> Result<Verified, Evid
     out.approvals_checked += check_break_glass(&packet, with.trust, &mut approvers)?;
     out.approvers = approvers;
     Ok(out)
+}
+
+/// Verify a host's attestations: each by its enrolled key and naming it;
+/// one bound by its nonce to a recorded Validate task was made while that
+/// task was valid; the only unbound one is the first (before the wave's
+/// tasks; its nonce is the coordinator's) and was made during the host's
+/// recorded work. Returns before, after (the last bound one), and the count.
+fn host_attestations(
+    h: &HostEvidence,
+    tasks: &[Task],
+    key: &VerifyingKey,
+    policy: &ringfence::trust::Policy,
+) -> Result<(Option<Attested>, Option<Attested>, usize), EvidenceError> {
+    let skew = ms(policy.max_clock_skew_s);
+    let lifetime_cap = ms(policy.max_task_lifetime_s);
+    let mut checked = 0;
+    let mut before = None;
+    let mut after = None;
+    for (index, a) in h.attestations.iter().enumerate() {
+        let att = open_attestation(&h.host_id, index, a, key)?;
+        let at = att.issued_at_unix_ms;
+        let validates: Vec<&Task> = tasks
+            .iter()
+            .filter(
+                |t| matches!(&t.payload.action, Some(Action::Validate(v)) if v.nonce == att.nonce),
+            )
+            .collect();
+        let task_id = if let Some(first) = validates.first() {
+            // Bound to a Validate task: made while that task was valid.
+            let window = |t: &Task| {
+                let p = &t.payload;
+                let end = p
+                    .expires_at_unix_ms
+                    .min(p.issued_at_unix_ms.saturating_add(lifetime_cap));
+                (
+                    p.issued_at_unix_ms.saturating_sub(skew),
+                    end.saturating_add(skew),
+                )
+            };
+            match validates.iter().find(|t| {
+                let (from, to) = window(t);
+                (from..=to).contains(&at)
+            }) {
+                Some(t) => Some(t.payload.task_id.clone()),
+                None => {
+                    let (from_ms, to_ms) = window(first);
+                    return Err(EvidenceError::AttestationWindow {
+                        host: h.host_id.clone(),
+                        index,
+                        at_ms: at,
+                        window: format!("the validity of task `{}`", first.payload.task_id),
+                        from_ms,
+                        to_ms,
+                    });
+                }
+            }
+        } else if index == 0 {
+            // The attestation before the wave's tasks: its nonce is the
+            // coordinator's, so it is bounded by the host's recorded work.
+            // A host still under way (the wave halted around it) has no end yet.
+            let from_ms = h.started_at_ms.saturating_sub(skew);
+            let end = std::iter::once(h.finished_at_ms)
+                .chain(tasks.iter().map(|t| t.payload.issued_at_unix_ms))
+                .max()
+                .unwrap_or(0);
+            let to_ms = if matches!(h.phase.as_str(), "done" | "failed") && end > 0 {
+                end.saturating_add(skew)
+            } else {
+                i64::MAX
+            };
+            if h.started_at_ms <= 0 || !(from_ms..=to_ms).contains(&at) {
+                return Err(EvidenceError::AttestationWindow {
+                    host: h.host_id.clone(),
+                    index,
+                    at_ms: at,
+                    window: "the host's work in the wave".into(),
+                    from_ms,
+                    to_ms,
+                });
+            }
+            None
+        } else {
+            return Err(EvidenceError::AttestationNonce {
+                host: h.host_id.clone(),
+                index,
+            });
+        };
+        let proven = attested(&att, task_id);
+        if proven.task_id.is_some() {
+            after = Some(proven);
+        } else {
+            before = Some(proven);
+        }
+        checked += 1;
+    }
+    Ok((before, after, checked))
 }
 
 fn ms(s: u64) -> i64 {
