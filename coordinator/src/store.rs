@@ -7,7 +7,12 @@
 //! `flock` and names its holder. Other terminals read `<wave>.status.json`
 //! (a snapshot the holder rewrites atomically) and request a halt by
 //! creating `<wave>.halt`.
+//!
+//! Waves under one state dir share `pools.redb`, the pool ledger
+//! ([`PoolLedger`]): each wave's hosts out of service per pool, so that
+//! concurrent waves over one pool never together exceed its reserve.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -56,6 +61,8 @@ pub enum StoreError {
 /// Paths of one wave's files.
 #[derive(Debug, Clone)]
 pub struct WavePaths {
+    /// The wave id.
+    pub wave: String,
     /// The redb database.
     pub db: PathBuf,
     /// flock'd while a coordinator drives the wave; holds the holder's description.
@@ -66,17 +73,24 @@ pub struct WavePaths {
     pub halt: PathBuf,
     /// Evidence packets of this wave.
     pub evidence_dir: PathBuf,
+    /// The pool ledger shared by every wave under the state dir.
+    pub pools_db: PathBuf,
+    /// flock'd while one coordinator reads or changes the pool ledger.
+    pub pools_lock: PathBuf,
 }
 
 impl WavePaths {
     /// Files of `wave` under `state_dir`.
     pub fn new(state_dir: &Path, wave: &str) -> Self {
         Self {
+            wave: wave.to_string(),
             db: state_dir.join(format!("{wave}.redb")),
             lock: state_dir.join(format!("{wave}.lock")),
             status: state_dir.join(format!("{wave}.status.json")),
             halt: state_dir.join(format!("{wave}.halt")),
             evidence_dir: state_dir.join(format!("{wave}.evidence")),
+            pools_db: state_dir.join("pools.redb"),
+            pools_lock: state_dir.join("pools.lock"),
         }
     }
 }
@@ -471,17 +485,253 @@ impl WaveStore {
     }
 }
 
-/// Write a file by writing a temporary sibling, syncing it, and renaming it.
+/// Request a halt of the wave (`wave halt`): writes `<wave>.halt` naming
+/// when, by which process, with a unique id, so that a resume can tell a
+/// halt it decided over from one requested after it began.
+pub fn request_halt(paths: &WavePaths, now_ms: i64) -> Result<(), StoreError> {
+    let mut id = [0u8; 8];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut id);
+    let text = format!(
+        "halt requested at {now_ms} by pid {} id {}\n",
+        std::process::id(),
+        hex::encode(id)
+    );
+    write_atomic(&paths.halt, text.as_bytes())
+}
+
+/// The halt request of the wave as it stands now (`None`: none).
+pub fn halt_request(paths: &WavePaths) -> Option<String> {
+    std::fs::read_to_string(&paths.halt).ok()
+}
+
+/// Clear the halt request `seen` (what [`halt_request`] returned when the
+/// resume began) and nothing newer: the request is taken away by an atomic
+/// rename, and if it is not the one seen (a halt requested after the resume
+/// began) it is put back and `true` is returned — the resumed wave must halt.
+pub fn clear_halt(paths: &WavePaths, seen: Option<&str>) -> Result<bool, StoreError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io { path, source }
+    };
+    let mut id = [0u8; 8];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut id);
+    let mut taken = paths.halt.clone().into_os_string();
+    taken.push(format!(".{}.{}.taken", std::process::id(), hex::encode(id)));
+    let taken = PathBuf::from(taken);
+    match std::fs::rename(&paths.halt, &taken) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io(&paths.halt)(e)),
+    }
+    let text = std::fs::read_to_string(&taken).map_err(io(&taken))?;
+    let newer = seen != Some(text.as_str());
+    if newer {
+        // Put it back; a halt written meanwhile stands as well.
+        match std::fs::hard_link(&taken, &paths.halt) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(&paths.halt)(e)),
+        }
+    }
+    std::fs::remove_file(&taken).map_err(io(&taken))?;
+    Ok(newer)
+}
+
+/// Hosts out of service per pool, by wave: the ledger every wave under one
+/// state dir shares (`pools.redb`), so that concurrent waves over the same
+/// pool together stay within its reserve. A wave records its hosts out of
+/// service (in flight, or failed and left drained) before it starts
+/// another, under the ledger lock (`pools.lock`, flock), and reads the other
+/// waves' hosts as facts for the sequencer.
+#[derive(Debug, Clone)]
+pub struct PoolLedger {
+    db: PathBuf,
+    lock: PathBuf,
+}
+
+/// One wave's entry: pool → hosts out of service.
+pub type LedgerEntry = BTreeMap<String, BTreeSet<String>>;
+
+const LEDGER: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("out_of_service");
+
+/// How often a coordinator waiting for the ledger lock tries again.
+const LEDGER_RETRY: std::time::Duration = std::time::Duration::from_millis(2);
+
+impl PoolLedger {
+    /// The ledger of the state dir of `paths`.
+    pub fn new(paths: &WavePaths) -> Self {
+        Self {
+            db: paths.pools_db.clone(),
+            lock: paths.pools_lock.clone(),
+        }
+    }
+
+    fn open_lock(&self) -> Result<File, StoreError> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&self.lock)
+            .map_err(|source| StoreError::Io {
+                path: self.lock.clone(),
+                source,
+            })
+    }
+
+    fn guard(&self, lock: Flock<File>) -> Result<LedgerGuard, StoreError> {
+        let db = Database::create(&self.db).map_err(|e| StoreError::Db {
+            path: self.db.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(LedgerGuard {
+            db,
+            path: self.db.clone(),
+            _lock: lock,
+        })
+    }
+
+    /// Take the ledger (waits, without blocking the runtime, while another
+    /// coordinator holds it; every holder keeps it for one short read/write).
+    pub async fn lock(&self) -> Result<LedgerGuard, StoreError> {
+        let mut file = self.open_lock()?;
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(l) => return self.guard(l),
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                    file = f;
+                    tokio::time::sleep(LEDGER_RETRY).await;
+                }
+                Err((_, e)) => {
+                    return Err(StoreError::Io {
+                        path: self.lock.clone(),
+                        source: e.into(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// [`lock`](Self::lock) for synchronous callers (blocks the thread).
+    pub fn lock_blocking(&self) -> Result<LedgerGuard, StoreError> {
+        let file = self.open_lock()?;
+        match Flock::lock(file, FlockArg::LockExclusive) {
+            Ok(l) => self.guard(l),
+            Err((_, e)) => Err(StoreError::Io {
+                path: self.lock.clone(),
+                source: e.into(),
+            }),
+        }
+    }
+}
+
+/// The pool ledger, held.
+#[derive(Debug)]
+pub struct LedgerGuard {
+    // Declared before the lock: the database closes before it is released.
+    db: Database,
+    path: PathBuf,
+    _lock: Flock<File>,
+}
+
+impl LedgerGuard {
+    fn err(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Db {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// Every other wave's hosts out of service: pool → host → wave.
+    pub fn others(
+        &self,
+        wave: &str,
+    ) -> Result<BTreeMap<String, BTreeMap<String, String>>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = match tx.open_table(LEDGER) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeMap::new()),
+            Err(e) => return Err(self.err(e)),
+        };
+        let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        for row in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            let other = k.value().to_string();
+            if other == wave {
+                continue;
+            }
+            let entry: LedgerEntry =
+                serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    key: other.clone(),
+                    reason: e.to_string(),
+                })?;
+            for (pool, hosts) in entry {
+                let p = out.entry(pool).or_default();
+                for h in hosts {
+                    p.insert(h, other.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Replace `wave`'s entry (an empty entry removes it).
+    pub fn set(&self, wave: &str, entry: &LedgerEntry) -> Result<(), StoreError> {
+        let entry: LedgerEntry = entry
+            .iter()
+            .filter(|(_, h)| !h.is_empty())
+            .map(|(p, h)| (p.clone(), h.clone()))
+            .collect();
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut t = tx.open_table(LEDGER).map_err(|e| self.err(e))?;
+            if entry.is_empty() {
+                t.remove(wave).map_err(|e| self.err(e))?;
+            } else {
+                let bytes = serde_json::to_vec(&entry).map_err(|e| self.err(e))?;
+                t.insert(wave, bytes.as_slice()).map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+}
+
+/// Write a file atomically: the bytes go to a uniquely named temporary
+/// sibling (created exclusively, so a stale or planted `*.tmp` file or link
+/// is never followed and two writers never share one), which is synced,
+/// given the target's permissions (0644 for a new file) and renamed over
+/// `path`; then the directory is synced so the rename survives a crash.
+/// Every file the coordinator replaces goes through here.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
     let io = |source| StoreError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(io)?;
+    tmp.write_all(bytes).map_err(io)?;
+    let mode = std::fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0o644);
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io)?;
+    tmp.as_file().sync_all().map_err(io)?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io)
 }
 
 #[cfg(test)]
