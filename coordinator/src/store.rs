@@ -801,4 +801,117 @@ mod tests {
         let ev: Vec<String> = s.events().unwrap();
         assert_eq!(ev, vec!["started".to_string()]);
     }
+
+    #[test]
+    fn atomic_write_never_follows_a_planted_temp_file_and_leaves_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let target = dir.path().join("w.status.json");
+        // Where a fixed temp name would be: a link to someone else's file.
+        std::os::unix::fs::symlink(&victim, dir.path().join("w.status.tmp")).unwrap();
+        write_atomic(&target, b"{}").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(std::fs::read(&target).unwrap(), b"{}");
+        assert!(!std::fs::symlink_metadata(&target).unwrap().is_symlink());
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp") && n != "w.status.tmp")
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn concurrent_atomic_writes_of_one_file_all_succeed_and_never_mix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = Arc::new(dir.path().join("w.status.json"));
+        std::fs::write(&*target, b"old").unwrap();
+        std::fs::set_permissions(&*target, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let writers: Vec<_> = (0..8u8)
+            .map(|w| {
+                let target = target.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..40 {
+                        write_atomic(&target, &[w; 4096]).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let bytes = std::fs::read(&*target).unwrap();
+        assert_eq!(bytes.len(), 4096);
+        assert!(bytes.iter().all(|b| *b == bytes[0]), "mixed writes");
+        let mode = std::fs::metadata(&*target).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640, "the file keeps its mode");
+    }
+
+    #[test]
+    fn a_resume_clears_only_the_halt_it_saw() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = WavePaths::new(dir.path(), "w");
+        // Nothing to clear.
+        assert!(!clear_halt(&paths, None).unwrap());
+        request_halt(&paths, 1).unwrap();
+        let seen = halt_request(&paths);
+        assert!(seen.is_some());
+        assert!(!clear_halt(&paths, seen.as_deref()).unwrap());
+        assert!(!paths.halt.exists(), "the halt decided over is cleared");
+        // A halt requested after the resume began (even at the same
+        // millisecond) stands.
+        request_halt(&paths, 2).unwrap();
+        let seen = halt_request(&paths);
+        request_halt(&paths, 2).unwrap();
+        assert!(clear_halt(&paths, seen.as_deref()).unwrap());
+        assert!(paths.halt.exists());
+        // So does one when none was seen.
+        assert!(clear_halt(&paths, None).unwrap());
+        assert!(paths.halt.exists());
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("taken"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[tokio::test]
+    async fn the_pool_ledger_shows_each_wave_the_others_hosts() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = PoolLedger::new(&WavePaths::new(dir.path(), "a"));
+        let b = PoolLedger::new(&WavePaths::new(dir.path(), "b"));
+        let entry = |pool: &str, hosts: &[&str]| -> LedgerEntry {
+            let mut e = LedgerEntry::new();
+            e.insert(
+                pool.to_string(),
+                hosts.iter().map(|h| (*h).to_string()).collect(),
+            );
+            e
+        };
+        {
+            let g = a.lock().await.unwrap();
+            assert!(g.others("a").unwrap().is_empty());
+            g.set("a", &entry("p", &["h1", "h2"])).unwrap();
+            // Held: another coordinator waits.
+            assert!(
+                tokio::time::timeout(std::time::Duration::from_millis(50), b.lock())
+                    .await
+                    .is_err()
+            );
+        }
+        let g = b.lock().await.unwrap();
+        let others = g.others("b").unwrap();
+        assert_eq!(others["p"].len(), 2);
+        assert_eq!(others["p"]["h1"], "a");
+        assert!(g.others("a").unwrap().is_empty(), "its own entry is not another's");
+        g.set("b", &entry("p", &["h3"])).unwrap();
+        g.set("a", &LedgerEntry::new()).unwrap();
+        drop(g);
+        let g = a.lock_blocking().unwrap();
+        let others = g.others("a").unwrap();
+        assert_eq!(others["p"].keys().collect::<Vec<_>>(), ["h3"]);
+    }
 }
