@@ -462,13 +462,13 @@ async fn two_waves_over_one_pool_never_take_more_than_its_reserve_out_together()
     .expect("both waves end");
     stop.store(true, Ordering::SeqCst);
     sampler.join().unwrap();
-    assert_eq!(ra.unwrap(), Outcome::Completed);
-    assert_eq!(rb.unwrap(), Outcome::Completed);
     assert_eq!(
         most.load(Ordering::SeqCst),
         1,
-        "hosts of the pool out of service at once across both waves"
+        "hosts of the pool out of service at once across both waves ({ra:?}, {rb:?})"
     );
+    assert_eq!(ra.unwrap(), Outcome::Completed);
+    assert_eq!(rb.unwrap(), Outcome::Completed);
     for h in &f.hosts {
         let s = h.state();
         assert_eq!(s.patches, 2, "{} patched by each wave once", h.host_id);
