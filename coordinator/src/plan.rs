@@ -68,10 +68,7 @@ impl PoolPlan {
 
     /// Whether a break-glass raised this pool's limit and has expired at `now_ms`.
     pub fn break_glass_expired(&self, now_ms: i64) -> bool {
-        self.break_glass
-            && self
-                .break_glass_expires_at_ms
-                .is_some_and(|t| now_ms > t)
+        self.break_glass && self.break_glass_expires_at_ms.is_some_and(|t| now_ms > t)
     }
 
     /// Most hosts out of service at once at `now_ms`: the break-glass limit

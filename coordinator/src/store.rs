@@ -906,7 +906,10 @@ mod tests {
         let others = g.others("b").unwrap();
         assert_eq!(others["p"].len(), 2);
         assert_eq!(others["p"]["h1"], "a");
-        assert!(g.others("a").unwrap().is_empty(), "its own entry is not another's");
+        assert!(
+            g.others("a").unwrap().is_empty(),
+            "its own entry is not another's"
+        );
         g.set("b", &entry("p", &["h3"])).unwrap();
         g.set("a", &LedgerEntry::new()).unwrap();
         drop(g);

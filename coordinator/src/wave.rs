@@ -1462,9 +1462,7 @@ fn own_out(plan: &Plan, state: &WaveState) -> LedgerEntry {
 }
 
 /// Other waves' hosts out of service, counted per pool.
-fn ledger_counts(
-    others: &BTreeMap<String, BTreeMap<String, String>>,
-) -> BTreeMap<String, usize> {
+fn ledger_counts(others: &BTreeMap<String, BTreeMap<String, String>>) -> BTreeMap<String, usize> {
     others
         .iter()
         .map(|(p, hosts)| (p.clone(), hosts.len()))

@@ -281,22 +281,23 @@ async fn a_break_glass_for_an_unknown_pool_or_more_hosts_than_the_pool_has_is_re
     let spec_path = f
         .write_spec("w-bg", "[ring.0]\nbatch_size = 1\nsoak_s = 0\n")
         .unwrap();
-    let sign = |pool: &str, max_out: &str, out: &Path, inventory: bool, add_to: bool, key: usize| {
-        let mut c = ringfence(&f.settings);
-        c.args(["breakglass", "sign", "--wave", "w-bg", "--pool", pool])
-            .args(["--max-out", max_out, "--reason", "tonight"])
-            .arg("--key")
-            .arg(&f.approver_keys[key])
-            .arg("--out")
-            .arg(out);
-        if inventory {
-            c.arg("--inventory").arg(&f.inventory);
-        }
-        if add_to {
-            c.arg("--add-to");
-        }
-        c
-    };
+    let sign =
+        |pool: &str, max_out: &str, out: &Path, inventory: bool, add_to: bool, key: usize| {
+            let mut c = ringfence(&f.settings);
+            c.args(["breakglass", "sign", "--wave", "w-bg", "--pool", pool])
+                .args(["--max-out", max_out, "--reason", "tonight"])
+                .arg("--key")
+                .arg(&f.approver_keys[key])
+                .arg("--out")
+                .arg(out);
+            if inventory {
+                c.arg("--inventory").arg(&f.inventory);
+            }
+            if add_to {
+                c.arg("--add-to");
+            }
+            c
+        };
     // At signing time, with the inventory: a misspelt pool, and more hosts
     // than the pool has (h100-train has 2).
     let typo = f.root.join("bg-typo.json");
@@ -318,13 +319,33 @@ async fn a_break_glass_for_an_unknown_pool_or_more_hosts_than_the_pool_has_is_re
     // it before anything starts.
     for (pool, max_out, file, why) in [
         ("h100-trian", "1", &typo, "not in the inventory"),
-        ("h100-train", "3", &big, "max_out 3 is more than the pool's 2"),
+        (
+            "h100-train",
+            "3",
+            &big,
+            "max_out 3 is more than the pool's 2",
+        ),
     ] {
-        assert!(output(sign(pool, max_out, file, false, false, 0)).await.status.success());
+        assert!(
+            output(sign(pool, max_out, file, false, false, 0))
+                .await
+                .status
+                .success()
+        );
         // Countersigning with the inventory checks the file, not the flags.
         let out = output(sign("a100-infer", "1", file, true, true, 1)).await;
-        assert_eq!(out.status.code(), Some(3), "countersigned {}", file.display());
-        assert!(output(sign(pool, max_out, file, false, true, 1)).await.status.success());
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "countersigned {}",
+            file.display()
+        );
+        assert!(
+            output(sign(pool, max_out, file, false, true, 1))
+                .await
+                .status
+                .success()
+        );
         let mut run = ringfence(&f.settings);
         run.args(["wave", "run", "--inventory"])
             .arg(&f.inventory)
@@ -336,6 +357,9 @@ async fn a_break_glass_for_an_unknown_pool_or_more_hosts_than_the_pool_has_is_re
         assert_eq!(out.status.code(), Some(3));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(why), "{err}");
-        assert!(!f.state_dir.join("w-bg.redb").exists(), "the wave never started");
+        assert!(
+            !f.state_dir.join("w-bg.redb").exists(),
+            "the wave never started"
+        );
     }
 }

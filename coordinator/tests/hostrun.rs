@@ -360,9 +360,8 @@ fn sim_fleet(n: usize, reserve: u32) -> SimFleet {
         Policy::default(),
     ));
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let mut inventory = format!(
-        "trust_domain = \"t.test\"\n[[pool]]\nname = \"p\"\nreserve_percent = {reserve}\n"
-    );
+    let mut inventory =
+        format!("trust_domain = \"t.test\"\n[[pool]]\nname = \"p\"\nreserve_percent = {reserve}\n");
     let mut hosts = Vec::new();
     for i in 0..n {
         let sim = SimHost::new(
@@ -434,8 +433,8 @@ fn sim_driver(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_waves_over_one_pool_never_take_more_than_its_reserve_out_together() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use ringfence_coordinator::wave::Outcome;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let dir = tempfile::tempdir().unwrap();
     // 10 hosts, reserve 10%: one host of the pool out of service at a time,
     // whichever wave has it.
@@ -478,7 +477,15 @@ async fn two_waves_over_one_pool_never_take_more_than_its_reserve_out_together()
     let ledger = ringfence_coordinator::store::PoolLedger::new(
         &ringfence_coordinator::store::WavePaths::new(dir.path(), "wave-c"),
     );
-    assert!(ledger.lock().await.unwrap().others("wave-c").unwrap().is_empty());
+    assert!(
+        ledger
+            .lock()
+            .await
+            .unwrap()
+            .others("wave-c")
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -443,7 +443,14 @@ fn break_glass_for_a_pool_not_in_the_inventory_or_above_its_size_is_refused() {
     bg.insert("big".to_string(), limit(11));
     let err = Plan::build(&inv, &spec, &BTreeMap::new(), &bg).unwrap_err();
     assert!(
-        matches!(err, PlanError::BreakGlassTooLarge { max_out: 11, size: 10, .. }),
+        matches!(
+            err,
+            PlanError::BreakGlassTooLarge {
+                max_out: 11,
+                size: 10,
+                ..
+            }
+        ),
         "{err}"
     );
     // The whole pool is the most a break-glass may take out.
