@@ -8,7 +8,7 @@
 //! (a snapshot the holder rewrites atomically) and request a halt by
 //! creating `<wave>.halt`.
 //!
-//! Waves under one state dir share `pools.redb`, the pool ledger
+//! Waves under one state dir share `pools.json`, the pool ledger
 //! ([`PoolLedger`]): each wave's hosts out of service per pool, so that
 //! concurrent waves over one pool never together exceed its reserve.
 
@@ -74,7 +74,7 @@ pub struct WavePaths {
     /// Evidence packets of this wave.
     pub evidence_dir: PathBuf,
     /// The pool ledger shared by every wave under the state dir.
-    pub pools_db: PathBuf,
+    pub pools: PathBuf,
     /// flock'd while one coordinator reads or changes the pool ledger.
     pub pools_lock: PathBuf,
 }
@@ -89,7 +89,7 @@ impl WavePaths {
             status: state_dir.join(format!("{wave}.status.json")),
             halt: state_dir.join(format!("{wave}.halt")),
             evidence_dir: state_dir.join(format!("{wave}.evidence")),
-            pools_db: state_dir.join("pools.redb"),
+            pools: state_dir.join("pools.json"),
             pools_lock: state_dir.join("pools.lock"),
         }
     }
@@ -538,21 +538,24 @@ pub fn clear_halt(paths: &WavePaths, seen: Option<&str>) -> Result<bool, StoreEr
 }
 
 /// Hosts out of service per pool, by wave: the ledger every wave under one
-/// state dir shares (`pools.redb`), so that concurrent waves over the same
+/// state dir shares (`pools.json`), so that concurrent waves over the same
 /// pool together stay within its reserve. A wave records its hosts out of
 /// service (in flight, or failed and left drained) before it starts
 /// another, under the ledger lock (`pools.lock`, flock), and reads the other
 /// waves' hosts as facts for the sequencer.
+///
+/// The file is replaced atomically but not fsynced (it changes at every
+/// dispatch round): a killed coordinator loses nothing, and after a machine
+/// crash a resumed wave rewrites its entry and a new wave's probe sees
+/// every host still drained.
 #[derive(Debug, Clone)]
 pub struct PoolLedger {
-    db: PathBuf,
+    file: PathBuf,
     lock: PathBuf,
 }
 
 /// One wave's entry: pool → hosts out of service.
 pub type LedgerEntry = BTreeMap<String, BTreeSet<String>>;
-
-const LEDGER: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("out_of_service");
 
 /// How often a coordinator waiting for the ledger lock tries again.
 const LEDGER_RETRY: std::time::Duration = std::time::Duration::from_millis(2);
@@ -561,7 +564,7 @@ impl PoolLedger {
     /// The ledger of the state dir of `paths`.
     pub fn new(paths: &WavePaths) -> Self {
         Self {
-            db: paths.pools_db.clone(),
+            file: paths.pools.clone(),
             lock: paths.pools_lock.clone(),
         }
     }
@@ -580,13 +583,25 @@ impl PoolLedger {
     }
 
     fn guard(&self, lock: Flock<File>) -> Result<LedgerGuard, StoreError> {
-        let db = Database::create(&self.db).map_err(|e| StoreError::Db {
-            path: self.db.clone(),
-            reason: e.to_string(),
-        })?;
+        let waves = match std::fs::read(&self.file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                path: self.file.clone(),
+                key: "pool ledger".into(),
+                reason: format!(
+                    "{e}; remove the file once no wave under this state dir is running"
+                ),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: self.file.clone(),
+                    source,
+                });
+            }
+        };
         Ok(LedgerGuard {
-            db,
-            path: self.db.clone(),
+            file: self.file.clone(),
+            waves,
             _lock: lock,
         })
     }
@@ -625,75 +640,50 @@ impl PoolLedger {
     }
 }
 
-/// The pool ledger, held.
+/// The pool ledger, held (read when taken).
 #[derive(Debug)]
 pub struct LedgerGuard {
-    // Declared before the lock: the database closes before it is released.
-    db: Database,
-    path: PathBuf,
+    file: PathBuf,
+    waves: BTreeMap<String, LedgerEntry>,
     _lock: Flock<File>,
 }
 
 impl LedgerGuard {
-    fn err(&self, e: impl std::fmt::Display) -> StoreError {
-        StoreError::Db {
-            path: self.path.clone(),
-            reason: e.to_string(),
-        }
-    }
-
     /// Every other wave's hosts out of service: pool → host → wave.
-    pub fn others(
-        &self,
-        wave: &str,
-    ) -> Result<BTreeMap<String, BTreeMap<String, String>>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let t = match tx.open_table(LEDGER) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeMap::new()),
-            Err(e) => return Err(self.err(e)),
-        };
+    pub fn others(&self, wave: &str) -> BTreeMap<String, BTreeMap<String, String>> {
         let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-        for row in t.iter().map_err(|e| self.err(e))? {
-            let (k, v) = row.map_err(|e| self.err(e))?;
-            let other = k.value().to_string();
+        for (other, entry) in &self.waves {
             if other == wave {
                 continue;
             }
-            let entry: LedgerEntry =
-                serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
-                    path: self.path.clone(),
-                    key: other.clone(),
-                    reason: e.to_string(),
-                })?;
             for (pool, hosts) in entry {
-                let p = out.entry(pool).or_default();
+                let p = out.entry(pool.clone()).or_default();
                 for h in hosts {
-                    p.insert(h, other.clone());
+                    p.insert(h.clone(), other.clone());
                 }
             }
         }
-        Ok(out)
+        out
     }
 
     /// Replace `wave`'s entry (an empty entry removes it).
-    pub fn set(&self, wave: &str, entry: &LedgerEntry) -> Result<(), StoreError> {
+    pub fn set(&mut self, wave: &str, entry: &LedgerEntry) -> Result<(), StoreError> {
         let entry: LedgerEntry = entry
             .iter()
             .filter(|(_, h)| !h.is_empty())
             .map(|(p, h)| (p.clone(), h.clone()))
             .collect();
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut t = tx.open_table(LEDGER).map_err(|e| self.err(e))?;
-            if entry.is_empty() {
-                t.remove(wave).map_err(|e| self.err(e))?;
-            } else {
-                let bytes = serde_json::to_vec(&entry).map_err(|e| self.err(e))?;
-                t.insert(wave, bytes.as_slice()).map_err(|e| self.err(e))?;
-            }
+        if entry.is_empty() {
+            self.waves.remove(wave);
+        } else {
+            self.waves.insert(wave.to_string(), entry);
         }
-        tx.commit().map_err(|e| self.err(e))
+        let bytes = serde_json::to_vec_pretty(&self.waves).map_err(|e| StoreError::Corrupt {
+            path: self.file.clone(),
+            key: wave.to_string(),
+            reason: e.to_string(),
+        })?;
+        replace_file(&self.file, &bytes, false)
     }
 }
 
@@ -704,6 +694,12 @@ impl LedgerGuard {
 /// `path`; then the directory is synced so the rename survives a crash.
 /// Every file the coordinator replaces goes through here.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    replace_file(path, bytes, true)
+}
+
+/// [`write_atomic`]; `sync: false` skips both fsyncs (for the pool ledger,
+/// rewritten at every dispatch round; see [`PoolLedger`]).
+fn replace_file(path: &Path, bytes: &[u8], sync: bool) -> Result<(), StoreError> {
     use std::os::unix::fs::PermissionsExt;
     let io = |source| StoreError::Io {
         path: path.to_path_buf(),
@@ -729,9 +725,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     tmp.as_file()
         .set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(io)?;
-    tmp.as_file().sync_all().map_err(io)?;
+    if sync {
+        tmp.as_file().sync_all().map_err(io)?;
+    }
     tmp.persist(path).map_err(|e| io(e.error))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io)
+    if sync {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -892,8 +893,8 @@ mod tests {
             e
         };
         {
-            let g = a.lock().await.unwrap();
-            assert!(g.others("a").unwrap().is_empty());
+            let mut g = a.lock().await.unwrap();
+            assert!(g.others("a").is_empty());
             g.set("a", &entry("p", &["h1", "h2"])).unwrap();
             // Held: another coordinator waits.
             assert!(
@@ -902,19 +903,24 @@ mod tests {
                     .is_err()
             );
         }
-        let g = b.lock().await.unwrap();
-        let others = g.others("b").unwrap();
+        let mut g = b.lock().await.unwrap();
+        let others = g.others("b");
         assert_eq!(others["p"].len(), 2);
         assert_eq!(others["p"]["h1"], "a");
-        assert!(
-            g.others("a").unwrap().is_empty(),
-            "its own entry is not another's"
-        );
+        assert!(g.others("a").is_empty(), "its own entry is not another's");
         g.set("b", &entry("p", &["h3"])).unwrap();
         g.set("a", &LedgerEntry::new()).unwrap();
         drop(g);
         let g = a.lock_blocking().unwrap();
-        let others = g.others("a").unwrap();
+        let others = g.others("a");
         assert_eq!(others["p"].keys().collect::<Vec<_>>(), ["h3"]);
+        drop(g);
+        // A damaged ledger stops dispatch with a clear error, never reads as empty.
+        std::fs::write(dir.path().join("pools.json"), b"{\"a\": [").unwrap();
+        let err = a.lock().await.unwrap_err().to_string();
+        assert!(
+            err.contains("pools.json") && err.contains("corrupt"),
+            "{err}"
+        );
     }
 }

@@ -319,7 +319,7 @@ impl Driver {
         let out_before = {
             let guard = PoolLedger::new(&self.store.paths).lock().await?;
             let mut out = self.probe().await;
-            let others = guard.others(&self.spec.wave_id)?;
+            let others = guard.others(&self.spec.wave_id);
             out.retain(|h, _| !others.values().any(|hosts| hosts.contains_key(h)));
             out
         };
@@ -630,8 +630,8 @@ impl Driver {
         // recorded, and when the other waves' were last read.
         let ledger = PoolLedger::new(&self.store.paths);
         let mut ledger_written: LedgerEntry = {
-            let guard = ledger.lock().await?;
-            state.others_out = ledger_counts(&guard.others(&self.spec.wave_id)?);
+            let mut guard = ledger.lock().await?;
+            state.others_out = ledger_counts(&guard.others(&self.spec.wave_id));
             let own = own_out(&plan, &state);
             guard.set(&self.spec.wave_id, &own)?;
             own
@@ -721,7 +721,7 @@ impl Driver {
                 && (wants_start || (others_hold && ledger_read.elapsed() >= self.poll_interval))
             {
                 let guard = ledger.lock().await?;
-                state.others_out = ledger_counts(&guard.others(&self.spec.wave_id)?);
+                state.others_out = ledger_counts(&guard.others(&self.spec.wave_id));
                 ledger_read = Instant::now();
                 steps = plan::next_steps(&plan, &state);
                 ledger_guard = Some(guard);
@@ -844,7 +844,7 @@ impl Driver {
                     Step::Done => done = true,
                 }
             }
-            if let Some(guard) = ledger_guard.take()
+            if let Some(mut guard) = ledger_guard.take()
                 && !starts.is_empty()
             {
                 // Write ahead: the started hosts are in the ledger before

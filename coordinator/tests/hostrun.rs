@@ -477,15 +477,7 @@ async fn two_waves_over_one_pool_never_take_more_than_its_reserve_out_together()
     let ledger = ringfence_coordinator::store::PoolLedger::new(
         &ringfence_coordinator::store::WavePaths::new(dir.path(), "wave-c"),
     );
-    assert!(
-        ledger
-            .lock()
-            .await
-            .unwrap()
-            .others("wave-c")
-            .unwrap()
-            .is_empty()
-    );
+    assert!(ledger.lock().await.unwrap().others("wave-c").is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
