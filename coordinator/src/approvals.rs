@@ -323,6 +323,8 @@ pub struct BreakGlassGrant {
     pub reason: String,
     /// Distinct approvers.
     pub approvers: Vec<String>,
+    /// Expiry, ms since the epoch (a running wave falls back to the reserve then).
+    pub expires_at_ms: i64,
 }
 
 /// Verify a break-glass envelope for `wave`: approver signatures meeting the
@@ -370,5 +372,6 @@ pub fn check_breakglass(
         max_out: bg.max_out,
         reason: bg.reason,
         approvers: ids,
+        expires_at_ms: bg.expires_at_unix_ms,
     })
 }

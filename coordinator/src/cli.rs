@@ -267,6 +267,9 @@ enum BreakglassCommand {
         /// Validity, hours.
         #[arg(long, default_value_t = 12)]
         ttl_h: u64,
+        /// Inventory: refuse a pool it does not have, or a max-out above the pool's size.
+        #[arg(long)]
+        inventory: Option<PathBuf>,
     },
 }
 
@@ -526,11 +529,14 @@ fn break_glass(
     files: &[PathBuf],
     trust: &TrustSet,
     wave: &str,
+    inv: &Inventory,
 ) -> Result<Vec<(approvals::BreakGlassGrant, pb::Envelope)>, Failure> {
     let mut out = Vec::new();
     for f in files {
         let env = approvals::read_file(f).map_err(config_err)?;
         let grant = approvals::check_breakglass(&env, trust, wave, ringfence::time::now_ms())
+            .map_err(|e| config_err(format!("break-glass {}: {e}", f.display())))?;
+        crate::plan::check_break_glass(inv, &grant.pool, grant.max_out)
             .map_err(|e| config_err(format!("break-glass {}: {e}", f.display())))?;
         println!(
             "break-glass in force: pool {} max_out {} ({}; approvers {})",
@@ -648,7 +654,7 @@ async fn wave_cmd(config: Option<&Path>, cmd: WaveCommand) -> Result<(), Failure
             let env = env(config)?;
             let inv = Inventory::load(&inventory).map_err(config_err)?;
             let (spec, text) = parse_spec(&spec)?;
-            let bg = break_glass(&bg, &env.trust, &spec.wave_id)?;
+            let bg = break_glass(&bg, &env.trust, &spec.wave_id, &inv)?;
             let store = Arc::new(
                 WaveStore::open(&env.settings.state_dir, &spec.wave_id).map_err(config_err)?,
             );
@@ -679,6 +685,11 @@ async fn wave_cmd(config: Option<&Path>, cmd: WaveCommand) -> Result<(), Failure
             break_glass: bg,
         } => {
             let env = env(config)?;
+            // The resume begins here: a halt requested from now on stands.
+            let seen_halt = crate::store::halt_request(&crate::store::WavePaths::new(
+                &env.settings.state_dir,
+                &w,
+            ));
             let inv = Inventory::load(&inventory).map_err(config_err)?;
             if !skip.is_empty() && reason.as_deref().is_none_or(str::is_empty) {
                 return Err(config_err("--skip needs --reason \"...\""));
@@ -696,7 +707,7 @@ async fn wave_cmd(config: Option<&Path>, cmd: WaveCommand) -> Result<(), Failure
             let spec =
                 WaveSpec::from_source(&Source::from_text(format!("<stored spec of {w}>"), text))
                     .map_err(config_err)?;
-            let bg = break_glass(&bg, &env.trust, &w)?;
+            let bg = break_glass(&bg, &env.trust, &w, &inv)?;
             let reporter = Reporter::new(json);
             let conn = Arc::new(connector(&env, &inv));
             let skip: Vec<(String, String)> = skip
@@ -713,7 +724,7 @@ async fn wave_cmd(config: Option<&Path>, cmd: WaveCommand) -> Result<(), Failure
                 reporter.clone(),
                 bg,
             )?;
-            outcome(d.resume(&retry, &skip).await, &reporter)
+            outcome(d.resume_after(&retry, &skip, seen_halt).await, &reporter)
         }
         WaveCommand::Rollback {
             wave: w,
@@ -820,12 +831,14 @@ async fn wave_cmd(config: Option<&Path>, cmd: WaveCommand) -> Result<(), Failure
         }
         WaveCommand::Halt { wave: w } => {
             let settings = Settings::load(config).map_err(config_err)?;
+            if !WaveStore::exists(&settings.state_dir, &w) {
+                return Err(config_err(crate::store::StoreError::NoSuchWave {
+                    wave: w,
+                    dir: settings.state_dir.clone(),
+                }));
+            }
             let paths = crate::store::WavePaths::new(&settings.state_dir, &w);
-            crate::store::write_atomic(
-                &paths.halt,
-                format!("halt requested at {}\n", ringfence::time::now_ms()).as_bytes(),
-            )
-            .map_err(failed)?;
+            crate::store::request_halt(&paths, ringfence::time::now_ms()).map_err(failed)?;
             println!(
                 "halt requested for wave {w}: no new host starts; hosts in flight finish their current step"
             );
@@ -933,7 +946,21 @@ fn breakglass(cmd: BreakglassCommand) -> Result<(), Failure> {
             out,
             add_to,
             ttl_h,
+            inventory,
         } => {
+            if let Some(inv) = &inventory {
+                let inv = Inventory::load(inv).map_err(config_err)?;
+                let (pool, max_out) = if add_to {
+                    // Check what is countersigned, not the flags.
+                    let env = approvals::read_file(&out).map_err(config_err)?;
+                    let bg: pb::BreakGlass = prost::Message::decode(env.payload.as_slice())
+                        .map_err(|e| config_err(format!("{}: {e}", out.display())))?;
+                    (bg.pool, bg.max_out)
+                } else {
+                    (pool.clone(), max_out)
+                };
+                crate::plan::check_break_glass(&inv, &pool, max_out).map_err(config_err)?;
+            }
             let signing = ringfence::keys::read_signing_key(&key).map_err(config_err)?;
             let key_id = ringfence::keys::fingerprint(&signing.verifying_key());
             if add_to {
