@@ -11,6 +11,7 @@
 //! cert = "/etc/ringfence/tls/ops-coordinator.pem" # spiffe://<td>/ops/<name>
 //! key = "/etc/ringfence/tls/ops-coordinator.key"
 //! ca_bundle = "/etc/ringfence/tls/ca.pem"
+//! crl = "/etc/ringfence/tls/crl.pem"            # optional: agents' certificates checked against it
 //! [timeouts]
 //! connect_s = 5                                   # TCP+TLS connect to one agent
 //! rpc_s = 30                                      # one RPC
@@ -45,6 +46,26 @@ pub struct Tls {
     pub key: PathBuf,
     /// PEM CA bundle agents' certificates chain to.
     pub ca_bundle: PathBuf,
+    /// Optional PEM CRL(s) of the fleet CA (and any intermediate): an agent
+    /// whose certificate, or a CA above it, is revoked is refused. Expired
+    /// CRLs and CRLs without nextUpdate are refused when loaded.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
+}
+
+impl Tls {
+    /// The operator's client identity: certificate, key, CA bundle and,
+    /// when `crl` is set, the CRL agents' certificates are checked against.
+    pub fn client_identity(
+        &self,
+    ) -> Result<ringfence::tls::ClientIdentity, ringfence::tls::TlsError> {
+        let identity =
+            ringfence::tls::ClientIdentity::load(&self.cert, &self.key, &self.ca_bundle)?;
+        match &self.crl {
+            Some(crl) => identity.with_crl_file(crl),
+            None => Ok(identity),
+        }
+    }
 }
 
 /// Network timeouts.
