@@ -1782,6 +1782,64 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
+    /// The one size budget holds a SignedTask at every verifier limit: a
+    /// task and MAX_APPROVALS approvals at their payload limits, each with
+    /// MAX_SIGNATURES signatures whose key ids are as long as a payload type.
+    #[test]
+    fn size_budget_fits_the_largest_acceptable_signed_task() {
+        use crate::envelope::{
+            APPROVAL_TYPE, MAX_APPROVAL_PAYLOAD, MAX_APPROVALS, MAX_SIGNATURES, MAX_TASK_PAYLOAD,
+            MAX_TYPE_LEN,
+        };
+        use prost::Message;
+        let env = |payload: usize| crate::pb::Envelope {
+            payload_type: "t".repeat(MAX_TYPE_LEN),
+            payload: vec![0xff; payload],
+            signatures: (0..MAX_SIGNATURES)
+                .map(|_| crate::pb::Signature {
+                    key_id: "k".repeat(MAX_TYPE_LEN),
+                    sig: vec![0xff; 64],
+                })
+                .collect(),
+        };
+        let largest = crate::pb::SignedTask {
+            task: Some(env(MAX_TASK_PAYLOAD)),
+            approvals: (0..MAX_APPROVALS)
+                .map(|_| env(MAX_APPROVAL_PAYLOAD))
+                .collect(),
+        };
+        let len = largest.encoded_len();
+        assert!(
+            len <= MAX_SIGNED_TASK_BYTES,
+            "{len} > {MAX_SIGNED_TASK_BYTES}"
+        );
+        // ...and not far above it: the budget is the verifier's, not a guess.
+        assert!(
+            MAX_SIGNED_TASK_BYTES - len < 64 * 1024,
+            "{len} vs {MAX_SIGNED_TASK_BYTES}"
+        );
+        assert!(APPROVAL_TYPE.len() <= MAX_TYPE_LEN);
+    }
+
+    #[test]
+    fn malformed_request_statuses_are_mapped() {
+        let decode = Status::internal("failed to decode Protobuf message: buffer underflow");
+        let kind = classify_request_error(&decode).unwrap();
+        let s = request_error_status(kind, &decode, SUBMIT_TASK_PATH);
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert_eq!(crate::status::rejected_check(&s).as_deref(), Some("decode"));
+        let big = Status::out_of_range(
+            "Error, decoded message length too large: found 9 bytes, the limit is: 1 bytes",
+        );
+        let kind = classify_request_error(&big).unwrap();
+        let s = request_error_status(kind, &big, "/ringfence.v1.Agent/GetTask");
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(crate::status::rejected_check(&s), None);
+        // A handler's own statuses pass untouched.
+        assert_eq!(classify_request_error(&Status::internal("journal")), None);
+        assert_eq!(classify_request_error(&Status::out_of_range("page")), None);
+    }
+
     #[test]
     fn endpoints_parse_to_authority() {
         assert_eq!(authority_of("10.0.0.1:7443").unwrap(), "10.0.0.1:7443");
