@@ -118,7 +118,9 @@ fn load_trust_and_tls(
     config: &AgentConfig,
 ) -> Result<(TrustSet, ReloadableServerConfig), DaemonError> {
     let trust = TrustSet::load(&config.trust_file)?;
-    let tls = ReloadableServerConfig::load(
+    // The certificate must be this host's (SPIFFE id and DNS name), at
+    // start and at every reload.
+    let tls = ReloadableServerConfig::load_for_host(
         ServerTlsPaths {
             cert: config.tls.cert.clone(),
             key: config.tls.key.clone(),
@@ -126,6 +128,7 @@ fn load_trust_and_tls(
             crl: config.tls.crl.clone(),
         },
         &config.tls.trust_domain,
+        &config.host_id,
     )?;
     Ok((trust, tls))
 }
@@ -310,7 +313,7 @@ pub async fn serve(
         source,
     })?;
     if opts.sighup {
-        ringfence::tls::spawn_sighup_reloader(prep.tls.clone())?;
+        spawn_reloader(prep.tls.clone(), engine.clone(), cfg.trust_file.clone())?;
     }
 
     // Poll loop: fresh report every interval and whenever draining changes.
@@ -367,10 +370,49 @@ pub async fn serve(
             Err(e) => tracing::error!(error = %e, "journal sync failed at shutdown"),
         }
     };
-    let result = ringfence::tls::serve(listener, prep.tls, routes, stop).await;
+    let result = ringfence::tls::serve_with_limits(
+        listener,
+        prep.tls,
+        routes,
+        ringfence::tls::ServeLimits::default(),
+        stop,
+    )
+    .await;
     poll.abort();
     result?;
     Ok(stopped.lock().map(|s| *s).unwrap_or(Stopped::Shutdown))
+}
+
+/// On every SIGHUP: reload the TLS material (certificates, CA bundle, CRL;
+/// open connections of clients the new CRL revokes are closed) and the trust
+/// file (coordinator, approver and revoked keys; the next task is verified
+/// against it). A file that fails to load keeps the last good one in force
+/// and the error is logged. The handler is registered before this returns.
+fn spawn_reloader(
+    tls: ReloadableServerConfig,
+    engine: TaskEngine,
+    trust_file: PathBuf,
+) -> Result<(), DaemonError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).map_err(ringfence::tls::TlsError::Signal)?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading TLS material and the trust file");
+            // reload() logs its own failure; the old config keeps serving.
+            let _ = tls.reload();
+            let path = trust_file.clone();
+            match tokio::task::spawn_blocking(move || TrustSet::load(&path)).await {
+                Ok(Ok(trust)) => {
+                    engine.set_trust(trust);
+                    tracing::info!(path = %trust_file.display(), "trust file reloaded");
+                }
+                Ok(Err(e)) => tracing::error!(error = %e,
+                    "trust file reload failed; still using the previous trust file"),
+                Err(e) => tracing::error!(error = %e, "trust file reload panicked"),
+            }
+        }
+    });
+    Ok(())
 }
 
 async fn set_serving(reporter: &tonic_health::server::HealthReporter, serving: bool) {

@@ -254,7 +254,10 @@ impl AgentRouter {
     /// Route the RPCs of `service`.
     pub fn new(service: AgentService) -> Self {
         Self {
-            generated: AgentServer::new(service.clone()),
+            // One size budget: the decode limit is the largest SignedTask
+            // the verifier accepts (README "Transport limits").
+            generated: AgentServer::new(service.clone())
+                .max_decoding_message_size(ringfence::tls::MAX_SIGNED_TASK_BYTES),
             service,
         }
     }

@@ -661,3 +661,195 @@ async fn check_config_writes_nothing_to_the_state_dir() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+// ------------------------------------- issue 13: revocation and limits
+
+/// A trust file with the test coordinator key and, optionally, that key revoked.
+fn trust_toml(host: &Host, revoke_coordinator: bool) -> String {
+    let key = ringfence::keys::public_key_text(&host.coord.verifying_key());
+    let mut text = format!(
+        "[policy]\nprotected_rings = [2, 3, 4]\napprover_threshold = 1\n\n[[coordinator]]\nid = \"coord-test\"\nkey = \"{key}\"\n"
+    );
+    if revoke_coordinator {
+        text.push_str(&format!(
+            "\n[[revoked]]\nid = \"coord-test-stolen\"\nkey = \"{key}\"\n"
+        ));
+    }
+    text
+}
+
+/// SIGHUP reloads the trust file: a coordinator key revoked in it is refused
+/// (`revoked_key`) without a restart; a broken file keeps the last good one
+/// in force and says why in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_trust_file_and_a_revoked_coordinator_key_is_refused() {
+    let host = Host::new("gpu-trust-reload", HostOpts::default());
+    let mut agent = host.spawn();
+    host.wait_listening(&mut agent).await;
+    let mut client = host.client().await;
+    client
+        .submit_task(host.task("t-before", 1, drain("before")))
+        .await
+        .unwrap();
+
+    // A broken trust file: the last good one stays in force.
+    std::fs::write(host.path("trust.toml"), "[[coordinator]]\nid = 7\n").unwrap();
+    agent.signal(Signal::SIGHUP);
+    poll("the failed trust reload is logged", TASK_LIMIT, || async {
+        host.log()
+            .contains("trust file reload failed")
+            .then_some(())
+    })
+    .await;
+    assert!(host.log().contains("trust.toml"), "{}", host.log());
+    client
+        .submit_task(host.task("t-broken-file", 2, drain("still trusted")))
+        .await
+        .unwrap();
+
+    // The coordinator key is revoked: the next task signed by it is refused.
+    std::fs::write(host.path("trust.toml"), trust_toml(&host, true)).unwrap();
+    agent.signal(Signal::SIGHUP);
+    let mut seq = 3;
+    let refused = poll("a task by the revoked key is refused", TASK_LIMIT, || {
+        seq += 1;
+        let task = host.task(&format!("t-revoked-{seq}"), seq, drain("revoked"));
+        let mut c = client.clone();
+        async move { c.submit_task(task).await.err() }
+    })
+    .await;
+    assert_eq!(
+        ringfence::status::rejected_check(&refused).as_deref(),
+        Some("revoked_key"),
+        "{refused:?}"
+    );
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(
+        agent.try_status().is_none(),
+        "SIGHUP must not stop the agent"
+    );
+}
+
+/// A client with an open connection, making calls, is revoked by a new CRL
+/// and the agent gets SIGHUP: its next call on the same channel fails, and
+/// another client's connection keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_a_new_crl_closes_a_revoked_clients_open_connection() {
+    let host = Host::new("gpu-crl-reload", HostOpts::default());
+    host.use_crl(&host.pki.fresh_crl(&[]).unwrap());
+    let mut agent = host.spawn();
+    host.wait_listening(&mut agent).await;
+    let mallory = host
+        .pki
+        .issue(ringfence::spiffe::Role::Ops, "mallory")
+        .unwrap();
+    let mut m = host.client_as(&mallory).await;
+    let mut ops = host.client().await;
+    for _ in 0..3 {
+        m.get_identity(pb::GetIdentityRequest {}).await.unwrap();
+    }
+
+    host.write_crl(&host.pki.fresh_crl(&[&mallory]).unwrap());
+    agent.signal(Signal::SIGHUP);
+    poll(
+        "the revoked client's open channel fails",
+        TASK_LIMIT,
+        || {
+            let mut m = m.clone();
+            async move { m.get_identity(pb::GetIdentityRequest {}).await.err() }
+        },
+    )
+    .await;
+    assert!(m.get_identity(pb::GetIdentityRequest {}).await.is_err());
+    ops.get_identity(pb::GetIdentityRequest {}).await.unwrap();
+    assert!(host.log().contains("mallory"), "{}", host.log());
+}
+
+/// The agent's certificate must name its `host_id` (SPIFFE id and DNS
+/// name): a certificate of another host stops the start with exit 3 (config
+/// error), naming both, before anything binds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_of_another_host_refuses_to_start_with_exit_3() {
+    let host = Host::new("gpu-named", HostOpts::default());
+    host.write_host_cert(
+        &host
+            .pki
+            .issue(ringfence::spiffe::Role::Host, "gpu-other")
+            .unwrap(),
+    );
+    let _port = std::net::TcpListener::bind(host.listen).unwrap();
+    let mut agent = host.spawn();
+    let status = agent.wait_exit(START_LIMIT).await;
+    let log = host.log();
+    assert_eq!(status.code(), Some(3), "{status}; log:\n{log}");
+    assert!(log.contains("gpu-other"), "{log}");
+    assert!(log.contains("not this host `gpu-named`"), "{log}");
+
+    // `check-config` says the same.
+    let out = host.command().arg("check-config").output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not this host"),
+        "{out:?}"
+    );
+}
+
+/// Malformed requests answer like the README's table says: bytes that are
+/// not a SignedTask → INVALID_ARGUMENT (`decode`), a request over the size
+/// budget → RESOURCE_EXHAUSTED (`size`); a SignedTask under the budget but
+/// over tonic's default 4 MiB reaches the verifier (one budget end to end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_signed_tasks_answer_invalid_argument_and_resource_exhausted() {
+    use prost::Message;
+    const SUBMIT: &str = "/ringfence.v1.Agent/SubmitTask";
+    let host = Host::new("gpu-limits", HostOpts::default());
+    let mut agent = host.spawn();
+    host.wait_listening(&mut agent).await;
+    let channel = host.ops_channel().await;
+
+    let st = raw_unary(channel.clone(), SUBMIT, vec![0x0a, 0x64, 0x01])
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
+    assert_eq!(
+        ringfence::status::rejected_check(&st).as_deref(),
+        Some("decode")
+    );
+
+    let st = raw_unary(
+        channel.clone(),
+        SUBMIT,
+        vec![0u8; ringfence::tls::MAX_SIGNED_TASK_BYTES + 1],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::ResourceExhausted, "{st:?}");
+    assert_eq!(
+        ringfence::status::rejected_check(&st).as_deref(),
+        Some("size")
+    );
+
+    // 5 MiB of approvals, each within the approval payload limit.
+    let mut task = host.task("t-big", 1, drain("big"));
+    task.approvals = (0..5)
+        .map(|_| pb::Envelope {
+            payload_type: ringfence::envelope::APPROVAL_TYPE.into(),
+            payload: vec![0u8; 1024 * 1024],
+            signatures: vec![],
+        })
+        .collect();
+    let body = task.encode_to_vec();
+    assert!(body.len() > 4 * 1024 * 1024);
+    match raw_unary(channel, SUBMIT, body).await {
+        Ok(_) => {}
+        Err(st) => assert!(
+            ringfence::status::rejected_check(&st).is_some()
+                && !matches!(
+                    st.code(),
+                    tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+                ),
+            "a SignedTask within the budget was refused by the transport: {st:?}"
+        ),
+    }
+    assert!(agent.try_status().is_none());
+}

@@ -366,12 +366,7 @@ struct Env {
 fn env(config: Option<&Path>) -> Result<Env, Failure> {
     let settings = Settings::load(config).map_err(config_err)?;
     let trust = TrustSet::load(&settings.trust_file).map_err(config_err)?;
-    let identity = ringfence::tls::ClientIdentity::load(
-        &settings.tls.cert,
-        &settings.tls.key,
-        &settings.tls.ca_bundle,
-    )
-    .map_err(config_err)?;
+    let identity = settings.tls.client_identity().map_err(config_err)?;
     Ok(Env {
         settings,
         trust,

@@ -11,6 +11,7 @@
 //! cert = "/etc/ringfence/tls/ops-coordinator.pem" # spiffe://<td>/ops/<name>
 //! key = "/etc/ringfence/tls/ops-coordinator.key"
 //! ca_bundle = "/etc/ringfence/tls/ca.pem"
+//! crl = "/etc/ringfence/tls/crl.pem"            # optional: agents' certificates checked against it
 //! [timeouts]
 //! connect_s = 5                                   # TCP+TLS connect to one agent
 //! rpc_s = 30                                      # one RPC
@@ -45,6 +46,26 @@ pub struct Tls {
     pub key: PathBuf,
     /// PEM CA bundle agents' certificates chain to.
     pub ca_bundle: PathBuf,
+    /// Optional PEM CRL(s) of the fleet CA (and any intermediate): an agent
+    /// whose certificate, or a CA above it, is revoked is refused. Expired
+    /// CRLs and CRLs without nextUpdate are refused when loaded.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
+}
+
+impl Tls {
+    /// The operator's client identity: certificate, key, CA bundle and,
+    /// when `crl` is set, the CRL agents' certificates are checked against.
+    pub fn client_identity(
+        &self,
+    ) -> Result<ringfence::tls::ClientIdentity, ringfence::tls::TlsError> {
+        let identity =
+            ringfence::tls::ClientIdentity::load(&self.cert, &self.key, &self.ca_bundle)?;
+        match &self.crl {
+            Some(crl) => identity.with_crl_file(crl),
+            None => Ok(identity),
+        }
+    }
 }
 
 /// Network timeouts.
@@ -116,5 +137,55 @@ impl Settings {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_PATHS[0])),
         };
         Source::read(&path)?.parse()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    const BASE: &str = "[signing]\nkey = \"/k\"\nkey_id = \"c\"\n[tls]\ncert = \"/c.pem\"\nkey = \"/c.key\"\nca_bundle = \"/ca.pem\"\n";
+
+    #[test]
+    fn tls_crl_is_optional_and_loaded_with_the_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ringfence.toml");
+        std::fs::write(&path, BASE).unwrap();
+        assert_eq!(Settings::load(Some(&path)).unwrap().tls.crl, None);
+
+        ringfence::tls::install_crypto_provider();
+        let pki = ringfence::pki::TestPki::new("fleet.test").unwrap();
+        let ops = pki.issue(ringfence::spiffe::Role::Ops, "coord").unwrap();
+        let file = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let tls = Tls {
+            cert: file("ops.pem", &ops.cert_pem),
+            key: file("ops.key", &ops.key_pem),
+            ca_bundle: file("ca.pem", pki.ca_pem()),
+            crl: Some(file("crl.pem", &pki.fresh_crl(&[]).unwrap())),
+        };
+        let text = format!(
+            "[signing]\nkey = \"/k\"\nkey_id = \"c\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nca_bundle = \"{}\"\ncrl = \"{}\"\n",
+            tls.cert.display(),
+            tls.key.display(),
+            tls.ca_bundle.display(),
+            tls.crl.as_ref().unwrap().display()
+        );
+        std::fs::write(&path, text).unwrap();
+        let loaded = Settings::load(Some(&path)).unwrap();
+        assert_eq!(loaded.tls.crl, tls.crl);
+        loaded.tls.client_identity().unwrap();
+
+        // A CRL without nextUpdate is refused, naming the file.
+        file("crl.pem", &pki.crl_without_next_update(&[]).unwrap());
+        let err = loaded.tls.client_identity().unwrap_err().to_string();
+        assert!(
+            err.contains("crl.pem") && err.contains("nextUpdate"),
+            "{err}"
+        );
     }
 }

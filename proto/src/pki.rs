@@ -176,6 +176,8 @@ pub struct LeafSpec {
     pub extra_uri: Option<String>,
     /// Mark the leaf CA:TRUE (breaks the "leaf not a CA" rule).
     pub is_ca: bool,
+    /// DNS SANs; `None` = hosts get `DNS:<name>`, others none.
+    pub dns_names: Option<Vec<String>>,
 }
 
 impl LeafSpec {
@@ -190,6 +192,7 @@ impl LeafSpec {
             trust_domain: None,
             extra_uri: None,
             is_ca: false,
+            dns_names: None,
         }
     }
 }
@@ -232,8 +235,14 @@ fn issue_leaf(
     dn.push(DnType::CommonName, spec.name.clone());
     params.distinguished_name = dn;
     let mut sans = Vec::new();
-    if spec.role == Role::Host {
-        sans.push(SanType::DnsName(ia5(spec.name.clone())?));
+    match &spec.dns_names {
+        Some(names) => {
+            for n in names {
+                sans.push(SanType::DnsName(ia5(n.clone())?));
+            }
+        }
+        None if spec.role == Role::Host => sans.push(SanType::DnsName(ia5(spec.name.clone())?)),
+        None => {}
     }
     sans.push(SanType::URI(ia5(id.to_string())?));
     if let Some(extra) = &spec.extra_uri {
@@ -580,8 +589,14 @@ fn read_revoked(path: &Path) -> Result<Vec<(String, SystemTime)>, PkiError> {
 /// An in-memory CA for tests, the demo and the benchmarks.
 pub struct TestPki {
     issuer: Issuer<'static, KeyPair>,
+    /// The trust anchor (the root, also for an intermediate's TestPki).
     ca_pem: String,
     trust_domain: String,
+    /// PEM of the CA certificates between the leaves and the root
+    /// (empty for the root itself); appended to every issued certificate.
+    chain_pem: String,
+    /// Serial of this CA's own certificate, lowercase hex.
+    ca_serial: String,
 }
 
 impl std::fmt::Debug for TestPki {
@@ -597,11 +612,14 @@ impl TestPki {
     pub fn new(trust_domain: &str) -> Result<Self, PkiError> {
         SpiffeId::new(trust_domain, Role::Ops, "ca")?;
         let now = SystemTime::now();
-        let params = ca_params(
+        let mut params = ca_params(
             trust_domain,
             now - Duration::from_secs(3600),
             now + DAY * CA_VALIDITY_DAYS as u32,
         );
+        // Room for one intermediate CA below (see `intermediate`).
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+        let ca_serial = serial_hex(&params);
         let key = KeyPair::generate().map_err(rcgen_err("generate the CA key"))?;
         let cert = params
             .self_signed(&key)
@@ -610,7 +628,41 @@ impl TestPki {
             issuer: Issuer::new(params, key),
             ca_pem: cert.pem(),
             trust_domain: trust_domain.to_string(),
+            chain_pem: String::new(),
+            ca_serial,
         })
+    }
+
+    /// An intermediate CA signed by this one. Certificates it issues carry
+    /// the intermediate in their PEM chain; [`ca_pem`](Self::ca_pem) stays
+    /// the root (the bundle peers trust). Revoke it with this CA's
+    /// [`crl_serials`](Self::crl_serials) and [`ca_serial`](Self::ca_serial)
+    /// of the intermediate.
+    pub fn intermediate(&self) -> Result<TestPki, PkiError> {
+        let now = SystemTime::now();
+        let mut params = ca_params(
+            &self.trust_domain,
+            now - Duration::from_secs(3600),
+            now + DAY * 365,
+        );
+        params.use_authority_key_identifier_extension = true;
+        let ca_serial = serial_hex(&params);
+        let key = KeyPair::generate().map_err(rcgen_err("generate the intermediate key"))?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(rcgen_err("sign the intermediate CA"))?;
+        Ok(Self {
+            issuer: Issuer::new(params, key),
+            ca_pem: self.ca_pem.clone(),
+            trust_domain: self.trust_domain.clone(),
+            chain_pem: format!("{}{}", cert.pem(), self.chain_pem),
+            ca_serial,
+        })
+    }
+
+    /// The serial of this CA's own certificate, lowercase hex.
+    pub fn ca_serial(&self) -> &str {
+        &self.ca_serial
     }
 
     /// The CA certificate PEM (the CA bundle).
@@ -630,7 +682,79 @@ impl TestPki {
 
     /// A certificate shaped by `spec` (expired, two URI SANs, CA:TRUE, other trust domain…).
     pub fn issue_spec(&self, spec: &LeafSpec) -> Result<IssuedPem, PkiError> {
-        issue_leaf(&self.issuer, &self.trust_domain, spec)
+        let mut issued = issue_leaf(&self.issuer, &self.trust_domain, spec)?;
+        issued.cert_pem.push_str(&self.chain_pem);
+        Ok(issued)
+    }
+
+    /// A CRL of this CA revoking the given serials (lowercase hex), e.g. an
+    /// intermediate's [`ca_serial`](Self::ca_serial).
+    pub fn crl_serials(
+        &self,
+        serials: &[&str],
+        this_update: SystemTime,
+        next_update: SystemTime,
+    ) -> Result<String, PkiError> {
+        let entries: Vec<(String, SystemTime)> = serials
+            .iter()
+            .map(|s| (s.to_string(), this_update))
+            .collect();
+        crl_pem(&self.issuer, &entries, this_update, next_update)
+    }
+
+    /// A correctly signed CRL of this CA that has no nextUpdate field (such
+    /// a CRL never goes stale, so ringfence refuses it).
+    pub fn crl_without_next_update(&self, revoked: &[&IssuedPem]) -> Result<String, PkiError> {
+        use base64::Engine;
+        use rcgen::SigningKey;
+        let pem = self.fresh_crl(revoked)?;
+        let bad = |reason: &str| PkiError::Invalid {
+            path: PathBuf::from("(in-memory CRL)"),
+            reason: reason.to_string(),
+        };
+        let der: rustls::pki_types::CertificateRevocationListDer<'static> =
+            rustls::pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
+                .map_err(|e| bad(&e.to_string()))?;
+        let outer = der_items(der_content(&der).ok_or_else(|| bad("outer SEQUENCE"))?)
+            .ok_or_else(|| bad("CertificateList"))?;
+        let [tbs, sig_alg, _sig] = outer.as_slice() else {
+            return Err(bad("CertificateList must have 3 fields"));
+        };
+        let fields = der_items(der_content(tbs).ok_or_else(|| bad("tbsCertList"))?)
+            .ok_or_else(|| bad("tbsCertList fields"))?;
+        // version, signature, issuer, thisUpdate, [nextUpdate], ...: drop
+        // the second time (UTCTime 0x17 / GeneralizedTime 0x18).
+        let mut times = 0;
+        let mut body = Vec::new();
+        for f in fields {
+            if matches!(f.first(), Some(0x17 | 0x18)) {
+                times += 1;
+                if times == 2 {
+                    continue;
+                }
+            }
+            body.extend_from_slice(f);
+        }
+        let tbs = der_tlv(0x30, &body);
+        let sig = self
+            .issuer
+            .key()
+            .sign(&tbs)
+            .map_err(rcgen_err("sign the CRL"))?;
+        let mut bits = vec![0u8];
+        bits.extend_from_slice(&sig);
+        let mut list = tbs;
+        list.extend_from_slice(sig_alg);
+        list.extend_from_slice(&der_tlv(0x03, &bits));
+        let out = der_tlv(0x30, &list);
+        let b64 = base64::engine::general_purpose::STANDARD.encode(out);
+        let mut text = String::from("-----BEGIN X509 CRL-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            text.push_str(&String::from_utf8_lossy(line));
+            text.push('\n');
+        }
+        text.push_str("-----END X509 CRL-----\n");
+        Ok(text)
     }
 
     /// A CRL PEM revoking `revoked`, with the given update times.
@@ -652,4 +776,66 @@ impl TestPki {
         let now = SystemTime::now();
         self.crl(revoked, now - Duration::from_secs(60), now + DAY * 7)
     }
+}
+
+fn serial_hex(params: &CertificateParams) -> String {
+    params
+        .serial_number
+        .as_ref()
+        .map(|s| hex::encode(s.to_bytes()))
+        .unwrap_or_default()
+}
+
+/// The content of one DER TLV (which must span all of `tlv`).
+fn der_content(tlv: &[u8]) -> Option<&[u8]> {
+    let (hdr, len) = der_header(tlv)?;
+    (hdr + len == tlv.len()).then(|| &tlv[hdr..])
+}
+
+/// Header length and content length of the TLV at the start of `b`.
+fn der_header(b: &[u8]) -> Option<(usize, usize)> {
+    let first = *b.get(1)?;
+    if first < 0x80 {
+        return Some((2, usize::from(first)));
+    }
+    let n = usize::from(first & 0x7f);
+    if n == 0 || n > 4 {
+        return None;
+    }
+    let mut len = 0usize;
+    for i in 0..n {
+        len = (len << 8) | usize::from(*b.get(2 + i)?);
+    }
+    Some((2 + n, len))
+}
+
+/// The whole TLVs (header included) one after another in `content`.
+fn der_items(mut content: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut out = Vec::new();
+    while !content.is_empty() {
+        let (hdr, len) = der_header(content)?;
+        let end = hdr.checked_add(len)?;
+        if end > content.len() {
+            return None;
+        }
+        out.push(&content[..end]);
+        content = &content[end..];
+    }
+    Some(out)
+}
+
+/// Encode one DER TLV.
+fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    let len = content.len();
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes = len.to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count();
+        out.push(0x80 | (bytes.len() - skip) as u8);
+        out.extend_from_slice(&bytes[skip..]);
+    }
+    out.extend_from_slice(content);
+    out
 }

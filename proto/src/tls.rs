@@ -5,19 +5,21 @@
 //!
 //! TLS 1.3 only, rustls with the ring provider. There is no plaintext mode.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use futures_util::future::{Either, Ready, ready};
+use futures_util::task::AtomicWaker;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -33,7 +35,7 @@ use rustls::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tonic::Status;
 use tonic::service::Routes;
@@ -50,6 +52,68 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the server waits for a TLS handshake before dropping the socket,
 /// so a silent peer cannot hold an accept slot forever.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Protobuf framing allowance per length-delimited field: a tag byte and a
+/// length varint of at most 10 bytes.
+const FIELD_OVERHEAD: usize = 11;
+/// Longest `key_id` hint counted per signature in [`MAX_SIGNED_TASK_BYTES`]
+/// (the same bound as a payload type).
+const KEY_ID_BUDGET: usize = crate::envelope::MAX_TYPE_LEN;
+/// One signature: key id, the 64-byte ed25519 signature, framing.
+const SIGNATURE_BUDGET: usize = 3 * FIELD_OVERHEAD + KEY_ID_BUDGET + 64;
+
+/// The largest envelope the verifier accepts with a payload of at most `max_payload` bytes.
+const fn envelope_budget(max_payload: usize) -> usize {
+    FIELD_OVERHEAD
+        + FIELD_OVERHEAD
+        + crate::envelope::MAX_TYPE_LEN
+        + FIELD_OVERHEAD
+        + max_payload
+        + crate::envelope::MAX_SIGNATURES * SIGNATURE_BUDGET
+}
+
+/// The largest encoded `SignedTask` the verifier can accept: one task
+/// envelope and [`MAX_APPROVALS`](crate::envelope::MAX_APPROVALS) approval
+/// envelopes, each at its payload limit with
+/// [`MAX_SIGNATURES`](crate::envelope::MAX_SIGNATURES) signatures. The
+/// agent's gRPC decode limit (`max_decoding_message_size`) is exactly this,
+/// so the transport and the verifier share one size budget: a request over
+/// it is answered `RESOURCE_EXHAUSTED` (check `size`) before it is buffered.
+pub const MAX_SIGNED_TASK_BYTES: usize = envelope_budget(crate::envelope::MAX_TASK_PAYLOAD)
+    + crate::envelope::MAX_APPROVALS * envelope_budget(crate::envelope::MAX_APPROVAL_PAYLOAD);
+
+/// Connection-level limits of [`serve_with_limits`]. The defaults are the
+/// agent's (README "Transport limits").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeLimits {
+    /// Open connections at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// TLS handshakes in progress at once; the accept loop waits for a slot.
+    pub max_handshakes: usize,
+    /// A handshake not finished within this is dropped.
+    pub handshake_timeout: Duration,
+    /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS` of each connection.
+    pub max_concurrent_streams: u32,
+    /// After this a connection gets a graceful GOAWAY (the client reconnects
+    /// and so passes the current certificate, CA bundle and CRL checks again).
+    pub max_connection_age: Duration,
+    /// How long calls still running on a connection past its age may finish
+    /// before the connection is closed.
+    pub max_connection_age_grace: Duration,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_handshakes: 64,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            max_concurrent_streams: 128,
+            max_connection_age: Duration::from_secs(3600),
+            max_connection_age_grace: Duration::from_secs(300),
+        }
+    }
+}
 
 /// Errors of the TLS layer.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +143,14 @@ pub enum TlsError {
         what: String,
         /// Its nextUpdate time.
         next_update: String,
+    },
+    /// "CRL {what} has no nextUpdate: a CRL must say until when it is current"
+    #[error(
+        "CRL {what} has no nextUpdate: a CRL must say until when it is current (ringfence pki revoke writes one)"
+    )]
+    CrlNoNextUpdate {
+        /// Which CRL input.
+        what: String,
     },
     /// "own certificate {what} is unusable: {source}"
     #[error("own certificate {what} is unusable: {source}")]
@@ -154,6 +226,24 @@ pub enum IdentityError {
     /// "{0} is a CA certificate (basicConstraints CA:TRUE) and cannot be a leaf identity"
     #[error("{0} is a CA certificate (basicConstraints CA:TRUE) and cannot be a leaf identity")]
     IsCa(String),
+    /// "certificate names {id}, not this host `{host_id}`"
+    #[error(
+        "certificate names {id}, not this host `{host_id}` (spiffe://<trust-domain>/host/{host_id} expected)"
+    )]
+    NotThisHost {
+        /// The id in the certificate.
+        id: SpiffeId,
+        /// The configured host id.
+        host_id: String,
+    },
+    /// "certificate has no DNS name `{host_id}` (it has: {found})"
+    #[error("certificate has no DNS name `{host_id}` (DNS SANs: {found})")]
+    DnsName {
+        /// The configured host id.
+        host_id: String,
+        /// The DNS SANs it has, comma separated, or `none`.
+        found: String,
+    },
     /// "server presented {presented} but {expected} was expected"
     #[error("server presented {presented} but {expected} was expected")]
     WrongServer {
@@ -221,6 +311,47 @@ pub fn cert_identity(der: &[u8], trust_domain: &str) -> Result<CertIdentity, Ide
         id,
         serial: hex::encode(cert.tbs_certificate.raw_serial()),
     })
+}
+
+/// Whether a DER certificate is the identity of host `host_id`: the SPIFFE
+/// rules of [`cert_identity`], the id `spiffe://<trust_domain>/host/<host_id>`
+/// and a DNS SAN equal to `host_id` (ASCII case-insensitive). The agent refuses
+/// to start, and a reload is refused, when its own certificate fails this.
+pub fn check_host_certificate(
+    der: &[u8],
+    trust_domain: &str,
+    host_id: &str,
+) -> Result<CertIdentity, IdentityError> {
+    let identity = cert_identity(der, trust_domain)?;
+    if identity.id.role != crate::spiffe::Role::Host || identity.id.name != host_id {
+        return Err(IdentityError::NotThisHost {
+            id: identity.id,
+            host_id: host_id.to_string(),
+        });
+    }
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| IdentityError::Parse(e.to_string()))?;
+    let mut dns = Vec::new();
+    for ext in cert.extensions() {
+        if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
+            for name in &san.general_names {
+                if let GeneralName::DNSName(d) = name {
+                    dns.push((*d).to_string());
+                }
+            }
+        }
+    }
+    if !dns.iter().any(|d| d.eq_ignore_ascii_case(host_id)) {
+        return Err(IdentityError::DnsName {
+            host_id: host_id.to_string(),
+            found: if dns.is_empty() {
+                "none".to_string()
+            } else {
+                dns.join(", ")
+            },
+        });
+    }
+    Ok(identity)
 }
 
 /// The single SPIFFE URI SAN of a leaf that is not a CA, any trust domain.
@@ -350,14 +481,19 @@ fn parse_crls(
                 what: what.to_string(),
                 reason: format!("not a valid X.509 CRL: {e}"),
             })?;
-        if let Some(next) = parsed.next_update() {
-            let next_secs = next.timestamp();
-            if next_secs < 0 || (next_secs as u64) < now_secs {
-                return Err(TlsError::CrlExpired {
-                    what: what.to_string(),
-                    next_update: next.to_string(),
-                });
-            }
+        // A CRL without nextUpdate would never expire: a stolen copy of an
+        // old one could hide every later revocation.
+        let Some(next) = parsed.next_update() else {
+            return Err(TlsError::CrlNoNextUpdate {
+                what: what.to_string(),
+            });
+        };
+        let next_secs = next.timestamp();
+        if next_secs < 0 || (next_secs as u64) < now_secs {
+            return Err(TlsError::CrlExpired {
+                what: what.to_string(),
+                next_update: next.to_string(),
+            });
         }
     }
     Ok(crls)
@@ -454,16 +590,28 @@ pub fn server_config(
     pem: &ServerTlsPem,
     trust_domain: &str,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    build_server_config(pem, trust_domain, &Labels::memory())
+    build_server_config(pem, trust_domain, None, &Labels::memory()).map(|b| b.config)
+}
+
+/// A server config and the client verifier inside it (kept to re-check
+/// open connections after a reload).
+struct Built {
+    config: Arc<ServerConfig>,
+    verifier: Arc<dyn ClientCertVerifier>,
 }
 
 fn build_server_config(
     pem: &ServerTlsPem,
     trust_domain: &str,
+    host_id: Option<&str>,
     labels: &Labels,
-) -> Result<Arc<ServerConfig>, TlsError> {
+) -> Result<Built, TlsError> {
     let certs = parse_certs(&labels.cert, &pem.cert)?;
-    cert_identity(&certs[0], trust_domain).map_err(|source| TlsError::OwnIdentity {
+    let own = match host_id {
+        Some(host) => check_host_certificate(&certs[0], trust_domain, host),
+        None => cert_identity(&certs[0], trust_domain),
+    };
+    own.map_err(|source| TlsError::OwnIdentity {
         what: labels.cert.clone(),
         source,
     })?;
@@ -474,13 +622,16 @@ fn build_server_config(
         .map_err(|e| TlsError::Config {
             reason: e.to_string(),
         })?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_single_cert(certs, key)
         .map_err(|e| TlsError::Config {
             reason: format!("{} with {}: {e}", labels.cert, labels.key),
         })?;
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Ok(Built {
+        config: Arc::new(config),
+        verifier,
+    })
 }
 
 /// The client verifier every server config uses: chain to the CA bundle,
@@ -495,10 +646,10 @@ fn client_verifier(
     let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
     if let Some(crl) = crl {
         let crls = parse_crls(&labels.crl, crl, SystemTime::now())?;
-        builder = builder
-            .with_crls(crls)
-            .only_check_end_entity_revocation()
-            .enforce_revocation_expiration();
+        // The whole chain: an intermediate CA revoked by its issuer's CRL
+        // takes every certificate under it along. A certificate whose
+        // issuer no CRL covers is refused (unknown revocation status).
+        builder = builder.with_crls(crls).enforce_revocation_expiration();
     }
     let inner = builder.build().map_err(|e| TlsError::Config {
         reason: format!("client verifier from {}: {e}", labels.ca),
@@ -631,6 +782,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 // -------------------------------------------------------------- hot reload
 
 /// The agent's current server config, swappable at run time. Cloning shares it.
+///
+/// It also knows every connection accepted with it (see [`serve`]): a reload
+/// checks each open connection's client certificate chain again with the new
+/// CA bundle and CRL, and closes the connections that no longer pass, so a
+/// revoked client loses its open HTTP/2 connection at once.
 #[derive(Clone)]
 pub struct ReloadableServerConfig {
     inner: Arc<ReloadInner>,
@@ -639,8 +795,71 @@ pub struct ReloadableServerConfig {
 struct ReloadInner {
     paths: Option<ServerTlsPaths>,
     trust_domain: String,
+    /// Set by [`ReloadableServerConfig::load_for_host`]: every (re)load
+    /// checks that the certificate is this host's.
+    host_id: Option<String>,
     current: RwLock<Arc<ServerConfig>>,
     generation: AtomicU64,
+    conns: Mutex<HashMap<u64, LiveConn>>,
+    next_conn: AtomicU64,
+}
+
+/// An open connection, as the registry sees it.
+struct LiveConn {
+    chain: Vec<CertificateDer<'static>>,
+    id: SpiffeId,
+    addr: SocketAddr,
+    kill: Arc<KillSwitch>,
+}
+
+/// Closes one connection from outside: its reads and writes fail from then on.
+#[derive(Debug, Default)]
+struct KillSwitch {
+    killed: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl KillSwitch {
+    fn kill(&self) {
+        self.killed.store(true, Ordering::SeqCst);
+        self.waker.wake();
+    }
+
+    fn check(&self, cx: &Context<'_>) -> io::Result<()> {
+        self.waker.register(cx.waker());
+        if self.killed.load(Ordering::SeqCst) {
+            Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "connection closed: the client certificate no longer passes the reloaded CA bundle / CRL",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Removes a connection from the registry when it ends.
+struct ConnGuard {
+    tls: Weak<ReloadInner>,
+    key: u64,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if let Some(inner) = self.tls.upgrade() {
+            inner
+                .conns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&self.key);
+        }
+    }
+}
+
+impl fmt::Debug for ConnGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnGuard").field("key", &self.key).finish()
+    }
 }
 
 impl fmt::Debug for ReloadableServerConfig {
@@ -648,7 +867,9 @@ impl fmt::Debug for ReloadableServerConfig {
         f.debug_struct("ReloadableServerConfig")
             .field("paths", &self.inner.paths)
             .field("trust_domain", &self.inner.trust_domain)
+            .field("host_id", &self.inner.host_id)
             .field("generation", &self.generation())
+            .field("open_connections", &self.open_connections())
             .finish()
     }
 }
@@ -656,29 +877,65 @@ impl fmt::Debug for ReloadableServerConfig {
 impl ReloadableServerConfig {
     /// Load from files; fails (naming the file) if anything is wrong.
     pub fn load(paths: ServerTlsPaths, trust_domain: &str) -> Result<Self, TlsError> {
-        let config = build_server_config(&paths.read()?, trust_domain, &paths.labels())?;
-        Ok(Self::with(Some(paths), trust_domain, config))
+        let built = build_server_config(&paths.read()?, trust_domain, None, &paths.labels())?;
+        Ok(Self::with(Some(paths), trust_domain, None, built))
+    }
+
+    /// [`load`](Self::load) for the agent of host `host_id`: its certificate
+    /// must name `spiffe://<trust_domain>/host/<host_id>` and carry
+    /// `DNS:<host_id>` ([`check_host_certificate`]), at load and at every
+    /// reload (a reload to another host's certificate is refused).
+    pub fn load_for_host(
+        paths: ServerTlsPaths,
+        trust_domain: &str,
+        host_id: &str,
+    ) -> Result<Self, TlsError> {
+        let built =
+            build_server_config(&paths.read()?, trust_domain, Some(host_id), &paths.labels())?;
+        Ok(Self::with(
+            Some(paths),
+            trust_domain,
+            Some(host_id.to_string()),
+            built,
+        ))
     }
 
     /// Build from PEM in memory; [`reload`](Self::reload) then has nothing to re-read.
     pub fn from_pem(pem: &ServerTlsPem, trust_domain: &str) -> Result<Self, TlsError> {
-        let config = server_config(pem, trust_domain)?;
-        Ok(Self::with(None, trust_domain, config))
+        let built = build_server_config(pem, trust_domain, None, &Labels::memory())?;
+        Ok(Self::with(None, trust_domain, None, built))
     }
 
     /// Wrap a config built elsewhere (e.g. [`server_config_by_sni`]); it
     /// cannot be reloaded.
     pub fn fixed(config: Arc<ServerConfig>, trust_domain: &str) -> Self {
-        Self::with(None, trust_domain, config)
+        Self::with_config(None, trust_domain, None, config)
     }
 
-    fn with(paths: Option<ServerTlsPaths>, trust_domain: &str, config: Arc<ServerConfig>) -> Self {
+    fn with(
+        paths: Option<ServerTlsPaths>,
+        trust_domain: &str,
+        host_id: Option<String>,
+        built: Built,
+    ) -> Self {
+        Self::with_config(paths, trust_domain, host_id, built.config)
+    }
+
+    fn with_config(
+        paths: Option<ServerTlsPaths>,
+        trust_domain: &str,
+        host_id: Option<String>,
+        current: Arc<ServerConfig>,
+    ) -> Self {
         Self {
             inner: Arc::new(ReloadInner {
                 paths,
                 trust_domain: trust_domain.to_string(),
-                current: RwLock::new(config),
+                host_id,
+                current: RwLock::new(current),
                 generation: AtomicU64::new(0),
+                conns: Mutex::new(HashMap::new()),
+                next_conn: AtomicU64::new(0),
             }),
         }
     }
@@ -703,24 +960,48 @@ impl ReloadableServerConfig {
         self.inner.generation.load(Ordering::SeqCst)
     }
 
-    /// Re-read every file and swap the new config in. On any error the last
-    /// good config keeps serving and the error is logged and returned.
+    /// How many accepted connections are open now.
+    pub fn open_connections(&self) -> usize {
+        self.inner
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Re-read every file and swap the new config in, then close every open
+    /// connection whose client certificate chain the new config refuses
+    /// (revoked by the new CRL, CA removed from the bundle, expired). On any
+    /// error the last good config keeps serving and the error is logged and
+    /// returned.
     pub fn reload(&self) -> Result<(), TlsError> {
         let Some(paths) = &self.inner.paths else {
             return Err(TlsError::NotReloadable);
         };
-        let built = paths
-            .read()
-            .and_then(|pem| build_server_config(&pem, &self.inner.trust_domain, &paths.labels()));
+        let built = paths.read().and_then(|pem| {
+            build_server_config(
+                &pem,
+                &self.inner.trust_domain,
+                self.inner.host_id.as_deref(),
+                &paths.labels(),
+            )
+        });
         match built {
-            Ok(config) => {
+            Ok(built) => {
                 *self
                     .inner
                     .current
                     .write()
-                    .unwrap_or_else(|e| e.into_inner()) = config;
+                    .unwrap_or_else(|e| e.into_inner()) = built.config;
                 let generation = self.inner.generation.fetch_add(1, Ordering::SeqCst) + 1;
                 tracing::info!(generation, "TLS certificates, CA bundle and CRL reloaded");
+                let closed = self.recheck_connections(built.verifier.as_ref());
+                if closed > 0 {
+                    tracing::warn!(
+                        closed,
+                        "closed open connections whose client certificate the reload refuses"
+                    );
+                }
                 Ok(())
             }
             Err(e) => {
@@ -728,6 +1009,57 @@ impl ReloadableServerConfig {
                 Err(e)
             }
         }
+    }
+
+    /// Check every open connection's client chain with `verifier`; close
+    /// those it refuses. Returns how many were closed.
+    fn recheck_connections(&self, verifier: &dyn ClientCertVerifier) -> usize {
+        let now = UnixTime::now();
+        let conns = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut closed = 0;
+        for conn in conns.values() {
+            let Some((leaf, intermediates)) = conn.chain.split_first() else {
+                continue;
+            };
+            if let Err(e) = verifier.verify_client_cert(leaf, intermediates, now) {
+                tracing::warn!(peer = %conn.addr, id = %conn.id, error = %e,
+                    "closing the connection: its client certificate is refused after the reload");
+                conn.kill.kill();
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Record an accepted connection; it is forgotten when the guard drops.
+    fn register(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        id: SpiffeId,
+        addr: SocketAddr,
+    ) -> (Arc<KillSwitch>, ConnGuard) {
+        let kill = Arc::new(KillSwitch::default());
+        let key = self.inner.next_conn.fetch_add(1, Ordering::SeqCst);
+        self.inner
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                key,
+                LiveConn {
+                    chain,
+                    id,
+                    addr,
+                    kill: kill.clone(),
+                },
+            );
+        (
+            kill,
+            ConnGuard {
+                tls: Arc::downgrade(&self.inner),
+                key,
+            },
+        )
     }
 }
 
@@ -755,6 +1087,9 @@ pub fn spawn_sighup_reloader(
 pub struct TlsConn {
     stream: tokio_rustls::server::TlsStream<TcpStream>,
     identity: PeerIdentity,
+    kill: Arc<KillSwitch>,
+    _registered: ConnGuard,
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Connected for TlsConn {
@@ -771,6 +1106,7 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        self.kill.check(cx)?;
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -781,6 +1117,7 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.kill.check(cx)?;
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -797,6 +1134,7 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.kill.check(cx)?;
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
@@ -806,7 +1144,8 @@ impl AsyncWrite for TlsConn {
 }
 
 /// Serve `routes` (e.g. the Agent service plus `grpc.health.v1`) over mTLS on
-/// `listener` until `shutdown` completes. Every request passes [`RoleLayer`].
+/// `listener` until `shutdown` completes, with the default [`ServeLimits`].
+/// Every request passes [`RoleLayer`] and [`RequestErrorLayer`].
 /// Each new connection uses `tls.current()`, so reloads apply without
 /// dropping the listener; failed handshakes are logged and never stop it.
 pub async fn serve<F>(
@@ -818,11 +1157,29 @@ pub async fn serve<F>(
 where
     F: Future<Output = ()>,
 {
+    serve_with_limits(listener, tls, routes, ServeLimits::default(), shutdown).await
+}
+
+/// [`serve`] with explicit connection limits.
+pub async fn serve_with_limits<F>(
+    listener: TcpListener,
+    tls: ReloadableServerConfig,
+    routes: Routes,
+    limits: ServeLimits,
+    shutdown: F,
+) -> Result<(), TlsError>
+where
+    F: Future<Output = ()>,
+{
     let (tx, rx) = mpsc::channel::<TlsConn>(64);
-    let accept = tokio::spawn(accept_loop(listener, tls, tx));
+    let accept = tokio::spawn(accept_loop(listener, tls, tx, limits));
     let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, io::Error>);
     let result = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_connection_age(limits.max_connection_age)
+        .max_connection_age_grace(limits.max_connection_age_grace)
         .layer(RoleLayer)
+        .layer(RequestErrorLayer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
@@ -834,8 +1191,25 @@ async fn accept_loop(
     listener: TcpListener,
     tls: ReloadableServerConfig,
     tx: mpsc::Sender<TlsConn>,
+    limits: ServeLimits,
 ) {
+    let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let handshakes = Arc::new(Semaphore::new(limits.max_handshakes.max(1)));
     loop {
+        // A connection slot first (held for the connection's life), then a
+        // handshake slot (held until the handshake ends): at the caps new
+        // clients wait in the listen backlog instead of costing memory.
+        let slots = async {
+            let conn = connections.clone().acquire_owned().await.ok()?;
+            let hs = handshakes.clone().acquire_owned().await.ok()?;
+            Some((conn, hs))
+        };
+        let Some((conn_slot, hs_slot)) = (tokio::select! {
+            s = slots => s,
+            () = tx.closed() => return,
+        }) else {
+            return;
+        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             () = tx.closed() => return,
@@ -851,10 +1225,11 @@ async fn accept_loop(
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = TlsAcceptor::from(tls.current());
-        let trust_domain = tls.trust_domain().to_string();
+        let tls = tls.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
+            let stream = match handshake.await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::warn!(peer = %addr, error = %e, "TLS handshake failed");
@@ -865,16 +1240,18 @@ async fn accept_loop(
                     return;
                 }
             };
-            let leaf = stream
+            drop(hs_slot);
+            let chain: Vec<CertificateDer<'static>> = stream
                 .get_ref()
                 .1
                 .peer_certificates()
-                .and_then(|c| c.first());
-            let Some(leaf) = leaf else {
+                .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
+                .unwrap_or_default();
+            let Some(leaf) = chain.first() else {
                 tracing::warn!(peer = %addr, "TLS peer presented no certificate");
                 return;
             };
-            let identity = match cert_identity(leaf, &trust_domain) {
+            let identity = match cert_identity(leaf, tls.trust_domain()) {
                 Ok(c) => PeerIdentity {
                     id: c.id,
                     serial: c.serial,
@@ -887,7 +1264,16 @@ async fn accept_loop(
                 }
             };
             tracing::debug!(peer = %addr, id = %identity.id, "mTLS connection accepted");
-            let _ = tx.send(TlsConn { stream, identity }).await;
+            let (kill, registered) = tls.register(chain, identity.id.clone(), addr);
+            let _ = tx
+                .send(TlsConn {
+                    stream,
+                    identity,
+                    kill,
+                    _registered: registered,
+                    _slot: conn_slot,
+                })
+                .await;
         });
     }
 }
@@ -970,6 +1356,125 @@ where
     }
 }
 
+// ------------------------------------------------------- request errors
+
+/// The RPC whose request decode errors name a task check.
+const SUBMIT_TASK_PATH: &str = "/ringfence.v1.Agent/SubmitTask";
+
+/// Maps tonic's answers to requests it could not decode to the statuses the
+/// README's table promises: a request over the decode limit is
+/// `RESOURCE_EXHAUSTED` (tonic says `OUT_OF_RANGE`), one that is not valid
+/// protobuf, or has no message, is `INVALID_ARGUMENT` (tonic says
+/// `INTERNAL`). On `SubmitTask` the status names the task check (`size`,
+/// `decode`) like any other rejected task, in its message and in the
+/// `ringfence-check` metadata.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestErrorLayer;
+
+impl<S> Layer<S> for RequestErrorLayer {
+    type Service = RequestErrorService<S>;
+
+    fn layer(&self, inner: S) -> RequestErrorService<S> {
+        RequestErrorService { inner }
+    }
+}
+
+/// The service made by [`RequestErrorLayer`].
+#[derive(Debug, Clone)]
+pub struct RequestErrorService<S> {
+    inner: S,
+}
+
+/// Which malformed-request status a response carries, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequestError {
+    Oversized,
+    Undecodable,
+}
+
+fn classify_request_error(status: &Status) -> Option<RequestError> {
+    let msg = status.message();
+    match status.code() {
+        tonic::Code::OutOfRange if msg.starts_with("Error, decoded message length too large") => {
+            Some(RequestError::Oversized)
+        }
+        tonic::Code::Internal
+            if msg.starts_with("failed to decode Protobuf message")
+                || msg == "Missing request message." =>
+        {
+            Some(RequestError::Undecodable)
+        }
+        _ => None,
+    }
+}
+
+/// The status a malformed request is answered with on `path`.
+fn request_error_status(kind: RequestError, original: &Status, path: &str) -> Status {
+    let (code, check, what) = match kind {
+        RequestError::Oversized => (
+            tonic::Code::ResourceExhausted,
+            "size",
+            format!("request over the {MAX_SIGNED_TASK_BYTES}-byte limit"),
+        ),
+        RequestError::Undecodable => (
+            tonic::Code::InvalidArgument,
+            "decode",
+            "request is not a valid protobuf message".to_string(),
+        ),
+    };
+    if path == SUBMIT_TASK_PATH {
+        let mut status = Status::new(
+            code,
+            format!(
+                "task rejected by check `{check}`: {what} ({})",
+                original.message()
+            ),
+        );
+        if let Ok(v) = check.parse() {
+            status
+                .metadata_mut()
+                .insert(crate::status::CHECK_METADATA_KEY, v);
+        }
+        status
+    } else {
+        Status::new(code, format!("{what} ({})", original.message()))
+    }
+}
+
+impl<S, B> Service<http::Request<B>> for RequestErrorService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let path = req.uri().path().to_string();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let response = fut.await?;
+            // Decode failures of unary requests are trailers-only answers:
+            // the status is in the response headers.
+            let Some(status) = Status::from_header_map(response.headers()) else {
+                return Ok(response);
+            };
+            let Some(kind) = classify_request_error(&status) else {
+                return Ok(response);
+            };
+            let mapped = request_error_status(kind, &status, &path);
+            tracing::warn!(rpc = %path, code = ?mapped.code(), reason = mapped.message(),
+                "malformed request refused");
+            Ok(mapped.into_http())
+        })
+    }
+}
+
 // ------------------------------------------------------------------ client
 
 /// A client's certificate chain, key and the CA bundle it trusts servers by.
@@ -977,6 +1482,9 @@ pub struct ClientIdentity {
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
+    /// With CRLs, a server certificate (and each CA above it) must be
+    /// covered by one and not revoked.
+    crls: Vec<CertificateRevocationListDer<'static>>,
 }
 
 impl Clone for ClientIdentity {
@@ -985,6 +1493,7 @@ impl Clone for ClientIdentity {
             certs: self.certs.clone(),
             key: self.key.clone_key(),
             roots: self.roots.clone(),
+            crls: self.crls.clone(),
         }
     }
 }
@@ -995,6 +1504,7 @@ impl fmt::Debug for ClientIdentity {
             .field("certs", &self.certs.len())
             .field("key", &"<redacted>")
             .field("roots", &self.roots.len())
+            .field("crls", &self.crls.len())
             .finish()
     }
 }
@@ -1015,7 +1525,25 @@ impl ClientIdentity {
                 &format!("CA bundle {}", ca_bundle.display()),
                 &read_file("CA bundle", ca_bundle)?,
             )?,
+            crls: Vec::new(),
         })
+    }
+
+    /// Also check servers' certificates against the CRL file at `path`
+    /// (refused when expired or without nextUpdate, like the agent's).
+    pub fn with_crl_file(self, path: &Path) -> Result<Self, TlsError> {
+        let pem = read_file("CRL", path)?;
+        self.with_crl_labelled(&format!("CRL {}", path.display()), &pem)
+    }
+
+    /// [`with_crl_file`](Self::with_crl_file) from PEM in memory.
+    pub fn with_crl_pem(self, pem: &[u8]) -> Result<Self, TlsError> {
+        self.with_crl_labelled("CRL (in memory)", pem)
+    }
+
+    fn with_crl_labelled(mut self, what: &str, pem: &[u8]) -> Result<Self, TlsError> {
+        self.crls = parse_crls(what, pem, SystemTime::now())?;
+        Ok(self)
     }
 
     /// The same from PEM bytes in memory.
@@ -1024,16 +1552,22 @@ impl ClientIdentity {
             certs: parse_certs("certificate (in memory)", cert_pem)?,
             key: parse_key("private key (in memory)", key_pem)?,
             roots: parse_roots("CA bundle (in memory)", ca_pem)?,
+            crls: Vec::new(),
         })
     }
 
     /// A TLS 1.3 client config that only accepts a server presenting `expected`.
     pub fn client_config(&self, expected: &SpiffeId) -> Result<Arc<ClientConfig>, TlsError> {
-        let inner = WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())
-            .build()
-            .map_err(|e| TlsError::Config {
-                reason: format!("server verifier: {e}"),
-            })?;
+        let mut builder =
+            WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider());
+        if !self.crls.is_empty() {
+            builder = builder
+                .with_crls(self.crls.clone())
+                .enforce_revocation_expiration();
+        }
+        let inner = builder.build().map_err(|e| TlsError::Config {
+            reason: format!("server verifier: {e}"),
+        })?;
         let verifier = Arc::new(SpiffeServerVerifier {
             inner,
             expected: expected.clone(),
@@ -1247,6 +1781,64 @@ pub async fn server_certificates(
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    /// The one size budget holds a SignedTask at every verifier limit: a
+    /// task and MAX_APPROVALS approvals at their payload limits, each with
+    /// MAX_SIGNATURES signatures whose key ids are as long as a payload type.
+    #[test]
+    fn size_budget_fits_the_largest_acceptable_signed_task() {
+        use crate::envelope::{
+            APPROVAL_TYPE, MAX_APPROVAL_PAYLOAD, MAX_APPROVALS, MAX_SIGNATURES, MAX_TASK_PAYLOAD,
+            MAX_TYPE_LEN,
+        };
+        use prost::Message;
+        let env = |payload: usize| crate::pb::Envelope {
+            payload_type: "t".repeat(MAX_TYPE_LEN),
+            payload: vec![0xff; payload],
+            signatures: (0..MAX_SIGNATURES)
+                .map(|_| crate::pb::Signature {
+                    key_id: "k".repeat(MAX_TYPE_LEN),
+                    sig: vec![0xff; 64],
+                })
+                .collect(),
+        };
+        let largest = crate::pb::SignedTask {
+            task: Some(env(MAX_TASK_PAYLOAD)),
+            approvals: (0..MAX_APPROVALS)
+                .map(|_| env(MAX_APPROVAL_PAYLOAD))
+                .collect(),
+        };
+        let len = largest.encoded_len();
+        assert!(
+            len <= MAX_SIGNED_TASK_BYTES,
+            "{len} > {MAX_SIGNED_TASK_BYTES}"
+        );
+        // ...and not far above it: the budget is the verifier's, not a guess.
+        assert!(
+            MAX_SIGNED_TASK_BYTES - len < 64 * 1024,
+            "{len} vs {MAX_SIGNED_TASK_BYTES}"
+        );
+        assert!(APPROVAL_TYPE.len() <= MAX_TYPE_LEN);
+    }
+
+    #[test]
+    fn malformed_request_statuses_are_mapped() {
+        let decode = Status::internal("failed to decode Protobuf message: buffer underflow");
+        let kind = classify_request_error(&decode).unwrap();
+        let s = request_error_status(kind, &decode, SUBMIT_TASK_PATH);
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert_eq!(crate::status::rejected_check(&s).as_deref(), Some("decode"));
+        let big = Status::out_of_range(
+            "Error, decoded message length too large: found 9 bytes, the limit is: 1 bytes",
+        );
+        let kind = classify_request_error(&big).unwrap();
+        let s = request_error_status(kind, &big, "/ringfence.v1.Agent/GetTask");
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(crate::status::rejected_check(&s), None);
+        // A handler's own statuses pass untouched.
+        assert_eq!(classify_request_error(&Status::internal("journal")), None);
+        assert_eq!(classify_request_error(&Status::out_of_range("page")), None);
+    }
 
     #[test]
     fn endpoints_parse_to_authority() {

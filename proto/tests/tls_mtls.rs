@@ -369,3 +369,294 @@ async fn each_bad_certificate_is_refused_by_the_right_check() {
     let err = server_side_refusal(&pki, Some(crl), &revoked).await;
     assert!(err.contains("Revoked"), "{err}");
 }
+
+// ------------------------------------------------- issue 13: revocation
+
+/// A CRL without nextUpdate never goes stale: an attacker replaying an old
+/// one could hide every later revocation. It is refused at load, naming it.
+#[test]
+fn crl_without_next_update_is_refused_at_load() {
+    tls::install_crypto_provider();
+    let pki = TestPki::new(TD).unwrap();
+    let host = pki.issue(Role::Host, HOST).unwrap();
+    let mallory = pki.issue(Role::Ops, "mallory").unwrap();
+    let crl = pki.crl_without_next_update(&[&mallory]).unwrap();
+    let err = ReloadableServerConfig::from_pem(&server_pem(&pki, &host, Some(crl.clone())), TD)
+        .unwrap_err();
+    assert!(matches!(err, TlsError::CrlNoNextUpdate { .. }), "{err}");
+    assert!(err.to_string().contains("CRL (in memory)"), "{err}");
+    assert!(err.to_string().contains("nextUpdate"), "{err}");
+
+    // The coordinator's side refuses it the same way.
+    let ops = client(&pki, &pki.issue(Role::Ops, "alice").unwrap());
+    let err = ops.with_crl_pem(crl.as_bytes()).unwrap_err();
+    assert!(matches!(err, TlsError::CrlNoNextUpdate { .. }), "{err}");
+}
+
+/// The whole chain is checked: an intermediate CA revoked by the root's CRL
+/// takes every client certificate under it along, although the
+/// intermediate's own CRL revokes nothing.
+#[tokio::test]
+async fn a_revoked_intermediate_ca_refuses_the_clients_under_it() {
+    let pki = TestPki::new(TD).unwrap();
+    let bad_ca = pki.intermediate().unwrap();
+    let good_ca = pki.intermediate().unwrap();
+    let now = SystemTime::now();
+    let crls = [
+        pki.crl_serials(&[bad_ca.ca_serial()], now - DAY, now + DAY)
+            .unwrap(),
+        bad_ca.fresh_crl(&[]).unwrap(),
+        good_ca.fresh_crl(&[]).unwrap(),
+    ]
+    .concat();
+    let srv = server(&pki, Some(crls.clone())).await;
+
+    let under_bad = bad_ca.issue(Role::Ops, "mallory").unwrap();
+    let got = call_identity(&srv.addr, &client(&pki, &under_bad)).await;
+    assert!(got.is_err(), "client under a revoked intermediate: {got:?}");
+    let err = server_side_refusal(&pki, Some(crls.clone()), &under_bad).await;
+    assert!(err.contains("Revoked"), "{err}");
+
+    // Control: a client under the other intermediate, same server.
+    let under_good = good_ca.issue(Role::Ops, "alice").unwrap();
+    assert_eq!(
+        call_identity(&srv.addr, &client(&pki, &under_good))
+            .await
+            .unwrap(),
+        "spiffe://fleet.test/ops/alice"
+    );
+}
+
+/// The coordinator's client checks the agent's certificate against its CRL:
+/// a revoked agent certificate is refused before any RPC.
+#[tokio::test]
+async fn client_with_a_crl_refuses_a_revoked_agent_certificate() {
+    let pki = TestPki::new(TD).unwrap();
+    let host = pki.issue(Role::Host, HOST).unwrap();
+    let cfg = ReloadableServerConfig::from_pem(&server_pem(&pki, &host, None), TD).unwrap();
+    let srv = start(cfg).await;
+    let ops = client(&pki, &pki.issue(Role::Ops, "alice").unwrap());
+
+    let revoking = ops
+        .clone()
+        .with_crl_pem(pki.fresh_crl(&[&host]).unwrap().as_bytes())
+        .unwrap();
+    let err = tls::connect_with_timeout(&srv.addr, &host_id(), &revoking, Duration::from_secs(5))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Revoked"), "{err}");
+
+    // Control: a CRL that revokes someone else lets the same client in.
+    let other = pki.issue(Role::Host, "gpu-009").unwrap();
+    let fine = ops
+        .with_crl_pem(pki.fresh_crl(&[&other]).unwrap().as_bytes())
+        .unwrap();
+    assert!(call_identity(&srv.addr, &fine).await.is_ok());
+}
+
+/// The agent's own certificate must name its host: another host's SPIFFE id
+/// or a certificate without `DNS:<host_id>` is refused at load.
+#[test]
+fn agent_certificate_must_name_this_host() {
+    tls::install_crypto_provider();
+    let pki = TestPki::new(TD).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let load = |cert: &ringfence::pki::IssuedPem| {
+        std::fs::write(dir.path().join("c.pem"), &cert.cert_pem).unwrap();
+        std::fs::write(dir.path().join("c.key"), &cert.key_pem).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), pki.ca_pem()).unwrap();
+        ReloadableServerConfig::load_for_host(
+            tls::ServerTlsPaths {
+                cert: dir.path().join("c.pem"),
+                key: dir.path().join("c.key"),
+                ca_bundle: dir.path().join("ca.pem"),
+                crl: None,
+            },
+            TD,
+            HOST,
+        )
+    };
+    let err = load(&pki.issue(Role::Host, "gpu-002").unwrap()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TlsError::OwnIdentity {
+                source: tls::IdentityError::NotThisHost { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("c.pem"), "{err}");
+    assert!(err.to_string().contains("gpu-002"), "{err}");
+
+    let mut no_dns = LeafSpec::new(Role::Host, HOST, 1);
+    no_dns.dns_names = Some(vec!["gpu-002".into()]);
+    let err = load(&pki.issue_spec(&no_dns).unwrap()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TlsError::OwnIdentity {
+                source: tls::IdentityError::DnsName { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    // An ops certificate named like the host is not a host identity either.
+    let err = load(&pki.issue(Role::Ops, HOST).unwrap()).unwrap_err();
+    assert!(err.to_string().contains("not this host"), "{err}");
+
+    assert!(load(&pki.issue(Role::Host, HOST).unwrap()).is_ok());
+}
+
+// ---------------------------------------------- issue 13: request limits
+
+const SUBMIT: &str = "/ringfence.v1.Agent/SubmitTask";
+
+/// Bytes that are not a SignedTask answer INVALID_ARGUMENT naming the
+/// `decode` check (tonic alone answers INTERNAL); a request over the one
+/// size budget answers RESOURCE_EXHAUSTED naming `size` (tonic alone:
+/// OUT_OF_RANGE), before the server buffers it.
+#[tokio::test]
+async fn malformed_and_oversized_signed_tasks_get_the_documented_statuses() {
+    let pki = TestPki::new(TD).unwrap();
+    let srv = server(&pki, None).await;
+    let ops = client(&pki, &pki.issue(Role::Ops, "alice").unwrap());
+    let channel = tls::connect(&srv.addr, &host_id(), &ops).await.unwrap();
+
+    // Field 1 (task), wire type 2, claiming 100 bytes that never come.
+    let garbage = vec![0x0a, 0x64, 0x01, 0x02];
+    let st = raw_unary(channel.clone(), SUBMIT, garbage)
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert_eq!(
+        ringfence::status::rejected_check(&st).as_deref(),
+        Some("decode")
+    );
+    assert!(st.message().contains("check `decode`"), "{}", st.message());
+
+    let oversized = vec![0u8; tls::MAX_SIGNED_TASK_BYTES + 1];
+    let st = raw_unary(channel.clone(), SUBMIT, oversized)
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::ResourceExhausted, "{st:?}");
+    assert_eq!(
+        ringfence::status::rejected_check(&st).as_deref(),
+        Some("size")
+    );
+
+    // Control: a well-formed SignedTask on the same channel reaches the handler.
+    use prost::Message;
+    let ok = raw_unary(channel, SUBMIT, pb::SignedTask::default().encode_to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        pb::TaskStatus::decode(ok.as_slice()).unwrap().task_id,
+        "accepted"
+    );
+}
+
+/// The connection cap: with one slot taken, the next client waits in the
+/// backlog and gets in once the first connection is gone.
+#[tokio::test]
+async fn connection_cap_holds_new_clients_until_a_slot_frees() {
+    let pki = TestPki::new(TD).unwrap();
+    let host = pki.issue(Role::Host, HOST).unwrap();
+    let cfg = ReloadableServerConfig::from_pem(&server_pem(&pki, &host, None), TD).unwrap();
+    let limits = tls::ServeLimits {
+        max_connections: 1,
+        ..tls::ServeLimits::default()
+    };
+    let srv = start_with_limits(cfg.clone(), limits).await;
+    let ops = client(&pki, &pki.issue(Role::Ops, "alice").unwrap());
+
+    let first = tls::connect(&srv.addr, &host_id(), &ops).await.unwrap();
+    let mut first_client = pb::agent_client::AgentClient::new(first);
+    first_client
+        .get_identity(pb::GetIdentityRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(cfg.open_connections(), 1);
+    let second =
+        tls::connect_with_timeout(&srv.addr, &host_id(), &ops, Duration::from_millis(700)).await;
+    assert!(second.is_err(), "a second connection got past the cap");
+
+    drop(first_client);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while cfg.open_connections() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "first connection never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(call_identity(&srv.addr, &ops).await.is_ok());
+}
+
+/// Handshakes in progress are capped and time out: silent TCP peers holding
+/// every handshake slot delay a real client only until the timeout.
+#[tokio::test]
+async fn silent_peers_cannot_hold_the_handshake_slots() {
+    let pki = TestPki::new(TD).unwrap();
+    let host = pki.issue(Role::Host, HOST).unwrap();
+    let cfg = ReloadableServerConfig::from_pem(&server_pem(&pki, &host, None), TD).unwrap();
+    let limits = tls::ServeLimits {
+        max_handshakes: 2,
+        handshake_timeout: Duration::from_millis(500),
+        ..tls::ServeLimits::default()
+    };
+    let srv = start_with_limits(cfg, limits).await;
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(tokio::net::TcpStream::connect(&srv.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let ops = client(&pki, &pki.issue(Role::Ops, "alice").unwrap());
+    let started = std::time::Instant::now();
+    assert!(call_identity(&srv.addr, &ops).await.is_ok());
+    // It had to wait for a slot: the silent peers held both.
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// Connections have a maximum age: after it (and the grace) the server
+/// closes even an idle connection, so every client re-handshakes against
+/// the current certificates and CRL.
+#[tokio::test]
+async fn connections_are_closed_after_their_maximum_age() {
+    let pki = TestPki::new(TD).unwrap();
+    let host = pki.issue(Role::Host, HOST).unwrap();
+    let cfg = ReloadableServerConfig::from_pem(&server_pem(&pki, &host, None), TD).unwrap();
+    let limits = tls::ServeLimits {
+        max_connection_age: Duration::from_millis(500),
+        max_connection_age_grace: Duration::from_millis(500),
+        ..tls::ServeLimits::default()
+    };
+    let srv = start_with_limits(cfg.clone(), limits).await;
+    let ops = client(&pki, &pki.issue(Role::Ops, "alice").unwrap());
+    let channel = tls::connect(&srv.addr, &host_id(), &ops).await.unwrap();
+    let mut c = pb::agent_client::AgentClient::new(channel);
+    c.get_identity(pb::GetIdentityRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(cfg.open_connections(), 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while cfg.open_connections() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connection still open long after its maximum age"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The channel reconnects on its own for the next call.
+    c.get_identity(pb::GetIdentityRequest::default())
+        .await
+        .unwrap();
+}

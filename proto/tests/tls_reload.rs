@@ -152,3 +152,91 @@ fn in_memory_config_is_not_reloadable() {
     let cfg = ReloadableServerConfig::from_pem(&server_pem(&pki, &host, None), TD).unwrap();
     assert!(matches!(cfg.reload(), Err(tls::TlsError::NotReloadable)));
 }
+
+/// Revocation takes effect at once: a client with an open HTTP/2
+/// connection, making calls, is revoked and the CRL reloaded; its next call
+/// on the same channel fails (the connection is closed and the reconnect is
+/// refused). Another client's open connection keeps working.
+#[tokio::test]
+async fn reload_closes_the_open_connections_of_a_revoked_client() {
+    let pki = TestPki::new(TD).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let host = pki.issue(Role::Host, HOST).unwrap();
+    let mallory = pki.issue(Role::Ops, "mallory").unwrap();
+    let alice = pki.issue(Role::Ops, "alice").unwrap();
+    let paths = write_server_files(dir.path(), &pki, &host, Some(&pki.fresh_crl(&[]).unwrap()));
+    let cfg = ReloadableServerConfig::load(paths.clone(), TD).unwrap();
+    let srv = start(cfg.clone()).await;
+
+    let open = |who: &IssuedPem| {
+        let id = client(&pki, who);
+        let addr = srv.addr.clone();
+        async move {
+            let ch = tls::connect(&addr, &host_id(), &id).await.unwrap();
+            ringfence::pb::agent_client::AgentClient::new(ch)
+        }
+    };
+    let mut m = open(&mallory).await;
+    let mut a = open(&alice).await;
+    for _ in 0..3 {
+        m.get_health(ringfence::pb::GetHealthRequest::default())
+            .await
+            .unwrap();
+        a.get_health(ringfence::pb::GetHealthRequest::default())
+            .await
+            .unwrap();
+    }
+    assert_eq!(cfg.open_connections(), 2);
+
+    std::fs::write(
+        paths.crl.as_ref().unwrap(),
+        pki.fresh_crl(&[&mallory]).unwrap(),
+    )
+    .unwrap();
+    cfg.reload().unwrap();
+
+    let got = m
+        .get_health(ringfence::pb::GetHealthRequest::default())
+        .await;
+    assert!(
+        got.is_err(),
+        "revoked client's open channel still works: {got:?}"
+    );
+    // And it stays out: the channel's reconnect is refused too.
+    assert!(
+        m.get_health(ringfence::pb::GetHealthRequest::default())
+            .await
+            .is_err()
+    );
+    a.get_health(ringfence::pb::GetHealthRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(cfg.open_connections(), 1);
+}
+
+/// A reload to another host's certificate is refused (the agent's config is
+/// loaded for its host id); the last good certificate keeps serving.
+#[tokio::test]
+async fn reload_refuses_a_certificate_of_another_host() {
+    let pki = TestPki::new(TD).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let host = pki.issue(Role::Host, HOST).unwrap();
+    let paths = write_server_files(dir.path(), &pki, &host, None);
+    let cfg = ReloadableServerConfig::load_for_host(paths.clone(), TD, HOST).unwrap();
+    let srv = start(cfg.clone()).await;
+    let other = pki.issue(Role::Host, "gpu-002").unwrap();
+    write_server_files(dir.path(), &pki, &other, None);
+    let err = cfg.reload().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            tls::TlsError::OwnIdentity {
+                source: tls::IdentityError::NotThisHost { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(cfg.generation(), 0);
+    assert_eq!(presented_serial(&srv.addr, &pki).await, host.serial);
+}

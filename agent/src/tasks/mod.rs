@@ -254,7 +254,9 @@ impl std::fmt::Debug for EngineParts {
 struct Inner {
     journal: Journal,
     host_id: String,
-    trust: TrustSet,
+    /// Swapped whole by [`TaskEngine::set_trust`] (SIGHUP); each task is
+    /// verified against the set current when it arrives.
+    trust: std::sync::RwLock<Arc<TrustSet>>,
     drain: DrainConfig,
     reboot: RebootConfig,
     policy: ProfilePolicy,
@@ -359,7 +361,7 @@ impl TaskEngine {
             inner: Arc::new(Inner {
                 journal,
                 host_id: p.host_id,
-                trust: p.trust,
+                trust: std::sync::RwLock::new(Arc::new(p.trust)),
                 drain: p.drain,
                 reboot: p.reboot,
                 policy,
@@ -478,6 +480,26 @@ impl TaskEngine {
         Ok(())
     }
 
+    /// The trust set tasks are verified against now.
+    pub fn trust(&self) -> Arc<TrustSet> {
+        self.inner
+            .trust
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replace the trust set (a reloaded trust file): tasks arriving from
+    /// now on are verified against it, so a newly revoked coordinator or
+    /// approver key is refused without a restart.
+    pub fn set_trust(&self, trust: TrustSet) {
+        *self
+            .inner
+            .trust
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(trust);
+    }
+
     /// Verify, record and start a signed task. A task id seen before returns
     /// its recorded status and does not run again.
     pub async fn submit(&self, signed: pb::SignedTask) -> Result<pb::TaskStatus, SubmitError> {
@@ -485,10 +507,11 @@ impl TaskEngine {
         if inner.shutting_down.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
+        let trust = self.trust();
         let (payload, status, exclusive) = {
             let mut gate = lock(&inner.gate);
             let verifier = TaskVerifier {
-                trust: &inner.trust,
+                trust: &trust,
                 host_id: &inner.host_id,
                 clock: inner.clock.as_ref(),
             };

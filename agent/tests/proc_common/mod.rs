@@ -284,6 +284,49 @@ poll_ms = 100
         }
     }
 
+    /// Replace the TLS certificate and key files with `cert`.
+    pub fn write_host_cert(&self, cert: &IssuedPem) {
+        write_host_cert(self.dir.path(), cert);
+    }
+
+    /// Set `[tls] crl` in agent.toml to `crl.pem` and write `pem` there.
+    pub fn use_crl(&self, pem: &str) {
+        self.write_crl(pem);
+        let path = self.config_path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let line = format!("trust_domain = \"{TRUST_DOMAIN}\"\n");
+        assert!(text.contains(&line));
+        let text = text.replacen(
+            &line,
+            &format!("{line}crl = \"{}\"\n", self.path("crl.pem").display()),
+            1,
+        );
+        std::fs::write(&path, text).unwrap();
+    }
+
+    /// Replace `crl.pem` (by rename, as `ringfence pki revoke` does).
+    pub fn write_crl(&self, pem: &str) {
+        let tmp = self.path("crl.pem.tmp");
+        std::fs::write(&tmp, pem).unwrap();
+        std::fs::rename(&tmp, self.path("crl.pem")).unwrap();
+    }
+
+    /// An mTLS client of this agent with the certificate `who`.
+    pub async fn client_as(&self, who: &IssuedPem) -> AgentClient<Channel> {
+        let id = ClientIdentity::from_pem(
+            who.cert_pem.as_bytes(),
+            who.key_pem.as_bytes(),
+            self.pki.ca_pem().as_bytes(),
+        )
+        .unwrap();
+        AgentClient::new(self.channel(&id).await)
+    }
+
+    /// A raw channel of the coordinator's identity (role ops).
+    pub async fn ops_channel(&self) -> Channel {
+        self.channel(&self.ops).await
+    }
+
     /// Replace the TLS certificate and key files with a fresh certificate.
     pub fn rotate_host_cert(&self) -> IssuedPem {
         let cert = self.pki.issue(Role::Host, &self.id).unwrap();
@@ -446,4 +489,68 @@ pub fn reason_codes(r: &pb::HealthReport) -> Vec<(String, i32)> {
         .iter()
         .map(|x| (x.code.clone(), x.gpu_index))
         .collect()
+}
+
+/// Sends raw bytes as a request message (what no generated client would
+/// send: garbage, oversized frames) and returns the raw answer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawCodec;
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use prost::bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use prost::bytes::Buf;
+        let n = src.remaining();
+        Ok(Some(src.copy_to_bytes(n).to_vec()))
+    }
+}
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+/// One unary call of `path` with `body` as the raw request message.
+pub async fn raw_unary(
+    channel: Channel,
+    path: &'static str,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    grpc.unary(
+        tonic::Request::new(body),
+        tonic::codegen::http::uri::PathAndQuery::from_static(path),
+        RawCodec,
+    )
+    .await
+    .map(tonic::Response::into_inner)
 }

@@ -109,15 +109,31 @@ impl Drop for Running {
 }
 
 pub async fn start(config: ReloadableServerConfig) -> Running {
+    start_with_limits(config, tls::ServeLimits::default()).await
+}
+
+/// [`start`] with explicit connection limits; the Agent service decodes
+/// requests up to [`tls::MAX_SIGNED_TASK_BYTES`], as the real agent does.
+pub async fn start_with_limits(
+    config: ReloadableServerConfig,
+    limits: tls::ServeLimits,
+) -> Running {
     tls::install_crypto_provider();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (_reporter, health) = tonic_health::server::health_reporter();
-    let routes = tonic::service::Routes::new(AgentServer::new(TestAgent)).add_service(health);
+    let agent = AgentServer::new(TestAgent).max_decoding_message_size(tls::MAX_SIGNED_TASK_BYTES);
+    let routes = tonic::service::Routes::new(agent).add_service(health);
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(tls::serve(listener, config, routes, async {
-        let _ = stopped.await;
-    }));
+    let task = tokio::spawn(tls::serve_with_limits(
+        listener,
+        config,
+        routes,
+        limits,
+        async {
+            let _ = stopped.await;
+        },
+    ));
     Running {
         addr,
         stop: Some(stop),
@@ -144,4 +160,71 @@ pub async fn call_identity(addr: &str, identity: &ClientIdentity) -> Result<Stri
         .await
         .map(|r| r.into_inner().spiffe_id)
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+}
+
+/// Sends raw bytes as a request message and returns the raw answer: lets a
+/// test send what no generated client would (garbage, oversized frames).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawCodec;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawEncoder;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawDecoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        use prost::bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        use prost::bytes::Buf;
+        let n = src.remaining();
+        Ok(Some(src.copy_to_bytes(n).to_vec()))
+    }
+}
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+/// One unary call of `path` with `body` as the raw request message.
+pub async fn raw_unary(
+    channel: tonic::transport::Channel,
+    path: &'static str,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    grpc.unary(
+        Request::new(body),
+        http::uri::PathAndQuery::from_static(path),
+        RawCodec,
+    )
+    .await
+    .map(Response::into_inner)
 }
