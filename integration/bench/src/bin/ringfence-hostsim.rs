@@ -89,10 +89,18 @@ async fn run(args: Args) -> Result<(), String> {
     let stdin_closed = async {
         let _ = closed_rx.await;
     };
-    ringfence::tls::serve(
+    // One listener stands in for every simulated host, so it must take the
+    // connections of the whole fleet at once, not one agent's share.
+    let limits = ringfence::tls::ServeLimits {
+        max_connections: fleet.hosts.len().saturating_mul(2).max(1024),
+        max_handshakes: 1024,
+        ..Default::default()
+    };
+    ringfence::tls::serve_with_limits(
         listener,
         ReloadableServerConfig::fixed(config, &fleet.trust_domain),
         routes,
+        limits,
         stdin_closed,
     )
     .await
