@@ -24,13 +24,17 @@ pub fn task_rejection_code(r: &TaskRejection) -> Code {
         | R::ApprovalWrongType { .. }
         | R::CoordinatorKeyAsApprover { .. }
         | R::ApprovalScope { .. }
+        | R::ApprovalLifetime { .. }
         | R::ApprovalExpired { .. }
         | R::ApprovalThreshold { .. }
-        | R::WrongHost { .. } => Code::PermissionDenied,
+        | R::WrongHost { .. }
+        | R::WrongRing { .. } => Code::PermissionDenied,
         R::NotYetValid { .. }
         | R::Expired { .. }
         | R::LifetimeTooLong { .. }
-        | R::SequenceNotIncreasing { .. } => Code::FailedPrecondition,
+        | R::SequenceNotIncreasing { .. }
+        | R::SequenceJump { .. }
+        | R::BeforeJournal { .. } => Code::FailedPrecondition,
         R::ActionRefused { .. } => Code::InvalidArgument,
         R::Journal { .. } => Code::Internal,
     }
