@@ -10,7 +10,7 @@ use std::time::Duration;
 use ed25519_dalek::SigningKey;
 use ringfence::envelope::{APPROVAL_TYPE, TASK_TYPE, sign_message};
 use ringfence::pb::{self, TaskState, task_payload::Action};
-use ringfence::time::SystemClock;
+use ringfence::time::{Clock, ManualClock, SystemClock};
 use ringfence::trust::{KeyRole, Policy, TrustSet, TrustedKey};
 use ringfenced::command::ProcessRunner;
 use ringfenced::profiles::PatchConfig;
@@ -27,6 +27,8 @@ pub struct Harness {
     pub trust: TrustSet,
     /// The agent's configured ring (default `Some(0)`, the ring of `task`).
     pub ring: Option<u32>,
+    /// The engine's clock and the tasks' signing time (default: the system clock).
+    pub clock: Option<ManualClock>,
     pub health: Arc<FakeHealth>,
     seq: AtomicU64,
 }
@@ -61,6 +63,7 @@ impl Harness {
             approvers,
             trust,
             ring: Some(0),
+            clock: None,
             health: Arc::new(FakeHealth::new(HOST)),
             seq: AtomicU64::new(0),
         }
@@ -99,11 +102,26 @@ impl Harness {
             Arc::new(ProcessRunner {
                 kill_grace: Duration::from_secs(1),
             }),
-            Arc::new(SystemClock),
+            match &self.clock {
+                Some(c) => Arc::new(c.clone()),
+                None => Arc::new(SystemClock),
+            },
             boot_id.into(),
             agent_version.into(),
         )
         .unwrap()
+    }
+
+    /// The next sequence number (as `task` uses them).
+    pub fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Now, by the harness clock.
+    pub fn now_ms(&self) -> i64 {
+        self.clock
+            .as_ref()
+            .map_or_else(ringfence::time::now_ms, |c| c.now_ms())
     }
 
     /// A task signed by the coordinator, ring 0, with the next sequence.
@@ -118,7 +136,7 @@ impl Harness {
 
     /// A coordinator-signed task for `ring`, without approvals.
     pub fn task_ring(&self, id: &str, seq: u64, ring: u32, action: Action) -> pb::SignedTask {
-        let now = ringfence::time::now_ms();
+        let now = self.now_ms();
         let payload = pb::TaskPayload {
             task_id: id.into(),
             host_id: HOST.into(),
@@ -146,7 +164,7 @@ impl Harness {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let ring = self.ring.unwrap_or(3);
         let mut st = self.task_ring(id, seq, ring, action.clone());
-        let now = ringfence::time::now_ms();
+        let now = self.now_ms();
         let (profile, version, rollback_version) = match &action {
             Action::Patch(p) if p.rollback => (p.profile.clone(), String::new(), p.version.clone()),
             Action::Patch(p) => (p.profile.clone(), p.version.clone(), String::new()),
