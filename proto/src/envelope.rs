@@ -650,17 +650,6 @@ impl TaskVerifier<'_> {
                 }
             })?;
             check_scope(index, &approval, task)?;
-            let cap_s = self.trust.policy.max_approval_lifetime_s;
-            let lifetime_ms = approval
-                .expires_at_unix_ms
-                .saturating_sub(approval.issued_at_unix_ms);
-            if lifetime_ms < 0 || lifetime_ms > skew_ms(cap_s) {
-                return Err(TaskRejection::ApprovalLifetime {
-                    index,
-                    lifetime_s: lifetime_ms / 1000,
-                    cap_s,
-                });
-            }
             let now = self.clock.now_ms();
             let skew = skew_ms(self.trust.policy.max_clock_skew_s);
             if now > approval.expires_at_unix_ms.saturating_add(skew)
@@ -672,6 +661,17 @@ impl TaskVerifier<'_> {
                         "valid {}..{} ms, now {now} ms",
                         approval.issued_at_unix_ms, approval.expires_at_unix_ms
                     ),
+                });
+            }
+            let cap_s = self.trust.policy.max_approval_lifetime_s;
+            let lifetime_ms = approval
+                .expires_at_unix_ms
+                .saturating_sub(approval.issued_at_unix_ms);
+            if lifetime_ms > skew_ms(cap_s) {
+                return Err(TaskRejection::ApprovalLifetime {
+                    index,
+                    lifetime_s: lifetime_ms / 1000,
+                    cap_s,
                 });
             }
             for key in keys_here {

@@ -3,6 +3,10 @@
 //! `TaskRejection` variant, and the gRPC status built from it names the
 //! failed check. Property tests cover sign→verify round trips and single-bit
 //! flips anywhere in what is signed.
+//!
+//! The agent under test is configured in the ring of the fixture's task
+//! (`verify`), unless a test says otherwise (`verify_as`): issue 13's ring
+//! cases configure it explicitly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -12,9 +16,9 @@ use proptest::prelude::*;
 use prost::Message;
 use ringfence::config::Source;
 use ringfence::envelope::{
-    self, APPROVAL_TYPE, ATTESTATION_TYPE, ActionPolicy, AllowAll, MAX_APPROVALS, MAX_SIGNATURES,
-    MAX_TASK_PAYLOAD, MAX_TYPE_LEN, ReplayGuard, TASK_TYPE, TaskRejection, TaskVerifier, Verified,
-    VerifiedTask,
+    self, APPROVAL_TYPE, ATTESTATION_TYPE, ActionPolicy, AllowAll, MAX_APPROVALS,
+    MAX_SEQUENCE_JUMP, MAX_SIGNATURES, MAX_TASK_PAYLOAD, MAX_TYPE_LEN, ReplayGuard, TASK_TYPE,
+    TaskRejection, TaskVerifier, Verified, VerifiedTask,
 };
 use ringfence::keys;
 use ringfence::pb;
@@ -97,6 +101,7 @@ struct MemJournal {
     seen: HashMap<String, pb::TaskStatus>,
     high_water: u64,
     broken: Option<String>,
+    created_at: Option<i64>,
 }
 
 impl ReplayGuard for MemJournal {
@@ -111,6 +116,9 @@ impl ReplayGuard for MemJournal {
             return Err(reason.clone());
         }
         Ok(self.high_water)
+    }
+    fn created_at_ms(&self) -> Result<Option<i64>, String> {
+        Ok(self.created_at)
     }
 }
 
@@ -129,6 +137,16 @@ impl ActionPolicy for OneProfile {
     }
 }
 
+/// The ring the signed task names (unverified; the fixture's agent is
+/// configured in it). `None` when the payload does not decode.
+fn claimed_ring(signed: &pb::SignedTask) -> Option<u32> {
+    signed
+        .task
+        .as_ref()
+        .and_then(|e| pb::TaskPayload::decode(e.payload.as_slice()).ok())
+        .map(|t| t.ring)
+}
+
 fn verify_with(
     trust: &TrustSet,
     clock: &ManualClock,
@@ -138,9 +156,30 @@ fn verify_with(
     TaskVerifier {
         trust,
         host_id: HOST,
+        ring: claimed_ring(signed),
         clock,
     }
     .verify(signed, journal, &AllowAll)
+}
+
+/// Verify with the agent configured in `ring` (`None`: no ring configured).
+fn verify_as(ring: Option<u32>, signed: &pb::SignedTask) -> Result<Verified, TaskRejection> {
+    verify_as_with(ring, signed, &MemJournal::default(), &AllowAll)
+}
+
+fn verify_as_with(
+    ring: Option<u32>,
+    signed: &pb::SignedTask,
+    journal: &MemJournal,
+    actions: &dyn ActionPolicy,
+) -> Result<Verified, TaskRejection> {
+    TaskVerifier {
+        trust: &trust(),
+        host_id: HOST,
+        ring,
+        clock: &ManualClock::at(NOW),
+    }
+    .verify(signed, journal, actions)
 }
 
 /// Verify against the fixture trust file, at NOW, with an empty journal.
@@ -232,9 +271,13 @@ fn approval(ring: u32) -> pb::RingApproval {
         rollback_version: ROLLBACK_VERSION.into(),
         host_ids: vec!["gpu-16".into(), HOST.into()],
         issued_at_unix_ms: NOW - 60_000,
-        expires_at_unix_ms: NOW + 86_400_000,
+        // Within the default approval lifetime cap (24 h).
+        expires_at_unix_ms: NOW + 82_800_000,
         approver: "ops/alice".into(),
-        actions: vec![pb::ApprovedAction::Patch as i32],
+        actions: vec![
+            pb::ApprovedAction::Patch as i32,
+            pb::ApprovedAction::Rollback as i32,
+        ],
     }
 }
 
@@ -253,13 +296,18 @@ fn signed(task: pb::Envelope, approvals: Vec<pb::Envelope>) -> pb::SignedTask {
     }
 }
 
-/// A ring-2 patch with approvals by alice and bob: accepted as is.
+/// A protected-ring task with approvals by alice and bob covering its
+/// action: accepted as is.
 fn approved_patch(t: &pb::TaskPayload) -> pb::SignedTask {
+    let mut a = approval(t.ring);
+    a.actions = envelope::approved_action(t)
+        .map(|x| vec![x as i32])
+        .unwrap_or_default();
     signed(
         sign_task(t),
         vec![
-            sign_approval(&approval(t.ring), &[("alice", &alice())]),
-            sign_approval(&approval(t.ring), &[("bob", &bob())]),
+            sign_approval(&a, &[("alice", &alice())]),
+            sign_approval(&a, &[("bob", &bob())]),
         ],
     )
 }
@@ -783,7 +831,7 @@ fn sequence_at_or_below_the_high_water_mark_is_refused() {
         (4, false),
         (5, false),
         (6, true),
-        (u64::MAX, true),
+        (5 + MAX_SEQUENCE_JUMP, true),
     ] {
         let mut t = task(0, drain());
         t.sequence = seq;
@@ -828,6 +876,7 @@ fn action_not_in_local_config_is_refused() {
     let verifier = TaskVerifier {
         trust: &trust(),
         host_id: HOST,
+        ring: Some(0),
         clock: &ManualClock::at(NOW),
     };
     let journal = MemJournal::default();
@@ -1219,6 +1268,7 @@ fn forced_undrain_needs_approvals() {
         assert_eq!(v.approvers, vec!["alice", "bob"]);
         // Approvals for another host do not cover it.
         let mut a = approval(ring);
+        a.actions = vec![pb::ApprovedAction::ForceUndrain as i32];
         a.host_ids = vec!["gpu-18".into()];
         let st = signed(
             sign_task(&forced),
@@ -1538,7 +1588,7 @@ fn arb_task() -> impl Strategy<Value = pb::TaskPayload> {
         ".{0,40}",
         ".{0,40}",
         0u32..=4,
-        1u64..=u64::MAX,
+        1u64..=MAX_SEQUENCE_JUMP,
         times,
         arb_action(),
     )
@@ -1558,9 +1608,11 @@ fn arb_task() -> impl Strategy<Value = pb::TaskPayload> {
         )
 }
 
+/// For an agent configured in the task's ring, with `AllowAll` (which takes
+/// every AckFaults for one that touches an UNHEALTHY fault).
 fn needs_approval(t: &pb::TaskPayload) -> bool {
     match &t.action {
-        Some(Action::Patch(_)) => t.ring >= 2,
+        Some(Action::Patch(_) | Action::AckFaults(_)) => t.ring >= 2,
         Some(Action::Undrain(u)) => u.force,
         _ => false,
     }
@@ -1577,6 +1629,9 @@ fn sign_with_approvals(t: &pb::TaskPayload) -> pb::SignedTask {
             host_ids: vec![t.host_id.clone()],
             issued_at_unix_ms: NOW - 1_000,
             expires_at_unix_ms: NOW + 60_000,
+            actions: envelope::approved_action(t)
+                .map(|x| vec![x as i32])
+                .unwrap_or_default(),
             ..Default::default()
         };
         if let Some(Action::Patch(p)) = &t.action {
@@ -1600,6 +1655,7 @@ fn verify_for_own_host(
     TaskVerifier {
         trust: &trust(),
         host_id: &t.host_id,
+        ring: Some(t.ring),
         clock: &ManualClock::at(NOW),
     }
     .verify(st, &MemJournal::default(), &AllowAll)
