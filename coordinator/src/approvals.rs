@@ -19,11 +19,13 @@ use ringfence::pb;
 use ringfence::trust::{KeyRole, TrustSet};
 use serde::{Deserialize, Serialize};
 
-/// An envelope as a JSON file (base64 payload and signatures).
+/// An envelope as a JSON file: standard DSSE JSON (`payloadType`, `payload`,
+/// `signatures[{keyid, sig}]`); the older `payload_type` / `key_id` are read too.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnvelopeFile {
     /// The envelope's payload type.
+    #[serde(rename = "payloadType", alias = "payload_type")]
     pub payload_type: String,
     /// base64 of the payload bytes.
     pub payload: String,
@@ -321,6 +323,8 @@ pub struct BreakGlassGrant {
     pub reason: String,
     /// Distinct approvers.
     pub approvers: Vec<String>,
+    /// Expiry, ms since the epoch (a running wave falls back to the reserve then).
+    pub expires_at_ms: i64,
 }
 
 /// Verify a break-glass envelope for `wave`: approver signatures meeting the
@@ -368,5 +372,6 @@ pub fn check_breakglass(
         max_out: bg.max_out,
         reason: bg.reason,
         approvers: ids,
+        expires_at_ms: bg.expires_at_unix_ms,
     })
 }

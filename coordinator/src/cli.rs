@@ -267,6 +267,9 @@ enum BreakglassCommand {
         /// Validity, hours.
         #[arg(long, default_value_t = 12)]
         ttl_h: u64,
+        /// Inventory: refuse a pool it does not have, or a max-out above the pool's size.
+        #[arg(long)]
+        inventory: Option<PathBuf>,
     },
 }
 
@@ -279,7 +282,7 @@ pub struct EvidenceArgs {
 
 #[derive(Debug, Subcommand)]
 enum EvidenceCommand {
-    /// Check a packet's signature, its attestations and its approvals.
+    /// Check a packet: its signer, tasks, attestations, approvals and break-glass.
     Verify {
         /// Packet file.
         packet: PathBuf,
@@ -289,6 +292,10 @@ enum EvidenceCommand {
         /// Trust file with coordinator and approver keys (default: from settings).
         #[arg(long)]
         trust: Option<PathBuf>,
+        /// Trust-file id of the coordinator key that must have signed
+        /// (default: `signing.key_id` of the settings, when they are read).
+        #[arg(long)]
+        coordinator_key: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -522,11 +529,14 @@ fn break_glass(
     files: &[PathBuf],
     trust: &TrustSet,
     wave: &str,
+    inv: &Inventory,
 ) -> Result<Vec<(approvals::BreakGlassGrant, pb::Envelope)>, Failure> {
     let mut out = Vec::new();
     for f in files {
         let env = approvals::read_file(f).map_err(config_err)?;
         let grant = approvals::check_breakglass(&env, trust, wave, ringfence::time::now_ms())
+            .map_err(|e| config_err(format!("break-glass {}: {e}", f.display())))?;
+        crate::plan::check_break_glass(inv, &grant.pool, grant.max_out)
             .map_err(|e| config_err(format!("break-glass {}: {e}", f.display())))?;
         println!(
             "break-glass in force: pool {} max_out {} ({}; approvers {})",
@@ -644,7 +654,7 @@ async fn wave_cmd(config: Option<&Path>, cmd: WaveCommand) -> Result<(), Failure
             let env = env(config)?;
             let inv = Inventory::load(&inventory).map_err(config_err)?;
             let (spec, text) = parse_spec(&spec)?;
-            let bg = break_glass(&bg, &env.trust, &spec.wave_id)?;
+            let bg = break_glass(&bg, &env.trust, &spec.wave_id, &inv)?;
             let store = Arc::new(
                 WaveStore::open(&env.settings.state_dir, &spec.wave_id).map_err(config_err)?,
             );
@@ -675,6 +685,11 @@ async fn wave_cmd(config: Option<&Path>, cmd: WaveCommand) -> Result<(), Failure
             break_glass: bg,
         } => {
             let env = env(config)?;
+            // The resume begins here: a halt requested from now on stands.
+            let seen_halt = crate::store::halt_request(&crate::store::WavePaths::new(
+                &env.settings.state_dir,
+                &w,
+            ));
             let inv = Inventory::load(&inventory).map_err(config_err)?;
             if !skip.is_empty() && reason.as_deref().is_none_or(str::is_empty) {
                 return Err(config_err("--skip needs --reason \"...\""));
@@ -692,7 +707,7 @@ async fn wave_cmd(config: Option<&Path>, cmd: WaveCommand) -> Result<(), Failure
             let spec =
                 WaveSpec::from_source(&Source::from_text(format!("<stored spec of {w}>"), text))
                     .map_err(config_err)?;
-            let bg = break_glass(&bg, &env.trust, &w)?;
+            let bg = break_glass(&bg, &env.trust, &w, &inv)?;
             let reporter = Reporter::new(json);
             let conn = Arc::new(connector(&env, &inv));
             let skip: Vec<(String, String)> = skip
@@ -709,7 +724,7 @@ async fn wave_cmd(config: Option<&Path>, cmd: WaveCommand) -> Result<(), Failure
                 reporter.clone(),
                 bg,
             )?;
-            outcome(d.resume(&retry, &skip).await, &reporter)
+            outcome(d.resume_after(&retry, &skip, seen_halt).await, &reporter)
         }
         WaveCommand::Rollback {
             wave: w,
@@ -816,12 +831,14 @@ async fn wave_cmd(config: Option<&Path>, cmd: WaveCommand) -> Result<(), Failure
         }
         WaveCommand::Halt { wave: w } => {
             let settings = Settings::load(config).map_err(config_err)?;
+            if !WaveStore::exists(&settings.state_dir, &w) {
+                return Err(config_err(crate::store::StoreError::NoSuchWave {
+                    wave: w,
+                    dir: settings.state_dir.clone(),
+                }));
+            }
             let paths = crate::store::WavePaths::new(&settings.state_dir, &w);
-            crate::store::write_atomic(
-                &paths.halt,
-                format!("halt requested at {}\n", ringfence::time::now_ms()).as_bytes(),
-            )
-            .map_err(failed)?;
+            crate::store::request_halt(&paths, ringfence::time::now_ms()).map_err(failed)?;
             println!(
                 "halt requested for wave {w}: no new host starts; hosts in flight finish their current step"
             );
@@ -929,7 +946,21 @@ fn breakglass(cmd: BreakglassCommand) -> Result<(), Failure> {
             out,
             add_to,
             ttl_h,
+            inventory,
         } => {
+            if let Some(inv) = &inventory {
+                let inv = Inventory::load(inv).map_err(config_err)?;
+                let (pool, max_out) = if add_to {
+                    // Check what is countersigned, not the flags.
+                    let env = approvals::read_file(&out).map_err(config_err)?;
+                    let bg: pb::BreakGlass = prost::Message::decode(env.payload.as_slice())
+                        .map_err(|e| config_err(format!("{}: {e}", out.display())))?;
+                    (bg.pool, bg.max_out)
+                } else {
+                    (pool.clone(), max_out)
+                };
+                crate::plan::check_break_glass(&inv, &pool, max_out).map_err(config_err)?;
+            }
             let signing = ringfence::keys::read_signing_key(&key).map_err(config_err)?;
             let key_id = ringfence::keys::fingerprint(&signing.verifying_key());
             if add_to {
@@ -966,67 +997,99 @@ fn evidence(config: Option<&Path>, cmd: EvidenceCommand) -> Result<(), Failure> 
             packet,
             inventory,
             trust,
+            coordinator_key,
             json,
         } => {
-            let trust_path = match trust {
-                Some(t) => t,
-                None => Settings::load(config).map_err(config_err)?.trust_file,
+            // The settings name the trust file and the coordinator key; they
+            // are read unless --trust is given without --config.
+            let settings = if trust.is_none() || config.is_some() {
+                Some(Settings::load(config).map_err(config_err)?)
+            } else {
+                None
             };
+            let trust_path = match (trust, &settings) {
+                (Some(t), _) => t,
+                (None, Some(s)) => s.trust_file.clone(),
+                (None, None) => return Err(config_err("no trust file: pass --trust")),
+            };
+            let pinned = coordinator_key.or_else(|| settings.map(|s| s.signing.key_id));
             let trust = TrustSet::load(&trust_path).map_err(config_err)?;
             let inv = Inventory::load(&inventory).map_err(config_err)?;
             let bytes = std::fs::read(&packet)
                 .map_err(|e| config_err(format!("{}: {e}", packet.display())))?;
-            let v = crate::evidence::verify(&bytes, &trust, &inv.enrolled_keys())
-                .map_err(|e| failed(format!("{}: INVALID: {e}", packet.display())))?;
+            let enrolled = inv.enrolled_keys();
+            let v = crate::evidence::verify_with(
+                &bytes,
+                &crate::evidence::VerifyWith {
+                    trust: &trust,
+                    enrolled: &enrolled,
+                    coordinator_key_id: pinned.as_deref(),
+                },
+            )
+            .map_err(|e| {
+                failed(format!(
+                    "{}: INVALID [{}]: {e}",
+                    packet.display(),
+                    e.check()
+                ))
+            })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
-                let p = &v.packet;
-                println!("{}: VALID, signed by {}", packet.display(), v.signed_by);
-                println!(
-                    "  wave {} ring {}{}: {} ({} hosts), {} {}",
-                    p.wave_id,
-                    p.ring,
-                    crate::plan::ring_name(p.ring),
-                    p.outcome,
-                    p.hosts.len(),
-                    p.profile,
-                    p.version
-                );
-                if let Some(r) = &p.halt_reason {
-                    println!("  halt: {r}");
-                }
-                for h in &p.hosts {
-                    println!(
-                        "  {} [{}] {}: {} {} → {} {}{}",
-                        h.host_id,
-                        h.pool,
-                        h.phase,
-                        h.verdict_before,
-                        h.driver_before,
-                        h.verdict_after,
-                        h.driver_after,
-                        h.failure
-                            .as_ref()
-                            .map(|f| format!(" FAILED {} {}: {}", f.0, f.1, f.2))
-                            .unwrap_or_default()
-                    );
-                }
-                println!(
-                    "  attestations verified: {}; approvals verified: {} (approvers: {})",
-                    v.attestations_checked,
-                    v.approvals_checked,
-                    v.approvers.join(", ")
-                );
-                if let Some(rp) = &p.rollback_proof {
-                    println!(
-                        "  rollback proof: {} went {}",
-                        rp.host_id,
-                        rp.versions.join(" → ")
-                    );
-                }
+                print_verified(&packet, &v);
             }
             Ok(())
         }
+    }
+}
+
+/// Print a verified packet: every verdict and version from the attestations.
+fn print_verified(path: &Path, v: &crate::evidence::Verified) {
+    let p = &v.packet;
+    println!("{}: VALID, signed by {}", path.display(), v.signed_by);
+    println!(
+        "  wave {} ring {}{}: {} ({} hosts), {} {}",
+        p.wave_id,
+        p.ring,
+        crate::plan::ring_name(p.ring),
+        p.outcome,
+        p.hosts.len(),
+        p.profile,
+        p.version
+    );
+    if let Some(r) = &p.halt_reason {
+        println!("  halt: {r}");
+    }
+    let att = |a: Option<&crate::evidence::Attested>| {
+        a.map(|a| format!("{} {}", a.verdict, a.driver_version))
+            .unwrap_or_else(|| "(no attestation)".into())
+    };
+    for (h, e) in v.hosts.iter().zip(&p.hosts) {
+        println!(
+            "  {} [{}] {}: {} → {}{}",
+            h.host_id,
+            h.pool,
+            h.phase,
+            att(h.before.as_ref()),
+            att(h.after.as_ref()),
+            e.failure
+                .as_ref()
+                .map(|f| format!(" FAILED {} {}: {}", f.0, f.1, f.2))
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "  verified: {} signed tasks, {} attestations, {} approvals (approvers: {})",
+        v.tasks_checked,
+        v.attestations_checked,
+        v.approvals_checked,
+        v.approvers.join(", ")
+    );
+    if let Some(rp) = &p.rollback_proof {
+        println!(
+            "  rollback proof: {} went {}",
+            rp.host_id,
+            v.rollback_versions.join(" → ")
+        );
     }
 }

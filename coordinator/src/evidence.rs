@@ -1,22 +1,30 @@
 //! Evidence packets: what happened in a ring, signed by the coordinator key
 //! so an auditor can check it later without trusting the coordinator's disk.
 //!
-//! A packet file is the JSON form of a DSSE envelope whose payload (type
+//! A packet file is a standard DSSE JSON envelope (`payloadType`, `payload`,
+//! `signatures[{keyid, sig}]`) whose payload (type
 //! `application/vnd.ringfence.evidence.v1+json`) is the [`Packet`] as JSON.
-//! It embeds the original signed attestation and approval envelopes, so
-//! `ringfence evidence verify` re-checks each against the enrolled host keys
-//! and the approver keys of the trust file.
+//! It embeds the original coordinator-signed tasks, host-signed attestations
+//! and approver-signed approvals, so `ringfence evidence verify` proves
+//! everything it prints from signed material: the signer is the named
+//! coordinator key; each task is the coordinator's and says what the packet
+//! says; each attestation is by the host's enrolled key, carries the nonce of
+//! a recorded Validate task and was made while that task was valid; every
+//! verdict and version printed comes from the attestations (the
+//! coordinator's own fields must agree with them); approvals and break-glass
+//! cover the wave, ring, hosts, actions and time of what they authorised,
+//! with enough distinct approver keys.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use ed25519_dalek::SigningKey;
 use prost::Message;
-use ringfence::envelope::{self, APPROVAL_TYPE, BREAKGLASS_TYPE, EVIDENCE_TYPE};
+use ringfence::envelope::{self, APPROVAL_TYPE, BREAKGLASS_TYPE, EVIDENCE_TYPE, TASK_TYPE};
 use ringfence::keys::VerifyingKey;
-use ringfence::pb;
+use ringfence::pb::{self, task_payload::Action};
 use ringfence::trust::{KeyRole, TrustSet};
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +62,12 @@ pub struct HostEvidence {
     pub failure: Option<(String, String, String)>,
     /// The original signed attestation envelopes (protobuf, base64): before, after.
     pub attestations: Vec<String>,
+    /// The coordinator-signed task envelopes (protobuf, base64), one per entry
+    /// of `tasks`, in the same order: what each task authorised, and the
+    /// nonce each Validate task bound its attestation to. Packets written
+    /// before this field existed read with it empty (and do not verify).
+    #[serde(default)]
+    pub task_envelopes: Vec<String>,
     /// When work on the host started and ended, ms since the epoch.
     pub started_at_ms: i64,
     /// End.
@@ -110,11 +124,15 @@ pub struct Packet {
     pub coordinator_key_id: String,
 }
 
-/// A packet file on disk (an envelope in JSON).
+/// A packet file on disk: a standard DSSE JSON envelope
+/// (`{"payloadType", "payload", "signatures": [{"keyid", "sig"}]}`, payload
+/// and signatures in standard base64). Files written before the switch used
+/// `payload_type` / `key_id`; those names are still read.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PacketFile {
     /// Always the evidence payload type.
+    #[serde(rename = "payloadType", alias = "payload_type")]
     pub payload_type: String,
     /// base64 of the JSON payload.
     pub payload: String,
@@ -122,17 +140,19 @@ pub struct PacketFile {
     pub signatures: Vec<SignatureJson>,
 }
 
-/// A signature in a packet file.
+/// A signature in a DSSE JSON envelope (`keyid` is optional in DSSE).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignatureJson {
     /// Key id hint.
+    #[serde(rename = "keyid", alias = "key_id", default)]
     pub key_id: String,
     /// base64 ed25519 signature.
     pub sig: String,
 }
 
-/// Evidence could not be written or verified.
+/// Evidence could not be written, or a packet is INVALID. Every variant is
+/// one finding; [`EvidenceError::check`] gives its stable name.
 #[derive(Debug, thiserror::Error)]
 pub enum EvidenceError {
     /// the packet file could not be read or written
@@ -141,9 +161,55 @@ pub enum EvidenceError {
     /// the packet file is not a well-formed evidence envelope
     #[error("packet is malformed: {0}")]
     Malformed(String),
-    /// the packet's signature is not by a coordinator key of the trust file
+    /// the packet's signature is not by any trusted key
     #[error("packet signature does not verify against any coordinator key of the trust file: {0}")]
     PacketSignature(String),
+    /// the packet is signed by a valid key that is not a coordinator key
+    #[error("packet is signed by `{key}` ({role}), not by a coordinator key")]
+    SignerRole { key: String, role: String },
+    /// the coordinator key that signed is not the one named
+    #[error("packet is signed by coordinator key `{signed_by}`, but {named_by} names `{named}`")]
+    SignerNotNamed {
+        signed_by: String,
+        named: String,
+        named_by: &'static str,
+    },
+    /// a host in the packet is not in the inventory or has no enrolled key
+    #[error("host `{0}` is not enrolled in the inventory")]
+    UnknownHost(String),
+    /// a host is recorded in another ring than the packet's
+    #[error("host `{host}` is recorded in ring {recorded}, the packet covers ring {ring}")]
+    HostRing {
+        host: String,
+        recorded: u32,
+        ring: u32,
+    },
+    /// the signed tasks of a host are not in the packet (or not one per listed task)
+    #[error(
+        "host `{host}`: {listed} tasks listed but {recorded} signed tasks recorded; what the tasks authorised cannot be checked"
+    )]
+    TasksNotRecorded {
+        host: String,
+        listed: usize,
+        recorded: usize,
+    },
+    /// a recorded task is not signed by a coordinator key of the trust file
+    #[error("host `{host}`: task {index} (`{task}`) is not signed by a coordinator key: {reason}")]
+    TaskSignature {
+        host: String,
+        index: usize,
+        task: String,
+        reason: String,
+    },
+    /// a recorded task says something else than the packet around it
+    #[error("host `{host}`: task `{task}` has {field} `{signed}`, the packet says `{expected}`")]
+    TaskScope {
+        host: String,
+        task: String,
+        field: &'static str,
+        signed: String,
+        expected: String,
+    },
     /// an attestation inside the packet does not verify against the host's enrolled key
     #[error(
         "host `{host}`: attestation {index} does not verify against the enrolled key: {reason}"
@@ -153,12 +219,129 @@ pub enum EvidenceError {
         index: usize,
         reason: String,
     },
-    /// a host in the packet is not in the inventory or has no enrolled key
-    #[error("host `{0}` is not enrolled in the inventory")]
-    UnknownHost(String),
-    /// an approval inside the packet does not verify against the approver keys
-    #[error("approval {index}: {reason}")]
-    Approval { index: usize, reason: String },
+    /// an attestation names another host
+    #[error("host `{host}`: attestation {index} names host `{names}`")]
+    AttestationHost {
+        host: String,
+        index: usize,
+        names: String,
+    },
+    /// an attestation's nonce is not the nonce of a Validate task recorded for the host
+    #[error(
+        "host `{host}`: attestation {index} carries a nonce of no Validate task recorded for the host"
+    )]
+    AttestationNonce { host: String, index: usize },
+    /// an attestation was made outside its task's (or the host's) time window
+    #[error(
+        "host `{host}`: attestation {index} was made at {at_ms} ms, outside {window} ({from_ms}..{to_ms} ms with clock skew)"
+    )]
+    AttestationWindow {
+        host: String,
+        index: usize,
+        at_ms: i64,
+        window: String,
+        from_ms: i64,
+        to_ms: i64,
+    },
+    /// a field the coordinator wrote disagrees with what the host attested
+    #[error(
+        "host `{host}`: {field} is recorded as `{recorded}` but the host attested `{attested}`"
+    )]
+    Recorded {
+        host: String,
+        field: &'static str,
+        recorded: String,
+        attested: String,
+    },
+    /// a host recorded as done has no healthy validation of the target versions
+    #[error("host `{host}` is recorded as done but {reason}")]
+    NotValidated { host: String, reason: String },
+    /// an approval or break-glass envelope does not verify against the approver keys
+    #[error("{what} {index}: {reason}")]
+    Approval {
+        what: &'static str,
+        index: usize,
+        reason: String,
+    },
+    /// an approval or break-glass is signed by a coordinator key
+    #[error(
+        "{what} {index} is signed by coordinator key `{key}`; a coordinator key never approves"
+    )]
+    ApprovalSigner {
+        what: &'static str,
+        index: usize,
+        key: String,
+    },
+    /// an approval is for another wave, ring, profile, version or host set
+    #[error("{what} {index} is for {field} `{approved}`, the packet has `{expected}`")]
+    ApprovalScope {
+        what: &'static str,
+        index: usize,
+        field: &'static str,
+        approved: String,
+        expected: String,
+    },
+    /// an approval does not list the action a task needed
+    #[error(
+        "approval {index} does not approve {action} (it lists {listed}), needed by task `{task}`"
+    )]
+    ApprovalAction {
+        index: usize,
+        task: String,
+        action: &'static str,
+        listed: String,
+    },
+    /// an approval was not valid when a task it authorised was issued (or a break-glass during the ring)
+    #[error("{what} {index} is valid {from_ms}..{to_ms} ms, not at {at} ({at_ms} ms)")]
+    ApprovalTime {
+        what: &'static str,
+        index: usize,
+        from_ms: i64,
+        to_ms: i64,
+        at: String,
+        at_ms: i64,
+    },
+    /// too few distinct approver keys
+    #[error("{what} has {have} distinct approver keys, needs {need}")]
+    ApprovalThreshold {
+        what: String,
+        have: usize,
+        need: usize,
+    },
+    /// the rollback proof does not follow from its attestations
+    #[error("rollback proof of `{host}`: {reason}")]
+    RollbackProof { host: String, reason: String },
+}
+
+impl EvidenceError {
+    /// The stable name of the finding (README, Evidence packets).
+    pub fn check(&self) -> &'static str {
+        match self {
+            Self::Io { .. } => "io",
+            Self::Malformed(_) => "malformed",
+            Self::PacketSignature(_) => "packet_signature",
+            Self::SignerRole { .. } => "signer_role",
+            Self::SignerNotNamed { .. } => "signer",
+            Self::UnknownHost(_) => "host_enrolled",
+            Self::HostRing { .. } => "host_ring",
+            Self::TasksNotRecorded { .. } => "tasks_recorded",
+            Self::TaskSignature { .. } => "task_signature",
+            Self::TaskScope { .. } => "task_scope",
+            Self::Attestation { .. } => "attestation_signature",
+            Self::AttestationHost { .. } => "attestation_host",
+            Self::AttestationNonce { .. } => "attestation_nonce",
+            Self::AttestationWindow { .. } => "attestation_window",
+            Self::Recorded { .. } => "recorded_field",
+            Self::NotValidated { .. } => "host_validated",
+            Self::Approval { .. } => "approval_signature",
+            Self::ApprovalSigner { .. } => "approval_signer",
+            Self::ApprovalScope { .. } => "approval_scope",
+            Self::ApprovalAction { .. } => "approval_action",
+            Self::ApprovalTime { .. } => "approval_time",
+            Self::ApprovalThreshold { .. } => "approval_threshold",
+            Self::RollbackProof { .. } => "rollback_proof",
+        }
+    }
 }
 
 /// Sign a packet with the coordinator key and encode it as a packet file.
@@ -200,29 +383,100 @@ pub fn embed(env: &pb::Envelope) -> String {
     B64.encode(env.encode_to_vec())
 }
 
-/// What `evidence verify` found.
+/// What one attestation proves, derived from the signed attestation itself.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Attested {
+    /// Verdict the host signed.
+    pub verdict: String,
+    /// Driver version in the signed report.
+    pub driver_version: String,
+    /// CUDA driver version in the signed report.
+    pub cuda_version: String,
+    /// When the host signed it, ms since the epoch.
+    pub issued_at_ms: i64,
+    /// The Validate task whose nonce it carries (None: the attestation before the wave's tasks).
+    pub task_id: Option<String>,
+}
+
+/// A host as its attestations prove it.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifiedHost {
+    /// Host id.
+    pub host_id: String,
+    /// Pool (from the packet).
+    pub pool: String,
+    /// Phase (from the packet; "done" is checked against the attestations).
+    pub phase: String,
+    /// The attestation before the wave's tasks.
+    pub before: Option<Attested>,
+    /// The latest attestation bound to a Validate task.
+    pub after: Option<Attested>,
+}
+
+/// What `evidence verify` found. Everything here is derived from signed
+/// material; `packet` is the coordinator's own account, checked against it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Verified {
     /// The packet content.
     pub packet: Packet,
     /// Coordinator key id (from the trust file) that signed it.
     pub signed_by: String,
+    /// Per host, what its attestations prove.
+    pub hosts: Vec<VerifiedHost>,
+    /// Driver versions of the rollback proof, from its attestations.
+    pub rollback_versions: Vec<String>,
+    /// Signed tasks checked.
+    pub tasks_checked: usize,
     /// Attestations checked.
     pub attestations_checked: usize,
-    /// Approvals checked, with their distinct approver key ids.
+    /// Ring approvals and break-glass approvals checked.
     pub approvals_checked: usize,
-    /// Approver ids seen.
+    /// Distinct approver ids (trust file) of the approvals and break-glass approvals.
     pub approvers: Vec<String>,
 }
 
-/// Verify a packet file: the coordinator signature, every embedded
-/// attestation against the host's enrolled key, and every approval against
-/// the approver keys.
+/// What a packet is verified against.
+#[derive(Debug, Clone, Copy)]
+pub struct VerifyWith<'a> {
+    /// Coordinator and approver keys, and the policy (skew, task lifetime,
+    /// protected rings, approver threshold).
+    pub trust: &'a TrustSet,
+    /// Enrolled host attestation keys (inventory).
+    pub enrolled: &'a BTreeMap<String, VerifyingKey>,
+    /// The coordinator key id that must have signed (settings or
+    /// `--coordinator-key`); None: the one the packet names.
+    pub coordinator_key_id: Option<&'a str>,
+}
+
+/// Verify a packet file against the trust file and the enrolled host keys,
+/// with the signer the packet names.
 pub fn verify(
     bytes: &[u8],
     trust: &TrustSet,
     enrolled: &BTreeMap<String, VerifyingKey>,
 ) -> Result<Verified, EvidenceError> {
+    verify_with(
+        bytes,
+        &VerifyWith {
+            trust,
+            enrolled,
+            coordinator_key_id: None,
+        },
+    )
+}
+
+/// A task recorded in a packet, verified and decoded.
+struct Task {
+    step: String,
+    state: String,
+    payload: pb::TaskPayload,
+}
+
+/// Verify a packet file: the signer, every recorded task, every attestation
+/// (key, host, nonce bound to a recorded Validate task, time window), every
+/// field derived from attestations, every approval and break-glass (scope,
+/// action, time, distinct approvers), and the rollback proof.
+pub fn verify_with(bytes: &[u8], with: &VerifyWith<'_>) -> Result<Verified, EvidenceError> {
     let file: PacketFile =
         serde_json::from_slice(bytes).map_err(|e| EvidenceError::Malformed(e.to_string()))?;
     if file.payload_type != EVIDENCE_TYPE {
@@ -237,7 +491,188 @@ pub fn verify(
     if payload.len() > MAX_EVIDENCE_PAYLOAD {
         return Err(EvidenceError::Malformed("payload too large".into()));
     }
-    let msg = envelope::pae(&file.payload_type, &payload);
+    let signed_by = packet_signer(&file, &payload, with)?;
+    let packet: Packet =
+        serde_json::from_slice(&payload).map_err(|e| EvidenceError::Malformed(e.to_string()))?;
+    if let Some(pinned) = with.coordinator_key_id
+        && pinned != signed_by
+    {
+        return Err(EvidenceError::SignerNotNamed {
+            signed_by,
+            named: pinned.to_string(),
+            named_by: "the settings (or --coordinator-key)",
+        });
+    }
+    if packet.coordinator_key_id != signed_by {
+        return Err(EvidenceError::SignerNotNamed {
+            signed_by,
+            named: packet.coordinator_key_id.clone(),
+            named_by: "the packet's coordinator_key_id",
+        });
+    }
+    let policy = &with.trust.policy;
+
+    let mut out = Verified {
+        packet: packet.clone(),
+        signed_by,
+        hosts: Vec::new(),
+        rollback_versions: Vec::new(),
+        tasks_checked: 0,
+        attestations_checked: 0,
+        approvals_checked: 0,
+        approvers: Vec::new(),
+    };
+    let mut tasks_by_host: BTreeMap<&str, Vec<Task>> = BTreeMap::new();
+    for h in &packet.hosts {
+        let key = with
+            .enrolled
+            .get(&h.host_id)
+            .ok_or_else(|| EvidenceError::UnknownHost(h.host_id.clone()))?;
+        if h.ring != packet.ring {
+            return Err(EvidenceError::HostRing {
+                host: h.host_id.clone(),
+                recorded: h.ring,
+                ring: packet.ring,
+            });
+        }
+        let tasks = host_tasks(&packet, h, with.trust)?;
+        out.tasks_checked += tasks.len();
+        let (before, after, n) = host_attestations(h, &tasks, key, policy)?;
+        out.attestations_checked += n;
+        check_recorded(h, before.as_ref(), after.as_ref())?;
+        if h.phase == "done" {
+            check_done(&packet, h, after.as_ref())?;
+        }
+        out.hosts.push(VerifiedHost {
+            host_id: h.host_id.clone(),
+            pool: h.pool.clone(),
+            phase: h.phase.clone(),
+            before,
+            after,
+        });
+        tasks_by_host.insert(&h.host_id, tasks);
+    }
+    if let Some(proof) = &packet.rollback_proof {
+        let (n, versions) = check_rollback_proof(proof, &tasks_by_host, with.enrolled)?;
+        out.attestations_checked += n;
+        out.rollback_versions = versions;
+    }
+    let mut approvers = Vec::new();
+    let approvals = open_approvals(&packet, with.trust, &mut approvers)?;
+    out.approvals_checked += approvals.len();
+    check_task_approvals(&packet, &tasks_by_host, &approvals, with.trust)?;
+    out.approvals_checked += check_break_glass(&packet, with.trust, &mut approvers)?;
+    out.approvers = approvers;
+    Ok(out)
+}
+
+/// Verify a host's attestations: each by its enrolled key and naming it;
+/// one bound by its nonce to a recorded Validate task was made while that
+/// task was valid; the only unbound one is the first (before the wave's
+/// tasks; its nonce is the coordinator's) and was made during the host's
+/// recorded work. Returns before, after (the last bound one), and the count.
+fn host_attestations(
+    h: &HostEvidence,
+    tasks: &[Task],
+    key: &VerifyingKey,
+    policy: &ringfence::trust::Policy,
+) -> Result<(Option<Attested>, Option<Attested>, usize), EvidenceError> {
+    let skew = ms(policy.max_clock_skew_s);
+    let lifetime_cap = ms(policy.max_task_lifetime_s);
+    let mut checked = 0;
+    let mut before = None;
+    let mut after = None;
+    for (index, a) in h.attestations.iter().enumerate() {
+        let att = open_attestation(&h.host_id, index, a, key)?;
+        let at = att.issued_at_unix_ms;
+        let validates: Vec<&Task> = tasks
+            .iter()
+            .filter(
+                |t| matches!(&t.payload.action, Some(Action::Validate(v)) if v.nonce == att.nonce),
+            )
+            .collect();
+        let task_id = if let Some(first) = validates.first() {
+            // Bound to a Validate task: made while that task was valid.
+            let window = |t: &Task| {
+                let p = &t.payload;
+                let end = p
+                    .expires_at_unix_ms
+                    .min(p.issued_at_unix_ms.saturating_add(lifetime_cap));
+                (
+                    p.issued_at_unix_ms.saturating_sub(skew),
+                    end.saturating_add(skew),
+                )
+            };
+            match validates.iter().find(|t| {
+                let (from, to) = window(t);
+                (from..=to).contains(&at)
+            }) {
+                Some(t) => Some(t.payload.task_id.clone()),
+                None => {
+                    let (from_ms, to_ms) = window(first);
+                    return Err(EvidenceError::AttestationWindow {
+                        host: h.host_id.clone(),
+                        index,
+                        at_ms: at,
+                        window: format!("the validity of task `{}`", first.payload.task_id),
+                        from_ms,
+                        to_ms,
+                    });
+                }
+            }
+        } else if index == 0 {
+            // The attestation before the wave's tasks: its nonce is the
+            // coordinator's, so it is bounded by the host's recorded work.
+            // A host still under way (the wave halted around it) has no end yet.
+            let from_ms = h.started_at_ms.saturating_sub(skew);
+            let end = std::iter::once(h.finished_at_ms)
+                .chain(tasks.iter().map(|t| t.payload.issued_at_unix_ms))
+                .max()
+                .unwrap_or(0);
+            let to_ms = if matches!(h.phase.as_str(), "done" | "failed") && end > 0 {
+                end.saturating_add(skew)
+            } else {
+                i64::MAX
+            };
+            if h.started_at_ms <= 0 || !(from_ms..=to_ms).contains(&at) {
+                return Err(EvidenceError::AttestationWindow {
+                    host: h.host_id.clone(),
+                    index,
+                    at_ms: at,
+                    window: "the host's work in the wave".into(),
+                    from_ms,
+                    to_ms,
+                });
+            }
+            None
+        } else {
+            return Err(EvidenceError::AttestationNonce {
+                host: h.host_id.clone(),
+                index,
+            });
+        };
+        let proven = attested(&att, task_id);
+        if proven.task_id.is_some() {
+            after = Some(proven);
+        } else {
+            before = Some(proven);
+        }
+        checked += 1;
+    }
+    Ok((before, after, checked))
+}
+
+fn ms(s: u64) -> i64 {
+    i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX)
+}
+
+/// The trust-file id of the coordinator key that signed the packet.
+fn packet_signer(
+    file: &PacketFile,
+    payload: &[u8],
+    with: &VerifyWith<'_>,
+) -> Result<String, EvidenceError> {
+    let msg = envelope::pae(&file.payload_type, payload);
     let mut signed_by = None;
     for s in &file.signatures {
         let sig = pb::Signature {
@@ -246,122 +681,625 @@ pub fn verify(
                 .decode(&s.sig)
                 .map_err(|e| EvidenceError::Malformed(format!("signature: {e}")))?,
         };
-        match trust.identify(&msg, &sig) {
+        match with.trust.identify(&msg, &sig) {
             // The key id is outside what is signed; in evidence a hint that
             // names another key than the one that signed is tampering.
             Ok(k) if k.role == KeyRole::Coordinator && k.id != s.key_id => {
                 return Err(EvidenceError::PacketSignature(format!(
-                    "signature key_id `{}` does not name the key that signed (trust file id `{}`)",
+                    "signature keyid `{}` does not name the key that signed (trust file id `{}`)",
                     s.key_id, k.id
                 )));
             }
-            Ok(k) if k.role == KeyRole::Coordinator => signed_by = Some(k.id.clone()),
+            Ok(k) if k.role == KeyRole::Coordinator => {
+                if signed_by.is_none() {
+                    signed_by = Some(k.id.clone());
+                }
+            }
             Ok(k) => {
-                return Err(EvidenceError::PacketSignature(format!(
-                    "signed by `{}` which is {:?}, not a coordinator key",
-                    k.id, k.role
-                )));
+                return Err(EvidenceError::SignerRole {
+                    key: k.id.clone(),
+                    role: format!("{:?} key", k.role).to_lowercase(),
+                });
             }
-            Err(e) => return Err(EvidenceError::PacketSignature(format!("{e:?}"))),
+            Err(e) => {
+                // Name a host key that made it: a host cannot sign evidence.
+                if let Ok(signature) = ed25519_dalek::Signature::from_slice(&sig.sig)
+                    && let Some((host, _)) = with
+                        .enrolled
+                        .iter()
+                        .find(|(_, k)| k.verify_strict(&msg, &signature).is_ok())
+                {
+                    return Err(EvidenceError::SignerRole {
+                        key: host.clone(),
+                        role: "host attestation key".into(),
+                    });
+                }
+                return Err(EvidenceError::PacketSignature(format!("{e:?}")));
+            }
         }
     }
-    let signed_by =
-        signed_by.ok_or_else(|| EvidenceError::PacketSignature("packet is unsigned".into()))?;
-    let packet: Packet =
-        serde_json::from_slice(&payload).map_err(|e| EvidenceError::Malformed(e.to_string()))?;
+    signed_by.ok_or_else(|| EvidenceError::PacketSignature("packet is unsigned".into()))
+}
 
-    let mut attestations_checked = 0;
-    for h in &packet.hosts {
-        let key = enrolled
-            .get(&h.host_id)
-            .ok_or_else(|| EvidenceError::UnknownHost(h.host_id.clone()))?;
-        for (index, a) in h.attestations.iter().enumerate() {
-            let reason = |r: String| EvidenceError::Attestation {
-                host: h.host_id.clone(),
-                index,
-                reason: r,
-            };
-            let raw = B64.decode(a).map_err(|e| reason(e.to_string()))?;
-            let env = pb::Envelope::decode(raw.as_slice()).map_err(|e| reason(e.to_string()))?;
-            let payload = envelope::verify_single(
-                &env,
-                envelope::ATTESTATION_TYPE,
-                key,
-                ringfence::attest::MAX_ATTESTATION_PAYLOAD,
-            )
-            .map_err(|e| reason(e.to_string()))?;
-            let att = pb::Attestation::decode(payload).map_err(|e| reason(e.to_string()))?;
-            if att.host_id != h.host_id {
-                return Err(reason(format!("names host `{}`", att.host_id)));
-            }
-            attestations_checked += 1;
-        }
+/// The kind of action a recorded step must carry.
+fn step_action(step: &str) -> &'static str {
+    match step {
+        "drain" | "manual_drain" | "soak_drain" => "drain",
+        "patch" | "drill_repatch" => "patch",
+        "rollback" | "drill_rollback" | "manual_rollback" => "rollback",
+        "undrain" => "undrain",
+        s if s.ends_with("validate") => "validate",
+        _ => "unknown",
     }
-    if let Some(proof) = &packet.rollback_proof {
-        let key = enrolled
-            .get(&proof.host_id)
-            .ok_or_else(|| EvidenceError::UnknownHost(proof.host_id.clone()))?;
-        for (index, a) in proof.attestations.iter().enumerate() {
-            let reason = |r: String| EvidenceError::Attestation {
-                host: proof.host_id.clone(),
-                index,
-                reason: format!("rollback proof: {r}"),
-            };
-            let raw = B64.decode(a).map_err(|e| reason(e.to_string()))?;
-            let env = pb::Envelope::decode(raw.as_slice()).map_err(|e| reason(e.to_string()))?;
-            envelope::verify_single(
-                &env,
-                envelope::ATTESTATION_TYPE,
-                key,
-                ringfence::attest::MAX_ATTESTATION_PAYLOAD,
-            )
-            .map_err(|e| reason(e.to_string()))?;
-            attestations_checked += 1;
-        }
+}
+
+fn action_kind(a: Option<&Action>) -> &'static str {
+    match a {
+        Some(Action::Drain(_)) => "drain",
+        Some(Action::Patch(p)) if p.rollback => "rollback",
+        Some(Action::Patch(_)) => "patch",
+        Some(Action::Validate(_)) => "validate",
+        Some(Action::Undrain(_)) => "undrain",
+        Some(Action::AckFaults(_)) => "ack_faults",
+        None => "none",
     }
-    let mut approvers = Vec::new();
-    let all = packet
-        .approvals
-        .iter()
-        .map(|a| (a, APPROVAL_TYPE))
-        .chain(packet.break_glass.iter().map(|b| (b, BREAKGLASS_TYPE)));
-    let mut approvals_checked = 0;
-    for (index, (a, ty)) in all.enumerate() {
-        let err = |reason: String| EvidenceError::Approval { index, reason };
-        let raw = B64.decode(a).map_err(|e| err(e.to_string()))?;
-        let env = pb::Envelope::decode(raw.as_slice()).map_err(|e| err(e.to_string()))?;
-        if env.payload_type != ty {
-            return Err(err(format!("payload type `{}`", env.payload_type)));
+}
+
+/// Verify and decode the recorded tasks of a host, and check each against
+/// the packet: coordinator signature, id, host, wave, ring, action of the
+/// step, profile and versions.
+fn host_tasks(
+    packet: &Packet,
+    h: &HostEvidence,
+    trust: &TrustSet,
+) -> Result<Vec<Task>, EvidenceError> {
+    if h.task_envelopes.len() != h.tasks.len() {
+        return Err(EvidenceError::TasksNotRecorded {
+            host: h.host_id.clone(),
+            listed: h.tasks.len(),
+            recorded: h.task_envelopes.len(),
+        });
+    }
+    let mut out = Vec::new();
+    for (index, ((step, task_id, state), raw)) in h.tasks.iter().zip(&h.task_envelopes).enumerate()
+    {
+        let sig_err = |reason: String| EvidenceError::TaskSignature {
+            host: h.host_id.clone(),
+            index,
+            task: task_id.clone(),
+            reason,
+        };
+        let bytes = B64.decode(raw).map_err(|e| sig_err(e.to_string()))?;
+        let env = pb::Envelope::decode(bytes.as_slice()).map_err(|e| sig_err(e.to_string()))?;
+        if env.payload_type != TASK_TYPE {
+            return Err(sig_err(format!("payload type `{}`", env.payload_type)));
         }
         if env.signatures.is_empty() {
-            return Err(err("unsigned".into()));
+            return Err(sig_err("unsigned".into()));
         }
         let msg = envelope::pae(&env.payload_type, &env.payload);
         for s in &env.signatures {
             match trust.identify(&msg, s) {
-                Ok(k) if k.role == KeyRole::Approver => {
-                    if !approvers.contains(&k.id) {
-                        approvers.push(k.id.clone());
-                    }
-                }
-                Ok(k) => {
-                    return Err(err(format!(
-                        "signed by `{}` ({:?}), not an approver",
-                        k.id, k.role
-                    )));
-                }
-                Err(e) => return Err(err(format!("signature does not verify: {e:?}"))),
+                Ok(k) if k.role == KeyRole::Coordinator => {}
+                Ok(k) => return Err(sig_err(format!("signed by `{}` ({:?})", k.id, k.role))),
+                Err(e) => return Err(sig_err(format!("{e:?}"))),
             }
         }
-        approvals_checked += 1;
+        let payload = pb::TaskPayload::decode(env.payload.as_slice())
+            .map_err(|e| sig_err(format!("payload: {e}")))?;
+        let scope = |field: &'static str, signed: &str, expected: &str| {
+            if signed == expected {
+                Ok(())
+            } else {
+                Err(EvidenceError::TaskScope {
+                    host: h.host_id.clone(),
+                    task: task_id.clone(),
+                    field,
+                    signed: signed.to_string(),
+                    expected: expected.to_string(),
+                })
+            }
+        };
+        scope("task_id", &payload.task_id, task_id)?;
+        scope("host_id", &payload.host_id, &h.host_id)?;
+        scope("wave_id", &payload.wave_id, &packet.wave_id)?;
+        scope("ring", &payload.ring.to_string(), &packet.ring.to_string())?;
+        scope(
+            "action",
+            action_kind(payload.action.as_ref()),
+            step_action(step),
+        )?;
+        match &payload.action {
+            Some(Action::Patch(p)) => {
+                scope("profile", &p.profile, &packet.profile)?;
+                if !p.rollback {
+                    scope("version", &p.version, &packet.version)?;
+                }
+            }
+            Some(Action::Validate(v)) if step == "validate" => {
+                scope(
+                    "expect_driver_version",
+                    &v.expect_driver_version,
+                    &packet.expect_driver_version,
+                )?;
+                scope(
+                    "expect_cuda_version",
+                    &v.expect_cuda_version,
+                    &packet.expect_cuda_version,
+                )?;
+            }
+            _ => {}
+        }
+        out.push(Task {
+            step: step.clone(),
+            state: state.clone(),
+            payload,
+        });
     }
-    Ok(Verified {
-        packet,
-        signed_by,
-        attestations_checked,
-        approvals_checked,
-        approvers,
-    })
+    Ok(out)
+}
+
+/// Verify one embedded attestation against the host's enrolled key.
+fn open_attestation(
+    host: &str,
+    index: usize,
+    b64: &str,
+    key: &VerifyingKey,
+) -> Result<pb::Attestation, EvidenceError> {
+    let reason = |r: String| EvidenceError::Attestation {
+        host: host.to_string(),
+        index,
+        reason: r,
+    };
+    let raw = B64.decode(b64).map_err(|e| reason(e.to_string()))?;
+    let env = pb::Envelope::decode(raw.as_slice()).map_err(|e| reason(e.to_string()))?;
+    let payload = envelope::verify_single(
+        &env,
+        envelope::ATTESTATION_TYPE,
+        key,
+        ringfence::attest::MAX_ATTESTATION_PAYLOAD,
+    )
+    .map_err(|e| reason(e.to_string()))?;
+    let att = pb::Attestation::decode(payload).map_err(|e| reason(e.to_string()))?;
+    if att.host_id != host {
+        return Err(EvidenceError::AttestationHost {
+            host: host.to_string(),
+            index,
+            names: att.host_id,
+        });
+    }
+    let report = att
+        .report
+        .as_ref()
+        .ok_or_else(|| reason("no health report".into()))?;
+    if report.host_id != att.host_id || report.verdict != att.verdict {
+        return Err(reason(
+            "the embedded report disagrees with the attestation (host or verdict)".into(),
+        ));
+    }
+    Ok(att)
+}
+
+fn attested(att: &pb::Attestation, task_id: Option<String>) -> Attested {
+    let report = att.report.clone().unwrap_or_default();
+    Attested {
+        verdict: crate::hostrun::verdict_name(att.verdict).to_string(),
+        driver_version: report.driver_version,
+        cuda_version: report.cuda_driver_version,
+        issued_at_ms: att.issued_at_unix_ms,
+        task_id,
+    }
+}
+
+/// The coordinator's own fields must say what the attestations say.
+fn check_recorded(
+    h: &HostEvidence,
+    before: Option<&Attested>,
+    after: Option<&Attested>,
+) -> Result<(), EvidenceError> {
+    let get = |a: Option<&Attested>, f: fn(&Attested) -> &str| a.map(f).unwrap_or("").to_string();
+    let fields: [(&'static str, &str, String); 6] = [
+        (
+            "verdict_before",
+            &h.verdict_before,
+            get(before, |a| &a.verdict),
+        ),
+        (
+            "driver_before",
+            &h.driver_before,
+            get(before, |a| &a.driver_version),
+        ),
+        (
+            "cuda_before",
+            &h.cuda_before,
+            get(before, |a| &a.cuda_version),
+        ),
+        (
+            "verdict_after",
+            &h.verdict_after,
+            get(after, |a| &a.verdict),
+        ),
+        (
+            "driver_after",
+            &h.driver_after,
+            get(after, |a| &a.driver_version),
+        ),
+        ("cuda_after", &h.cuda_after, get(after, |a| &a.cuda_version)),
+    ];
+    for (field, recorded, attested) in fields {
+        if recorded != attested {
+            return Err(EvidenceError::Recorded {
+                host: h.host_id.clone(),
+                field,
+                recorded: recorded.to_string(),
+                attested,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A host recorded as done was validated HEALTHY on the target versions.
+fn check_done(
+    packet: &Packet,
+    h: &HostEvidence,
+    after: Option<&Attested>,
+) -> Result<(), EvidenceError> {
+    let not = |reason: String| EvidenceError::NotValidated {
+        host: h.host_id.clone(),
+        reason,
+    };
+    let Some(a) = after else {
+        return Err(not(
+            "no attestation of a Validate task is in the packet".into()
+        ));
+    };
+    if a.verdict != "HEALTHY" {
+        return Err(not(format!("its validation attested {}", a.verdict)));
+    }
+    if !packet.expect_driver_version.is_empty() && a.driver_version != packet.expect_driver_version
+    {
+        return Err(not(format!(
+            "its validation attested driver {}, expected {}",
+            a.driver_version, packet.expect_driver_version
+        )));
+    }
+    if !packet.expect_cuda_version.is_empty() && a.cuda_version != packet.expect_cuda_version {
+        return Err(not(format!(
+            "its validation attested CUDA {}, expected {}",
+            a.cuda_version, packet.expect_cuda_version
+        )));
+    }
+    Ok(())
+}
+
+/// The rollback proof: every attestation by the drilled host's key, bound to
+/// one of its Validate tasks, HEALTHY, and the versions those attestations
+/// report. Returns the attestations checked and the versions.
+fn check_rollback_proof(
+    proof: &RollbackProof,
+    tasks_by_host: &BTreeMap<&str, Vec<Task>>,
+    enrolled: &BTreeMap<String, VerifyingKey>,
+) -> Result<(usize, Vec<String>), EvidenceError> {
+    let bad = |reason: String| EvidenceError::RollbackProof {
+        host: proof.host_id.clone(),
+        reason,
+    };
+    let key = enrolled
+        .get(&proof.host_id)
+        .ok_or_else(|| EvidenceError::UnknownHost(proof.host_id.clone()))?;
+    let tasks = tasks_by_host
+        .get(proof.host_id.as_str())
+        .ok_or_else(|| bad("the host is not in the packet".into()))?;
+    let mut versions = Vec::new();
+    for (index, a) in proof.attestations.iter().enumerate() {
+        let att = open_attestation(&proof.host_id, index, a, key)
+            .map_err(|e| bad(format!("attestation {index}: {e}")))?;
+        let bound = tasks.iter().any(|t| {
+            matches!(&t.payload.action, Some(Action::Validate(v)) if v.nonce == att.nonce)
+                && t.step.ends_with("validate")
+        });
+        if !bound {
+            return Err(bad(format!(
+                "attestation {index} carries a nonce of no Validate task recorded for the host"
+            )));
+        }
+        if att.verdict != pb::Verdict::Healthy as i32 {
+            return Err(bad(format!(
+                "attestation {index} attested {}",
+                crate::hostrun::verdict_name(att.verdict)
+            )));
+        }
+        versions.push(
+            att.report
+                .as_ref()
+                .map(|r| r.driver_version.clone())
+                .unwrap_or_default(),
+        );
+    }
+    if versions != proof.versions {
+        return Err(bad(format!(
+            "versions recorded as {} but attested {}",
+            proof.versions.join(" → "),
+            versions.join(" → ")
+        )));
+    }
+    for id in &proof.task_ids {
+        if !tasks.iter().any(|t| &t.payload.task_id == id) {
+            return Err(bad(format!("task `{id}` is not recorded for the host")));
+        }
+    }
+    Ok((proof.attestations.len(), versions))
+}
+
+/// Approver keys that signed an envelope: trust-file id and public key bytes.
+type Signers = Vec<(String, [u8; 32])>;
+
+/// Who signed an approval or break-glass envelope: trust-file ids and key
+/// bytes of approver keys. A coordinator key, a revoked or unknown key, or a
+/// bad signature is a finding.
+fn approval_signers(
+    what: &'static str,
+    index: usize,
+    env: &pb::Envelope,
+    ty: &str,
+    trust: &TrustSet,
+) -> Result<Signers, EvidenceError> {
+    let err = |reason: String| EvidenceError::Approval {
+        what,
+        index,
+        reason,
+    };
+    if env.payload_type != ty {
+        return Err(err(format!("payload type `{}`", env.payload_type)));
+    }
+    if env.signatures.is_empty() {
+        return Err(err("unsigned".into()));
+    }
+    let msg = envelope::pae(&env.payload_type, &env.payload);
+    let mut out = Vec::new();
+    for s in &env.signatures {
+        match trust.identify(&msg, s) {
+            Ok(k) if k.role == KeyRole::Approver => out.push((k.id.clone(), k.key.to_bytes())),
+            Ok(k) if k.role == KeyRole::Coordinator => {
+                return Err(EvidenceError::ApprovalSigner {
+                    what,
+                    index,
+                    key: k.id.clone(),
+                });
+            }
+            Ok(k) => return Err(err(format!("signed by `{}` ({:?})", k.id, k.role))),
+            Err(e) => return Err(err(format!("signature does not verify: {e:?}"))),
+        }
+    }
+    Ok(out)
+}
+
+fn decode_envelope(
+    what: &'static str,
+    index: usize,
+    b64: &str,
+) -> Result<pb::Envelope, EvidenceError> {
+    let err = |reason: String| EvidenceError::Approval {
+        what,
+        index,
+        reason,
+    };
+    let raw = B64.decode(b64).map_err(|e| err(e.to_string()))?;
+    pb::Envelope::decode(raw.as_slice()).map_err(|e| err(e.to_string()))
+}
+
+fn note_approvers(approvers: &mut Vec<String>, signers: &[(String, [u8; 32])]) {
+    for (id, _) in signers {
+        if !approvers.contains(id) {
+            approvers.push(id.clone());
+        }
+    }
+}
+
+/// The ring approvals of the packet, each signed by approvers only and for
+/// this wave, ring, profile and version.
+fn open_approvals(
+    packet: &Packet,
+    trust: &TrustSet,
+    approvers: &mut Vec<String>,
+) -> Result<Vec<(pb::RingApproval, Signers)>, EvidenceError> {
+    let mut out = Vec::new();
+    for (index, b64) in packet.approvals.iter().enumerate() {
+        let env = decode_envelope("approval", index, b64)?;
+        let signers = approval_signers("approval", index, &env, APPROVAL_TYPE, trust)?;
+        let a = pb::RingApproval::decode(env.payload.as_slice()).map_err(|e| {
+            EvidenceError::Approval {
+                what: "approval",
+                index,
+                reason: e.to_string(),
+            }
+        })?;
+        let scope = |field: &'static str, approved: String, expected: String| {
+            if approved == expected {
+                Ok(())
+            } else {
+                Err(EvidenceError::ApprovalScope {
+                    what: "approval",
+                    index,
+                    field,
+                    approved,
+                    expected,
+                })
+            }
+        };
+        scope("wave_id", a.wave_id.clone(), packet.wave_id.clone())?;
+        scope("ring", a.ring.to_string(), packet.ring.to_string())?;
+        scope("profile", a.profile.clone(), packet.profile.clone())?;
+        scope("version", a.version.clone(), packet.version.clone())?;
+        note_approvers(approvers, &signers);
+        out.push((a, signers));
+    }
+    Ok(out)
+}
+
+/// States of a task the agent never ran (it refused it, or it never left).
+const NOT_RUN: &[&str] = &["NOT_SENT", "NOT_ACCEPTED", "NOT_DELIVERED"];
+
+/// On a protected ring every Patch, rollback and forced Undrain the agent
+/// took needs approvals that cover its host and action, were valid when it
+/// was issued, and add up to the threshold of distinct approver keys (as the
+/// agent itself counts them: every attached approval must cover the task).
+fn check_task_approvals(
+    packet: &Packet,
+    tasks_by_host: &BTreeMap<&str, Vec<Task>>,
+    approvals: &[(pb::RingApproval, Signers)],
+    trust: &TrustSet,
+) -> Result<(), EvidenceError> {
+    let policy = &trust.policy;
+    if !policy.protected_rings.contains(&packet.ring) {
+        return Ok(());
+    }
+    let skew = ms(policy.max_clock_skew_s);
+    for (host, tasks) in tasks_by_host {
+        for t in tasks {
+            if NOT_RUN.contains(&t.state.as_str()) {
+                continue;
+            }
+            let (action, version) = match &t.payload.action {
+                Some(Action::Patch(p)) if p.rollback => {
+                    (pb::ApprovedAction::Rollback, Some(p.version.as_str()))
+                }
+                Some(Action::Patch(_)) => (pb::ApprovedAction::Patch, None),
+                Some(Action::Undrain(u)) if u.force => (pb::ApprovedAction::ForceUndrain, None),
+                _ => continue,
+            };
+            let task = &t.payload.task_id;
+            let at_ms = t.payload.issued_at_unix_ms;
+            let mut distinct = BTreeSet::new();
+            let mut out_of_time = None;
+            for (index, (a, signers)) in approvals.iter().enumerate() {
+                if !a.host_ids.iter().any(|h| h == host) {
+                    return Err(EvidenceError::ApprovalScope {
+                        what: "approval",
+                        index,
+                        field: "host_ids",
+                        approved: a.host_ids.join(","),
+                        expected: (*host).to_string(),
+                    });
+                }
+                if !a.actions.contains(&(action as i32)) {
+                    return Err(EvidenceError::ApprovalAction {
+                        index,
+                        task: task.clone(),
+                        action: action.as_str_name(),
+                        listed: a
+                            .actions
+                            .iter()
+                            .map(|x| {
+                                pb::ApprovedAction::try_from(*x)
+                                    .map(|x| x.as_str_name())
+                                    .unwrap_or("UNKNOWN")
+                            })
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    });
+                }
+                if let Some(v) = version
+                    && a.rollback_version != v
+                {
+                    return Err(EvidenceError::ApprovalScope {
+                        what: "approval",
+                        index,
+                        field: "rollback_version",
+                        approved: a.rollback_version.clone(),
+                        expected: v.to_string(),
+                    });
+                }
+                if at_ms > a.expires_at_unix_ms.saturating_add(skew)
+                    || a.issued_at_unix_ms > at_ms.saturating_add(skew)
+                {
+                    // The packet holds the ring's approvals as they are at
+                    // its end; one signed after (or expired before) this
+                    // task was issued did not authorise it, but others may.
+                    out_of_time.get_or_insert(EvidenceError::ApprovalTime {
+                        what: "approval",
+                        index,
+                        from_ms: a.issued_at_unix_ms,
+                        to_ms: a.expires_at_unix_ms,
+                        at: format!("the issue of task `{task}`"),
+                        at_ms,
+                    });
+                    continue;
+                }
+                distinct.extend(signers.iter().map(|(_, k)| *k));
+            }
+            if distinct.len() < policy.approver_threshold {
+                if let Some(e) = out_of_time {
+                    return Err(e);
+                }
+                return Err(EvidenceError::ApprovalThreshold {
+                    what: format!("task `{task}` on protected ring {}", packet.ring),
+                    have: distinct.len(),
+                    need: policy.approver_threshold,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every break-glass: approvers only, this wave, valid during the ring, and
+/// the threshold of distinct approver keys. Returns how many were checked.
+fn check_break_glass(
+    packet: &Packet,
+    trust: &TrustSet,
+    approvers: &mut Vec<String>,
+) -> Result<usize, EvidenceError> {
+    let skew = ms(trust.policy.max_clock_skew_s);
+    for (index, b64) in packet.break_glass.iter().enumerate() {
+        let what = "break-glass";
+        let env = decode_envelope(what, index, b64)?;
+        let signers = approval_signers(what, index, &env, BREAKGLASS_TYPE, trust)?;
+        let bg = pb::BreakGlass::decode(env.payload.as_slice()).map_err(|e| {
+            EvidenceError::Approval {
+                what,
+                index,
+                reason: e.to_string(),
+            }
+        })?;
+        if bg.wave_id != packet.wave_id {
+            return Err(EvidenceError::ApprovalScope {
+                what,
+                index,
+                field: "wave_id",
+                approved: bg.wave_id,
+                expected: packet.wave_id.clone(),
+            });
+        }
+        // Valid at some point while the ring ran: issued before it ended,
+        // not expired before it started.
+        let start = packet.started_at_ms;
+        let end = packet.finished_at_ms.max(start);
+        if bg.expires_at_unix_ms < bg.issued_at_unix_ms
+            || bg.issued_at_unix_ms > end.saturating_add(skew)
+            || bg.expires_at_unix_ms.saturating_add(skew) < start
+        {
+            return Err(EvidenceError::ApprovalTime {
+                what,
+                index,
+                from_ms: bg.issued_at_unix_ms,
+                to_ms: bg.expires_at_unix_ms,
+                at: "the ring's run".into(),
+                at_ms: start,
+            });
+        }
+        let distinct: BTreeSet<[u8; 32]> = signers.iter().map(|(_, k)| *k).collect();
+        if distinct.len() < trust.policy.approver_threshold {
+            return Err(EvidenceError::ApprovalThreshold {
+                what: format!("break-glass {index} for pool `{}`", bg.pool),
+                have: distinct.len(),
+                need: trust.policy.approver_threshold,
+            });
+        }
+        note_approvers(approvers, &signers);
+    }
+    Ok(packet.break_glass.len())
 }
 
 /// The evidence of one host, from its wave record.
@@ -405,6 +1343,17 @@ pub fn host_evidence(rec: &crate::hostrun::HostRecord) -> HostEvidence {
             .failure
             .as_ref()
             .map(|f| (f.step.clone(), f.kind.clone(), f.reason.clone())),
+        task_envelopes: rec
+            .tasks
+            .iter()
+            .map(|t| {
+                pb::SignedTask::decode(t.signed.as_slice())
+                    .ok()
+                    .and_then(|s| s.task)
+                    .map(|e| embed(&e))
+                    .unwrap_or_default()
+            })
+            .collect(),
         attestations: [b, a]
             .into_iter()
             .flatten()

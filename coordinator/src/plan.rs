@@ -47,6 +47,10 @@ pub struct PoolPlan {
     pub max_out: usize,
     /// Set when a break-glass approval raised the limit.
     pub break_glass: bool,
+    /// When the break-glass approval expires (ms since the epoch): from then
+    /// on the limit falls back to the reserve.
+    #[serde(default)]
+    pub break_glass_expires_at_ms: Option<i64>,
     /// Hosts already out of service before the wave (host → why).
     pub out_before: BTreeMap<String, String>,
 }
@@ -56,6 +60,40 @@ impl PoolPlan {
     pub fn available(&self) -> usize {
         self.max_out.saturating_sub(self.out_before.len())
     }
+
+    /// floor(size × reserve%): the limit without break-glass.
+    pub fn reserve_limit(&self) -> usize {
+        self.size * self.reserve_percent as usize / 100
+    }
+
+    /// Whether a break-glass raised this pool's limit and has expired at `now_ms`.
+    pub fn break_glass_expired(&self, now_ms: i64) -> bool {
+        self.break_glass && self.break_glass_expires_at_ms.is_some_and(|t| now_ms > t)
+    }
+
+    /// Most hosts out of service at once at `now_ms`: the break-glass limit
+    /// while it holds, the reserve once it has expired.
+    pub fn limit_at(&self, now_ms: i64) -> usize {
+        if self.break_glass_expired(now_ms) {
+            self.reserve_limit()
+        } else {
+            self.max_out
+        }
+    }
+
+    /// Hosts the wave itself may have out of service at once at `now_ms`.
+    pub fn available_at(&self, now_ms: i64) -> usize {
+        self.limit_at(now_ms).saturating_sub(self.out_before.len())
+    }
+}
+
+/// A pool limit raised by a verified break-glass approval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakGlassLimit {
+    /// New limit of hosts out of service at once.
+    pub max_out: u32,
+    /// Expiry of the approval, ms since the epoch.
+    pub expires_at_ms: i64,
 }
 
 /// The whole plan.
@@ -103,19 +141,60 @@ pub enum PlanError {
     /// the rollback drill needs a ring-0 host
     #[error("rollback_drill = true needs at least one ring-0 host")]
     NoDrillHost,
+    /// a break-glass approval names a pool the inventory does not have
+    #[error("break-glass names pool `{pool}`, which is not in the inventory (pools: {known})")]
+    BreakGlassUnknownPool { pool: String, known: String },
+    /// a break-glass approval allows more hosts out than the pool has
+    #[error(
+        "break-glass for pool `{pool}`: max_out {max_out} is more than the pool's {size} host(s)"
+    )]
+    BreakGlassTooLarge {
+        pool: String,
+        max_out: u32,
+        size: usize,
+    },
+}
+
+/// Check break-glass limits against the inventory: the pool must exist and
+/// `max_out` may not exceed its size.
+pub fn check_break_glass(inv: &Inventory, pool: &str, max_out: u32) -> Result<(), PlanError> {
+    if !inv.pools.values().any(|p| p.name == pool) {
+        return Err(PlanError::BreakGlassUnknownPool {
+            pool: pool.to_string(),
+            known: inv
+                .pools
+                .values()
+                .map(|p| p.name.clone())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    let size = inv.hosts.iter().filter(|h| h.pool == pool).count();
+    if max_out as usize > size {
+        return Err(PlanError::BreakGlassTooLarge {
+            pool: pool.to_string(),
+            max_out,
+            size,
+        });
+    }
+    Ok(())
 }
 
 impl Plan {
     /// Build the plan. `out_before`: hosts already out of service (unhealthy
-    /// or drained) and why; `overrides`: break-glass limits per pool.
+    /// or drained) and why; `overrides`: break-glass limits per pool (each
+    /// pool must exist, and its `max_out` may not exceed the pool's size).
     pub fn build(
         inv: &Inventory,
         spec: &WaveSpec,
         out_before: &BTreeMap<String, String>,
-        overrides: &BTreeMap<String, u32>,
+        overrides: &BTreeMap<String, BreakGlassLimit>,
     ) -> Result<Self, PlanError> {
         if inv.hosts.is_empty() {
             return Err(PlanError::Empty);
+        }
+        for (pool, o) in overrides {
+            check_break_glass(inv, pool, o.max_out)?;
         }
         if let Some(h) = inv.hosts.iter().find(|h| h.attestation_key.is_none()) {
             return Err(PlanError::NotEnrolled(h.id.clone()));
@@ -124,9 +203,9 @@ impl Plan {
         for p in inv.pools.values() {
             let size = inv.hosts.iter().filter(|h| h.pool == p.name).count();
             let floor = size * p.reserve_percent as usize / 100;
-            let (max_out, break_glass) = match overrides.get(&p.name) {
-                Some(n) => ((*n as usize).max(floor), true),
-                None => (floor, false),
+            let (max_out, break_glass, expires) = match overrides.get(&p.name) {
+                Some(o) => ((o.max_out as usize).max(floor), true, Some(o.expires_at_ms)),
+                None => (floor, false, None),
             };
             let out: BTreeMap<String, String> = inv
                 .hosts
@@ -142,6 +221,7 @@ impl Plan {
                     reserve_percent: p.reserve_percent,
                     max_out,
                     break_glass,
+                    break_glass_expires_at_ms: expires,
                     out_before: out,
                 },
             );
@@ -234,6 +314,12 @@ impl Plan {
     pub fn pool_limit(&self, pool: &str) -> usize {
         self.pools.get(pool).map_or(0, PoolPlan::available)
     }
+
+    /// [`pool_limit`](Self::pool_limit) at `now_ms` (an expired break-glass
+    /// no longer counts).
+    pub fn pool_limit_at(&self, pool: &str, now_ms: i64) -> usize {
+        self.pools.get(pool).map_or(0, |p| p.available_at(now_ms))
+    }
 }
 
 /// Greedy batches: up to `size` hosts, never more of a pool than it allows.
@@ -316,6 +402,9 @@ pub struct WaveState {
     pub window_open: bool,
     /// Now, ms since the epoch.
     pub now_ms: i64,
+    /// Hosts other waves have out of service, per pool (from the pool ledger).
+    #[serde(default)]
+    pub others_out: BTreeMap<String, usize>,
 }
 
 impl WaveState {
@@ -337,6 +426,7 @@ impl WaveState {
             halt_requested: false,
             window_open: true,
             now_ms: 0,
+            others_out: BTreeMap::new(),
         }
     }
 
@@ -450,8 +540,15 @@ pub fn next_steps(plan: &Plan, state: &WaveState) -> Vec<Step> {
         .iter()
         .filter(|s| **s == HostStatus::InFlight)
         .count();
+    // Out of service per pool: this wave's hosts and other waves' hosts
+    // (the pool ledger), against the limit now (an expired break-glass
+    // falls back to the reserve).
     let mut out = out_of_service(plan, state);
+    for (p, n) in &state.others_out {
+        *out.entry(p.clone()).or_default() += n;
+    }
     let mut steps = Vec::new();
+    let mut blocked: BTreeSet<String> = BTreeSet::new();
     for h in &rp.hosts {
         if state.status(h) != HostStatus::Pending {
             continue;
@@ -461,7 +558,8 @@ pub fn next_steps(plan: &Plan, state: &WaveState) -> Vec<Step> {
         }
         let pool = plan.host_pool.get(h).cloned().unwrap_or_default();
         let used = out.get(&pool).copied().unwrap_or(0);
-        if used >= plan.pool_limit(&pool) {
+        if used >= plan.pool_limit_at(&pool, state.now_ms) {
+            blocked.insert(pool);
             continue;
         }
         *out.entry(pool).or_default() += 1;
@@ -470,9 +568,23 @@ pub fn next_steps(plan: &Plan, state: &WaveState) -> Vec<Step> {
         steps.push(Step::Start(h.clone()));
     }
     if steps.is_empty() {
-        steps.push(Step::Wait(format!(
-            "ring {ring}: hosts in flight or pool reserves in use"
-        )));
+        let mut why = format!("ring {ring}: hosts in flight or pool reserves in use");
+        for p in &blocked {
+            let others = state.others_out.get(p).copied().unwrap_or(0);
+            if others > 0 {
+                why.push_str(&format!("; pool {p}: {others} host(s) out in other waves"));
+            }
+            if plan
+                .pools
+                .get(p)
+                .is_some_and(|pp| pp.break_glass_expired(state.now_ms))
+            {
+                why.push_str(&format!(
+                    "; pool {p}: break-glass expired, back to its reserve"
+                ));
+            }
+        }
+        steps.push(Step::Wait(why));
     }
     steps
 }

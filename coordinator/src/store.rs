@@ -7,7 +7,12 @@
 //! `flock` and names its holder. Other terminals read `<wave>.status.json`
 //! (a snapshot the holder rewrites atomically) and request a halt by
 //! creating `<wave>.halt`.
+//!
+//! Waves under one state dir share `pools.json`, the pool ledger
+//! ([`PoolLedger`]): each wave's hosts out of service per pool, so that
+//! concurrent waves over one pool never together exceed its reserve.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -56,6 +61,8 @@ pub enum StoreError {
 /// Paths of one wave's files.
 #[derive(Debug, Clone)]
 pub struct WavePaths {
+    /// The wave id.
+    pub wave: String,
     /// The redb database.
     pub db: PathBuf,
     /// flock'd while a coordinator drives the wave; holds the holder's description.
@@ -66,17 +73,24 @@ pub struct WavePaths {
     pub halt: PathBuf,
     /// Evidence packets of this wave.
     pub evidence_dir: PathBuf,
+    /// The pool ledger shared by every wave under the state dir.
+    pub pools: PathBuf,
+    /// flock'd while one coordinator reads or changes the pool ledger.
+    pub pools_lock: PathBuf,
 }
 
 impl WavePaths {
     /// Files of `wave` under `state_dir`.
     pub fn new(state_dir: &Path, wave: &str) -> Self {
         Self {
+            wave: wave.to_string(),
             db: state_dir.join(format!("{wave}.redb")),
             lock: state_dir.join(format!("{wave}.lock")),
             status: state_dir.join(format!("{wave}.status.json")),
             halt: state_dir.join(format!("{wave}.halt")),
             evidence_dir: state_dir.join(format!("{wave}.evidence")),
+            pools: state_dir.join("pools.json"),
+            pools_lock: state_dir.join("pools.lock"),
         }
     }
 }
@@ -471,17 +485,254 @@ impl WaveStore {
     }
 }
 
-/// Write a file by writing a temporary sibling, syncing it, and renaming it.
+/// Request a halt of the wave (`wave halt`): writes `<wave>.halt` naming
+/// when, by which process, with a unique id, so that a resume can tell a
+/// halt it decided over from one requested after it began.
+pub fn request_halt(paths: &WavePaths, now_ms: i64) -> Result<(), StoreError> {
+    let mut id = [0u8; 8];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut id);
+    let text = format!(
+        "halt requested at {now_ms} by pid {} id {}\n",
+        std::process::id(),
+        hex::encode(id)
+    );
+    write_atomic(&paths.halt, text.as_bytes())
+}
+
+/// The halt request of the wave as it stands now (`None`: none).
+pub fn halt_request(paths: &WavePaths) -> Option<String> {
+    std::fs::read_to_string(&paths.halt).ok()
+}
+
+/// Clear the halt request `seen` (what [`halt_request`] returned when the
+/// resume began) and nothing newer: the request is taken away by an atomic
+/// rename, and if it is not the one seen (a halt requested after the resume
+/// began) it is put back and `true` is returned — the resumed wave must halt.
+pub fn clear_halt(paths: &WavePaths, seen: Option<&str>) -> Result<bool, StoreError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io { path, source }
+    };
+    let mut id = [0u8; 8];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut id);
+    let mut taken = paths.halt.clone().into_os_string();
+    taken.push(format!(".{}.{}.taken", std::process::id(), hex::encode(id)));
+    let taken = PathBuf::from(taken);
+    match std::fs::rename(&paths.halt, &taken) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io(&paths.halt)(e)),
+    }
+    let text = std::fs::read_to_string(&taken).map_err(io(&taken))?;
+    let newer = seen != Some(text.as_str());
+    if newer {
+        // Put it back; a halt written meanwhile stands as well.
+        match std::fs::hard_link(&taken, &paths.halt) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(&paths.halt)(e)),
+        }
+    }
+    std::fs::remove_file(&taken).map_err(io(&taken))?;
+    Ok(newer)
+}
+
+/// Hosts out of service per pool, by wave: the ledger every wave under one
+/// state dir shares (`pools.json`), so that concurrent waves over the same
+/// pool together stay within its reserve. A wave records its hosts out of
+/// service (in flight, or failed and left drained) before it starts
+/// another, under the ledger lock (`pools.lock`, flock), and reads the other
+/// waves' hosts as facts for the sequencer.
+///
+/// The file is replaced atomically but not fsynced (it changes at every
+/// dispatch round): a killed coordinator loses nothing, and after a machine
+/// crash a resumed wave rewrites its entry and a new wave's probe sees
+/// every host still drained.
+#[derive(Debug, Clone)]
+pub struct PoolLedger {
+    file: PathBuf,
+    lock: PathBuf,
+}
+
+/// One wave's entry: pool → hosts out of service.
+pub type LedgerEntry = BTreeMap<String, BTreeSet<String>>;
+
+/// How often a coordinator waiting for the ledger lock tries again.
+const LEDGER_RETRY: std::time::Duration = std::time::Duration::from_millis(2);
+
+impl PoolLedger {
+    /// The ledger of the state dir of `paths`.
+    pub fn new(paths: &WavePaths) -> Self {
+        Self {
+            file: paths.pools.clone(),
+            lock: paths.pools_lock.clone(),
+        }
+    }
+
+    fn open_lock(&self) -> Result<File, StoreError> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&self.lock)
+            .map_err(|source| StoreError::Io {
+                path: self.lock.clone(),
+                source,
+            })
+    }
+
+    fn guard(&self, lock: Flock<File>) -> Result<LedgerGuard, StoreError> {
+        let waves = match std::fs::read(&self.file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                path: self.file.clone(),
+                key: "pool ledger".into(),
+                reason: format!(
+                    "{e}; remove the file once no wave under this state dir is running"
+                ),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: self.file.clone(),
+                    source,
+                });
+            }
+        };
+        Ok(LedgerGuard {
+            file: self.file.clone(),
+            waves,
+            _lock: lock,
+        })
+    }
+
+    /// Take the ledger (waits, without blocking the runtime, while another
+    /// coordinator holds it; every holder keeps it for one short read/write).
+    pub async fn lock(&self) -> Result<LedgerGuard, StoreError> {
+        let mut file = self.open_lock()?;
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(l) => return self.guard(l),
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                    file = f;
+                    tokio::time::sleep(LEDGER_RETRY).await;
+                }
+                Err((_, e)) => {
+                    return Err(StoreError::Io {
+                        path: self.lock.clone(),
+                        source: e.into(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// [`lock`](Self::lock) for synchronous callers (blocks the thread).
+    pub fn lock_blocking(&self) -> Result<LedgerGuard, StoreError> {
+        let file = self.open_lock()?;
+        match Flock::lock(file, FlockArg::LockExclusive) {
+            Ok(l) => self.guard(l),
+            Err((_, e)) => Err(StoreError::Io {
+                path: self.lock.clone(),
+                source: e.into(),
+            }),
+        }
+    }
+}
+
+/// The pool ledger, held (read when taken).
+#[derive(Debug)]
+pub struct LedgerGuard {
+    file: PathBuf,
+    waves: BTreeMap<String, LedgerEntry>,
+    _lock: Flock<File>,
+}
+
+impl LedgerGuard {
+    /// Every other wave's hosts out of service: pool → host → wave.
+    pub fn others(&self, wave: &str) -> BTreeMap<String, BTreeMap<String, String>> {
+        let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        for (other, entry) in &self.waves {
+            if other == wave {
+                continue;
+            }
+            for (pool, hosts) in entry {
+                let p = out.entry(pool.clone()).or_default();
+                for h in hosts {
+                    p.insert(h.clone(), other.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Replace `wave`'s entry (an empty entry removes it).
+    pub fn set(&mut self, wave: &str, entry: &LedgerEntry) -> Result<(), StoreError> {
+        let entry: LedgerEntry = entry
+            .iter()
+            .filter(|(_, h)| !h.is_empty())
+            .map(|(p, h)| (p.clone(), h.clone()))
+            .collect();
+        if entry.is_empty() {
+            self.waves.remove(wave);
+        } else {
+            self.waves.insert(wave.to_string(), entry);
+        }
+        let bytes = serde_json::to_vec_pretty(&self.waves).map_err(|e| StoreError::Corrupt {
+            path: self.file.clone(),
+            key: wave.to_string(),
+            reason: e.to_string(),
+        })?;
+        replace_file(&self.file, &bytes, false)
+    }
+}
+
+/// Write a file atomically: the bytes go to a uniquely named temporary
+/// sibling (created exclusively, so a stale or planted `*.tmp` file or link
+/// is never followed and two writers never share one), which is synced,
+/// given the target's permissions (0644 for a new file) and renamed over
+/// `path`; then the directory is synced so the rename survives a crash.
+/// Every file the coordinator replaces goes through here.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    replace_file(path, bytes, true)
+}
+
+/// [`write_atomic`]; `sync: false` skips both fsyncs (for the pool ledger,
+/// rewritten at every dispatch round; see [`PoolLedger`]).
+fn replace_file(path: &Path, bytes: &[u8], sync: bool) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
     let io = |source| StoreError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(io)?;
+    tmp.write_all(bytes).map_err(io)?;
+    let mode = std::fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0o644);
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io)?;
+    if sync {
+        tmp.as_file().sync_all().map_err(io)?;
+    }
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    if sync {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -550,5 +801,126 @@ mod tests {
         assert_eq!(s.next_sequence("gpu-1", 3).unwrap(), 12);
         let ev: Vec<String> = s.events().unwrap();
         assert_eq!(ev, vec!["started".to_string()]);
+    }
+
+    #[test]
+    fn atomic_write_never_follows_a_planted_temp_file_and_leaves_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let target = dir.path().join("w.status.json");
+        // Where a fixed temp name would be: a link to someone else's file.
+        std::os::unix::fs::symlink(&victim, dir.path().join("w.status.tmp")).unwrap();
+        write_atomic(&target, b"{}").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(std::fs::read(&target).unwrap(), b"{}");
+        assert!(!std::fs::symlink_metadata(&target).unwrap().is_symlink());
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp") && n != "w.status.tmp")
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn concurrent_atomic_writes_of_one_file_all_succeed_and_never_mix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = Arc::new(dir.path().join("w.status.json"));
+        std::fs::write(&*target, b"old").unwrap();
+        std::fs::set_permissions(&*target, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let writers: Vec<_> = (0..8u8)
+            .map(|w| {
+                let target = target.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..40 {
+                        write_atomic(&target, &[w; 4096]).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let bytes = std::fs::read(&*target).unwrap();
+        assert_eq!(bytes.len(), 4096);
+        assert!(bytes.iter().all(|b| *b == bytes[0]), "mixed writes");
+        let mode = std::fs::metadata(&*target).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640, "the file keeps its mode");
+    }
+
+    #[test]
+    fn a_resume_clears_only_the_halt_it_saw() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = WavePaths::new(dir.path(), "w");
+        // Nothing to clear.
+        assert!(!clear_halt(&paths, None).unwrap());
+        request_halt(&paths, 1).unwrap();
+        let seen = halt_request(&paths);
+        assert!(seen.is_some());
+        assert!(!clear_halt(&paths, seen.as_deref()).unwrap());
+        assert!(!paths.halt.exists(), "the halt decided over is cleared");
+        // A halt requested after the resume began (even at the same
+        // millisecond) stands.
+        request_halt(&paths, 2).unwrap();
+        let seen = halt_request(&paths);
+        request_halt(&paths, 2).unwrap();
+        assert!(clear_halt(&paths, seen.as_deref()).unwrap());
+        assert!(paths.halt.exists());
+        // So does one when none was seen.
+        assert!(clear_halt(&paths, None).unwrap());
+        assert!(paths.halt.exists());
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("taken"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[tokio::test]
+    async fn the_pool_ledger_shows_each_wave_the_others_hosts() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = PoolLedger::new(&WavePaths::new(dir.path(), "a"));
+        let b = PoolLedger::new(&WavePaths::new(dir.path(), "b"));
+        let entry = |pool: &str, hosts: &[&str]| -> LedgerEntry {
+            let mut e = LedgerEntry::new();
+            e.insert(
+                pool.to_string(),
+                hosts.iter().map(|h| (*h).to_string()).collect(),
+            );
+            e
+        };
+        {
+            let mut g = a.lock().await.unwrap();
+            assert!(g.others("a").is_empty());
+            g.set("a", &entry("p", &["h1", "h2"])).unwrap();
+            // Held: another coordinator waits.
+            assert!(
+                tokio::time::timeout(std::time::Duration::from_millis(50), b.lock())
+                    .await
+                    .is_err()
+            );
+        }
+        let mut g = b.lock().await.unwrap();
+        let others = g.others("b");
+        assert_eq!(others["p"].len(), 2);
+        assert_eq!(others["p"]["h1"], "a");
+        assert!(g.others("a").is_empty(), "its own entry is not another's");
+        g.set("b", &entry("p", &["h3"])).unwrap();
+        g.set("a", &LedgerEntry::new()).unwrap();
+        drop(g);
+        let g = a.lock_blocking().unwrap();
+        let others = g.others("a");
+        assert_eq!(others["p"].keys().collect::<Vec<_>>(), ["h3"]);
+        drop(g);
+        // A damaged ledger stops dispatch with a clear error, never reads as empty.
+        std::fs::write(dir.path().join("pools.json"), b"{\"a\": [").unwrap();
+        let err = a.lock().await.unwrap_err().to_string();
+        assert!(
+            err.contains("pools.json") && err.contains("corrupt"),
+            "{err}"
+        );
     }
 }

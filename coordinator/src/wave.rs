@@ -26,7 +26,7 @@ use crate::inventory::Inventory;
 use crate::plan::{self, HostStatus, Plan, RingStatus, Step, WaveState};
 use crate::report::{Event, Reporter};
 use crate::spec::{OnFailure, WaveSpec};
-use crate::store::{StoreError, WaveStore};
+use crate::store::{self, LedgerEntry, PoolLedger, StoreError, WaveStore};
 
 /// Opens a connection to a host (the seam tests and the demo fill).
 #[tonic::async_trait]
@@ -313,11 +313,28 @@ impl Driver {
         if self.store.get_meta::<Plan>(META_PLAN)?.is_some() {
             return Err(WaveError::Exists(self.spec.wave_id.clone()));
         }
-        let out_before = self.probe().await;
-        let overrides: BTreeMap<String, u32> = self
+        // Probe while holding the pool ledger: no other wave takes a host
+        // out meanwhile, so every host another wave has drained is in its
+        // ledger entry and counts as that wave's, not as out before.
+        let out_before = {
+            let guard = PoolLedger::new(&self.store.paths).lock().await?;
+            let mut out = self.probe().await;
+            let others = guard.others(&self.spec.wave_id);
+            out.retain(|h, _| !others.values().any(|hosts| hosts.contains_key(h)));
+            out
+        };
+        let overrides: BTreeMap<String, plan::BreakGlassLimit> = self
             .break_glass
             .iter()
-            .map(|(g, _)| (g.pool.clone(), g.max_out))
+            .map(|(g, _)| {
+                (
+                    g.pool.clone(),
+                    plan::BreakGlassLimit {
+                        max_out: g.max_out,
+                        expires_at_ms: g.expires_at_ms,
+                    },
+                )
+            })
             .collect();
         let plan = Plan::build(&self.inventory, &self.spec, &out_before, &overrides)?;
         self.store.put_meta(META_SPEC, &self.spec)?;
@@ -331,11 +348,26 @@ impl Driver {
         self.drive(plan, state).await
     }
 
-    /// Continue a wave after a crash or a halt, with operator decisions.
+    /// Continue a wave after a crash or a halt, with operator decisions
+    /// (the resume begins now: see [`resume_after`](Self::resume_after)).
     pub async fn resume(
         &mut self,
         retry: &[String],
         skip: &[(String, String)],
+    ) -> Result<Outcome, WaveError> {
+        let seen = store::halt_request(&self.store.paths);
+        self.resume_after(retry, skip, seen).await
+    }
+
+    /// [`resume`](Self::resume) that began when the wave's halt request
+    /// was `seen_halt` ([`store::halt_request`] then): that request is
+    /// cleared, but a halt requested after it stands and halts the resumed
+    /// wave.
+    pub async fn resume_after(
+        &mut self,
+        retry: &[String],
+        skip: &[(String, String)],
+        seen_halt: Option<String>,
     ) -> Result<Outcome, WaveError> {
         let wave = self.spec.wave_id.clone();
         let Some(plan) = self.store.get_meta::<Plan>(META_PLAN)? else {
@@ -401,8 +433,9 @@ impl Driver {
             self.store
                 .append_event(&Event::decision(h, "skip", reason))?;
         }
-        state.halt_requested = false;
-        let _ = std::fs::remove_file(&self.store.paths.halt);
+        // Only the halt this resume decided over is cleared; one requested
+        // since the resume began stands.
+        state.halt_requested = store::clear_halt(&self.store.paths, seen_halt.as_deref())?;
         self.store
             .put_meta::<Option<HaltReport>>(META_HALT, &None)?;
         self.store.put_meta(META_STATE, &state)?;
@@ -593,6 +626,17 @@ impl Driver {
         let mut halt_recorded = false;
         let mut last_persist = Instant::now();
         let mut announced_wait = String::new();
+        // The pool ledger: this wave's hosts out of service as last
+        // recorded, and when the other waves' were last read.
+        let ledger = PoolLedger::new(&self.store.paths);
+        let mut ledger_written: LedgerEntry = {
+            let mut guard = ledger.lock().await?;
+            state.others_out = ledger_counts(&guard.others(&self.spec.wave_id));
+            let own = own_out(&plan, &state);
+            guard.set(&self.spec.wave_id, &own)?;
+            own
+        };
+        let mut ledger_read = Instant::now();
 
         // Re-attach to hosts that were in flight when a coordinator died.
         let resuming: Vec<String> = state
@@ -661,11 +705,27 @@ impl Driver {
                 }
             }
 
-            let steps = if halt.is_some() {
+            let mut steps = if halt.is_some() {
                 Vec::new()
             } else {
                 plan::next_steps(&plan, &state)
             };
+            // A dispatch is decided under the pool ledger, against the other
+            // waves' hosts out of service as they are now, and recorded
+            // there before any host starts. While other waves hold hosts,
+            // the ledger is re-read every poll interval.
+            let mut ledger_guard = None;
+            let wants_start = steps.iter().any(|s| matches!(s, Step::Start(_)));
+            let others_hold = state.others_out.values().any(|n| *n > 0);
+            if halt.is_none()
+                && (wants_start || (others_hold && ledger_read.elapsed() >= self.poll_interval))
+            {
+                let guard = ledger.lock().await?;
+                state.others_out = ledger_counts(&guard.others(&self.spec.wave_id));
+                ledger_read = Instant::now();
+                steps = plan::next_steps(&plan, &state);
+                ledger_guard = Some(guard);
+            }
             let mut done = false;
             let mut starts = Vec::new();
             // Ring and halt changes are written at once; host progress at
@@ -729,6 +789,7 @@ impl Driver {
                                 .values()
                                 .any(|s| matches!(s, RingStatus::Soaking { .. }))
                             && state.window_open
+                            && state.others_out.values().all(|n| *n == 0)
                         {
                             // Nothing runs and nothing will change by itself.
                             let report = HaltReport {
@@ -782,6 +843,15 @@ impl Driver {
                     }
                     Step::Done => done = true,
                 }
+            }
+            if let Some(mut guard) = ledger_guard.take()
+                && !starts.is_empty()
+            {
+                // Write ahead: the started hosts are in the ledger before
+                // the lock is released and before any of them starts.
+                let own = own_out(&plan, &state);
+                guard.set(&self.spec.wave_id, &own)?;
+                ledger_written = own;
             }
             // Soak: one watcher per finished host of each soaking ring
             // (started on StartSoak, on resume, or when a retried host of a
@@ -837,6 +907,18 @@ impl Driver {
             }
             let finishing = done || (halt.is_some() && in_flight.is_empty());
             if urgent || finishing || last_persist.elapsed() >= PERSIST_EVERY {
+                // Hosts back in service leave the ledger; a completed wave
+                // leaves it entirely (a failed host it left drained is seen
+                // drained by the next wave's probe).
+                let own = if done {
+                    LedgerEntry::new()
+                } else {
+                    own_out(&plan, &state)
+                };
+                if own != ledger_written {
+                    ledger.lock().await?.set(&self.spec.wave_id, &own)?;
+                    ledger_written = own;
+                }
                 self.store.put_meta(META_STATE, &state)?;
                 self.write_status(
                     &plan,
@@ -1290,8 +1372,10 @@ impl Driver {
                 (
                     p.clone(),
                     (
-                        out.get(p).copied().unwrap_or(0) + pp.out_before.len(),
-                        pp.max_out,
+                        out.get(p).copied().unwrap_or(0)
+                            + pp.out_before.len()
+                            + state.others_out.get(p).copied().unwrap_or(0),
+                        pp.limit_at(state.now_ms),
                     ),
                 )
             })
@@ -1336,11 +1420,16 @@ impl Driver {
                 .iter()
                 .map(|(g, _)| {
                     format!(
-                        "pool {} max_out {} ({}; approvers {})",
+                        "pool {} max_out {} ({}; approvers {}){}",
                         g.pool,
                         g.max_out,
                         g.reason,
-                        g.approvers.join(", ")
+                        g.approvers.join(", "),
+                        if state.now_ms > g.expires_at_ms {
+                            "; EXPIRED: the pool is back to its reserve"
+                        } else {
+                            ""
+                        }
                     )
                 })
                 .collect(),
@@ -1356,6 +1445,28 @@ impl Driver {
         self.reporter.status(&snapshot);
         Ok(())
     }
+}
+
+/// This wave's hosts out of service (in flight, or failed and left
+/// drained), per pool: its pool ledger entry.
+fn own_out(plan: &Plan, state: &WaveState) -> LedgerEntry {
+    let mut out = LedgerEntry::new();
+    for (h, s) in &state.hosts {
+        if matches!(s, HostStatus::InFlight | HostStatus::Failed)
+            && let Some(p) = plan.host_pool.get(h)
+        {
+            out.entry(p.clone()).or_default().insert(h.clone());
+        }
+    }
+    out
+}
+
+/// Other waves' hosts out of service, counted per pool.
+fn ledger_counts(others: &BTreeMap<String, BTreeMap<String, String>>) -> BTreeMap<String, usize> {
+    others
+        .iter()
+        .map(|(p, hosts)| (p.clone(), hosts.len()))
+        .collect()
 }
 
 /// Finished hosts of soaking `ring` no watcher has reported on yet.
@@ -1379,11 +1490,14 @@ fn current_ring(plan: &Plan, state: &WaveState) -> u32 {
         .unwrap_or(0)
 }
 
-/// Mark a wave aborted (no further dispatch, ever).
+/// Mark a wave aborted (no further dispatch, ever) and take it out of the
+/// pool ledger.
 pub fn abort(store: &WaveStore) -> Result<(), StoreError> {
     store.put_meta(META_ABORTED, &true)?;
     store.append_event(&Event::wait("aborted by operator"))?;
-    Ok(())
+    PoolLedger::new(&store.paths)
+        .lock_blocking()?
+        .set(&store.paths.wave, &LedgerEntry::new())
 }
 
 /// Read the coordinator key.

@@ -241,3 +241,125 @@ async fn a_running_wave_is_seen_from_another_terminal_and_halted_there() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("HALTED") && err.contains("operator"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn halting_a_wave_that_does_not_exist_is_an_error_not_a_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let settings = dir.path().join("ringfence.toml");
+    std::fs::write(
+        &settings,
+        format!(
+            "state_dir = \"{}\"\ntrust_file = \"/nonexistent/trust.toml\"\n[signing]\nkey = \"/nonexistent/c.key\"\nkey_id = \"c\"\n[tls]\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/c.key\"\nca_bundle = \"/nonexistent/ca.pem\"\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    // A typo in the wave id: the operator must not believe the wave stops.
+    let mut c = ringfence(&settings);
+    c.args(["wave", "halt", "--wave", "w-typo"]);
+    let out = output(c).await;
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no state for wave `w-typo`"), "{err}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("halt requested"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        std::fs::read_dir(&state).unwrap().next().is_none(),
+        "nothing written for a wave that does not exist"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_break_glass_for_an_unknown_pool_or_more_hosts_than_the_pool_has_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fleet(dir.path()).await;
+    let spec_path = f
+        .write_spec("w-bg", "[ring.0]\nbatch_size = 1\nsoak_s = 0\n")
+        .unwrap();
+    let sign =
+        |pool: &str, max_out: &str, out: &Path, inventory: bool, add_to: bool, key: usize| {
+            let mut c = ringfence(&f.settings);
+            c.args(["breakglass", "sign", "--wave", "w-bg", "--pool", pool])
+                .args(["--max-out", max_out, "--reason", "tonight"])
+                .arg("--key")
+                .arg(&f.approver_keys[key])
+                .arg("--out")
+                .arg(out);
+            if inventory {
+                c.arg("--inventory").arg(&f.inventory);
+            }
+            if add_to {
+                c.arg("--add-to");
+            }
+            c
+        };
+    // At signing time, with the inventory: a misspelt pool, and more hosts
+    // than the pool has (h100-train has 2).
+    let typo = f.root.join("bg-typo.json");
+    let out = output(sign("h100-trian", "1", &typo, true, false, 0)).await;
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`h100-trian`") && err.contains("not in the inventory"),
+        "{err}"
+    );
+    assert!(!typo.exists());
+    let big = f.root.join("bg-big.json");
+    let out = output(sign("h100-train", "3", &big, true, false, 0)).await;
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("max_out 3 is more than the pool's 2"), "{err}");
+
+    // Signed without the inventory by both approvers: `wave run` refuses
+    // it before anything starts.
+    for (pool, max_out, file, why) in [
+        ("h100-trian", "1", &typo, "not in the inventory"),
+        (
+            "h100-train",
+            "3",
+            &big,
+            "max_out 3 is more than the pool's 2",
+        ),
+    ] {
+        assert!(
+            output(sign(pool, max_out, file, false, false, 0))
+                .await
+                .status
+                .success()
+        );
+        // Countersigning with the inventory checks the file, not the flags.
+        let out = output(sign("a100-infer", "1", file, true, true, 1)).await;
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "countersigned {}",
+            file.display()
+        );
+        assert!(
+            output(sign(pool, max_out, file, false, true, 1))
+                .await
+                .status
+                .success()
+        );
+        let mut run = ringfence(&f.settings);
+        run.args(["wave", "run", "--inventory"])
+            .arg(&f.inventory)
+            .arg("--spec")
+            .arg(&spec_path)
+            .arg("--break-glass")
+            .arg(file);
+        let out = output(run).await;
+        assert_eq!(out.status.code(), Some(3));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{err}");
+        assert!(
+            !f.state_dir.join("w-bg.redb").exists(),
+            "the wave never started"
+        );
+    }
+}

@@ -320,3 +320,195 @@ async fn rollback_drill_patches_rolls_back_and_repatches_with_three_attestations
     assert_eq!(rec.drill[0].driver_version, "550.54.15");
     assert_eq!(rec.drill[1].driver_version, "560.35.03");
 }
+
+// ------------------------------------------------ whole waves over simulated hosts
+
+/// Connects the wave engine to simulated hosts by id.
+struct SimConnector(std::collections::BTreeMap<String, SimHost>);
+
+#[tonic::async_trait]
+impl ringfence_coordinator::wave::Connector for SimConnector {
+    async fn connect(
+        &self,
+        host: &ringfence_coordinator::inventory::Host,
+    ) -> Result<Arc<dyn HostApi>, String> {
+        self.0
+            .get(&host.id)
+            .cloned()
+            .map(|h| Arc::new(h) as Arc<dyn HostApi>)
+            .ok_or_else(|| format!("host `{}` unreachable", host.id))
+    }
+}
+
+/// `n` healthy simulated hosts `h0..` of pool `p` (reserve `reserve`%), all
+/// in ring 0, and the coordinator key their trust file names.
+struct SimFleet {
+    hosts: Vec<SimHost>,
+    inventory: String,
+    coord: ed25519_dalek::SigningKey,
+    trust: Arc<TrustSet>,
+}
+
+fn sim_fleet(n: usize, reserve: u32) -> SimFleet {
+    let coord = keys::generate();
+    let trust = Arc::new(TrustSet::from_keys(
+        vec![TrustedKey {
+            id: "coord".into(),
+            key: coord.verifying_key(),
+            role: KeyRole::Coordinator,
+        }],
+        Policy::default(),
+    ));
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let mut inventory =
+        format!("trust_domain = \"t.test\"\n[[pool]]\nname = \"p\"\nreserve_percent = {reserve}\n");
+    let mut hosts = Vec::new();
+    for i in 0..n {
+        let sim = SimHost::new(
+            &format!("h{i}"),
+            keys::generate(),
+            trust.clone(),
+            clock.clone(),
+            "550.54.15",
+        );
+        inventory.push_str(&format!(
+            "[[host]]\nid = \"h{i}\"\naddress = \"127.0.0.1:1\"\npool = \"p\"\nring = 0\nattestation_key = \"{}\"\n",
+            keys::public_key_text(&sim.public_key())
+        ));
+        hosts.push(sim);
+    }
+    SimFleet {
+        hosts,
+        inventory,
+        coord,
+        trust,
+    }
+}
+
+/// A wave driver over the simulated fleet, as `wave run` builds one.
+fn sim_driver(
+    f: &SimFleet,
+    state_dir: &std::path::Path,
+    wave: &str,
+    version: &str,
+) -> ringfence_coordinator::wave::Driver {
+    use ringfence::config::Source;
+    let inventory = ringfence_coordinator::inventory::Inventory::from_source(&Source::from_text(
+        "inv.toml",
+        f.inventory.clone(),
+    ))
+    .unwrap();
+    let spec = ringfence_coordinator::spec::WaveSpec::from_source(&Source::from_text(
+        "wave.toml",
+        format!(
+            "wave_id = \"{wave}\"\nprofile = \"nvidia-driver\"\nversion = \"{version}\"\nexpect_driver_version = \"{version}\"\n[ring.0]\nbatch_size = 10\nsoak_s = 0\n"
+        ),
+    ))
+    .unwrap();
+    let connector = SimConnector(
+        f.hosts
+            .iter()
+            .map(|h| (h.host_id.clone(), h.clone()))
+            .collect(),
+    );
+    ringfence_coordinator::wave::Driver {
+        inventory,
+        spec,
+        trust: (*f.trust).clone(),
+        signer: Signer {
+            key_id: "coord".into(),
+            key: f.coord.clone(),
+        },
+        store: Arc::new(WaveStore::open(state_dir, wave).unwrap()),
+        connector: Arc::new(connector),
+        clock: Arc::new(SystemClock),
+        reporter: ringfence_coordinator::report::Reporter::with_mode(
+            ringfence_coordinator::report::Mode::Quiet,
+        ),
+        poll_interval: Duration::from_millis(5),
+        state_dir: state_dir.to_path_buf(),
+        break_glass: Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_waves_over_one_pool_never_take_more_than_its_reserve_out_together() {
+    use ringfence_coordinator::wave::Outcome;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    // 10 hosts, reserve 10%: one host of the pool out of service at a time,
+    // whichever wave has it.
+    let f = sim_fleet(10, 10);
+    let mut a = sim_driver(&f, dir.path(), "wave-a", "560.35.03");
+    let mut b = sim_driver(&f, dir.path(), "wave-b", "565.57.01");
+    // What the hosts themselves say: how many are drained at once.
+    let most = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (hosts, most, stop) = (f.hosts.clone(), most.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let out = hosts.iter().filter(|h| h.state().draining).count();
+                most.fetch_max(out, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    let (ra, rb) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(a.run(), b.run())
+    })
+    .await
+    .expect("both waves end");
+    stop.store(true, Ordering::SeqCst);
+    sampler.join().unwrap();
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        1,
+        "hosts of the pool out of service at once across both waves ({ra:?}, {rb:?})"
+    );
+    assert_eq!(ra.unwrap(), Outcome::Completed);
+    assert_eq!(rb.unwrap(), Outcome::Completed);
+    for h in &f.hosts {
+        let s = h.state();
+        assert_eq!(s.patches, 2, "{} patched by each wave once", h.host_id);
+        assert!(!s.draining, "{} back in service", h.host_id);
+    }
+    // Both waves are done: nothing of theirs is left in the ledger.
+    let ledger = ringfence_coordinator::store::PoolLedger::new(
+        &ringfence_coordinator::store::WavePaths::new(dir.path(), "wave-c"),
+    );
+    assert!(ledger.lock().await.unwrap().others("wave-c").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halt_requested_after_the_resume_began_stops_the_resumed_wave() {
+    use ringfence_coordinator::store;
+    use ringfence_coordinator::wave::Outcome;
+    let dir = tempfile::tempdir().unwrap();
+    let f = sim_fleet(3, 50);
+    let mut d = sim_driver(&f, dir.path(), "wave-r", "560.35.03");
+    let paths = d.store.paths.clone();
+    // Halted by an operator before any host started.
+    store::request_halt(&paths, 1).unwrap();
+    let Outcome::Halted(h) = d.run().await.unwrap() else {
+        panic!("the wave ignored the halt");
+    };
+    assert_eq!(h.kind, "operator");
+    // The operator resumes; while the resume is starting, someone (or the
+    // same operator, on second thought) halts again.
+    let seen = store::halt_request(&paths);
+    store::request_halt(&paths, 1).unwrap();
+    let out = d.resume_after(&[], &[], seen).await.unwrap();
+    let Outcome::Halted(h) = out else {
+        panic!("the resumed wave discarded a halt requested after it began: {out:?}");
+    };
+    assert_eq!(h.kind, "operator");
+    assert!(paths.halt.exists(), "the later halt stands");
+    assert!(
+        f.hosts.iter().all(|h| h.state().patches == 0),
+        "no host was patched"
+    );
+    // A resume that began after that halt clears it and finishes the wave.
+    assert_eq!(d.resume(&[], &[]).await.unwrap(), Outcome::Completed);
+    assert!(f.hosts.iter().all(|h| h.state().patches == 1));
+}

@@ -8,7 +8,8 @@ use proptest::prelude::*;
 use ringfence::config::Source;
 use ringfence_coordinator::inventory::Inventory;
 use ringfence_coordinator::plan::{
-    HostStatus, Plan, PlanError, RingStatus, Step, WaveState, next_steps, out_of_service,
+    BreakGlassLimit, HostStatus, Plan, PlanError, RingStatus, Step, WaveState, next_steps,
+    out_of_service,
 };
 use ringfence_coordinator::spec::WaveSpec;
 
@@ -171,7 +172,13 @@ fn a_pool_whose_reserve_is_used_up_refuses_to_plan() {
     assert!(msg.contains("h3 UNHEALTHY"), "{msg}");
     // A break-glass override for that pool lets it fit.
     let mut bg = BTreeMap::new();
-    bg.insert("big".to_string(), 2);
+    bg.insert(
+        "big".to_string(),
+        BreakGlassLimit {
+            max_out: 2,
+            expires_at_ms: i64::MAX,
+        },
+    );
     let p = Plan::build(&inv, &spec(""), &out, &bg).unwrap();
     assert!(p.pools["big"].break_glass);
     assert_eq!(p.pool_limit("big"), 1);
@@ -368,4 +375,109 @@ fn the_readme_example_files_load_and_plan() {
         Err(PlanError::NotEnrolled(_)) => {}
         Err(e) => panic!("{e}"),
     }
+}
+
+/// 10 hosts of pool `big` (reserve 15%: one out at a time) in ring 3,
+/// unprotected, ten in flight at once if the pool allowed it.
+fn big_pool_of_ten() -> (Inventory, WaveSpec) {
+    let hosts: Vec<(String, &str, u32)> = (0..10).map(|i| (format!("h{i}"), "big", 3)).collect();
+    let refs: Vec<(&str, &str, u32)> = hosts.iter().map(|(a, b, c)| (a.as_str(), *b, *c)).collect();
+    (
+        inventory(&[("big", 15)], &refs),
+        spec("protected_rings = []\n[ring.3]\nbatch_size = 10\nsoak_s = 0\n"),
+    )
+}
+
+#[test]
+fn an_expired_break_glass_stops_allowing_the_extra_hosts_while_the_wave_runs() {
+    let (inv, spec) = big_pool_of_ten();
+    let mut bg = BTreeMap::new();
+    bg.insert(
+        "big".to_string(),
+        BreakGlassLimit {
+            max_out: 3,
+            expires_at_ms: 10_000,
+        },
+    );
+    let p = Plan::build(&inv, &spec, &BTreeMap::new(), &bg).unwrap();
+    let mut st = WaveState::new(&p);
+    // While it holds: three out at once.
+    st.now_ms = 9_000;
+    let first = starts(&next_steps(&p, &st));
+    assert_eq!(first.len(), 3, "{first:?}");
+    // Those three are done; the approval has expired meanwhile: back to
+    // the reserve, one at a time.
+    for h in &first {
+        st.hosts.insert(h.clone(), HostStatus::Done);
+    }
+    st.now_ms = 10_001;
+    let next = starts(&next_steps(&p, &st));
+    assert_eq!(next.len(), 1, "{next:?}");
+    st.hosts.insert(next[0].clone(), HostStatus::InFlight);
+    let steps = next_steps(&p, &st);
+    assert!(
+        matches!(&steps[..], [Step::Wait(w)] if w.contains("break-glass expired")),
+        "{steps:?}"
+    );
+    // Still in force at its last millisecond.
+    st.now_ms = 10_000;
+    assert_eq!(starts(&next_steps(&p, &st)).len(), 2);
+}
+
+#[test]
+fn break_glass_for_a_pool_not_in_the_inventory_or_above_its_size_is_refused() {
+    let (inv, spec) = big_pool_of_ten();
+    let limit = |max_out| BreakGlassLimit {
+        max_out,
+        expires_at_ms: i64::MAX,
+    };
+    let mut bg = BTreeMap::new();
+    bg.insert("bigg".to_string(), limit(3));
+    let err = Plan::build(&inv, &spec, &BTreeMap::new(), &bg).unwrap_err();
+    assert!(
+        matches!(&err, PlanError::BreakGlassUnknownPool { pool, .. } if pool == "bigg"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("pools: big"), "{err}");
+    let mut bg = BTreeMap::new();
+    bg.insert("big".to_string(), limit(11));
+    let err = Plan::build(&inv, &spec, &BTreeMap::new(), &bg).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PlanError::BreakGlassTooLarge {
+                max_out: 11,
+                size: 10,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // The whole pool is the most a break-glass may take out.
+    bg.insert("big".to_string(), limit(10));
+    assert_eq!(
+        Plan::build(&inv, &spec, &BTreeMap::new(), &bg)
+            .unwrap()
+            .pool_limit("big"),
+        10
+    );
+}
+
+#[test]
+fn hosts_other_waves_have_out_count_against_the_pool_reserve() {
+    let (inv, spec) = big_pool_of_ten();
+    let p = Plan::build(&inv, &spec, &BTreeMap::new(), &BTreeMap::new()).unwrap();
+    let mut st = WaveState::new(&p);
+    assert_eq!(starts(&next_steps(&p, &st)).len(), 1);
+    // Another wave over the same pool holds its one host: nothing starts.
+    st.others_out.insert("big".into(), 1);
+    let steps = next_steps(&p, &st);
+    assert!(
+        matches!(&steps[..], [Step::Wait(w)] if w.contains("1 host(s) out in other waves")),
+        "{steps:?}"
+    );
+    // Other pools' hosts do not count.
+    st.others_out.clear();
+    st.others_out.insert("elsewhere".into(), 5);
+    assert_eq!(starts(&next_steps(&p, &st)).len(), 1);
 }
