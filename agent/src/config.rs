@@ -38,6 +38,8 @@ pub struct TlsConfig {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     host_id: Spanned<String>,
+    #[serde(default)]
+    ring: Option<Spanned<i64>>,
     #[serde(default = "default_listen")]
     listen: Spanned<String>,
     #[serde(default = "default_state_dir")]
@@ -72,6 +74,9 @@ fn default_trust_file() -> PathBuf {
 pub struct AgentConfig {
     /// This host's id; must equal the name in its TLS certificate.
     pub host_id: String,
+    /// This host's ring (0-4), the same as in the coordinator's inventory.
+    /// `None`: not configured; the agent then treats itself as protected.
+    pub ring: Option<u32>,
     /// Address the mTLS gRPC listener binds.
     pub listen: SocketAddr,
     /// Durable state: attestation key, task journal, XID log.
@@ -108,6 +113,22 @@ impl AgentConfig {
                 "must be 1-253 characters of [A-Za-z0-9._-]",
             ));
         }
+        let ring = match &raw.ring {
+            None => None,
+            Some(r) => match u32::try_from(*r.get_ref()) {
+                Ok(v) if v <= ringfence::envelope::MAX_RING => Some(v),
+                _ => {
+                    return Err(src.invalid(
+                        r.span(),
+                        "ring",
+                        format!(
+                            "`{}` is not a ring: rings are 0 (internal) to 4 (sensitive tenants)",
+                            r.get_ref()
+                        ),
+                    ));
+                }
+            },
+        };
         let listen: SocketAddr = raw.listen.get_ref().parse().map_err(|e| {
             src.invalid(
                 raw.listen.span(),
@@ -163,6 +184,7 @@ impl AgentConfig {
         };
         Ok(Self {
             host_id: raw.host_id.into_inner(),
+            ring,
             listen,
             state_dir: raw.state_dir,
             trust_file: raw.trust_file,
@@ -220,6 +242,8 @@ trust_domain = "gpu.example.com"
         // A CRL file does not exist on a fresh host: configuring one by
         // default would stop the agent at its first start.
         assert_eq!(c.tls.crl, None, "the packaged config must not set a CRL");
+        // No ring by default: an unenrolled host is protected (secure default).
+        assert_eq!(c.ring, None, "the packaged config must not set a ring");
     }
 
     #[test]
@@ -258,6 +282,23 @@ trust_domain = "gpu.example.com"
             .unwrap_err()
             .to_string();
         assert!(err.contains("key `drain.hook`"), "{err}");
+    }
+
+    #[test]
+    fn ring_is_optional_and_limited_to_0_to_4() {
+        let c = AgentConfig::from_source(&Source::from_text("agent.toml", GOOD)).unwrap();
+        assert_eq!(c.ring, None);
+        let text = GOOD.replace("listen =", "ring = 3\nlisten =");
+        let c = AgentConfig::from_source(&Source::from_text("agent.toml", text)).unwrap();
+        assert_eq!(c.ring, Some(3));
+        for bad in ["5", "7", "-1", "\"3\""] {
+            let text = GOOD.replace("listen =", &format!("ring = {bad}\nlisten ="));
+            let err = AgentConfig::from_source(&Source::from_text("agent.toml", text))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("agent.toml:3:"), "{bad}: {err}");
+            assert!(err.contains("ring"), "{bad}: {err}");
+        }
     }
 
     #[test]

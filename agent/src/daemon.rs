@@ -263,6 +263,7 @@ pub async fn serve(
     let engine = TaskEngine::open_parts(EngineParts {
         state_dir: cfg.state_dir.clone(),
         host_id: cfg.host_id.clone(),
+        ring: cfg.ring,
         trust: prep.trust,
         drain: cfg.drain.clone(),
         reboot: cfg.reboot.clone(),

@@ -6,7 +6,9 @@
 //! tasks by id, the sequence high-water mark (check 5 of task verification),
 //! the host's drain mark, the last validation, per-profile installed
 //! versions (for rollback), the record of a patch awaiting a reboot or an
-//! agent restart, and acknowledged faults.
+//! agent restart, acknowledged faults, and when the journal was created (a
+//! task issued before that is refused: wiping the state does not reopen
+//! replay).
 
 use std::path::{Path, PathBuf};
 
@@ -28,6 +30,7 @@ const HIGH_WATER: &str = "high_water";
 const DRAIN: &str = "drain";
 const VALIDATION: &str = "last_validation";
 const PENDING: &str = "pending";
+const CREATED: &str = "created_at";
 
 /// The journal could not be opened, read or written.
 #[derive(Debug, thiserror::Error)]
@@ -146,8 +149,13 @@ pub struct Pending {
 pub struct AckRecord {
     /// The AckFaults task.
     pub task_id: String,
-    /// Who acknowledged.
+    /// Free-text note of who asked (informational only, from the task).
     pub operator: String,
+    /// Trust-file ids of the approver keys whose ring approvals authorised
+    /// the acknowledgement: the acknowledging operators. Empty when none
+    /// was needed (no UNHEALTHY fault, or an unprotected ring).
+    #[serde(default)]
+    pub approvers: Vec<String>,
     /// Why.
     pub reason: String,
     /// Reason codes asked for (empty: all current).
@@ -282,6 +290,24 @@ impl Journal {
         }
         out.sort_by_key(|s| s.sequence);
         Ok(out)
+    }
+
+    /// Record `now_ms` as the journal's creation time unless one is
+    /// recorded (a journal from before this record gets the time of this
+    /// first open). Returns the recorded time.
+    pub fn init_created_at(&self, now_ms: i64) -> Result<i64, JournalError> {
+        self.write(|t| match t.get_meta::<i64>(CREATED)? {
+            Some(at) => Ok(at),
+            None => {
+                t.set_meta(CREATED, Some(&now_ms))?;
+                Ok(now_ms)
+            }
+        })
+    }
+
+    /// When the journal was created, ms since the Unix epoch (if recorded).
+    pub fn created_at(&self) -> Result<Option<i64>, JournalError> {
+        self.read_meta(CREATED)
     }
 
     /// The highest accepted sequence (0 if none).
@@ -439,6 +465,10 @@ impl ReplayGuard for Journal {
 
     fn high_water(&self) -> Result<u64, String> {
         Journal::high_water(self).map_err(|e| e.to_string())
+    }
+
+    fn created_at_ms(&self) -> Result<Option<i64>, String> {
+        self.created_at().map_err(|e| e.to_string())
     }
 }
 

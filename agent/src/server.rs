@@ -106,7 +106,8 @@ impl Agent for AgentService {
             boot_id: self.boot_id.clone(),
             sequence_high_water: self.engine.high_water(),
             draining: *self.engine.draining().borrow(),
-            ..Default::default()
+            ring: self.engine.ring(),
+            protected_ring: self.engine.protected_ring(),
         }))
     }
 

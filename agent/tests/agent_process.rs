@@ -222,7 +222,10 @@ async fn notify_socket_sees_ready_watchdog_and_stopping() {
         seen.iter().any(|l| l.starts_with("STATUS=")),
         "a STATUS line for systemctl status: {seen:?}"
     );
-    assert_eq!(identity(&host).await.host_id, "gpu-notify");
+    let id = identity(&host).await;
+    assert_eq!(id.host_id, "gpu-notify");
+    // GetIdentity reports the configured ring (proc_common sets `ring = 0`).
+    assert_eq!((id.ring, id.protected_ring), (Some(0), false));
 
     agent.signal(Signal::SIGTERM);
     let deadline = Instant::now() + START_LIMIT;

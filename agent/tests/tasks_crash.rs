@@ -8,6 +8,7 @@ mod tasks_common;
 use std::time::Duration;
 
 use ringfence::pb::TaskState;
+use ringfence::time::{Clock, ManualClock};
 use ringfenced::tasks::{DrainConfig, RebootConfig, SubmitError};
 use tasks_common::*;
 
@@ -331,4 +332,47 @@ async fn self_upgrade_fails_when_the_agent_comes_back_on_the_old_version() {
     );
     assert!(engine.journal().installed("ringfenced").unwrap().is_none());
     assert!(engine.running_task().is_none());
+}
+
+/// Issue 13, 7: wiping the agent's state does not reopen replay. A task
+/// issued before the (new) journal was created, beyond the clock skew, is
+/// refused by `before_journal`, even though it is otherwise valid.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_issued_before_the_journal_was_created_is_refused() {
+    let mut h = Harness::new();
+    let clock = ManualClock::at(ringfence::time::now_ms());
+    h.clock = Some(clock.clone());
+    let engine = h.engine("", DrainConfig::default());
+    let old = h.task("d1", drain("maintenance"));
+    engine.submit(old.clone()).await.unwrap();
+    wait_terminal(&engine, "d1", Duration::from_secs(5)).await;
+    let created = engine.journal().created_at().unwrap().unwrap();
+    assert_eq!(created, clock.now_ms());
+    drop(engine);
+    // Let the finished task's driver drop its handle on the journal.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The state is wiped; the agent starts again 5 minutes later (the task
+    // is still unexpired).
+    std::fs::remove_dir_all(h.state_dir()).unwrap();
+    clock.advance(300_000);
+    let engine = h.engine("", DrainConfig::default());
+    match engine.submit(old).await {
+        Err(SubmitError::Rejected(r)) => assert_eq!(r.check(), "before_journal", "{r}"),
+        other => panic!("replay after a wipe was not refused: {other:?}"),
+    }
+    assert!(engine.get("d1").is_none());
+    // A fresh task is fine, and a reopen keeps the creation time.
+    engine
+        .submit(h.task("d2", drain("maintenance")))
+        .await
+        .unwrap();
+    wait_terminal(&engine, "d2", Duration::from_secs(5)).await;
+    drop(engine);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let engine = h.engine("", DrainConfig::default());
+    assert_eq!(
+        engine.journal().created_at().unwrap(),
+        Some(created + 300_000)
+    );
 }

@@ -1,12 +1,15 @@
-//! Drain waits for GPU compute processes; undrain needs a passing validation.
+//! Drain waits for GPU compute processes; undrain needs a fresh, passing
+//! validation since the last drain; an UNHEALTHY fault on a protected ring
+//! is acknowledged only with ring approvals.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod tasks_common;
 
 use std::time::{Duration, Instant};
 
-use ringfence::pb::{self, TaskState};
-use ringfenced::tasks::DrainConfig;
+use ringfence::pb::{self, TaskState, task_payload::Action};
+use ringfence::time::ManualClock;
+use ringfenced::tasks::{DrainConfig, SubmitError};
 use tasks_common::*;
 
 fn fast_drain(timeout_s: u64) -> DrainConfig {
@@ -121,7 +124,11 @@ async fn undrain_needs_a_passing_validation() {
     engine.submit(h.task("u1", undrain(false))).await.unwrap();
     let s = wait_terminal(&engine, "u1", Duration::from_secs(5)).await;
     assert_eq!(s.state(), TaskState::Failed);
-    assert!(s.message.contains("no passing validation"), "{}", s.message);
+    assert!(
+        s.message.contains("undrain refused by `no_validation`"),
+        "{}",
+        s.message
+    );
     assert!(*engine.draining().borrow());
 
     // A validation with the wrong driver fails and names the mismatch.
@@ -174,7 +181,8 @@ async fn undrain_needs_a_passing_validation() {
     let s = wait_terminal(&engine, "u2", Duration::from_secs(5)).await;
     assert_eq!(s.state(), TaskState::Failed);
     assert!(
-        s.message.contains("task `v1`) was VERDICT_UNHEALTHY"),
+        s.message
+            .contains("`validation_failed`: the last validation (task `v1`) was VERDICT_UNHEALTHY"),
         "{}",
         s.message
     );
@@ -244,4 +252,207 @@ validate_timeout_s = 5
     assert_eq!(s.verdict, pb::Verdict::Healthy as i32);
     assert!(s.attestation.is_some());
     assert!(!engine.journal().last_validation().unwrap().unwrap().passed);
+}
+
+fn unhealthy(h: &Harness) {
+    h.health.update(|st| {
+        st.verdict = pb::Verdict::Unhealthy;
+        st.reasons = vec![
+            pb::Reason {
+                code: "xid_critical".into(),
+                severity: pb::Verdict::Unhealthy as i32,
+                gpu_index: 0,
+                fault_id: "xid_critical/GPU-fake-0/79".into(),
+                ..Default::default()
+            },
+            pb::Reason {
+                code: "pcie_link_degraded".into(),
+                severity: pb::Verdict::Degraded as i32,
+                gpu_index: 0,
+                fault_id: "pcie_link_degraded/GPU-fake-0/gen".into(),
+                ..Default::default()
+            },
+        ];
+    });
+}
+
+fn ack_all() -> Action {
+    Action::AckFaults(pb::AckFaults {
+        codes: vec![],
+        gpu_index: -1,
+        operator: String::new(),
+        reason: "all of it".into(),
+    })
+}
+
+#[track_caller]
+fn rejected_by(res: Result<pb::TaskStatus, SubmitError>, check: &str) -> String {
+    match res {
+        Err(SubmitError::Rejected(r)) => {
+            assert_eq!(r.check(), check, "{r}");
+            r.to_string()
+        }
+        other => panic!("expected a rejection by `{check}`, got {other:?}"),
+    }
+}
+
+/// Issue 13, 2(a): on a protected ring (ring 3, or no ring configured) an
+/// AckFaults with empty codes on an UNHEALTHY host is refused without
+/// approvals, so a coordinator key alone cannot ack → validate → undrain
+/// an unhealthy host. With approvals covering ACK_FAULTS it runs and the
+/// journal names the approver keys as the acknowledging operators.
+#[tokio::test(flavor = "multi_thread")]
+async fn ack_of_an_unhealthy_fault_on_a_protected_ring_needs_approvals() {
+    for ring in [Some(3), None] {
+        let mut h = Harness::new();
+        h.ring = ring;
+        let engine = h.engine("", fast_drain(30));
+        let task_ring = ring.unwrap_or(3);
+        unhealthy(&h);
+
+        let err = rejected_by(
+            engine
+                .submit(h.task_ring("a1", h.next_seq(), task_ring, ack_all()))
+                .await,
+            "approval_threshold",
+        );
+        assert!(
+            err.contains("needs 2 distinct approver keys, got 0"),
+            "{err}"
+        );
+        assert!(engine.journal().acks().unwrap().is_empty());
+        assert_eq!(
+            h.health.state().reasons.len(),
+            2,
+            "nothing was acknowledged"
+        );
+
+        // Naming the code explicitly changes nothing.
+        let named = Action::AckFaults(pb::AckFaults {
+            codes: vec!["xid_critical".into()],
+            gpu_index: 0,
+            operator: "ops/alice".into(),
+            reason: "historic".into(),
+        });
+        rejected_by(
+            engine
+                .submit(h.task_ring("a2", h.next_seq(), task_ring, named))
+                .await,
+            "approval_threshold",
+        );
+
+        // Approvals for a patch do not cover an acknowledgement.
+        let patch_only = h.approved("a3", ack_all(), &[pb::ApprovedAction::Patch]);
+        let err = rejected_by(engine.submit(patch_only).await, "approval_scope");
+        assert!(err.contains("actions"), "{err}");
+
+        // A DEGRADED fault alone needs no approval; "all" then reaches only
+        // the codes that are there now.
+        let degraded = Action::AckFaults(pb::AckFaults {
+            codes: vec!["pcie_link_degraded".into()],
+            gpu_index: -1,
+            operator: String::new(),
+            reason: "known slow slot".into(),
+        });
+        let s = engine
+            .submit(h.task_ring("a4", h.next_seq(), task_ring, degraded))
+            .await
+            .unwrap();
+        assert_eq!(s.state(), TaskState::Succeeded, "{s:?}");
+        assert_eq!(h.health.state().reasons.len(), 1);
+
+        let s = engine
+            .submit(h.approved("a5", ack_all(), &[pb::ApprovedAction::AckFaults]))
+            .await
+            .unwrap();
+        assert_eq!(s.state(), TaskState::Succeeded, "{s:?}");
+        assert!(s.message.contains("approvers alice, bob"), "{}", s.message);
+        assert!(h.health.state().reasons.is_empty());
+        let acks = engine.journal().acks().unwrap();
+        assert_eq!(acks.len(), 2);
+        assert!(acks[0].approvers.is_empty());
+        assert_eq!(acks[1].approvers, vec!["alice", "bob"]);
+        assert_eq!(acks[1].fault_ids, vec!["xid_critical/GPU-fake-0/79"]);
+    }
+}
+
+/// On an unprotected ring a coordinator-only AckFaults still works (and
+/// needs no `operator` text).
+#[tokio::test(flavor = "multi_thread")]
+async fn ack_on_an_unprotected_ring_needs_no_approval() {
+    let h = Harness::new();
+    let engine = h.engine("", fast_drain(30));
+    unhealthy(&h);
+    let s = engine.submit(h.task("a1", ack_all())).await.unwrap();
+    assert_eq!(s.state(), TaskState::Succeeded, "{s:?}");
+    assert!(h.health.state().reasons.is_empty());
+}
+
+/// Issue 13, 2(b): a host validated, then drained again (it regressed), is
+/// not undrained by a plain Undrain on the strength of the old validation.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_drain_clears_the_last_validation() {
+    let h = Harness::new();
+    let engine = h.engine("", fast_drain(30));
+    drained(&h, &engine, "d1").await;
+    engine
+        .submit(h.task("v1", validate("550.54.15", "12.4", "")))
+        .await
+        .unwrap();
+    let s = wait_terminal(&engine, "v1", Duration::from_secs(5)).await;
+    assert_eq!(s.state(), TaskState::Succeeded, "{s:?}");
+    engine.submit(h.task("u1", undrain(false))).await.unwrap();
+    let s = wait_terminal(&engine, "u1", Duration::from_secs(5)).await;
+    assert_eq!(s.state(), TaskState::Succeeded, "{s:?}");
+
+    // The host regresses and is drained again.
+    unhealthy(&h);
+    drained(&h, &engine, "d2").await;
+    assert!(engine.journal().last_validation().unwrap().is_none());
+    engine.submit(h.task("u2", undrain(false))).await.unwrap();
+    let s = wait_terminal(&engine, "u2", Duration::from_secs(5)).await;
+    assert_eq!(s.state(), TaskState::Failed, "{s:?}");
+    assert!(
+        s.message.contains("undrain refused by `no_validation`"),
+        "{}",
+        s.message
+    );
+    assert!(*engine.draining().borrow());
+}
+
+/// A passing validation older than the task lifetime cap no longer counts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_validation_does_not_undrain() {
+    let mut h = Harness::new();
+    let clock = ManualClock::at(ringfence::time::now_ms());
+    h.clock = Some(clock.clone());
+    let engine = h.engine("", fast_drain(30));
+    drained(&h, &engine, "d1").await;
+    engine
+        .submit(h.task("v1", validate("550.54.15", "12.4", "")))
+        .await
+        .unwrap();
+    let s = wait_terminal(&engine, "v1", Duration::from_secs(5)).await;
+    assert_eq!(s.state(), TaskState::Succeeded, "{s:?}");
+
+    let cap_ms = i64::try_from(h.trust.policy.max_task_lifetime_s).unwrap() * 1000;
+    clock.advance(cap_ms + 1_000);
+    engine.submit(h.task("u1", undrain(false))).await.unwrap();
+    let s = wait_terminal(&engine, "u1", Duration::from_secs(5)).await;
+    assert_eq!(s.state(), TaskState::Failed, "{s:?}");
+    assert!(
+        s.message.contains("undrain refused by `validation_stale`"),
+        "{}",
+        s.message
+    );
+
+    // A fresh validation does.
+    engine
+        .submit(h.task("v2", validate("550.54.15", "12.4", "")))
+        .await
+        .unwrap();
+    wait_terminal(&engine, "v2", Duration::from_secs(5)).await;
+    engine.submit(h.task("u2", undrain(false))).await.unwrap();
+    let s = wait_terminal(&engine, "u2", Duration::from_secs(5)).await;
+    assert_eq!(s.state(), TaskState::Succeeded, "{s:?}");
 }

@@ -6,7 +6,7 @@ mod tasks_common;
 
 use std::time::Duration;
 
-use ringfence::pb::TaskState;
+use ringfence::pb::{self, TaskState};
 use ringfenced::tasks::{DrainConfig, SubmitError};
 use tasks_common::*;
 
@@ -216,4 +216,106 @@ async fn rollback_returns_to_the_recorded_version_only() {
         "560.35.3\n550.54.15\n",
         "only the valid patch and rollback ran"
     );
+}
+
+#[track_caller]
+fn rejected_by(res: Result<pb::TaskStatus, SubmitError>, check: &str) -> String {
+    match res {
+        Err(SubmitError::Rejected(r)) => {
+            assert_eq!(r.check(), check, "{r}");
+            r.to_string()
+        }
+        other => panic!("expected a rejection by `{check}`, got {other:?}"),
+    }
+}
+
+/// Issue 13, 1: the agent knows its own ring. A coordinator-only
+/// `Patch{ring: 0}` to an agent configured in ring 3 is refused by `ring`
+/// (the coordinator cannot move the host out of its protected ring by saying
+/// so); ring 7 is refused everywhere; with no ring configured the agent is
+/// protected and the same patch needs approvals.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_decides_its_ring_and_an_unset_ring_is_protected() {
+    let mut h = Harness::new();
+    let marker = h.file("ran");
+    let script = format!("touch {}", marker.display());
+    h.ring = Some(3);
+    let engine = h.engine(&profile("driver", &script, 30), DrainConfig::default());
+    assert_eq!(engine.ring(), Some(3));
+    assert!(engine.protected_ring());
+    drained(&h, &engine, "d1").await;
+
+    let err = rejected_by(
+        engine
+            .submit(h.task_ring("p0", h.next_seq(), 0, patch("driver", "560.35.3")))
+            .await,
+        "ring",
+    );
+    assert!(err.contains("configured in ring 3"), "{err}");
+    rejected_by(
+        engine
+            .submit(h.task_ring("p7", h.next_seq(), 7, patch("driver", "560.35.3")))
+            .await,
+        "ring",
+    );
+    // Its own ring: approvals needed, and with them it runs.
+    rejected_by(
+        engine
+            .submit(h.task_ring("p3", h.next_seq(), 3, patch("driver", "560.35.3")))
+            .await,
+        "approval_threshold",
+    );
+    engine
+        .submit(h.approved(
+            "p3a",
+            patch("driver", "560.35.3"),
+            &[pb::ApprovedAction::Patch],
+        ))
+        .await
+        .unwrap();
+    let s = wait_terminal(&engine, "p3a", Duration::from_secs(5)).await;
+    assert_eq!(s.state(), TaskState::Succeeded, "{s:?}");
+    drop(engine);
+    std::fs::remove_file(&marker).unwrap();
+
+    // No ring configured: every ring 0-4 is accepted, and every patch needs
+    // approvals, ring 0 included; ring 7 is still refused.
+    let mut h = Harness::new();
+    h.ring = None;
+    let engine = h.engine(&profile("driver", &script, 30), DrainConfig::default());
+    assert_eq!(engine.ring(), None);
+    assert!(engine.protected_ring());
+    drained(&h, &engine, "d1").await;
+    for ring in [0, 1] {
+        rejected_by(
+            engine
+                .submit(h.task_ring(
+                    &format!("p{ring}"),
+                    h.next_seq(),
+                    ring,
+                    patch("driver", "560.35.3"),
+                ))
+                .await,
+            "approval_threshold",
+        );
+    }
+    rejected_by(
+        engine
+            .submit(h.task_ring("p7", h.next_seq(), 7, patch("driver", "560.35.3")))
+            .await,
+        "ring",
+    );
+    assert!(!marker.exists(), "no unapproved patch ran");
+    // A forced undrain approved for patches only is not covered.
+    let force = ringfence::pb::task_payload::Action::Undrain(pb::Undrain {
+        reason: "trust me".into(),
+        force: true,
+    });
+    let err = rejected_by(
+        engine
+            .submit(h.approved("u1", force, &[pb::ApprovedAction::Patch]))
+            .await,
+        "approval_scope",
+    );
+    assert!(err.contains("FORCE_UNDRAIN"), "{err}");
 }

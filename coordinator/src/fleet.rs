@@ -252,6 +252,7 @@ fn agent_config(spec: &HostSpec, dir: &Path, listen: &str, mode: &Mode, trust: &
     };
     format!(
         r#"host_id = "{id}"
+ring = {ring}
 listen = "{listen}"
 state_dir = "{state}"
 trust_file = "{trust}"
@@ -280,6 +281,7 @@ version_pattern = '^[0-9]+\.[0-9]+\.[0-9]+$'
 timeout_s = 30
 "#,
         id = spec.id,
+        ring = spec.ring,
         state = dir.join("state").display(),
         trust = trust.display(),
         dir = dir.display(),
@@ -662,6 +664,16 @@ async fn start_agent(spec: HostSpec, dir: PathBuf, mode: &Mode) -> Result<Runnin
     }
 }
 
+/// What the approvals of a wave cover: its patches, and the rollbacks to
+/// `rollback_version` when the spec names one.
+fn approved_actions(spec: &crate::spec::WaveSpec) -> Vec<i32> {
+    let mut actions = vec![ringfence::pb::ApprovedAction::Patch as i32];
+    if !spec.rollback_version.is_empty() {
+        actions.push(ringfence::pb::ApprovedAction::Rollback as i32);
+    }
+    actions
+}
+
 /// Have every approver key sign every protected ring of `plan` up front
 /// (files in the wave's approvals directory under `state_dir`), valid for an hour.
 pub fn approve_protected_rings(
@@ -689,7 +701,7 @@ pub fn approve_protected_rings(
                 issued_at_unix_ms: now,
                 expires_at_unix_ms: now + 3_600_000,
                 approver: id.clone(),
-                actions: vec![ringfence::pb::ApprovedAction::Patch as i32],
+                actions: approved_actions(spec),
             };
             let env = crate::approvals::sign_ring(&a, &id, &key);
             crate::approvals::write_file(&dir.join(format!("ring-{r}-{id}.json")), &env)

@@ -190,9 +190,19 @@ impl SimHost {
     /// task is the agent's gRPC status (the check named in its metadata).
     pub fn submit_task(&self, task: &pb::SignedTask) -> Result<pb::TaskStatus, tonic::Status> {
         let mut s = self.state();
+        // A simulated host has no agent.toml: it stands in the ring the task
+        // names (a real agent refuses a task for any other ring).
+        let ring = task
+            .task
+            .as_ref()
+            .and_then(|env| {
+                <pb::TaskPayload as prost::Message>::decode(env.payload.as_slice()).ok()
+            })
+            .map(|p| p.ring);
         let verifier = TaskVerifier {
             trust: &self.trust,
             host_id: &self.host_id,
+            ring,
             clock: self.clock.as_ref(),
         };
         match verifier.verify(task, &Journal(&s), &AllowAll) {

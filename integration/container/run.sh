@@ -280,6 +280,7 @@ agent_conf="$work/agent.toml"
 cat >"$agent_conf" <<TOML
 # Edited by the container test (operator's config).
 host_id = "$hid"
+ring = 0
 listen = "0.0.0.0:7443"
 state_dir = "/var/lib/ringfence"
 trust_file = "/etc/ringfence/trust.toml"

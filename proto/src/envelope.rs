@@ -4,15 +4,22 @@
 //! SP type SP len(payload) SP payload` (len as ASCII decimal). Any standard
 //! DSSE/ed25519 library can produce an envelope ringfence accepts.
 //!
-//! [`TaskVerifier::verify`] runs the six checks of ARCHITECTURE.md in order:
+//! [`TaskVerifier::verify`] runs six checks in order, the cheap ones first
+//! so that a flood of tasks with large approvals costs one signature
+//! verification each until everything else about the task is right:
 //! 1. size limits and decoding;
-//! 2. payload type and signatures (`verify_strict` over the exact received
-//!    bytes, keys identified by public key bytes, revoked keys refused);
-//! 3. a coordinator signature, and for protected-ring patches and forced
-//!    undrains a threshold of distinct approver keys (a coordinator key never
-//!    counts);
-//! 4. host id and time (skew, capped lifetime);
-//! 5. replay (recorded outcome returned) and the sequence high-water mark;
+//! 2. payload type and the task's signatures (`verify_strict` over the exact
+//!    received bytes, keys identified by public key bytes, revoked keys
+//!    refused), one of them by a coordinator key;
+//! 3. host id, **ring** (the agent's own ring from its local config, never
+//!    the task's word for it; rings are 0-4) and time (skew, capped lifetime);
+//! 4. replay (recorded outcome returned), the sequence high-water mark, a
+//!    bounded sequence jump ([`MAX_SEQUENCE_JUMP`]) and no task issued before
+//!    the agent's journal was created;
+//! 5. where the agent's ring is protected (or no ring is configured): a
+//!    threshold of distinct approver keys on ring approvals covering the
+//!    task's wave, ring, host, **action**, profile and version, within the
+//!    policy's approval lifetime cap (a coordinator key never counts);
 //! 6. whether the action is allowed by the agent's local config.
 //!
 //! Each failure is its own
@@ -50,6 +57,13 @@ pub const MAX_SIGNATURES: usize = 16;
 pub const MAX_APPROVALS: usize = 32;
 /// Longest payload type string accepted.
 pub const MAX_TYPE_LEN: usize = 128;
+/// Longest `key_id` hint accepted on a signature.
+pub const MAX_KEY_ID_LEN: usize = MAX_TYPE_LEN;
+/// Largest step a new task's sequence may take above the high-water mark:
+/// one signed task can never push the mark out of reach of every later one.
+pub const MAX_SEQUENCE_JUMP: u64 = 1_000_000;
+/// Rings are 0 (internal) to 4 (sensitive tenants).
+pub const MAX_RING: u32 = 4;
 /// Nonces for validation/attestation are 16 to 64 bytes.
 pub const NONCE_LEN: std::ops::RangeInclusive<usize> = 16..=64;
 
@@ -216,6 +230,13 @@ pub enum TaskRejection {
         approved: String,
         task: String,
     },
+    /// an approval's lifetime (expires - issued) exceeds the policy's cap
+    #[error("approval {index} is valid for {lifetime_s} s, the policy allows at most {cap_s} s")]
+    ApprovalLifetime {
+        index: usize,
+        lifetime_s: i64,
+        cap_s: u64,
+    },
     /// an approval has expired or is not yet valid
     #[error("approval {index} is outside its validity ({detail})")]
     ApprovalExpired { index: usize, detail: String },
@@ -227,6 +248,12 @@ pub enum TaskRejection {
     WrongHost {
         task_host: String,
         agent_host: String,
+    },
+    /// the task names a ring that is not 0-4, or not the agent's configured ring
+    #[error("{}", ring_message(*task_ring, *agent_ring))]
+    WrongRing {
+        task_ring: u32,
+        agent_ring: Option<u32>,
     },
     /// the task was issued in the future beyond the allowed clock skew
     #[error(
@@ -246,6 +273,22 @@ pub enum TaskRejection {
     /// the sequence number is not above the agent's high-water mark
     #[error("sequence {sequence} is not above the high-water mark {high_water}")]
     SequenceNotIncreasing { sequence: u64, high_water: u64 },
+    /// the sequence jumps too far above the high-water mark
+    #[error("sequence {sequence} is more than {limit} above the high-water mark {high_water}")]
+    SequenceJump {
+        sequence: u64,
+        high_water: u64,
+        limit: u64,
+    },
+    /// the task was issued before this agent's journal was created
+    #[error(
+        "task issued at {issued_at_ms} ms, before this agent's journal was created at {created_at_ms} ms (beyond the {skew_s} s clock skew)"
+    )]
+    BeforeJournal {
+        issued_at_ms: i64,
+        created_at_ms: i64,
+        skew_s: u64,
+    },
     /// the action is not allowed by this agent's local configuration
     #[error("{reason}")]
     ActionRefused { reason: String },
@@ -269,31 +312,61 @@ impl TaskRejection {
             Self::ApprovalWrongType { .. } => "approval_type",
             Self::CoordinatorKeyAsApprover { .. } => "coordinator_as_approver",
             Self::ApprovalScope { .. } => "approval_scope",
+            Self::ApprovalLifetime { .. } => "approval_lifetime",
             Self::ApprovalExpired { .. } => "approval_expired",
             Self::ApprovalThreshold { .. } => "approval_threshold",
             Self::WrongHost { .. } => "host",
+            Self::WrongRing { .. } => "ring",
             Self::NotYetValid { .. } => "not_yet_valid",
             Self::Expired { .. } => "expired",
             Self::LifetimeTooLong { .. } => "lifetime",
             Self::SequenceNotIncreasing { .. } => "sequence",
+            Self::SequenceJump { .. } => "sequence_jump",
+            Self::BeforeJournal { .. } => "before_journal",
             Self::ActionRefused { .. } => "action",
             Self::Journal { .. } => "journal",
         }
     }
 }
 
-/// What the verifier needs from the agent's durable task journal (check 5).
+fn ring_message(task_ring: u32, agent_ring: Option<u32>) -> String {
+    match agent_ring {
+        _ if task_ring > MAX_RING => {
+            format!("task ring {task_ring} is not a ring (rings are 0-{MAX_RING})")
+        }
+        Some(r) => format!("task is for ring {task_ring}, this agent is configured in ring {r}"),
+        None => format!("task is for ring {task_ring}, which this agent does not accept"),
+    }
+}
+
+/// What the verifier needs from the agent's durable task journal (check 4).
 pub trait ReplayGuard {
     /// The recorded status of a task id, if it was seen before.
     fn recorded(&self, task_id: &str) -> Result<Option<pb::TaskStatus>, String>;
     /// The highest task sequence accepted so far (0 if none).
     fn high_water(&self) -> Result<u64, String>;
+    /// When the journal was created, ms since the Unix epoch; a task issued
+    /// before it (beyond the clock skew) is refused, so that wiping the
+    /// agent's state does not reopen replay. `None`: not known, not checked.
+    fn created_at_ms(&self) -> Result<Option<i64>, String> {
+        Ok(None)
+    }
 }
 
-/// What the verifier needs from the agent's local config (check 6).
+/// What the verifier needs from the agent's local config and state
+/// (checks 5 and 6).
 pub trait ActionPolicy {
     /// Whether this agent may run the task's action; the error says why not.
     fn allow(&self, task: &pb::TaskPayload) -> Result<(), String>;
+    /// Whether `ack` would acknowledge an UNHEALTHY-severity fault of the
+    /// host as it is now (empty codes: every current fault). On a protected
+    /// ring such an AckFaults needs ring approvals covering `ACK_FAULTS`.
+    /// The default answers yes: approvals are asked unless the policy knows
+    /// better.
+    fn acks_unhealthy(&self, ack: &pb::AckFaults) -> Result<bool, String> {
+        let _ = ack;
+        Ok(true)
+    }
 }
 
 /// Allows every action (the action check is then the caller's job).
@@ -333,11 +406,39 @@ pub struct TaskVerifier<'a> {
     pub trust: &'a TrustSet,
     /// This agent's host id.
     pub host_id: &'a str,
+    /// This agent's ring from its local config (0-4). `None`: not
+    /// configured; the agent then accepts a task for any ring 0-4 but treats
+    /// itself as protected (approvals are asked whatever the task's ring).
+    pub ring: Option<u32>,
     /// Source of "now".
     pub clock: &'a dyn Clock,
 }
 
+/// The approved action a task needs approvals for, if any kind of approval
+/// could cover it: Patch → PATCH (ROLLBACK with `rollback`), a forced
+/// Undrain → FORCE_UNDRAIN, AckFaults → ACK_FAULTS.
+pub fn approved_action(task: &pb::TaskPayload) -> Option<pb::ApprovedAction> {
+    match &task.action {
+        Some(pb::task_payload::Action::Patch(p)) if p.rollback => {
+            Some(pb::ApprovedAction::Rollback)
+        }
+        Some(pb::task_payload::Action::Patch(_)) => Some(pb::ApprovedAction::Patch),
+        Some(pb::task_payload::Action::Undrain(u)) if u.force => {
+            Some(pb::ApprovedAction::ForceUndrain)
+        }
+        Some(pb::task_payload::Action::AckFaults(_)) => Some(pb::ApprovedAction::AckFaults),
+        _ => None,
+    }
+}
+
 impl TaskVerifier<'_> {
+    /// Whether this agent's ring is protected: its configured ring is in the
+    /// policy's protected rings, or no ring is configured (secure default).
+    pub fn protected(&self) -> bool {
+        self.ring
+            .is_none_or(|r| self.trust.policy.protected_rings.contains(&r))
+    }
+
     /// Run all six checks, in order, on a received task.
     pub fn verify(
         &self,
@@ -362,7 +463,8 @@ impl TaskVerifier<'_> {
             check_sizes(a, "approval payload", MAX_APPROVAL_PAYLOAD)?;
         }
 
-        // 2. Payload type, then signatures over the exact received bytes.
+        // 2. Payload type, then the task's signatures over the exact
+        //    received bytes; one of them by a coordinator key.
         if env.payload_type != TASK_TYPE {
             return Err(TaskRejection::WrongPayloadType {
                 got: truncate(&env.payload_type),
@@ -395,27 +497,26 @@ impl TaskVerifier<'_> {
                 reason: "task_id and action are required".into(),
             });
         }
-
-        // 3. Coordinator signature; approvals where the ring is protected.
         let coordinator = coordinator.ok_or_else(|| TaskRejection::NoCoordinatorSignature {
             signers: signers.join(", "),
         })?;
-        let approvers = if self.needs_approval(&payload) {
-            self.check_approvals(&payload, &signed.approvals)?
-        } else {
-            Vec::new()
-        };
 
-        // 4. Host and time.
+        // 3. Host, ring and time.
         if payload.host_id != self.host_id {
             return Err(TaskRejection::WrongHost {
                 task_host: payload.host_id.clone(),
                 agent_host: self.host_id.to_string(),
             });
         }
+        if payload.ring > MAX_RING || self.ring.is_some_and(|r| r != payload.ring) {
+            return Err(TaskRejection::WrongRing {
+                task_ring: payload.ring,
+                agent_ring: self.ring,
+            });
+        }
         self.check_time(&payload)?;
 
-        // 5. Replay and sequence.
+        // 4. Replay, sequence, journal creation.
         let journal_err = |reason| TaskRejection::Journal { reason };
         if let Some(status) = journal.recorded(&payload.task_id).map_err(journal_err)? {
             return Ok(Verified::Replay(Box::new(status)));
@@ -427,6 +528,30 @@ impl TaskVerifier<'_> {
                 high_water,
             });
         }
+        if payload.sequence - high_water > MAX_SEQUENCE_JUMP {
+            return Err(TaskRejection::SequenceJump {
+                sequence: payload.sequence,
+                high_water,
+                limit: MAX_SEQUENCE_JUMP,
+            });
+        }
+        if let Some(created) = journal.created_at_ms().map_err(journal_err)? {
+            let skew = self.trust.policy.max_clock_skew_s;
+            if payload.issued_at_unix_ms.saturating_add(skew_ms(skew)) < created {
+                return Err(TaskRejection::BeforeJournal {
+                    issued_at_ms: payload.issued_at_unix_ms,
+                    created_at_ms: created,
+                    skew_s: skew,
+                });
+            }
+        }
+
+        // 5. Approvals where this agent's ring is protected.
+        let approvers = if self.needs_approval(&payload, actions)? {
+            self.check_approvals(&payload, &signed.approvals)?
+        } else {
+            Vec::new()
+        };
 
         // 6. Action allowed by local config.
         actions
@@ -468,13 +593,24 @@ impl TaskVerifier<'_> {
         }
     }
 
-    fn needs_approval(&self, task: &pb::TaskPayload) -> bool {
-        let protected = self.trust.policy.protected_rings.contains(&task.ring);
-        match &task.action {
+    /// Decided by this agent's own ring, never by the task's.
+    fn needs_approval(
+        &self,
+        task: &pb::TaskPayload,
+        actions: &dyn ActionPolicy,
+    ) -> Result<bool, TaskRejection> {
+        let protected = self.protected();
+        Ok(match &task.action {
             Some(pb::task_payload::Action::Patch(_)) => protected,
             Some(pb::task_payload::Action::Undrain(u)) => u.force,
+            Some(pb::task_payload::Action::AckFaults(a)) => {
+                protected
+                    && actions
+                        .acks_unhealthy(a)
+                        .map_err(|reason| TaskRejection::ActionRefused { reason })?
+            }
             _ => false,
-        }
+        })
     }
 
     fn check_approvals(
@@ -527,6 +663,17 @@ impl TaskVerifier<'_> {
                         "valid {}..{} ms, now {now} ms",
                         approval.issued_at_unix_ms, approval.expires_at_unix_ms
                     ),
+                });
+            }
+            let cap_s = self.trust.policy.max_approval_lifetime_s;
+            let lifetime_ms = approval
+                .expires_at_unix_ms
+                .saturating_sub(approval.issued_at_unix_ms);
+            if lifetime_ms > skew_ms(cap_s) {
+                return Err(TaskRejection::ApprovalLifetime {
+                    index,
+                    lifetime_s: lifetime_ms / 1000,
+                    cap_s,
                 });
             }
             for key in keys_here {
@@ -606,6 +753,24 @@ fn check_sizes(
             limit: MAX_SIGNATURES,
         });
     }
+    // The transport's size budget (`tls::MAX_SIGNED_TASK_BYTES`) counts each
+    // key id hint at most this long and each signature at most 64 bytes.
+    for sig in &env.signatures {
+        if sig.key_id.len() > MAX_KEY_ID_LEN {
+            return Err(TaskRejection::Oversized {
+                what: "signature key id",
+                size: sig.key_id.len(),
+                limit: MAX_KEY_ID_LEN,
+            });
+        }
+        if sig.sig.len() > ed25519_dalek::SIGNATURE_LENGTH {
+            return Err(TaskRejection::Oversized {
+                what: "signature",
+                size: sig.sig.len(),
+                limit: ed25519_dalek::SIGNATURE_LENGTH,
+            });
+        }
+    }
     Ok(())
 }
 
@@ -628,6 +793,26 @@ fn check_scope(
     };
     scope("wave_id", &a.wave_id, &task.wave_id)?;
     scope("ring", &a.ring.to_string(), &task.ring.to_string())?;
+    // An approval covers only the actions it lists (none listed: nothing).
+    if let Some(need) = approved_action(task)
+        && !a.actions.contains(&(need as i32))
+    {
+        let listed: Vec<&str> = a
+            .actions
+            .iter()
+            .map(|v| pb::ApprovedAction::try_from(*v).map_or("(unknown)", |x| x.as_str_name()))
+            .collect();
+        return Err(TaskRejection::ApprovalScope {
+            index,
+            field: "actions",
+            approved: if listed.is_empty() {
+                "(none)".into()
+            } else {
+                listed.join(",")
+            },
+            task: need.as_str_name().to_string(),
+        });
+    }
     if !a.host_ids.iter().any(|h| h == &task.host_id) {
         return Err(TaskRejection::ApprovalScope {
             index,

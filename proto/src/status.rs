@@ -13,7 +13,8 @@ pub const CHECK_METADATA_KEY: &str = "ringfence-check";
 pub fn task_rejection_code(r: &TaskRejection) -> Code {
     use TaskRejection as R;
     match r {
-        R::Oversized { .. } | R::Malformed { .. } | R::WrongPayloadType { .. } => {
+        R::Oversized { .. } => Code::ResourceExhausted,
+        R::Malformed { .. } | R::WrongPayloadType { .. } => {
             Code::InvalidArgument
         }
         R::Unsigned { .. }
@@ -24,13 +25,17 @@ pub fn task_rejection_code(r: &TaskRejection) -> Code {
         | R::ApprovalWrongType { .. }
         | R::CoordinatorKeyAsApprover { .. }
         | R::ApprovalScope { .. }
+        | R::ApprovalLifetime { .. }
         | R::ApprovalExpired { .. }
         | R::ApprovalThreshold { .. }
-        | R::WrongHost { .. } => Code::PermissionDenied,
+        | R::WrongHost { .. }
+        | R::WrongRing { .. } => Code::PermissionDenied,
         R::NotYetValid { .. }
         | R::Expired { .. }
         | R::LifetimeTooLong { .. }
-        | R::SequenceNotIncreasing { .. } => Code::FailedPrecondition,
+        | R::SequenceNotIncreasing { .. }
+        | R::SequenceJump { .. }
+        | R::BeforeJournal { .. } => Code::FailedPrecondition,
         R::ActionRefused { .. } => Code::InvalidArgument,
         R::Journal { .. } => Code::Internal,
     }

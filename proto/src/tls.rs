@@ -58,7 +58,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const FIELD_OVERHEAD: usize = 11;
 /// Longest `key_id` hint counted per signature in [`MAX_SIGNED_TASK_BYTES`]
 /// (the same bound as a payload type).
-const KEY_ID_BUDGET: usize = crate::envelope::MAX_TYPE_LEN;
+const KEY_ID_BUDGET: usize = crate::envelope::MAX_KEY_ID_LEN;
 /// One signature: key id, the 64-byte ed25519 signature, framing.
 const SIGNATURE_BUDGET: usize = 3 * FIELD_OVERHEAD + KEY_ID_BUDGET + 64;
 

@@ -5,10 +5,11 @@
 //! ```toml
 //! # /etc/ringfence/trust.toml
 //! [policy]
-//! protected_rings = [2, 3, 4]   # Patch (and forced Undrain) here needs approvals
+//! protected_rings = [2, 3, 4]   # Patch, rollback, forced Undrain, unhealthy AckFaults need approvals
 //! approver_threshold = 2        # distinct approver keys needed
 //! max_clock_skew_s = 120        # tolerated clock difference with the signer
 //! max_task_lifetime_s = 3600    # cap on expires_at - issued_at, whatever the signer claims
+//! max_approval_lifetime_s = 86400  # cap on an approval's expires_at - issued_at
 //!
 //! [[coordinator]]
 //! id = "coord-2026"
@@ -64,7 +65,9 @@ pub struct TrustedKey {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Policy {
-    /// Rings whose Patch tasks (and forced Undrains) need ring approvals.
+    /// Rings whose agents need ring approvals for Patch, rollback, forced
+    /// Undrain and AckFaults of an UNHEALTHY fault (an agent with no ring
+    /// configured counts as protected).
     pub protected_rings: BTreeSet<u32>,
     /// Distinct approver keys a ring approval needs.
     pub approver_threshold: usize,
@@ -72,6 +75,8 @@ pub struct Policy {
     pub max_clock_skew_s: u64,
     /// Longest accepted task lifetime (expires_at - issued_at), seconds.
     pub max_task_lifetime_s: u64,
+    /// Longest accepted ring approval lifetime (expires_at - issued_at), seconds.
+    pub max_approval_lifetime_s: u64,
 }
 
 impl Default for Policy {
@@ -81,6 +86,7 @@ impl Default for Policy {
             approver_threshold: 2,
             max_clock_skew_s: 120,
             max_task_lifetime_s: 3600,
+            max_approval_lifetime_s: 86_400,
         }
     }
 }
@@ -150,6 +156,13 @@ impl TrustSet {
                     return Err(src.invalid(
                         span,
                         "policy.approver_threshold",
+                        "must be at least 1",
+                    ));
+                }
+                if p.max_approval_lifetime_s == 0 {
+                    return Err(src.invalid(
+                        span,
+                        "policy.max_approval_lifetime_s",
                         "must be at least 1",
                     ));
                 }
@@ -302,6 +315,26 @@ mod tests {
         let t = TrustSet::from_source(&Source::from_text("t", text)).unwrap();
         assert_eq!(t.keys().len(), 1);
         assert_eq!(t.keys()[0].role, KeyRole::Revoked);
+    }
+
+    #[test]
+    fn approval_lifetime_cap_defaults_and_zero_is_refused() {
+        let t = TrustSet::from_source(&Source::from_text("t", "[policy]\n")).unwrap();
+        assert_eq!(t.policy.max_approval_lifetime_s, 86_400);
+        let t = TrustSet::from_source(&Source::from_text(
+            "t",
+            "[policy]\nmax_approval_lifetime_s = 3600\n",
+        ))
+        .unwrap();
+        assert_eq!(t.policy.max_approval_lifetime_s, 3600);
+        let err = TrustSet::from_source(&Source::from_text(
+            "trust.toml",
+            "[policy]\nmax_approval_lifetime_s = 0\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("trust.toml:1:"), "{err}");
+        assert!(err.contains("policy.max_approval_lifetime_s"), "{err}");
     }
 
     #[test]

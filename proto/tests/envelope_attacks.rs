@@ -3,6 +3,10 @@
 //! `TaskRejection` variant, and the gRPC status built from it names the
 //! failed check. Property tests cover sign→verify round trips and single-bit
 //! flips anywhere in what is signed.
+//!
+//! The agent under test is configured in the ring of the fixture's task
+//! (`verify`), unless a test says otherwise (`verify_as`): issue 13's ring
+//! cases configure it explicitly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -12,9 +16,9 @@ use proptest::prelude::*;
 use prost::Message;
 use ringfence::config::Source;
 use ringfence::envelope::{
-    self, APPROVAL_TYPE, ATTESTATION_TYPE, ActionPolicy, AllowAll, MAX_APPROVALS, MAX_SIGNATURES,
-    MAX_TASK_PAYLOAD, MAX_TYPE_LEN, ReplayGuard, TASK_TYPE, TaskRejection, TaskVerifier, Verified,
-    VerifiedTask,
+    self, APPROVAL_TYPE, ATTESTATION_TYPE, ActionPolicy, AllowAll, MAX_APPROVALS,
+    MAX_SEQUENCE_JUMP, MAX_SIGNATURES, MAX_TASK_PAYLOAD, MAX_TYPE_LEN, ReplayGuard, TASK_TYPE,
+    TaskRejection, TaskVerifier, Verified, VerifiedTask,
 };
 use ringfence::keys;
 use ringfence::pb;
@@ -97,6 +101,7 @@ struct MemJournal {
     seen: HashMap<String, pb::TaskStatus>,
     high_water: u64,
     broken: Option<String>,
+    created_at: Option<i64>,
 }
 
 impl ReplayGuard for MemJournal {
@@ -111,6 +116,9 @@ impl ReplayGuard for MemJournal {
             return Err(reason.clone());
         }
         Ok(self.high_water)
+    }
+    fn created_at_ms(&self) -> Result<Option<i64>, String> {
+        Ok(self.created_at)
     }
 }
 
@@ -129,6 +137,16 @@ impl ActionPolicy for OneProfile {
     }
 }
 
+/// The ring the signed task names (unverified; the fixture's agent is
+/// configured in it). `None` when the payload does not decode.
+fn claimed_ring(signed: &pb::SignedTask) -> Option<u32> {
+    signed
+        .task
+        .as_ref()
+        .and_then(|e| pb::TaskPayload::decode(e.payload.as_slice()).ok())
+        .map(|t| t.ring)
+}
+
 fn verify_with(
     trust: &TrustSet,
     clock: &ManualClock,
@@ -138,9 +156,30 @@ fn verify_with(
     TaskVerifier {
         trust,
         host_id: HOST,
+        ring: claimed_ring(signed),
         clock,
     }
     .verify(signed, journal, &AllowAll)
+}
+
+/// Verify with the agent configured in `ring` (`None`: no ring configured).
+fn verify_as(ring: Option<u32>, signed: &pb::SignedTask) -> Result<Verified, TaskRejection> {
+    verify_as_with(ring, signed, &MemJournal::default(), &AllowAll)
+}
+
+fn verify_as_with(
+    ring: Option<u32>,
+    signed: &pb::SignedTask,
+    journal: &MemJournal,
+    actions: &dyn ActionPolicy,
+) -> Result<Verified, TaskRejection> {
+    TaskVerifier {
+        trust: &trust(),
+        host_id: HOST,
+        ring,
+        clock: &ManualClock::at(NOW),
+    }
+    .verify(signed, journal, actions)
 }
 
 /// Verify against the fixture trust file, at NOW, with an empty journal.
@@ -232,9 +271,13 @@ fn approval(ring: u32) -> pb::RingApproval {
         rollback_version: ROLLBACK_VERSION.into(),
         host_ids: vec!["gpu-16".into(), HOST.into()],
         issued_at_unix_ms: NOW - 60_000,
-        expires_at_unix_ms: NOW + 86_400_000,
+        // Within the default approval lifetime cap (24 h).
+        expires_at_unix_ms: NOW + 82_800_000,
         approver: "ops/alice".into(),
-        actions: vec![pb::ApprovedAction::Patch as i32],
+        actions: vec![
+            pb::ApprovedAction::Patch as i32,
+            pb::ApprovedAction::Rollback as i32,
+        ],
     }
 }
 
@@ -253,13 +296,18 @@ fn signed(task: pb::Envelope, approvals: Vec<pb::Envelope>) -> pb::SignedTask {
     }
 }
 
-/// A ring-2 patch with approvals by alice and bob: accepted as is.
+/// A protected-ring task with approvals by alice and bob covering its
+/// action: accepted as is.
 fn approved_patch(t: &pb::TaskPayload) -> pb::SignedTask {
+    let mut a = approval(t.ring);
+    a.actions = envelope::approved_action(t)
+        .map(|x| vec![x as i32])
+        .unwrap_or_default();
     signed(
         sign_task(t),
         vec![
-            sign_approval(&approval(t.ring), &[("alice", &alice())]),
-            sign_approval(&approval(t.ring), &[("bob", &bob())]),
+            sign_approval(&a, &[("alice", &alice())]),
+            sign_approval(&a, &[("bob", &bob())]),
         ],
     )
 }
@@ -783,7 +831,7 @@ fn sequence_at_or_below_the_high_water_mark_is_refused() {
         (4, false),
         (5, false),
         (6, true),
-        (u64::MAX, true),
+        (5 + MAX_SEQUENCE_JUMP, true),
     ] {
         let mut t = task(0, drain());
         t.sequence = seq;
@@ -828,6 +876,7 @@ fn action_not_in_local_config_is_refused() {
     let verifier = TaskVerifier {
         trust: &trust(),
         host_id: HOST,
+        ring: Some(0),
         clock: &ManualClock::at(NOW),
     };
     let journal = MemJournal::default();
@@ -1219,6 +1268,7 @@ fn forced_undrain_needs_approvals() {
         assert_eq!(v.approvers, vec!["alice", "bob"]);
         // Approvals for another host do not cover it.
         let mut a = approval(ring);
+        a.actions = vec![pb::ApprovedAction::ForceUndrain as i32];
         a.host_ids = vec!["gpu-18".into()];
         let st = signed(
             sign_task(&forced),
@@ -1306,6 +1356,29 @@ fn oversized_requests_are_refused() {
         verify(&signed(long_type, vec![])),
         TaskRejection::Oversized {
             what: "payload type",
+            ..
+        },
+        "size"
+    );
+
+    // A key id hint or a signature longer than the transport's size budget
+    // counts them (tls::MAX_SIGNED_TASK_BYTES) is refused too.
+    let mut long_key_id = sign_task(&t);
+    long_key_id.signatures[0].key_id = "k".repeat(envelope::MAX_KEY_ID_LEN + 1);
+    rejected!(
+        verify(&signed(long_key_id, vec![])),
+        TaskRejection::Oversized {
+            what: "signature key id",
+            ..
+        },
+        "size"
+    );
+    let mut long_sig = sign_task(&t);
+    long_sig.signatures[0].sig.push(0);
+    rejected!(
+        verify(&signed(long_sig, vec![])),
+        TaskRejection::Oversized {
+            what: "signature",
             ..
         },
         "size"
@@ -1538,7 +1611,7 @@ fn arb_task() -> impl Strategy<Value = pb::TaskPayload> {
         ".{0,40}",
         ".{0,40}",
         0u32..=4,
-        1u64..=u64::MAX,
+        1u64..=MAX_SEQUENCE_JUMP,
         times,
         arb_action(),
     )
@@ -1558,9 +1631,11 @@ fn arb_task() -> impl Strategy<Value = pb::TaskPayload> {
         )
 }
 
+/// For an agent configured in the task's ring, with `AllowAll` (which takes
+/// every AckFaults for one that touches an UNHEALTHY fault).
 fn needs_approval(t: &pb::TaskPayload) -> bool {
     match &t.action {
-        Some(Action::Patch(_)) => t.ring >= 2,
+        Some(Action::Patch(_) | Action::AckFaults(_)) => t.ring >= 2,
         Some(Action::Undrain(u)) => u.force,
         _ => false,
     }
@@ -1577,6 +1652,9 @@ fn sign_with_approvals(t: &pb::TaskPayload) -> pb::SignedTask {
             host_ids: vec![t.host_id.clone()],
             issued_at_unix_ms: NOW - 1_000,
             expires_at_unix_ms: NOW + 60_000,
+            actions: envelope::approved_action(t)
+                .map(|x| vec![x as i32])
+                .unwrap_or_default(),
             ..Default::default()
         };
         if let Some(Action::Patch(p)) = &t.action {
@@ -1600,6 +1678,7 @@ fn verify_for_own_host(
     TaskVerifier {
         trust: &trust(),
         host_id: &t.host_id,
+        ring: Some(t.ring),
         clock: &ManualClock::at(NOW),
     }
     .verify(st, &MemJournal::default(), &AllowAll)
@@ -1738,4 +1817,420 @@ proptest! {
     fn validly_signed_random_payloads_are_malformed(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
         assert_garbage_payload_refused(bytes);
     }
+}
+
+// ------------------------------------- issue 13: the agent's ring (step 3)
+
+/// A coordinator-only `Patch{ring: 0}` to an agent configured in ring 3 is
+/// refused by `ring`: the coordinator cannot move a host out of its
+/// protected ring by saying so. Any action, with or without approvals.
+#[test]
+fn task_for_another_ring_than_the_agents_is_refused() {
+    let t = task(0, patch(VERSION, false));
+    let err = rejected!(
+        verify_as(Some(3), &signed(sign_task(&t), vec![])),
+        TaskRejection::WrongRing {
+            task_ring: 0,
+            agent_ring: Some(3)
+        },
+        "ring"
+    );
+    assert!(err.to_string().contains("configured in ring 3"), "{err}");
+    assert_eq!(
+        status::task_rejection(&err).code(),
+        tonic::Code::PermissionDenied
+    );
+    // Even fully approved for ring 0, and for a harmless drain.
+    rejected!(
+        verify_as(Some(3), &approved_patch(&t)),
+        TaskRejection::WrongRing { .. },
+        "ring"
+    );
+    rejected!(
+        verify_as(Some(3), &signed(sign_task(&task(2, drain())), vec![])),
+        TaskRejection::WrongRing { .. },
+        "ring"
+    );
+    // Its own ring: approvals decide.
+    let own = task(3, patch(VERSION, false));
+    rejected!(
+        verify_as(Some(3), &signed(sign_task(&own), vec![])),
+        TaskRejection::ApprovalThreshold { .. },
+        "approval_threshold"
+    );
+    accepted(verify_as(Some(3), &approved_patch(&own)));
+}
+
+/// An agent with no ring configured accepts any ring 0-4 but is protected:
+/// the same coordinator-only `Patch{ring: 0}` needs approvals, as do a
+/// rollback and an AckFaults (a drain does not).
+#[test]
+fn an_agent_without_a_ring_is_protected() {
+    for ring in 0..=4 {
+        for action in [patch(VERSION, false), patch(ROLLBACK_VERSION, true)] {
+            let t = task(ring, action);
+            rejected!(
+                verify_as(None, &signed(sign_task(&t), vec![])),
+                TaskRejection::ApprovalThreshold { have: 0, .. },
+                "approval_threshold"
+            );
+            let v = accepted(verify_as(None, &approved_patch(&t)));
+            assert_eq!(v.approvers, vec!["alice", "bob"]);
+        }
+        accepted(verify_as(
+            None,
+            &signed(sign_task(&task(ring, drain())), vec![]),
+        ));
+    }
+    // Configured in ring 0 (unprotected), the same patch needs none.
+    accepted(verify_as(
+        Some(0),
+        &signed(sign_task(&task(0, patch(VERSION, false))), vec![]),
+    ));
+}
+
+/// Rings above 4 are refused everywhere, with or without a configured ring
+/// (before, `ring: 7` skipped approvals).
+#[test]
+fn ring_7_is_refused_everywhere() {
+    let t = task(7, patch(VERSION, false));
+    for agent in [None, Some(0), Some(3)] {
+        let err = rejected!(
+            verify_as(agent, &signed(sign_task(&t), vec![])),
+            TaskRejection::WrongRing { task_ring: 7, .. },
+            "ring"
+        );
+        assert!(err.to_string().contains("rings are 0-4"), "{err}");
+    }
+    rejected!(
+        verify_as(Some(7), &signed(sign_task(&t), vec![])),
+        TaskRejection::WrongRing { .. },
+        "ring"
+    );
+}
+
+// ------------------------------- issue 13: approvals bind to an action
+
+#[test]
+fn approval_without_the_tasks_action_is_refused() {
+    let t = task(2, patch(VERSION, false));
+    // No actions at all: covers nothing.
+    let mut none = approval(2);
+    none.actions.clear();
+    // Every other action, but not PATCH.
+    let mut others = approval(2);
+    others.actions = vec![
+        pb::ApprovedAction::Rollback as i32,
+        pb::ApprovedAction::ForceUndrain as i32,
+        pb::ApprovedAction::AckFaults as i32,
+        pb::ApprovedAction::Unspecified as i32,
+    ];
+    for a in [none, others] {
+        let st = signed(
+            sign_task(&t),
+            vec![sign_approval(&a, &[("alice", &alice()), ("bob", &bob())])],
+        );
+        let err = rejected!(
+            verify(&st),
+            TaskRejection::ApprovalScope {
+                field: "actions",
+                ..
+            },
+            "approval_scope"
+        );
+        assert!(err.to_string().contains("APPROVED_ACTION_PATCH"), "{err}");
+    }
+    // A rollback needs ROLLBACK, not PATCH.
+    let mut patch_only = approval(2);
+    patch_only.actions = vec![pb::ApprovedAction::Patch as i32];
+    let rb = task(2, patch(ROLLBACK_VERSION, true));
+    let st = signed(
+        sign_task(&rb),
+        vec![sign_approval(
+            &patch_only,
+            &[("alice", &alice()), ("bob", &bob())],
+        )],
+    );
+    rejected!(
+        verify(&st),
+        TaskRejection::ApprovalScope {
+            field: "actions",
+            ..
+        },
+        "approval_scope"
+    );
+}
+
+/// A patch approval does not authorise a forced undrain of the same host.
+#[test]
+fn patch_approval_used_for_a_forced_undrain_is_refused() {
+    let forced = task(
+        2,
+        Action::Undrain(pb::Undrain {
+            reason: "trust me".into(),
+            force: true,
+        }),
+    );
+    let st = signed(
+        sign_task(&forced),
+        vec![sign_approval(
+            &approval(2),
+            &[("alice", &alice()), ("bob", &bob())],
+        )],
+    );
+    let err = rejected!(
+        verify(&st),
+        TaskRejection::ApprovalScope {
+            field: "actions",
+            ..
+        },
+        "approval_scope"
+    );
+    assert!(err.to_string().contains("FORCE_UNDRAIN"), "{err}");
+}
+
+/// Decides whether an AckFaults touches an UNHEALTHY fault.
+struct Health {
+    unhealthy: bool,
+}
+
+impl ActionPolicy for Health {
+    fn allow(&self, _task: &pb::TaskPayload) -> Result<(), String> {
+        Ok(())
+    }
+    fn acks_unhealthy(&self, _ack: &pb::AckFaults) -> Result<bool, String> {
+        Ok(self.unhealthy)
+    }
+}
+
+/// An AckFaults of an UNHEALTHY fault on a protected ring needs approvals
+/// covering ACK_FAULTS; of DEGRADED faults only, or on an unprotected ring,
+/// none.
+#[test]
+fn unhealthy_ack_on_a_protected_ring_needs_ack_approvals() {
+    let ack = Action::AckFaults(pb::AckFaults {
+        codes: vec![],
+        gpu_index: -1,
+        operator: String::new(),
+        reason: "all of it".into(),
+    });
+    let journal = MemJournal::default();
+    let sick = Health { unhealthy: true };
+    let fine = Health { unhealthy: false };
+    let t = task(3, ack.clone());
+    let bare = signed(sign_task(&t), vec![]);
+    for agent in [Some(3), None] {
+        rejected!(
+            verify_as_with(agent, &bare, &journal, &sick),
+            TaskRejection::ApprovalThreshold { have: 0, .. },
+            "approval_threshold"
+        );
+        accepted(verify_as_with(agent, &bare, &journal, &fine));
+        // A patch approval does not cover it; an ACK_FAULTS one does.
+        let st = signed(
+            sign_task(&t),
+            vec![sign_approval(
+                &approval(3),
+                &[("alice", &alice()), ("bob", &bob())],
+            )],
+        );
+        rejected!(
+            verify_as_with(agent, &st, &journal, &sick),
+            TaskRejection::ApprovalScope {
+                field: "actions",
+                ..
+            },
+            "approval_scope"
+        );
+        let v = accepted(verify_as_with(agent, &approved_patch(&t), &journal, &sick));
+        assert_eq!(v.approvers, vec!["alice", "bob"]);
+    }
+    let t0 = task(0, ack);
+    accepted(verify_as_with(
+        Some(0),
+        &signed(sign_task(&t0), vec![]),
+        &journal,
+        &sick,
+    ));
+}
+
+/// The trust policy caps an approval's lifetime, whatever its signers claim.
+#[test]
+fn over_long_approval_lifetime_is_refused() {
+    let t = task(2, patch(VERSION, false));
+    let mut long = approval(2);
+    long.issued_at_unix_ms = NOW - 60_000;
+    long.expires_at_unix_ms = long.issued_at_unix_ms + 86_400_000 + 1_000;
+    let st = signed(
+        sign_task(&t),
+        vec![sign_approval(
+            &long,
+            &[("alice", &alice()), ("bob", &bob())],
+        )],
+    );
+    let err = rejected!(
+        verify(&st),
+        TaskRejection::ApprovalLifetime {
+            index: 0,
+            cap_s: 86_400,
+            ..
+        },
+        "approval_lifetime"
+    );
+    assert_eq!(
+        status::task_rejection(&err).code(),
+        tonic::Code::PermissionDenied
+    );
+    // At the cap it counts.
+    long.expires_at_unix_ms = long.issued_at_unix_ms + 86_400_000;
+    let st = signed(
+        sign_task(&t),
+        vec![sign_approval(
+            &long,
+            &[("alice", &alice()), ("bob", &bob())],
+        )],
+    );
+    accepted(verify(&st));
+    // A stricter policy refuses the fixture's 23 h approval.
+    let text = format!("[policy]\nmax_approval_lifetime_s = 3600\n{}", trust_text());
+    let strict = TrustSet::from_source(&Source::from_text("trust.toml", text)).unwrap();
+    rejected!(
+        verify_with(
+            &strict,
+            &ManualClock::at(NOW),
+            &approved_patch(&t),
+            &MemJournal::default()
+        ),
+        TaskRejection::ApprovalLifetime { cap_s: 3600, .. },
+        "approval_lifetime"
+    );
+}
+
+// ------------------------------ issue 13: sequence bound, journal creation
+
+/// One signed task cannot lock the agent out for good by pushing the
+/// high-water mark to the top.
+#[test]
+fn sequence_jump_above_the_bound_is_refused() {
+    let journal = MemJournal {
+        high_water: 5,
+        ..Default::default()
+    };
+    let clock = ManualClock::at(NOW);
+    for (seq, ok) in [
+        (5 + MAX_SEQUENCE_JUMP, true),
+        (6 + MAX_SEQUENCE_JUMP, false),
+        (u64::MAX, false),
+    ] {
+        let mut t = task(0, drain());
+        t.sequence = seq;
+        let res = verify_with(&trust(), &clock, &signed(sign_task(&t), vec![]), &journal);
+        if ok {
+            accepted(res);
+        } else {
+            let err = rejected!(res, TaskRejection::SequenceJump { .. }, "sequence_jump");
+            assert_eq!(
+                err,
+                TaskRejection::SequenceJump {
+                    sequence: seq,
+                    high_water: 5,
+                    limit: MAX_SEQUENCE_JUMP
+                }
+            );
+        }
+    }
+}
+
+/// A task issued before the agent's journal was created (beyond the skew)
+/// is refused: wiping the agent's state does not reopen replay.
+#[test]
+fn task_issued_before_the_journal_was_created_is_refused() {
+    let journal = MemJournal {
+        created_at: Some(NOW - 1_000),
+        ..Default::default()
+    };
+    let clock = ManualClock::at(NOW);
+    let mut t = task(0, drain());
+    t.issued_at_unix_ms = NOW - 1_000 - SKEW_MS - 1;
+    let err = rejected!(
+        verify_with(&trust(), &clock, &signed(sign_task(&t), vec![]), &journal),
+        TaskRejection::BeforeJournal { .. },
+        "before_journal"
+    );
+    assert_eq!(
+        status::task_rejection(&err).code(),
+        tonic::Code::FailedPrecondition
+    );
+    t.issued_at_unix_ms = NOW - 1_000 - SKEW_MS;
+    accepted(verify_with(
+        &trust(),
+        &clock,
+        &signed(sign_task(&t), vec![]),
+        &journal,
+    ));
+}
+
+// --------------------- issue 13: cheap checks before approval signatures
+
+/// Host, ring, time and sequence are checked before any approval signature
+/// is verified: a task that fails them is refused by that check, however
+/// many (here: forged) approvals it carries.
+#[test]
+fn cheap_checks_come_before_approval_signatures() {
+    let mut forged = sign_approval(&approval(2), &[("alice", &alice())]);
+    forged.signatures[0].sig[0] ^= 1;
+    let approvals = vec![forged; MAX_APPROVALS];
+
+    let mut other_host = task(2, patch(VERSION, false));
+    other_host.host_id = "gpu-18".into();
+    rejected!(
+        verify(&signed(sign_task(&other_host), approvals.clone())),
+        TaskRejection::WrongHost { .. },
+        "host"
+    );
+    rejected!(
+        verify_as(
+            Some(3),
+            &signed(
+                sign_task(&task(2, patch(VERSION, false))),
+                approvals.clone()
+            )
+        ),
+        TaskRejection::WrongRing { .. },
+        "ring"
+    );
+    let mut old = task(2, patch(VERSION, false));
+    old.expires_at_unix_ms = NOW - SKEW_MS - 1;
+    old.issued_at_unix_ms = old.expires_at_unix_ms - 1_000;
+    rejected!(
+        verify(&signed(sign_task(&old), approvals.clone())),
+        TaskRejection::Expired { .. },
+        "expired"
+    );
+    let journal = MemJournal {
+        high_water: 9,
+        ..Default::default()
+    };
+    rejected!(
+        verify_with(
+            &trust(),
+            &ManualClock::at(NOW),
+            &signed(
+                sign_task(&task(2, patch(VERSION, false))),
+                approvals.clone()
+            ),
+            &journal
+        ),
+        TaskRejection::SequenceNotIncreasing { .. },
+        "sequence"
+    );
+    // Everything else right: the forged approval is what is refused.
+    rejected!(
+        verify(&signed(
+            sign_task(&task(2, patch(VERSION, false))),
+            approvals
+        )),
+        TaskRejection::BadSignature { .. },
+        "signature"
+    );
 }

@@ -1,7 +1,8 @@
 //! Drain: mark the host draining (journalled first, so health goes
 //! NOT_SERVING at once), run the scheduler hook, then wait until no GPU
 //! compute process remains or the timeout hits. The host stays drained
-//! whatever happens; only an Undrain clears the mark.
+//! whatever happens; only an Undrain clears the mark. A drain also clears
+//! the last validation: the Undrain after it needs a new one.
 
 use std::time::Duration;
 
@@ -31,7 +32,12 @@ pub(super) async fn run(run: &mut Run, d: &pb::Drain) -> Result<(), JournalError
     } else {
         "host marked draining".into()
     };
-    run.save_with(|t| t.set_drain_mark(Some(&mark)))?;
+    // Out of service again: an earlier validation no longer vouches for the
+    // host; the Undrain that ends this drain needs a new one.
+    run.save_with(|t| {
+        t.set_drain_mark(Some(&mark))?;
+        t.set_last_validation(None)
+    })?;
 
     if !cfg.hook.is_empty() {
         let host_id = run.inner.host_id.clone();

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ringfence::envelope::{TaskRejection, TaskVerifier, Verified};
+use ringfence::envelope::{ActionPolicy, TaskRejection, TaskVerifier, Verified};
 use ringfence::pb::{self, TaskState, task_payload::Action};
 use ringfence::time::Clock;
 use ringfence::trust::TrustSet;
@@ -54,6 +54,45 @@ pub trait HealthSource: Send + Sync {
     fn attest(&self, nonce: &[u8], draining: bool) -> pb::Envelope;
     /// Acknowledge faults so they no longer count; returns the fault ids acknowledged.
     fn acknowledge(&self, ack: &pb::AckFaults) -> Vec<String>;
+    /// The UNHEALTHY-severity faults of the host now that `ack` would
+    /// acknowledge (fault ids). Non-empty: on a protected ring the AckFaults
+    /// needs ring approvals.
+    fn unhealthy_faults(&self, ack: &pb::AckFaults) -> Vec<String> {
+        acked_by(&self.fresh_report(false), ack)
+            .filter(|r| r.severity == pb::Verdict::Unhealthy as i32)
+            .map(|r| r.fault_id.clone())
+            .collect()
+    }
+}
+
+/// The reasons of `report` that `ack` names: every one for empty codes,
+/// limited to one GPU unless `gpu_index` is negative.
+pub fn acked_by<'a>(
+    report: &'a pb::HealthReport,
+    ack: &'a pb::AckFaults,
+) -> impl Iterator<Item = &'a pb::Reason> + 'a {
+    report
+        .reasons
+        .iter()
+        .filter(|r| ack.codes.is_empty() || ack.codes.contains(&r.code))
+        .filter(|r| ack.gpu_index < 0 || r.gpu_index == ack.gpu_index)
+}
+
+/// The action policy the verifier sees: the patch profiles, and the health
+/// source for whether an AckFaults touches an UNHEALTHY fault.
+struct AgentPolicy<'a> {
+    profiles: &'a ProfilePolicy,
+    health: &'a dyn HealthSource,
+}
+
+impl ActionPolicy for AgentPolicy<'_> {
+    fn allow(&self, task: &pb::TaskPayload) -> Result<(), String> {
+        self.profiles.allow(task)
+    }
+
+    fn acks_unhealthy(&self, ack: &pb::AckFaults) -> Result<bool, String> {
+        Ok(!self.health.unhealthy_faults(ack).is_empty())
+    }
 }
 
 /// What to do when a drain times out with compute processes left.
@@ -222,6 +261,8 @@ pub struct EngineParts {
     pub state_dir: std::path::PathBuf,
     /// This agent's host id.
     pub host_id: String,
+    /// This agent's ring (`ring` in agent.toml); `None`: protected.
+    pub ring: Option<u32>,
     /// The trust file.
     pub trust: TrustSet,
     /// Drain settings.
@@ -247,6 +288,7 @@ impl std::fmt::Debug for EngineParts {
         f.debug_struct("EngineParts")
             .field("state_dir", &self.state_dir)
             .field("host_id", &self.host_id)
+            .field("ring", &self.ring)
             .finish_non_exhaustive()
     }
 }
@@ -254,6 +296,7 @@ impl std::fmt::Debug for EngineParts {
 struct Inner {
     journal: Journal,
     host_id: String,
+    ring: Option<u32>,
     /// Swapped whole by [`TaskEngine::set_trust`] (SIGHUP); each task is
     /// verified against the set current when it arrives.
     trust: std::sync::RwLock<Arc<TrustSet>>,
@@ -275,6 +318,16 @@ struct Inner {
     restart: watch::Sender<bool>,
     shutting_down: AtomicBool,
     job: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Inner {
+    /// The trust set current now (see [`TaskEngine::set_trust`]).
+    fn trust_now(&self) -> Arc<TrustSet> {
+        self.trust
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
 }
 
 /// The agent's task engine. Cheap to clone (shared state).
@@ -323,6 +376,7 @@ impl TaskEngine {
     pub fn open(
         state_dir: &Path,
         host_id: String,
+        ring: Option<u32>,
         trust: TrustSet,
         drain: DrainConfig,
         reboot: RebootConfig,
@@ -336,6 +390,7 @@ impl TaskEngine {
         Self::open_parts(EngineParts {
             state_dir: state_dir.to_path_buf(),
             host_id,
+            ring,
             trust,
             drain,
             reboot,
@@ -354,6 +409,13 @@ impl TaskEngine {
         p.reboot.validate()?;
         let policy = ProfilePolicy::new(&p.patch)?;
         let journal = Journal::open(&p.state_dir)?;
+        journal.init_created_at(p.clock.now_ms())?;
+        if p.ring.is_none() {
+            tracing::warn!(
+                host_id = %p.host_id,
+                "no `ring` configured in agent.toml: this agent treats itself as protected (every Patch, rollback, forced Undrain and AckFaults of an UNHEALTHY fault needs ring approvals)"
+            );
+        }
         let (draining, _) = watch::channel(false);
         let (activity, _) = watch::channel("idle".to_string());
         let (restart, _) = watch::channel(false);
@@ -361,6 +423,7 @@ impl TaskEngine {
             inner: Arc::new(Inner {
                 journal,
                 host_id: p.host_id,
+                ring: p.ring,
                 trust: std::sync::RwLock::new(Arc::new(p.trust)),
                 drain: p.drain,
                 reboot: p.reboot,
@@ -482,11 +545,7 @@ impl TaskEngine {
 
     /// The trust set tasks are verified against now.
     pub fn trust(&self) -> Arc<TrustSet> {
-        self.inner
-            .trust
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.inner.trust_now()
     }
 
     /// Replace the trust set (a reloaded trust file): tasks arriving from
@@ -508,14 +567,19 @@ impl TaskEngine {
             return Err(SubmitError::ShuttingDown);
         }
         let trust = self.trust();
-        let (payload, status, exclusive) = {
+        let (payload, status, exclusive, approvers) = {
             let mut gate = lock(&inner.gate);
             let verifier = TaskVerifier {
                 trust: &trust,
                 host_id: &inner.host_id,
+                ring: inner.ring,
                 clock: inner.clock.as_ref(),
             };
-            let verified = match verifier.verify(&signed, &inner.journal, &inner.policy) {
+            let policy = AgentPolicy {
+                profiles: &inner.policy,
+                health: inner.health.as_ref(),
+            };
+            let verified = match verifier.verify(&signed, &inner.journal, &policy) {
                 Ok(v) => v,
                 Err(r) => {
                     tracing::warn!(check = r.check(), host_id = %inner.host_id, "task rejected: {r}");
@@ -530,6 +594,7 @@ impl TaskEngine {
                 }
                 Verified::New(task) => task,
             };
+            let approvers = task.approvers;
             let payload = task.payload;
             let exclusive = !matches!(payload.action, Some(Action::AckFaults(_)));
             if exclusive && let Some(running) = gate.as_ref() {
@@ -561,7 +626,7 @@ impl TaskEngine {
             }
             let (tx, _) = watch::channel(status.clone());
             lock(&inner.watchers).insert(status.task_id.clone(), tx);
-            (payload, status, exclusive)
+            (payload, status, exclusive, approvers)
         };
         let span = tracing::info_span!("task", task_id = %payload.task_id, wave_id = %payload.wave_id,
             host_id = %payload.host_id, action = %status.action);
@@ -570,6 +635,7 @@ impl TaskEngine {
             inner: inner.clone(),
             status: status.clone(),
             payload,
+            approvers,
         };
         if exclusive {
             let handle = tokio::spawn(drive(run).instrument(span));
@@ -649,6 +715,20 @@ impl TaskEngine {
         let _ = rx.wait_for(|requested| *requested).await;
     }
 
+    /// This agent's configured ring (`None`: not configured).
+    pub fn ring(&self) -> Option<u32> {
+        self.inner.ring
+    }
+
+    /// Whether this agent asks ring approvals (for Patch, rollback, forced
+    /// Undrain and AckFaults of an UNHEALTHY fault): its ring is protected by
+    /// the trust policy, or no ring is configured.
+    pub fn protected_ring(&self) -> bool {
+        self.inner
+            .ring
+            .is_none_or(|r| self.inner.trust_now().policy.protected_rings.contains(&r))
+    }
+
     /// The highest task sequence accepted (0 if none or unreadable).
     pub fn high_water(&self) -> u64 {
         self.inner.journal.high_water().unwrap_or_else(|e| {
@@ -699,6 +779,8 @@ pub(crate) struct Run {
     inner: Arc<Inner>,
     status: pb::TaskStatus,
     payload: pb::TaskPayload,
+    /// Trust-file ids of the approver keys whose ring approvals the task carried.
+    approvers: Vec<String>,
 }
 
 impl Run {

@@ -129,6 +129,7 @@ impl Host {
             host.config_path(),
             format!(
                 r#"host_id = "{id}"
+ring = 0
 listen = "{listen}"
 state_dir = "{state}"
 trust_file = "{root}/trust.toml"

@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use ringfence::envelope::{TASK_TYPE, sign_message};
+use ringfence::envelope::{APPROVAL_TYPE, TASK_TYPE, sign_message};
 use ringfence::pb::{self, TaskState, task_payload::Action};
-use ringfence::time::SystemClock;
+use ringfence::time::{Clock, ManualClock, SystemClock};
 use ringfence::trust::{KeyRole, Policy, TrustSet, TrustedKey};
 use ringfenced::command::ProcessRunner;
 use ringfenced::profiles::PatchConfig;
@@ -22,7 +22,13 @@ pub const HOST: &str = "gpu-1";
 pub struct Harness {
     pub dir: tempfile::TempDir,
     pub coord: SigningKey,
+    /// Approver keys `alice` and `bob` (in the trust file).
+    pub approvers: [SigningKey; 2],
     pub trust: TrustSet,
+    /// The agent's configured ring (default `Some(0)`, the ring of `task`).
+    pub ring: Option<u32>,
+    /// The engine's clock and the tasks' signing time (default: the system clock).
+    pub clock: Option<ManualClock>,
     pub health: Arc<FakeHealth>,
     seq: AtomicU64,
 }
@@ -30,18 +36,34 @@ pub struct Harness {
 impl Harness {
     pub fn new() -> Self {
         let coord = ringfence::keys::generate();
+        let approvers = [ringfence::keys::generate(), ringfence::keys::generate()];
         let trust = TrustSet::from_keys(
-            vec![TrustedKey {
-                id: "coord".into(),
-                key: coord.verifying_key(),
-                role: KeyRole::Coordinator,
-            }],
+            vec![
+                TrustedKey {
+                    id: "coord".into(),
+                    key: coord.verifying_key(),
+                    role: KeyRole::Coordinator,
+                },
+                TrustedKey {
+                    id: "alice".into(),
+                    key: approvers[0].verifying_key(),
+                    role: KeyRole::Approver,
+                },
+                TrustedKey {
+                    id: "bob".into(),
+                    key: approvers[1].verifying_key(),
+                    role: KeyRole::Approver,
+                },
+            ],
             Policy::default(),
         );
         Self {
             dir: tempfile::tempdir().unwrap(),
             coord,
+            approvers,
             trust,
+            ring: Some(0),
+            clock: None,
             health: Arc::new(FakeHealth::new(HOST)),
             seq: AtomicU64::new(0),
         }
@@ -71,6 +93,7 @@ impl Harness {
         TaskEngine::open(
             &self.state_dir(),
             HOST.into(),
+            self.ring,
             self.trust.clone(),
             drain,
             reboot,
@@ -79,11 +102,26 @@ impl Harness {
             Arc::new(ProcessRunner {
                 kill_grace: Duration::from_secs(1),
             }),
-            Arc::new(SystemClock),
+            match &self.clock {
+                Some(c) => Arc::new(c.clone()),
+                None => Arc::new(SystemClock),
+            },
             boot_id.into(),
             agent_version.into(),
         )
         .unwrap()
+    }
+
+    /// The next sequence number (as `task` uses them).
+    pub fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Now, by the harness clock.
+    pub fn now_ms(&self) -> i64 {
+        self.clock
+            .as_ref()
+            .map_or_else(ringfence::time::now_ms, |c| c.now_ms())
     }
 
     /// A task signed by the coordinator, ring 0, with the next sequence.
@@ -93,12 +131,17 @@ impl Harness {
     }
 
     pub fn task_seq(&self, id: &str, seq: u64, action: Action) -> pb::SignedTask {
-        let now = ringfence::time::now_ms();
+        self.task_ring(id, seq, self.ring.unwrap_or(0), action)
+    }
+
+    /// A coordinator-signed task for `ring`, without approvals.
+    pub fn task_ring(&self, id: &str, seq: u64, ring: u32, action: Action) -> pb::SignedTask {
+        let now = self.now_ms();
         let payload = pb::TaskPayload {
             task_id: id.into(),
             host_id: HOST.into(),
             wave_id: "wave-1".into(),
-            ring: 0,
+            ring,
             sequence: seq,
             issued_at_unix_ms: now,
             expires_at_unix_ms: now + 600_000,
@@ -108,6 +151,42 @@ impl Harness {
             task: Some(sign_message(TASK_TYPE, &payload, &[("coord", &self.coord)])),
             approvals: vec![],
         }
+    }
+
+    /// The next task for the agent's ring, with ring approvals by alice and
+    /// bob covering it for `actions`.
+    pub fn approved(
+        &self,
+        id: &str,
+        action: Action,
+        actions: &[pb::ApprovedAction],
+    ) -> pb::SignedTask {
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let ring = self.ring.unwrap_or(3);
+        let mut st = self.task_ring(id, seq, ring, action.clone());
+        let now = self.now_ms();
+        let (profile, version, rollback_version) = match &action {
+            Action::Patch(p) if p.rollback => (p.profile.clone(), String::new(), p.version.clone()),
+            Action::Patch(p) => (p.profile.clone(), p.version.clone(), String::new()),
+            _ => Default::default(),
+        };
+        let approval = pb::RingApproval {
+            wave_id: "wave-1".into(),
+            ring,
+            profile,
+            version,
+            rollback_version,
+            host_ids: vec![HOST.into()],
+            issued_at_unix_ms: now,
+            expires_at_unix_ms: now + 3_600_000,
+            approver: "ops".into(),
+            actions: actions.iter().map(|a| *a as i32).collect(),
+        };
+        for (id, key) in [("alice", &self.approvers[0]), ("bob", &self.approvers[1])] {
+            st.approvals
+                .push(sign_message(APPROVAL_TYPE, &approval, &[(id, key)]));
+        }
+        st
     }
 }
 

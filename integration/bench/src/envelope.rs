@@ -59,6 +59,7 @@ pub fn run(args: &Args) -> Result<Vec<Figure>, String> {
     let verifier = TaskVerifier {
         trust: &trust,
         host_id: "gpu-0001",
+        ring: Some(1),
         clock: &SystemClock,
     };
     let vk = coord.verifying_key();

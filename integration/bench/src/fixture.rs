@@ -92,6 +92,7 @@ impl AgentFixture {
             &root.join("agent.toml"),
             &format!(
                 r#"host_id = "{HOST_ID}"
+ring = 0
 listen = "{listen}"
 state_dir = "{root}/state"
 trust_file = "{root}/trust.toml"
