@@ -108,7 +108,9 @@ pub enum ApprovalError {
         need: usize,
     },
     /// the approval lists no action, or an action this coordinator does not know
-    #[error("approval lists {0}; it must list at least one of patch, rollback, force-undrain, ack-faults")]
+    #[error(
+        "approval lists {0}; it must list at least one of patch, rollback, force-undrain, ack-faults"
+    )]
     Actions(String),
     /// the approval does not cover an action the caller needs
     #[error("approval does not list the action `{0}`")]
@@ -519,7 +521,8 @@ pub fn collect_ring(
         .collect();
     paths.sort();
     for p in paths {
-        match read_file(&p).and_then(|env| verify_ring(&env, trust, scope, now_ms).map(|c| (env, c)))
+        match read_file(&p)
+            .and_then(|env| verify_ring(&env, trust, scope, now_ms).map(|c| (env, c)))
         {
             Ok((env, c)) => out.envelopes.push(env, c),
             Err(e) => out.refused.push((p, e.to_string())),
@@ -823,7 +826,11 @@ pub fn scope_differences(
     for (field, ours, theirs) in [
         ("profile", req.profile.as_str(), view_profile),
         ("version", req.version.as_str(), view_version),
-        ("rollback_version", req.rollback_version.as_str(), view_rollback),
+        (
+            "rollback_version",
+            req.rollback_version.as_str(),
+            view_rollback,
+        ),
     ] {
         if ours != theirs {
             out.push(format!(

@@ -1213,9 +1213,7 @@ fn approve(a: ApproveArgs<'_>) -> Result<(), Failure> {
                 "{}{suffix}.json",
                 o.file_stem().and_then(|x| x.to_str()).unwrap_or("approval")
             )),
-            None => a
-                .dir
-                .join(format!("ring-{}-{key_id}{suffix}.json", a.ring)),
+            None => a.dir.join(format!("ring-{}-{key_id}{suffix}.json", a.ring)),
         };
         approvals::write_file(&path, &env).map_err(failed)?;
         println!("signed: {}", path.display());

@@ -336,7 +336,17 @@ pub async fn run(ctx: &Ctx, job: &HostJob, api: &dyn HostApi) -> Result<HostReco
                     reason: format!("ringfence wave {} validated", ctx.params.wave_id),
                     force: false,
                 });
-                task_step(ctx, job, api, &mut rec, "undrain", action, NO_APPROVALS, Phase::Done).await?
+                task_step(
+                    ctx,
+                    job,
+                    api,
+                    &mut rec,
+                    "undrain",
+                    action,
+                    NO_APPROVALS,
+                    Phase::Done,
+                )
+                .await?
             }
             Phase::Done | Phase::Failed => return Ok(rec),
         };
@@ -891,7 +901,18 @@ async fn validate_step(
         nonce: nonce.clone(),
         profile: ctx.params.profile.clone(),
     });
-    let status = match run_task(ctx, job, api, rec, step, action, NO_APPROVALS, nonce.clone()).await? {
+    let status = match run_task(
+        ctx,
+        job,
+        api,
+        rec,
+        step,
+        action,
+        NO_APPROVALS,
+        nonce.clone(),
+    )
+    .await?
+    {
         Ok(s) => s,
         Err(f) => return Ok(Err(f)),
     };
