@@ -338,12 +338,15 @@ async fn rollback_drill_patches_rolls_back_and_repatches_with_three_attestations
     assert_eq!(rec.drill[1].driver_version, "560.35.03");
 }
 
+/// Per task sent: its step, and the actions listed by each attached approval.
+type Sent = Arc<std::sync::Mutex<Vec<(String, Vec<Vec<i32>>)>>>;
+
 /// Records what every task carried, then hands it to the simulated agent.
 #[derive(Clone)]
 struct Recording {
     inner: SimHost,
     /// (step's action, the actions listed by each attached approval).
-    sent: Arc<std::sync::Mutex<Vec<(String, Vec<Vec<i32>>)>>>,
+    sent: Sent,
 }
 
 #[tonic::async_trait]
