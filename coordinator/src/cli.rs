@@ -1024,6 +1024,8 @@ async fn wave_cmd(config: Option<&Path>, cmd: WaveCommand) -> Result<(), Failure
                     )));
                 }
                 let name = format!("ring-{}-import-{}.json", a.ring, ringfence::time::now_ms());
+                // Show what the imported approval covers (as signed).
+                print!("{}", approvals::render(std::slice::from_ref(&a)));
                 approvals::write_file(&dir.join(&name), &env).map_err(failed)?;
                 println!(
                     "imported approval for wave {w} ring {} into {}",
