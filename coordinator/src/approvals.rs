@@ -441,9 +441,13 @@ impl ApprovalSet {
             {
                 continue;
             }
-            let size = env.encoded_len();
-            if out.len() >= MAX_APPROVALS || bytes + size > ATTACH_BUDGET {
+            if out.len() >= MAX_APPROVALS {
                 break;
+            }
+            let size = env.encoded_len();
+            if bytes + size > ATTACH_BUDGET {
+                // A smaller approval further on may still fit.
+                continue;
             }
             bytes += size;
             counted.extend(c.approvers.iter().map(String::as_str));
