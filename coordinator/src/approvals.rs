@@ -7,15 +7,17 @@
 //! The agents check ring approvals themselves; the coordinator checks them
 //! too, so that it never sends a Patch it knows will be refused.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use ed25519_dalek::SigningKey;
 use prost::Message;
-use ringfence::envelope::{self, APPROVAL_TYPE, BREAKGLASS_TYPE};
-use ringfence::pb;
+use ringfence::envelope::{
+    self, APPROVAL_TYPE, BREAKGLASS_TYPE, MAX_APPROVAL_PAYLOAD, MAX_APPROVALS, MAX_TASK_PAYLOAD,
+};
+use ringfence::pb::{self, task_payload::Action};
 use ringfence::trust::{KeyRole, TrustSet};
 use serde::{Deserialize, Serialize};
 
@@ -107,6 +109,25 @@ pub enum ApprovalError {
         have: usize,
         need: usize,
     },
+    /// the approval lists no action, or an action this coordinator does not know
+    #[error(
+        "approval lists {0}; it must list at least one of patch, rollback, force-undrain, ack-faults"
+    )]
+    Actions(String),
+    /// the approval does not cover an action the caller needs
+    #[error("approval does not list the action `{0}`")]
+    ActionNotApproved(&'static str),
+    /// a rollback was asked for but the spec names no rollback version
+    #[error(
+        "the action `rollback` needs a rollback_version in the wave spec (an approval with an empty rollback_version approves no rollback)"
+    )]
+    NoRollbackVersion,
+    /// the requested lifetime is zero or over the cap
+    #[error("approval lifetime {ttl_s} s is outside 1..={cap_s} s ({why})")]
+    Lifetime { ttl_s: u64, cap_s: u64, why: String },
+    /// the ring's approval can never fit what an agent accepts with one task
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// Read an envelope JSON file.
@@ -209,14 +230,36 @@ pub struct RingScope<'a> {
     pub hosts: &'a [String],
 }
 
-/// Check one ring approval: signatures by approvers, scope, expiry. Returns
-/// the approver ids.
-pub fn check_ring(
+/// What one verified ring approval covers (decoded once, from the signed
+/// bytes).
+#[derive(Debug, Clone)]
+pub struct Covers {
+    /// Trust-file ids of the approver keys that signed it.
+    pub approvers: Vec<String>,
+    /// Hosts it names.
+    pub hosts: HashSet<String>,
+    /// Actions it lists.
+    pub actions: BTreeSet<i32>,
+    /// Profile.
+    pub profile: String,
+    /// Version a patch may install.
+    pub version: String,
+    /// Version a rollback may return to ("" = no rollback approved).
+    pub rollback_version: String,
+    /// Expiry, ms since the epoch.
+    pub expires_at_ms: i64,
+}
+
+/// Verify one ring approval: signatures by approvers only, payload type,
+/// wave, ring, profile, version, at least one known action, not expired.
+/// Which hosts it covers is returned, not required (an approval of a large
+/// ring may come in parts, each naming some of its hosts).
+pub fn verify_ring(
     env: &pb::Envelope,
     trust: &TrustSet,
     scope: &RingScope<'_>,
     now_ms: i64,
-) -> Result<Vec<String>, ApprovalError> {
+) -> Result<Covers, ApprovalError> {
     if env.payload_type != APPROVAL_TYPE {
         return Err(ApprovalError::Malformed(format!(
             "payload type `{}`, expected `{APPROVAL_TYPE}`",
@@ -241,31 +284,218 @@ pub fn check_ring(
     eq("ring", &a.ring.to_string(), &scope.ring.to_string())?;
     eq("profile", &a.profile, scope.profile)?;
     eq("version", &a.version, scope.version)?;
-    for h in scope.hosts {
-        if !a.host_ids.contains(h) {
-            return Err(ApprovalError::Scope {
-                field: "host",
-                approved: a.host_ids.join(","),
-                expected: h.clone(),
-            });
-        }
-    }
+    let actions = known_actions(&a.actions)?;
     if now_ms > a.expires_at_unix_ms {
         return Err(ApprovalError::Expired {
             expires_at_ms: a.expires_at_unix_ms,
             now_ms,
         });
     }
-    Ok(ids)
+    Ok(Covers {
+        approvers: ids,
+        hosts: a.host_ids.into_iter().collect(),
+        actions,
+        profile: a.profile,
+        version: a.version,
+        rollback_version: a.rollback_version,
+        expires_at_ms: a.expires_at_unix_ms,
+    })
 }
 
-/// The approval files of a ring that pass [`check_ring`], the distinct
-/// approvers they add up to, and why the others were refused.
+/// The listed actions, all known and at least one.
+fn known_actions(actions: &[i32]) -> Result<BTreeSet<i32>, ApprovalError> {
+    let mut out = BTreeSet::new();
+    for a in actions {
+        match pb::ApprovedAction::try_from(*a) {
+            Ok(pb::ApprovedAction::Unspecified) | Err(_) => {
+                return Err(ApprovalError::Actions(format!("unknown action {a}")));
+            }
+            Ok(x) => {
+                out.insert(x as i32);
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(ApprovalError::Actions("no action".into()));
+    }
+    Ok(out)
+}
+
+/// Check one ring approval as a whole-ring patch approval: [`verify_ring`],
+/// plus it lists `patch` and names every host of the scope. Returns the
+/// approver ids.
+pub fn check_ring(
+    env: &pb::Envelope,
+    trust: &TrustSet,
+    scope: &RingScope<'_>,
+    now_ms: i64,
+) -> Result<Vec<String>, ApprovalError> {
+    let c = verify_ring(env, trust, scope, now_ms)?;
+    if !c.actions.contains(&(pb::ApprovedAction::Patch as i32)) {
+        return Err(ApprovalError::ActionNotApproved("patch"));
+    }
+    for h in scope.hosts {
+        if !c.hosts.contains(h) {
+            let mut named: Vec<&String> = c.hosts.iter().collect();
+            named.sort();
+            return Err(ApprovalError::Scope {
+                field: "host",
+                approved: named
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                expected: h.clone(),
+            });
+        }
+    }
+    Ok(c.approvers)
+}
+
+/// The CLI name of an approved action.
+pub fn action_name(a: i32) -> &'static str {
+    match pb::ApprovedAction::try_from(a) {
+        Ok(pb::ApprovedAction::Patch) => "patch",
+        Ok(pb::ApprovedAction::Rollback) => "rollback",
+        Ok(pb::ApprovedAction::ForceUndrain) => "force-undrain",
+        Ok(pb::ApprovedAction::AckFaults) => "ack-faults",
+        _ => "unspecified",
+    }
+}
+
+/// The approval a task needs, by action: a Patch toward the wave's version
+/// needs `patch`, a rollback Patch `rollback`, a forced Undrain
+/// `force-undrain`, an AckFaults `ack-faults`; other tasks need none. The
+/// agent decides whether its ring asks for approvals at all.
+pub fn required_action(action: &Action) -> Option<pb::ApprovedAction> {
+    match action {
+        Action::Patch(p) if p.rollback => Some(pb::ApprovedAction::Rollback),
+        Action::Patch(_) => Some(pb::ApprovedAction::Patch),
+        Action::Undrain(u) if u.force => Some(pb::ApprovedAction::ForceUndrain),
+        Action::AckFaults(_) => Some(pb::ApprovedAction::AckFaults),
+        _ => None,
+    }
+}
+
+/// The most bytes of approvals attached to one task: what an agent decodes
+/// in one `SubmitTask` request ([`ringfence::tls::MAX_SIGNED_TASK_BYTES`],
+/// the largest SignedTask its verifier accepts) less room for the task
+/// envelope itself.
+pub const ATTACH_BUDGET: usize =
+    ringfence::tls::MAX_SIGNED_TASK_BYTES - MAX_TASK_PAYLOAD - 64 * 1024;
+
+/// A ring's verified approvals, ready to attach: each task gets only the
+/// approvals that cover its host and its action, one per distinct approver
+/// set, within [`MAX_APPROVALS`] and [`ATTACH_BUDGET`].
+#[derive(Debug, Clone, Default)]
+pub struct ApprovalSet {
+    envelopes: Vec<pb::Envelope>,
+    covers: Vec<Covers>,
+}
+
+impl std::ops::Deref for ApprovalSet {
+    type Target = Vec<pb::Envelope>;
+    fn deref(&self) -> &Self::Target {
+        &self.envelopes
+    }
+}
+
+impl ApprovalSet {
+    /// No approvals.
+    pub const fn empty() -> Self {
+        Self {
+            envelopes: Vec::new(),
+            covers: Vec::new(),
+        }
+    }
+
+    /// Add a verified approval.
+    pub fn push(&mut self, env: pb::Envelope, covers: Covers) {
+        self.envelopes.push(env);
+        self.covers.push(covers);
+    }
+
+    /// The approvals to attach to a task with `action` for `host`: those
+    /// naming the host, listing the action, matching its profile and
+    /// version (the rollback version for a rollback), unexpired at
+    /// `now_ms`, each adding an approver not yet counted, and together no
+    /// more than an agent accepts.
+    pub fn for_task(&self, host: &str, action: &Action, now_ms: i64) -> Vec<pb::Envelope> {
+        let Some(need) = required_action(action) else {
+            return Vec::new();
+        };
+        let mut counted: BTreeSet<&str> = BTreeSet::new();
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for (env, c) in self.envelopes.iter().zip(&self.covers) {
+            let fits_version = match action {
+                Action::Patch(p) if p.rollback => {
+                    !c.rollback_version.is_empty()
+                        && c.rollback_version == p.version
+                        && c.profile == p.profile
+                }
+                Action::Patch(p) => c.version == p.version && c.profile == p.profile,
+                _ => true,
+            };
+            if !fits_version
+                || !c.actions.contains(&(need as i32))
+                || !c.hosts.contains(host)
+                || now_ms > c.expires_at_ms
+                || c.approvers.iter().all(|a| counted.contains(a.as_str()))
+            {
+                continue;
+            }
+            if out.len() >= MAX_APPROVALS {
+                break;
+            }
+            let size = env.encoded_len();
+            if bytes + size > ATTACH_BUDGET {
+                // A smaller approval further on may still fit.
+                continue;
+            }
+            bytes += size;
+            counted.extend(c.approvers.iter().map(String::as_str));
+            out.push(env.clone());
+        }
+        out
+    }
+
+    /// Distinct approvers who, together over their approvals, cover every
+    /// host of `hosts` for `action`.
+    pub fn approvers_covering(
+        &self,
+        hosts: &[String],
+        action: pb::ApprovedAction,
+    ) -> BTreeSet<String> {
+        let mut by_approver: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
+        for c in &self.covers {
+            if !c.actions.contains(&(action as i32)) {
+                continue;
+            }
+            for a in &c.approvers {
+                by_approver
+                    .entry(a.as_str())
+                    .or_default()
+                    .extend(c.hosts.iter().map(String::as_str));
+            }
+        }
+        by_approver
+            .into_iter()
+            .filter(|(_, covered)| hosts.iter().all(|h| covered.contains(h.as_str())))
+            .map(|(a, _)| a.to_string())
+            .collect()
+    }
+}
+
+/// The approval files of a ring that pass [`verify_ring`], the distinct
+/// approvers whose approvals together cover every host of the ring for
+/// `patch`, and why the other files were refused.
 #[derive(Debug, Default)]
 pub struct RingApprovals {
-    /// Valid approval envelopes to attach to the ring's Patch tasks.
-    pub envelopes: Vec<pb::Envelope>,
-    /// Distinct approver ids.
+    /// Valid approval envelopes; each task gets those covering it
+    /// ([`ApprovalSet::for_task`]).
+    pub envelopes: ApprovalSet,
+    /// Distinct approver ids covering the whole ring for `patch`.
     pub approvers: BTreeSet<String>,
     /// Refused files and why.
     pub refused: Vec<(PathBuf, String)>,
@@ -300,15 +530,15 @@ pub fn collect_ring(
     paths.sort();
     for p in paths {
         match read_file(&p)
-            .and_then(|env| check_ring(&env, trust, scope, now_ms).map(|ids| (env, ids)))
+            .and_then(|env| verify_ring(&env, trust, scope, now_ms).map(|c| (env, c)))
         {
-            Ok((env, ids)) => {
-                out.approvers.extend(ids);
-                out.envelopes.push(env);
-            }
+            Ok((env, c)) => out.envelopes.push(env, c),
             Err(e) => out.refused.push((p, e.to_string())),
         }
     }
+    out.approvers = out
+        .envelopes
+        .approvers_covering(scope.hosts, pb::ApprovedAction::Patch);
     out
 }
 
@@ -374,4 +604,276 @@ pub fn check_breakglass(
         approvers: ids,
         expires_at_ms: bg.expires_at_unix_ms,
     })
+}
+
+// ------------------------------------------------------ what `wave approve` signs
+
+/// The scope an approver signs with `ringfence wave approve`, built from
+/// the inventory (the ring's hosts) and the wave spec (profile, version,
+/// rollback version, approval lifetime), never from the coordinator's own
+/// status file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Wave id.
+    pub wave_id: String,
+    /// Ring.
+    pub ring: u32,
+    /// Patch profile.
+    pub profile: String,
+    /// Version to install.
+    pub version: String,
+    /// Version a rollback may return to ("" = none).
+    pub rollback_version: String,
+    /// Every host of the ring, in inventory order.
+    pub hosts: Vec<String>,
+    /// Actions approved.
+    pub actions: Vec<pb::ApprovedAction>,
+    /// Signing time, ms since the epoch.
+    pub issued_at_ms: i64,
+    /// Lifetime, seconds.
+    pub ttl_s: u64,
+    /// Approver's trust-file id (informational; keys decide).
+    pub approver: String,
+}
+
+/// Refuse a lifetime of zero or over `cap_s` (`why` names where the cap
+/// comes from).
+pub fn check_ttl(ttl_s: u64, cap_s: u64, why: &str) -> Result<(), ApprovalError> {
+    if ttl_s == 0 || ttl_s > cap_s {
+        return Err(ApprovalError::Lifetime {
+            ttl_s,
+            cap_s,
+            why: why.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Largest approval payload `wave approve` signs when `threshold` approvers
+/// each sign their own: a task carries one approval per approver, so their
+/// sum must stay within [`ATTACH_BUDGET`], and each within
+/// [`MAX_APPROVAL_PAYLOAD`].
+pub fn part_limit(threshold: usize) -> Result<usize, ApprovalError> {
+    let threshold = threshold.max(1);
+    if threshold > MAX_APPROVALS {
+        return Err(ApprovalError::TooLarge(format!(
+            "an approver threshold of {threshold} can never be met: an agent accepts at most {MAX_APPROVALS} approvals with one task"
+        )));
+    }
+    // Room for the envelope around each payload (type, signatures).
+    Ok(MAX_APPROVAL_PAYLOAD.min(ATTACH_BUDGET / threshold) - 2048)
+}
+
+fn varint_len(mut v: usize) -> usize {
+    let mut n = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        n += 1;
+    }
+    n
+}
+
+/// The approvals to sign for `req`: one naming every host, or, when that
+/// payload would exceed `limit` bytes (see [`part_limit`]), parts naming
+/// consecutive hosts, each within the limit. Agents get only the part that
+/// names them.
+pub fn build(req: &Request, limit: usize) -> Result<Vec<pb::RingApproval>, ApprovalError> {
+    if req.actions.is_empty() {
+        return Err(ApprovalError::Actions("no action".into()));
+    }
+    if req.actions.contains(&pb::ApprovedAction::Rollback) && req.rollback_version.is_empty() {
+        return Err(ApprovalError::NoRollbackVersion);
+    }
+    if req.hosts.is_empty() {
+        return Err(ApprovalError::Scope {
+            field: "ring",
+            approved: req.ring.to_string(),
+            expected: "a ring with hosts in the inventory".into(),
+        });
+    }
+    let ttl_ms = i64::try_from(req.ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let mut actions: Vec<i32> = req.actions.iter().map(|a| *a as i32).collect();
+    actions.sort_unstable();
+    actions.dedup();
+    let base = pb::RingApproval {
+        wave_id: req.wave_id.clone(),
+        ring: req.ring,
+        profile: req.profile.clone(),
+        version: req.version.clone(),
+        rollback_version: req.rollback_version.clone(),
+        host_ids: Vec::new(),
+        issued_at_unix_ms: req.issued_at_ms,
+        expires_at_unix_ms: req.issued_at_ms.saturating_add(ttl_ms),
+        approver: req.approver.clone(),
+        actions,
+    };
+    let base_len = base.encoded_len();
+    let mut parts = Vec::new();
+    let mut current = base.clone();
+    let mut len = base_len;
+    for h in &req.hosts {
+        let add = 1 + varint_len(h.len()) + h.len();
+        if base_len + add > limit {
+            return Err(ApprovalError::TooLarge(format!(
+                "host id `{h}` alone makes the approval larger than {limit} bytes"
+            )));
+        }
+        if len + add > limit {
+            parts.push(std::mem::replace(&mut current, base.clone()));
+            len = base_len;
+        }
+        current.host_ids.push(h.clone());
+        len += add;
+    }
+    parts.push(current);
+    if let Some(p) = parts.iter().find(|p| p.encoded_len() > limit) {
+        return Err(ApprovalError::TooLarge(format!(
+            "an approval part of {} bytes exceeds {limit} bytes",
+            p.encoded_len()
+        )));
+    }
+    Ok(parts)
+}
+
+/// `sha256:<hex>` of the exact payload bytes an approver signs.
+pub fn digest(payload: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(payload)))
+}
+
+fn time_text(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| format!("{ms} ms"))
+}
+
+/// Everything an approver is about to sign, for a human: wave, ring,
+/// profile, version, rollback version, actions, validity, every host, and
+/// per signed part its size and payload digest.
+pub fn render(parts: &[pb::RingApproval]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let Some(first) = parts.first() else {
+        return out;
+    };
+    let hosts: usize = parts.iter().map(|p| p.host_ids.len()).sum();
+    let _ = writeln!(
+        out,
+        "ring approval for wave {} ring {}{}",
+        first.wave_id,
+        first.ring,
+        crate::plan::ring_name(first.ring)
+    );
+    let _ = writeln!(out, "  approver:         {}", first.approver);
+    let _ = writeln!(out, "  profile:          {}", first.profile);
+    let _ = writeln!(out, "  version:          {}", first.version);
+    let _ = writeln!(
+        out,
+        "  rollback version: {}",
+        if first.rollback_version.is_empty() {
+            "(none: no rollback approved)"
+        } else {
+            first.rollback_version.as_str()
+        }
+    );
+    let _ = writeln!(
+        out,
+        "  actions:          {}",
+        first
+            .actions
+            .iter()
+            .map(|a| action_name(*a))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "  valid:            {} until {} ({} s)",
+        time_text(first.issued_at_unix_ms),
+        time_text(first.expires_at_unix_ms),
+        (first.expires_at_unix_ms - first.issued_at_unix_ms) / 1000
+    );
+    let _ = writeln!(out, "  hosts ({hosts}):");
+    for p in parts {
+        for h in &p.host_ids {
+            let _ = writeln!(out, "    {h}");
+        }
+    }
+    for (i, p) in parts.iter().enumerate() {
+        let payload = p.encode_to_vec();
+        let which = if parts.len() == 1 {
+            "payload".to_string()
+        } else {
+            format!(
+                "payload part {}/{} ({} hosts, {} .. {})",
+                i + 1,
+                parts.len(),
+                p.host_ids.len(),
+                p.host_ids.first().map(String::as_str).unwrap_or(""),
+                p.host_ids.last().map(String::as_str).unwrap_or("")
+            )
+        };
+        let _ = writeln!(
+            out,
+            "  {which}: {} bytes, {}",
+            payload.len(),
+            digest(&payload)
+        );
+    }
+    out
+}
+
+/// What differs between the coordinator's view of a ring (its status
+/// file: hosts, profile, version, rollback version) and the scope built
+/// from inventory + spec. Empty when they agree.
+pub fn scope_differences(
+    req: &Request,
+    view_hosts: Option<&[String]>,
+    view_profile: &str,
+    view_version: &str,
+    view_rollback: &str,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (field, ours, theirs) in [
+        ("profile", req.profile.as_str(), view_profile),
+        ("version", req.version.as_str(), view_version),
+        (
+            "rollback_version",
+            req.rollback_version.as_str(),
+            view_rollback,
+        ),
+    ] {
+        if ours != theirs {
+            out.push(format!(
+                "{field}: spec says `{ours}`, the coordinator's status says `{theirs}`"
+            ));
+        }
+    }
+    match view_hosts {
+        None => out.push(format!(
+            "hosts: the coordinator's status has no ring {}",
+            req.ring
+        )),
+        Some(view) => {
+            let ours: BTreeSet<&str> = req.hosts.iter().map(String::as_str).collect();
+            let theirs: BTreeSet<&str> = view.iter().map(String::as_str).collect();
+            let only_inv: Vec<&str> = ours.difference(&theirs).copied().collect();
+            let only_status: Vec<&str> = theirs.difference(&ours).copied().collect();
+            if !only_inv.is_empty() {
+                out.push(format!(
+                    "hosts in the inventory's ring {} but not in the coordinator's status: {}",
+                    req.ring,
+                    only_inv.join(", ")
+                ));
+            }
+            if !only_status.is_empty() {
+                out.push(format!(
+                    "hosts in the coordinator's status for ring {} but not in the inventory's: {}",
+                    req.ring,
+                    only_status.join(", ")
+                ));
+            }
+        }
+    }
+    out
 }

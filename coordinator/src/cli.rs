@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use ringfence::config::Source;
 use ringfence::pb;
 use ringfence::time::{Clock, SystemClock};
@@ -77,6 +77,10 @@ enum InventoryCommand {
     Check {
         /// Inventory file.
         file: PathBuf,
+        /// Also ask every agent its ring (GetIdentity over mTLS) and report
+        /// hosts whose agent is in another ring or has none configured.
+        #[arg(long)]
+        live: bool,
     },
     /// Fetch attestation keys of hosts that have none (GetIdentity over mTLS) and write them in.
     Enroll {
@@ -212,7 +216,8 @@ enum WaveCommand {
         #[arg(long)]
         inventory: PathBuf,
     },
-    /// Sign a ring approval (or import one signed elsewhere).
+    /// Sign a ring approval built from the inventory and the wave spec (or
+    /// import one signed elsewhere). Prints the whole scope first.
     Approve {
         /// Wave id.
         #[arg(long)]
@@ -223,6 +228,22 @@ enum WaveCommand {
         /// Approver key (PKCS#8 PEM).
         #[arg(long, required_unless_present = "import")]
         key: Option<PathBuf>,
+        /// Inventory file: the ring's hosts.
+        #[arg(long, required_unless_present = "import")]
+        inventory: Option<PathBuf>,
+        /// Wave spec file: profile, version, rollback version, approval_ttl_s.
+        #[arg(long, required_unless_present = "import")]
+        spec: Option<PathBuf>,
+        /// Action approved (repeatable; default: patch, plus rollback when
+        /// the spec has a rollback_version).
+        #[arg(long = "action", value_enum)]
+        actions: Vec<ActionArg>,
+        /// Validity (e.g. 3600, 90m, 12h, 1d); at most the spec's approval_ttl_s (its default).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Sign without asking (needed when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
         /// Write the signed approval here instead of into the wave's approvals.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -230,6 +251,30 @@ enum WaveCommand {
         #[arg(long)]
         import: Option<PathBuf>,
     },
+}
+
+/// An action a ring approval covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ActionArg {
+    /// Patch toward the spec's version.
+    Patch,
+    /// Patch back to the spec's rollback_version.
+    Rollback,
+    /// Undrain without a HEALTHY validation.
+    ForceUndrain,
+    /// Acknowledge an UNHEALTHY-severity fault.
+    AckFaults,
+}
+
+impl From<ActionArg> for pb::ApprovedAction {
+    fn from(a: ActionArg) -> Self {
+        match a {
+            ActionArg::Patch => Self::Patch,
+            ActionArg::Rollback => Self::Rollback,
+            ActionArg::ForceUndrain => Self::ForceUndrain,
+            ActionArg::AckFaults => Self::AckFaults,
+        }
+    }
 }
 
 /// `ringfence breakglass`.
@@ -383,9 +428,77 @@ fn connector(env: &Env, inv: &Inventory) -> TlsConnector {
     }
 }
 
+/// Every host's ring as its agent reports it (GetIdentity, 64 hosts at
+/// once), against the inventory; `Err` for a host that did not answer.
+async fn agent_rings(
+    inv: &Inventory,
+    conn: Arc<TlsConnector>,
+) -> Vec<(String, Result<crate::inventory::RingFinding, String>)> {
+    use crate::wave::Connector;
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = tokio::task::JoinSet::new();
+    for h in inv.hosts.clone() {
+        let (conn, sem) = (conn.clone(), sem.clone());
+        tasks.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            let r = match conn.connect(&h).await {
+                Ok(api) => api
+                    .identity()
+                    .await
+                    .map(|id| h.ring_finding(id.ring))
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            (h.id, r)
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(x) = r {
+            out.push(x);
+        }
+    }
+    let order: BTreeMap<&str, usize> = inv
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (h.id.as_str(), i))
+        .collect();
+    out.sort_by_key(|(h, _)| order.get(h.as_str()).copied().unwrap_or(usize::MAX));
+    out
+}
+
+/// `wave run` / `wave resume` refuse to start while any reachable host's
+/// agent is configured in another ring than the inventory's, or in none
+/// (exit 3, naming every such host). Unreachable hosts are left to the
+/// wave, which fails them as unreachable.
+async fn refuse_ring_mismatch(
+    wave: &str,
+    inv: &Inventory,
+    conn: Arc<TlsConnector>,
+) -> Result<(), Failure> {
+    let blocking: Vec<String> = agent_rings(inv, conn)
+        .await
+        .into_iter()
+        .filter_map(|(h, r)| match r {
+            Ok(f) if f.blocks_wave() => Some(format!("  {h}: {f}")),
+            _ => None,
+        })
+        .collect();
+    if blocking.is_empty() {
+        return Ok(());
+    }
+    Err(config_err(format!(
+        "wave {wave} refused: the inventory's ring differs from the agent's own ring for {} host(s):\n{}\nagents decide their ring from their own agent.toml; fix the inventory or the agents (check with `ringfence inventory check --live {}`)",
+        blocking.len(),
+        blocking.join("\n"),
+        inv.path.display()
+    )))
+}
+
 async fn inventory(config: Option<&Path>, cmd: InventoryCommand) -> Result<(), Failure> {
     match cmd {
-        InventoryCommand::Check { file } => {
+        InventoryCommand::Check { file, live } => {
             let inv = Inventory::load(&file).map_err(config_err)?;
             let s = inv.summary();
             println!(
@@ -412,13 +525,43 @@ async fn inventory(config: Option<&Path>, cmd: InventoryCommand) -> Result<(), F
                     s.unenrolled.join(", ")
                 );
             }
-            Ok(())
+            if !live {
+                return Ok(());
+            }
+            let env = env(config)?;
+            let rings = agent_rings(&inv, Arc::new(connector(&env, &inv))).await;
+            let mut blocking = Vec::new();
+            for (host, r) in &rings {
+                match r {
+                    Ok(f) if f.blocks_wave() => {
+                        println!("  {host}: {f}");
+                        blocking.push(host.clone());
+                    }
+                    Ok(_) => {}
+                    Err(e) => println!("  {host}: unreachable, ring not checked: {e}"),
+                }
+            }
+            if blocking.is_empty() {
+                println!(
+                    "  live: every reachable agent is configured in its inventory ring ({} checked)",
+                    rings.iter().filter(|(_, r)| r.is_ok()).count()
+                );
+                Ok(())
+            } else {
+                Err(config_err(format!(
+                    "{}: the inventory's ring and the agent's own differ for {} host(s): {}; `wave run` refuses to start until they agree",
+                    file.display(),
+                    blocking.len(),
+                    blocking.join(", ")
+                )))
+            }
         }
         InventoryCommand::Enroll { inventory, rekey } => {
             let env = env(config)?;
             let inv = Inventory::load(&inventory).map_err(config_err)?;
             let conn = connector(&env, &inv);
             let mut refused = Vec::new();
+            let mut mismatched = Vec::new();
             for h in &inv.hosts {
                 use crate::wave::Connector;
                 let api = match conn.connect(h).await {
@@ -435,6 +578,16 @@ async fn inventory(config: Option<&Path>, cmd: InventoryCommand) -> Result<(), F
                         continue;
                     }
                 };
+                match h.ring_finding(id.ring) {
+                    f @ crate::inventory::RingFinding::Mismatch { .. } => {
+                        eprintln!("{}: {f}", h.id);
+                        mismatched.push(h.id.clone());
+                    }
+                    f @ crate::inventory::RingFinding::NotConfigured { .. } => {
+                        eprintln!("{}: {f}", h.id);
+                    }
+                    crate::inventory::RingFinding::Agrees(_) => {}
+                }
                 let Ok(bytes) = <[u8; 32]>::try_from(id.attestation_public_key.as_slice()) else {
                     println!("{}: malformed attestation key", h.id);
                     continue;
@@ -463,13 +616,19 @@ async fn inventory(config: Option<&Path>, cmd: InventoryCommand) -> Result<(), F
                     }
                 }
             }
-            if refused.is_empty() {
-                Ok(())
-            } else {
+            if !refused.is_empty() {
                 Err(failed(format!(
                     "changed keys refused for: {}",
                     refused.join(", ")
                 )))
+            } else if !mismatched.is_empty() {
+                Err(config_err(format!(
+                    "{}: the inventory's ring differs from the agent's own for: {} (keys were enrolled; fix the inventory or the agents' `ring` before `wave run`)",
+                    inventory.display(),
+                    mismatched.join(", ")
+                )))
+            } else {
+                Ok(())
             }
         }
     }
@@ -650,6 +809,7 @@ async fn wave_cmd(config: Option<&Path>, cmd: WaveCommand) -> Result<(), Failure
             let inv = Inventory::load(&inventory).map_err(config_err)?;
             let (spec, text) = parse_spec(&spec)?;
             let bg = break_glass(&bg, &env.trust, &spec.wave_id, &inv)?;
+            refuse_ring_mismatch(&spec.wave_id, &inv, Arc::new(connector(&env, &inv))).await?;
             let store = Arc::new(
                 WaveStore::open(&env.settings.state_dir, &spec.wave_id).map_err(config_err)?,
             );
@@ -703,6 +863,7 @@ async fn wave_cmd(config: Option<&Path>, cmd: WaveCommand) -> Result<(), Failure
                 WaveSpec::from_source(&Source::from_text(format!("<stored spec of {w}>"), text))
                     .map_err(config_err)?;
             let bg = break_glass(&bg, &env.trust, &w, &inv)?;
+            refuse_ring_mismatch(&w, &inv, Arc::new(connector(&env, &inv))).await?;
             let reporter = Reporter::new(json);
             let conn = Arc::new(connector(&env, &inv));
             let skip: Vec<(String, String)> = skip
@@ -852,6 +1013,11 @@ async fn wave_cmd(config: Option<&Path>, cmd: WaveCommand) -> Result<(), Failure
             wave: w,
             ring,
             key,
+            inventory,
+            spec,
+            actions,
+            ttl,
+            yes,
             out,
             import,
         } => {
@@ -870,6 +1036,8 @@ async fn wave_cmd(config: Option<&Path>, cmd: WaveCommand) -> Result<(), Failure
                     )));
                 }
                 let name = format!("ring-{}-import-{}.json", a.ring, ringfence::time::now_ms());
+                // Show what the imported approval covers (as signed).
+                print!("{}", approvals::render(std::slice::from_ref(&a)));
                 approvals::write_file(&dir.join(&name), &env).map_err(failed)?;
                 println!(
                     "imported approval for wave {w} ring {} into {}",
@@ -878,56 +1046,212 @@ async fn wave_cmd(config: Option<&Path>, cmd: WaveCommand) -> Result<(), Failure
                 );
                 return Ok(());
             }
-            let (Some(ring), Some(key)) = (ring, key) else {
-                return Err(config_err("--ring and --key are required"));
-            };
-            let signing = ringfence::keys::read_signing_key(&key).map_err(config_err)?;
-            let own = wave::load_signer(&settings.signing.key, &settings.signing.key_id).ok();
-            if own.is_some_and(|s| s.key.verifying_key() == signing.verifying_key()) {
+            let (Some(ring), Some(key), Some(inventory), Some(spec)) = (ring, key, inventory, spec)
+            else {
                 return Err(config_err(
-                    "this is the wave's coordinator key; a coordinator key can never approve",
+                    "--ring, --key, --inventory and --spec are required",
                 ));
-            }
-            let key_id = approvals::check_signing_key(&trust, &signing).map_err(config_err)?;
-            let status_path = crate::store::WavePaths::new(&settings.state_dir, &w).status;
-            let text = std::fs::read_to_string(&status_path).map_err(|e| {
-                config_err(format!(
-                    "{}: {e} (start the wave first; approvals cover the ring's planned hosts)",
-                    status_path.display()
-                ))
-            })?;
-            let s: wave::StatusSnapshot = serde_json::from_str(&text).map_err(failed)?;
-            let hosts = s
-                .ring_hosts
-                .get(&ring)
-                .cloned()
-                .ok_or_else(|| config_err(format!("wave {w} has no ring {ring}")))?;
-            let now = ringfence::time::now_ms();
-            let approval = pb::RingApproval {
-                wave_id: w.clone(),
-                ring,
-                profile: s.profile.clone(),
-                version: s.version.clone(),
-                rollback_version: s.rollback_version.clone(),
-                host_ids: hosts.clone(),
-                issued_at_unix_ms: now,
-                expires_at_unix_ms: now + 24 * 3600 * 1000,
-                approver: key_id.clone(),
-                actions: vec![pb::ApprovedAction::Patch as i32],
             };
-            let env = approvals::sign_ring(&approval, &key_id, &signing);
-            let path = out.unwrap_or_else(|| dir.join(format!("ring-{ring}-{key_id}.json")));
-            approvals::write_file(&path, &env).map_err(failed)?;
-            println!(
-                "approved wave {w} ring {ring} ({} hosts, {} {}) as {key_id}: {}",
-                hosts.len(),
-                s.profile,
-                s.version,
-                path.display()
-            );
-            Ok(())
+            approve(ApproveArgs {
+                settings: &settings,
+                trust: &trust,
+                dir: &dir,
+                wave: &w,
+                ring,
+                key: &key,
+                inventory: &inventory,
+                spec: &spec,
+                actions: &actions,
+                ttl: ttl.as_deref(),
+                yes,
+                out,
+            })
         }
     }
+}
+
+struct ApproveArgs<'a> {
+    settings: &'a Settings,
+    trust: &'a TrustSet,
+    dir: &'a Path,
+    wave: &'a str,
+    ring: u32,
+    key: &'a Path,
+    inventory: &'a Path,
+    spec: &'a Path,
+    actions: &'a [ActionArg],
+    ttl: Option<&'a str>,
+    yes: bool,
+    out: Option<PathBuf>,
+}
+
+/// `90`, `90s`, `15m`, `12h`, `2d` as seconds.
+fn parse_ttl(text: &str) -> Result<u64, Failure> {
+    let t = text.trim();
+    let (num, unit) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c),
+        _ => (t, 's'),
+    };
+    let mult = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => 0,
+    };
+    match num.parse::<u64>() {
+        Ok(n) if mult > 0 => Ok(n.saturating_mul(mult)),
+        _ => Err(Failure {
+            code: EXIT_USAGE,
+            message: format!("--ttl `{text}`: expected seconds, or a number with s, m, h or d"),
+        }),
+    }
+}
+
+/// `ringfence wave approve`: build the scope from inventory + spec, refuse
+/// when the coordinator's status disagrees, print all of it, confirm, sign.
+fn approve(a: ApproveArgs<'_>) -> Result<(), Failure> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let signing = ringfence::keys::read_signing_key(a.key).map_err(config_err)?;
+    let own = wave::load_signer(&a.settings.signing.key, &a.settings.signing.key_id).ok();
+    if own.is_some_and(|s| s.key.verifying_key() == signing.verifying_key()) {
+        return Err(config_err(
+            "this is the wave's coordinator key; a coordinator key can never approve",
+        ));
+    }
+    let key_id = approvals::check_signing_key(a.trust, &signing).map_err(config_err)?;
+    let inv = Inventory::load(a.inventory).map_err(config_err)?;
+    let (spec, _) = parse_spec(a.spec)?;
+    if spec.wave_id != a.wave {
+        return Err(config_err(format!(
+            "{} is the spec of wave `{}`, not `{}`",
+            a.spec.display(),
+            spec.wave_id,
+            a.wave
+        )));
+    }
+    // The lifetime: the spec's approval_ttl_s, or a shorter --ttl.
+    let ttl_s = match a.ttl {
+        Some(t) => parse_ttl(t)?,
+        None => spec.approval_ttl_s,
+    };
+    // The cap: the spec's approval_ttl_s, and the agents' policy.
+    let policy_cap = a.trust.policy.max_approval_lifetime_s;
+    let (cap, why) = if policy_cap < spec.approval_ttl_s {
+        (
+            policy_cap,
+            format!(
+                "the cap is max_approval_lifetime_s of {}",
+                a.settings.trust_file.display()
+            ),
+        )
+    } else {
+        (
+            spec.approval_ttl_s,
+            format!("the cap is approval_ttl_s of {}", a.spec.display()),
+        )
+    };
+    approvals::check_ttl(ttl_s, cap, &why).map_err(config_err)?;
+    let actions: Vec<pb::ApprovedAction> = if a.actions.is_empty() {
+        let mut v = vec![pb::ApprovedAction::Patch];
+        if !spec.rollback_version.is_empty() {
+            v.push(pb::ApprovedAction::Rollback);
+        }
+        v
+    } else {
+        a.actions.iter().map(|x| (*x).into()).collect()
+    };
+    let req = approvals::Request {
+        wave_id: spec.wave_id.clone(),
+        ring: a.ring,
+        profile: spec.profile.clone(),
+        version: spec.version.clone(),
+        rollback_version: spec.rollback_version.clone(),
+        hosts: inv
+            .hosts
+            .iter()
+            .filter(|h| h.ring == a.ring)
+            .map(|h| h.id.clone())
+            .collect(),
+        actions,
+        issued_at_ms: ringfence::time::now_ms(),
+        ttl_s,
+        approver: key_id.clone(),
+    };
+    // The coordinator's own view, when the wave has started, must be what
+    // the approver is shown.
+    let status_path = crate::store::WavePaths::new(&a.settings.state_dir, a.wave).status;
+    if let Ok(text) = std::fs::read_to_string(&status_path) {
+        let s: wave::StatusSnapshot = serde_json::from_str(&text)
+            .map_err(|e| failed(format!("{}: {e}", status_path.display())))?;
+        let diff = approvals::scope_differences(
+            &req,
+            s.ring_hosts.get(&a.ring).map(Vec::as_slice),
+            &s.profile,
+            &s.version,
+            &s.rollback_version,
+        );
+        if !diff.is_empty() {
+            return Err(config_err(format!(
+                "not signed: the coordinator's view of wave {} ring {} ({}) differs from {} + {}:\n  {}",
+                a.wave,
+                a.ring,
+                status_path.display(),
+                a.inventory.display(),
+                a.spec.display(),
+                diff.join("\n  ")
+            )));
+        }
+    }
+    let threshold = spec
+        .approver_threshold
+        .max(a.trust.policy.approver_threshold);
+    let limit = approvals::part_limit(threshold).map_err(config_err)?;
+    let parts = approvals::build(&req, limit).map_err(config_err)?;
+    print!("{}", approvals::render(&parts));
+    if !a.yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(Failure {
+                code: EXIT_USAGE,
+                message: "not signed: stdin is not a terminal, so nobody can confirm the scope above; pass --yes to sign it from a script".into(),
+            });
+        }
+        print!("sign this approval as {key_id}? type `yes` to sign: ");
+        let _ = std::io::stdout().flush();
+        let mut answer = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut answer);
+        if answer.trim() != "yes" {
+            return Err(failed("not signed: not confirmed"));
+        }
+    }
+    let n = parts.len();
+    for (i, part) in parts.iter().enumerate() {
+        let env = approvals::sign_ring(part, &key_id, &signing);
+        let suffix = if n == 1 {
+            String::new()
+        } else {
+            format!("-part{}of{n}", i + 1)
+        };
+        let path = match &a.out {
+            Some(o) if n == 1 => o.clone(),
+            Some(o) => o.with_file_name(format!(
+                "{}{suffix}.json",
+                o.file_stem().and_then(|x| x.to_str()).unwrap_or("approval")
+            )),
+            None => a.dir.join(format!("ring-{}-{key_id}{suffix}.json", a.ring)),
+        };
+        approvals::write_file(&path, &env).map_err(failed)?;
+        println!("signed: {}", path.display());
+    }
+    println!(
+        "approved wave {} ring {} ({} hosts, {} {}) as {key_id}",
+        a.wave,
+        a.ring,
+        req.hosts.len(),
+        spec.profile,
+        spec.version
+    );
+    Ok(())
 }
 
 fn breakglass(cmd: BreakglassCommand) -> Result<(), Failure> {

@@ -16,8 +16,12 @@ use ringfence::pb::{self, task_payload::Action};
 use ringfence::time::Clock;
 use serde::{Deserialize, Serialize};
 
+use crate::approvals::ApprovalSet;
 use crate::client::{ClientError, HostApi};
 use crate::store::{StoreError, WaveStore};
+
+/// For tasks that never carry approvals (drain, validate, plain undrain).
+const NO_APPROVALS: &ApprovalSet = &ApprovalSet::empty();
 
 /// Where a host is in the wave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,9 +250,10 @@ pub struct HostJob {
     pub pool: String,
     /// Its enrolled attestation key.
     pub key: VerifyingKey,
-    /// Ring approvals to attach to protected-ring Patch tasks (one copy per
-    /// ring, shared by its hosts).
-    pub approvals: Arc<Vec<pb::Envelope>>,
+    /// The ring's verified approvals (one copy per ring, shared by its
+    /// hosts); each task carries only those covering this host and its
+    /// action ([`ApprovalSet::for_task`]).
+    pub approvals: Arc<ApprovalSet>,
     /// Run the rollback drill on this host (patch, validate, roll back,
     /// validate, re-patch, validate) before returning it to service.
     pub drill: bool,
@@ -291,7 +296,7 @@ pub async fn run(ctx: &Ctx, job: &HostJob, api: &dyn HostApi) -> Result<HostReco
                     &mut rec,
                     "drain",
                     action,
-                    &[],
+                    NO_APPROVALS,
                     Phase::Patching,
                 )
                 .await?
@@ -331,7 +336,17 @@ pub async fn run(ctx: &Ctx, job: &HostJob, api: &dyn HostApi) -> Result<HostReco
                     reason: format!("ringfence wave {} validated", ctx.params.wave_id),
                     force: false,
                 });
-                task_step(ctx, job, api, &mut rec, "undrain", action, &[], Phase::Done).await?
+                task_step(
+                    ctx,
+                    job,
+                    api,
+                    &mut rec,
+                    "undrain",
+                    action,
+                    NO_APPROVALS,
+                    Phase::Done,
+                )
+                .await?
             }
             Phase::Done | Phase::Failed => return Ok(rec),
         };
@@ -468,7 +483,7 @@ async fn task_step(
     rec: &mut HostRecord,
     step: &str,
     action: Action,
-    approvals: &[pb::Envelope],
+    approvals: &ApprovalSet,
     next: Phase,
 ) -> Result<Option<Failure>, HostRunError> {
     let status = match run_task(ctx, job, api, rec, step, action, approvals, Vec::new()).await? {
@@ -541,7 +556,7 @@ pub async fn drain_after_soak(
         &mut rec,
         "soak_drain",
         action,
-        &[],
+        NO_APPROVALS,
         Vec::new(),
     )
     .await?;
@@ -610,7 +625,7 @@ async fn run_task(
     rec: &mut HostRecord,
     step: &str,
     action: Action,
-    approvals: &[pb::Envelope],
+    approvals: &ApprovalSet,
     nonce: Vec<u8>,
 ) -> Result<Result<pb::TaskStatus, Failure>, HostRunError> {
     // Re-attach to a recorded, unfinished task of this step (coordinator resumed).
@@ -645,9 +660,10 @@ async fn run_task(
                         }
                     } else {
                         // Recorded without the ring approvals (see
-                        // `new_task`): attach them again.
+                        // `new_task`): attach those covering it again.
                         if let Some(mut s) = signed {
-                            s.approvals = approvals.to_vec();
+                            s.approvals =
+                                approvals.for_task(&job.host_id, &action, ctx.clock.now_ms());
                             if let Err(e) = api.submit(s).await {
                                 return Ok(Err(client_failure_of(step, &e)));
                             }
@@ -698,7 +714,7 @@ async fn new_task(
     rec: &mut HostRecord,
     step: &str,
     action: Action,
-    approvals: &[pb::Envelope],
+    approvals: &ApprovalSet,
     nonce: Vec<u8>,
 ) -> Result<Result<usize, Failure>, HostRunError> {
     let floor = api
@@ -708,6 +724,9 @@ async fn new_task(
         .unwrap_or(0);
     let sequence = ctx.store.next_sequence_async(&job.host_id, floor).await?;
     let now = ctx.clock.now_ms();
+    // Only the approvals that cover this host and this action, within what
+    // the agent accepts with one request.
+    let attach = approvals.for_task(&job.host_id, &action, now);
     let payload = pb::TaskPayload {
         task_id: format!(
             "{}/{}/{}/{}",
@@ -759,7 +778,7 @@ async fn new_task(
             reason: "the wave halted before the task was sent".into(),
         }));
     }
-    signed.approvals = approvals.to_vec();
+    signed.approvals = attach;
     if let Err(e) = api.submit(signed).await {
         // The agent did not take it (rejected, or unreachable before recording).
         rec.tasks[idx].outcome = Some(TaskOutcome {
@@ -882,7 +901,18 @@ async fn validate_step(
         nonce: nonce.clone(),
         profile: ctx.params.profile.clone(),
     });
-    let status = match run_task(ctx, job, api, rec, step, action, &[], nonce.clone()).await? {
+    let status = match run_task(
+        ctx,
+        job,
+        api,
+        rec,
+        step,
+        action,
+        NO_APPROVALS,
+        nonce.clone(),
+    )
+    .await?
+    {
         Ok(s) => s,
         Err(f) => return Ok(Err(f)),
     };
@@ -1214,7 +1244,7 @@ pub async fn rollback_by_hand(
             &mut rec,
             "manual_drain",
             drain,
-            &[],
+            NO_APPROVALS,
             Vec::new(),
         )
         .await?

@@ -113,6 +113,66 @@ pub struct Inventory {
     pub hosts: Vec<Host>,
 }
 
+/// What an agent says about its own ring (`GetIdentity`), against the
+/// inventory. Agents decide their ring from their local config; a host
+/// whose agent disagrees with the inventory is refused by `wave run`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingFinding {
+    /// The agent is configured in the inventory's ring.
+    Agrees(u32),
+    /// The agent is configured in another ring.
+    Mismatch {
+        /// The inventory's ring.
+        inventory: u32,
+        /// The agent's own ring.
+        agent: u32,
+    },
+    /// The agent has no ring configured (it treats itself as protected).
+    NotConfigured {
+        /// The inventory's ring.
+        inventory: u32,
+    },
+}
+
+impl RingFinding {
+    /// Whether `wave run` refuses to start over this host.
+    pub fn blocks_wave(&self) -> bool {
+        !matches!(self, Self::Agrees(_))
+    }
+}
+
+impl std::fmt::Display for RingFinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Agrees(r) => write!(f, "ring {r}, as the agent says"),
+            Self::Mismatch { inventory, agent } => write!(
+                f,
+                "RING MISMATCH: inventory ring {inventory}, agent configured in ring {agent}"
+            ),
+            Self::NotConfigured { inventory } => write!(
+                f,
+                "NO RING CONFIGURED on the agent (it treats itself as protected); inventory ring {inventory}: set `ring = {inventory}` in its agent.toml"
+            ),
+        }
+    }
+}
+
+impl Host {
+    /// Compare the inventory's ring with the ring the agent reports.
+    pub fn ring_finding(&self, agent_ring: Option<u32>) -> RingFinding {
+        match agent_ring {
+            Some(a) if a == self.ring => RingFinding::Agrees(a),
+            Some(a) => RingFinding::Mismatch {
+                inventory: self.ring,
+                agent: a,
+            },
+            None => RingFinding::NotConfigured {
+                inventory: self.ring,
+            },
+        }
+    }
+}
+
 /// Summary printed by `ringfence inventory check`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {

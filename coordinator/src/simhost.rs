@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ed25519_dalek::SigningKey;
+use prost::Message;
 use ringfence::envelope::{AllowAll, ReplayGuard, TaskVerifier, Verified};
 use ringfence::pb::{self, task_payload::Action};
 use ringfence::time::Clock;
@@ -56,6 +57,25 @@ pub struct SimState {
     pub unreachable: bool,
     /// Last validation verdict.
     pub last_verdict: i32,
+    /// The ring this agent is configured in (`ring` in agent.toml).
+    pub ring: SimRing,
+}
+
+/// The ring a simulated agent knows itself to be in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SimRing {
+    /// Built without one (unit tests of the coordinator's host pipeline):
+    /// reports no ring and, like agents before rings were local, goes by the
+    /// task's ring.
+    #[default]
+    Untracked,
+    /// Configured: reported by GetIdentity; a task naming another ring is
+    /// refused by check `ring` (PERMISSION_DENIED), as the agent does.
+    Configured(u32),
+    /// Explicitly none configured: reported as no ring, protected (the
+    /// agent's secure default: every Patch, rollback, forced Undrain and
+    /// AckFaults needs approvals whatever ring the task names).
+    NotConfigured,
 }
 
 /// A simulated agent.
@@ -106,6 +126,12 @@ impl SimHost {
     /// The host's attestation public key.
     pub fn public_key(&self) -> ringfence::keys::VerifyingKey {
         self.key.verifying_key()
+    }
+
+    /// The same host, configured in `ring` (see [`SimRing`]).
+    pub fn with_ring(self, ring: SimRing) -> Self {
+        self.state().ring = ring;
+        self
     }
 
     /// Lock the state (tests inspect and change it).
@@ -190,15 +216,20 @@ impl SimHost {
     /// task is the agent's gRPC status (the check named in its metadata).
     pub fn submit_task(&self, task: &pb::SignedTask) -> Result<pb::TaskStatus, tonic::Status> {
         let mut s = self.state();
-        // A simulated host has no agent.toml: it stands in the ring the task
-        // names (a real agent refuses a task for any other ring).
-        let ring = task
+        // The ring the task names (a task that does not decode is refused
+        // by the verifier).
+        let asked = task
             .task
             .as_ref()
-            .and_then(|env| {
-                <pb::TaskPayload as prost::Message>::decode(env.payload.as_slice()).ok()
-            })
+            .and_then(|e| pb::TaskPayload::decode(e.payload.as_slice()).ok())
             .map(|p| p.ring);
+        // The agent's own ring, which the verifier checks the task against
+        // (none: protected, as an agent without `ring` in its agent.toml).
+        let ring = match s.ring {
+            SimRing::Untracked => asked,
+            SimRing::Configured(r) => Some(r),
+            SimRing::NotConfigured => None,
+        };
         let verifier = TaskVerifier {
             trust: &self.trust,
             host_id: &self.host_id,
@@ -287,6 +318,15 @@ impl HostApi for SimHost {
             sequence_high_water: s.high_water,
             draining: s.draining,
             agent_version: ringfence::VERSION.into(),
+            ring: match s.ring {
+                SimRing::Configured(r) => Some(r),
+                SimRing::Untracked | SimRing::NotConfigured => None,
+            },
+            protected_ring: match s.ring {
+                SimRing::Configured(r) => self.trust.policy.protected_rings.contains(&r),
+                SimRing::NotConfigured => true,
+                SimRing::Untracked => false,
+            },
             ..Default::default()
         })
     }
@@ -364,7 +404,8 @@ pub struct SimFleet {
 pub struct SimHostSpec {
     /// Host id (also its TLS server name).
     pub id: String,
-    /// Ring (for the benchmark's bookkeeping).
+    /// Ring the simulated agent is configured in (reported by GetIdentity;
+    /// a task naming another ring is refused).
     pub ring: u32,
     /// Its mTLS certificate, PEM.
     pub cert_pem: String,
@@ -431,7 +472,8 @@ impl MultiHost {
                 trust.clone(),
                 clock.clone(),
                 &fleet.driver_version,
-            );
+            )
+            .with_ring(SimRing::Configured(h.ring));
             if let Some((id, version)) = faulty
                 && id == h.id
             {
@@ -469,6 +511,11 @@ impl MultiHost {
             Ok(mut v) => v.push(e),
             Err(p) => p.into_inner().push(e),
         }
+    }
+
+    /// One of the simulated hosts (tests change its state, e.g. its ring).
+    pub fn host_by_id(&self, id: &str) -> Option<&SimHost> {
+        self.hosts.get(id)
     }
 
     /// Everything seen so far.

@@ -17,7 +17,7 @@
 //! task_timeout_s = 1800                # one task (a reboot included)
 //! task_lifetime_s = 900                # validity of a signed task
 //! attestation_max_age_s = 300          # oldest attestation accepted
-//! approval_ttl_s = 86400               # validity of ring approvals made by `wave approve`
+//! approval_ttl_s = 86400               # validity (and --ttl cap) of approvals `wave approve` signs; 1 s-30 d
 //!
 //! [ring.2]                             # per ring; defaults: batch_size 1,
 //! batch_size = 1                       # soak_s 0 for rings 0-1, 600 for rings 2-4
@@ -185,7 +185,7 @@ struct RawSpec {
     #[serde(default = "attestation_age")]
     attestation_max_age_s: u64,
     #[serde(default = "approval_ttl")]
-    approval_ttl_s: u64,
+    approval_ttl_s: Spanned<u64>,
     #[serde(default)]
     ring: BTreeMap<String, Spanned<RingSpec>>,
     #[serde(default)]
@@ -207,9 +207,12 @@ fn task_lifetime() -> u64 {
 fn attestation_age() -> u64 {
     300
 }
-fn approval_ttl() -> u64 {
-    86_400
+fn approval_ttl() -> Spanned<u64> {
+    Spanned::new(0..0, 86_400)
 }
+
+/// Longest `approval_ttl_s` accepted: 30 days.
+pub const MAX_APPROVAL_TTL_S: u64 = 30 * 86_400;
 
 /// A validated wave spec.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -244,7 +247,8 @@ pub struct WaveSpec {
     pub task_lifetime_s: u64,
     /// Oldest attestation accepted, seconds.
     pub attestation_max_age_s: u64,
-    /// Validity of approvals made by `wave approve`, seconds.
+    /// Validity of approvals made by `wave approve`, seconds (also the
+    /// longest `--ttl` it accepts; 1 s to 30 days).
     pub approval_ttl_s: u64,
     /// Pacing per ring (every ring 0-4 present).
     pub rings: BTreeMap<u32, RingSpec>,
@@ -314,6 +318,14 @@ impl WaveSpec {
                 raw.max_parallel_hosts.span(),
                 "max_parallel_hosts",
                 "must be at least 1",
+            ));
+        }
+        let ttl = *raw.approval_ttl_s.get_ref();
+        if ttl == 0 || ttl > MAX_APPROVAL_TTL_S {
+            return Err(src.invalid(
+                raw.approval_ttl_s.span(),
+                "approval_ttl_s",
+                format!("{ttl} s is outside 1-{MAX_APPROVAL_TTL_S} s (30 days)"),
             ));
         }
         let mut rings: BTreeMap<u32, RingSpec> = (0..=4).map(|r| (r, default_ring(r))).collect();
@@ -395,7 +407,7 @@ impl WaveSpec {
             task_timeout_s: raw.task_timeout_s,
             task_lifetime_s: raw.task_lifetime_s,
             attestation_max_age_s: raw.attestation_max_age_s,
-            approval_ttl_s: raw.approval_ttl_s,
+            approval_ttl_s: raw.approval_ttl_s.into_inner(),
             rings,
             window,
         })
@@ -449,6 +461,14 @@ mod tests {
             e.starts_with("wave.toml:4:") && e.contains("protected_rings"),
             "{e}"
         );
+        let e = spec("approval_ttl_s = 0\n").unwrap_err().to_string();
+        assert!(
+            e.starts_with("wave.toml:4:") && e.contains("key `approval_ttl_s`"),
+            "{e}"
+        );
+        let e = spec("approval_ttl_s = 9999999\n").unwrap_err().to_string();
+        assert!(e.contains("approval_ttl_s") && e.contains("30 days"), "{e}");
+        assert_eq!(spec("approval_ttl_s = 600\n").unwrap().approval_ttl_s, 600);
         let e = spec("on_failure = \"pray\"\n").unwrap_err().to_string();
         assert!(e.starts_with("wave.toml:4:"), "{e}");
         let e = spec("[window]\ndays = [\"mon\"]\nstart = \"25:00\"\nend = \"04:00\"\n")

@@ -621,7 +621,7 @@ impl Driver {
         // Hosts with a watcher, and hosts a watcher has had a report from.
         let mut soak_started: BTreeSet<String> = BTreeSet::new();
         let mut soak_watched: BTreeSet<String> = BTreeSet::new();
-        let mut approvals_by_ring: BTreeMap<u32, Arc<Vec<pb::Envelope>>> = BTreeMap::new();
+        let mut approvals_by_ring: BTreeMap<u32, Arc<approvals::ApprovalSet>> = BTreeMap::new();
         let mut halt: Option<HaltReport> = None;
         let mut halt_recorded = false;
         let mut last_persist = Instant::now();
@@ -1189,7 +1189,7 @@ impl Driver {
         &self,
         plan: &Plan,
         host: &str,
-        approvals: &BTreeMap<u32, Arc<Vec<pb::Envelope>>>,
+        approvals: &BTreeMap<u32, Arc<approvals::ApprovalSet>>,
     ) -> HostJob {
         let inv = self.inventory.host(host);
         let ring = plan.host_ring.get(host).copied().unwrap_or(0);

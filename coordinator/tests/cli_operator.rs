@@ -363,3 +363,201 @@ async fn a_break_glass_for_an_unknown_pool_or_more_hosts_than_the_pool_has_is_re
         );
     }
 }
+
+/// Simulated agents (real task verification, real signed identities) behind
+/// one mTLS listener, each configured in its own ring, and an inventory
+/// that may say otherwise: (host id, inventory ring, agent ring).
+struct SimFleetRun {
+    root: std::path::PathBuf,
+    settings: std::path::PathBuf,
+    inventory: std::path::PathBuf,
+    hosts: ringfence_coordinator::simhost::MultiHost,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn sim_fleet(dir: &Path, hosts: &[(&str, u32, u32)]) -> SimFleetRun {
+    use ringfence::pki;
+    use ringfence::spiffe::Role;
+    use ringfence_coordinator::simhost::{MultiHost, SimFleet, SimHostSpec};
+    ringfence::tls::install_crypto_provider();
+    let td = fleet::TRUST_DOMAIN;
+    let pki_dir = dir.join("pki");
+    pki::init(&pki_dir, td).unwrap();
+    let ops = pki::issue(&pki_dir, Role::Ops, "coordinator", dir, 30).unwrap();
+    let keys = fleet::write_keys(dir, 2).unwrap();
+    let ca = pki_dir.join("ca.pem");
+    let settings =
+        fleet::write_settings(dir, &dir.join("state"), &keys, &ops.cert, &ops.key, &ca).unwrap();
+    let mut specs = Vec::new();
+    let mut inv =
+        format!("trust_domain = \"{td}\"\n\n[[pool]]\nname = \"p\"\nreserve_percent = 50\n");
+    for (id, inv_ring, agent_ring) in hosts {
+        let issued = pki::issue(&pki_dir, Role::Host, id, &dir.join("hosts"), 30).unwrap();
+        let att = ringfence::keys::generate();
+        specs.push(SimHostSpec {
+            id: id.to_string(),
+            ring: *agent_ring,
+            cert_pem: std::fs::read_to_string(&issued.cert).unwrap(),
+            key_pem: std::fs::read_to_string(&issued.key).unwrap(),
+            attestation_seed: hex::encode(att.to_bytes()),
+        });
+        inv.push_str(&format!(
+            "\n[[host]]\nid = \"{id}\"\naddress = \"ADDR\"\npool = \"p\"\nring = {inv_ring}\nattestation_key = \"{}\"\n",
+            ringfence::keys::public_key_text(&att.verifying_key())
+        ));
+    }
+    let sim = SimFleet {
+        trust_domain: td.into(),
+        driver_version: fleet::OLD_VERSION.into(),
+        hosts: specs,
+    };
+    let trust = std::sync::Arc::new(ringfence::trust::TrustSet::load(&keys.trust).unwrap());
+    let multi = MultiHost::new(&sim, trust, None).unwrap();
+    let ids: Vec<ringfence::tls::SniIdentity> = sim
+        .hosts
+        .iter()
+        .map(|h| ringfence::tls::SniIdentity {
+            name: h.id.clone(),
+            cert_pem: h.cert_pem.clone().into_bytes(),
+            key_pem: h.key_pem.clone().into_bytes(),
+        })
+        .collect();
+    let config =
+        ringfence::tls::server_config_by_sni(&ids, &std::fs::read(&ca).unwrap(), td).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let routes =
+        tonic::service::Routes::new(ringfence::pb::agent_server::AgentServer::new(multi.clone()));
+    tokio::spawn(ringfence::tls::serve(
+        listener,
+        ringfence::tls::ReloadableServerConfig::fixed(config, td),
+        routes,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let inventory = dir.join("inventory.toml");
+    std::fs::write(&inventory, inv.replace("ADDR", &addr.to_string())).unwrap();
+    SimFleetRun {
+        root: dir.to_path_buf(),
+        settings,
+        inventory,
+        hosts: multi,
+        _stop: stop,
+    }
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The agents decide their ring; the inventory can only agree. A host whose
+/// agent is in another ring, or in none, is shown by `inventory check
+/// --live` and `inventory enroll`, and `wave run` refuses to start (exit 3)
+/// naming every such host, before any host is touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wave_run_refuses_to_start_while_an_agents_ring_differs_from_the_inventory() {
+    use ringfence_coordinator::simhost::SimRing;
+    let dir = tempfile::tempdir().unwrap();
+    let f = sim_fleet(
+        dir.path(),
+        &[
+            ("gpu-a", 0, 0),
+            // The inventory says ring 1, the agent is configured in ring 3.
+            ("gpu-b", 1, 3),
+            ("gpu-c", 2, 2),
+            ("gpu-d", 3, 3),
+        ],
+    )
+    .await;
+    // gpu-c's agent has no ring configured.
+    f.hosts.host_by_id("gpu-c").unwrap().state().ring = SimRing::NotConfigured;
+
+    let mut c = ringfence(&f.settings);
+    c.args(["inventory", "check", "--live"]).arg(&f.inventory);
+    let o = output(c).await;
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("gpu-b: RING MISMATCH: inventory ring 1, agent configured in ring 3"),
+        "{}",
+        text(&o)
+    );
+    assert!(out.contains("gpu-c: NO RING CONFIGURED"), "{}", text(&o));
+    assert!(
+        !out.contains("gpu-a:") && !out.contains("gpu-d:"),
+        "{}",
+        text(&o)
+    );
+    // Without --live nothing is asked: the file itself is valid.
+    let mut c = ringfence(&f.settings);
+    c.args(["inventory", "check"]).arg(&f.inventory);
+    assert!(output(c).await.status.success());
+
+    let mut c = ringfence(&f.settings);
+    c.args(["inventory", "enroll", "--inventory"])
+        .arg(&f.inventory);
+    let o = output(c).await;
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(
+        text(&o).contains("gpu-b: RING MISMATCH") && text(&o).contains("gpu-c: NO RING"),
+        "{}",
+        text(&o)
+    );
+
+    let spec = f.root.join("wave.toml");
+    std::fs::write(
+        &spec,
+        "wave_id = \"w-rings\"\nprofile = \"nvidia-driver\"\nversion = \"560.35.03\"\n",
+    )
+    .unwrap();
+    let mut c = ringfence(&f.settings);
+    c.args(["wave", "run", "--inventory"])
+        .arg(&f.inventory)
+        .arg("--spec")
+        .arg(&spec);
+    let o = output(c).await;
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("wave w-rings refused"), "{}", text(&o));
+    assert!(
+        err.contains("gpu-b: RING MISMATCH: inventory ring 1, agent configured in ring 3"),
+        "{}",
+        text(&o)
+    );
+    assert!(err.contains("gpu-c: NO RING CONFIGURED"), "{}", text(&o));
+    assert!(
+        !err.contains("gpu-a") && !err.contains("gpu-d"),
+        "{}",
+        text(&o)
+    );
+    let seen = f.hosts.snapshot();
+    assert!(
+        seen.events.is_empty(),
+        "a host was touched: {:?}",
+        seen.events
+    );
+    assert!(seen.patches.values().all(|n| *n == 0));
+
+    // Inventory and agents agree again: the live check passes.
+    let fixed = std::fs::read_to_string(&f.inventory)
+        .unwrap()
+        .replacen("ring = 1", "ring = 3", 1);
+    std::fs::write(&f.inventory, fixed).unwrap();
+    f.hosts.host_by_id("gpu-c").unwrap().state().ring = SimRing::Configured(2);
+    let mut c = ringfence(&f.settings);
+    c.args(["inventory", "check", "--live"]).arg(&f.inventory);
+    let o = output(c).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("4 checked"),
+        "{}",
+        text(&o)
+    );
+}

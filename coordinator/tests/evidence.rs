@@ -21,6 +21,7 @@ use ringfence::keys;
 use ringfence::pb;
 use ringfence::time::{Clock, SystemClock};
 use ringfence::trust::{KeyRole, Policy, TrustSet, TrustedKey};
+use ringfence_coordinator::approvals::{self, ApprovalSet, RingScope};
 use ringfence_coordinator::evidence::{self, EvidenceError, Packet, VerifyWith};
 use ringfence_coordinator::hostrun::{self, Ctx, HostJob, Params, Signer};
 use ringfence_coordinator::simhost::SimHost;
@@ -70,6 +71,24 @@ fn ring_approval(now: i64, ring: u32) -> pb::RingApproval {
 
 fn sign_approval(a: &pb::RingApproval, signers: &[(&str, &SigningKey)]) -> pb::Envelope {
     envelope::sign_message(APPROVAL_TYPE, a, signers)
+}
+
+/// The coordinator's view of `envs`: each verified for gpu-1's ring.
+fn approval_set(envs: &[pb::Envelope], trust: &TrustSet, ring: u32, now: i64) -> ApprovalSet {
+    let hosts = vec!["gpu-1".to_string()];
+    let scope = RingScope {
+        wave_id: "w",
+        ring,
+        profile: "nvidia-driver",
+        version: NEW,
+        hosts: &hosts,
+    };
+    let mut set = ApprovalSet::default();
+    for env in envs {
+        let covers = approvals::verify_ring(env, trust, &scope, now).unwrap();
+        set.push(env.clone(), covers);
+    }
+    set
 }
 
 /// Run gpu-1 (ring `ring`) through a whole host run and seal its packet.
@@ -145,7 +164,7 @@ async fn fixture_with(ring: u32, faulty: bool, drill: bool) -> Fx {
         ring,
         pool: "p".into(),
         key: sim.public_key(),
-        approvals: Arc::new(approvals.clone()),
+        approvals: Arc::new(approval_set(&approvals, &trust, ring, now)),
         drill,
     };
     let rec = hostrun::run(&ctx, &job, &sim).await.unwrap();

@@ -281,6 +281,11 @@ async fn ring_two_waits_for_two_distinct_approvers_and_a_ring_two_approval_canno
             "2",
             "--key",
             p(&coord_key),
+            "--inventory",
+            p(&f.inventory),
+            "--spec",
+            p(&spec),
+            "--yes",
         ],
     );
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
@@ -331,6 +336,55 @@ async fn ring_two_waits_for_two_distinct_approvers_and_a_ring_two_approval_canno
     }
 
     // A second, distinct approver signs on the command line: ring 2 runs.
+    // First what an approver must be shown and what is refused.
+    let approve = |extra: &[&str]| {
+        let mut args = vec![
+            "wave",
+            "approve",
+            "--wave",
+            wave_id,
+            "--ring",
+            "2",
+            "--key",
+            p(&f.approver_keys[1]),
+            "--inventory",
+            p(&f.inventory),
+            "--spec",
+            p(&spec),
+        ];
+        args.extend_from_slice(extra);
+        cli(&f, &args)
+    };
+    let signed_file = dir_a.join("ring-2-approver-1.json");
+    // Off a terminal without --yes: the whole scope is printed, nothing signed.
+    let o = approve(&[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--yes"), "{}", text(&o));
+    let shown = String::from_utf8_lossy(&o.stdout).to_string();
+    for want in [
+        "gpu-c1",
+        "gpu-c2",
+        "nvidia-driver",
+        fleet::NEW_VERSION,
+        fleet::OLD_VERSION,
+        "patch, rollback",
+        "sha256:",
+    ] {
+        assert!(shown.contains(want), "`{want}` not shown:\n{shown}");
+    }
+    assert!(!shown.contains("gpu-p1"), "a ring-3 host shown:\n{shown}");
+    assert!(!signed_file.exists(), "signed without confirmation");
+    // An inventory that puts another host in ring 2 differs from what the
+    // coordinator runs: refused, naming the host.
+    let moved = f.root.join("inventory-moved.toml");
+    let inv_text = std::fs::read_to_string(&f.inventory).unwrap();
+    let at = inv_text.find("id = \"gpu-p1\"").unwrap();
+    let (head, tail) = inv_text.split_at(at);
+    std::fs::write(
+        &moved,
+        format!("{head}{}", tail.replacen("ring = 3", "ring = 2", 1)),
+    )
+    .unwrap();
     let o = cli(
         &f,
         &[
@@ -342,9 +396,39 @@ async fn ring_two_waits_for_two_distinct_approvers_and_a_ring_two_approval_canno
             "2",
             "--key",
             p(&f.approver_keys[1]),
+            "--inventory",
+            p(&moved),
+            "--spec",
+            p(&spec),
+            "--yes",
         ],
     );
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(
+        text(&o).contains("differs") && text(&o).contains("gpu-p1"),
+        "{}",
+        text(&o)
+    );
+    assert!(!signed_file.exists());
+    // A lifetime over the spec's approval_ttl_s (default 24 h) is refused.
+    let o = approve(&["--yes", "--ttl", "2d"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(text(&o).contains("approval_ttl_s"), "{}", text(&o));
+    assert!(!signed_file.exists());
+    let o = approve(&["--yes", "--action", "patch", "--ttl", "2h"]);
     assert!(o.status.success(), "{}", text(&o));
+    // What was signed is what was asked, and what was shown.
+    let env = approvals::read_file(&signed_file).unwrap();
+    let a = pb::RingApproval::decode(env.payload.as_slice()).unwrap();
+    assert_eq!(a.actions, [pb::ApprovedAction::Patch as i32]);
+    assert_eq!(a.expires_at_unix_ms - a.issued_at_unix_ms, 7_200_000);
+    assert_eq!(a.host_ids, ["gpu-c1", "gpu-c2"]);
+    assert_eq!(a.version, fleet::NEW_VERSION);
+    let shown = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        shown.contains(&approvals::digest(&env.payload)),
+        "the digest of the signed payload was not shown:\n{shown}"
+    );
     wait_until("ring 2 complete, ring 3 awaiting approval", || {
         let s = status(&f, wave_id);
         async move {

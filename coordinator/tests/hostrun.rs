@@ -10,9 +10,10 @@ use ringfence::keys;
 use ringfence::pb;
 use ringfence::time::{Clock, SystemClock};
 use ringfence::trust::{KeyRole, Policy, TrustSet, TrustedKey};
+use ringfence_coordinator::approvals::{self, ApprovalSet, RingScope};
 use ringfence_coordinator::client::HostApi;
 use ringfence_coordinator::hostrun::{self, Ctx, HostJob, HostRecord, Params, Phase, Signer};
-use ringfence_coordinator::simhost::SimHost;
+use ringfence_coordinator::simhost::{SimHost, SimRing};
 use ringfence_coordinator::store::WaveStore;
 
 struct World {
@@ -20,17 +21,32 @@ struct World {
     ctx: Ctx,
     trust: Arc<TrustSet>,
     clock: Arc<dyn Clock>,
+    /// Approver keys "alice" and "bob" of the trust set.
+    approvers: [keys::SigningKey; 2],
 }
 
 fn world(rollback: bool) -> World {
     let dir = tempfile::tempdir().unwrap();
     let coord = keys::generate();
+    let approvers = [keys::generate(), keys::generate()];
     let trust = Arc::new(TrustSet::from_keys(
-        vec![TrustedKey {
-            id: "coord".into(),
-            key: coord.verifying_key(),
-            role: KeyRole::Coordinator,
-        }],
+        vec![
+            TrustedKey {
+                id: "coord".into(),
+                key: coord.verifying_key(),
+                role: KeyRole::Coordinator,
+            },
+            TrustedKey {
+                id: "alice".into(),
+                key: approvers[0].verifying_key(),
+                role: KeyRole::Approver,
+            },
+            TrustedKey {
+                id: "bob".into(),
+                key: approvers[1].verifying_key(),
+                role: KeyRole::Approver,
+            },
+        ],
         Policy::default(),
     ));
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -62,6 +78,7 @@ fn world(rollback: bool) -> World {
         ctx,
         trust,
         clock,
+        approvers,
     }
 }
 
@@ -511,4 +528,182 @@ async fn a_halt_requested_after_the_resume_began_stops_the_resumed_wave() {
     // A resume that began after that halt clears it and finishes the wave.
     assert_eq!(d.resume(&[], &[]).await.unwrap(), Outcome::Completed);
     assert!(f.hosts.iter().all(|h| h.state().patches == 1));
+}
+
+/// Per task sent: its step, and the actions listed by each attached approval.
+type Sent = Arc<std::sync::Mutex<Vec<(String, Vec<Vec<i32>>)>>>;
+
+/// Records what every task carried, then hands it to the simulated agent.
+#[derive(Clone)]
+struct Recording {
+    inner: SimHost,
+    /// (step's action, the actions listed by each attached approval).
+    sent: Sent,
+}
+
+#[tonic::async_trait]
+impl HostApi for Recording {
+    async fn identity(&self) -> Result<pb::Identity, ringfence_coordinator::client::ClientError> {
+        self.inner.identity().await
+    }
+    async fn attest(
+        &self,
+        n: Vec<u8>,
+    ) -> Result<pb::Envelope, ringfence_coordinator::client::ClientError> {
+        self.inner.attest(n).await
+    }
+    async fn health(&self) -> Result<pb::HealthReport, ringfence_coordinator::client::ClientError> {
+        self.inner.health().await
+    }
+    async fn watch_health(
+        &self,
+    ) -> Result<
+        ringfence_coordinator::client::HealthStream,
+        ringfence_coordinator::client::ClientError,
+    > {
+        self.inner.watch_health().await
+    }
+    async fn submit(
+        &self,
+        t: pb::SignedTask,
+    ) -> Result<pb::TaskStatus, ringfence_coordinator::client::ClientError> {
+        use prost::Message;
+        let payload = pb::TaskPayload::decode(t.task.as_ref().unwrap().payload.as_slice()).unwrap();
+        let step = payload.task_id.rsplit('/').next().unwrap().to_string();
+        let listed = t
+            .approvals
+            .iter()
+            .map(|e| {
+                pb::RingApproval::decode(e.payload.as_slice())
+                    .unwrap()
+                    .actions
+            })
+            .collect();
+        self.sent.lock().unwrap().push((step, listed));
+        self.inner.submit(t).await
+    }
+    async fn get_task(
+        &self,
+        id: &str,
+    ) -> Result<Option<pb::TaskStatus>, ringfence_coordinator::client::ClientError> {
+        self.inner.get_task(id).await
+    }
+}
+
+/// The ring's approvals as `wave run` collects them: verified, with what each covers.
+fn approval_set(w: &World, signed: &[(&[&str], &[pb::ApprovedAction], usize)]) -> ApprovalSet {
+    let hosts: Vec<String> = Vec::new();
+    let scope = RingScope {
+        wave_id: "wave-1",
+        ring: 2,
+        profile: "nvidia-driver",
+        version: "560.35.03",
+        hosts: &hosts,
+    };
+    let now = w.clock.now_ms();
+    let mut set = ApprovalSet::default();
+    for (hosts, actions, who) in signed {
+        let name = ["alice", "bob"][*who];
+        let a = pb::RingApproval {
+            wave_id: "wave-1".into(),
+            ring: 2,
+            profile: "nvidia-driver".into(),
+            version: "560.35.03".into(),
+            rollback_version: "550.54.15".into(),
+            host_ids: hosts.iter().map(|h| h.to_string()).collect(),
+            issued_at_unix_ms: now - 1_000,
+            expires_at_unix_ms: now + 3_600_000,
+            approver: name.into(),
+            actions: actions.iter().map(|a| *a as i32).collect(),
+        };
+        let env = approvals::sign_ring(&a, name, &w.approvers[*who]);
+        let covers = approvals::verify_ring(&env, &w.trust, &scope, now).unwrap();
+        set.push(env, covers);
+    }
+    set
+}
+
+/// A protected-ring host whose patch fails validation and is rolled back:
+/// the patch carries only the patch approvals naming this host, the
+/// rollback only the rollback approvals, the other tasks none — never an
+/// approval for another host or another action.
+#[tokio::test]
+async fn each_task_carries_only_the_approvals_for_its_host_and_action() {
+    use pb::ApprovedAction as A;
+    let w = world(true);
+    let (sim, mut job) = host(&w, "gpu-5", 2);
+    sim.state().faulty_version = Some("560.35.03".into());
+    job.approvals = Arc::new(approval_set(
+        &w,
+        &[
+            (&["gpu-5", "gpu-6"], &[A::Patch], 0),
+            (&["gpu-6"], &[A::Patch, A::Rollback], 1),
+            (&["gpu-5"], &[A::Patch], 1),
+            (&["gpu-5"], &[A::Rollback], 0),
+            (&["gpu-5"], &[A::Rollback], 1),
+            (&["gpu-5"], &[A::ForceUndrain], 1),
+        ],
+    ));
+    let rec_api = Recording {
+        inner: sim.clone(),
+        sent: Default::default(),
+    };
+    let rec = hostrun::run(&w.ctx, &job, &rec_api).await.unwrap();
+    assert_eq!(rec.phase, Phase::Failed);
+    assert_eq!(
+        sim.state().patches,
+        2,
+        "patch, then rollback: {:?}",
+        rec.failure
+    );
+    assert_eq!(sim.state().driver_version, "550.54.15");
+    let sent = rec_api.sent.lock().unwrap().clone();
+    let by_step = |step: &str| -> Vec<Vec<i32>> {
+        sent.iter()
+            .filter(|(s, _)| s == step)
+            .flat_map(|(_, a)| a.clone())
+            .collect()
+    };
+    assert_eq!(
+        by_step("patch"),
+        [vec![A::Patch as i32], vec![A::Patch as i32]]
+    );
+    assert_eq!(
+        by_step("rollback"),
+        [vec![A::Rollback as i32], vec![A::Rollback as i32]],
+        "{sent:?}"
+    );
+    for (step, a) in &sent {
+        if !matches!(step.as_str(), "patch" | "rollback") {
+            assert!(a.is_empty(), "{step} carried approvals: {a:?}");
+        }
+    }
+}
+
+/// The simulated agent knows its own ring, as the real one does: a task
+/// naming another ring is refused by check `ring`, whatever the coordinator
+/// signed; with no ring configured, even a ring-0 patch needs approvals.
+#[tokio::test]
+async fn a_simulated_agent_refuses_another_ring_and_without_a_ring_is_protected() {
+    let w = world(false);
+    let (sim, job) = host(&w, "gpu-8", 0);
+    let sim = sim.with_ring(SimRing::Configured(3));
+    assert_eq!(sim.identity().await.unwrap().ring, Some(3));
+    assert!(sim.identity().await.unwrap().protected_ring);
+    let rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    let f = rec.failure.unwrap();
+    assert_eq!((f.step.as_str(), f.kind.as_str()), ("drain", "rejected"));
+    assert!(f.reason.contains("`ring`"), "{}", f.reason);
+    assert!(sim.state().tasks.is_empty());
+
+    let w = world(false);
+    let (sim, job) = host(&w, "gpu-9", 0);
+    let sim = sim.with_ring(SimRing::NotConfigured);
+    let id = sim.identity().await.unwrap();
+    assert_eq!((id.ring, id.protected_ring), (None, true));
+    let rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    let f = rec.failure.unwrap();
+    assert_eq!((f.step.as_str(), f.kind.as_str()), ("patch", "rejected"));
+    assert!(f.reason.contains("approval_threshold"), "{}", f.reason);
+    assert_eq!(sim.state().patches, 0);
 }

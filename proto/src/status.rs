@@ -14,9 +14,7 @@ pub fn task_rejection_code(r: &TaskRejection) -> Code {
     use TaskRejection as R;
     match r {
         R::Oversized { .. } => Code::ResourceExhausted,
-        R::Malformed { .. } | R::WrongPayloadType { .. } => {
-            Code::InvalidArgument
-        }
+        R::Malformed { .. } | R::WrongPayloadType { .. } => Code::InvalidArgument,
         R::Unsigned { .. }
         | R::BadSignature { .. }
         | R::UnknownKey { .. }
