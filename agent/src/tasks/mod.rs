@@ -137,6 +137,12 @@ impl DrainConfig {
                     message: "must name a program".into(),
                 });
             }
+            if argv.first().is_some_and(|p| p.contains('{')) {
+                return Err(TaskConfigError::Invalid {
+                    key,
+                    message: "the program (first element) may not contain a substitution".into(),
+                });
+            }
             for arg in argv {
                 let bad = unknown_placeholders(arg, &["host_id", "reason"]);
                 if !bad.is_empty() {
