@@ -423,7 +423,10 @@ mod tests {
             matches!(&err, SubstitutionError::OptionLike { index: 2, name, .. } if name == "reason"),
             "{err:?}"
         );
-        assert!(err.to_string().contains("may not become an option"), "{err}");
+        assert!(
+            err.to_string().contains("may not become an option"),
+            "{err}"
+        );
         let vars_short = [("reason", "-rf")];
         assert!(substitute(&argv(&["/bin/hook", "{reason}x"]), &vars_short).is_err());
         assert_eq!(

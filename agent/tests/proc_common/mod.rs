@@ -447,3 +447,11 @@ pub fn reason_codes(r: &pb::HealthReport) -> Vec<(String, i32)> {
         .map(|x| (x.code.clone(), x.gpu_index))
         .collect()
 }
+
+impl Host {
+    /// An Agent client on its own connection with `identity` (e.g. the
+    /// scheduler's certificate, whose role may read health).
+    pub async fn agent_client_as(&self, identity: &ClientIdentity) -> AgentClient<Channel> {
+        AgentClient::new(self.channel(identity).await)
+    }
+}
