@@ -585,3 +585,160 @@ impl Encoder for EncodedWriter {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::time::Duration;
+
+    use ringfence::time::SystemClock;
+    use ringfence::trust::{Policy, TrustSet};
+
+    use super::*;
+    use crate::command::ProcessRunner;
+    use crate::tasks::fake::FakeHealth;
+    use crate::tasks::{DrainConfig, RebootConfig};
+
+    /// A report source that takes 150 ms and counts its collections.
+    #[derive(Debug, Default)]
+    struct SlowSource {
+        collections: AtomicU64,
+    }
+
+    impl ReportSource for SlowSource {
+        fn collect(&self, draining: bool) -> pb::HealthReport {
+            std::thread::sleep(Duration::from_millis(150));
+            let n = self.collections.fetch_add(1, Ordering::SeqCst) + 1;
+            pb::HealthReport {
+                host_id: "gpu-1".into(),
+                collected_at_unix_ms: i64::try_from(n).unwrap(),
+                verdict: pb::Verdict::Healthy as i32,
+                draining,
+                ..Default::default()
+            }
+        }
+        fn acknowledge(&self, _fault_ids: &[String]) {}
+    }
+
+    fn service(dir: &std::path::Path, source: Arc<SlowSource>) -> AgentService {
+        let engine = TaskEngine::open(
+            dir,
+            "gpu-1".into(),
+            TrustSet::from_keys(vec![], Policy::default()),
+            DrainConfig::default(),
+            RebootConfig::default(),
+            crate::profiles::PatchConfig::default(),
+            Arc::new(FakeHealth::new("gpu-1")),
+            Arc::new(ProcessRunner::default()),
+            Arc::new(SystemClock),
+            "boot-1".into(),
+            "0.1.0".into(),
+        )
+        .unwrap();
+        AgentService {
+            host_id: "gpu-1".into(),
+            spiffe_id: "spiffe://gpu.test/host/gpu-1".into(),
+            key: Arc::new(ringfence::keys::generate()),
+            boot_id: "boot-1".into(),
+            health: Arc::new(HealthCell::new(pb::HealthReport::default())),
+            source,
+            engine,
+            watch_slots: Arc::default(),
+            fresh: Arc::default(),
+        }
+    }
+
+    /// 24 concurrent fresh GetHealth and Attest calls cost two collections
+    /// (the one running when they arrive is too old for them; the next one
+    /// serves all), and every attestation still signs its caller's nonce.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_fresh_collections_are_coalesced() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Arc::new(SlowSource::default());
+        let svc = service(dir.path(), source.clone());
+        let mut calls = Vec::new();
+        for i in 0..24u8 {
+            let svc = svc.clone();
+            calls.push(tokio::spawn(async move {
+                if i % 2 == 0 {
+                    svc.health_bytes(pb::GetHealthRequest { fresh: true })
+                        .await
+                        .unwrap();
+                    None
+                } else {
+                    let nonce = vec![i; 32];
+                    let env = svc
+                        .attest(Request::new(pb::AttestRequest {
+                            nonce: nonce.clone(),
+                        }))
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    Some((nonce, env))
+                }
+            }));
+        }
+        let vk = svc.key.verifying_key();
+        for c in calls {
+            if let Some((nonce, env)) = c.await.unwrap() {
+                let att = pb::Attestation::decode(env.payload.as_slice()).unwrap();
+                assert_eq!(att.nonce, nonce, "each caller's own nonce");
+                let msg = ringfence::envelope::pae(&env.payload_type, &env.payload);
+                let sig = ed25519_dalek::Signature::from_slice(&env.signatures[0].sig).unwrap();
+                vk.verify_strict(&msg, &sig).unwrap();
+            }
+        }
+        let n = source.collections.load(Ordering::SeqCst);
+        assert!(n <= 2, "{n} collections for 24 concurrent callers");
+        assert_eq!(svc.fresh.collections(), n);
+
+        // A caller arriving after a collection started never gets that one.
+        let before = source.collections.load(Ordering::SeqCst);
+        svc.health_bytes(pb::GetHealthRequest { fresh: true })
+            .await
+            .unwrap();
+        svc.health_bytes(pb::GetHealthRequest { fresh: true })
+            .await
+            .unwrap();
+        assert_eq!(source.collections.load(Ordering::SeqCst), before + 2);
+        let last = svc.health.last();
+        assert_eq!(
+            last.collected_at_unix_ms,
+            i64::try_from(before + 2).unwrap()
+        );
+    }
+
+    #[test]
+    fn watch_slots_cap_per_peer_and_in_total_and_free_on_drop() {
+        let slots = Arc::new(WatchSlots::new(2, 3));
+        let a1 = slots.acquire("a").unwrap();
+        let _a2 = slots.acquire("a").unwrap();
+        assert_eq!(
+            slots.acquire("a").unwrap_err(),
+            WatchLimitError::PerPeer {
+                peer: "a".into(),
+                limit: 2
+            }
+        );
+        let _b1 = slots.acquire("b").unwrap();
+        assert_eq!(
+            slots.acquire("c").unwrap_err(),
+            WatchLimitError::Total { limit: 3 }
+        );
+        drop(a1);
+        assert_eq!(slots.open(), 2);
+        let _c1 = slots.acquire("c").unwrap();
+        assert_eq!(slots.peers(), 3);
+    }
+
+    #[test]
+    fn page_tokens_and_sizes() {
+        assert_eq!(parse_page_token("").unwrap(), 0);
+        assert_eq!(parse_page_token("seq:42").unwrap(), 42);
+        let e = parse_page_token("42").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert_eq!(page_size(0), 100);
+        assert_eq!(page_size(7), 7);
+        assert_eq!(page_size(1_000_000), 1000);
+    }
+}
