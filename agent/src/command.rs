@@ -153,7 +153,8 @@ impl ProcessRunner {
             tokio::net::unix::pipe::Receiver::from_owned_fd(output.into()).map_err(spawn_err)?;
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(args)
-            .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env_clear()
+            .envs(command_env(&spec.env))
             .stdin(Stdio::null())
             .stdout(writer)
             .stderr(writer_for_stderr)
@@ -282,19 +283,89 @@ where
     tokio::spawn(fut.instrument(tracing::Span::current()))
 }
 
+/// A substituted value would become an option or the program.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubstitutionError {
+    /// a value starting with `-` would start an argument: it would be read as an option
+    #[error(
+        "argument {index} `{template}` would start with `-` after substituting {{{name}}} = `{value}`; a substituted value may not become an option (put the placeholder after a fixed prefix such as `--reason=`, or after a `--` argument)"
+    )]
+    OptionLike {
+        index: usize,
+        template: String,
+        name: String,
+        value: String,
+    },
+    /// the program itself would come from a substitution
+    #[error("the program `{template}` (argv[0]) may not contain a substitution")]
+    Program { template: String },
+}
+
 /// Replace `{name}` placeholders in an argv template. Only the given names
 /// are known; the config loader has already refused any other placeholder.
-pub fn substitute(template: &[String], vars: &[(&str, &str)]) -> Vec<String> {
-    template
-        .iter()
-        .map(|arg| {
-            let mut out = arg.clone();
-            for (name, value) in vars {
-                out = out.replace(&format!("{{{name}}}"), value);
-            }
-            out
-        })
-        .collect()
+///
+/// Values can come from a task (a drain reason), so a value may never
+/// become an option or the program: an argument that starts with `-` only
+/// because of a substituted value is refused (unless it follows a literal
+/// `--` argument), and so is a placeholder in `argv[0]`.
+pub fn substitute(
+    template: &[String],
+    vars: &[(&str, &str)],
+) -> Result<Vec<String>, SubstitutionError> {
+    let mut after_double_dash = false;
+    let mut out = Vec::with_capacity(template.len());
+    for (index, arg) in template.iter().enumerate() {
+        let mut value = arg.clone();
+        for (name, v) in vars {
+            value = value.replace(&format!("{{{name}}}"), v);
+        }
+        if index == 0 && value != *arg {
+            return Err(SubstitutionError::Program {
+                template: arg.clone(),
+            });
+        }
+        if !after_double_dash && value.starts_with('-') && !arg.starts_with('-') {
+            let (name, v) = vars
+                .iter()
+                .find(|(name, _)| arg.starts_with(&format!("{{{name}}}")))
+                .copied()
+                .unwrap_or(("?", ""));
+            return Err(SubstitutionError::OptionLike {
+                index,
+                template: arg.clone(),
+                name: name.to_string(),
+                value: v.chars().take(64).collect(),
+            });
+        }
+        if index > 0 && arg == "--" {
+            after_double_dash = true;
+        }
+        out.push(value);
+    }
+    Ok(out)
+}
+
+/// Environment variables a command inherits from the agent (besides the
+/// `RINGFENCE_*` variables of its [`CommandSpec`]): nothing else leaks
+/// into hooks and patch commands (no `NOTIFY_SOCKET`, credentials, `LD_*`).
+pub const INHERITED_ENV: &[&str] = &["PATH", "LANG"];
+
+/// `PATH` of commands when the agent itself has none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The whole environment of a command: `PATH` (the agent's, else
+/// [`DEFAULT_PATH`]), `LANG` when the agent has one, and `extra`.
+pub fn command_env(extra: &[(String, String)]) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    for name in INHERITED_ENV {
+        match std::env::var(name) {
+            Ok(v) => env.push(((*name).to_string(), v)),
+            Err(_) if *name == "PATH" => env.push(("PATH".to_string(), DEFAULT_PATH.to_string())),
+            Err(_) => {}
+        }
+    }
+    env.extend(extra.iter().cloned());
+    env
 }
 
 /// The placeholders (`{...}`) in `arg` that are not in `allowed`.
@@ -332,8 +403,81 @@ mod tests {
             vec!["{foo}".to_string()]
         );
         assert_eq!(unknown_placeholders("a{b", &["version"]), vec!["{b"]);
-        let argv = substitute(&["x".into(), "v={version}".into()], &[("version", "1.2.3")]);
+        let argv =
+            substitute(&["x".into(), "v={version}".into()], &[("version", "1.2.3")]).unwrap();
         assert_eq!(argv, vec!["x".to_string(), "v=1.2.3".to_string()]);
+    }
+
+    fn argv(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| (*s).to_string()).collect()
+    }
+
+    /// A task's reason `--force` / `-rf` substituted as a whole argument
+    /// would be read as an option by the hook: refused. After a fixed
+    /// prefix, or after `--`, it is plain data.
+    #[test]
+    fn a_value_never_becomes_an_option_or_the_program() {
+        let vars = [("host_id", "gpu-1"), ("reason", "--delete-all-jobs")];
+        let err = substitute(&argv(&["/bin/hook", "{host_id}", "{reason}"]), &vars).unwrap_err();
+        assert!(
+            matches!(&err, SubstitutionError::OptionLike { index: 2, name, .. } if name == "reason"),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("may not become an option"),
+            "{err}"
+        );
+        let vars_short = [("reason", "-rf")];
+        assert!(substitute(&argv(&["/bin/hook", "{reason}x"]), &vars_short).is_err());
+        assert_eq!(
+            substitute(&argv(&["/bin/hook", "--reason={reason}"]), &vars).unwrap(),
+            argv(&["/bin/hook", "--reason=--delete-all-jobs"])
+        );
+        assert_eq!(
+            substitute(&argv(&["/bin/hook", "--", "{reason}"]), &vars).unwrap(),
+            argv(&["/bin/hook", "--", "--delete-all-jobs"])
+        );
+        // A literal option in the template stays allowed.
+        assert!(substitute(&argv(&["/bin/hook", "-v", "{host_id}"]), &vars).is_ok());
+        assert!(matches!(
+            substitute(&argv(&["{reason}", "x"]), &[("reason", "/bin/evil")]),
+            Err(SubstitutionError::Program { .. })
+        ));
+    }
+
+    /// Commands see PATH, LANG and the spec's variables only: nothing of the
+    /// agent's own environment (the test runner's CARGO_*, HOME, ...).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn commands_run_with_a_cleaned_environment() {
+        assert!(
+            std::env::vars().any(|(k, _)| k.starts_with("CARGO") || k == "HOME"),
+            "the test process itself has a rich environment"
+        );
+        let outcome = ProcessRunner::default()
+            .run(CommandSpec {
+                label: "env".into(),
+                argv: vec!["/usr/bin/env".into()],
+                env: vec![("RINGFENCE_TASK_ID".into(), "t-1".into())],
+                timeout: Duration::from_secs(20),
+                tail_lines: 1000,
+            })
+            .await
+            .unwrap();
+        assert!(outcome.success(), "{outcome:?}");
+        let names: Vec<&str> = outcome
+            .tail
+            .iter()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+            .collect();
+        assert!(names.contains(&"PATH"), "{names:?}");
+        assert!(outcome.tail.contains(&"RINGFENCE_TASK_ID=t-1".to_string()));
+        for name in &names {
+            assert!(
+                INHERITED_ENV.contains(name) || name.starts_with("RINGFENCE_"),
+                "`{name}` leaked into the command's environment: {:?}",
+                outcome.tail
+            );
+        }
     }
 
     /// stdout and stderr lines keep the order they were written in, so the

@@ -297,6 +297,8 @@ pub async fn serve(
         health: health.clone(),
         source: opts.source.clone(),
         engine: engine.clone(),
+        watch_slots: Arc::default(),
+        fresh: Arc::default(),
     };
     let mut routes = tonic::service::Routes::default();
     routes = routes

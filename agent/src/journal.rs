@@ -9,11 +9,18 @@
 //! agent restart, acknowledged faults, and when the journal was created (a
 //! task issued before that is refused: wiping the state does not reopen
 //! replay).
+//!
+//! Tasks are also indexed by sequence (for ListTasks pages), and finished
+//! tasks older than the retention are removed by [`Journal::compact`]; the
+//! high-water mark and unfinished tasks are never removed.
 
 use std::path::{Path, PathBuf};
 
 use prost::Message;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
 use ringfence::envelope::ReplayGuard;
 use ringfence::pb;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -25,6 +32,8 @@ const TASKS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("tasks
 const META: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("meta");
 const VERSIONS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("versions");
 const ACKS: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("acks");
+/// (sequence, task id) of every task in TASKS.
+const BY_SEQ: TableDefinition<'static, (u64, &str), ()> = TableDefinition::new("tasks_by_sequence");
 
 const HIGH_WATER: &str = "high_water";
 const DRAIN: &str = "drain";
@@ -203,7 +212,7 @@ impl Journal {
             t.tx.open_table(META).map_err(|e| store(t.path, e))?;
             t.tx.open_table(VERSIONS).map_err(|e| store(t.path, e))?;
             t.tx.open_table(ACKS).map_err(|e| store(t.path, e))?;
-            Ok(())
+            t.index_tasks()
         })?;
         Ok(journal)
     }
@@ -310,6 +319,86 @@ impl Journal {
         self.read_meta(CREATED)
     }
 
+    /// At most `limit` tasks of `wave` (every wave when empty) whose
+    /// sequence is above `after`, by sequence, and whether more follow.
+    pub fn tasks_page(
+        &self,
+        wave: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<pb::TaskStatus>, bool), JournalError> {
+        let tx = self.db.begin_read().map_err(|e| store(&self.path, e))?;
+        let index = tx.open_table(BY_SEQ).map_err(|e| store(&self.path, e))?;
+        let tasks = tx.open_table(TASKS).map_err(|e| store(&self.path, e))?;
+        let mut out = Vec::new();
+        let Some(from) = after.checked_add(1) else {
+            return Ok((out, false));
+        };
+        for entry in index
+            .range((from, "")..)
+            .map_err(|e| store(&self.path, e))?
+        {
+            let (k, _) = entry.map_err(|e| store(&self.path, e))?;
+            let (_, id) = k.value();
+            let Some(v) = tasks.get(id).map_err(|e| store(&self.path, e))? else {
+                continue;
+            };
+            let status = decode_task(&self.path, id, v.value())?;
+            if !wave.is_empty() && status.wave_id != wave {
+                continue;
+            }
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push(status);
+        }
+        Ok((out, false))
+    }
+
+    /// Remove finished tasks (SUCCEEDED, FAILED, INTERRUPTED) last changed
+    /// before `before_unix_ms`, and acknowledgements older than that. The
+    /// high-water mark and every unfinished task stay. Returns the number of
+    /// task records removed.
+    pub fn compact(&self, before_unix_ms: i64) -> Result<usize, JournalError> {
+        self.write(|t| {
+            let mut tasks = t.tx.open_table(TASKS).map_err(|e| store(t.path, e))?;
+            let mut old = Vec::new();
+            for entry in tasks.iter().map_err(|e| store(t.path, e))? {
+                let (k, v) = entry.map_err(|e| store(t.path, e))?;
+                let s = decode_task(t.path, k.value(), v.value())?;
+                let finished = matches!(
+                    s.state(),
+                    pb::TaskState::Succeeded | pb::TaskState::Failed | pb::TaskState::Interrupted
+                );
+                let last = s.updated_at_unix_ms.max(s.accepted_at_unix_ms);
+                if finished && last < before_unix_ms {
+                    old.push((s.sequence, k.value().to_string()));
+                }
+            }
+            let mut index = t.tx.open_table(BY_SEQ).map_err(|e| store(t.path, e))?;
+            for (seq, id) in &old {
+                tasks.remove(id.as_str()).map_err(|e| store(t.path, e))?;
+                index
+                    .remove((*seq, id.as_str()))
+                    .map_err(|e| store(t.path, e))?;
+            }
+            let mut acks = t.tx.open_table(ACKS).map_err(|e| store(t.path, e))?;
+            let mut old_acks = Vec::new();
+            for entry in acks.iter().map_err(|e| store(t.path, e))? {
+                let (k, v) = entry.map_err(|e| store(t.path, e))?;
+                let key = format!("ack {}", k.value());
+                let ack: AckRecord = decode_json(t.path, &key, v.value())?;
+                if ack.at_unix_ms < before_unix_ms {
+                    old_acks.push(k.value());
+                }
+            }
+            for k in old_acks {
+                acks.remove(k).map_err(|e| store(t.path, e))?;
+            }
+            Ok(old.len())
+        })
+    }
+
     /// The highest accepted sequence (0 if none).
     pub fn high_water(&self) -> Result<u64, JournalError> {
         Ok(self.read_meta::<u64>(HIGH_WATER)?.unwrap_or(0))
@@ -365,12 +454,41 @@ impl Txn<'_> {
             .transpose()
     }
 
-    /// Store a task status.
+    /// Store a task status (and index it by sequence).
     pub fn put_task(&mut self, status: &pb::TaskStatus) -> Result<(), JournalError> {
         let mut table = self.tx.open_table(TASKS).map_err(|e| store(self.path, e))?;
         table
             .insert(status.task_id.as_str(), status.encode_to_vec().as_slice())
             .map_err(|e| store(self.path, e))?;
+        let mut index = self
+            .tx
+            .open_table(BY_SEQ)
+            .map_err(|e| store(self.path, e))?;
+        index
+            .insert((status.sequence, status.task_id.as_str()), ())
+            .map_err(|e| store(self.path, e))?;
+        Ok(())
+    }
+
+    /// Index every task by sequence (journals written before the index existed).
+    fn index_tasks(&mut self) -> Result<(), JournalError> {
+        let tasks = self.tx.open_table(TASKS).map_err(|e| store(self.path, e))?;
+        let mut index = self
+            .tx
+            .open_table(BY_SEQ)
+            .map_err(|e| store(self.path, e))?;
+        let indexed = index.len().map_err(|e| store(self.path, e))?;
+        let stored = tasks.len().map_err(|e| store(self.path, e))?;
+        if indexed == stored {
+            return Ok(());
+        }
+        for entry in tasks.iter().map_err(|e| store(self.path, e))? {
+            let (k, v) = entry.map_err(|e| store(self.path, e))?;
+            let s = decode_task(self.path, k.value(), v.value())?;
+            index
+                .insert((s.sequence, k.value()), ())
+                .map_err(|e| store(self.path, e))?;
+        }
         Ok(())
     }
 

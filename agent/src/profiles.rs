@@ -226,6 +226,18 @@ fn text_ok(field: &str, value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A task value that hooks receive as `{reason}`: text, and never an option.
+fn hook_value_ok(field: &str, value: &str) -> Result<(), String> {
+    text_ok(field, value)?;
+    if value.starts_with('-') {
+        return Err(format!(
+            "{field} `{}` starts with `-`: hooks receive it as an argument, where it would be read as an option",
+            value.chars().take(64).collect::<String>().escape_debug()
+        ));
+    }
+    Ok(())
+}
+
 impl ActionPolicy for ProfilePolicy {
     fn allow(&self, task: &pb::TaskPayload) -> Result<(), String> {
         match &task.action {
@@ -260,8 +272,8 @@ impl ActionPolicy for ProfilePolicy {
                 text_ok("expect_driver_version", &v.expect_driver_version)?;
                 text_ok("expect_cuda_version", &v.expect_cuda_version)
             }
-            Some(Action::Drain(d)) => text_ok("drain reason", &d.reason),
-            Some(Action::Undrain(u)) => text_ok("undrain reason", &u.reason),
+            Some(Action::Drain(d)) => hook_value_ok("drain reason", &d.reason),
+            Some(Action::Undrain(u)) => hook_value_ok("undrain reason", &u.reason),
             Some(Action::AckFaults(a)) => {
                 // `operator` is an informational note; the acknowledging
                 // operators are the approver keys (recorded in the journal).

@@ -5,10 +5,18 @@
 //! GetHealth is the hot RPC (schedulers poll it), so [`AgentRouter`] answers
 //! it with the report bytes the [`HealthCell`] encoded at the last poll,
 //! through [`EncodedCodec`]; every other RPC goes to the generated server.
+//!
+//! Limits: WatchHealth / WatchTask streams are plain stream values (no
+//! spawned task), so a stream whose client went away is dropped with its
+//! HTTP/2 stream at once; each holds a [`WatchSlot`] of [`WatchSlots`]
+//! (per peer SPIFFE id and in total). Fresh GetHealth / Attest collections
+//! are coalesced by [`FreshReports`]. ListTasks answers in pages.
 
+use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use ed25519_dalek::SigningKey;
@@ -43,6 +51,10 @@ pub struct AgentService {
     pub source: Arc<dyn ReportSource>,
     /// The task engine.
     pub engine: TaskEngine,
+    /// Open WatchHealth / WatchTask streams, capped per peer and in total.
+    pub watch_slots: Arc<WatchSlots>,
+    /// Fresh collections for GetHealth(fresh) and Attest, coalesced.
+    pub fresh: Arc<FreshReports>,
 }
 
 impl std::fmt::Debug for AgentService {
@@ -64,29 +76,39 @@ pub fn submit_status(e: &SubmitError) -> Status {
             Status::unavailable("the agent is shutting down and accepts no new task")
         }
         SubmitError::Journal(j) => Status::internal(format!("cannot record the task: {j}")),
+        SubmitError::Overloaded { .. } => Status::resource_exhausted(e.to_string()),
+        SubmitError::Verifier { .. } => Status::internal(e.to_string()),
     }
 }
 
 impl AgentService {
-    /// A fresh report, collected on a blocking thread.
-    async fn fresh(&self) -> Result<pb::HealthReport, Status> {
-        let source = self.source.clone();
-        let draining = *self.engine.draining().borrow();
-        tokio::task::spawn_blocking(move || source.collect(draining))
+    /// A report collected after this call began (coalesced with the callers
+    /// waiting at the same moment; see [`FreshReports`]).
+    async fn fresh(&self) -> Result<Arc<pb::HealthReport>, Status> {
+        self.fresh
+            .get(&self.source, &self.health, &self.engine)
             .await
             .map_err(|e| Status::internal(format!("health collection failed: {e}")))
     }
-}
 
-impl AgentService {
     /// The GetHealth answer, encoded: the report of the last poll (the drain
     /// mark is current, the rest up to one poll old), or a fresh one when asked.
     pub async fn health_bytes(&self, req: pb::GetHealthRequest) -> Result<Bytes, Status> {
         if req.fresh {
-            let report = self.fresh().await?;
-            self.health.publish(report);
+            // FreshReports published it; the cell's encoding is that report.
+            self.fresh().await?;
         }
         Ok(self.health.encoded(*self.engine.draining().borrow()))
+    }
+
+    /// A slot for one watch stream of the request's peer, or RESOURCE_EXHAUSTED.
+    fn watch_slot<T>(&self, req: &Request<T>, rpc: &str) -> Result<WatchSlot, Status> {
+        let peer = ringfence::tls::peer_identity(req)
+            .map_or_else(|| "unauthenticated".to_string(), |p| p.id.to_string());
+        self.watch_slots.acquire(&peer).map_err(|e| {
+            tracing::warn!(peer = %peer, rpc, error = %e, "watch stream refused");
+            Status::resource_exhausted(format!("{rpc}: {e}"))
+        })
     }
 }
 
@@ -127,23 +149,29 @@ impl Agent for AgentService {
 
     async fn watch_health(
         &self,
-        _req: Request<pb::WatchHealthRequest>,
+        req: Request<pb::WatchHealthRequest>,
     ) -> Result<Response<Self::WatchHealthStream>, Status> {
-        let mut rx = self.health.subscribe();
+        let slot = self.watch_slot(&req, "WatchHealth")?;
+        // Subscribe first: a change after this point is never missed (at
+        // worst the first report is followed by the same one).
+        let rx = self.health.subscribe();
         let first = self.health.last();
-        let stream = async_stream(move |tx| async move {
-            if tx.send(Ok((*first).clone())).await.is_err() {
-                return;
-            }
-            rx.mark_unchanged();
-            while rx.changed().await.is_ok() {
-                let r = rx.borrow_and_update().clone();
-                if tx.send(Ok((*r).clone())).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(stream))
+        // A plain stream value, no spawned task: when the client goes away
+        // hyper drops the response body, and with it the receiver and slot.
+        let stream = futures_util::stream::unfold(
+            (Some(first), rx, slot),
+            |(first, mut rx, slot)| async move {
+                let report = match first {
+                    Some(r) => r,
+                    None => {
+                        rx.changed().await.ok()?;
+                        rx.borrow_and_update().clone()
+                    }
+                };
+                Some((Ok((*report).clone()), (None, rx, slot)))
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn attest(
@@ -157,8 +185,8 @@ impl Agent for AgentService {
                 nonce.len()
             )));
         }
-        let report = self.fresh().await?;
-        self.health.publish(report.clone());
+        // One collection may serve several callers; each signs its own nonce.
+        let report = (*self.fresh().await?).clone();
         let att = pb::Attestation {
             host_id: self.host_id.clone(),
             boot_id: report.boot_id.clone(),
@@ -205,38 +233,233 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::GetTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        let slot = self.watch_slot(&req, "WatchTask")?;
         let id = req.into_inner().task_id;
-        let Some(mut rx) = self.engine.watch(&id) else {
+        let Some(rx) = self.engine.watch(&id) else {
             return Err(Status::not_found(format!(
                 "no task `{id}` in this agent's journal"
             )));
         };
-        let stream = async_stream(move |tx| async move {
-            loop {
+        // The current status, then each change; ends after a final state.
+        // No spawned task: a client that goes away drops all of it.
+        let stream =
+            futures_util::stream::unfold((Some(rx), true, slot), |(rx, first, slot)| async move {
+                let mut rx = rx?;
+                if !first {
+                    rx.changed().await.ok()?;
+                }
                 let s = rx.borrow_and_update().clone();
                 let done = pb::TaskState::try_from(s.state)
                     .map(crate::tasks::is_terminal)
                     .unwrap_or(true);
-                if tx.send(Ok(s)).await.is_err() || done {
-                    return;
-                }
-                if rx.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(stream))
+                let next = if done { None } else { Some(rx) };
+                Some((Ok(s), (next, false, slot)))
+            });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn list_tasks(
         &self,
         req: Request<pb::ListTasksRequest>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
-        let wave = req.into_inner().wave_id;
+        let req = req.into_inner();
+        let after = parse_page_token(&req.page_token)?;
+        let size = page_size(req.page_size);
+        let (tasks, more) = self
+            .engine
+            .list_page(&req.wave_id, after, size)
+            .map_err(|e| Status::internal(format!("listing tasks: {e}")))?;
+        let next_page_token = match (more, tasks.last()) {
+            (true, Some(last)) => format!("{PAGE_TOKEN_PREFIX}{}", last.sequence),
+            _ => String::new(),
+        };
         Ok(Response::new(pb::ListTasksResponse {
-            tasks: self.engine.list(&wave),
-            ..Default::default()
+            tasks,
+            next_page_token,
         }))
+    }
+}
+
+/// ListTasks page size when the request leaves it 0.
+pub const DEFAULT_LIST_PAGE_SIZE: u32 = 100;
+/// The largest ListTasks page; larger requests get this many.
+pub const MAX_LIST_PAGE_SIZE: u32 = 1000;
+const PAGE_TOKEN_PREFIX: &str = "seq:";
+
+fn page_size(asked: u32) -> usize {
+    let n = if asked == 0 {
+        DEFAULT_LIST_PAGE_SIZE
+    } else {
+        asked.min(MAX_LIST_PAGE_SIZE)
+    };
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// The sequence after which a page starts (0: from the oldest).
+fn parse_page_token(token: &str) -> Result<u64, Status> {
+    if token.is_empty() {
+        return Ok(0);
+    }
+    token
+        .strip_prefix(PAGE_TOKEN_PREFIX)
+        .and_then(|n| n.parse::<u64>().ok())
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "page_token `{}` is not a token from a previous ListTasks answer",
+                token.chars().take(64).collect::<String>().escape_debug()
+            ))
+        })
+}
+
+/// Open WatchHealth / WatchTask streams allowed to one peer (SPIFFE id) at once.
+pub const DEFAULT_WATCH_STREAMS_PER_PEER: usize = 32;
+/// Open WatchHealth / WatchTask streams allowed in total at once.
+pub const DEFAULT_WATCH_STREAMS_TOTAL: usize = 256;
+
+/// A watch stream was refused (answered RESOURCE_EXHAUSTED).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WatchLimitError {
+    /// the peer already has its maximum of open streams
+    #[error("{peer} already has {limit} open watch streams (the limit per peer)")]
+    PerPeer { peer: String, limit: usize },
+    /// the agent already has its maximum of open streams
+    #[error("the agent already serves {limit} open watch streams (the total limit)")]
+    Total { limit: usize },
+}
+
+/// Counts open watch streams per peer and in total; a [`WatchSlot`] is
+/// one open stream and gives its place back when dropped.
+#[derive(Debug)]
+pub struct WatchSlots {
+    per_peer: usize,
+    total: usize,
+    open: Mutex<OpenStreams>,
+}
+
+#[derive(Debug, Default)]
+struct OpenStreams {
+    total: usize,
+    by_peer: HashMap<String, usize>,
+}
+
+impl Default for WatchSlots {
+    fn default() -> Self {
+        Self::new(DEFAULT_WATCH_STREAMS_PER_PEER, DEFAULT_WATCH_STREAMS_TOTAL)
+    }
+}
+
+impl WatchSlots {
+    /// Caps of `per_peer` streams for one peer and `total` for all.
+    pub fn new(per_peer: usize, total: usize) -> Self {
+        Self {
+            per_peer,
+            total,
+            open: Mutex::new(OpenStreams::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OpenStreams> {
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Take a slot for `peer`, or say which limit is reached.
+    pub fn acquire(self: &Arc<Self>, peer: &str) -> Result<WatchSlot, WatchLimitError> {
+        let mut open = self.lock();
+        if open.total >= self.total {
+            return Err(WatchLimitError::Total { limit: self.total });
+        }
+        let n = open.by_peer.get(peer).copied().unwrap_or(0);
+        if n >= self.per_peer {
+            return Err(WatchLimitError::PerPeer {
+                peer: peer.to_string(),
+                limit: self.per_peer,
+            });
+        }
+        open.by_peer.insert(peer.to_string(), n + 1);
+        open.total += 1;
+        Ok(WatchSlot {
+            slots: self.clone(),
+            peer: peer.to_string(),
+        })
+    }
+
+    /// Streams open now (all peers).
+    pub fn open(&self) -> usize {
+        self.lock().total
+    }
+
+    /// Peers with at least one open stream.
+    pub fn peers(&self) -> usize {
+        self.lock().by_peer.len()
+    }
+}
+
+/// One open watch stream; dropping it frees the place.
+#[derive(Debug)]
+pub struct WatchSlot {
+    slots: Arc<WatchSlots>,
+    peer: String,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.lock();
+        open.total = open.total.saturating_sub(1);
+        if let Some(n) = open.by_peer.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.by_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Coalesces fresh health collections: a caller is served by the first
+/// collection that *starts after it arrived*, so every answer is fresh for
+/// its caller, and callers arriving while one collection runs share the next
+/// one. Many concurrent GetHealth(fresh) / Attest calls then cost two NVML
+/// collections, not one each.
+#[derive(Debug, Default)]
+pub struct FreshReports {
+    /// Callers that arrived so far (a ticket each).
+    arrivals: AtomicU64,
+    /// The last collection: how many callers had arrived when it started, and its report.
+    last: tokio::sync::Mutex<Option<(u64, Arc<pb::HealthReport>)>>,
+    /// Collections made (for tests and metrics).
+    collections: AtomicU64,
+}
+
+impl FreshReports {
+    /// A report collected after this call began; published to `health`.
+    pub async fn get(
+        &self,
+        source: &Arc<dyn ReportSource>,
+        health: &HealthCell,
+        engine: &TaskEngine,
+    ) -> Result<Arc<pb::HealthReport>, tokio::task::JoinError> {
+        let ticket = self.arrivals.fetch_add(1, Ordering::SeqCst) + 1;
+        // Fair (FIFO) lock: whoever waited during a collection gets it next.
+        let mut last = self.last.lock().await;
+        if let Some((started_after, report)) = last.as_ref()
+            && *started_after >= ticket
+        {
+            return Ok(report.clone());
+        }
+        let started_after = self.arrivals.load(Ordering::SeqCst);
+        let draining = *engine.draining().borrow();
+        let src = source.clone();
+        let report = Arc::new(tokio::task::spawn_blocking(move || src.collect(draining)).await?);
+        self.collections.fetch_add(1, Ordering::SeqCst);
+        health.publish((*report).clone());
+        *last = Some((started_after, report.clone()));
+        Ok(report)
+    }
+
+    /// How many collections were made.
+    pub fn collections(&self) -> u64 {
+        self.collections.load(Ordering::SeqCst)
     }
 }
 
@@ -367,14 +590,160 @@ impl Encoder for EncodedWriter {
     }
 }
 
-/// A stream fed by a spawned task through a bounded channel.
-fn async_stream<T, F, Fut>(f: F) -> BoxStream<T>
-where
-    T: Send + 'static,
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<T, Status>>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(f(tx));
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::time::Duration;
+
+    use ringfence::time::SystemClock;
+    use ringfence::trust::{Policy, TrustSet};
+
+    use super::*;
+    use crate::command::ProcessRunner;
+    use crate::tasks::fake::FakeHealth;
+    use crate::tasks::{DrainConfig, RebootConfig};
+
+    /// A report source that takes 150 ms and counts its collections.
+    #[derive(Debug, Default)]
+    struct SlowSource {
+        collections: AtomicU64,
+    }
+
+    impl ReportSource for SlowSource {
+        fn collect(&self, draining: bool) -> pb::HealthReport {
+            std::thread::sleep(Duration::from_millis(150));
+            let n = self.collections.fetch_add(1, Ordering::SeqCst) + 1;
+            pb::HealthReport {
+                host_id: "gpu-1".into(),
+                collected_at_unix_ms: i64::try_from(n).unwrap(),
+                verdict: pb::Verdict::Healthy as i32,
+                draining,
+                ..Default::default()
+            }
+        }
+        fn acknowledge(&self, _fault_ids: &[String]) {}
+    }
+
+    fn service(dir: &std::path::Path, source: Arc<SlowSource>) -> AgentService {
+        let engine = TaskEngine::open(
+            dir,
+            "gpu-1".into(),
+            Some(0),
+            TrustSet::from_keys(vec![], Policy::default()),
+            DrainConfig::default(),
+            RebootConfig::default(),
+            crate::profiles::PatchConfig::default(),
+            Arc::new(FakeHealth::new("gpu-1")),
+            Arc::new(ProcessRunner::default()),
+            Arc::new(SystemClock),
+            "boot-1".into(),
+            "0.1.0".into(),
+        )
+        .unwrap();
+        AgentService {
+            host_id: "gpu-1".into(),
+            spiffe_id: "spiffe://gpu.test/host/gpu-1".into(),
+            key: Arc::new(ringfence::keys::generate()),
+            boot_id: "boot-1".into(),
+            health: Arc::new(HealthCell::new(pb::HealthReport::default())),
+            source,
+            engine,
+            watch_slots: Arc::default(),
+            fresh: Arc::default(),
+        }
+    }
+
+    /// 24 concurrent fresh GetHealth and Attest calls cost two collections
+    /// (the one running when they arrive is too old for them; the next one
+    /// serves all), and every attestation still signs its caller's nonce.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_fresh_collections_are_coalesced() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Arc::new(SlowSource::default());
+        let svc = service(dir.path(), source.clone());
+        let mut calls = Vec::new();
+        for i in 0..24u8 {
+            let svc = svc.clone();
+            calls.push(tokio::spawn(async move {
+                if i % 2 == 0 {
+                    svc.health_bytes(pb::GetHealthRequest { fresh: true })
+                        .await
+                        .unwrap();
+                    None
+                } else {
+                    let nonce = vec![i; 32];
+                    let env = svc
+                        .attest(Request::new(pb::AttestRequest {
+                            nonce: nonce.clone(),
+                        }))
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    Some((nonce, env))
+                }
+            }));
+        }
+        let vk = svc.key.verifying_key();
+        for c in calls {
+            if let Some((nonce, env)) = c.await.unwrap() {
+                let att = pb::Attestation::decode(env.payload.as_slice()).unwrap();
+                assert_eq!(att.nonce, nonce, "each caller's own nonce");
+                let msg = ringfence::envelope::pae(&env.payload_type, &env.payload);
+                let sig = ed25519_dalek::Signature::from_slice(&env.signatures[0].sig).unwrap();
+                vk.verify_strict(&msg, &sig).unwrap();
+            }
+        }
+        let n = source.collections.load(Ordering::SeqCst);
+        assert!(n <= 2, "{n} collections for 24 concurrent callers");
+        assert_eq!(svc.fresh.collections(), n);
+
+        // A caller arriving after a collection started never gets that one.
+        let before = source.collections.load(Ordering::SeqCst);
+        svc.health_bytes(pb::GetHealthRequest { fresh: true })
+            .await
+            .unwrap();
+        svc.health_bytes(pb::GetHealthRequest { fresh: true })
+            .await
+            .unwrap();
+        assert_eq!(source.collections.load(Ordering::SeqCst), before + 2);
+        let last = svc.health.last();
+        assert_eq!(
+            last.collected_at_unix_ms,
+            i64::try_from(before + 2).unwrap()
+        );
+    }
+
+    #[test]
+    fn watch_slots_cap_per_peer_and_in_total_and_free_on_drop() {
+        let slots = Arc::new(WatchSlots::new(2, 3));
+        let a1 = slots.acquire("a").unwrap();
+        let _a2 = slots.acquire("a").unwrap();
+        assert_eq!(
+            slots.acquire("a").unwrap_err(),
+            WatchLimitError::PerPeer {
+                peer: "a".into(),
+                limit: 2
+            }
+        );
+        let _b1 = slots.acquire("b").unwrap();
+        assert_eq!(
+            slots.acquire("c").unwrap_err(),
+            WatchLimitError::Total { limit: 3 }
+        );
+        drop(a1);
+        assert_eq!(slots.open(), 2);
+        let _c1 = slots.acquire("c").unwrap();
+        assert_eq!(slots.peers(), 3);
+    }
+
+    #[test]
+    fn page_tokens_and_sizes() {
+        assert_eq!(parse_page_token("").unwrap(), 0);
+        assert_eq!(parse_page_token("seq:42").unwrap(), 42);
+        let e = parse_page_token("42").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert_eq!(page_size(0), 100);
+        assert_eq!(page_size(7), 7);
+        assert_eq!(page_size(1_000_000), 1000);
+    }
 }

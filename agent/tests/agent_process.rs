@@ -856,3 +856,373 @@ async fn malformed_and_oversized_signed_tasks_answer_invalid_argument_and_resour
     }
     assert!(agent.try_status().is_none());
 }
+
+// ------------------------------------------------------------------ limits
+
+/// The agent's resident memory (VmRSS), in KiB.
+fn rss_kib(agent: &Agent) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"))
+}
+
+/// Open a WatchHealth stream, read its first report, and drop it (the
+/// client cancels the HTTP/2 stream), `cycles` times.
+async fn watch_health_churn(
+    mut client: pb::agent_client::AgentClient<tonic::transport::Channel>,
+    cycles: usize,
+) {
+    for i in 0..cycles {
+        let mut stream = loop {
+            match client.watch_health(pb::WatchHealthRequest {}).await {
+                Ok(s) => break s.into_inner(),
+                // A cancelled stream is released a moment after the
+                // client's RST_STREAM; at the per-peer cap, wait for it.
+                Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err(e) => panic!("WatchHealth #{i}: {e}"),
+            }
+        };
+        let first = stream.message().await.unwrap().expect("a first report");
+        assert_eq!(first.host_id, "gpu-churn");
+        drop(stream);
+    }
+}
+
+/// Issue 13 §7: a scheduler that opens and cancels WatchHealth streams
+/// grew the agent by gigabytes (every abandoned stream stayed allocated
+/// until the report changed: on a healthy host, never). 100,000 open and
+/// cancelled streams now leave the agent under 32 MiB, and the caps on open
+/// streams (32 per peer) answer RESOURCE_EXHAUSTED beyond, per peer: the
+/// cancelled streams' places are all free again afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_watch_health_streams_are_released_and_capped_per_peer() {
+    let host = Host::new("gpu-churn", HostOpts::default());
+    let mut agent = host.spawn();
+    host.wait_listening(&mut agent).await;
+    let before = rss_kib(&agent);
+
+    const CYCLES: usize = 100_000;
+    const CONNECTIONS: usize = 4;
+    const PER_CONNECTION: usize = 2;
+    let started = Instant::now();
+    let mut churn = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let client = host.agent_client_as(&host.scheduler).await;
+        for _ in 0..PER_CONNECTION {
+            churn.push(tokio::spawn(watch_health_churn(
+                client.clone(),
+                CYCLES / (CONNECTIONS * PER_CONNECTION),
+            )));
+        }
+    }
+    for c in churn {
+        c.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    // Give the last RST_STREAMs a moment to be processed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(&agent);
+    eprintln!(
+        "{CYCLES} WatchHealth open/cancel cycles in {elapsed:?}: agent RSS {before} KiB -> {after} KiB"
+    );
+    assert!(
+        after < 32 * 1024,
+        "agent RSS {after} KiB after {CYCLES} cancelled WatchHealth streams (was {before} KiB)"
+    );
+
+    // Every cancelled stream gave its place back: the scheduler can open its
+    // full quota of 32 again, and not one more.
+    let mut client = host.agent_client_as(&host.scheduler).await;
+    let mut open = Vec::new();
+    for i in 0..ringfenced::server::DEFAULT_WATCH_STREAMS_PER_PEER {
+        let mut s = client
+            .watch_health(pb::WatchHealthRequest {})
+            .await
+            .unwrap_or_else(|e| panic!("stream {i} of the quota: {e}"))
+            .into_inner();
+        s.message().await.unwrap().unwrap();
+        open.push(s);
+    }
+    let refused = client
+        .watch_health(pb::WatchHealthRequest {})
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
+    assert!(
+        refused.message().contains("per peer"),
+        "{}",
+        refused.message()
+    );
+    // Another peer is not starved by this one; its WatchTask streams count
+    // against its own quota like its WatchHealth streams.
+    let mut ops = host.client().await;
+    let mut ops_open = Vec::new();
+    for _ in 0..ringfenced::server::DEFAULT_WATCH_STREAMS_PER_PEER {
+        let mut s = ops
+            .watch_health(pb::WatchHealthRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        s.message().await.unwrap().unwrap();
+        ops_open.push(s);
+    }
+    let refused = ops
+        .watch_task(pb::GetTaskRequest {
+            task_id: "none".into(),
+        })
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
+    drop(ops_open);
+    // One cancelled stream frees one place.
+    drop(open.pop());
+    poll(
+        "a cancelled stream's place is free again",
+        TASK_LIMIT,
+        || {
+            let mut client = client.clone();
+            async move {
+                match client.watch_health(pb::WatchHealthRequest {}).await {
+                    Ok(s) => Some(s),
+                    Err(e) if e.code() == tonic::Code::ResourceExhausted => None,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        },
+    )
+    .await;
+}
+
+/// A ring-3 Patch for `host` signed by its coordinator key, carrying `approvals`.
+fn protected_patch(
+    host: &Host,
+    id: &str,
+    sequence: u64,
+    approvals: &[pb::Envelope],
+) -> pb::SignedTask {
+    let now = ringfence::time::now_ms();
+    let payload = pb::TaskPayload {
+        task_id: id.into(),
+        host_id: host.id.clone(),
+        wave_id: "wave-proc".into(),
+        ring: 3,
+        sequence,
+        issued_at_unix_ms: now,
+        expires_at_unix_ms: now + 600_000,
+        action: Some(patch("driver", "560.35.3")),
+    };
+    pb::SignedTask {
+        task: Some(ringfence::envelope::sign_message(
+            ringfence::envelope::TASK_TYPE,
+            &payload,
+            &[("coord-test", &host.coord)],
+        )),
+        approvals: approvals.to_vec(),
+    }
+}
+
+/// Issue 13 §7: no signature verification while holding a lock the
+/// watchdog or health path needs. Signed protected-ring Patch tasks, each
+/// with 32 approvals by 32 approver keys, from an ops certificate, at 400 a
+/// second for 10 s. The issue asks for 200/s for 30 s; on this test's debug
+/// build an agent that verifies under its lock on the runtime threads still
+/// keeps up with 200/s (watchdog gaps ~0.4 s, GetHealth ~0.25 s: degraded,
+/// not stopped), while at 400/s its backlog stalls both for seconds; 10 s
+/// (50 watchdog intervals, 10 health polls) shows that and keeps the test
+/// short on a shared 2-core CI machine. Meanwhile sd_notify WATCHDOG=1 keeps
+/// arriving (every 200 ms, no gap over 1.5 s) and GetHealth keeps answering
+/// (each within 1 s). Every task passes verification: the first runs, the
+/// rest are refused as busy or, past the verification queue,
+/// RESOURCE_EXHAUSTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_heavily_signed_tasks_starves_neither_watchdog_nor_health() {
+    let marker_dir = tempfile::tempdir().unwrap();
+    let marker = marker_dir.path().join("MARKER");
+    let pidfile = marker_dir.path().join("patch.pid");
+    let host = Host::new(
+        "gpu-flood",
+        HostOpts {
+            extra: format!(
+                "{}require_drained = false\n",
+                patch_profile(&marker, &pidfile)
+            ),
+            ..HostOpts::default()
+        },
+    );
+    let _orphan = GroupGuard(pidfile.clone());
+    const APPROVERS: usize = 32;
+    let approvers: Vec<ed25519_dalek::SigningKey> = (0..APPROVERS)
+        .map(|_| ringfence::keys::generate())
+        .collect();
+    let mut trust = format!(
+        "[policy]\nprotected_rings = [2, 3, 4]\napprover_threshold = 2\n\n[[coordinator]]\nid = \"coord-test\"\nkey = \"{}\"\n",
+        ringfence::keys::public_key_text(&host.coord.verifying_key())
+    );
+    for (i, k) in approvers.iter().enumerate() {
+        trust.push_str(&format!(
+            "\n[[approver]]\nid = \"approver-{i}\"\nkey = \"{}\"\n",
+            ringfence::keys::public_key_text(&k.verifying_key())
+        ));
+    }
+    std::fs::write(host.path("trust.toml"), trust).unwrap();
+
+    let now = ringfence::time::now_ms();
+    let approval = pb::RingApproval {
+        wave_id: "wave-proc".into(),
+        ring: 3,
+        profile: "driver".into(),
+        version: "560.35.3".into(),
+        host_ids: vec![host.id.clone()],
+        issued_at_unix_ms: now,
+        expires_at_unix_ms: now + 600_000,
+        actions: vec![pb::ApprovedAction::Patch as i32],
+        ..Default::default()
+    };
+    let approvals: Vec<pb::Envelope> = approvers
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            ringfence::envelope::sign_message(
+                ringfence::envelope::APPROVAL_TYPE,
+                &approval,
+                &[(&format!("approver-{i}"), k)],
+            )
+        })
+        .collect();
+    const RATE: u64 = 400;
+    const SECONDS: u64 = 10;
+    let tasks: Vec<pb::SignedTask> = (1..=RATE * SECONDS)
+        .map(|i| protected_patch(&host, &format!("flood-{i}"), i, &approvals))
+        .collect();
+
+    let sock_path = host.path("notify.sock");
+    let sock = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
+    let mut agent = host.spawn_with(|c| {
+        c.env("NOTIFY_SOCKET", &sock_path)
+            .env("WATCHDOG_USEC", "400000");
+    });
+    let deadline = Instant::now() + START_LIMIT;
+    loop {
+        match recv_lines(&sock, deadline).await {
+            Some(lines) if lines.iter().any(|l| l == "READY=1") => break,
+            Some(_) => {}
+            None => panic!("no READY=1; log:\n{}", host.log()),
+        }
+    }
+    host.wait_listening(&mut agent).await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Watchdog pings, stamped.
+    let pings = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut at = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let until = Instant::now() + Duration::from_millis(500);
+                if let Some(lines) = recv_lines(&sock, until).await
+                    && lines.iter().any(|l| l == "WATCHDOG=1")
+                {
+                    at.push(Instant::now());
+                }
+            }
+            at
+        }
+    });
+    // GetHealth from a scheduler, every 100 ms, each timed.
+    let mut scheduler = host.agent_client_as(&host.scheduler).await;
+    let probes = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut latencies = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let t = Instant::now();
+                let r = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    scheduler.get_health(pb::GetHealthRequest { fresh: false }),
+                )
+                .await;
+                match r {
+                    Ok(Ok(_)) => latencies.push(t.elapsed()),
+                    Ok(Err(e)) => panic!("GetHealth during the flood: {e}"),
+                    Err(_) => latencies.push(Duration::from_secs(10)),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            latencies
+        }
+    });
+
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(host.client().await);
+    }
+    let flood_started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
+    let mut answers = Vec::new();
+    for (i, task) in tasks.into_iter().enumerate() {
+        tick.tick().await;
+        let mut client = clients[i % clients.len()].clone();
+        answers.push(tokio::spawn(async move {
+            client.submit_task(task).await.map(|_| ())
+        }));
+    }
+    let sent_in = flood_started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let pings = pings.await.unwrap();
+    let latencies = probes.await.unwrap();
+
+    let (mut ok, mut busy, mut exhausted) = (0, 0, 0);
+    for a in answers {
+        match tokio::time::timeout(Duration::from_secs(120), a)
+            .await
+            .expect("a submission still unanswered 120 s after the flood")
+            .unwrap()
+        {
+            Ok(()) => ok += 1,
+            Err(e)
+                if e.code() == tonic::Code::FailedPrecondition
+                    && e.message().contains("still running") =>
+            {
+                busy += 1
+            }
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => exhausted += 1,
+            Err(e) => panic!("unexpected answer to a flood task: {e}"),
+        }
+    }
+    let mut gaps: Vec<Duration> = pings.windows(2).map(|w| w[1] - w[0]).collect();
+    gaps.sort();
+    let max_gap = gaps.last().copied().unwrap_or(Duration::MAX);
+    let max_latency = latencies.iter().max().copied().unwrap_or(Duration::MAX);
+    eprintln!(
+        "flood: {} tasks sent in {sent_in:?}: {ok} accepted, {busy} busy, {exhausted} over the verification queue; \
+         {} watchdog pings, largest gap {max_gap:?}; {} GetHealth probes, slowest {max_latency:?}",
+        RATE * SECONDS,
+        pings.len(),
+        latencies.len()
+    );
+    assert_eq!(ok, 1, "exactly the first task runs");
+    assert!(busy > 0, "tasks passed every check up to the busy engine");
+    assert!(
+        pings.len() as u64 >= SECONDS * 2,
+        "only {} watchdog pings during a {sent_in:?} flood; log:\n{}",
+        pings.len(),
+        host.log()
+    );
+    assert!(
+        max_gap < Duration::from_millis(1500),
+        "watchdog pings stalled for {max_gap:?} during the flood"
+    );
+    assert!(latencies.len() as u64 >= SECONDS * 3, "{latencies:?}");
+    assert!(
+        max_latency < Duration::from_secs(1),
+        "GetHealth took {max_latency:?} during the flood"
+    );
+    assert!(agent.try_status().is_none(), "the agent exited");
+}

@@ -41,7 +41,10 @@ pub(super) async fn run(run: &mut Run, d: &pb::Drain) -> Result<(), JournalError
 
     if !cfg.hook.is_empty() {
         let host_id = run.inner.host_id.clone();
-        let argv = substitute(&cfg.hook, &[("host_id", &host_id), ("reason", &d.reason)]);
+        let argv = match substitute(&cfg.hook, &[("host_id", &host_id), ("reason", &d.reason)]) {
+            Ok(a) => a,
+            Err(e) => return run.fail(format!("drain hook: {e}; host stays drained")),
+        };
         run.step("hook", format!("running drain hook `{}`", argv[0]))?;
         let remaining = deadline.saturating_duration_since(Instant::now());
         let timeout = remaining.min(Duration::from_secs(cfg.hook_timeout_s));

@@ -25,7 +25,7 @@ mod validate;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -176,6 +176,12 @@ impl DrainConfig {
                     message: "must name a program".into(),
                 });
             }
+            if argv.first().is_some_and(|p| p.contains('{')) {
+                return Err(TaskConfigError::Invalid {
+                    key,
+                    message: "the program (first element) may not contain a substitution".into(),
+                });
+            }
             for arg in argv {
                 let bad = unknown_placeholders(arg, &["host_id", "reason"]);
                 if !bad.is_empty() {
@@ -239,7 +245,27 @@ pub enum SubmitError {
     /// the journal could not record the task
     #[error("cannot record the task: {0}")]
     Journal(#[from] JournalError),
+    /// too many submissions are already waiting for signature verification
+    #[error(
+        "{waiting} task submissions are already waiting for signature verification (limit {MAX_WAITING_VERIFICATIONS}); retry later"
+    )]
+    Overloaded { waiting: usize },
+    /// the verification thread failed (a panic); nothing was recorded
+    #[error("task verification failed: {reason}")]
+    Verifier { reason: String },
 }
+
+/// Submissions allowed to wait for a verification thread; more are
+/// answered RESOURCE_EXHAUSTED at once (memory stays bounded under a flood).
+pub const MAX_WAITING_VERIFICATIONS: usize = 256;
+
+/// Task records are kept at least this long after their last change
+/// (and never less than the trust policy's task lifetime cap plus twice
+/// the clock skew); older finished tasks are compacted away.
+pub const JOURNAL_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How often (at most) an accepted task triggers a journal compaction.
+const COMPACT_EVERY_MS: i64 = 3600 * 1000;
 
 /// The engine could not start.
 #[derive(Debug, thiserror::Error)]
@@ -308,8 +334,15 @@ struct Inner {
     clock: Arc<dyn Clock>,
     boot_id: String,
     agent_version: String,
-    /// Serializes verification + acceptance; holds the running task's id.
+    /// Serializes acceptance (the cheap replay/sequence re-check and the
+    /// journal write; never a signature check); holds the running task's id.
     gate: Mutex<Option<String>>,
+    /// Signature verifications running at once (blocking threads).
+    verify_slots: tokio::sync::Semaphore,
+    /// Submissions waiting for a verification slot.
+    verify_waiting: AtomicUsize,
+    /// When the journal was last compacted (ms since the epoch).
+    compacted_at: AtomicI64,
     watchers: Mutex<HashMap<String, watch::Sender<pb::TaskStatus>>>,
     draining: watch::Sender<bool>,
     activity: watch::Sender<String>,
@@ -434,6 +467,9 @@ impl TaskEngine {
                 boot_id: p.boot_id,
                 agent_version: p.agent_version,
                 gate: Mutex::new(None),
+                verify_slots: tokio::sync::Semaphore::new(verify_threads()),
+                verify_waiting: AtomicUsize::new(0),
+                compacted_at: AtomicI64::new(0),
                 watchers: Mutex::new(HashMap::new()),
                 draining,
                 activity,
@@ -443,6 +479,7 @@ impl TaskEngine {
             }),
         };
         engine.recover()?;
+        engine.compact()?;
         let drained = engine.inner.journal.drain_mark()?.is_some();
         engine.inner.draining.send_replace(drained);
         Ok(engine)
@@ -566,35 +603,44 @@ impl TaskEngine {
         if inner.shutting_down.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
-        let trust = self.trust();
+        // All six checks, signatures included, on a blocking thread and
+        // without any lock: a flood of heavily signed tasks never holds a
+        // runtime thread or a lock that health, the watchdog or a running
+        // task needs.
+        let verified = match self.verify(signed).await? {
+            Ok(v) => v,
+            Err(r) => {
+                tracing::warn!(check = r.check(), host_id = %inner.host_id, "task rejected: {r}");
+                return Err(SubmitError::Rejected(r));
+            }
+        };
+        let task = match verified {
+            Verified::Replay(status) => {
+                tracing::info!(task_id = %status.task_id, state = status.state().as_str_name(),
+                    "task resubmitted; returning its recorded status");
+                return Ok(*status);
+            }
+            Verified::New(task) => task,
+        };
+        let approvers = task.approvers.clone();
         let (payload, status, exclusive, approvers) = {
             let mut gate = lock(&inner.gate);
-            let verifier = TaskVerifier {
-                trust: &trust,
-                host_id: &inner.host_id,
-                ring: inner.ring,
-                clock: inner.clock.as_ref(),
-            };
-            let policy = AgentPolicy {
-                profiles: &inner.policy,
-                health: inner.health.as_ref(),
-            };
-            let verified = match verifier.verify(&signed, &inner.journal, &policy) {
-                Ok(v) => v,
-                Err(r) => {
-                    tracing::warn!(check = r.check(), host_id = %inner.host_id, "task rejected: {r}");
-                    return Err(SubmitError::Rejected(r));
-                }
-            };
-            let task = match verified {
-                Verified::Replay(status) => {
-                    tracing::info!(task_id = %status.task_id, state = status.state().as_str_name(),
-                        "task resubmitted; returning its recorded status");
-                    return Ok(*status);
-                }
-                Verified::New(task) => task,
-            };
-            let approvers = task.approvers;
+            // Check 5 again under the gate: another task may have been
+            // accepted while this one was verified.
+            if let Some(recorded) = inner.journal.task(&task.payload.task_id)? {
+                tracing::info!(task_id = %recorded.task_id, state = recorded.state().as_str_name(),
+                    "task resubmitted; returning its recorded status");
+                return Ok(recorded);
+            }
+            let high_water = inner.journal.high_water()?;
+            if task.payload.sequence <= high_water {
+                let r = TaskRejection::SequenceNotIncreasing {
+                    sequence: task.payload.sequence,
+                    high_water,
+                };
+                tracing::warn!(check = r.check(), host_id = %inner.host_id, "task rejected: {r}");
+                return Err(SubmitError::Rejected(r));
+            }
             let payload = task.payload;
             let exclusive = !matches!(payload.action, Some(Action::AckFaults(_)));
             if exclusive && let Some(running) = gate.as_ref() {
@@ -631,6 +677,7 @@ impl TaskEngine {
         let span = tracing::info_span!("task", task_id = %payload.task_id, wave_id = %payload.wave_id,
             host_id = %payload.host_id, action = %status.action);
         span.in_scope(|| tracing::info!(sequence = payload.sequence, "task accepted"));
+        self.compact_if_due();
         let run = Run {
             inner: inner.clone(),
             status: status.clone(),
@@ -663,7 +710,8 @@ impl TaskEngine {
     }
 
     /// The task's status now and every later change. `None` for an unknown id.
-    /// The sender lives as long as the engine; a stream ends at a terminal state.
+    /// Only unfinished tasks have an entry in the watcher map (removed when
+    /// the task ends); a finished task's receiver holds its final status.
     pub fn watch(&self, task_id: &str) -> Option<watch::Receiver<pb::TaskStatus>> {
         let mut watchers = lock(&self.inner.watchers);
         if let Some(tx) = watchers.get(task_id) {
@@ -677,9 +725,17 @@ impl TaskEngine {
                 return None;
             }
         };
+        let terminal = is_terminal(status.state());
         let (tx, rx) = watch::channel(status);
-        watchers.insert(task_id.to_string(), tx);
+        if !terminal {
+            watchers.insert(task_id.to_string(), tx);
+        }
         Some(rx)
+    }
+
+    /// Tasks with an entry in the watcher map (unfinished tasks only).
+    pub fn watched_tasks(&self) -> usize {
+        lock(&self.inner.watchers).len()
     }
 
     /// Every task of `wave` (all tasks when empty), oldest first.
@@ -694,6 +750,105 @@ impl TaskEngine {
                 Vec::new()
             }
         }
+    }
+
+    /// At most `limit` tasks of `wave` (all waves when empty) with a sequence
+    /// above `after`, oldest first, and whether more follow.
+    pub fn list_page(
+        &self,
+        wave: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<pb::TaskStatus>, bool), JournalError> {
+        self.inner.journal.tasks_page(wave, after, limit)
+    }
+
+    /// How long finished task records are kept: [`JOURNAL_RETENTION`], and
+    /// at least the task lifetime cap plus twice the clock skew, so that a
+    /// task id is known for as long as any task bearing it could be valid.
+    pub fn retention(&self) -> Duration {
+        let trust = self.inner.trust_now();
+        let p = &trust.policy;
+        let floor = p
+            .max_task_lifetime_s
+            .saturating_add(p.max_clock_skew_s.saturating_mul(2));
+        JOURNAL_RETENTION.max(Duration::from_secs(floor))
+    }
+
+    /// Remove finished task records older than [`TaskEngine::retention`]
+    /// (never an unfinished task, never the sequence high-water mark).
+    /// Runs at open and at most hourly after an accepted task.
+    pub fn compact(&self) -> Result<usize, JournalError> {
+        let now = self.inner.clock.now_ms();
+        self.inner.compacted_at.store(now, Ordering::SeqCst);
+        let keep_ms = i64::try_from(self.retention().as_millis()).unwrap_or(i64::MAX);
+        let removed = self.inner.journal.compact(now.saturating_sub(keep_ms))?;
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                retention_s = self.retention().as_secs(),
+                "journal compacted"
+            );
+        }
+        Ok(removed)
+    }
+
+    fn compact_if_due(&self) {
+        let now = self.inner.clock.now_ms();
+        if now.saturating_sub(self.inner.compacted_at.load(Ordering::SeqCst)) < COMPACT_EVERY_MS {
+            return;
+        }
+        self.inner.compacted_at.store(now, Ordering::SeqCst);
+        let engine = self.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = engine.compact() {
+                tracing::error!("journal compaction failed: {e}");
+            }
+        });
+    }
+
+    /// Run the verifier on a blocking thread, at most [`verify_threads`] at
+    /// once and at most [`MAX_WAITING_VERIFICATIONS`] waiting.
+    async fn verify(
+        &self,
+        signed: pb::SignedTask,
+    ) -> Result<Result<Verified, TaskRejection>, SubmitError> {
+        let inner = &self.inner;
+        let waiting = inner.verify_waiting.fetch_add(1, Ordering::SeqCst);
+        let permit = if waiting >= MAX_WAITING_VERIFICATIONS {
+            Err(SubmitError::Overloaded { waiting })
+        } else {
+            inner
+                .verify_slots
+                .acquire()
+                .await
+                .map_err(|e| SubmitError::Verifier {
+                    reason: e.to_string(),
+                })
+        };
+        inner.verify_waiting.fetch_sub(1, Ordering::SeqCst);
+        let permit = permit?;
+        let inner = inner.clone();
+        let trust = self.trust();
+        let verified = tokio::task::spawn_blocking(move || {
+            let verifier = TaskVerifier {
+                trust: &trust,
+                host_id: &inner.host_id,
+                ring: inner.ring,
+                clock: inner.clock.as_ref(),
+            };
+            let policy = AgentPolicy {
+                profiles: &inner.policy,
+                health: inner.health.as_ref(),
+            };
+            verifier.verify(&signed, &inner.journal, &policy)
+        })
+        .await
+        .map_err(|e| SubmitError::Verifier {
+            reason: e.to_string(),
+        });
+        drop(permit);
+        verified
     }
 
     /// Whether the host is marked draining; changes as drains and undrains happen.
@@ -835,8 +990,14 @@ impl Run {
         };
         self.inner.activity.send_replace(line);
         // Watchers last: whoever reacts to this status sees the engine's
-        // gate, draining flag and activity line already updated.
-        if let Some(tx) = lock(&self.inner.watchers).get(&status.task_id) {
+        // gate, draining flag and activity line already updated. A finished
+        // task leaves the map (its receivers keep the final status).
+        let mut watchers = lock(&self.inner.watchers);
+        if is_terminal(status.state()) {
+            if let Some(tx) = watchers.remove(&status.task_id) {
+                tx.send_replace(status.clone());
+            }
+        } else if let Some(tx) = watchers.get(&status.task_id) {
             tx.send_replace(status.clone());
         }
         Ok(())
@@ -925,6 +1086,14 @@ impl Run {
             since_unix_ms: self.inner.clock.now_ms(),
         }
     }
+}
+
+/// Signature verifications that may run at once: one thread less than the
+/// machine has (at least one), so that health and the runtime keep a core.
+fn verify_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get().saturating_sub(1))
+        .max(1)
 }
 
 /// Run a task to its end and release the engine (unless it now awaits a

@@ -58,7 +58,10 @@ pub(super) async fn run(run: &mut Run, p: &pb::Patch) -> Result<(), JournalError
     run.status.version_before = before.clone();
     run.status.version_after = p.version.clone();
 
-    let argv = substitute(&profile.argv, &[("version", &p.version)]);
+    let argv = match substitute(&profile.argv, &[("version", &p.version)]) {
+        Ok(a) => a,
+        Err(e) => return run.fail(format!("patch command: {e}")),
+    };
     let what = if p.rollback {
         "rolling back"
     } else {

@@ -105,7 +105,10 @@ pub(super) async fn run(run: &mut Run, u: &pb::Undrain) -> Result<(), JournalErr
     let hook = run.inner.drain.undrain_hook.clone();
     if !hook.is_empty() {
         let host_id = run.inner.host_id.clone();
-        let argv = substitute(&hook, &[("host_id", &host_id), ("reason", &u.reason)]);
+        let argv = match substitute(&hook, &[("host_id", &host_id), ("reason", &u.reason)]) {
+            Ok(a) => a,
+            Err(e) => return run.fail(format!("undrain hook: {e}; host stays drained")),
+        };
         run.step("hook", format!("running undrain hook `{}`", argv[0]))?;
         let timeout = Duration::from_secs(run.inner.drain.hook_timeout_s);
         match run

@@ -555,3 +555,10 @@ pub async fn raw_unary(
     .await
     .map(tonic::Response::into_inner)
 }
+impl Host {
+    /// An Agent client on its own connection with `identity` (e.g. the
+    /// scheduler's certificate, whose role may read health).
+    pub async fn agent_client_as(&self, identity: &ClientIdentity) -> AgentClient<Channel> {
+        AgentClient::new(self.channel(identity).await)
+    }
+}

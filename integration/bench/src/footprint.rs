@@ -3,9 +3,18 @@
 //! bound here (as systemd would), then over the window: peak RSS (VmHWM),
 //! steady RSS (median of per-second VmRSS samples), and CPU as a percentage
 //! of one core (utime + stime from /proc/PID/stat).
+//!
+//! Then WatchHealth churn (issue 13 §7): a scheduler opens a WatchHealth
+//! stream, reads the first report and cancels it, [`CHURN_CYCLES`] times
+//! (8 at a time over 4 connections; fewer with a short `--seconds`, at
+//! least 800); the agent's RSS after the churn must
+//! stay within the same budget (an abandoned stream that stayed allocated
+//! grew the agent by gigabytes before).
 
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
+
+use ringfence::pb::{self, agent_client::AgentClient};
 
 use crate::fixture::{AgentFixture, Running};
 use crate::{Args, Figure};
@@ -22,6 +31,11 @@ const READY_LIMIT: Duration = Duration::from_secs(30);
 const MAX_RSS_MIB: f64 = 20.0;
 const MAX_CPU_PCT: f64 = 0.5;
 const MAX_READY_MS: f64 = 100.0;
+/// WatchHealth streams opened and cancelled after the window.
+pub const CHURN_CYCLES: usize = 100_000;
+/// Connections and concurrent streams per connection of the churn.
+const CHURN_CONNECTIONS: usize = 4;
+const CHURN_PER_CONNECTION: usize = 2;
 
 pub fn run(args: &Args) -> Result<Vec<Figure>, String> {
     let seconds = args.seconds.unwrap_or(DEFAULT_SECONDS);
@@ -63,6 +77,19 @@ pub fn run(args: &Args) -> Result<Vec<Figure>, String> {
     let steady_kib = rss_kib[rss_kib.len() / 2];
     let (peak_mib, steady_mib) = (peak_kib as f64 / 1024.0, steady_kib as f64 / 1024.0);
     let cpu_pct = cpu_s / wall_s * 100.0;
+
+    // A short window (`--seconds`, the smoke test) churns less.
+    let cycles = match args.seconds {
+        None => CHURN_CYCLES,
+        Some(s) => ((s * 1000.0) as usize).clamp(800, CHURN_CYCLES),
+    };
+    let churn_start = Instant::now();
+    watch_health_churn(&fixture, cycles)?;
+    let churn_s = churn_start.elapsed().as_secs_f64();
+    agent.check_alive(&fixture)?;
+    // Let the last cancellations land before reading RSS.
+    std::thread::sleep(Duration::from_millis(500));
+    let churn_mib = status_kib(pid, "VmRSS")? as f64 / 1024.0;
     Ok(vec![
         Figure::check(
             "footprint",
@@ -96,7 +123,63 @@ pub fn run(args: &Args) -> Result<Vec<Figure>, String> {
             &format!("<= {MAX_READY_MS}"),
             ready_ms <= MAX_READY_MS,
         ),
+        Figure::check(
+            "footprint",
+            "RSS after WatchHealth open/cancel churn",
+            churn_mib,
+            "MiB",
+            &format!("<= {MAX_RSS_MIB}"),
+            churn_mib <= MAX_RSS_MIB,
+        ),
+        Figure::info(
+            "footprint",
+            "WatchHealth open/cancel cycles per second",
+            cycles as f64 / churn_s,
+            "/s",
+            &format!("{cycles} cycles, 8 at a time over 4 mTLS connections"),
+        ),
     ])
+}
+
+/// Open a WatchHealth stream, read one report, cancel it: `cycles` times.
+fn watch_health_churn(fixture: &AgentFixture, cycles: usize) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    rt.block_on(async {
+        let per_task = cycles / (CHURN_CONNECTIONS * CHURN_PER_CONNECTION);
+        let mut tasks = Vec::new();
+        for _ in 0..CHURN_CONNECTIONS {
+            let client = AgentClient::new(fixture.channel(fixture.listen).await?);
+            for _ in 0..CHURN_PER_CONNECTION {
+                let mut client = client.clone();
+                tasks.push(tokio::spawn(async move {
+                    for _ in 0..per_task {
+                        let mut stream = loop {
+                            match client.watch_health(pb::WatchHealthRequest {}).await {
+                                Ok(s) => break s.into_inner(),
+                                // At the per-peer cap until a cancellation lands.
+                                Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                                    tokio::time::sleep(Duration::from_millis(2)).await;
+                                }
+                                Err(e) => return Err(format!("WatchHealth: {e}")),
+                            }
+                        };
+                        stream
+                            .message()
+                            .await
+                            .map_err(|e| format!("WatchHealth first report: {e}"))?;
+                    }
+                    Ok::<(), String>(())
+                }));
+            }
+        }
+        for t in tasks {
+            t.await.map_err(|e| format!("churn task: {e}"))??;
+        }
+        Ok(())
+    })
 }
 
 /// Read datagrams until one carries `READY=1`.

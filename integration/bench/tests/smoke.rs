@@ -46,6 +46,8 @@ fn short_run_writes_every_figure() {
         "peak RSS (VmHWM)",
         "steady RSS (median VmRSS)",
         "exec to READY=1",
+        "RSS after WatchHealth open/cancel churn",
+        "WatchHealth open/cancel cycles per second",
     ];
     let per_concurrency = [
         "agent p50",
