@@ -50,13 +50,23 @@ async fn journal(
         .await
         .map_err(|e| e.to_string())?;
     let mut c = pb::agent_client::AgentClient::new(ch);
-    c.list_tasks(pb::ListTasksRequest {
-        wave_id: String::new(),
-        ..Default::default()
-    })
-    .await
-    .map(|r| r.into_inner().tasks)
-    .map_err(|e| e.to_string())
+    let mut tasks = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = c
+            .list_tasks(pb::ListTasksRequest {
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        tasks.extend(page.tasks);
+        if page.next_page_token.is_empty() {
+            return Ok(tasks);
+        }
+        page_token = page.next_page_token;
+    }
 }
 
 /// Run the demo.
