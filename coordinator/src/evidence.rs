@@ -301,6 +301,15 @@ pub enum EvidenceError {
         at: String,
         at_ms: i64,
     },
+    /// an approval lives longer than the trust policy allows (`max_approval_lifetime_s`)
+    #[error(
+        "approval {index} is valid for {lifetime_s} s, longer than max_approval_lifetime_s = {cap_s}"
+    )]
+    ApprovalLifetime {
+        index: usize,
+        lifetime_s: i64,
+        cap_s: u64,
+    },
     /// too few distinct approver keys
     #[error("{what} has {have} distinct approver keys, needs {need}")]
     ApprovalThreshold {
@@ -338,6 +347,7 @@ impl EvidenceError {
             Self::ApprovalScope { .. } => "approval_scope",
             Self::ApprovalAction { .. } => "approval_action",
             Self::ApprovalTime { .. } => "approval_time",
+            Self::ApprovalLifetime { .. } => "approval_lifetime",
             Self::ApprovalThreshold { .. } => "approval_threshold",
             Self::RollbackProof { .. } => "rollback_proof",
         }
@@ -1210,6 +1220,19 @@ fn check_task_approvals(
                         approved: a.rollback_version.clone(),
                         expected: v.to_string(),
                     });
+                }
+                // As the agent: an approval living longer than the policy's
+                // cap authorised nothing, whatever its signers say.
+                let lifetime_ms = a.expires_at_unix_ms.saturating_sub(a.issued_at_unix_ms);
+                let cap_ms = i64::try_from(policy.max_approval_lifetime_s.saturating_mul(1000))
+                    .unwrap_or(i64::MAX);
+                if lifetime_ms > cap_ms {
+                    out_of_time.get_or_insert(EvidenceError::ApprovalLifetime {
+                        index,
+                        lifetime_s: lifetime_ms / 1000,
+                        cap_s: policy.max_approval_lifetime_s,
+                    });
+                    continue;
                 }
                 if at_ms > a.expires_at_unix_ms.saturating_add(skew)
                     || a.issued_at_unix_ms > at_ms.saturating_add(skew)

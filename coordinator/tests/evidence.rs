@@ -555,6 +555,47 @@ async fn one_approver_key_twice_is_too_few_distinct_approvers() {
 }
 
 #[tokio::test]
+async fn an_approval_living_longer_than_the_policy_allows_is_invalid() {
+    let fx = fixture(2, false).await;
+    // The same packet, checked against a policy whose approvals may live 10
+    // minutes: the fixture's approvals (about an hour) authorised nothing.
+    let mut policy = fx.trust.policy.clone();
+    policy.max_approval_lifetime_s = 600;
+    let strict = TrustSet::from_keys(fx.trust.keys().to_vec(), policy);
+    let err = evidence::verify_with(
+        &fx.bytes,
+        &VerifyWith {
+            trust: &strict,
+            enrolled: &fx.enrolled,
+            coordinator_key_id: None,
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EvidenceError::ApprovalLifetime {
+                cap_s: 600,
+                lifetime_s: 3660,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(err.check(), "approval_lifetime");
+    // Under the default policy the same packet is valid.
+    evidence::verify_with(
+        &fx.bytes,
+        &VerifyWith {
+            trust: &fx.trust,
+            enrolled: &fx.enrolled,
+            coordinator_key_id: None,
+        },
+    )
+    .unwrap();
+}
+
+#[tokio::test]
 async fn an_approval_signed_by_a_coordinator_key_is_invalid() {
     let fx = fixture(2, false).await;
     let env = sign_approval(
