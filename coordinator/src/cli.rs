@@ -481,18 +481,15 @@ async fn refuse_ring_mismatch(
         .await
         .into_iter()
         .filter_map(|(h, r)| match r {
-            Ok(f) if f.blocks_wave() => Some(format!("  {h}: {f}")),
+            Ok(f) if f.blocks_wave() => Some(format!("{h}: {f}")),
             _ => None,
         })
         .collect();
     if blocking.is_empty() {
         return Ok(());
     }
-    Err(config_err(format!(
-        "wave {wave} refused: the inventory's ring differs from the agent's own ring for {} host(s):\n{}\nagents decide their ring from their own agent.toml; fix the inventory or the agents (check with `ringfence inventory check --live {}`)",
-        blocking.len(),
-        blocking.join("\n"),
-        inv.path.display()
+    Err(config_err(crate::inventory::ring_mismatch_message(
+        wave, &inv.path, &blocking,
     )))
 }
 
@@ -765,6 +762,7 @@ fn outcome(o: Result<Outcome, wave::WaveError>, reporter: &Reporter) -> Result<(
         Err(
             e @ (wave::WaveError::Plan(_)
             | wave::WaveError::Exists(_)
+            | wave::WaveError::RingMismatch { .. }
             | wave::WaveError::NeedsDecision { .. }
             | wave::WaveError::BadDecision(_)
             | wave::WaveError::NoState(_)
@@ -809,7 +807,8 @@ async fn wave_cmd(config: Option<&Path>, cmd: WaveCommand) -> Result<(), Failure
             let inv = Inventory::load(&inventory).map_err(config_err)?;
             let (spec, text) = parse_spec(&spec)?;
             let bg = break_glass(&bg, &env.trust, &spec.wave_id, &inv)?;
-            refuse_ring_mismatch(&spec.wave_id, &inv, Arc::new(connector(&env, &inv))).await?;
+            // The agents' rings are checked by the wave's own probe, over the
+            // connection it opens to each host anyway (WaveError::RingMismatch).
             let store = Arc::new(
                 WaveStore::open(&env.settings.state_dir, &spec.wave_id).map_err(config_err)?,
             );

@@ -141,6 +141,21 @@ impl RingFinding {
     }
 }
 
+/// What `wave run` / `wave resume` say when agents' own rings block the
+/// wave: `hosts` are `host: finding` lines.
+pub fn ring_mismatch_message(wave: &str, inventory: &Path, hosts: &[String]) -> String {
+    format!(
+        "wave {wave} refused: the inventory's ring differs from the agent's own ring for {} host(s):\n{}\nagents decide their ring from their own agent.toml; fix the inventory or the agents (check with `ringfence inventory check --live {}`)",
+        hosts.len(),
+        hosts
+            .iter()
+            .map(|h| format!("  {h}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        inventory.display()
+    )
+}
+
 impl std::fmt::Display for RingFinding {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

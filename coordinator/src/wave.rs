@@ -114,6 +114,14 @@ pub enum WaveError {
     /// the wave already has state
     #[error("wave `{0}` already has state; use `ringfence wave resume --wave {0}`")]
     Exists(String),
+    /// agents are configured in another ring than the inventory's (or none)
+    #[error("{}", crate::inventory::ring_mismatch_message(wave, inventory, hosts))]
+    RingMismatch {
+        wave: String,
+        inventory: PathBuf,
+        /// `host: finding` for every agent that blocks the wave.
+        hosts: Vec<String>,
+    },
     /// resume without state
     #[error("wave `{0}` has no state to resume")]
     NoState(String),
@@ -307,6 +315,16 @@ const META_STARTED: &str = "started_at_ms";
 const META_ABORTED: &str = "aborted";
 const META_HALT: &str = "halt";
 
+/// What the probe before a new wave found.
+#[derive(Debug, Default)]
+struct Probe {
+    /// Hosts out of service before the wave (host → why).
+    out: BTreeMap<String, String>,
+    /// `host: finding` for every agent whose own ring blocks the wave, in
+    /// inventory order.
+    ring_mismatch: Vec<String>,
+}
+
 impl Driver {
     /// Start a new wave: probe hosts, plan, persist, run.
     pub async fn run(&mut self) -> Result<Outcome, WaveError> {
@@ -318,7 +336,17 @@ impl Driver {
         // ledger entry and counts as that wave's, not as out before.
         let out_before = {
             let guard = PoolLedger::new(&self.store.paths).lock().await?;
-            let mut out = self.probe().await;
+            let Probe {
+                mut out,
+                ring_mismatch,
+            } = self.probe().await;
+            if !ring_mismatch.is_empty() {
+                return Err(WaveError::RingMismatch {
+                    wave: self.spec.wave_id.clone(),
+                    inventory: self.inventory.path.clone(),
+                    hosts: ring_mismatch,
+                });
+            }
             let others = guard.others(&self.spec.wave_id);
             out.retain(|h, _| !others.values().any(|hosts| hosts.contains_key(h)));
             out
@@ -522,8 +550,11 @@ impl Driver {
         Ok((rec, failure))
     }
 
-    async fn probe(&self) -> BTreeMap<String, String> {
-        let mut out = BTreeMap::new();
+    /// One connection to every host: its health (hosts already out of
+    /// service count against the reserve) and its agent's own ring (a wave
+    /// never starts while an agent's ring differs from the inventory's).
+    async fn probe(&self) -> Probe {
+        let mut probe = Probe::default();
         let sem = Arc::new(tokio::sync::Semaphore::new(64));
         let mut tasks = Vec::new();
         for h in self.inventory.hosts.clone() {
@@ -532,34 +563,41 @@ impl Driver {
             tasks.push(tokio::spawn(async move {
                 let _permit = sem.acquire_owned().await;
                 let r = match c.connect(&h).await {
-                    Ok(api) => api.health().await.map_err(|e| e.to_string()),
+                    Ok(api) => {
+                        // An agent that does not answer GetIdentity is left
+                        // to its own pipeline, as an unreachable one is.
+                        let ring = api.identity().await.ok().map(|id| h.ring_finding(id.ring));
+                        api.health()
+                            .await
+                            .map(|rep| (rep, ring))
+                            .map_err(|e| e.to_string())
+                    }
                     Err(e) => Err(e),
                 };
                 (h.id, r)
             }));
         }
         for t in tasks {
-            if let Ok((id, r)) = t.await {
-                match r {
-                    Ok(rep) if rep.verdict == pb::Verdict::Unhealthy as i32 => {
-                        let why = rep
-                            .reasons
-                            .first()
-                            .map(|r| r.code.clone())
-                            .unwrap_or_default();
-                        out.insert(id, format!("UNHEALTHY ({why})"));
-                    }
-                    Ok(rep) if rep.draining => {
-                        out.insert(id, "already drained".into());
-                    }
-                    Ok(_) => {}
-                    Err(_) => {
-                        // Unreachable hosts are found by their own pipeline.
-                    }
-                }
+            let Ok((id, r)) = t.await else { continue };
+            let Ok((rep, ring)) = r else {
+                // Unreachable hosts are found by their own pipeline.
+                continue;
+            };
+            if let Some(f) = ring.filter(|f| f.blocks_wave()) {
+                probe.ring_mismatch.push(format!("{id}: {f}"));
+            }
+            if rep.verdict == pb::Verdict::Unhealthy as i32 {
+                let why = rep
+                    .reasons
+                    .first()
+                    .map(|r| r.code.clone())
+                    .unwrap_or_default();
+                probe.out.insert(id, format!("UNHEALTHY ({why})"));
+            } else if rep.draining {
+                probe.out.insert(id, "already drained".into());
             }
         }
-        out
+        probe
     }
 
     fn params(&self) -> Params {

@@ -387,7 +387,10 @@ fn sim_fleet(n: usize, reserve: u32) -> SimFleet {
             trust.clone(),
             clock.clone(),
             "550.54.15",
-        );
+        )
+        // Configured in ring 0, as the inventory says (the wave's probe
+        // refuses agents whose own ring differs, or is unset).
+        .with_ring(ringfence_coordinator::simhost::SimRing::Configured(0));
         inventory.push_str(&format!(
             "[[host]]\nid = \"h{i}\"\naddress = \"127.0.0.1:1\"\npool = \"p\"\nring = 0\nattestation_key = \"{}\"\n",
             keys::public_key_text(&sim.public_key())
