@@ -1059,7 +1059,7 @@ async fn a_flood_of_heavily_signed_tasks_starves_neither_watchdog_nor_health() {
                 "{}require_drained = false\n",
                 patch_profile(&marker, &pidfile)
             ),
-            ring: 3,
+            ring: Some(3),
             ..HostOpts::default()
         },
     );
@@ -1232,4 +1232,44 @@ async fn a_flood_of_heavily_signed_tasks_starves_neither_watchdog_nor_health() {
         "GetHealth took {max_latency:?} during the flood"
     );
     assert!(agent.try_status().is_none(), "the agent exited");
+}
+
+/// An agent whose agent.toml names no ring treats itself as protected: it
+/// says so at start and in GetIdentity, and a coordinator-only Patch (even
+/// one naming ring 0) is refused for want of ring approvals, while a Drain
+/// needs none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_a_ring_says_it_is_protected_and_asks_approvals() {
+    let host = Host::new(
+        "gpu-no-ring",
+        HostOpts {
+            ring: None,
+            ..HostOpts::default()
+        },
+    );
+    let mut agent = host.spawn();
+    host.wait_listening(&mut agent).await;
+    assert!(
+        host.log().contains("no `ring` configured"),
+        "{}",
+        host.log()
+    );
+    let id = identity(&host).await;
+    assert_eq!((id.ring, id.protected_ring), (None, true));
+
+    let mut client = host.client().await;
+    let refused = client
+        .submit_task(host.task("p-no-ring", 1, patch("nvidia-driver", "560.35.03")))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert_eq!(
+        ringfence::status::rejected_check(&refused).as_deref(),
+        Some("approval_threshold"),
+        "{refused:?}"
+    );
+    client
+        .submit_task(host.task("d-no-ring", 2, drain("no ring")))
+        .await
+        .unwrap();
 }

@@ -50,8 +50,8 @@ pub struct HostOpts<'a> {
     pub nvml_library: Option<PathBuf>,
     /// Extra TOML appended to agent.toml (patch profiles, drain settings).
     pub extra: String,
-    /// `ring` of agent.toml.
-    pub ring: u32,
+    /// `ring` of agent.toml (None: the key is left out).
+    pub ring: Option<u32>,
 }
 
 impl Default for HostOpts<'_> {
@@ -61,7 +61,7 @@ impl Default for HostOpts<'_> {
             expected_gpus: 1,
             nvml_library: None,
             extra: String::new(),
-            ring: 0,
+            ring: Some(0),
         }
     }
 }
@@ -132,7 +132,7 @@ impl Host {
             host.config_path(),
             format!(
                 r#"host_id = "{id}"
-ring = {ring}
+{ring}
 listen = "{listen}"
 state_dir = "{state}"
 trust_file = "{root}/trust.toml"
@@ -157,7 +157,7 @@ poll_ms = 100
                 root = root.display(),
                 library = library.display(),
                 expected = opts.expected_gpus,
-                ring = opts.ring,
+                ring = opts.ring.map(|r| format!("ring = {r}")).unwrap_or_default(),
                 extra = opts.extra,
             ),
         )
