@@ -759,9 +759,14 @@ impl Driver {
                 && (wants_start || (others_hold && ledger_read.elapsed() >= self.poll_interval))
             {
                 let guard = ledger.lock().await?;
-                state.others_out = ledger_counts(&guard.others(&self.spec.wave_id));
+                let others_out = ledger_counts(&guard.others(&self.spec.wave_id));
                 ledger_read = Instant::now();
-                steps = plan::next_steps(&plan, &state);
+                // next_steps is a pure function of plan and state: decided
+                // again only when the other waves' hosts out changed.
+                if others_out != state.others_out {
+                    state.others_out = others_out;
+                    steps = plan::next_steps(&plan, &state);
+                }
                 ledger_guard = Some(guard);
             }
             let mut done = false;
