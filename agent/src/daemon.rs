@@ -202,7 +202,9 @@ pub struct Handles {
     pub tls: ReloadableServerConfig,
 }
 
-/// Options of [`serve`] beyond the config.
+/// Options of [`serve`] beyond the config. The daemon builds them with
+/// [`ServeOptions::new`]; the in-process test fleet (crate
+/// `ringfence-devfleet`) with [`ServeOptions::in_process`].
 pub struct ServeOptions {
     /// Where reports come from.
     pub source: Arc<dyn ReportSource>,
@@ -213,11 +215,11 @@ pub struct ServeOptions {
     /// systemd notifications.
     pub notifier: Notifier,
     /// Called once the listener is bound (before READY).
-    pub on_ready: Option<Box<dyn FnOnce(Handles) + Send>>,
+    on_ready: Option<Box<dyn FnOnce(Handles) + Send>>,
     /// Install the SIGHUP reloader (the real daemon; not in-process fleets).
-    pub sighup: bool,
+    sighup: bool,
     /// Grace given to a running task step at shutdown.
-    pub shutdown_grace: Duration,
+    shutdown_grace: Duration,
 }
 
 impl std::fmt::Debug for ServeOptions {
@@ -239,6 +241,29 @@ impl ServeOptions {
             on_ready: None,
             sighup: true,
             shutdown_grace: Duration::from_secs(30),
+        }
+    }
+
+    /// An agent inside another process (the test fleet of
+    /// `ringfence-devfleet`, nothing else): no systemd notifications, no
+    /// SIGHUP reloader (the process is not the agent's), `shutdown_grace`
+    /// for a running step at shutdown, and `on_ready` called once the
+    /// listener is bound.
+    #[doc(hidden)]
+    pub fn in_process(
+        source: Arc<dyn ReportSource>,
+        poll_interval: Duration,
+        shutdown_grace: Duration,
+        on_ready: Box<dyn FnOnce(Handles) + Send>,
+    ) -> Self {
+        Self {
+            source,
+            runner: Arc::new(ProcessRunner::default()),
+            poll_interval,
+            notifier: Notifier::default(),
+            on_ready: Some(on_ready),
+            sighup: false,
+            shutdown_grace,
         }
     }
 }

@@ -600,8 +600,26 @@ mod tests {
 
     use super::*;
     use crate::command::ProcessRunner;
-    use crate::tasks::fake::FakeHealth;
-    use crate::tasks::{DrainConfig, RebootConfig};
+    use crate::tasks::{DrainConfig, HealthSource, RebootConfig};
+
+    /// The engine's health seam, unused by these tests.
+    #[derive(Debug)]
+    struct NoHealth;
+
+    impl HealthSource for NoHealth {
+        fn fresh_report(&self, draining: bool) -> pb::HealthReport {
+            pb::HealthReport {
+                draining,
+                ..Default::default()
+            }
+        }
+        fn attest(&self, _nonce: &[u8], _draining: bool) -> pb::Envelope {
+            pb::Envelope::default()
+        }
+        fn acknowledge(&self, _ack: &pb::AckFaults) -> Vec<String> {
+            Vec::new()
+        }
+    }
 
     /// A report source that takes 150 ms and counts its collections.
     #[derive(Debug, Default)]
@@ -633,7 +651,7 @@ mod tests {
             DrainConfig::default(),
             RebootConfig::default(),
             crate::profiles::PatchConfig::default(),
-            Arc::new(FakeHealth::new("gpu-1")),
+            Arc::new(NoHealth),
             Arc::new(ProcessRunner::default()),
             Arc::new(SystemClock),
             "boot-1".into(),

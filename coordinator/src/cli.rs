@@ -60,8 +60,6 @@ pub enum Command {
     Breakglass(BreakglassArgs),
     /// Check evidence packets.
     Evidence(EvidenceArgs),
-    /// Run a whole simulated fleet on loopback and a wave through it.
-    Demo(DemoArgs),
 }
 
 /// `ringfence inventory`.
@@ -347,20 +345,6 @@ enum EvidenceCommand {
     },
 }
 
-/// `ringfence demo`.
-#[derive(Debug, Args)]
-pub struct DemoArgs {
-    /// Run the whole wave to completion instead of failing a canary.
-    #[arg(long)]
-    pub all_healthy: bool,
-    /// Keep the fleet's files in this directory (default: a temporary one).
-    #[arg(long)]
-    pub dir: Option<PathBuf>,
-    /// JSON event stream on stdout.
-    #[arg(long)]
-    pub json: bool,
-}
-
 /// A command failed; the exit code says how.
 #[derive(Debug)]
 pub struct Failure {
@@ -398,7 +382,6 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Wave(a) => wave_cmd(cli.config.as_deref(), a.command).await,
         Command::Breakglass(a) => breakglass(a.command),
         Command::Evidence(a) => evidence(cli.config.as_deref(), a.command),
-        Command::Demo(a) => crate::demo::run(a).await,
     }
 }
 

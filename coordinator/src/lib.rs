@@ -1,11 +1,10 @@
 //! ringfence, the coordinator, as a library: inventory, wave specs, the pure
-//! wave planner, the I/O loop that drives agents, evidence, and the demo.
+//! wave planner, the I/O loop that drives agents, and evidence. The test fleet,
+//! host simulator and demo live in `integration/devfleet`.
 pub mod approvals;
 pub mod cli;
 pub mod client;
-pub mod demo;
 pub mod evidence;
-pub mod fleet;
 pub mod health_table;
 pub mod hostrun;
 pub mod inventory;
@@ -13,7 +12,6 @@ pub mod pki_cli;
 pub mod plan;
 pub mod report;
 pub mod settings;
-pub mod simhost;
 pub mod spec;
 pub mod store;
 pub mod wave;

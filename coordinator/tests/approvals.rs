@@ -419,7 +419,7 @@ fn what_wave_approve_signs_is_what_was_asked_and_what_it_shows() {
 #[test]
 fn a_large_rings_approval_is_signed_in_parts_and_every_task_fits_what_the_agent_accepts() {
     use ringfence::time::{Clock, ManualClock};
-    use ringfence_coordinator::simhost::{SimHost, SimRing};
+    use ringfence_devfleet::simhost::{SimHost, SimRing};
     use std::sync::Arc;
     let k = keys();
     // 6,000 hosts with long ids: one approval naming all of them would be

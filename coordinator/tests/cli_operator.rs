@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ringfence_coordinator::fleet::{self, Fleet, HostSpec, Mode};
+use ringfence_devfleet::local_fleet::{self, HostSpec, LocalFleet, Mode};
 
 fn ringfence(settings: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ringfence"));
@@ -26,9 +26,9 @@ fn spec(id: &str, ring: u32, pool: &str) -> HostSpec {
     }
 }
 
-async fn fleet(dir: &Path) -> Fleet {
+async fn fleet(dir: &Path) -> LocalFleet {
     ringfence::tls::install_crypto_provider();
-    let mut f = Fleet::start(
+    let mut f = LocalFleet::start(
         dir,
         vec![
             spec("gpu-1", 0, "h100-train"),
@@ -164,7 +164,7 @@ async fn health_table_lists_every_host_and_never_hangs_on_a_dead_one() {
             assert_eq!(r["verdict"], "UNREACHABLE");
         } else {
             assert_eq!(r["verdict"], "HEALTHY", "{r}");
-            assert_eq!(r["driver"], fleet::OLD_VERSION);
+            assert_eq!(r["driver"], local_fleet::OLD_VERSION);
             assert_eq!(r["attested"], true);
         }
     }
@@ -371,23 +371,24 @@ struct SimFleetRun {
     root: std::path::PathBuf,
     settings: std::path::PathBuf,
     inventory: std::path::PathBuf,
-    hosts: ringfence_coordinator::simhost::MultiHost,
+    hosts: ringfence_devfleet::simhost::MultiHost,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 async fn sim_fleet(dir: &Path, hosts: &[(&str, u32, u32)]) -> SimFleetRun {
     use ringfence::pki;
     use ringfence::spiffe::Role;
-    use ringfence_coordinator::simhost::{MultiHost, SimFleet, SimHostSpec};
+    use ringfence_devfleet::simhost::{MultiHost, SimFleet, SimHostSpec};
     ringfence::tls::install_crypto_provider();
-    let td = fleet::TRUST_DOMAIN;
+    let td = local_fleet::TRUST_DOMAIN;
     let pki_dir = dir.join("pki");
     pki::init(&pki_dir, td).unwrap();
     let ops = pki::issue(&pki_dir, Role::Ops, "coordinator", dir, 30).unwrap();
-    let keys = fleet::write_keys(dir, 2).unwrap();
+    let keys = local_fleet::write_keys(dir, 2).unwrap();
     let ca = pki_dir.join("ca.pem");
     let settings =
-        fleet::write_settings(dir, &dir.join("state"), &keys, &ops.cert, &ops.key, &ca).unwrap();
+        local_fleet::write_settings(dir, &dir.join("state"), &keys, &ops.cert, &ops.key, &ca)
+            .unwrap();
     let mut specs = Vec::new();
     let mut inv =
         format!("trust_domain = \"{td}\"\n\n[[pool]]\nname = \"p\"\nreserve_percent = 50\n");
@@ -408,7 +409,7 @@ async fn sim_fleet(dir: &Path, hosts: &[(&str, u32, u32)]) -> SimFleetRun {
     }
     let sim = SimFleet {
         trust_domain: td.into(),
-        driver_version: fleet::OLD_VERSION.into(),
+        driver_version: local_fleet::OLD_VERSION.into(),
         hosts: specs,
     };
     let trust = std::sync::Arc::new(ringfence::trust::TrustSet::load(&keys.trust).unwrap());
@@ -463,7 +464,7 @@ fn text(o: &std::process::Output) -> String {
 /// naming every such host, before any host is touched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wave_run_refuses_to_start_while_an_agents_ring_differs_from_the_inventory() {
-    use ringfence_coordinator::simhost::SimRing;
+    use ringfence_devfleet::simhost::SimRing;
     let dir = tempfile::tempdir().unwrap();
     let f = sim_fleet(
         dir.path(),

@@ -24,8 +24,8 @@ use ringfence::trust::{KeyRole, Policy, TrustSet, TrustedKey};
 use ringfence_coordinator::approvals::{self, ApprovalSet, RingScope};
 use ringfence_coordinator::evidence::{self, EvidenceError, Packet, VerifyWith};
 use ringfence_coordinator::hostrun::{self, Ctx, HostJob, Params, Signer};
-use ringfence_coordinator::simhost::SimHost;
 use ringfence_coordinator::store::WaveStore;
+use ringfence_devfleet::simhost::SimHost;
 
 const OLD: &str = "550.54.15";
 const NEW: &str = "560.35.03";

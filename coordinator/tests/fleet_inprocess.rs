@@ -11,22 +11,22 @@ use ringfence::spiffe::{Role, SpiffeId};
 use ringfence::time::{Clock, SystemClock};
 use ringfence::tls::ClientIdentity;
 use ringfence_coordinator::client::{GrpcHost, HostApi};
-use ringfence_coordinator::fleet::{self, Fleet, HostSpec, Mode};
 use ringfence_coordinator::hostrun::{self, Ctx, HostJob, Params, Phase, Signer};
 use ringfence_coordinator::store::WaveStore;
+use ringfence_devfleet::local_fleet::{self, HostSpec, LocalFleet, Mode};
 
 fn spec(id: &str, ring: u32, faulty: bool) -> HostSpec {
     HostSpec {
         id: id.into(),
         ring,
         pool: "h100-train".into(),
-        faulty_version: faulty.then(|| fleet::NEW_VERSION.to_string()),
+        faulty_version: faulty.then(|| local_fleet::NEW_VERSION.to_string()),
         busy_for_s: None,
         xid_trigger: false,
     }
 }
 
-async fn host_api(f: &Fleet, idx: usize) -> GrpcHost {
+async fn host_api(f: &LocalFleet, idx: usize) -> GrpcHost {
     let root = &f.root;
     let id = ClientIdentity::load(
         &root.join("ops-coordinator.pem"),
@@ -35,7 +35,7 @@ async fn host_api(f: &Fleet, idx: usize) -> GrpcHost {
     )
     .unwrap();
     let h = &f.hosts[idx];
-    let expected = SpiffeId::new(fleet::TRUST_DOMAIN, Role::Host, &h.spec.id).unwrap();
+    let expected = SpiffeId::new(local_fleet::TRUST_DOMAIN, Role::Host, &h.spec.id).unwrap();
     let ch = ringfence::tls::connect(&h.addr.to_string(), &expected, &id)
         .await
         .unwrap();
@@ -46,7 +46,7 @@ async fn host_api(f: &Fleet, idx: usize) -> GrpcHost {
 async fn one_host_patched_over_mtls_ends_on_the_new_driver() {
     ringfence::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let fleet = Fleet::start(
+    let fleet = LocalFleet::start(
         dir.path(),
         vec![spec("gpu-a", 0, false), spec("gpu-b", 1, true)],
         Mode::InProcess,
@@ -60,8 +60,8 @@ async fn one_host_patched_over_mtls_ends_on_the_new_driver() {
         params: Arc::new(Params {
             wave_id: "w".into(),
             profile: "nvidia-driver".into(),
-            version: fleet::NEW_VERSION.into(),
-            expect_driver_version: fleet::NEW_VERSION.into(),
+            version: local_fleet::NEW_VERSION.into(),
+            expect_driver_version: local_fleet::NEW_VERSION.into(),
             expect_cuda_version: "12.4".into(),
             task_lifetime_ms: 600_000,
             task_timeout_ms: 30_000,
@@ -92,7 +92,7 @@ async fn one_host_patched_over_mtls_ends_on_the_new_driver() {
     };
     let rec = hostrun::run(&ctx, &job, &api).await.unwrap();
     assert_eq!(rec.phase, Phase::Done, "{:?}", rec.failure);
-    assert_eq!(fleet.hosts[0].driver_version(), fleet::NEW_VERSION);
+    assert_eq!(fleet.hosts[0].driver_version(), local_fleet::NEW_VERSION);
     let health = api.health().await.unwrap();
     assert!(!health.draining);
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{Coordinator, approve_all, health, host, is, journal, pacing, start};
 use ringfence::pb;
-use ringfence_coordinator::fleet::{self, Fleet, HostSpec};
+use ringfence_devfleet::local_fleet::{self, HostSpec, LocalFleet};
 
 const WAVE_LIMIT: Duration = Duration::from_secs(120);
 
@@ -46,17 +46,21 @@ async fn happy_wave_patches_every_ring_and_leaves_every_host_healthy_in_service(
 
     for h in &f.hosts {
         let id = &h.spec.id;
-        assert_eq!(h.driver_version(), fleet::NEW_VERSION, "{id} driver file");
+        assert_eq!(
+            h.driver_version(),
+            local_fleet::NEW_VERSION,
+            "{id} driver file"
+        );
         assert_eq!(
             h.patch_runs(),
-            vec![fleet::NEW_VERSION.to_string()],
+            vec![local_fleet::NEW_VERSION.to_string()],
             "{id} patched once"
         );
         let report = health(&f, id).await;
         assert_eq!(report.backend, "nvml", "{id} reads the (fake) NVML library");
         assert_eq!(
             report.driver_version,
-            fleet::NEW_VERSION,
+            local_fleet::NEW_VERSION,
             "{id} as NVML reports it"
         );
         assert_eq!(
@@ -94,7 +98,7 @@ async fn canary_with_uncorrected_ecc_after_the_patch_halts_the_wave_before_broad
         host("gpu-06", 4, "h100-train"),
     ];
     // The new driver brings uncorrected ECC errors on gpu-03's GPU 0.
-    specs[3].faulty_version = Some(fleet::NEW_VERSION.to_string());
+    specs[3].faulty_version = Some(local_fleet::NEW_VERSION.to_string());
     let f = start(dir.path(), specs, &[("h100-train", 50)]).await;
     let spec = f.write_spec("ecc", &pacing(2)).unwrap();
     approve_all(&f, &spec);
@@ -110,7 +114,11 @@ async fn canary_with_uncorrected_ecc_after_the_patch_halts_the_wave_before_broad
         let tasks = journal(&f, id).await;
         assert!(tasks.is_empty(), "{id} (ring 3-4) holds tasks: {tasks:?}");
         let h = f.hosts.iter().find(|h| h.spec.id == id).unwrap();
-        assert_eq!(h.driver_version(), fleet::OLD_VERSION, "{id} untouched");
+        assert_eq!(
+            h.driver_version(),
+            local_fleet::OLD_VERSION,
+            "{id} untouched"
+        );
         assert!(h.patch_runs().is_empty(), "{id} never ran the patch");
     }
     // The failed canary stays drained, out of service, with its fault visible.
@@ -123,14 +131,14 @@ async fn canary_with_uncorrected_ecc_after_the_patch_halts_the_wave_before_broad
     // Rings 0-1 were patched and are back in service.
     for id in ["gpu-00", "gpu-01"] {
         let report = health(&f, id).await;
-        assert_eq!(report.driver_version, fleet::NEW_VERSION, "{id}");
+        assert_eq!(report.driver_version, local_fleet::NEW_VERSION, "{id}");
         assert!(!report.draining, "{id} back in service");
     }
 }
 
 /// Out-of-service intervals from an agent journal: drain accepted ..
 /// undrain last updated (or open-ended if never undrained).
-async fn out_of_service(f: &Fleet, id: &str) -> Vec<(i64, i64)> {
+async fn out_of_service(f: &LocalFleet, id: &str) -> Vec<(i64, i64)> {
     let tasks = journal(f, id).await;
     let mut out = Vec::new();
     let mut from = None;
@@ -190,7 +198,12 @@ async fn pool_of_ten_at_fifteen_percent_never_has_two_hosts_out_of_service_as_ag
             "{} drained and undrained once: {iv:?}",
             h.spec.id
         );
-        assert_eq!(h.driver_version(), fleet::NEW_VERSION, "{}", h.spec.id);
+        assert_eq!(
+            h.driver_version(),
+            local_fleet::NEW_VERSION,
+            "{}",
+            h.spec.id
+        );
         all.extend(iv);
     }
     assert_eq!(
@@ -219,7 +232,7 @@ async fn pool_whose_reserve_is_used_up_by_an_unhealthy_host_refuses_to_start() {
     let mut text = std::fs::read_to_string(&scenario).unwrap();
     text.push_str(&format!(
         "\n[[when_driver]]\nversion = \"{}\"\ngpu = 1\nremapped_rows_pending = true\n",
-        fleet::OLD_VERSION
+        local_fleet::OLD_VERSION
     ));
     std::fs::write(&scenario, text).unwrap();
     f.restart("gpu-03").await.unwrap();
@@ -309,7 +322,7 @@ async fn coordinator_sigkilled_ten_times_and_resumed_patches_every_host_exactly_
         let id = &h.spec.id;
         assert_eq!(
             h.patch_runs(),
-            vec![fleet::NEW_VERSION.to_string()],
+            vec![local_fleet::NEW_VERSION.to_string()],
             "{id}: the patch command ran exactly once; kills: {kills:#?}"
         );
         let tasks = journal(&f, id).await;
@@ -317,7 +330,7 @@ async fn coordinator_sigkilled_ten_times_and_resumed_patches_every_host_exactly_
         assert_eq!(patches.len(), 1, "{id}: one patch task: {tasks:?}");
         assert_eq!(patches[0].state, pb::TaskState::Succeeded as i32, "{id}");
         let report = health(&f, id).await;
-        assert_eq!(report.driver_version, fleet::NEW_VERSION, "{id}");
+        assert_eq!(report.driver_version, local_fleet::NEW_VERSION, "{id}");
         assert!(!report.draining, "{id} back in service");
     }
 }

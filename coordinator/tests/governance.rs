@@ -26,13 +26,13 @@ use ringfence::tls::ClientIdentity;
 use ringfence::trust::TrustSet;
 use ringfence_coordinator::approvals;
 use ringfence_coordinator::evidence;
-use ringfence_coordinator::fleet::{self, Fleet, HostSpec};
 use ringfence_coordinator::inventory::Inventory;
 use ringfence_coordinator::report::{Mode as ReportMode, Reporter};
 use ringfence_coordinator::settings::Settings;
 use ringfence_coordinator::spec::WaveSpec;
 use ringfence_coordinator::store::{WavePaths, WaveStore};
 use ringfence_coordinator::wave::{self, Outcome, TlsConnector};
+use ringfence_devfleet::local_fleet::{self, HostSpec, LocalFleet};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -50,11 +50,11 @@ fn host(id: &str, ring: u32) -> HostSpec {
 /// A fleet of real `ringfenced` processes on the fake NVML library whose
 /// pools keep half their hosts in service (small test pools would otherwise
 /// have no room at all under the default 20 %).
-async fn fleet(dir: &Path, hosts: Vec<HostSpec>) -> Fleet {
+async fn fleet(dir: &Path, hosts: Vec<HostSpec>) -> LocalFleet {
     common::start(dir, hosts, &[("h100-train", 50), ("a100-infer", 50)]).await
 }
 
-fn identity(f: &Fleet) -> ClientIdentity {
+fn identity(f: &LocalFleet) -> ClientIdentity {
     ClientIdentity::load(
         &f.root.join("ops-coordinator.pem"),
         &f.root.join("ops-coordinator.key"),
@@ -63,9 +63,12 @@ fn identity(f: &Fleet) -> ClientIdentity {
     .unwrap()
 }
 
-async fn agent(f: &Fleet, host: &str) -> pb::agent_client::AgentClient<tonic::transport::Channel> {
+async fn agent(
+    f: &LocalFleet,
+    host: &str,
+) -> pb::agent_client::AgentClient<tonic::transport::Channel> {
     let h = f.hosts.iter().find(|h| h.spec.id == host).unwrap();
-    let expected = SpiffeId::new(fleet::TRUST_DOMAIN, Role::Host, host).unwrap();
+    let expected = SpiffeId::new(local_fleet::TRUST_DOMAIN, Role::Host, host).unwrap();
     let ch = ringfence::tls::connect(&h.addr.to_string(), &expected, &identity(f))
         .await
         .unwrap();
@@ -73,7 +76,7 @@ async fn agent(f: &Fleet, host: &str) -> pb::agent_client::AgentClient<tonic::tr
 }
 
 /// The tasks in a host's own journal (ListTasks over mTLS).
-async fn journal(f: &Fleet, host: &str) -> Vec<pb::TaskStatus> {
+async fn journal(f: &LocalFleet, host: &str) -> Vec<pb::TaskStatus> {
     agent(f, host)
         .await
         .list_tasks(pb::ListTasksRequest {
@@ -86,7 +89,7 @@ async fn journal(f: &Fleet, host: &str) -> Vec<pb::TaskStatus> {
         .tasks
 }
 
-async fn patches(f: &Fleet, host: &str) -> Vec<pb::TaskStatus> {
+async fn patches(f: &LocalFleet, host: &str) -> Vec<pb::TaskStatus> {
     journal(f, host)
         .await
         .into_iter()
@@ -96,7 +99,7 @@ async fn patches(f: &Fleet, host: &str) -> Vec<pb::TaskStatus> {
 
 /// A freshly collected report: the cached one may predate the last task
 /// (e.g. a rollback that just cleared the ECC error).
-async fn health(f: &Fleet, host: &str) -> pb::HealthReport {
+async fn health(f: &LocalFleet, host: &str) -> pb::HealthReport {
     agent(f, host)
         .await
         .get_health(pb::GetHealthRequest { fresh: true })
@@ -105,7 +108,7 @@ async fn health(f: &Fleet, host: &str) -> pb::HealthReport {
         .into_inner()
 }
 
-fn driver_file(f: &Fleet, host: &str) -> String {
+fn driver_file(f: &LocalFleet, host: &str) -> String {
     f.hosts
         .iter()
         .find(|h| h.spec.id == host)
@@ -113,7 +116,7 @@ fn driver_file(f: &Fleet, host: &str) -> String {
         .driver_version()
 }
 
-fn status(f: &Fleet, wave: &str) -> Option<serde_json::Value> {
+fn status(f: &LocalFleet, wave: &str) -> Option<serde_json::Value> {
     let path = WavePaths::new(&f.state_dir, wave).status;
     let text = std::fs::read_to_string(path).ok()?;
     serde_json::from_str(&text).ok()
@@ -133,7 +136,7 @@ where
 }
 
 /// Run the `ringfence` binary against the fleet's settings.
-fn cli(f: &Fleet, args: &[&str]) -> Output {
+fn cli(f: &LocalFleet, args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_ringfence"))
         .arg("--config")
         .arg(&f.settings)
@@ -156,7 +159,7 @@ fn p(path: &Path) -> &str {
 }
 
 /// A driver built like `ringfence wave run` builds it, for in-process runs.
-fn driver(f: &Fleet, spec_path: &Path) -> wave::Driver {
+fn driver(f: &LocalFleet, spec_path: &Path) -> wave::Driver {
     let settings = Settings::load(Some(&f.settings)).unwrap();
     let trust = TrustSet::load(&settings.trust_file).unwrap();
     let inv = Inventory::load(&f.inventory).unwrap();
@@ -214,7 +217,7 @@ fn ring_approval(status: &serde_json::Value, wave: &str, ring: u32, who: &str) -
 /// Wait until the coordinator has been through several more loop ticks
 /// (its status snapshot is rewritten every tick), so a file it should have
 /// picked up has been seen.
-async fn let_coordinator_look(f: &Fleet, wave: &str) {
+async fn let_coordinator_look(f: &LocalFleet, wave: &str) {
     let since = ringfence::time::now_ms() + 500;
     wait_until("the coordinator to tick past the new approval file", || {
         let s = status(f, wave);
@@ -260,7 +263,7 @@ async fn ring_two_waits_for_two_distinct_approvers_and_a_ring_two_approval_canno
         }
     })
     .await;
-    assert_eq!(driver_file(&f, "gpu-r0"), fleet::NEW_VERSION);
+    assert_eq!(driver_file(&f, "gpu-r0"), local_fleet::NEW_VERSION);
     for h in ["gpu-c1", "gpu-c2"] {
         assert!(
             patches(&f, h).await.is_empty(),
@@ -365,8 +368,8 @@ async fn ring_two_waits_for_two_distinct_approvers_and_a_ring_two_approval_canno
         "gpu-c1",
         "gpu-c2",
         "nvidia-driver",
-        fleet::NEW_VERSION,
-        fleet::OLD_VERSION,
+        local_fleet::NEW_VERSION,
+        local_fleet::OLD_VERSION,
         "patch, rollback",
         "sha256:",
     ] {
@@ -423,7 +426,7 @@ async fn ring_two_waits_for_two_distinct_approvers_and_a_ring_two_approval_canno
     assert_eq!(a.actions, [pb::ApprovedAction::Patch as i32]);
     assert_eq!(a.expires_at_unix_ms - a.issued_at_unix_ms, 7_200_000);
     assert_eq!(a.host_ids, ["gpu-c1", "gpu-c2"]);
-    assert_eq!(a.version, fleet::NEW_VERSION);
+    assert_eq!(a.version, local_fleet::NEW_VERSION);
     let shown = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(
         shown.contains(&approvals::digest(&env.payload)),
@@ -444,7 +447,7 @@ async fn ring_two_waits_for_two_distinct_approvers_and_a_ring_two_approval_canno
         let p = patches(&f, h).await;
         assert_eq!(p.len(), 1, "{h}: {p:?}");
         assert_eq!(p[0].state, pb::TaskState::Succeeded as i32);
-        assert_eq!(driver_file(&f, h), fleet::NEW_VERSION);
+        assert_eq!(driver_file(&f, h), local_fleet::NEW_VERSION);
     }
 
     // Ring 3 is not approved. Even a coordinator that sends a ring-3 host a
@@ -473,7 +476,7 @@ async fn ring_two_waits_for_two_distinct_approvers_and_a_ring_two_approval_canno
         expires_at_unix_ms: now + 600_000,
         action: Some(pb::task_payload::Action::Patch(pb::Patch {
             profile: "nvidia-driver".into(),
-            version: fleet::NEW_VERSION.into(),
+            version: local_fleet::NEW_VERSION.into(),
             rollback: false,
         })),
     };
@@ -498,7 +501,7 @@ async fn ring_two_waits_for_two_distinct_approvers_and_a_ring_two_approval_canno
             .all(|t| t.action != "patch"),
         "the ring-3 agent journaled a patch"
     );
-    assert_eq!(driver_file(&f, "gpu-p1"), fleet::OLD_VERSION);
+    assert_eq!(driver_file(&f, "gpu-p1"), local_fleet::OLD_VERSION);
     run.abort();
 }
 
@@ -629,7 +632,7 @@ async fn break_glass_raises_one_pool_only_is_in_the_evidence_and_a_tampered_file
     for h in &f.hosts {
         assert_eq!(
             driver_file(&f, &h.spec.id),
-            fleet::NEW_VERSION,
+            local_fleet::NEW_VERSION,
             "{}",
             h.spec.id
         );
@@ -818,7 +821,7 @@ async fn rollback_on_failure_drill_on_ring_zero_and_rollback_by_hand() {
             host("gpu-d0", 0),
             host("gpu-d1", 0),
             HostSpec {
-                faulty_version: Some(fleet::NEW_VERSION.into()),
+                faulty_version: Some(local_fleet::NEW_VERSION.into()),
                 ..host("gpu-bad", 1)
             },
             host("gpu-ok", 1),
@@ -841,14 +844,14 @@ async fn rollback_on_failure_drill_on_ring_zero_and_rollback_by_hand() {
     assert!(text(&o).contains("gpu-bad"), "{}", text(&o));
 
     // The failed host is back on its previous driver, healthy, still drained.
-    assert_eq!(driver_file(&f, "gpu-bad"), fleet::OLD_VERSION);
+    assert_eq!(driver_file(&f, "gpu-bad"), local_fleet::OLD_VERSION);
     let h = health(&f, "gpu-bad").await;
     assert_eq!(h.verdict, pb::Verdict::Healthy as i32, "{h:?}");
     assert!(h.draining, "a rolled-back host stays drained");
     let p_bad = patches(&f, "gpu-bad").await;
     assert_eq!(p_bad.len(), 2, "{p_bad:?}");
-    assert_eq!(p_bad[0].version_after, fleet::NEW_VERSION);
-    assert_eq!(p_bad[1].version_after, fleet::OLD_VERSION);
+    assert_eq!(p_bad[0].version_after, local_fleet::NEW_VERSION);
+    assert_eq!(p_bad[1].version_after, local_fleet::OLD_VERSION);
     assert!(
         journal(&f, "gpu-bad")
             .await
@@ -871,9 +874,9 @@ async fn rollback_on_failure_drill_on_ring_zero_and_rollback_by_hand() {
     assert_eq!(
         proof.versions,
         vec![
-            fleet::NEW_VERSION.to_string(),
-            fleet::OLD_VERSION.to_string(),
-            fleet::NEW_VERSION.to_string()
+            local_fleet::NEW_VERSION.to_string(),
+            local_fleet::OLD_VERSION.to_string(),
+            local_fleet::NEW_VERSION.to_string()
         ]
     );
     let drilled: Vec<String> = patches(&f, &proof.host_id)
@@ -883,10 +886,14 @@ async fn rollback_on_failure_drill_on_ring_zero_and_rollback_by_hand() {
         .collect();
     assert_eq!(
         drilled,
-        vec![fleet::NEW_VERSION, fleet::OLD_VERSION, fleet::NEW_VERSION],
+        vec![
+            local_fleet::NEW_VERSION,
+            local_fleet::OLD_VERSION,
+            local_fleet::NEW_VERSION
+        ],
         "the drill host's own journal"
     );
-    assert_eq!(driver_file(&f, &proof.host_id), fleet::NEW_VERSION);
+    assert_eq!(driver_file(&f, &proof.host_id), local_fleet::NEW_VERSION);
     assert!(ev.join("ring-1.json").exists(), "halt evidence for ring 1");
 
     // By hand: roll a patched, in-service ring-0 host back.
@@ -910,12 +917,12 @@ async fn rollback_on_failure_drill_on_ring_zero_and_rollback_by_hand() {
         ],
     );
     assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(driver_file(&f, target), fleet::OLD_VERSION);
+    assert_eq!(driver_file(&f, target), local_fleet::OLD_VERSION);
     let h = health(&f, target).await;
     assert_eq!(h.verdict, pb::Verdict::Healthy as i32, "{h:?}");
     assert!(h.draining, "left drained after a rollback by hand");
     let last = patches(&f, target).await.pop().unwrap();
-    assert_eq!(last.version_after, fleet::OLD_VERSION);
+    assert_eq!(last.version_after, local_fleet::OLD_VERSION);
     assert_eq!(last.state, pb::TaskState::Succeeded as i32);
     let validated = journal(&f, target).await.pop().unwrap();
     assert_eq!(validated.action, "validate");
@@ -1040,7 +1047,7 @@ async fn a_window_that_closes_mid_wave_stops_new_hosts_and_the_wave_resumes_at_t
     let s = status(&f, wave_id).unwrap();
     assert_eq!(s["next_window"], window.format(reopen), "{s}");
     for h in &started {
-        assert_eq!(driver_file(&f, h), fleet::NEW_VERSION, "{h} finished");
+        assert_eq!(driver_file(&f, h), local_fleet::NEW_VERSION, "{h} finished");
     }
     // Give the coordinator many ticks: still nobody new.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -1066,7 +1073,7 @@ async fn a_window_that_closes_mid_wave_stops_new_hosts_and_the_wave_resumes_at_t
     for h in &f.hosts {
         assert_eq!(
             driver_file(&f, &h.spec.id),
-            fleet::NEW_VERSION,
+            local_fleet::NEW_VERSION,
             "{}",
             h.spec.id
         );

@@ -13,8 +13,8 @@ use ringfence::trust::{KeyRole, Policy, TrustSet, TrustedKey};
 use ringfence_coordinator::approvals::{self, ApprovalSet, RingScope};
 use ringfence_coordinator::client::HostApi;
 use ringfence_coordinator::hostrun::{self, Ctx, HostJob, HostRecord, Params, Phase, Signer};
-use ringfence_coordinator::simhost::{SimHost, SimRing};
 use ringfence_coordinator::store::WaveStore;
+use ringfence_devfleet::simhost::{SimHost, SimRing};
 
 struct World {
     _dir: tempfile::TempDir,
@@ -390,7 +390,7 @@ fn sim_fleet(n: usize, reserve: u32) -> SimFleet {
         )
         // Configured in ring 0, as the inventory says (the wave's probe
         // refuses agents whose own ring differs, or is unset).
-        .with_ring(ringfence_coordinator::simhost::SimRing::Configured(0));
+        .with_ring(ringfence_devfleet::simhost::SimRing::Configured(0));
         inventory.push_str(&format!(
             "[[host]]\nid = \"h{i}\"\naddress = \"127.0.0.1:1\"\npool = \"p\"\nring = 0\nattestation_key = \"{}\"\n",
             keys::public_key_text(&sim.public_key())

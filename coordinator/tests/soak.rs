@@ -17,19 +17,21 @@ use ringfence::config::Source;
 use ringfence::pb;
 use ringfence::trust::TrustSet;
 use ringfence_coordinator::client::{ClientError, HealthStream, HostApi};
-use ringfence_coordinator::fleet::{Fleet, HostSpec, Mode};
 use ringfence_coordinator::inventory::{Host, Inventory};
 use ringfence_coordinator::report::Reporter;
 use ringfence_coordinator::settings::Settings;
 use ringfence_coordinator::spec::WaveSpec;
 use ringfence_coordinator::store::{WavePaths, WaveStore};
 use ringfence_coordinator::wave::{Connector, Outcome, TlsConnector};
+use ringfence_devfleet::local_fleet::{HostSpec, LocalFleet, Mode};
 
 use common::{Coordinator, host, is};
 
-async fn inprocess(dir: &Path, specs: Vec<HostSpec>) -> Fleet {
+async fn inprocess(dir: &Path, specs: Vec<HostSpec>) -> LocalFleet {
     ringfence::tls::install_crypto_provider();
-    let mut f = Fleet::start(dir, specs, Mode::InProcess, 2).await.unwrap();
+    let mut f = LocalFleet::start(dir, specs, Mode::InProcess, 2)
+        .await
+        .unwrap();
     f.pool_reserve.insert("h100-train".into(), 50);
     f.pool_reserve.insert("a100-infer".into(), 50);
     f.write_inventory().unwrap();
@@ -49,7 +51,7 @@ struct SoakFailure {
     halted_after: Duration,
 }
 
-fn status(f: &Fleet, wave_id: &str) -> Option<serde_json::Value> {
+fn status(f: &LocalFleet, wave_id: &str) -> Option<serde_json::Value> {
     let text = std::fs::read_to_string(WavePaths::new(&f.state_dir, wave_id).status).ok()?;
     serde_json::from_str(&text).ok()
 }
@@ -58,12 +60,12 @@ fn status(f: &Fleet, wave_id: &str) -> Option<serde_json::Value> {
 /// do `act`, and expect `host` to fail and the wave to halt (exit 4)
 /// well within the ring's 20 s soak.
 async fn fail_during_soak(
-    f: &mut Fleet,
+    f: &mut LocalFleet,
     spec: &Path,
     wave_id: &str,
     ring: u32,
     host: &str,
-    act: impl FnOnce(&mut Fleet),
+    act: impl FnOnce(&mut LocalFleet),
 ) -> SoakFailure {
     let mut c = Coordinator::run(f, spec);
     c.until(Duration::from_secs(30), |e| {
@@ -244,7 +246,7 @@ async fn two_rings(
     wave_id: &str,
     soak_s: u64,
     processes: bool,
-) -> (Fleet, std::path::PathBuf) {
+) -> (LocalFleet, std::path::PathBuf) {
     let specs = vec![
         host("gpu-a", 0, "h100-train"),
         host("gpu-b", 0, "h100-train"),

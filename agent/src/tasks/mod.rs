@@ -18,7 +18,6 @@
 
 mod ack;
 mod drain;
-pub mod fake;
 mod patch;
 mod undrain;
 mod validate;

@@ -12,9 +12,9 @@ use ringfence::envelope::{APPROVAL_TYPE, TASK_TYPE, sign_message};
 use ringfence::pb::{self, TaskState, task_payload::Action};
 use ringfence::time::{Clock, ManualClock, SystemClock};
 use ringfence::trust::{KeyRole, Policy, TrustSet, TrustedKey};
+use ringfence_devfleet::fake::FakeHealth;
 use ringfenced::command::ProcessRunner;
 use ringfenced::profiles::PatchConfig;
-use ringfenced::tasks::fake::FakeHealth;
 use ringfenced::tasks::{DrainConfig, RebootConfig, TaskEngine};
 
 pub const HOST: &str = "gpu-1";

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use ringfence::pb;
 use ringfence::spiffe::{Role, SpiffeId};
 use ringfence::tls::ClientIdentity;
-use ringfence_coordinator::fleet::{self, Fleet, HostSpec, Mode};
 use ringfence_coordinator::inventory::Inventory;
 use ringfence_coordinator::plan::Plan;
 use ringfence_coordinator::settings::Settings;
 use ringfence_coordinator::spec::WaveSpec;
+use ringfence_devfleet::local_fleet::{self, HostSpec, LocalFleet, Mode};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 /// `target/debug` (or whichever profile dir this test binary lives in).
@@ -51,13 +51,13 @@ pub fn host(id: &str, ring: u32, pool: &str) -> HostSpec {
 }
 
 /// Start real agent processes for `specs`, with `reserve` percent per pool.
-pub async fn start(dir: &Path, specs: Vec<HostSpec>, reserve: &[(&str, u32)]) -> Fleet {
+pub async fn start(dir: &Path, specs: Vec<HostSpec>, reserve: &[(&str, u32)]) -> LocalFleet {
     ringfence::tls::install_crypto_provider();
     let mode = Mode::Processes {
         agent_bin: artifact("ringfenced"),
         fake_nvml: artifact("libnvidia_ml.so"),
     };
-    let mut f = Fleet::start(dir, specs, mode, 2)
+    let mut f = LocalFleet::start(dir, specs, mode, 2)
         .await
         .expect("fleet of ringfenced processes starts");
     for (p, r) in reserve {
@@ -68,7 +68,7 @@ pub async fn start(dir: &Path, specs: Vec<HostSpec>, reserve: &[(&str, u32)]) ->
 }
 
 /// Replace the settings' network timeouts.
-pub fn set_timeouts(f: &Fleet, connect_s: u64, rpc_s: u64) {
+pub fn set_timeouts(f: &LocalFleet, connect_s: u64, rpc_s: u64) {
     let text = std::fs::read_to_string(&f.settings).unwrap();
     let text = text.replace(
         "connect_s = 3\nrpc_s = 10",
@@ -87,17 +87,18 @@ pub fn pacing(batch: usize) -> String {
 
 /// Both fleet approvers sign every protected ring of the wave, as operators
 /// would with `ringfence wave approve` (the demo does the same).
-pub fn approve_all(f: &Fleet, spec_path: &Path) {
+pub fn approve_all(f: &LocalFleet, spec_path: &Path) {
     let settings = Settings::load(Some(&f.settings)).unwrap();
     let inv = Inventory::load(&f.inventory).unwrap();
     let src = ringfence::config::Source::read(spec_path).unwrap();
     let spec = WaveSpec::from_source(&src).unwrap();
     let plan = Plan::build(&inv, &spec, &BTreeMap::new(), &BTreeMap::new()).unwrap();
-    fleet::approve_protected_rings(&settings.state_dir, &spec, &plan, &f.approver_keys).unwrap();
+    local_fleet::approve_protected_rings(&settings.state_dir, &spec, &plan, &f.approver_keys)
+        .unwrap();
 }
 
 /// The operator's mTLS identity.
-pub fn identity(f: &Fleet) -> ClientIdentity {
+pub fn identity(f: &LocalFleet) -> ClientIdentity {
     ClientIdentity::load(
         &f.root.join("ops-coordinator.pem"),
         &f.root.join("ops-coordinator.key"),
@@ -106,9 +107,12 @@ pub fn identity(f: &Fleet) -> ClientIdentity {
     .unwrap()
 }
 
-async fn client(f: &Fleet, host: &str) -> pb::agent_client::AgentClient<tonic::transport::Channel> {
+async fn client(
+    f: &LocalFleet,
+    host: &str,
+) -> pb::agent_client::AgentClient<tonic::transport::Channel> {
     let h = f.hosts.iter().find(|h| h.spec.id == host).unwrap();
-    let expected = SpiffeId::new(fleet::TRUST_DOMAIN, Role::Host, host).unwrap();
+    let expected = SpiffeId::new(local_fleet::TRUST_DOMAIN, Role::Host, host).unwrap();
     let ch = ringfence::tls::connect_with_timeout(
         &h.addr.to_string(),
         &expected,
@@ -121,7 +125,7 @@ async fn client(f: &Fleet, host: &str) -> pb::agent_client::AgentClient<tonic::t
 }
 
 /// Every task in a host's journal (ListTasks over mTLS), by sequence.
-pub async fn journal(f: &Fleet, host: &str) -> Vec<pb::TaskStatus> {
+pub async fn journal(f: &LocalFleet, host: &str) -> Vec<pb::TaskStatus> {
     let mut c = client(f, host).await;
     let mut t = c
         .list_tasks(pb::ListTasksRequest {
@@ -137,7 +141,7 @@ pub async fn journal(f: &Fleet, host: &str) -> Vec<pb::TaskStatus> {
 }
 
 /// A fresh health report from the agent (GetHealth over mTLS).
-pub async fn health(f: &Fleet, host: &str) -> pb::HealthReport {
+pub async fn health(f: &LocalFleet, host: &str) -> pb::HealthReport {
     let mut c = client(f, host).await;
     c.get_health(pb::GetHealthRequest { fresh: true })
         .await
@@ -159,7 +163,7 @@ pub struct Coordinator {
 
 impl Coordinator {
     /// `ringfence --config <fleet>/ringfence.toml <args..>`.
-    pub fn spawn(f: &Fleet, args: &[&str]) -> Self {
+    pub fn spawn(f: &LocalFleet, args: &[&str]) -> Self {
         // This package's own binary: cargo builds it fresh for its tests.
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ringfence"))
             .arg("--config")
@@ -188,7 +192,7 @@ impl Coordinator {
     }
 
     /// `wave run --inventory .. --spec .. --json`.
-    pub fn run(f: &Fleet, spec: &Path) -> Self {
+    pub fn run(f: &LocalFleet, spec: &Path) -> Self {
         Self::spawn(
             f,
             &[
@@ -204,7 +208,7 @@ impl Coordinator {
     }
 
     /// `wave resume --wave W --inventory .. --json`.
-    pub fn resume(f: &Fleet, wave: &str) -> Self {
+    pub fn resume(f: &LocalFleet, wave: &str) -> Self {
         Self::spawn(
             f,
             &[

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use ringfence::keys;
 use ringfence::pki::TestPki;
 use ringfence::spiffe::Role;
-use ringfence_coordinator::fleet::{self, NEW_VERSION, OLD_VERSION, TRUST_DOMAIN};
-use ringfence_coordinator::simhost::{SimFleet, SimHostSpec, SimRecord};
+use ringfence_devfleet::local_fleet::{self, NEW_VERSION, OLD_VERSION, TRUST_DOMAIN};
+use ringfence_devfleet::simhost::{SimFleet, SimHostSpec, SimRecord};
 
 use crate::{Args, Figure};
 
@@ -212,7 +212,7 @@ impl Binaries {
 struct Generated {
     root: PathBuf,
     hosts: usize,
-    keys: fleet::FleetKeys,
+    keys: local_fleet::FleetKeys,
     ca: PathBuf,
     ops_cert: PathBuf,
     ops_key: PathBuf,
@@ -253,7 +253,7 @@ impl Generated {
         let (ops_cert, ops_key) = (root.join("ops.pem"), root.join("ops.key"));
         write(&ops_cert, &ops.cert_pem)?;
         write(&ops_key, &ops.key_pem)?;
-        let keys = fleet::write_keys(root, 2).map_err(|e| e.to_string())?;
+        let keys = local_fleet::write_keys(root, 2).map_err(|e| e.to_string())?;
 
         let mut sim = SimFleet {
             trust_domain: TRUST_DOMAIN.into(),
@@ -347,7 +347,7 @@ impl Generated {
     fn wave(&self, bins: &Binaries, wave: &str, faulty: Option<&str>) -> Result<WaveRun, String> {
         let dir = self.root.join(wave);
         let state_dir = dir.join("coordinator-state");
-        let settings = fleet::write_settings(
+        let settings = local_fleet::write_settings(
             &dir,
             &state_dir,
             &self.keys,
@@ -452,7 +452,7 @@ impl Generated {
             &BTreeMap::new(),
         )
         .map_err(|e| e.to_string())?;
-        fleet::approve_protected_rings(state_dir, &spec, &plan, &self.keys.approver_keys)
+        local_fleet::approve_protected_rings(state_dir, &spec, &plan, &self.keys.approver_keys)
     }
 }
 
@@ -633,7 +633,7 @@ impl HaltFigures {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use ringfence_coordinator::simhost::SimEvent;
+    use ringfence_devfleet::simhost::SimEvent;
 
     fn ev(at_us: i64, host: &str, what: &str) -> SimEvent {
         SimEvent {

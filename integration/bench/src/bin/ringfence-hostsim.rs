@@ -1,7 +1,7 @@
 //! `ringfence-hostsim`: one process, one mTLS listener, many simulated agents
 //! for the coordinator scale benchmark. Each connection gets the certificate
 //! of the host the coordinator names by SNI, and each request is answered by
-//! that host's [`SimHost`](ringfence_coordinator::simhost::SimHost): real
+//! that host's [`SimHost`](ringfence_devfleet::simhost::SimHost): real
 //! task verification, real signed attestations, zero-time patches.
 //!
 //! Prints `listening <addr>` once it accepts connections; stops when stdin
@@ -15,7 +15,7 @@ use clap::Parser;
 use ringfence::pb;
 use ringfence::tls::{ReloadableServerConfig, SniIdentity};
 use ringfence::trust::TrustSet;
-use ringfence_coordinator::simhost::{MultiHost, SimFleet};
+use ringfence_devfleet::simhost::{MultiHost, SimFleet};
 use std::io::Read;
 
 /// Command-line arguments.

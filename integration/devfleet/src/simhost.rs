@@ -13,7 +13,7 @@ use ringfence::pb::{self, task_payload::Action};
 use ringfence::time::Clock;
 use ringfence::trust::TrustSet;
 
-use crate::client::{ClientError, HealthStream, HostApi};
+use ringfence_coordinator::client::{ClientError, HealthStream, HostApi};
 
 /// How often a simulated host's health watch re-reads its state (tests
 /// change [`SimState`] directly, so there is no change signal to wait on).

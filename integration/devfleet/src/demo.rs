@@ -1,4 +1,4 @@
-//! `ringfence demo`: a whole simulated fleet on loopback — 20 real agents
+//! `ringfence-demo` (this crate's binary): a whole simulated fleet on loopback — 20 real agents
 //! (in-process, simulated GPUs, real mTLS with a throwaway PKI, real
 //! signatures), 5 rings, 2 pools — and a wave through it. By default one
 //! ring-2 canary gets uncorrected ECC errors from the new driver: the wave
@@ -8,6 +8,7 @@
 //! behaved as the scenario expects.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,26 +17,26 @@ use ringfence::pb;
 use ringfence::spiffe::{Role, SpiffeId};
 use ringfence::trust::TrustSet;
 
-use crate::cli::{DemoArgs, Failure};
-use crate::fleet::{self, Fleet, Mode};
-use crate::inventory::Inventory;
-use crate::plan::Plan;
-use crate::report::Reporter;
-use crate::settings::Settings;
-use crate::spec::WaveSpec;
-use crate::store::WaveStore;
-use crate::wave::{Outcome, TlsConnector};
+use crate::local_fleet::{self as fleet, LocalFleet, Mode};
+use ringfence_coordinator::cli::Failure;
+use ringfence_coordinator::inventory::Inventory;
+use ringfence_coordinator::plan::Plan;
+use ringfence_coordinator::report::Reporter;
+use ringfence_coordinator::settings::Settings;
+use ringfence_coordinator::spec::WaveSpec;
+use ringfence_coordinator::store::WaveStore;
+use ringfence_coordinator::wave::{Outcome, TlsConnector};
 
 fn fail(message: impl Into<String>) -> Failure {
     Failure {
-        code: crate::cli::EXIT_FAILED,
+        code: ringfence_coordinator::cli::EXIT_FAILED,
         message: message.into(),
     }
 }
 
 /// Tasks recorded in a host's journal (asked over mTLS with ListTasks).
 async fn journal(
-    f: &Fleet,
+    f: &LocalFleet,
     host: &str,
     id: &ringfence::tls::ClientIdentity,
 ) -> Result<Vec<pb::TaskStatus>, String> {
@@ -69,6 +70,25 @@ async fn journal(
     }
 }
 
+/// `ringfence-demo`: the command line of the demo.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "ringfence-demo",
+    version,
+    about = "A simulated fleet of 20 real agents on loopback and a wave through it"
+)]
+pub struct DemoArgs {
+    /// Run the whole wave to completion instead of failing a canary.
+    #[arg(long)]
+    pub all_healthy: bool,
+    /// Keep the fleet's files in this directory (default: a temporary one).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// JSON event stream on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// Run the demo.
 pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     let started = Instant::now();
@@ -85,7 +105,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
         }
     };
     say(&format!("building a simulated fleet in {}", root.display()));
-    let mut fleet = Fleet::start(
+    let mut fleet = LocalFleet::start(
         &root,
         fleet::demo_hosts(!args.all_healthy),
         Mode::InProcess,
@@ -134,10 +154,10 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
         WaveStore::open(&settings.state_dir, &spec.wave_id).map_err(|e| fail(e.to_string()))?,
     );
     store
-        .put_meta(crate::wave::META_SPEC_TEXT, &src.text)
+        .put_meta(ringfence_coordinator::wave::META_SPEC_TEXT, &src.text)
         .map_err(|e| fail(e.to_string()))?;
     let reporter = Reporter::new(args.json);
-    let mut driver = crate::cli::driver(
+    let mut driver = ringfence_coordinator::cli::driver(
         &settings,
         trust,
         inv.clone(),
@@ -160,7 +180,8 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
         *tasks_by_ring.entry(h.spec.ring).or_default() += tasks.len();
     }
     let evidence_dir =
-        crate::store::WavePaths::new(&settings.state_dir, &spec.wave_id).evidence_dir;
+        ringfence_coordinator::store::WavePaths::new(&settings.state_dir, &spec.wave_id)
+            .evidence_dir;
     match (&outcome, args.all_healthy) {
         (Outcome::Halted(h), false) => {
             say(&format!(
@@ -227,7 +248,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
         paths.sort();
         for p in paths {
             let bytes = std::fs::read(&p).map_err(|e| fail(e.to_string()))?;
-            match crate::evidence::verify(&bytes, &trust, &enrolled) {
+            match ringfence_coordinator::evidence::verify(&bytes, &trust, &enrolled) {
                 Ok(v) => say(&format!(
                     "evidence {}: VALID ({} outcome, {} attestations, {} approvals)",
                     p.display(),

@@ -1,5 +1,5 @@
-//! A [`HealthSource`] whose report the caller controls: the tests of this
-//! crate, the coordinator's in-process demo and server tests use it.
+//! A [`HealthSource`] whose report the caller controls, for the agent's
+//! task-engine tests (`agent/tests/tasks_*.rs`).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use ringfence::pb;
 
-use super::HealthSource;
+use ringfenced::tasks::HealthSource;
 
 /// What the fake reports.
 #[derive(Debug, Clone)]

@@ -1,6 +1,7 @@
-//! A simulated fleet on this machine: a throwaway PKI, trust file,
+//! A local test fleet on this machine ([`LocalFleet`]; "fleet" alone means
+//! the real one): a throwaway PKI, trust file,
 //! coordinator and approver keys, and one real agent per host — either
-//! in-process (`ringfence demo`) or as separate `ringfenced` processes on
+//! in-process (`ringfence-demo`) or as separate `ringfenced` processes on
 //! their own 127.0.0.x addresses with the fake NVML library (the
 //! multi-process tests). Every agent has its own state dir, certificate,
 //! attestation key and simulated GPUs whose driver version lives in a file
@@ -124,7 +125,7 @@ pub const NVML_LIBRARY_NAME: &str = "libnvidia-ml.so.1";
 
 /// A whole simulated fleet and its files.
 #[derive(Debug)]
-pub struct Fleet {
+pub struct LocalFleet {
     /// Root directory of every file.
     pub root: PathBuf,
     /// The hosts.
@@ -139,7 +140,7 @@ pub struct Fleet {
     pub approver_keys: Vec<PathBuf>,
     /// Coordinator state dir.
     pub state_dir: PathBuf,
-    /// Reserve percent per pool written by [`Fleet::write_inventory`]
+    /// Reserve percent per pool written by [`LocalFleet::write_inventory`]
     /// (pools not named here get 20%).
     pub pool_reserve: std::collections::BTreeMap<String, u32>,
     mode: Mode,
@@ -364,7 +365,7 @@ pub fn write_settings(
     Ok(settings)
 }
 
-impl Fleet {
+impl LocalFleet {
     /// Build every file and start every agent. `approvers` approver keys
     /// are made (the demo uses 2 for protected rings).
     pub async fn start(
@@ -534,7 +535,7 @@ impl Fleet {
     }
 }
 
-impl Drop for Fleet {
+impl Drop for LocalFleet {
     fn drop(&mut self) {
         for h in &mut self.hosts {
             if let Some(mut p) = h.process.take() {
@@ -580,14 +581,14 @@ async fn start_agent(spec: HostSpec, dir: PathBuf, mode: &Mode) -> Result<Runnin
                     .map_err(|e| err(e.to_string()))?,
             );
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-            let mut opts =
-                ringfenced::daemon::ServeOptions::new(source, Duration::from_millis(500));
-            opts.sighup = false;
-            opts.notifier = ringfenced::notify::Notifier::default();
-            opts.shutdown_grace = Duration::from_secs(2);
-            opts.on_ready = Some(Box::new(move |h: ringfenced::daemon::Handles| {
-                let _ = ready_tx.send(h.addr);
-            }));
+            let opts = ringfenced::daemon::ServeOptions::in_process(
+                source,
+                Duration::from_millis(500),
+                Duration::from_secs(2),
+                Box::new(move |h: ringfenced::daemon::Handles| {
+                    let _ = ready_tx.send(h.addr);
+                }),
+            );
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let host = spec.id.clone();
             let task = tokio::spawn(async move {
@@ -666,7 +667,7 @@ async fn start_agent(spec: HostSpec, dir: PathBuf, mode: &Mode) -> Result<Runnin
 
 /// What the approvals of a wave cover: its patches, and the rollbacks to
 /// `rollback_version` when the spec names one.
-fn approved_actions(spec: &crate::spec::WaveSpec) -> Vec<i32> {
+fn approved_actions(spec: &ringfence_coordinator::spec::WaveSpec) -> Vec<i32> {
     let mut actions = vec![ringfence::pb::ApprovedAction::Patch as i32];
     if !spec.rollback_version.is_empty() {
         actions.push(ringfence::pb::ApprovedAction::Rollback as i32);
@@ -678,11 +679,11 @@ fn approved_actions(spec: &crate::spec::WaveSpec) -> Vec<i32> {
 /// (files in the wave's approvals directory under `state_dir`), valid for an hour.
 pub fn approve_protected_rings(
     state_dir: &Path,
-    spec: &crate::spec::WaveSpec,
-    plan: &crate::plan::Plan,
+    spec: &ringfence_coordinator::spec::WaveSpec,
+    plan: &ringfence_coordinator::plan::Plan,
     approver_keys: &[PathBuf],
 ) -> Result<(), String> {
-    let dir = crate::approvals::approvals_dir(state_dir, &spec.wave_id);
+    let dir = ringfence_coordinator::approvals::approvals_dir(state_dir, &spec.wave_id);
     for (i, key_path) in approver_keys.iter().enumerate() {
         let key = keys::read_signing_key(key_path).map_err(|e| e.to_string())?;
         let id = format!("approver-{i}");
@@ -703,9 +704,12 @@ pub fn approve_protected_rings(
                 approver: id.clone(),
                 actions: approved_actions(spec),
             };
-            let env = crate::approvals::sign_ring(&a, &id, &key);
-            crate::approvals::write_file(&dir.join(format!("ring-{r}-{id}.json")), &env)
-                .map_err(|e| e.to_string())?;
+            let env = ringfence_coordinator::approvals::sign_ring(&a, &id, &key);
+            ringfence_coordinator::approvals::write_file(
+                &dir.join(format!("ring-{r}-{id}.json")),
+                &env,
+            )
+            .map_err(|e| e.to_string())?;
         }
     }
     Ok(())
