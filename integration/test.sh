@@ -5,6 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+echo "== the packaged ringfence links neither the agent nor NVML nor the test fleet"
+tree=$(cargo tree --locked -p ringfence-coordinator -e normal --prefix none)
+if printf '%s\n' "$tree" | grep -E '^(ringfenced|nvml-wrapper|nvml-wrapper-sys|sysinfo|sd-notify|ringfence-devfleet) '; then
+  echo "test.sh: ringfence-coordinator's normal dependencies include the crates above" >&2
+  exit 1
+fi
+
 echo "== cargo build (binaries and the fake NVML library used by the tests)"
 cargo build --workspace --bins --lib
 

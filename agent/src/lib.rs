@@ -1,6 +1,7 @@
 //! ringfenced, the per-host agent, as a library: the binary in `main.rs` only
-//! parses arguments and wires these modules together. The coordinator's
-//! `demo` and the integration tests run the same agent in-process.
+//! parses arguments and wires these modules together. The test fleet of
+//! `integration/devfleet` (its `ringfence-demo` and the coordinator's tests)
+//! runs the same agent in-process.
 
 pub mod command;
 pub mod config;
