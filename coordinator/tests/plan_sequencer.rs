@@ -377,6 +377,47 @@ fn the_readme_example_files_load_and_plan() {
     }
 }
 
+/// The keys the spec parser knows, as its own "unknown field" error lists
+/// them for a probe key at the top level, in a `[ring.N]` table and in
+/// `[window]`: the list follows the parser, whatever is added to it.
+fn known_spec_keys() -> Vec<String> {
+    let head = "wave_id = \"w\"\nprofile = \"p\"\nversion = \"1\"\n";
+    let mut keys = Vec::new();
+    for table in ["", "[ring.0]\n", "[window]\n"] {
+        let text = format!("{head}{table}zz_probe = 1\n");
+        let err = WaveSpec::from_source(&Source::from_text("probe.toml", text))
+            .expect_err("an unknown key is refused")
+            .to_string();
+        let (_, expected) = err
+            .split_once("expected")
+            .unwrap_or_else(|| panic!("no key list in: {err}"));
+        keys.extend(expected.split('`').skip(1).step_by(2).map(String::from));
+    }
+    keys
+}
+
+#[test]
+fn the_example_wave_spec_names_every_key_the_parser_knows() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples-config/wave.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let keys = known_spec_keys();
+    assert!(keys.len() > 20, "the probe found too few keys: {keys:?}");
+    let named = |key: &str| {
+        text.lines().any(|l| {
+            let l = l.trim_start();
+            l.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+                || l.starts_with(&format!("[{key}"))
+        })
+    };
+    let missing: Vec<&String> = keys.iter().filter(|k| !named(k)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} does not name {missing:?}",
+        path.display()
+    );
+}
+
 /// 10 hosts of pool `big` (reserve 15%: one out at a time) in ring 3,
 /// unprotected, ten in flight at once if the pool allowed it.
 fn big_pool_of_ten() -> (Inventory, WaveSpec) {
