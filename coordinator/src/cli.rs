@@ -639,8 +639,13 @@ async fn hosts(config: Option<&Path>, cmd: HostsCommand) -> Result<(), Failure> 
         }
         HostsCommand::Health { inventory, json } => {
             let inv = Inventory::load(&inventory).map_err(config_err)?;
-            let rows =
-                crate::health_table::collect(&inv, Arc::new(connector(&env, &inv)), 64).await;
+            let rows = crate::health_table::collect(
+                &inv,
+                Arc::new(connector(&env, &inv)),
+                64,
+                skew_ms(&env.trust),
+            )
+            .await;
             if json {
                 for r in &rows {
                     println!("{}", serde_json::to_string(r).unwrap_or_default());
@@ -1393,4 +1398,12 @@ fn print_verified(path: &Path, v: &crate::evidence::Verified) {
             v.rollback_versions.join(" → ")
         );
     }
+}
+
+/// The trust policy's `max_clock_skew_s` in ms: the clock difference with
+/// the agents the coordinator tolerates, as the agents do.
+fn skew_ms(trust: &TrustSet) -> i64 {
+    i64::try_from(trust.policy.max_clock_skew_s)
+        .unwrap_or(i64::MAX / 1000)
+        .saturating_mul(1000)
 }

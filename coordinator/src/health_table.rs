@@ -42,7 +42,12 @@ pub struct Row {
 }
 
 /// Ask every host, at most `parallel` at once.
-pub async fn collect(inv: &Inventory, conn: Arc<dyn Connector>, parallel: usize) -> Vec<Row> {
+pub async fn collect(
+    inv: &Inventory,
+    conn: Arc<dyn Connector>,
+    parallel: usize,
+    max_skew_ms: i64,
+) -> Vec<Row> {
     let sem = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
     let mut tasks = Vec::new();
     for h in inv.hosts.clone() {
@@ -50,7 +55,8 @@ pub async fn collect(inv: &Inventory, conn: Arc<dyn Connector>, parallel: usize)
         let sem = sem.clone();
         tasks.push(tokio::spawn(async move {
             let _p = sem.acquire_owned().await;
-            match tokio::time::timeout(PER_HOST_TIMEOUT, one(&h, conn.as_ref())).await {
+            match tokio::time::timeout(PER_HOST_TIMEOUT, one(&h, conn.as_ref(), max_skew_ms)).await
+            {
                 Ok(r) => r,
                 Err(_) => failed_row(&h, "UNREACHABLE", "no answer within 10 s"),
             }
@@ -81,7 +87,7 @@ fn failed_row(h: &crate::inventory::Host, verdict: &str, why: &str) -> Row {
     }
 }
 
-async fn one(h: &crate::inventory::Host, conn: &dyn Connector) -> Row {
+async fn one(h: &crate::inventory::Host, conn: &dyn Connector, max_skew_ms: i64) -> Row {
     let api = match conn.connect(h).await {
         Ok(a) => a,
         Err(e) => return failed_row(h, "UNREACHABLE", &e),
@@ -97,7 +103,7 @@ async fn one(h: &crate::inventory::Host, conn: &dyn Connector) -> Row {
                     nonce: &nonce,
                     now_ms: ringfence::time::now_ms(),
                     max_age_ms: 60_000,
-                    max_skew_ms: 120_000,
+                    max_skew_ms,
                 },
             ) {
                 Ok(a) => (a.report.unwrap_or_default(), true),

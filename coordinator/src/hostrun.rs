@@ -202,6 +202,9 @@ pub struct Params {
     pub task_timeout_ms: i64,
     /// Oldest acceptable attestation, ms.
     pub attestation_max_age_ms: i64,
+    /// Tolerated clock difference with the agents, ms (the trust policy's
+    /// `max_clock_skew_s`, as the agents apply it to tasks).
+    pub max_clock_skew_ms: i64,
     /// Interval between task status polls.
     pub poll_interval: Duration,
     /// Roll a host that fails validation back to its previous version.
@@ -444,7 +447,7 @@ fn verify_attestation(
             nonce,
             now_ms: ctx.clock.now_ms(),
             max_age_ms: ctx.params.attestation_max_age_ms,
-            max_skew_ms: 120_000,
+            max_skew_ms: ctx.params.max_clock_skew_ms,
         },
     )
     .map_err(|e| e.to_string())

@@ -611,6 +611,9 @@ impl Driver {
             task_lifetime_ms: i64::try_from(s.task_lifetime_s).unwrap_or(900) * 1000,
             task_timeout_ms: i64::try_from(s.task_timeout_s).unwrap_or(1800) * 1000,
             attestation_max_age_ms: i64::try_from(s.attestation_max_age_s).unwrap_or(300) * 1000,
+            max_clock_skew_ms: i64::try_from(self.trust.policy.max_clock_skew_s)
+                .unwrap_or(120)
+                .saturating_mul(1000),
             poll_interval: self.poll_interval,
             rollback_on_failure: s.on_failure == OnFailure::Rollback,
             rollback_version: s.rollback_version.clone(),

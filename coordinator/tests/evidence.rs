@@ -128,6 +128,7 @@ async fn fixture_with(ring: u32, faulty: bool, drill: bool) -> Fx {
             task_lifetime_ms: 600_000,
             task_timeout_ms: 5_000,
             attestation_max_age_ms: 60_000,
+            max_clock_skew_ms: 120_000,
             poll_interval: Duration::from_millis(5),
             rollback_on_failure: false,
             rollback_version: String::new(),

@@ -66,6 +66,7 @@ async fn one_host_patched_over_mtls_ends_on_the_new_driver() {
             task_lifetime_ms: 600_000,
             task_timeout_ms: 30_000,
             attestation_max_age_ms: 60_000,
+            max_clock_skew_ms: 120_000,
             poll_interval: Duration::from_millis(50),
             rollback_on_failure: false,
             rollback_version: String::new(),

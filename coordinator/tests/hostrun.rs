@@ -61,6 +61,7 @@ fn world(rollback: bool) -> World {
             task_lifetime_ms: 600_000,
             task_timeout_ms: 5_000,
             attestation_max_age_ms: 60_000,
+            max_clock_skew_ms: 120_000,
             poll_interval: Duration::from_millis(5),
             rollback_on_failure: rollback,
             rollback_version: String::new(),
