@@ -711,3 +711,48 @@ async fn a_simulated_agent_refuses_another_ring_and_without_a_ring_is_protected(
     assert!(f.reason.contains("approval_threshold"), "{}", f.reason);
     assert_eq!(sim.state().patches, 0);
 }
+
+/// The coordinator tolerates the trust policy's clock skew with an agent
+/// (`Params::max_clock_skew_ms`, from `max_clock_skew_s`), not a fixed
+/// 120 s: an agent whose clock runs 200 s ahead passes under a 300 s policy
+/// and fails validation under a 120 s one.
+#[tokio::test]
+async fn attestations_are_checked_with_the_policys_clock_skew() {
+    let w = world(false);
+    let ahead: Arc<dyn Clock> =
+        Arc::new(ringfence::time::ManualClock::at(w.clock.now_ms() + 200_000));
+    for (skew_ms, healthy) in [(300_000, true), (120_000, false)] {
+        let id = format!("gpu-ahead-{skew_ms}");
+        let sim = SimHost::new(
+            &id,
+            keys::generate(),
+            w.trust.clone(),
+            ahead.clone(),
+            "550.54.15",
+        );
+        let job = HostJob {
+            host_id: id.clone(),
+            ring: 0,
+            pool: "p".into(),
+            key: sim.public_key(),
+            approvals: Default::default(),
+            drill: false,
+        };
+        let ctx = Ctx {
+            params: Arc::new(Params {
+                wave_id: format!("wave-skew-{skew_ms}"),
+                max_clock_skew_ms: skew_ms,
+                ..(*w.ctx.params).clone()
+            }),
+            ..w.ctx.clone()
+        };
+        let rec = hostrun::run(&ctx, &job, &sim).await.unwrap();
+        if healthy {
+            assert_eq!(rec.phase, Phase::Done, "{:?}", rec.failure);
+        } else {
+            assert_eq!(rec.phase, Phase::Failed);
+            let f = rec.failure.unwrap();
+            assert!(f.reason.contains("in the future"), "{f:?}");
+        }
+    }
+}
