@@ -222,16 +222,23 @@ async fn a_retried_host_drained_by_this_wave_is_undrained_when_it_passes() {
     assert!(!hostrun::drained_by_this_wave(&rec));
 }
 
-/// A coordinator that dies around the moment it sends the patch: before the
-/// agent gets it, or right after, before the outcome is recorded.
-#[derive(Clone)]
-struct CrashAtPatch {
+type ClientResult<T> = Result<T, ringfence_coordinator::client::ClientError>;
+
+/// What a [`Hooked`] host does with a task instead of plain delivery.
+#[tonic::async_trait]
+trait SubmitHook: Send + Sync {
+    async fn submit(&self, inner: &SimHost, t: pb::SignedTask) -> ClientResult<pb::TaskStatus>;
+}
+
+/// A simulated agent whose SubmitTask goes through a hook; every other call
+/// reaches the agent as it is.
+struct Hooked<K> {
     inner: SimHost,
-    deliver_first: bool,
+    hook: K,
 }
 
 #[tonic::async_trait]
-impl HostApi for CrashAtPatch {
+impl<K: SubmitHook> HostApi for Hooked<K> {
     async fn identity(&self) -> Result<pb::Identity, ringfence_coordinator::client::ClientError> {
         self.inner.identity().await
     }
@@ -252,19 +259,8 @@ impl HostApi for CrashAtPatch {
     > {
         self.inner.watch_health().await
     }
-    async fn submit(
-        &self,
-        t: pb::SignedTask,
-    ) -> Result<pb::TaskStatus, ringfence_coordinator::client::ClientError> {
-        use prost::Message;
-        let payload = pb::TaskPayload::decode(t.task.as_ref().unwrap().payload.as_slice()).unwrap();
-        if matches!(payload.action, Some(pb::task_payload::Action::Patch(_))) {
-            if self.deliver_first {
-                let _ = self.inner.submit(t).await;
-            }
-            panic!("coordinator killed while sending the patch");
-        }
-        self.inner.submit(t).await
+    async fn submit(&self, t: pb::SignedTask) -> ClientResult<pb::TaskStatus> {
+        self.hook.submit(&self.inner, t).await
     }
     async fn get_task(
         &self,
@@ -274,12 +270,33 @@ impl HostApi for CrashAtPatch {
     }
 }
 
+/// A coordinator that dies around the moment it sends the patch: before the
+/// agent gets it, or right after, before the outcome is recorded.
+struct CrashAtPatch {
+    deliver_first: bool,
+}
+
+#[tonic::async_trait]
+impl SubmitHook for CrashAtPatch {
+    async fn submit(&self, inner: &SimHost, t: pb::SignedTask) -> ClientResult<pb::TaskStatus> {
+        use prost::Message;
+        let payload = pb::TaskPayload::decode(t.task.as_ref().unwrap().payload.as_slice()).unwrap();
+        if matches!(payload.action, Some(pb::task_payload::Action::Patch(_))) {
+            if self.deliver_first {
+                let _ = inner.submit(t).await;
+            }
+            panic!("coordinator killed while sending the patch");
+        }
+        inner.submit(t).await
+    }
+}
+
 async fn crash_then_resume(deliver_first: bool) {
     let w = world(false);
     let (sim, job) = host(&w, "gpu-7", 0);
-    let crashing = CrashAtPatch {
+    let crashing = Hooked {
         inner: sim.clone(),
-        deliver_first,
+        hook: CrashAtPatch { deliver_first },
     };
     let (ctx, job2) = (w.ctx.clone(), job.clone());
     let died = tokio::spawn(async move { hostrun::run(&ctx, &job2, &crashing).await }).await;
@@ -538,39 +555,14 @@ async fn a_halt_requested_after_the_resume_began_stops_the_resumed_wave() {
 type Sent = Arc<std::sync::Mutex<Vec<(String, Vec<Vec<i32>>)>>>;
 
 /// Records what every task carried, then hands it to the simulated agent.
-#[derive(Clone)]
 struct Recording {
-    inner: SimHost,
     /// (step's action, the actions listed by each attached approval).
     sent: Sent,
 }
 
 #[tonic::async_trait]
-impl HostApi for Recording {
-    async fn identity(&self) -> Result<pb::Identity, ringfence_coordinator::client::ClientError> {
-        self.inner.identity().await
-    }
-    async fn attest(
-        &self,
-        n: Vec<u8>,
-    ) -> Result<pb::Envelope, ringfence_coordinator::client::ClientError> {
-        self.inner.attest(n).await
-    }
-    async fn health(&self) -> Result<pb::HealthReport, ringfence_coordinator::client::ClientError> {
-        self.inner.health().await
-    }
-    async fn watch_health(
-        &self,
-    ) -> Result<
-        ringfence_coordinator::client::HealthStream,
-        ringfence_coordinator::client::ClientError,
-    > {
-        self.inner.watch_health().await
-    }
-    async fn submit(
-        &self,
-        t: pb::SignedTask,
-    ) -> Result<pb::TaskStatus, ringfence_coordinator::client::ClientError> {
+impl SubmitHook for Recording {
+    async fn submit(&self, inner: &SimHost, t: pb::SignedTask) -> ClientResult<pb::TaskStatus> {
         use prost::Message;
         let payload = pb::TaskPayload::decode(t.task.as_ref().unwrap().payload.as_slice()).unwrap();
         let step = payload.task_id.rsplit('/').next().unwrap().to_string();
@@ -584,13 +576,7 @@ impl HostApi for Recording {
             })
             .collect();
         self.sent.lock().unwrap().push((step, listed));
-        self.inner.submit(t).await
-    }
-    async fn get_task(
-        &self,
-        id: &str,
-    ) -> Result<Option<pb::TaskStatus>, ringfence_coordinator::client::ClientError> {
-        self.inner.get_task(id).await
+        inner.submit(t).await
     }
 }
 
@@ -648,9 +634,11 @@ async fn each_task_carries_only_the_approvals_for_its_host_and_action() {
             (&["gpu-5"], &[A::ForceUndrain], 1),
         ],
     ));
-    let rec_api = Recording {
+    let rec_api = Hooked {
         inner: sim.clone(),
-        sent: Default::default(),
+        hook: Recording {
+            sent: Default::default(),
+        },
     };
     let rec = hostrun::run(&w.ctx, &job, &rec_api).await.unwrap();
     assert_eq!(rec.phase, Phase::Failed);
@@ -661,7 +649,7 @@ async fn each_task_carries_only_the_approvals_for_its_host_and_action() {
         rec.failure
     );
     assert_eq!(sim.state().driver_version, "550.54.15");
-    let sent = rec_api.sent.lock().unwrap().clone();
+    let sent = rec_api.hook.sent.lock().unwrap().clone();
     let by_step = |step: &str| -> Vec<Vec<i32>> {
         sent.iter()
             .filter(|(s, _)| s == step)
