@@ -1407,3 +1407,18 @@ fn skew_ms(trust: &TrustSet) -> i64 {
         .unwrap_or(i64::MAX / 1000)
         .saturating_mul(1000)
 }
+
+/// Logs to stderr with the `RINGFENCE_LOG` filter (default `warn`); colour
+/// codes only on a terminal, never in files or pipes. For `ringfence` and
+/// the tools built on this library (`ringfence-demo`).
+pub fn init_logging() {
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RINGFENCE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
+}

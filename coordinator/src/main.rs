@@ -1,6 +1,5 @@
 //! ringfence, the coordinator CLI: parse arguments, run, map errors to exit
 //! codes (0 ok, 1 failed, 2 usage, 3 config/input, 4 wave halted).
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -9,15 +8,7 @@ use ringfence_coordinator::cli::{self, Cli};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     ringfence::tls::install_crypto_provider();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RINGFENCE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        // Colour codes only on a terminal, never in files or pipes.
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
+    cli::init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -2,7 +2,6 @@
 //! wave through it (see [`ringfence_devfleet::demo`]). Exit codes as the
 //! `ringfence` CLI: 0 the wave behaved as the scenario expects, 1 it did
 //! not (or the demo could not run), 2 usage.
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -12,14 +11,7 @@ use ringfence_devfleet::demo::{self, DemoArgs};
 fn main() -> ExitCode {
     let args = DemoArgs::parse();
     ringfence::tls::install_crypto_provider();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RINGFENCE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
+    ringfence_coordinator::cli::init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
