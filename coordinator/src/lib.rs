@@ -1,6 +1,7 @@
 //! ringfence, the coordinator, as a library: inventory, wave specs, the pure
-//! wave planner, the I/O loop that drives agents, and evidence. The test fleet,
-//! host simulator and demo live in `integration/devfleet`.
+//! wave planner, the I/O loop that drives agents, evidence, and the
+//! `ringfence` command line (`cli`). The test fleet, host simulator and demo
+//! live in `integration/devfleet`.
 pub mod approvals;
 pub mod cli;
 pub mod client;
@@ -8,7 +9,6 @@ pub mod evidence;
 pub mod health_table;
 pub mod hostrun;
 pub mod inventory;
-pub mod pki_cli;
 pub mod plan;
 pub mod report;
 pub mod settings;

@@ -1,29 +1,25 @@
-//! ringfence, the coordinator CLI: parse arguments, run, map errors to exit
-//! codes (0 ok, 1 failed, 2 usage, 3 config/input, 4 wave halted).
+//! ringfence, the coordinator CLI: parse arguments, start logging, run the
+//! command, and exit with the code [`CliError::exit_code`] gives (0 ok,
+//! 1 failed, 2 usage, 3 config/input, 4 wave halted; see README).
 use std::process::ExitCode;
 
 use clap::Parser;
-use ringfence_coordinator::cli::{self, Cli};
+use ringfence_coordinator::cli::{self, Cli, CliError};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args = Cli::parse();
     ringfence::tls::install_crypto_provider();
     cli::init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("ringfence: cannot start the runtime: {e}");
-            return ExitCode::from(cli::EXIT_FAILED);
-        }
-    };
-    match runtime.block_on(cli::run(cli)) {
+        .map_err(CliError::Runtime)
+        .and_then(|runtime| runtime.block_on(cli::run(args)));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(f) => {
-            eprintln!("ringfence: {}", f.message);
-            ExitCode::from(f.code)
+        Err(e) => {
+            eprintln!("ringfence: {e}");
+            e.exit_code().into()
         }
     }
 }

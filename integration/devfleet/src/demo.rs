@@ -18,7 +18,6 @@ use ringfence::spiffe::{Role, SpiffeId};
 use ringfence::trust::TrustSet;
 
 use crate::local_fleet::{self as fleet, LocalFleet, Mode};
-use ringfence_coordinator::cli::Failure;
 use ringfence_coordinator::inventory::Inventory;
 use ringfence_coordinator::plan::Plan;
 use ringfence_coordinator::report::Reporter;
@@ -27,11 +26,14 @@ use ringfence_coordinator::spec::WaveSpec;
 use ringfence_coordinator::store::WaveStore;
 use ringfence_coordinator::wave::{Outcome, TlsConnector};
 
+/// The demo could not run, or the wave did not behave as the scenario
+/// expects (`ringfence-demo` exits 1).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Failure(String);
+
 fn fail(message: impl Into<String>) -> Failure {
-    Failure {
-        code: ringfence_coordinator::cli::EXIT_FAILED,
-        message: message.into(),
-    }
+    Failure(message.into())
 }
 
 /// Tasks recorded in a host's journal (asked over mTLS with ListTasks).
@@ -166,7 +168,8 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
         connector,
         reporter.clone(),
         Vec::new(),
-    )?;
+    )
+    .map_err(|e| fail(e.to_string()))?;
     driver.poll_interval = Duration::from_millis(50);
     let outcome = driver.run().await;
     reporter.finish();

@@ -5,7 +5,6 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use ringfence_coordinator::cli::EXIT_FAILED;
 use ringfence_devfleet::demo::{self, DemoArgs};
 
 fn main() -> ExitCode {
@@ -19,14 +18,14 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("ringfence-demo: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_FAILED);
+            return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(demo::run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("ringfence-demo: {}", f.message);
-            ExitCode::from(f.code)
+            eprintln!("ringfence-demo: {f}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,6 +1,6 @@
 //! `ringfence pki …` and `ringfence keys new`: argument structs and their
-//! execution. `main.rs` parses, calls [`run_pki`] / [`run_keys`] and prints
-//! the returned text.
+//! execution. [`run_pki`] / [`run_keys`] return the text to print; their
+//! errors ([`PkiCliError`]) exit 3.
 
 use std::path::PathBuf;
 

@@ -1,0 +1,573 @@
+//! `ringfence wave …`: plan, run, resume, status, halt, abort, rollback
+//! and approve (in [`super::approve`]); [`driver`] builds the wave engine
+//! from the settings, and [`WaveCmdError`] says why a wave command failed,
+//! a halted wave included.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use ringfence::pb;
+use ringfence::time::{Clock, SystemClock};
+use ringfence::trust::TrustSet;
+
+use super::approve::{self, ApproveArgs, ApproveError};
+use super::input::{self, Env, InputError};
+use crate::approvals::{self, ApprovalError, BreakGlassGrant};
+use crate::inventory::Inventory;
+use crate::plan::{Plan, PlanError};
+use crate::report::Reporter;
+use crate::settings::Settings;
+use crate::spec::WaveSpec;
+use crate::store::{StoreError, WavePaths, WaveStore};
+use crate::wave::{self, Driver, HaltReport, Outcome, WaveError};
+
+/// `ringfence wave`.
+#[derive(Debug, Args)]
+pub struct WaveArgs {
+    #[command(subcommand)]
+    pub(super) command: WaveCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum WaveCommand {
+    /// Dry run: rings, batches, reserve math, protected rings.
+    Plan {
+        /// Inventory file.
+        #[arg(long)]
+        inventory: PathBuf,
+        /// Wave spec file.
+        #[arg(long)]
+        spec: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a wave.
+    Run {
+        /// Inventory file.
+        #[arg(long)]
+        inventory: PathBuf,
+        /// Wave spec file.
+        #[arg(long)]
+        spec: PathBuf,
+        /// JSON event stream on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Break-glass approval files.
+        #[arg(long = "break-glass")]
+        break_glass: Vec<PathBuf>,
+    },
+    /// Continue a wave after a crash or halt, with a decision per failed host.
+    Resume {
+        /// Wave id.
+        #[arg(long)]
+        wave: String,
+        /// Inventory file.
+        #[arg(long)]
+        inventory: PathBuf,
+        /// Run a failed host again from the start.
+        #[arg(long)]
+        retry: Vec<String>,
+        /// Skip a failed host (needs --reason).
+        #[arg(long)]
+        skip: Vec<String>,
+        /// Why the skipped hosts are skipped.
+        #[arg(long)]
+        reason: Option<String>,
+        /// JSON event stream on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Break-glass approval files.
+        #[arg(long = "break-glass")]
+        break_glass: Vec<PathBuf>,
+    },
+    /// Where a wave is (works while it runs, from another terminal).
+    Status {
+        /// Wave id.
+        #[arg(long)]
+        wave: String,
+        /// Print the snapshot as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Emergency stop: no new host starts; in-flight hosts finish their step.
+    Halt {
+        /// Wave id.
+        #[arg(long)]
+        wave: String,
+    },
+    /// End a wave for good (no resume).
+    Abort {
+        /// Wave id.
+        #[arg(long)]
+        wave: String,
+    },
+    /// Patch one host of the wave back by hand (toward the wave's rollback
+    /// version, else the version it attested before), validate it, leave it drained.
+    Rollback {
+        /// Wave id.
+        #[arg(long)]
+        wave: String,
+        /// Host to roll back.
+        #[arg(long)]
+        host: String,
+        /// Inventory file.
+        #[arg(long)]
+        inventory: PathBuf,
+    },
+    /// Sign a ring approval built from the inventory and the wave spec (or
+    /// import one signed elsewhere). Prints the whole scope first.
+    Approve(ApproveArgs),
+}
+
+/// Why a `wave` command failed, or how a wave ended when not completed.
+#[derive(Debug, thiserror::Error)]
+pub enum WaveCmdError {
+    /// An operator file is unusable.
+    #[error(transparent)]
+    Input(#[from] InputError),
+    /// `wave approve` signed nothing.
+    #[error(transparent)]
+    Approve(Box<ApproveError>),
+    /// The wave engine refused or failed.
+    #[error(transparent)]
+    Engine(#[from] WaveError),
+    /// The wave halted; the failed host is left drained.
+    #[error("{}", halt_message(.0))]
+    Halted(Box<HaltReport>),
+    /// `wave plan`: the wave cannot be planned.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// The wave's store cannot be opened (no such wave, held by another
+    /// coordinator, unreadable).
+    #[error(transparent)]
+    OpenStore(StoreError),
+    /// The wave's store failed while in use.
+    #[error(transparent)]
+    Store(StoreError),
+    /// `resume` / `rollback`: the wave has no stored spec.
+    #[error("wave `{wave}` has no state under {}", dir.display())]
+    NoState {
+        /// Wave id.
+        wave: String,
+        /// The settings' `state_dir`.
+        dir: PathBuf,
+    },
+    /// `resume --skip` without a reason.
+    #[error("--skip needs --reason \"...\"")]
+    SkipWithoutReason,
+    /// A `--break-glass` file is not signed, not in force, or not for this wave.
+    #[error("break-glass {}: {source}", path.display())]
+    BreakGlass {
+        /// The file.
+        path: PathBuf,
+        /// Why it is refused.
+        source: ApprovalError,
+    },
+    /// A `--break-glass` file names a pool the inventory lacks, or too many hosts.
+    #[error("break-glass {}: {source}", path.display())]
+    BreakGlassScope {
+        /// The file.
+        path: PathBuf,
+        /// Why it is refused.
+        source: PlanError,
+    },
+    /// `rollback`: the host was patched back but did not validate.
+    #[error("{host}: {reason}")]
+    RollbackFailed {
+        /// The host.
+        host: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// `status`: the wave has no status snapshot.
+    #[error("{}: {source} (no such wave, or it never started)", path.display())]
+    NoStatus {
+        /// The status file.
+        path: PathBuf,
+        /// Why it cannot be read.
+        source: std::io::Error,
+    },
+    /// `status`: the status snapshot does not parse.
+    #[error("{}: {source}", path.display())]
+    BadStatus {
+        /// The status file.
+        path: PathBuf,
+        /// Why it does not parse.
+        source: serde_json::Error,
+    },
+}
+
+impl From<ApproveError> for WaveCmdError {
+    fn from(e: ApproveError) -> Self {
+        WaveCmdError::Approve(Box::new(e))
+    }
+}
+
+/// What `wave run` / `wave resume` print when the wave halts: where, why,
+/// and the two ways on.
+fn halt_message(h: &HaltReport) -> String {
+    format!(
+        "wave {} HALTED in ring {}: host {} step {} ({}): {}\n{}; decide with `ringfence wave resume --wave {} --retry HOST | --skip HOST --reason ...` or `ringfence wave abort --wave {}`",
+        h.wave_id,
+        h.ring,
+        h.host.as_deref().unwrap_or("-"),
+        h.step,
+        h.kind,
+        h.reason,
+        // A soak regression comes after validation and undrain; the
+        // reason says whether the wave could drain the host again.
+        if h.kind == "soak_regression" {
+            "the failed host regressed after it was back in service"
+        } else {
+            "the failed host is left drained"
+        },
+        h.wave_id,
+        h.wave_id
+    )
+}
+
+/// Build a driver for a wave.
+#[allow(clippy::too_many_arguments)]
+pub fn driver(
+    settings: &Settings,
+    trust: TrustSet,
+    inventory: Inventory,
+    spec: WaveSpec,
+    store: Arc<WaveStore>,
+    connector: Arc<dyn wave::Connector>,
+    reporter: Reporter,
+    break_glass: Vec<(BreakGlassGrant, pb::Envelope)>,
+) -> Result<Driver, InputError> {
+    let signer = wave::load_signer(&settings.signing.key, &settings.signing.key_id)?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    Ok(Driver {
+        inventory,
+        spec,
+        trust,
+        signer,
+        store,
+        connector,
+        clock,
+        reporter,
+        poll_interval: Duration::from_millis(200),
+        state_dir: settings.state_dir.clone(),
+        break_glass,
+    })
+}
+
+/// The engine for one command: the settings' signer, mTLS to the
+/// inventory's agents with the settings' timeouts.
+fn engine(
+    env: Env,
+    inv: Inventory,
+    spec: WaveSpec,
+    store: Arc<WaveStore>,
+    reporter: &Reporter,
+    break_glass: Vec<(BreakGlassGrant, pb::Envelope)>,
+) -> Result<Driver, InputError> {
+    let conn = Arc::new(env.connector(&inv));
+    let reporter = reporter.clone();
+    driver(
+        &env.settings,
+        env.trust,
+        inv,
+        spec,
+        store,
+        conn,
+        reporter,
+        break_glass,
+    )
+}
+
+/// Run a `wave` command.
+pub(super) async fn run(config: Option<&Path>, cmd: WaveCommand) -> Result<(), WaveCmdError> {
+    match cmd {
+        WaveCommand::Plan {
+            inventory,
+            spec,
+            json,
+        } => plan(&inventory, &spec, json),
+        WaveCommand::Run {
+            inventory,
+            spec,
+            json,
+            break_glass,
+        } => start(config, &inventory, &spec, json, &break_glass).await,
+        WaveCommand::Resume {
+            wave,
+            inventory,
+            retry,
+            skip,
+            reason,
+            json,
+            break_glass,
+        } => {
+            let decisions = Decisions {
+                retry,
+                skip,
+                reason,
+            };
+            resume(config, &wave, &inventory, decisions, json, &break_glass).await
+        }
+        WaveCommand::Rollback {
+            wave,
+            host,
+            inventory,
+        } => rollback(config, &wave, &host, &inventory).await,
+        WaveCommand::Status { wave, json } => status(config, &wave, json),
+        WaveCommand::Halt { wave } => {
+            let settings = input::settings(config)?;
+            if !WaveStore::exists(&settings.state_dir, &wave) {
+                return Err(WaveCmdError::OpenStore(StoreError::NoSuchWave {
+                    wave,
+                    dir: settings.state_dir,
+                }));
+            }
+            let paths = WavePaths::new(&settings.state_dir, &wave);
+            crate::store::request_halt(&paths, ringfence::time::now_ms())
+                .map_err(WaveCmdError::Store)?;
+            println!(
+                "halt requested for wave {wave}: no new host starts; hosts in flight finish their current step"
+            );
+            Ok(())
+        }
+        WaveCommand::Abort { wave } => {
+            let settings = input::settings(config)?;
+            let store = open_store(&settings, &wave)?;
+            wave::abort(&store).map_err(WaveCmdError::Store)?;
+            println!(
+                "wave {wave} aborted; hosts left drained stay drained until an operator undrains them"
+            );
+            Ok(())
+        }
+        WaveCommand::Approve(a) => Ok(approve::run(config, a)?),
+    }
+}
+
+/// `wave plan`: the dry run, as text or JSON.
+fn plan(inventory: &Path, spec: &Path, json: bool) -> Result<(), WaveCmdError> {
+    let inv = input::inventory(inventory)?;
+    let (spec, _) = input::spec(spec)?;
+    let plan = Plan::build(&inv, &spec, &BTreeMap::new(), &BTreeMap::new())?;
+    if json {
+        let value = crate::plan::render_json(&plan);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
+    } else {
+        print!("{}", crate::plan::render_text(&plan));
+    }
+    Ok(())
+}
+
+/// `wave run`.
+async fn start(
+    config: Option<&Path>,
+    inventory: &Path,
+    spec: &Path,
+    json: bool,
+    break_glass_files: &[PathBuf],
+) -> Result<(), WaveCmdError> {
+    let env = Env::load(config)?;
+    let inv = input::inventory(inventory)?;
+    let (spec, text) = input::spec(spec)?;
+    let bg = break_glass(break_glass_files, &env.trust, &spec.wave_id, &inv)?;
+    // The agents' rings are checked by the wave's own probe, over the
+    // connection it opens to each host anyway (WaveError::RingMismatch).
+    let store = Arc::new(open_store(&env.settings, &spec.wave_id)?);
+    store
+        .put_meta(wave::META_SPEC_TEXT, &text)
+        .map_err(WaveCmdError::Store)?;
+    let reporter = Reporter::new(json);
+    let mut d = engine(env, inv, spec, store, &reporter, bg)?;
+    outcome(d.run().await, &reporter)
+}
+
+/// `wave resume`'s decisions for the failed hosts.
+struct Decisions {
+    retry: Vec<String>,
+    skip: Vec<String>,
+    reason: Option<String>,
+}
+
+impl Decisions {
+    /// Each skipped host with the reason; refused without one.
+    fn skips(self) -> Result<Vec<(String, String)>, WaveCmdError> {
+        match self.reason {
+            Some(r) if !r.is_empty() => Ok(self.skip.into_iter().map(|h| (h, r.clone())).collect()),
+            _ if self.skip.is_empty() => Ok(Vec::new()),
+            _ => Err(WaveCmdError::SkipWithoutReason),
+        }
+    }
+}
+
+/// `wave resume`.
+async fn resume(
+    config: Option<&Path>,
+    wave: &str,
+    inventory: &Path,
+    mut decisions: Decisions,
+    json: bool,
+    break_glass_files: &[PathBuf],
+) -> Result<(), WaveCmdError> {
+    let env = Env::load(config)?;
+    // The resume begins here: a halt requested from now on stands.
+    let seen_halt = crate::store::halt_request(&WavePaths::new(&env.settings.state_dir, wave));
+    let inv = input::inventory(inventory)?;
+    let retry = std::mem::take(&mut decisions.retry);
+    let skip = decisions.skips()?;
+    let store = Arc::new(open_store(&env.settings, wave)?);
+    let spec = stored_spec(&store, wave, &env.settings.state_dir)?;
+    let bg = break_glass(break_glass_files, &env.trust, wave, &inv)?;
+    refuse_ring_mismatch(wave, &inv, &env).await?;
+    let reporter = Reporter::new(json);
+    let mut d = engine(env, inv, spec, store, &reporter, bg)?;
+    outcome(d.resume_after(&retry, &skip, seen_halt).await, &reporter)
+}
+
+/// `wave rollback`: one host back by hand, left drained.
+async fn rollback(
+    config: Option<&Path>,
+    wave: &str,
+    host: &str,
+    inventory: &Path,
+) -> Result<(), WaveCmdError> {
+    let env = Env::load(config)?;
+    let inv = input::inventory(inventory)?;
+    let store = Arc::new(open_store(&env.settings, wave)?);
+    let spec = stored_spec(&store, wave, &env.settings.state_dir)?;
+    let reporter = Reporter::new(false);
+    let mut d = engine(env, inv, spec, store, &reporter, Vec::new())?;
+    let result = d.rollback_host(host).await;
+    reporter.finish();
+    match result? {
+        (rec, None) => {
+            let after = rec.after.as_ref();
+            println!(
+                "{host}: rolled back to {} ({}); left drained — undrain it by hand when satisfied",
+                after.map(|a| a.driver_version.as_str()).unwrap_or("?"),
+                after.map(|a| a.verdict.as_str()).unwrap_or("?"),
+            );
+            Ok(())
+        }
+        (_, Some(f)) => Err(WaveCmdError::RollbackFailed {
+            host: host.to_string(),
+            reason: f.reason,
+        }),
+    }
+}
+
+/// `wave status`: the snapshot the running coordinator writes.
+fn status(config: Option<&Path>, wave: &str, json: bool) -> Result<(), WaveCmdError> {
+    let settings = input::settings(config)?;
+    let path = WavePaths::new(&settings.state_dir, wave).status;
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(source) => return Err(WaveCmdError::NoStatus { path, source }),
+    };
+    if json {
+        println!("{text}");
+        return Ok(());
+    }
+    let snapshot: wave::StatusSnapshot = match serde_json::from_str(&text) {
+        Ok(s) => s,
+        Err(source) => return Err(WaveCmdError::BadStatus { path, source }),
+    };
+    print!("{}", super::render::status(&snapshot));
+    Ok(())
+}
+
+fn open_store(settings: &Settings, wave: &str) -> Result<WaveStore, WaveCmdError> {
+    WaveStore::open(&settings.state_dir, wave).map_err(WaveCmdError::OpenStore)
+}
+
+/// The spec stored with the wave when it started.
+fn stored_spec(store: &WaveStore, wave: &str, state_dir: &Path) -> Result<WaveSpec, WaveCmdError> {
+    let text: Option<String> = store
+        .get_meta(wave::META_SPEC_TEXT)
+        .map_err(WaveCmdError::Store)?;
+    let Some(text) = text else {
+        return Err(WaveCmdError::NoState {
+            wave: wave.to_string(),
+            dir: state_dir.to_path_buf(),
+        });
+    };
+    let src = ringfence::config::Source::from_text(format!("<stored spec of {wave}>"), text);
+    Ok(WaveSpec::from_source(&src).map_err(InputError::Spec)?)
+}
+
+/// Read and check `--break-glass` files: signed by enough approvers, in
+/// force, for this wave, for a pool the inventory has.
+fn break_glass(
+    files: &[PathBuf],
+    trust: &TrustSet,
+    wave: &str,
+    inv: &Inventory,
+) -> Result<Vec<(BreakGlassGrant, pb::Envelope)>, WaveCmdError> {
+    let mut out = Vec::new();
+    for f in files {
+        let env = approvals::read_file(f).map_err(InputError::from)?;
+        let grant = approvals::check_breakglass(&env, trust, wave, ringfence::time::now_ms())
+            .map_err(|source| WaveCmdError::BreakGlass {
+                path: f.clone(),
+                source,
+            })?;
+        crate::plan::check_break_glass(inv, &grant.pool, grant.max_out).map_err(|source| {
+            WaveCmdError::BreakGlassScope {
+                path: f.clone(),
+                source,
+            }
+        })?;
+        println!(
+            "break-glass in force: pool {} max_out {} ({}; approvers {})",
+            grant.pool,
+            grant.max_out,
+            grant.reason,
+            grant.approvers.join(", ")
+        );
+        out.push((grant, env));
+    }
+    Ok(out)
+}
+
+/// `wave resume` refuses to start while any reachable host's agent is
+/// configured in another ring than the inventory's, or in none (exit 3,
+/// naming every such host). Unreachable hosts are left to the wave, which
+/// fails them as unreachable. (`wave run` has the engine's own probe.)
+async fn refuse_ring_mismatch(wave: &str, inv: &Inventory, env: &Env) -> Result<(), WaveError> {
+    let conn = Arc::new(env.connector(inv));
+    let hosts: Vec<String> = super::inventory::agent_rings(inv, conn)
+        .await
+        .into_iter()
+        .filter_map(|(h, r)| match r {
+            Ok(f) if f.blocks_wave() => Some(format!("{h}: {f}")),
+            _ => None,
+        })
+        .collect();
+    if hosts.is_empty() {
+        return Ok(());
+    }
+    Err(WaveError::RingMismatch {
+        wave: wave.to_string(),
+        inventory: inv.path.clone(),
+        hosts,
+    })
+}
+
+/// A wave that ran to its end: completed is `Ok`, halted is
+/// [`WaveCmdError::Halted`].
+fn outcome(o: Result<Outcome, WaveError>, reporter: &Reporter) -> Result<(), WaveCmdError> {
+    reporter.finish();
+    match o? {
+        Outcome::Completed => {
+            println!("wave completed: every ring promoted");
+            Ok(())
+        }
+        Outcome::Halted(h) => Err(WaveCmdError::Halted(Box::new(h))),
+    }
+}
