@@ -1,6 +1,9 @@
 //! Wires the agent together: trust file, TLS material, attestation key,
 //! task engine, health poll loop, gRPC listener, systemd notifications.
-//! Everything is loaded and validated before the listener binds.
+//! Everything is loaded and validated before the listener binds, and
+//! [`check`] (`ringfenced check-config`) checks the same without changing
+//! anything. Reports collected while the host is draining carry the
+//! engine's drain mark.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,7 +24,7 @@ use crate::config::AgentConfig;
 use crate::healthcell::{HealthCell, ReportSource};
 use crate::notify::{self, Heartbeat, Notifier};
 use crate::server::{AgentRouter, AgentService};
-use crate::tasks::{EngineParts, HealthSource, TaskEngine};
+use crate::tasks::{DrainMarkCell, EngineParts, HealthSource, TaskEngine};
 
 /// Name of the attestation key file under the state dir.
 pub const HOST_KEY_FILE: &str = "host.key";
@@ -55,6 +58,38 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// the state directory (or the directory it would be created in) is unusable
+    #[error("state directory {path}: {reason}")]
+    StateDirUnusable { path: PathBuf, reason: String },
+    /// the GPU backend cannot start (e.g. the simulated backend's scenario file)
+    #[error("GPU backend: {0}")]
+    Gpu(#[from] crate::gpu::GpuError),
+}
+
+/// Something `check-config` noticed that does not stop `run`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckNote {
+    /// `[gpu] nvml_library` names a file that does not exist: the agent
+    /// runs and reports UNHEALTHY (`nvml_unavailable`).
+    NvmlLibraryMissing(PathBuf),
+    /// No `ring` in the config: the agent treats itself as protected.
+    NoRing,
+}
+
+impl std::fmt::Display for CheckNote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NvmlLibraryMissing(p) => write!(
+                f,
+                "[gpu] nvml_library {} does not exist: the agent would run and report UNHEALTHY (nvml_unavailable)",
+                p.display()
+            ),
+            Self::NoRing => write!(
+                f,
+                "no `ring` configured: the agent treats itself as protected (Patch, rollback, forced Undrain and AckFaults of an UNHEALTHY fault need ring approvals)"
+            ),
+        }
+    }
 }
 
 /// Everything loaded and validated before anything binds.
@@ -102,16 +137,64 @@ pub fn prepare(config: AgentConfig) -> Result<Prepared, DaemonError> {
     })
 }
 
-/// `ringfenced check-config`: what [`prepare`] loads, read-only. It
-/// creates neither the state directory nor the attestation key (an existing
-/// key is read), so a config can be checked without changing the host.
-pub fn check(config: &AgentConfig) -> Result<(), DaemonError> {
+/// `ringfenced check-config`: what `run` loads before it serves, read-only:
+/// the trust file, the TLS material (for this host id), the state directory
+/// (usable, or creatable), an existing attestation key, and the simulated
+/// GPU backend's scenario file. It creates neither the state directory nor
+/// the key and never loads NVML, so a config can be checked without
+/// changing the host, also while the agent runs. Returns what it noticed
+/// that would not stop `run`.
+pub fn check(config: &AgentConfig) -> Result<Vec<CheckNote>, DaemonError> {
     load_trust_and_tls(config)?;
+    check_state_dir(&config.state_dir)?;
     let key = config.state_dir.join(HOST_KEY_FILE);
     if key.exists() {
         ringfence::keys::read_signing_key(&key)?;
     }
-    Ok(())
+    let mut notes = Vec::new();
+    match config.gpu.backend {
+        crate::gpu::BackendKind::Simulated => {
+            crate::gpu::open(&config.gpu)?;
+        }
+        crate::gpu::BackendKind::Nvml => {
+            if let Some(lib) = &config.gpu.nvml_library
+                && !lib.exists()
+            {
+                notes.push(CheckNote::NvmlLibraryMissing(lib.clone()));
+            }
+        }
+    }
+    if config.ring.is_none() {
+        notes.push(CheckNote::NoRing);
+    }
+    Ok(notes)
+}
+
+/// The state directory is a writable directory, or the nearest existing
+/// directory above it is one (so that `run` can create it).
+fn check_state_dir(path: &std::path::Path) -> Result<(), DaemonError> {
+    use nix::unistd::{AccessFlags, access};
+    let unusable = |reason: String| DaemonError::StateDirUnusable {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut existing = path;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p,
+            _ => return Ok(()),
+        }
+    }
+    let what = if existing == path {
+        String::new()
+    } else {
+        format!("cannot be created: {} ", existing.display())
+    };
+    if !existing.is_dir() {
+        return Err(unusable(format!("{what}is not a directory")));
+    }
+    access(existing, AccessFlags::W_OK | AccessFlags::X_OK)
+        .map_err(|e| unusable(format!("{what}is not writable ({e})")))
 }
 
 fn load_trust_and_tls(
@@ -279,10 +362,16 @@ pub async fn serve(
     let cfg = &prep.config;
     let key = Arc::new(prep.key);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    // Every report collected while draining carries the engine's drain mark.
+    let drain_mark = DrainMarkCell::default();
+    let source: Arc<dyn ReportSource> = Arc::new(MarkedSource {
+        inner: opts.source.clone(),
+        mark: drain_mark.clone(),
+    });
     let health_src = Arc::new(AgentHealth {
         host_id: cfg.host_id.clone(),
         key: key.clone(),
-        source: opts.source.clone(),
+        source: source.clone(),
         acked: Mutex::new(Vec::new()),
     });
     let engine = TaskEngine::open_parts(EngineParts {
@@ -298,14 +387,16 @@ pub async fn serve(
         clock,
         boot_id: prep.boot_id.clone(),
         agent_version: ringfence::VERSION.to_string(),
+        drain_mark,
     })?;
 
     // First report before serving, so the first answer is real.
-    let source = opts.source.clone();
+    let first_source = source.clone();
     let draining = *engine.draining().borrow();
-    let first = tokio::task::spawn_blocking(move || source.collect(draining))
+    let first = tokio::task::spawn_blocking(move || first_source.collect(draining))
         .await
         .unwrap_or_default();
+    let first_verdict = crate::healthcell::verdict_name(first.verdict);
     let health = Arc::new(HealthCell::new(first));
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -320,7 +411,7 @@ pub async fn serve(
         key,
         boot_id: prep.boot_id.clone(),
         health: health.clone(),
-        source: opts.source.clone(),
+        source: source.clone(),
         engine: engine.clone(),
         watch_slots: Arc::default(),
         fresh: Arc::default(),
@@ -344,10 +435,11 @@ pub async fn serve(
         spawn_reloader(prep.tls.clone(), engine.clone(), cfg.trust_file.clone())?;
     }
 
-    // Poll loop: fresh report every interval and whenever draining changes.
+    // Poll loop: fresh report every interval and whenever draining changes;
+    // each is sent to every WatchHealth stream (the heartbeat).
     let heartbeat = Heartbeat::new();
     let poll = tokio::spawn(poll_loop(
-        opts.source.clone(),
+        source,
         health.clone(),
         engine.clone(),
         reporter,
@@ -371,7 +463,7 @@ pub async fn serve(
     if let Err(e) = opts.notifier.ready() {
         tracing::warn!(error = %e, "READY notify failed");
     }
-    tracing::info!(%addr, host_id = %cfg.host_id, "ringfenced serving");
+    tracing::info!(%addr, host_id = %cfg.host_id, verdict = first_verdict, "ringfenced serving");
 
     let notifier = opts.notifier.clone();
     let grace = opts.shutdown_grace;
@@ -480,15 +572,36 @@ async fn poll_loop(
         heartbeat.beat();
         let draining = *engine.draining().borrow();
         let src = source.clone();
+        let ticket = health.ticket();
         match tokio::task::spawn_blocking(move || src.collect(draining)).await {
             Ok(report) => {
-                if health.publish(report) {
-                    tracing::info!(verdict = health.last().verdict, "health changed");
-                }
+                // Logs "health changed" when it did.
+                health.publish_collected(ticket, report);
                 set_serving(&reporter, health.serving()).await;
             }
             Err(e) => tracing::error!(error = %e, "health collection panicked"),
         }
+    }
+}
+
+/// A report source whose reports, when collected while draining, carry the
+/// engine's drain mark (who drained the host, when and why).
+struct MarkedSource {
+    inner: Arc<dyn ReportSource>,
+    mark: DrainMarkCell,
+}
+
+impl ReportSource for MarkedSource {
+    fn collect(&self, draining: bool) -> pb::HealthReport {
+        let mut report = self.inner.collect(draining);
+        if draining {
+            report.drain_mark = self.mark.get();
+        }
+        report
+    }
+
+    fn acknowledge(&self, fault_ids: &[String]) {
+        self.inner.acknowledge(fault_ids);
     }
 }
 

@@ -505,6 +505,8 @@ impl Collector {
             draining: ctx.draining,
             backend: self.backend.name().to_owned(),
             acknowledged_faults: ctx.acknowledged.clone(),
+            // Set by the daemon's report source while draining.
+            drain_mark: None,
         }
     }
 }

@@ -73,17 +73,40 @@ pub enum JournalError {
     Sequence { sequence: u64, high_water: u64 },
 }
 
-/// The host is marked draining (out of service).
+/// The host is marked draining (out of service): who drained it, when and
+/// why. Reported as [`pb::DrainMark`] in GetIdentity and health reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DrainMark {
     /// The Drain task that set the mark.
     pub task_id: String,
+    /// Its wave (empty in marks written before this was recorded).
+    #[serde(default)]
+    pub wave_id: String,
+    /// Trust-file id of the coordinator key that signed it (empty in marks
+    /// written before this was recorded).
+    #[serde(default)]
+    pub signed_by: String,
     /// The reason it gave.
     pub reason: String,
-    /// When the mark was set, ms since the Unix epoch.
+    /// When the mark was set, ms since the Unix epoch (the first drain's
+    /// time when the host was already draining).
     pub since_unix_ms: i64,
     /// The host was already marked draining when this task started.
     pub already_draining: bool,
+}
+
+impl DrainMark {
+    /// The mark as the API reports it.
+    pub fn to_pb(&self) -> pb::DrainMark {
+        pb::DrainMark {
+            task_id: self.task_id.clone(),
+            wave_id: self.wave_id.clone(),
+            signed_by: self.signed_by.clone(),
+            reason: self.reason.clone(),
+            since_unix_ms: self.since_unix_ms,
+            already_draining: self.already_draining,
+        }
+    }
 }
 
 /// The outcome of the last Validate task.

@@ -1,18 +1,33 @@
-//! ringfenced: parse arguments, load config, run. Everything else lives in
-//! the library. Exit codes: 0 ok, 2 usage, 3 config, 4 runtime failure,
-//! 75 restart requested (a `restarts_agent` patch installed a new agent;
-//! the unit's `RestartForceExitStatus=75` makes systemd start it).
+//! ringfenced: parse arguments, find and load the config, run the command;
+//! everything else lives in the library. Every failure is one
+//! [`MainError`], and [`exit_code`] is the one place that turns how a
+//! command ended into the process's exit status:
+//!
+//! | status | meaning |
+//! |---|---|
+//! | 0 | ok (`run`: stopped by SIGTERM/SIGINT) |
+//! | 1 | `health --once`: the host is not HEALTHY (the report is printed) |
+//! | 2 | usage error (clap: unknown command or option) |
+//! | 3 | config or input error: no config file, a config, trust file, TLS, key, state directory or GPU backend problem; nothing was started |
+//! | 4 | runtime failure: the runtime or listener could not start, the journal failed, output could not be written |
+//! | 75 | `run` stopped after a `restarts_agent` patch installed a new agent; the unit's `RestartForceExitStatus=75` makes systemd start it |
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use ringfence::config::ConfigError;
 use ringfenced::config::{AgentConfig, DEFAULT_CONFIG_PATH};
-use ringfenced::daemon::{self, CollectorSource, ServeOptions, Stopped};
+use ringfenced::daemon::{self, CollectorSource, DaemonError, ServeOptions, Stopped};
 use ringfenced::healthcell::ReportSource;
 
+/// Environment variable naming the config file (as `--config` does).
+const CONFIG_ENV: &str = "RINGFENCED_CONFIG";
+
+const EXIT_OK: u8 = 0;
+const EXIT_NOT_HEALTHY: u8 = 1;
 const EXIT_CONFIG: u8 = 3;
 const EXIT_RUNTIME: u8 = 4;
 /// Clean stop after a self-upgrade, asking the service manager for a
@@ -21,12 +36,16 @@ const EXIT_RUNTIME: u8 = 4;
 const EXIT_RESTART: u8 = 75;
 
 /// ringfenced — the ringfence GPU host agent.
+///
+/// Exit status: 0 ok; 1 `health --once` found the host not HEALTHY; 2 usage
+/// error; 3 config or input error; 4 runtime failure; 75 `run` stopped
+/// after a self-upgrade so that systemd starts the new agent.
 #[derive(Debug, Parser)]
 #[command(name = "ringfenced", version, about)]
 struct Cli {
-    /// Agent config file.
-    #[arg(long, short, global = true, default_value = DEFAULT_CONFIG_PATH, env = "RINGFENCED_CONFIG")]
-    config: PathBuf,
+    /// Agent config file [default: /etc/ringfence/agent.toml].
+    #[arg(long, short, global = true, env = CONFIG_ENV)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -35,7 +54,8 @@ struct Cli {
 enum Command {
     /// Run the agent (the default).
     Run,
-    /// Collect health once and print it (for an operator on the host).
+    /// Collect health once and print it (for an operator on the host);
+    /// exit 0 only when HEALTHY.
     Health {
         /// Collect once and exit (the only mode).
         #[arg(long)]
@@ -47,86 +67,142 @@ enum Command {
     /// Print the host id and the attestation public key with its fingerprint
     /// (creates the key on first use).
     Identity,
-    /// Validate the config, trust file and TLS material, then exit.
+    /// Check what `run` loads before it serves (config, trust file, TLS
+    /// material, state directory, attestation key, scenario file), then
+    /// exit; changes nothing.
     CheckConfig,
+}
+
+/// Why a command failed. [`exit_code`] maps each to the exit status.
+#[derive(Debug, thiserror::Error)]
+enum MainError {
+    /// no `--config`, no `RINGFENCED_CONFIG`, and no default file
+    #[error(
+        "no config file: tried {tried} (the default); pass one with `ringfenced --config PATH` or the environment variable {CONFIG_ENV}=PATH",
+        tried = tried.display()
+    )]
+    NoConfig { tried: PathBuf },
+    /// the config file is unreadable or invalid
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// what `run` loads before serving is unusable (trust, TLS, key, state dir, backend)
+    #[error(transparent)]
+    Prepare(DaemonError),
+    /// the health collector could not start
+    #[error("health collector: {0}")]
+    Collector(#[from] ringfenced::health::HealthError),
+    /// the attestation key could not be read or created
+    #[error("attestation key: {0}")]
+    Key(#[from] ringfence::keys::KeyError),
+    /// the async runtime could not start
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+    /// the agent stopped with an error while serving
+    #[error(transparent)]
+    Serve(DaemonError),
+    /// the report could not be written as JSON
+    #[error("cannot write the report as JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// How a command ended when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Done (for `run`: stopped by SIGTERM/SIGINT).
+    Done,
+    /// `health --once`: the host is not HEALTHY.
+    NotHealthy,
+    /// `run` stopped so that the service manager starts the upgraded agent.
+    RestartRequested,
+}
+
+/// The exit status of every way a command can end (the only place).
+fn exit_code(result: &Result<Outcome, MainError>) -> u8 {
+    match result {
+        Ok(Outcome::Done) => EXIT_OK,
+        Ok(Outcome::NotHealthy) => EXIT_NOT_HEALTHY,
+        Ok(Outcome::RestartRequested) => EXIT_RESTART,
+        Err(
+            MainError::NoConfig { .. }
+            | MainError::Config(_)
+            | MainError::Prepare(_)
+            | MainError::Collector(_)
+            | MainError::Key(_),
+        ) => EXIT_CONFIG,
+        Err(MainError::Runtime(_) | MainError::Serve(_) | MainError::Json(_)) => EXIT_RUNTIME,
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     ringfenced::logging::init();
     ringfence::tls::install_crypto_provider();
-    let config = match AgentConfig::load(&cli.config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("ringfenced: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+    let result = load_config(cli.config.as_deref()).and_then(|config| {
+        match cli.command.unwrap_or(Command::Run) {
+            Command::Run => run(config),
+            Command::Health { once: _, json } => health(&config, json),
+            Command::Identity => identity(&config),
+            Command::CheckConfig => check_config(&config),
         }
-    };
-    match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run(config),
-        Command::Health { once: _, json } => health(&config, json),
-        Command::Identity => identity(&config),
-        Command::CheckConfig => match daemon::check(&config) {
-            Ok(()) => {
-                println!("config ok: host {} on {}", config.host_id, config.listen);
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("ringfenced: {e}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
+    });
+    if let Err(e) = &result {
+        eprintln!("ringfenced: {e}");
     }
+    ExitCode::from(exit_code(&result))
 }
 
-fn run(config: AgentConfig) -> ExitCode {
-    let prepared = match daemon::prepare(config) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("ringfenced: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+/// The config at `path`, or at the default path when none was given.
+fn load_config(path: Option<&Path>) -> Result<AgentConfig, MainError> {
+    let path = match path {
+        Some(p) => p,
+        None => {
+            let default = Path::new(DEFAULT_CONFIG_PATH);
+            if !default.exists() {
+                return Err(MainError::NoConfig {
+                    tried: default.to_path_buf(),
+                });
+            }
+            default
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    Ok(AgentConfig::load(path)?)
+}
+
+fn check_config(config: &AgentConfig) -> Result<Outcome, MainError> {
+    let notes = daemon::check(config).map_err(MainError::Prepare)?;
+    for note in notes {
+        eprintln!("ringfenced: note: {note}");
+    }
+    println!("config ok: host {} on {}", config.host_id, config.listen);
+    Ok(Outcome::Done)
+}
+
+fn run(config: AgentConfig) -> Result<Outcome, MainError> {
+    let prepared = daemon::prepare(config).map_err(MainError::Prepare)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("ringfenced: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
-    };
-    let result = runtime.block_on(async move {
-        let source: Arc<dyn ReportSource> = match CollectorSource::start(&prepared.config) {
-            Ok(s) => Arc::new(s),
-            Err(e) => {
-                eprintln!("ringfenced: health collector: {e}");
-                return Err(EXIT_CONFIG);
-            }
-        };
+        .map_err(MainError::Runtime)?;
+    let stopped = runtime.block_on(async move {
+        let source: Arc<dyn ReportSource> = Arc::new(CollectorSource::start(&prepared.config)?);
         let poll = Duration::from_secs(prepared.config.gpu.poll_interval_s);
         let opts = ServeOptions::new(source, poll);
         // Stops gracefully (journal synced) on SIGTERM/SIGINT, or when a
         // self-upgrade asks for a restart.
         daemon::serve(prepared, opts, shutdown_signal())
             .await
-            .map_err(|e| {
-                eprintln!("ringfenced: {e}");
-                EXIT_RUNTIME
-            })
-    });
-    match result {
-        Ok(Stopped::Shutdown) => ExitCode::SUCCESS,
-        Ok(Stopped::RestartRequested) => {
+            .map_err(MainError::Serve)
+    })?;
+    Ok(match stopped {
+        Stopped::Shutdown => Outcome::Done,
+        Stopped::RestartRequested => {
             tracing::info!(
                 "exiting with status {EXIT_RESTART} so that systemd starts the upgraded agent"
             );
-            ExitCode::from(EXIT_RESTART)
+            Outcome::RestartRequested
         }
-        Err(code) => ExitCode::from(code),
-    }
+    })
 }
 
 async fn shutdown_signal() {
@@ -145,46 +221,88 @@ async fn shutdown_signal() {
     }
 }
 
-fn health(config: &AgentConfig, json: bool) -> ExitCode {
-    let source = match CollectorSource::start(config) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("ringfenced: health collector: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let report = source.collect(false);
+fn health(config: &AgentConfig, json: bool) -> Result<Outcome, MainError> {
+    let report = CollectorSource::start(config)?.collect(false);
     if json {
-        match serde_json::to_string_pretty(&ringfenced::healthcell::report_json(&report)) {
-            Ok(s) => println!("{s}"),
-            Err(e) => {
-                eprintln!("ringfenced: {e}");
-                return ExitCode::from(EXIT_RUNTIME);
-            }
-        }
+        let text = serde_json::to_string_pretty(&ringfenced::healthcell::report_json(&report))?;
+        println!("{text}");
     } else {
         print!("{}", ringfenced::healthcell::report_text(&report));
     }
-    if report.verdict == ringfence::pb::Verdict::Healthy as i32 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    }
+    Ok(
+        if report.verdict == ringfence::pb::Verdict::Healthy as i32 {
+            Outcome::Done
+        } else {
+            Outcome::NotHealthy
+        },
+    )
 }
 
-fn identity(config: &AgentConfig) -> ExitCode {
+fn identity(config: &AgentConfig) -> Result<Outcome, MainError> {
     let path = config.state_dir.join(daemon::HOST_KEY_FILE);
-    match ringfence::keys::load_or_create(&path) {
-        Ok((key, _)) => {
-            let vk = key.verifying_key();
-            println!("host_id: {}", config.host_id);
-            println!("attestation_key: {}", ringfence::keys::public_key_text(&vk));
-            println!("fingerprint: {}", ringfence::keys::fingerprint(&vk));
-            ExitCode::SUCCESS
+    let (key, _) = ringfence::keys::load_or_create(&path)?;
+    let vk = key.verifying_key();
+    println!("host_id: {}", config.host_id);
+    println!("attestation_key: {}", ringfence::keys::public_key_text(&vk));
+    println!("fingerprint: {}", ringfence::keys::fingerprint(&vk));
+    Ok(Outcome::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Config errors are 3 and runtime errors 4, whatever their source.
+    #[test]
+    fn every_error_has_its_documented_exit_status() {
+        let io = || std::io::Error::other("x");
+        let config = [
+            MainError::NoConfig {
+                tried: DEFAULT_CONFIG_PATH.into(),
+            },
+            MainError::Config(ConfigError::Read {
+                path: "a.toml".into(),
+                source: io(),
+            }),
+            MainError::Prepare(DaemonError::StateDirUnusable {
+                path: "/x".into(),
+                reason: "r".into(),
+            }),
+            MainError::Key(ringfence::keys::KeyError::Io {
+                path: "k".into(),
+                source: io(),
+            }),
+        ];
+        for e in config {
+            assert_eq!(exit_code(&Err(e)), 3);
         }
-        Err(e) => {
-            eprintln!("ringfenced: {e}");
-            ExitCode::from(EXIT_CONFIG)
+        let runtime = [
+            MainError::Runtime(io()),
+            MainError::Serve(DaemonError::StateDir {
+                path: "/x".into(),
+                source: io(),
+            }),
+        ];
+        for e in runtime {
+            assert_eq!(exit_code(&Err(e)), 4);
+        }
+        assert_eq!(exit_code(&Ok(Outcome::Done)), 0);
+        assert_eq!(exit_code(&Ok(Outcome::NotHealthy)), 1);
+        assert_eq!(exit_code(&Ok(Outcome::RestartRequested)), 75);
+    }
+
+    #[test]
+    fn no_config_names_the_default_and_how_to_pass_one() {
+        let e = MainError::NoConfig {
+            tried: DEFAULT_CONFIG_PATH.into(),
+        }
+        .to_string();
+        for part in [
+            DEFAULT_CONFIG_PATH,
+            "--config PATH",
+            "RINGFENCED_CONFIG=PATH",
+        ] {
+            assert!(e.contains(part), "`{part}` missing from: {e}");
         }
     }
 }

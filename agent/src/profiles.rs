@@ -192,6 +192,11 @@ impl ProfilePolicy {
         Ok(Self { profiles })
     }
 
+    /// The names of the configured profiles, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.profiles.keys().cloned().collect()
+    }
+
     /// A configured profile.
     pub fn profile(&self, name: &str) -> Option<&Profile> {
         self.profiles.get(name).map(|(p, _)| p)

@@ -3,8 +3,12 @@
 //! status in [`submit_status`] or at the call site, once.
 //!
 //! GetHealth is the hot RPC (schedulers poll it), so [`AgentRouter`] answers
-//! it with the report bytes the [`HealthCell`] encoded at the last poll,
-//! through [`EncodedCodec`]; every other RPC goes to the generated server.
+//! it with the report bytes the [`HealthCell`] encoded at the last poll
+//! (plus the current drain mark while draining), through [`EncodedCodec`];
+//! every other RPC goes to the generated server. WatchHealth sends every
+//! report the cell publishes: one per poll even when nothing changed, so
+//! a silent stream means a stuck agent. GetIdentity names the patch
+//! profiles and the drain mark.
 //!
 //! Limits: WatchHealth / WatchTask streams are plain stream values (no
 //! spawned task), so a stream whose client went away is dropped with its
@@ -98,7 +102,7 @@ impl AgentService {
             // FreshReports published it; the cell's encoding is that report.
             self.fresh().await?;
         }
-        Ok(self.health.encoded(*self.engine.draining().borrow()))
+        Ok(self.health.encoded(self.engine.drain_mark().as_ref()))
     }
 
     /// A slot for one watch stream of the request's peer, or RESOURCE_EXHAUSTED.
@@ -130,6 +134,8 @@ impl Agent for AgentService {
             draining: *self.engine.draining().borrow(),
             ring: self.engine.ring(),
             protected_ring: self.engine.protected_ring(),
+            drain_mark: self.engine.drain_mark(),
+            patch_profiles: self.engine.patch_profiles(),
         }))
     }
 
@@ -152,10 +158,11 @@ impl Agent for AgentService {
         req: Request<pb::WatchHealthRequest>,
     ) -> Result<Response<Self::WatchHealthStream>, Status> {
         let slot = self.watch_slot(&req, "WatchHealth")?;
-        // Subscribe first: a change after this point is never missed (at
-        // worst the first report is followed by the same one).
-        let rx = self.health.subscribe();
-        let first = self.health.last();
+        // The last report now, then every published one (each poll, so a
+        // heartbeat at least every poll interval, and fresh collections);
+        // the receiver marks the first as seen, so none is sent twice.
+        let mut rx = self.health.subscribe();
+        let first = rx.borrow_and_update().clone();
         // A plain stream value, no spawned task: when the client goes away
         // hyper drops the response body, and with it the receiver and slot.
         let stream = futures_util::stream::unfold(
@@ -450,9 +457,10 @@ impl FreshReports {
         let started_after = self.arrivals.load(Ordering::SeqCst);
         let draining = *engine.draining().borrow();
         let src = source.clone();
+        let ticket = health.ticket();
         let report = Arc::new(tokio::task::spawn_blocking(move || src.collect(draining)).await?);
         self.collections.fetch_add(1, Ordering::SeqCst);
-        health.publish((*report).clone());
+        health.publish_collected(ticket, (*report).clone());
         *last = Some((started_after, report.clone()));
         Ok(report)
     }

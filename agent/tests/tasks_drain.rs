@@ -456,3 +456,73 @@ async fn a_stale_validation_does_not_undrain() {
     let s = wait_terminal(&engine, "u2", Duration::from_secs(5)).await;
     assert_eq!(s.state(), TaskState::Succeeded, "{s:?}");
 }
+
+/// Issue 21 §1: the drain mark says who drained the host (the task, its
+/// wave, the trust-file id of the coordinator key that signed it), why and
+/// since when; a second Drain names itself but keeps the first one's time;
+/// the mark survives an agent restart, and the Undrain clears it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_drain_mark_names_who_why_and_since_when_and_survives_a_restart() {
+    let mut h = Harness::new();
+    let clock = ManualClock::at(ringfence::time::now_ms());
+    h.clock = Some(clock.clone());
+    let engine = h.engine("", fast_drain(30));
+    assert_eq!(engine.drain_mark(), None);
+    let t0 = h.now_ms();
+    engine
+        .submit(h.task("d1", drain("kernel 6.8 rollout")))
+        .await
+        .unwrap();
+    let s = wait_terminal(&engine, "d1", Duration::from_secs(10)).await;
+    assert_eq!(s.state(), TaskState::Succeeded, "{s:?}");
+    assert_eq!(
+        engine.drain_mark(),
+        Some(pb::DrainMark {
+            task_id: "d1".into(),
+            wave_id: "wave-1".into(),
+            signed_by: "coord".into(),
+            reason: "kernel 6.8 rollout".into(),
+            since_unix_ms: t0,
+            already_draining: false,
+        })
+    );
+
+    clock.advance(60_000);
+    engine
+        .submit(h.task("d2", drain("second opinion")))
+        .await
+        .unwrap();
+    let s = wait_terminal(&engine, "d2", Duration::from_secs(10)).await;
+    assert_eq!(s.state(), TaskState::Succeeded, "{s:?}");
+    let mark = engine.drain_mark().unwrap();
+    assert_eq!(
+        (mark.task_id.as_str(), mark.reason.as_str()),
+        ("d2", "second opinion")
+    );
+    assert_eq!(
+        mark.since_unix_ms, t0,
+        "out of service since the first drain"
+    );
+    assert!(mark.already_draining);
+
+    // A restart: the driver of the last task lets go of the journal.
+    assert!(engine.shutdown(Duration::from_secs(5)).await.unwrap());
+    drop(engine);
+    let engine = h.engine("", fast_drain(30));
+    assert_eq!(
+        engine.drain_mark(),
+        Some(mark),
+        "read back from the journal"
+    );
+    assert!(*engine.draining().borrow());
+
+    engine
+        .submit(h.task("v1", validate("550.54.15", "12.4", "")))
+        .await
+        .unwrap();
+    wait_terminal(&engine, "v1", Duration::from_secs(5)).await;
+    engine.submit(h.task("u1", undrain(false))).await.unwrap();
+    let s = wait_terminal(&engine, "u1", Duration::from_secs(5)).await;
+    assert_eq!(s.state(), TaskState::Succeeded, "{s:?}");
+    assert_eq!(engine.drain_mark(), None);
+}

@@ -42,6 +42,8 @@ fn accept_is_atomic_and_durable() {
         j.write(|t| {
             t.set_drain_mark(Some(&DrainMark {
                 task_id: "a".into(),
+                wave_id: "w".into(),
+                signed_by: "coord".into(),
                 reason: "r".into(),
                 since_unix_ms: 1,
                 already_draining: false,

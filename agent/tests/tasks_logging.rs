@@ -1,7 +1,7 @@
 //! Every task log line (including captured command output) carries the
 //! task id, wave id and host id; the engine's activity line (systemd STATUS)
 //! names the running task and step; shutdown refuses new tasks and waits
-//! for the running step.
+//! for the running step. Health changes are logged once, by verdict name.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod tasks_common;
@@ -10,7 +10,8 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ringfence::pb::TaskState;
+use ringfence::pb::{self, TaskState};
+use ringfenced::healthcell::HealthCell;
 use ringfenced::tasks::{DrainConfig, SubmitError};
 use tasks_common::*;
 
@@ -27,6 +28,23 @@ impl Write for Buf {
     }
 }
 
+impl Buf {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+/// A subscriber writing plain lines (no colour) into the returned buffer.
+fn capture() -> (Buf, impl tracing::Subscriber + Send + Sync + 'static) {
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    (buf, subscriber)
+}
+
 const PROFILE: &str = r#"
 [patch.profiles.driver]
 argv = ["/bin/sh", "-c", "echo hello-from-patch $1; sleep 1", "sh", "{version}"]
@@ -35,12 +53,7 @@ version_pattern = '^[0-9]+\.[0-9]+\.[0-9]+$'
 
 #[tokio::test(flavor = "multi_thread")]
 async fn task_lines_carry_ids_status_line_and_graceful_shutdown() {
-    let buf = Buf::default();
-    let writer = buf.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
+    let (buf, subscriber) = capture();
     tracing::subscriber::set_global_default(subscriber).unwrap();
 
     let h = Harness::new();
@@ -72,7 +85,7 @@ async fn task_lines_carry_ids_status_line_and_graceful_shutdown() {
     );
     assert_eq!(engine.get("p1").unwrap().state(), TaskState::Succeeded);
 
-    let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    let text = buf.text();
     let line = text
         .lines()
         .find(|l| l.contains("hello-from-patch 560.35.3"))
@@ -85,4 +98,70 @@ async fn task_lines_carry_ids_status_line_and_graceful_shutdown() {
         .find(|l| l.contains("TASK_STATE_SUCCEEDED") && l.contains("task_id=p1"))
         .unwrap_or_else(|| panic!("no success line for p1:\n{text}"));
     assert!(done.contains("host_id=gpu-1"), "{done}");
+}
+
+fn report(verdict: pb::Verdict, xid_observed: Option<&str>, draining: bool) -> pb::HealthReport {
+    pb::HealthReport {
+        verdict: verdict as i32,
+        reasons: xid_observed
+            .map(|o| pb::Reason {
+                code: "xid_critical".into(),
+                severity: pb::Verdict::Unhealthy as i32,
+                gpu_index: 1,
+                observed: o.into(),
+                ..Default::default()
+            })
+            .into_iter()
+            .collect(),
+        draining,
+        ..Default::default()
+    }
+}
+
+/// Issue 21 §5: "health changed" is logged once per change of the verdict
+/// or the faults behind it, naming verdicts (`UNHEALTHY`, never `3`), and
+/// not for a heartbeat, a drain, or a fault whose observed value moved.
+#[test]
+fn health_changes_are_logged_once_each_by_verdict_name() {
+    let (buf, subscriber) = capture();
+    let published = tracing::subscriber::with_default(subscriber, || {
+        let cell = HealthCell::new(report(pb::Verdict::Healthy, None, false));
+        [
+            cell.publish(report(pb::Verdict::Healthy, None, false)),
+            cell.publish(report(pb::Verdict::Healthy, None, true)),
+            cell.publish(report(pb::Verdict::Unhealthy, Some("79"), true)),
+            cell.publish(report(pb::Verdict::Unhealthy, Some("79, 79"), true)),
+            cell.publish(report(pb::Verdict::Healthy, None, true)),
+        ]
+    });
+    assert_eq!(published, [false, false, true, false, true]);
+    let text = buf.text();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("health changed"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let want = [
+        [
+            "WARN",
+            "verdict=UNHEALTHY",
+            "previous=HEALTHY",
+            "xid_critical (gpu 1, observed 79)",
+        ],
+        [
+            "INFO",
+            "verdict=HEALTHY",
+            "previous=UNHEALTHY",
+            "reasons=none",
+        ],
+    ];
+    for (line, parts) in lines.iter().zip(want) {
+        for part in parts {
+            assert!(line.contains(part), "`{part}` missing: {line}");
+        }
+    }
+    assert!(
+        !text.contains("verdict=3") && !text.contains("verdict=1"),
+        "{text}"
+    );
 }

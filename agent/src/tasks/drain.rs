@@ -3,6 +3,12 @@
 //! compute process remains or the timeout hits. The host stays drained
 //! whatever happens; only an Undrain clears the mark. A drain also clears
 //! the last validation: the Undrain after it needs a new one.
+//!
+//! The mark says who drained the host (the task, its wave, the trust-file
+//! id of the coordinator key that signed it), why (the task's reason) and
+//! since when; GetIdentity and every report collected while draining carry
+//! it. A Drain of a host already draining names itself in the mark but
+//! keeps the first drain's time.
 
 use std::time::Duration;
 
@@ -19,6 +25,8 @@ pub(super) async fn run(run: &mut Run, d: &pb::Drain) -> Result<(), JournalError
     let existing = run.inner.journal.drain_mark()?;
     let mark = DrainMark {
         task_id: run.status.task_id.clone(),
+        wave_id: run.status.wave_id.clone(),
+        signed_by: run.coordinator.clone(),
         reason: d.reason.clone(),
         since_unix_ms: existing
             .as_ref()

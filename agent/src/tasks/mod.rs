@@ -306,6 +306,32 @@ pub struct EngineParts {
     pub boot_id: String,
     /// The running agent's version (`ringfence::VERSION`).
     pub agent_version: String,
+    /// Where the engine publishes the drain mark it journals (the daemon
+    /// shares it with the report source, so that reports collected while
+    /// draining carry it).
+    pub drain_mark: DrainMarkCell,
+}
+
+/// The host's drain mark as the engine last journalled it (`None`: in
+/// service). Cheap to clone; every clone sees the same mark.
+#[derive(Debug, Clone, Default)]
+pub struct DrainMarkCell(Arc<std::sync::RwLock<Option<pb::DrainMark>>>);
+
+impl DrainMarkCell {
+    /// The mark now.
+    pub fn get(&self) -> Option<pb::DrainMark> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set(&self, mark: Option<pb::DrainMark>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = mark;
+    }
 }
 
 impl std::fmt::Debug for EngineParts {
@@ -343,6 +369,8 @@ struct Inner {
     /// When the journal was last compacted (ms since the epoch).
     compacted_at: AtomicI64,
     watchers: Mutex<HashMap<String, watch::Sender<pb::TaskStatus>>>,
+    /// The journalled drain mark (who, when, why), set before `draining`.
+    drain_mark: DrainMarkCell,
     draining: watch::Sender<bool>,
     activity: watch::Sender<String>,
     /// Set once a `restarts_agent` patch command succeeded: the process
@@ -353,6 +381,21 @@ struct Inner {
 }
 
 impl Inner {
+    /// Publish the journalled drain mark: the mark first, then the draining
+    /// flag (whoever sees the flag finds the mark).
+    fn sync_drain(&self) -> Result<(), JournalError> {
+        let mark = self.journal.drain_mark()?;
+        let drained = mark.is_some();
+        self.drain_mark
+            .set(mark.as_ref().map(crate::journal::DrainMark::to_pb));
+        self.draining.send_if_modified(|d| {
+            let changed = *d != drained;
+            *d = drained;
+            changed
+        });
+        Ok(())
+    }
+
     /// The trust set current now (see [`TaskEngine::set_trust`]).
     fn trust_now(&self) -> Arc<TrustSet> {
         self.trust
@@ -432,6 +475,7 @@ impl TaskEngine {
             clock,
             boot_id,
             agent_version,
+            drain_mark: DrainMarkCell::default(),
         })
     }
 
@@ -470,6 +514,7 @@ impl TaskEngine {
                 verify_waiting: AtomicUsize::new(0),
                 compacted_at: AtomicI64::new(0),
                 watchers: Mutex::new(HashMap::new()),
+                drain_mark: p.drain_mark,
                 draining,
                 activity,
                 restart,
@@ -479,8 +524,7 @@ impl TaskEngine {
         };
         engine.recover()?;
         engine.compact()?;
-        let drained = engine.inner.journal.drain_mark()?.is_some();
-        engine.inner.draining.send_replace(drained);
+        engine.inner.sync_drain()?;
         Ok(engine)
     }
 
@@ -622,6 +666,7 @@ impl TaskEngine {
             Verified::New(task) => task,
         };
         let approvers = task.approvers.clone();
+        let coordinator = task.coordinator.clone();
         let (payload, status, exclusive, approvers) = {
             let mut gate = lock(&inner.gate);
             // Check 5 again under the gate: another task may have been
@@ -681,6 +726,7 @@ impl TaskEngine {
             inner: inner.clone(),
             status: status.clone(),
             payload,
+            coordinator,
             approvers,
         };
         if exclusive {
@@ -855,6 +901,16 @@ impl TaskEngine {
         self.inner.draining.subscribe()
     }
 
+    /// Who drained the host, when and why (`None`: in service).
+    pub fn drain_mark(&self) -> Option<pb::DrainMark> {
+        self.inner.drain_mark.get()
+    }
+
+    /// The names of the configured patch profiles, sorted.
+    pub fn patch_profiles(&self) -> Vec<String> {
+        self.inner.policy.names()
+    }
+
     /// One line about what the engine is doing, for systemd STATUS.
     pub fn activity(&self) -> watch::Receiver<String> {
         self.inner.activity.subscribe()
@@ -933,6 +989,8 @@ pub(crate) struct Run {
     inner: Arc<Inner>,
     status: pb::TaskStatus,
     payload: pb::TaskPayload,
+    /// Trust-file id of the coordinator key that signed the task.
+    coordinator: String,
     /// Trust-file ids of the approver keys whose ring approvals the task carried.
     approvers: Vec<String>,
 }
@@ -950,14 +1008,9 @@ impl Run {
             t.put_task(status)?;
             extra(t)
         })?;
-        // The draining flag follows the journal before anyone sees the new
-        // status (health goes NOT_SERVING the moment the mark is written).
-        let drained = self.inner.journal.drain_mark()?.is_some();
-        self.inner.draining.send_if_modified(|d| {
-            let changed = *d != drained;
-            *d = drained;
-            changed
-        });
+        // The drain mark and flag follow the journal before anyone sees the
+        // new status (health goes NOT_SERVING the moment the mark is written).
+        self.inner.sync_drain()?;
         tracing::info!(
             state = status.state().as_str_name(),
             step = %status.step,
