@@ -15,11 +15,14 @@ fi
 echo "== cargo build (binaries and the fake NVML library used by the tests)"
 cargo build --workspace --bins --lib
 
-echo "== cargo nextest run --workspace"
+echo "== cargo nextest run --workspace (groups and timeouts: .config/nextest.toml)"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
 else
-  cargo test --workspace --no-fail-fast
+  # Each crate's integration tests share one binary (tests/it/), and some
+  # need a process of their own (a SIGHUP to the test process, a global log
+  # subscriber): nextest gives every test one; cargo test, one at a time.
+  cargo test --workspace --no-fail-fast -- --test-threads=1
 fi
 
 if [ -x integration/container/run.sh ]; then

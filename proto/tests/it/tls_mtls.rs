@@ -1,7 +1,7 @@
 //! Real mTLS over 127.0.0.1: who may connect, who may call what.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -2,7 +2,7 @@
 //! the whole process group, one mutating task at a time, rollback bookkeeping.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod tasks_common;
+use crate::tasks_common;
 
 use std::time::Duration;
 

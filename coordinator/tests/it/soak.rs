@@ -5,7 +5,7 @@
 //! the fake NVML where an agent must die), real mTLS and signatures, judged
 //! by what the agents recorded.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

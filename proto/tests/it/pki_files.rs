@@ -1,7 +1,7 @@
 //! `ringfence pki` on disk: init, issue, revoke, and the files work for real mTLS.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The simulated backend, the shared scenario format, the XID log and host facts.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod nvml_common;
+use crate::nvml_common;
 
 use std::sync::mpsc::channel;
 use std::time::Duration;

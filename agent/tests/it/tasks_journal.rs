@@ -106,7 +106,7 @@ fn drain_and_reboot_config_defaults_and_errors() {
 
 // ------------------------------------------------- compaction, pages, limits
 
-mod tasks_common;
+use crate::tasks_common;
 
 use std::time::Duration;
 

@@ -5,8 +5,7 @@
 //! health dump, config errors, and certificate rotation on SIGHUP.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod nvml_common;
-mod proc_common;
+use crate::proc_common;
 
 use std::time::{Duration, Instant};
 

@@ -4,7 +4,7 @@
 //! for the running step.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod tasks_common;
+use crate::tasks_common;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};

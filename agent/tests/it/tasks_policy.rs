@@ -2,7 +2,7 @@
 //! anchored pattern; anything else is refused before anything runs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod tasks_common;
+use crate::tasks_common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! is acknowledged only with ring approvals.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod tasks_common;
+use crate::tasks_common;
 
 use std::time::{Duration, Instant};
 

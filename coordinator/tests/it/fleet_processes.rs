@@ -8,7 +8,7 @@
 //!
 //! Needs `cargo build --workspace --bins --lib` first (integration/test.sh does).
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

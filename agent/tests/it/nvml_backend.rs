@@ -1,7 +1,7 @@
 //! The real NvmlBackend (nvml-wrapper) against the fake libnvidia-ml.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod nvml_common;
+use crate::nvml_common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

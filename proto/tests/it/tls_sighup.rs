@@ -1,8 +1,9 @@
-//! A real SIGHUP to this process reloads the server certificate. Own test
-//! binary: the signal handler is process-wide.
+//! A real SIGHUP to this process reloads the server certificate. The signal
+//! handler is process-wide: nextest runs each test in a process of its own
+//! (integration/test.sh's `cargo test` fallback runs one test at a time).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! finishes on a new boot id; a self-upgrade finishes on the new version.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod tasks_common;
+use crate::tasks_common;
 
 use std::time::Duration;
 

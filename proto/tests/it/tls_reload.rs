@@ -2,7 +2,7 @@
 //! running, and a corrupt file keeps the last good config serving.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

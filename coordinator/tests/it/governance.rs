@@ -8,7 +8,7 @@
 //! their health) and by the evidence files, not only by what the
 //! coordinator says.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Output;
