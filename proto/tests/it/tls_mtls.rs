@@ -4,7 +4,7 @@
 use crate::common;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use common::*;
 use ringfence::pb;
@@ -66,7 +66,7 @@ async fn client_cert_from_another_ca_is_refused() {
 async fn expired_two_uri_other_domain_and_ca_leaf_certs_are_refused() {
     let pki = TestPki::new(TD).unwrap();
     let srv = server(&pki, None).await;
-    let now = SystemTime::now();
+    let now = ringfence::time::system_time();
 
     let mut expired = LeafSpec::new(Role::Ops, "old", 1);
     expired.not_before = now - DAY * 10;
@@ -209,7 +209,7 @@ async fn revoked_client_is_refused_and_expired_crl_is_refused_at_load() {
         "spiffe://fleet.test/ops/alice"
     );
 
-    let now = SystemTime::now();
+    let now = ringfence::time::system_time();
     let stale = pki.crl(&[&revoked], now - DAY * 10, now - DAY).unwrap();
     let host = pki.issue(Role::Host, HOST).unwrap();
     let err =
@@ -329,7 +329,7 @@ async fn server_side_refusal(
 async fn each_bad_certificate_is_refused_by_the_right_check() {
     let pki = TestPki::new(TD).unwrap();
     let other = TestPki::new(TD).unwrap();
-    let now = SystemTime::now();
+    let now = ringfence::time::system_time();
     let cases: Vec<(LeafSpec, &str)> = {
         let mut expired = LeafSpec::new(Role::Ops, "old", 1);
         expired.not_before = now - DAY * 10;
@@ -401,7 +401,7 @@ async fn a_revoked_intermediate_ca_refuses_the_clients_under_it() {
     let pki = TestPki::new(TD).unwrap();
     let bad_ca = pki.intermediate().unwrap();
     let good_ca = pki.intermediate().unwrap();
-    let now = SystemTime::now();
+    let now = ringfence::time::system_time();
     let crls = [
         pki.crl_serials(&[bad_ca.ca_serial()], now - DAY, now + DAY)
             .unwrap(),

@@ -128,7 +128,7 @@ async fn reload_picks_up_a_new_crl() {
     );
 
     // An expired CRL on reload is refused; the fresh one stays in force.
-    let now = std::time::SystemTime::now();
+    let now = ringfence::time::system_time();
     let day = Duration::from_secs(86_400);
     std::fs::write(
         paths.crl.as_ref().unwrap(),
