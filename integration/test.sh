@@ -7,8 +7,14 @@ cd "$(dirname "$0")/.."
 
 echo "== the packaged ringfence links neither the agent nor NVML nor the test fleet"
 tree=$(cargo tree --locked -p ringfence-coordinator -e normal --prefix none)
-if printf '%s\n' "$tree" | grep -E '^(ringfenced|nvml-wrapper|nvml-wrapper-sys|sysinfo|sd-notify|ringfence-devfleet) '; then
+if printf '%s\n' "$tree" | grep -E '^(ringfenced|nvml-wrapper|nvml-wrapper-sys|sysinfo|sd-notify|ringfence-devfleet|ringfence-testkit) '; then
   echo "test.sh: ringfence-coordinator's normal dependencies include the crates above" >&2
+  exit 1
+fi
+echo "== the packaged ringfenced links neither the test fleet nor the test fixtures"
+tree=$(cargo tree --locked -p ringfenced -e normal --prefix none)
+if printf '%s\n' "$tree" | grep -E '^(ringfence-devfleet|ringfence-testkit) '; then
+  echo "test.sh: ringfenced's normal dependencies include the crates above" >&2
   exit 1
 fi
 

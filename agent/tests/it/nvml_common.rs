@@ -8,9 +8,7 @@ use std::sync::OnceLock;
 pub fn fake_library() -> PathBuf {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
     LIB.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        // target/<profile>/deps/<test> -> target/<profile>
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_owned();
+        let profile_dir = ringfence_testkit::artifacts::profile_dir().unwrap();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut args = vec!["build", "--quiet", "-p", "fake-nvml"];
         if profile_dir.ends_with("release") {

@@ -5,21 +5,29 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use ringfence::envelope::{TASK_TYPE, sign_message};
 use ringfence::pb::{self, TaskState, agent_client::AgentClient, task_payload::Action};
 use ringfence::pki::{IssuedPem, TestPki};
 use ringfence::spiffe::{Role, SpiffeId};
 use ringfence::tls::ClientIdentity;
+use ringfence_testkit as testkit;
+use testkit::agent_config::{AgentToml, DrainSection, GpuSection};
+use testkit::tasks::Addressed;
+use testkit::trust::TrustFile;
 use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::nvml_common;
+
+pub use testkit::grpc::raw_unary;
+pub use testkit::tasks::{drain, patch};
+
+/// Key id of the coordinator key in the host's trust file.
+pub const COORDINATOR_ID: &str = "coord-test";
 
 pub const TRUST_DOMAIN: &str = "gpu.test";
 
@@ -66,19 +74,10 @@ impl Default for HostOpts<'_> {
     }
 }
 
-fn write_private(path: &Path, text: &str) {
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
-}
-
 /// A loopback address with a port that was free a moment ago, spread over
 /// 127.0.0.0/8 so that parallel tests do not collide.
 pub fn free_loopback() -> SocketAddr {
-    let mut b = [0u8; 2];
-    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
-    let ip = std::net::Ipv4Addr::new(127, 0, 1 + b[0] % 250, 2 + b[1] % 250);
-    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
-    l.local_addr().unwrap()
+    ringfence_testkit::net::free_loopback().unwrap()
 }
 
 impl Host {
@@ -87,30 +86,19 @@ impl Host {
         let root = dir.path().to_path_buf();
         let root = root.as_path();
         let pki = TestPki::new(TRUST_DOMAIN).unwrap();
-        std::fs::write(root.join("ca.pem"), pki.ca_pem()).unwrap();
         let host_cert = pki.issue(Role::Host, id).unwrap();
-        write_host_cert(root, &host_cert);
-        let ops = pki.issue(Role::Ops, "coordinator").unwrap();
-        let scheduler = pki.issue(Role::Scheduler, "slurm").unwrap();
-        let identity = |c: &IssuedPem| {
-            ClientIdentity::from_pem(
-                c.cert_pem.as_bytes(),
-                c.key_pem.as_bytes(),
-                pki.ca_pem().as_bytes(),
-            )
-            .unwrap()
-        };
-        let (ops, scheduler) = (identity(&ops), identity(&scheduler));
+        testkit::pki::write_host_files(&testkit::pki::host_tls_paths(root), &pki, &host_cert)
+            .unwrap();
+        let identity =
+            |role, name| testkit::pki::identity(&pki, &pki.issue(role, name).unwrap()).unwrap();
+        let ops = identity(Role::Ops, "coordinator");
+        let scheduler = identity(Role::Scheduler, "slurm");
 
         let coord = ringfence::keys::generate();
-        std::fs::write(
-            root.join("trust.toml"),
-            format!(
-                "[policy]\nprotected_rings = [2, 3, 4]\napprover_threshold = 1\n\n[[coordinator]]\nid = \"coord-test\"\nkey = \"{}\"\n",
-                ringfence::keys::public_key_text(&coord.verifying_key())
-            ),
-        )
-        .unwrap();
+        TrustFile::coordinator(COORDINATOR_ID, &coord.verifying_key())
+            .with_policy(&[2, 3, 4], 1)
+            .write(&root.join("trust.toml"))
+            .unwrap();
 
         let nvml_dir = root.join("nvml");
         std::fs::create_dir_all(&nvml_dir).unwrap();
@@ -128,40 +116,15 @@ impl Host {
             host_serial: host_cert.serial.clone(),
         };
         let library = opts.nvml_library.unwrap_or_else(|| host.lib.clone());
-        std::fs::write(
-            host.config_path(),
-            format!(
-                r#"host_id = "{id}"
-{ring}
-listen = "{listen}"
-state_dir = "{state}"
-trust_file = "{root}/trust.toml"
-
-[tls]
-cert = "{root}/host.pem"
-key = "{root}/host.key"
-ca_bundle = "{root}/ca.pem"
-trust_domain = "{TRUST_DOMAIN}"
-
-[gpu]
-backend = "nvml"
-nvml_library = "{library}"
-expected_gpus = {expected}
-poll_interval_s = 1
-
-[drain]
-timeout_s = 10
-poll_ms = 100
-{extra}"#,
-                state = host.state_dir().display(),
-                root = root.display(),
-                library = library.display(),
-                expected = opts.expected_gpus,
-                ring = opts.ring.map(|r| format!("ring = {r}")).unwrap_or_default(),
-                extra = opts.extra,
-            ),
-        )
-        .unwrap();
+        let gpu = GpuSection::nvml(&library, opts.expected_gpus);
+        let mut config = AgentToml::in_dir(root, id, &listen.to_string(), TRUST_DOMAIN, gpu);
+        config.ring = opts.ring;
+        config.drain = Some(DrainSection {
+            timeout_s: 10,
+            poll_ms: 100,
+        });
+        config.extra = opts.extra;
+        config.write(&host.config_path()).unwrap();
         host
     }
 
@@ -268,25 +231,14 @@ poll_ms = 100
 
     /// A task for this host signed by the trusted coordinator key.
     pub fn task(&self, id: &str, sequence: u64, action: Action) -> pb::SignedTask {
-        let now = ringfence::time::now_ms();
-        let payload = pb::TaskPayload {
-            task_id: id.into(),
-            host_id: self.id.clone(),
-            wave_id: "wave-proc".into(),
+        let to = Addressed {
+            host_id: &self.id,
+            wave_id: "wave-proc",
             ring: 0,
             sequence,
-            issued_at_unix_ms: now,
-            expires_at_unix_ms: now + 600_000,
-            action: Some(action),
+            issued_at_ms: ringfence::time::now_ms(),
         };
-        pb::SignedTask {
-            task: Some(sign_message(
-                TASK_TYPE,
-                &payload,
-                &[("coord-test", &self.coord)],
-            )),
-            approvals: vec![],
-        }
+        testkit::tasks::signed(id, to, action, COORDINATOR_ID, &self.coord)
     }
 
     /// Replace the TLS certificate and key files with `cert`.
@@ -297,33 +249,18 @@ poll_ms = 100
     /// Set `[tls] crl` in agent.toml to `crl.pem` and write `pem` there.
     pub fn use_crl(&self, pem: &str) {
         self.write_crl(pem);
-        let path = self.config_path();
-        let text = std::fs::read_to_string(&path).unwrap();
-        let line = format!("trust_domain = \"{TRUST_DOMAIN}\"\n");
-        assert!(text.contains(&line));
-        let text = text.replacen(
-            &line,
-            &format!("{line}crl = \"{}\"\n", self.path("crl.pem").display()),
-            1,
-        );
-        std::fs::write(&path, text).unwrap();
+        let crl = self.path("crl.pem").display().to_string();
+        testkit::set_key(&self.config_path(), "tls", "crl", crl).unwrap();
     }
 
     /// Replace `crl.pem` (by rename, as `ringfence pki revoke` does).
     pub fn write_crl(&self, pem: &str) {
-        let tmp = self.path("crl.pem.tmp");
-        std::fs::write(&tmp, pem).unwrap();
-        std::fs::rename(&tmp, self.path("crl.pem")).unwrap();
+        testkit::replace(&self.path("crl.pem"), pem).unwrap();
     }
 
     /// An mTLS client of this agent with the certificate `who`.
     pub async fn client_as(&self, who: &IssuedPem) -> AgentClient<Channel> {
-        let id = ClientIdentity::from_pem(
-            who.cert_pem.as_bytes(),
-            who.key_pem.as_bytes(),
-            self.pki.ca_pem().as_bytes(),
-        )
-        .unwrap();
+        let id = testkit::pki::identity(&self.pki, who).unwrap();
         AgentClient::new(self.channel(&id).await)
     }
 
@@ -343,12 +280,7 @@ poll_ms = 100
 fn write_host_cert(root: &Path, cert: &IssuedPem) {
     // Key first, then certificate, each by rename, so that a reload never
     // sees a half-written file.
-    let tmp_key = root.join("host.key.tmp");
-    write_private(&tmp_key, &cert.key_pem);
-    std::fs::rename(&tmp_key, root.join("host.key")).unwrap();
-    let tmp_cert = root.join("host.pem.tmp");
-    std::fs::write(&tmp_cert, &cert.cert_pem).unwrap();
-    std::fs::rename(&tmp_cert, root.join("host.pem")).unwrap();
+    testkit::pki::write_host_cert(&testkit::pki::host_tls_paths(root), cert).unwrap();
 }
 
 /// A running `ringfenced`; killed (SIGKILL) and reaped on drop.
@@ -466,27 +398,9 @@ pub async fn wait_task(
     }
 }
 
-pub fn drain(reason: &str) -> Action {
-    Action::Drain(pb::Drain {
-        reason: reason.into(),
-    })
-}
-
-pub fn patch(profile: &str, version: &str) -> Action {
-    Action::Patch(pb::Patch {
-        profile: profile.into(),
-        version: version.into(),
-        rollback: false,
-    })
-}
-
+/// Validate without expected versions or profile.
 pub fn validate() -> Action {
-    Action::Validate(pb::Validate {
-        expect_driver_version: String::new(),
-        expect_cuda_version: String::new(),
-        nonce: vec![7u8; 32],
-        profile: String::new(),
-    })
+    testkit::tasks::validate("", "", "")
 }
 
 pub fn reason_codes(r: &pb::HealthReport) -> Vec<(String, i32)> {
@@ -496,69 +410,6 @@ pub fn reason_codes(r: &pb::HealthReport) -> Vec<(String, i32)> {
         .collect()
 }
 
-/// Sends raw bytes as a request message (what no generated client would
-/// send: garbage, oversized frames) and returns the raw answer.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RawCodec;
-
-impl tonic::codec::Encoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(
-        &mut self,
-        item: Vec<u8>,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), tonic::Status> {
-        use prost::bytes::BufMut;
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn decode(
-        &mut self,
-        src: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<Vec<u8>>, tonic::Status> {
-        use prost::bytes::Buf;
-        let n = src.remaining();
-        Ok(Some(src.copy_to_bytes(n).to_vec()))
-    }
-}
-
-impl tonic::codec::Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-    fn encoder(&mut self) -> RawCodec {
-        RawCodec
-    }
-    fn decoder(&mut self) -> RawCodec {
-        RawCodec
-    }
-}
-
-/// One unary call of `path` with `body` as the raw request message.
-pub async fn raw_unary(
-    channel: Channel,
-    path: &'static str,
-    body: Vec<u8>,
-) -> Result<Vec<u8>, tonic::Status> {
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    grpc.unary(
-        tonic::Request::new(body),
-        tonic::codegen::http::uri::PathAndQuery::from_static(path),
-        RawCodec,
-    )
-    .await
-    .map(tonic::Response::into_inner)
-}
 impl Host {
     /// An Agent client on its own connection with `identity` (e.g. the
     /// scheduler's certificate, whose role may read health).

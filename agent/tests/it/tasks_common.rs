@@ -1,5 +1,6 @@
 //! Shared helpers of the `tasks_*` tests: a coordinator key, signed tasks,
-//! a fake health source and an engine over a temporary state dir.
+//! a fake health source and an engine over a temporary state dir (keys,
+//! task actions and signing from `ringfence_testkit`).
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -8,14 +9,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use ringfence::envelope::{APPROVAL_TYPE, TASK_TYPE, sign_message};
+use ringfence::envelope::{APPROVAL_TYPE, sign_message};
 use ringfence::pb::{self, TaskState, task_payload::Action};
 use ringfence::time::{Clock, ManualClock, SystemClock};
-use ringfence::trust::{KeyRole, Policy, TrustSet, TrustedKey};
+use ringfence::trust::{Policy, TrustSet};
 use ringfence_devfleet::fake::FakeHealth;
+use ringfence_testkit::tasks::{self, Addressed};
+use ringfence_testkit::trust::{APPROVER_IDS, COORDINATOR_ID, Signers};
 use ringfenced::command::ProcessRunner;
 use ringfenced::profiles::PatchConfig;
 use ringfenced::tasks::{DrainConfig, RebootConfig, TaskEngine};
+
+pub use ringfence_testkit::tasks::{drain, patch, rollback, undrain, validate};
 
 pub const HOST: &str = "gpu-1";
 
@@ -35,33 +40,12 @@ pub struct Harness {
 
 impl Harness {
     pub fn new() -> Self {
-        let coord = ringfence::keys::generate();
-        let approvers = [ringfence::keys::generate(), ringfence::keys::generate()];
-        let trust = TrustSet::from_keys(
-            vec![
-                TrustedKey {
-                    id: "coord".into(),
-                    key: coord.verifying_key(),
-                    role: KeyRole::Coordinator,
-                },
-                TrustedKey {
-                    id: "alice".into(),
-                    key: approvers[0].verifying_key(),
-                    role: KeyRole::Approver,
-                },
-                TrustedKey {
-                    id: "bob".into(),
-                    key: approvers[1].verifying_key(),
-                    role: KeyRole::Approver,
-                },
-            ],
-            Policy::default(),
-        );
+        let signers = Signers::generate();
         Self {
             dir: tempfile::tempdir().unwrap(),
-            coord,
-            approvers,
-            trust,
+            trust: signers.trust_set(Policy::default()),
+            coord: signers.coordinator,
+            approvers: signers.approvers,
             ring: Some(0),
             clock: None,
             health: Arc::new(FakeHealth::new(HOST)),
@@ -136,21 +120,14 @@ impl Harness {
 
     /// A coordinator-signed task for `ring`, without approvals.
     pub fn task_ring(&self, id: &str, seq: u64, ring: u32, action: Action) -> pb::SignedTask {
-        let now = self.now_ms();
-        let payload = pb::TaskPayload {
-            task_id: id.into(),
-            host_id: HOST.into(),
-            wave_id: "wave-1".into(),
+        let to = Addressed {
+            host_id: HOST,
+            wave_id: "wave-1",
             ring,
             sequence: seq,
-            issued_at_unix_ms: now,
-            expires_at_unix_ms: now + 600_000,
-            action: Some(action),
+            issued_at_ms: self.now_ms(),
         };
-        pb::SignedTask {
-            task: Some(sign_message(TASK_TYPE, &payload, &[("coord", &self.coord)])),
-            approvals: vec![],
-        }
+        tasks::signed(id, to, action, COORDINATOR_ID, &self.coord)
     }
 
     /// The next task for the agent's ring, with ring approvals by alice and
@@ -182,7 +159,7 @@ impl Harness {
             approver: "ops".into(),
             actions: actions.iter().map(|a| *a as i32).collect(),
         };
-        for (id, key) in [("alice", &self.approvers[0]), ("bob", &self.approvers[1])] {
+        for (id, key) in APPROVER_IDS.into_iter().zip(&self.approvers) {
             st.approvals
                 .push(sign_message(APPROVAL_TYPE, &approval, &[(id, key)]));
         }
@@ -199,44 +176,6 @@ pub fn patch_config(toml_text: &str) -> PatchConfig {
     let top: Top = toml::from_str(toml_text).unwrap();
     top.patch.validate().unwrap();
     top.patch
-}
-
-pub fn drain(reason: &str) -> Action {
-    Action::Drain(pb::Drain {
-        reason: reason.into(),
-    })
-}
-
-pub fn patch(profile: &str, version: &str) -> Action {
-    Action::Patch(pb::Patch {
-        profile: profile.into(),
-        version: version.into(),
-        rollback: false,
-    })
-}
-
-pub fn rollback(profile: &str, version: &str) -> Action {
-    Action::Patch(pb::Patch {
-        profile: profile.into(),
-        version: version.into(),
-        rollback: true,
-    })
-}
-
-pub fn validate(driver: &str, cuda: &str, profile: &str) -> Action {
-    Action::Validate(pb::Validate {
-        expect_driver_version: driver.into(),
-        expect_cuda_version: cuda.into(),
-        nonce: vec![7u8; 32],
-        profile: profile.into(),
-    })
-}
-
-pub fn undrain(force: bool) -> Action {
-    Action::Undrain(pb::Undrain {
-        reason: "validated".into(),
-        force,
-    })
 }
 
 /// Wait until the task reaches `pred`, or panic after `limit`.

@@ -17,25 +17,9 @@ use ringfence_coordinator::spec::WaveSpec;
 use ringfence_devfleet::local_fleet::{self, HostSpec, LocalFleet, Mode};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
-/// `target/debug` (or whichever profile dir this test binary lives in).
-pub fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test-binary>
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("test binary under target/<profile>/deps")
-        .to_path_buf()
-}
-
 /// Path of a built artifact, or a panic saying how to build it.
 pub fn artifact(name: &str) -> PathBuf {
-    let p = target_dir().join(name);
-    assert!(
-        p.is_file(),
-        "{} is missing: these tests run the real binaries and the fake NVML library; run `cargo build --workspace --bins --lib` first (integration/test.sh does)",
-        p.display()
-    );
-    p
+    ringfence_testkit::artifacts::built(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A host spec.
@@ -68,14 +52,10 @@ pub async fn start(dir: &Path, specs: Vec<HostSpec>, reserve: &[(&str, u32)]) ->
 }
 
 /// Replace the settings' network timeouts.
-pub fn set_timeouts(f: &LocalFleet, connect_s: u64, rpc_s: u64) {
-    let text = std::fs::read_to_string(&f.settings).unwrap();
-    let text = text.replace(
-        "connect_s = 3\nrpc_s = 10",
-        &format!("connect_s = {connect_s}\nrpc_s = {rpc_s}"),
-    );
-    assert!(text.contains(&format!("rpc_s = {rpc_s}")));
-    std::fs::write(&f.settings, text).unwrap();
+pub fn set_timeouts(f: &LocalFleet, connect_s: i64, rpc_s: i64) {
+    use ringfence_testkit::set_key;
+    set_key(&f.settings, "timeouts", "connect_s", connect_s).unwrap();
+    set_key(&f.settings, "timeouts", "rpc_s", rpc_s).unwrap();
 }
 
 /// Per-ring pacing for every ring: `batch` hosts at once, no soak.

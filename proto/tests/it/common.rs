@@ -1,15 +1,19 @@
 //! A tiny agent over real mTLS on 127.0.0.1 for the TLS tests.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
+use std::path::Path;
 use std::time::Duration;
 
 use ringfence::pb;
 use ringfence::pb::agent_server::{Agent, AgentServer};
 use ringfence::pki::{IssuedPem, TestPki};
 use ringfence::spiffe::{Role, SpiffeId};
-use ringfence::tls::{self, ClientIdentity, ReloadableServerConfig, ServerTlsPem};
+use ringfence::tls::{self, ClientIdentity, ReloadableServerConfig, ServerTlsPaths, ServerTlsPem};
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
+
+/// Raw calls (garbage, oversized frames) for the TLS limit tests.
+pub use ringfence_testkit::grpc::raw_unary;
 
 pub const TD: &str = "fleet.test";
 pub const HOST: &str = "gpu-001";
@@ -142,12 +146,7 @@ pub async fn start_with_limits(
 }
 
 pub fn client(pki: &TestPki, who: &IssuedPem) -> ClientIdentity {
-    ClientIdentity::from_pem(
-        who.cert_pem.as_bytes(),
-        who.key_pem.as_bytes(),
-        pki.ca_pem().as_bytes(),
-    )
-    .unwrap()
+    ringfence_testkit::pki::identity(pki, who).unwrap()
 }
 
 /// Connect and make one GetIdentity call; Ok(caller id the server saw).
@@ -162,69 +161,33 @@ pub async fn call_identity(addr: &str, identity: &ClientIdentity) -> Result<Stri
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
 }
 
-/// Sends raw bytes as a request message and returns the raw answer: lets a
-/// test send what no generated client would (garbage, oversized frames).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RawCodec;
-
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RawEncoder;
-
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RawDecoder;
-
-impl tonic::codec::Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn encode(
-        &mut self,
-        item: Vec<u8>,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), Status> {
-        use prost::bytes::BufMut;
-        dst.put_slice(&item);
-        Ok(())
+/// `host`'s certificate and key as `agent.pem` and `agent.key` in `dir`,
+/// the CA as `ca.pem`, and `crl` (if any) as `crl.pem`.
+pub fn write_server_files(
+    dir: &Path,
+    pki: &TestPki,
+    host: &IssuedPem,
+    crl: Option<&str>,
+) -> ServerTlsPaths {
+    std::fs::write(dir.join("agent.pem"), &host.cert_pem).unwrap();
+    std::fs::write(dir.join("agent.key"), &host.key_pem).unwrap();
+    std::fs::write(dir.join("ca.pem"), pki.ca_pem()).unwrap();
+    if let Some(crl) = crl {
+        std::fs::write(dir.join("crl.pem"), crl).unwrap();
+    }
+    ServerTlsPaths {
+        cert: dir.join("agent.pem"),
+        key: dir.join("agent.key"),
+        ca_bundle: dir.join("ca.pem"),
+        crl: crl.map(|_| dir.join("crl.pem")),
     }
 }
 
-impl tonic::codec::Decoder for RawDecoder {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-        use prost::bytes::Buf;
-        let n = src.remaining();
-        Ok(Some(src.copy_to_bytes(n).to_vec()))
-    }
-}
-
-impl tonic::codec::Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawEncoder;
-    type Decoder = RawDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> RawDecoder {
-        RawDecoder
-    }
-}
-
-/// One unary call of `path` with `body` as the raw request message.
-pub async fn raw_unary(
-    channel: tonic::transport::Channel,
-    path: &'static str,
-    body: Vec<u8>,
-) -> Result<Vec<u8>, Status> {
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
+/// The serial of the certificate the server at `addr` presents to a new connection.
+pub async fn presented_serial(addr: &str, pki: &TestPki) -> String {
+    let ops = client(pki, &pki.issue(Role::Ops, "probe").unwrap());
+    let chain = tls::server_certificates(addr, &host_id(), &ops, Duration::from_secs(5))
         .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
-    grpc.unary(
-        Request::new(body),
-        http::uri::PathAndQuery::from_static(path),
-        RawCodec,
-    )
-    .await
-    .map(Response::into_inner)
+        .unwrap();
+    tls::cert_identity(&chain[0], TD).unwrap().serial
 }

@@ -4,42 +4,12 @@
 
 use crate::common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
 use ringfence::pki::{IssuedPem, TestPki};
 use ringfence::spiffe::Role;
-use ringfence::tls::{self, ReloadableServerConfig, ServerTlsPaths};
-
-pub fn write_server_files(
-    dir: &Path,
-    pki: &TestPki,
-    host: &IssuedPem,
-    crl: Option<&str>,
-) -> ServerTlsPaths {
-    std::fs::write(dir.join("agent.pem"), &host.cert_pem).unwrap();
-    std::fs::write(dir.join("agent.key"), &host.key_pem).unwrap();
-    std::fs::write(dir.join("ca.pem"), pki.ca_pem()).unwrap();
-    if let Some(crl) = crl {
-        std::fs::write(dir.join("crl.pem"), crl).unwrap();
-    }
-    ServerTlsPaths {
-        cert: dir.join("agent.pem"),
-        key: dir.join("agent.key"),
-        ca_bundle: dir.join("ca.pem"),
-        crl: crl.map(|_| dir.join("crl.pem")),
-    }
-}
-
-/// The serial of the certificate the server presents to a new connection.
-pub async fn presented_serial(addr: &str, pki: &TestPki) -> String {
-    let ops = client(pki, &pki.issue(Role::Ops, "probe").unwrap());
-    let chain = tls::server_certificates(addr, &host_id(), &ops, Duration::from_secs(5))
-        .await
-        .unwrap();
-    tls::cert_identity(&chain[0], TD).unwrap().serial
-}
+use ringfence::tls::{self, ReloadableServerConfig};
 
 #[tokio::test]
 async fn reload_serves_new_cert_to_new_connections_and_keeps_old_on_corrupt_file() {

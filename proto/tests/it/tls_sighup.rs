@@ -10,38 +10,21 @@ use std::time::Duration;
 use common::*;
 use ringfence::pki::TestPki;
 use ringfence::spiffe::Role;
-use ringfence::tls::{self, ReloadableServerConfig, ServerTlsPaths};
-
-async fn presented_serial(addr: &str, pki: &TestPki) -> String {
-    let ops = client(pki, &pki.issue(Role::Ops, "probe").unwrap());
-    let chain = tls::server_certificates(addr, &host_id(), &ops, Duration::from_secs(5))
-        .await
-        .unwrap();
-    tls::cert_identity(&chain[0], TD).unwrap().serial
-}
+use ringfence::tls::{self, ReloadableServerConfig};
 
 #[tokio::test]
 async fn sighup_reloads_certificates() {
     let pki = TestPki::new(TD).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let paths = ServerTlsPaths {
-        cert: dir.path().join("agent.pem"),
-        key: dir.path().join("agent.key"),
-        ca_bundle: dir.path().join("ca.pem"),
-        crl: None,
-    };
     let first = pki.issue(Role::Host, HOST).unwrap();
-    std::fs::write(&paths.cert, &first.cert_pem).unwrap();
-    std::fs::write(&paths.key, &first.key_pem).unwrap();
-    std::fs::write(&paths.ca_bundle, pki.ca_pem()).unwrap();
+    let paths = write_server_files(dir.path(), &pki, &first, None);
     let cfg = ReloadableServerConfig::load(paths.clone(), TD).unwrap();
     let _reloader = tls::spawn_sighup_reloader(cfg.clone()).unwrap();
     let srv = start(cfg.clone()).await;
     assert_eq!(presented_serial(&srv.addr, &pki).await, first.serial);
 
     let second = pki.issue(Role::Host, HOST).unwrap();
-    std::fs::write(&paths.cert, &second.cert_pem).unwrap();
-    std::fs::write(&paths.key, &second.key_pem).unwrap();
+    write_server_files(dir.path(), &pki, &second, None);
     nix::sys::signal::raise(nix::sys::signal::Signal::SIGHUP).unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while cfg.generation() < 1 {
