@@ -31,10 +31,10 @@ use std::path::Path;
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use ringfence::pb;
 use ringfence::pb::Verdict;
+use ringfence::time::now_ms;
 use serde::Deserialize;
 
 use crate::gpu::{GpuBackend, GpuError, Snapshot, XidWatch};
@@ -419,13 +419,6 @@ pub struct Collector {
     // before the recorder is joined.
     watch: Option<XidWatch>,
     recorder: Option<JoinHandle<()>>,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 impl Collector {

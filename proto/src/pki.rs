@@ -183,7 +183,7 @@ pub struct LeafSpec {
 impl LeafSpec {
     /// A normal certificate valid from 5 minutes ago for `days` days.
     pub fn new(role: Role, name: &str, days: u64) -> Self {
-        let now = SystemTime::now();
+        let now = crate::time::system_time();
         Self {
             role,
             name: name.to_string(),
@@ -341,7 +341,7 @@ pub fn init(dir: &Path, trust_domain: &str) -> Result<CaFiles, PkiError> {
             return Err(PkiError::Exists { path: p.clone() });
         }
     }
-    let now = SystemTime::now();
+    let now = crate::time::system_time();
     let params = ca_params(
         trust_domain,
         now - Duration::from_secs(3600),
@@ -497,7 +497,7 @@ pub fn revoke(ca_dir: &Path, cert_path: &Path, next_update_days: u64) -> Result<
 
     let list_path = ca_dir.join(REVOKED);
     let mut entries = read_revoked(&list_path)?;
-    let now = SystemTime::now();
+    let now = crate::time::system_time();
     if !entries.iter().any(|(s, _)| *s == serial) {
         entries.push((serial.clone(), now));
         let secs = now
@@ -611,7 +611,7 @@ impl TestPki {
     /// A new CA for `trust_domain`, valid for ten years.
     pub fn new(trust_domain: &str) -> Result<Self, PkiError> {
         SpiffeId::new(trust_domain, Role::Ops, "ca")?;
-        let now = SystemTime::now();
+        let now = crate::time::system_time();
         let mut params = ca_params(
             trust_domain,
             now - Duration::from_secs(3600),
@@ -639,7 +639,7 @@ impl TestPki {
     /// [`crl_serials`](Self::crl_serials) and [`ca_serial`](Self::ca_serial)
     /// of the intermediate.
     pub fn intermediate(&self) -> Result<TestPki, PkiError> {
-        let now = SystemTime::now();
+        let now = crate::time::system_time();
         let mut params = ca_params(
             &self.trust_domain,
             now - Duration::from_secs(3600),
@@ -773,7 +773,7 @@ impl TestPki {
 
     /// A CRL valid from a minute ago for a week.
     pub fn fresh_crl(&self, revoked: &[&IssuedPem]) -> Result<String, PkiError> {
-        let now = SystemTime::now();
+        let now = crate::time::system_time();
         self.crl(revoked, now - Duration::from_secs(60), now + DAY * 7)
     }
 }

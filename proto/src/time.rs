@@ -1,5 +1,7 @@
 //! Time as a seam: production code reads the system clock, tests and the
-//! maintenance-window logic inject their own.
+//! maintenance-window logic inject their own. The only read of the wall clock
+//! in the workspace is [`system_time`] (clippy's `disallowed_methods`, listed
+//! in clippy.toml, refuses `SystemTime::now` and `chrono`'s `now` elsewhere).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -47,8 +49,16 @@ impl Clock for ManualClock {
 
 /// The system clock in milliseconds since the Unix epoch (0 if the clock is before 1970).
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
+    system_time()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+/// The system clock as a [`SystemTime`](std::time::SystemTime), for what is
+/// dated in that type (certificate validity, CRL updates).
+pub fn system_time() -> std::time::SystemTime {
+    // The seam itself: the one place that reads the wall clock.
+    #[allow(clippy::disallowed_methods)]
+    std::time::SystemTime::now()
 }

@@ -645,7 +645,7 @@ fn client_verifier(
     let roots = parse_roots(&labels.ca, ca_bundle)?;
     let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
     if let Some(crl) = crl {
-        let crls = parse_crls(&labels.crl, crl, SystemTime::now())?;
+        let crls = parse_crls(&labels.crl, crl, crate::time::system_time())?;
         // The whole chain: an intermediate CA revoked by its issuer's CRL
         // takes every certificate under it along. A certificate whose
         // issuer no CRL covers is refused (unknown revocation status).
@@ -1542,7 +1542,7 @@ impl ClientIdentity {
     }
 
     fn with_crl_labelled(mut self, what: &str, pem: &[u8]) -> Result<Self, TlsError> {
-        self.crls = parse_crls(what, pem, SystemTime::now())?;
+        self.crls = parse_crls(what, pem, crate::time::system_time())?;
         Ok(self)
     }
 

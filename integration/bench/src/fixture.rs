@@ -1,17 +1,20 @@
 //! Fixtures shared by the benchmarks: a throwaway fleet CA with host and
 //! scheduler certificates (the crate's own PKI code), a trust file, a
-//! simulated-GPU scenario, an agent.toml, and the real `ringfenced` binary
-//! started on them. Everything lives in a temp dir removed on drop.
+//! simulated-GPU scenario, an agent.toml (files as `ringfence-testkit`
+//! writes them for the tests), and the real `ringfenced` binary started on
+//! them. Everything lives in a temp dir removed on drop.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ringfence::pki::TestPki;
 use ringfence::spiffe::{Role, SpiffeId};
-use ringfence::tls::{ClientIdentity, ServerTlsPaths};
+use ringfence::tls::ClientIdentity;
+use ringfence_testkit as testkit;
+use testkit::agent_config::{AgentToml, GpuSection};
+use testkit::trust::TrustFile;
 use tonic::transport::Channel;
 
 /// Trust domain of the benchmark fleet.
@@ -39,10 +42,6 @@ impl std::fmt::Debug for AgentFixture {
     }
 }
 
-fn write(path: &Path, text: &str) -> Result<(), String> {
-    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
-}
-
 /// The scenario of a host with `gpus` healthy simulated H100s.
 pub fn scenario(gpus: u32) -> String {
     let mut s = String::from("driver_version = \"550.54.15\"\ncuda_driver_version = \"12.4\"\n");
@@ -50,13 +49,6 @@ pub fn scenario(gpus: u32) -> String {
         s.push_str("\n[[gpu]]\nname = \"NVIDIA H100 80GB HBM3 (simulated)\"\n");
     }
     s
-}
-
-/// A loopback address whose port was free a moment ago.
-pub fn free_loopback() -> Result<SocketAddr, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("cannot find a free loopback port: {e}"))
 }
 
 impl AgentFixture {
@@ -71,53 +63,22 @@ impl AgentFixture {
         let scheduler = pki
             .issue(Role::Scheduler, "bench")
             .map_err(|e| format!("scheduler certificate: {e}"))?;
-        write(&root.join("ca.pem"), pki.ca_pem())?;
-        write(&root.join("host.pem"), &host.cert_pem)?;
-        let key_path = root.join("host.key");
-        write(&key_path, &host.key_pem)?;
-        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| format!("cannot restrict {}: {e}", key_path.display()))?;
-
+        let scheduler = testkit::pki::identity(&pki, &scheduler).map_err(|e| e.to_string())?;
+        testkit::pki::write_host_files(&host_tls_paths(root), &pki, &host)
+            .map_err(|e| e.to_string())?;
         let coord = ringfence::keys::generate();
-        write(
-            &root.join("trust.toml"),
-            &format!(
-                "[[coordinator]]\nid = \"bench-coordinator\"\nkey = \"{}\"\n",
-                ringfence::keys::public_key_text(&coord.verifying_key())
-            ),
-        )?;
-        write(&root.join("scenario.toml"), &scenario(gpus))?;
-        let listen = free_loopback()?;
-        write(
-            &root.join("agent.toml"),
-            &format!(
-                r#"host_id = "{HOST_ID}"
-ring = 0
-listen = "{listen}"
-state_dir = "{root}/state"
-trust_file = "{root}/trust.toml"
-
-[tls]
-cert = "{root}/host.pem"
-key = "{root}/host.key"
-ca_bundle = "{root}/ca.pem"
-trust_domain = "{TRUST_DOMAIN}"
-
-[gpu]
-backend = "simulated"
-scenario = "{root}/scenario.toml"
-expected_gpus = {gpus}
-poll_interval_s = {poll_s}
-"#,
-                root = root.display(),
-            ),
-        )?;
-        let scheduler = ClientIdentity::from_pem(
-            scheduler.cert_pem.as_bytes(),
-            scheduler.key_pem.as_bytes(),
-            pki.ca_pem().as_bytes(),
-        )
-        .map_err(|e| format!("scheduler identity: {e}"))?;
+        TrustFile::coordinator("bench-coordinator", &coord.verifying_key())
+            .write(&root.join("trust.toml"))
+            .map_err(|e| e.to_string())?;
+        let scenario_path = root.join("scenario.toml");
+        testkit::write(&scenario_path, &scenario(gpus)).map_err(|e| e.to_string())?;
+        let listen = testkit::net::free_loopback()
+            .map_err(|e| format!("cannot find a free loopback port: {e}"))?;
+        let mut gpu = GpuSection::simulated(&scenario_path, gpus);
+        gpu.poll_interval_s = poll_s;
+        AgentToml::in_dir(root, HOST_ID, &listen.to_string(), TRUST_DOMAIN, gpu)
+            .write(&root.join("agent.toml"))
+            .map_err(|e| e.to_string())?;
         Ok(Self {
             dir,
             listen,
@@ -196,15 +157,8 @@ poll_interval_s = {poll_s}
     }
 }
 
-/// The agent's TLS files in a fixture dir `dir` (a baseline server reuses them).
-pub fn host_tls_paths(dir: &Path) -> ServerTlsPaths {
-    ServerTlsPaths {
-        cert: dir.join("host.pem"),
-        key: dir.join("host.key"),
-        ca_bundle: dir.join("ca.pem"),
-        crl: None,
-    }
-}
+/// The agent's TLS files in a fixture dir (a baseline server reuses them).
+pub use ringfence_testkit::pki::host_tls_paths;
 
 /// The `ringfenced` binary next to this benchmark's executable (so a release
 /// bench measures a release agent).

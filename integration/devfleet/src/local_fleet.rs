@@ -16,6 +16,8 @@ use std::time::Duration;
 use ringfence::keys;
 use ringfence::pki;
 use ringfence::spiffe::Role;
+use ringfence_testkit::agent_config::{AgentToml, DrainSection, GpuSection, TlsSection};
+use ringfence_testkit::trust::TrustFile;
 
 /// The driver version every simulated host starts on.
 pub const OLD_VERSION: &str = "550.54.15";
@@ -161,6 +163,9 @@ pub enum FleetError {
     /// an agent did not start
     #[error("agent `{host}` did not start: {reason}")]
     Agent { host: String, reason: String },
+    /// a fleet file (trust file, agent.toml) could not be built or written
+    #[error(transparent)]
+    Fixture(#[from] ringfence_testkit::FixtureError),
 }
 
 fn write(path: &Path, text: &str) -> Result<(), FleetError> {
@@ -240,39 +245,23 @@ fn scenario(spec: &HostSpec, dir: &Path) -> String {
     s
 }
 
-fn agent_config(spec: &HostSpec, dir: &Path, listen: &str, mode: &Mode, trust: &Path) -> String {
+/// The agent.toml of host `spec` in `dir` (the fleet root is two levels up,
+/// its CA in `pki/`): the host's certificate from `ringfence pki issue`, the
+/// simulated backend in-process or the fake NVML library as processes, and
+/// a patch profile that writes the installed version where the simulated
+/// GPUs read it.
+fn agent_config(spec: &HostSpec, dir: &Path, listen: &str, mode: &Mode, trust: &Path) -> AgentToml {
     let gpu = match mode {
-        Mode::InProcess => format!(
-            "backend = \"simulated\"\nscenario = \"{}\"",
-            dir.join("scenario.toml").display()
-        ),
-        Mode::Processes { .. } => format!(
-            "backend = \"nvml\"\nnvml_library = \"{}\"",
-            dir.join(NVML_LIBRARY_NAME).display()
-        ),
+        Mode::InProcess => GpuSection::simulated(&dir.join("scenario.toml"), 2),
+        Mode::Processes { .. } => GpuSection::nvml(&dir.join(NVML_LIBRARY_NAME), 2),
     };
-    format!(
-        r#"host_id = "{id}"
-ring = {ring}
-listen = "{listen}"
-state_dir = "{state}"
-trust_file = "{trust}"
-
-[tls]
-cert = "{dir}/host-{id}.pem"
-key = "{dir}/host-{id}.key"
-ca_bundle = "{ca}"
-trust_domain = "{TRUST_DOMAIN}"
-
-[gpu]
-{gpu}
-expected_gpus = 2
-poll_interval_s = 1
-
-[drain]
-timeout_s = 30
-poll_ms = 100
-
+    let ca = dir
+        .parent()
+        .and_then(Path::parent)
+        .map(|r| r.join("pki/ca.pem"))
+        .unwrap_or_default();
+    let extra = format!(
+        r#"
 [reboot]
 command = ["/bin/true"]
 
@@ -281,20 +270,29 @@ argv = ["/bin/sh", "-c", "printf '%s' \"$1\" > \"$2\"; echo \"$1\" >> \"$3\"", "
 version_pattern = '^[0-9]+\.[0-9]+\.[0-9]+$'
 timeout_s = 30
 "#,
-        id = spec.id,
-        ring = spec.ring,
-        state = dir.join("state").display(),
-        trust = trust.display(),
-        dir = dir.display(),
-        ca = dir
-            .parent()
-            .and_then(Path::parent)
-            .map(|r| r.join("pki/ca.pem"))
-            .unwrap_or_default()
-            .display(),
         driver_file = dir.join("driver_version").display(),
         count_file = dir.join(PATCH_COUNT_FILE).display(),
-    )
+    );
+    AgentToml {
+        host_id: spec.id.clone(),
+        ring: Some(spec.ring),
+        listen: listen.into(),
+        state_dir: dir.join("state"),
+        trust_file: trust.to_path_buf(),
+        tls: TlsSection {
+            cert: dir.join(format!("host-{}.pem", spec.id)),
+            key: dir.join(format!("host-{}.key", spec.id)),
+            ca_bundle: ca,
+            trust_domain: TRUST_DOMAIN.into(),
+            crl: None,
+        },
+        gpu,
+        drain: Some(DrainSection {
+            timeout_s: 30,
+            poll_ms: 100,
+        }),
+        extra,
+    }
 }
 
 /// The coordinator key, approver keys and trust file of a simulated fleet.
@@ -314,25 +312,19 @@ pub fn write_keys(root: &Path, approvers: usize) -> Result<FleetKeys, FleetError
     let coord_key_path = root.join("coordinator.key");
     let coord = keys::generate();
     keys::write_signing_key(&coord_key_path, &coord)?;
-    let mut trust = format!(
-        "[policy]\nprotected_rings = [2, 3, 4]\napprover_threshold = {}\n\n[[coordinator]]\nid = \"coord-demo\"\nkey = \"{}\"\n",
-        approvers.clamp(1, 16),
-        keys::public_key_text(&coord.verifying_key())
-    );
+    let threshold = u32::try_from(approvers.clamp(1, 16)).unwrap_or(1);
+    let mut trust = TrustFile::coordinator("coord-demo", &coord.verifying_key())
+        .with_policy(&[2, 3, 4], threshold);
     let mut approver_keys = Vec::new();
     for i in 0..approvers {
         let k = keys::generate();
         let p = root.join(format!("approver-{i}.key"));
         keys::write_signing_key(&p, &k)?;
-        let _ = write!(
-            trust,
-            "\n[[approver]]\nid = \"approver-{i}\"\nkey = \"{}\"\n",
-            keys::public_key_text(&k.verifying_key())
-        );
+        trust = trust.with_approver(&format!("approver-{i}"), &k.verifying_key());
         approver_keys.push(p);
     }
     let trust_path = root.join("trust.toml");
-    write(&trust_path, &trust)?;
+    trust.write(&trust_path)?;
     Ok(FleetKeys {
         trust: trust_path,
         coordinator_key: coord_key_path,
@@ -423,10 +415,8 @@ impl LocalFleet {
                     reason: format!("copying the fake NVML library {}: {e}", fake_nvml.display()),
                 })?;
             }
-            write(
-                &dir.join("agent.toml"),
-                &agent_config(&spec, &dir, &listen, &mode, &trust_path),
-            )?;
+            agent_config(&spec, &dir, &listen, &mode, &trust_path)
+                .write(&dir.join("agent.toml"))?;
             let host = start_agent(spec, dir, &mode).await?;
             hosts.push(host);
         }

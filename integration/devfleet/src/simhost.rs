@@ -437,7 +437,7 @@ pub struct SimRecord {
 }
 
 fn now_us() -> i64 {
-    std::time::SystemTime::now()
+    ringfence::time::system_time()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
         .unwrap_or(0)

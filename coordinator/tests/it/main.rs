@@ -1,0 +1,23 @@
+//! The coordinator's integration tests as one binary (one link of the
+//! coordinator, the agent, tonic and redb instead of one per file). Test
+//! names are `module::test`:
+//! - `plan_sequencer`, `approvals`, `hostrun`, `evidence`: the sequencer,
+//!   approvals, one host's run and evidence packets against simulated hosts;
+//! - `fleet_inprocess`, `cli_operator`, most of `soak`: real agents in this
+//!   process over mTLS;
+//! - `fleet_processes`, `governance` and one `soak` test: fleets of real
+//!   `ringfenced` processes and the `ringfence` binary, helpers in `common`.
+// A failed fixture step is a failed test: test code unwraps.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+mod approvals;
+mod cli_operator;
+mod evidence;
+mod fleet_inprocess;
+mod fleet_processes;
+mod governance;
+mod hostrun;
+mod plan_sequencer;
+mod soak;
