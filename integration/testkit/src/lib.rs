@@ -4,7 +4,8 @@
 //! CA ([`pki`]), the agent's `agent.toml` ([`agent_config`]), task actions and
 //! coordinator-signed tasks ([`tasks`]), raw gRPC calls that no generated
 //! client would make ([`grpc`]), free loopback addresses ([`net`]) and the
-//! build's output directory ([`artifacts`]); and [`set_key`] to change one
+//! build's output directory ([`artifacts`]), the fake NVML library
+//! ([`fake_nvml`]); and [`set_key`] to change one
 //! key of a TOML file a test wrote (agent.toml, the coordinator's settings).
 //!
 //! Only proto-level things live here (the `ringfence` crate's types); the
@@ -14,6 +15,7 @@
 
 pub mod agent_config;
 pub mod artifacts;
+pub mod fake_nvml;
 pub mod grpc;
 pub mod net;
 pub mod pki;
@@ -58,6 +60,14 @@ pub enum FixtureError {
     /// The running executable (and so the build directory) cannot be located.
     #[error("cannot locate the running executable: {0}")]
     CurrentExe(std::io::Error),
+    /// Building a test artifact (the fake NVML library) failed.
+    #[error("building {what}: {reason}")]
+    Build {
+        /// What was being built.
+        what: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
     /// A build output the test runs is not there.
     #[error(
         "{path} is missing: build the workspace's binaries and the fake NVML library \

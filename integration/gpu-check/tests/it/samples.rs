@@ -5,8 +5,7 @@
 //! exactly the mismatching rows, and the CLI must exit 1 on them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../../agent/tests/nvml_common/mod.rs"]
-mod nvml_common;
+use crate::nvml_common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

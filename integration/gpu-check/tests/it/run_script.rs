@@ -5,8 +5,7 @@
 //! and exit 1 once the agent disagrees with nvidia-smi.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../../agent/tests/nvml_common/mod.rs"]
-mod nvml_common;
+use crate::nvml_common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

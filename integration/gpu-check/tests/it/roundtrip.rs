@@ -4,8 +4,7 @@
 //! every fixture in integration/fixtures replays to its captured report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../../agent/tests/nvml_common/mod.rs"]
-mod nvml_common;
+use crate::nvml_common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
