@@ -862,7 +862,7 @@ fn open_attestation(
 fn attested(att: &pb::Attestation, task_id: Option<String>) -> Attested {
     let report = att.report.clone().unwrap_or_default();
     Attested {
-        verdict: crate::wave::model::verdict_name(att.verdict).to_string(),
+        verdict: ringfence::attest::verdict_name(att.verdict).to_string(),
         driver_version: report.driver_version,
         cuda_version: report.cuda_driver_version,
         issued_at_ms: att.issued_at_unix_ms,
@@ -986,7 +986,7 @@ fn check_rollback_proof(
         if att.verdict != pb::Verdict::Healthy as i32 {
             return Err(bad(format!(
                 "attestation {index} attested {}",
-                crate::wave::model::verdict_name(att.verdict)
+                ringfence::attest::verdict_name(att.verdict)
             )));
         }
         versions.push(

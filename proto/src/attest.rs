@@ -54,6 +54,17 @@ pub fn attest(
     )
 }
 
+/// The name of a verdict value, as attestations are shown and recorded
+/// (HEALTHY, DEGRADED, UNHEALTHY; UNSPECIFIED for any other value).
+pub fn verdict_name(v: i32) -> &'static str {
+    match pb::Verdict::try_from(v) {
+        Ok(pb::Verdict::Healthy) => "HEALTHY",
+        Ok(pb::Verdict::Degraded) => "DEGRADED",
+        Ok(pb::Verdict::Unhealthy) => "UNHEALTHY",
+        _ => "UNSPECIFIED",
+    }
+}
+
 /// What a verifier expects of an attestation.
 #[derive(Debug, Clone, Copy)]
 pub struct Expect<'a> {

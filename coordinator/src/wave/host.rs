@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 
 use ringfence::pb::{self, task_payload::Action};
 
-use super::model::{Ctx, HostJob, HostRecord, HostRunError, Phase, state_name};
+use super::model::{Ctx, HostJob, HostRecord, HostRun, HostRunError, Phase, state_name};
 use super::outcome::{Failure, FailureKind, Stage, StepResult, TaskStep};
 use super::rollback::{drill_repatch, drill_rollback, rollback};
 use super::task::{NO_APPROVALS, has_unfinished, run_task, succeeded, task_step};
@@ -24,12 +24,13 @@ use crate::client::HostApi;
 /// (or to where the wave's halt stopped it). Returns the final record (also
 /// stored).
 pub async fn run(ctx: &Ctx, job: &HostJob, api: &dyn HostApi) -> Result<HostRecord, HostRunError> {
+    let hr = &HostRun { ctx, job, api };
     let mut rec = ctx.record(job)?;
     if rec.started_at_ms == 0 {
         rec.started_at_ms = ctx.clock.now_ms();
     }
     while !matches!(rec.phase, Phase::Done | Phase::Failed) {
-        match step(ctx, job, api, &mut rec).await? {
+        match step(hr, &mut rec).await? {
             StepResult::Advance(()) if rec.phase == Phase::Done => {
                 rec.finished_at_ms = ctx.clock.now_ms();
                 ctx.save(&rec).await?;
@@ -48,12 +49,8 @@ pub async fn run(ctx: &Ctx, job: &HostJob, api: &dyn HostApi) -> Result<HostReco
 
 /// Carry out the host's current phase. A halt stops a host between steps:
 /// before it starts, and before a drain or patch that is not already out.
-async fn step(
-    ctx: &Ctx,
-    job: &HostJob,
-    api: &dyn HostApi,
-    rec: &mut HostRecord,
-) -> Result<StepResult, HostRunError> {
+async fn step(hr: &HostRun<'_>, rec: &mut HostRecord) -> Result<StepResult, HostRunError> {
+    let HostRun { ctx, job, .. } = *hr;
     let halted = ctx.halt.load(Ordering::SeqCst);
     let wave = &ctx.params.wave_id;
     match rec.phase {
@@ -62,7 +59,7 @@ async fn step(
             ctx.set_phase(rec, Phase::AttestBefore).await?;
             Ok(StepResult::Advance(()))
         }
-        Phase::AttestBefore => attest_before(ctx, job, api, rec).await,
+        Phase::AttestBefore => attest_before(hr, rec).await,
         Phase::Draining if halted && !has_unfinished(rec, TaskStep::Drain) => {
             Ok(StepResult::Halted)
         }
@@ -71,17 +68,7 @@ async fn step(
                 reason: format!("ringfence wave {wave}"),
             });
             let step = TaskStep::Drain;
-            task_step(
-                ctx,
-                job,
-                api,
-                rec,
-                step,
-                action,
-                NO_APPROVALS,
-                Phase::Patching,
-            )
-            .await
+            task_step(hr, rec, step, action, NO_APPROVALS, Phase::Patching).await
         }
         Phase::Patching if halted && !has_unfinished(rec, TaskStep::Patch) => {
             Ok(StepResult::Halted)
@@ -93,22 +80,12 @@ async fn step(
                 rollback: false,
             });
             let (step, approvals) = (TaskStep::Patch, job.approvals.as_ref());
-            task_step(
-                ctx,
-                job,
-                api,
-                rec,
-                step,
-                action,
-                approvals,
-                Phase::Validating,
-            )
-            .await
+            task_step(hr, rec, step, action, approvals, Phase::Validating).await
         }
-        Phase::Validating => validate(ctx, job, api, rec).await,
-        Phase::RollingBack => rollback(ctx, job, api, rec).await,
-        Phase::DrillRollback => drill_rollback(ctx, job, api, rec).await,
-        Phase::DrillRepatch => drill_repatch(ctx, job, api, rec).await,
+        Phase::Validating => validate(hr, rec).await,
+        Phase::RollingBack => rollback(hr, rec).await,
+        Phase::DrillRollback => drill_rollback(hr, rec).await,
+        Phase::DrillRepatch => drill_repatch(hr, rec).await,
         Phase::Undraining if rec.already_drained => {
             // Someone else drained it before the wave; it stays drained.
             ctx.set_phase(rec, Phase::Done).await?;
@@ -120,7 +97,7 @@ async fn step(
                 force: false,
             });
             let step = TaskStep::Undrain;
-            task_step(ctx, job, api, rec, step, action, NO_APPROVALS, Phase::Done).await
+            task_step(hr, rec, step, action, NO_APPROVALS, Phase::Done).await
         }
         Phase::Done | Phase::Failed => Ok(StepResult::Advance(())),
     }
@@ -154,22 +131,13 @@ pub async fn drain_after_soak(
     api: &dyn HostApi,
     why: &str,
 ) -> Result<(HostRecord, bool), HostRunError> {
+    let hr = &HostRun { ctx, job, api };
     let mut rec = ctx.record(job)?;
     let action = Action::Drain(pb::Drain {
         reason: format!("ringfence wave {}: soak regression", ctx.params.wave_id),
     });
     let step = TaskStep::SoakDrain;
-    let outcome = run_task(
-        ctx,
-        job,
-        api,
-        &mut rec,
-        step,
-        action,
-        NO_APPROVALS,
-        Vec::new(),
-    )
-    .await?;
+    let outcome = run_task(hr, &mut rec, step, action, NO_APPROVALS, Vec::new()).await?;
     let (drained, reason) = match outcome {
         StepResult::Advance(s) if succeeded(&s) => (
             true,

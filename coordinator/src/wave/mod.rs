@@ -44,9 +44,10 @@ pub use driver::{Driver, JobError, META_SPEC_TEXT, Outcome, WaveError, load_sign
 pub use events::{Event, EventSink};
 pub use model::{
     AttestationRecord, Ctx, HostJob, HostRecord, HostRunError, Params, Phase, Signer, TaskOutcome,
-    TaskRef, state_name, verdict_name,
+    TaskRef, state_name,
 };
 pub use outcome::{Failure, FailureKind, HaltReport, Stage, StepResult, TaskStep};
+pub use ringfence::attest::verdict_name;
 pub use rollback::rollback_by_hand;
 pub use status::{RingView, StatusSnapshot};
 pub use validate::regressions;

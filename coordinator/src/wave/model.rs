@@ -2,7 +2,8 @@
 //! outcomes, `outcome.rs`): where a host is ([`Phase`]), what the
 //! coordinator sent and was attested ([`TaskRef`], [`AttestationRecord`],
 //! kept per host in a [`HostRecord`]), and what one host's run needs
-//! ([`Ctx`], [`Params`], [`HostJob`], [`Signer`]). Every step file of the
+//! ([`Ctx`], [`Params`], [`HostJob`], [`Signer`], together with its agent a
+//! [`HostRun`]). Every step file of the
 //! engine imports from here; this file imports no other part of it.
 //!
 //! Records are stored as JSON in the wave store: a store written before
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::outcome::{Failure, TaskStep};
 use crate::approvals::ApprovalSet;
+use crate::client::HostApi;
 use crate::store::{StoreError, WaveStore};
 
 /// Where a host is in the wave.
@@ -268,6 +270,24 @@ impl Ctx {
     }
 }
 
+/// One host's run as its steps see it: the shared context, the host's job
+/// and its agent.
+#[derive(Clone, Copy)]
+pub struct HostRun<'a> {
+    /// What every host run shares.
+    pub ctx: &'a Ctx,
+    /// The host.
+    pub job: &'a HostJob,
+    /// Its agent.
+    pub api: &'a dyn HostApi,
+}
+
+impl fmt::Debug for HostRun<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostRun").field("job", self.job).finish()
+    }
+}
+
 /// One host to run.
 #[derive(Debug, Clone)]
 pub struct HostJob {
@@ -286,16 +306,6 @@ pub struct HostJob {
     /// Run the rollback drill on this host (patch, validate, roll back,
     /// validate, re-patch, validate) before returning it to service.
     pub drill: bool,
-}
-
-/// The name of a verdict value.
-pub fn verdict_name(v: i32) -> &'static str {
-    match pb::Verdict::try_from(v) {
-        Ok(pb::Verdict::Healthy) => "HEALTHY",
-        Ok(pb::Verdict::Degraded) => "DEGRADED",
-        Ok(pb::Verdict::Unhealthy) => "UNHEALTHY",
-        _ => "UNSPECIFIED",
-    }
 }
 
 /// The name of a task state value.

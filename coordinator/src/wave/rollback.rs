@@ -7,7 +7,9 @@
 
 use ringfence::pb::{self, task_payload::Action};
 
-use super::model::{AttestationRecord, Ctx, HostJob, HostRecord, HostRunError, Phase, state_name};
+use super::model::{
+    AttestationRecord, Ctx, HostJob, HostRecord, HostRun, HostRunError, Phase, state_name,
+};
 use super::outcome::{Failure, FailureKind, StepResult, TaskStep, advance};
 use super::task::{NO_APPROVALS, run_task, succeeded};
 use super::validate::validate_step;
@@ -34,13 +36,12 @@ fn cuda_before(rec: &HostRecord) -> String {
 /// fail unless it ended SUCCEEDED; the reason starts with the step's name
 /// (`drain` for the drain before a rollback by hand).
 async fn task_succeeds(
-    ctx: &Ctx,
-    job: &HostJob,
-    api: &dyn HostApi,
+    hr: &HostRun<'_>,
     rec: &mut HostRecord,
     step: TaskStep,
     action: Action,
 ) -> Result<StepResult, HostRunError> {
+    let HostRun { job, .. } = *hr;
     let approvals = if matches!(action, Action::Patch(_)) {
         job.approvals.as_ref()
     } else {
@@ -51,7 +52,7 @@ async fn task_succeeds(
         other => other.as_str(),
     };
     Ok(
-        match run_task(ctx, job, api, rec, step, action, approvals, Vec::new()).await? {
+        match run_task(hr, rec, step, action, approvals, Vec::new()).await? {
             StepResult::Advance(s) if succeeded(&s) => StepResult::Advance(()),
             StepResult::Advance(s) => StepResult::Failed(Failure::new(
                 step,
@@ -71,40 +72,36 @@ async fn task_succeeds(
 /// host against `expect` (driver, CUDA). A failure's reason says which part
 /// failed: `{patch step} ...` or `validation of {version}: ...`.
 async fn patch_then_validate(
-    ctx: &Ctx,
-    job: &HostJob,
-    api: &dyn HostApi,
+    hr: &HostRun<'_>,
     rec: &mut HostRecord,
     (patch_step, validate_name): (TaskStep, TaskStep),
     (version, rollback): (&str, bool),
     expect: (&str, &str),
 ) -> Result<StepResult<AttestationRecord>, HostRunError> {
+    let HostRun { ctx, .. } = *hr;
     let action = Action::Patch(pb::Patch {
         profile: ctx.params.profile.clone(),
         version: version.to_string(),
         rollback,
     });
-    advance!(task_succeeds(ctx, job, api, rec, patch_step, action).await);
-    Ok(
-        match validate_step(ctx, job, api, rec, validate_name, expect).await? {
-            StepResult::Failed(f) => StepResult::Failed(Failure {
-                reason: format!("validation of {version}: {}", f.reason),
-                ..f
-            }),
-            other => other,
-        },
-    )
+    advance!(task_succeeds(hr, rec, patch_step, action).await);
+    Ok(match validate_step(hr, rec, validate_name, expect).await? {
+        StepResult::Failed(f) => StepResult::Failed(Failure {
+            reason: format!("validation of {version}: {}", f.reason),
+            ..f
+        }),
+        other => other,
+    })
 }
 
 /// The RollingBack phase: roll the host that failed validation back and
 /// validate the old version; either way the host fails (left drained), its
 /// failure saying how the rollback went.
 pub(super) async fn rollback(
-    ctx: &Ctx,
-    job: &HostJob,
-    api: &dyn HostApi,
+    hr: &HostRun<'_>,
     rec: &mut HostRecord,
 ) -> Result<StepResult, HostRunError> {
+    let HostRun { ctx, .. } = *hr;
     let original = rec.failure.clone();
     let Some(previous) = rollback_target(ctx, rec) else {
         return Ok(match original {
@@ -120,7 +117,7 @@ pub(super) async fn rollback(
     let cuda = cuda_before(rec);
     let steps = (TaskStep::Rollback, TaskStep::RollbackValidate);
     let expect = (previous.as_str(), cuda.as_str());
-    match patch_then_validate(ctx, job, api, rec, steps, (&previous, true), expect).await? {
+    match patch_then_validate(hr, rec, steps, (&previous, true), expect).await? {
         StepResult::Advance(after) => {
             failure.reason = format!(
                 "{}; rolled back to {} and attested {} (left drained)",
@@ -139,11 +136,10 @@ pub(super) async fn rollback(
 /// Drill, first half: roll the freshly patched host back and prove the old
 /// version healthy.
 pub(super) async fn drill_rollback(
-    ctx: &Ctx,
-    job: &HostJob,
-    api: &dyn HostApi,
+    hr: &HostRun<'_>,
     rec: &mut HostRecord,
 ) -> Result<StepResult, HostRunError> {
+    let HostRun { ctx, .. } = *hr;
     let drill_failure = |reason: String| {
         StepResult::Failed(Failure::new(
             TaskStep::DrillRollback,
@@ -158,7 +154,7 @@ pub(super) async fn drill_rollback(
     let steps = (TaskStep::DrillRollback, TaskStep::DrillRollbackValidate);
     let expect = (previous.as_str(), cuda.as_str());
     Ok(
-        match patch_then_validate(ctx, job, api, rec, steps, (&previous, true), expect).await? {
+        match patch_then_validate(hr, rec, steps, (&previous, true), expect).await? {
             StepResult::Advance(att) => {
                 rec.drill.push(att);
                 ctx.set_phase(rec, Phase::DrillRepatch).await?;
@@ -172,11 +168,10 @@ pub(super) async fn drill_rollback(
 
 /// Drill, second half: patch forward again and prove the new version healthy.
 pub(super) async fn drill_repatch(
-    ctx: &Ctx,
-    job: &HostJob,
-    api: &dyn HostApi,
+    hr: &HostRun<'_>,
     rec: &mut HostRecord,
 ) -> Result<StepResult, HostRunError> {
+    let HostRun { ctx, .. } = *hr;
     let p = ctx.params.clone();
     let steps = (TaskStep::DrillRepatch, TaskStep::DrillRepatchValidate);
     let expect = (
@@ -184,7 +179,7 @@ pub(super) async fn drill_repatch(
         p.expect_cuda_version.as_str(),
     );
     Ok(
-        match patch_then_validate(ctx, job, api, rec, steps, (&p.version, false), expect).await? {
+        match patch_then_validate(hr, rec, steps, (&p.version, false), expect).await? {
             StepResult::Advance(att) => {
                 rec.drill.push(att);
                 ctx.set_phase(rec, Phase::Undraining).await?;
@@ -212,6 +207,7 @@ pub async fn rollback_by_hand(
     job: &HostJob,
     api: &dyn HostApi,
 ) -> Result<(HostRecord, Option<Failure>), HostRunError> {
+    let hr = &HostRun { ctx, job, api };
     let mut rec = ctx.record(job)?;
     let Some(target) = rollback_target(ctx, &rec).filter(|v| !v.is_empty()) else {
         return Ok((
@@ -229,13 +225,12 @@ pub async fn rollback_by_hand(
     let drain = Action::Drain(pb::Drain {
         reason: format!("ringfence wave {} rollback by hand", ctx.params.wave_id),
     });
-    let outcome = match task_succeeds(ctx, job, api, &mut rec, TaskStep::ManualDrain, drain).await?
-    {
+    let outcome = match task_succeeds(hr, &mut rec, TaskStep::ManualDrain, drain).await? {
         StepResult::Advance(()) => {
             let cuda = cuda_before(&rec);
             let steps = (TaskStep::ManualRollback, TaskStep::ManualRollbackValidate);
             let expect = (target.as_str(), cuda.as_str());
-            patch_then_validate(ctx, job, api, &mut rec, steps, (&target, true), expect)
+            patch_then_validate(hr, &mut rec, steps, (&target, true), expect)
                 .await?
                 .map(|att| {
                     let verdict = att.verdict.clone();

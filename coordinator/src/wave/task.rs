@@ -11,7 +11,7 @@ use ringfence::envelope::{self, TASK_TYPE};
 use ringfence::pb::{self, task_payload::Action};
 
 use super::model::{
-    Ctx, HostJob, HostRecord, HostRunError, Phase, TaskOutcome, TaskRef, state_name,
+    Ctx, HostRecord, HostRun, HostRunError, Phase, TaskOutcome, TaskRef, state_name,
 };
 use super::outcome::{Failure, FailureKind, Stage, StepResult, TaskStep, advance};
 use crate::approvals::ApprovalSet;
@@ -51,18 +51,16 @@ pub(super) fn client_failure(step: impl Into<Stage>, e: &ClientError) -> Failure
 
 /// Run the step's task and move the host to `next` when it succeeded; a
 /// task that ended otherwise fails the host.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn task_step(
-    ctx: &Ctx,
-    job: &HostJob,
-    api: &dyn HostApi,
+    hr: &HostRun<'_>,
     rec: &mut HostRecord,
     step: TaskStep,
     action: Action,
     approvals: &ApprovalSet,
     next: Phase,
 ) -> Result<StepResult, HostRunError> {
-    let status = advance!(run_task(ctx, job, api, rec, step, action, approvals, Vec::new()).await);
+    let HostRun { ctx, .. } = *hr;
+    let status = advance!(run_task(hr, rec, step, action, approvals, Vec::new()).await);
     if succeeded(&status) {
         ctx.set_phase(rec, next).await?;
         return Ok(StepResult::Advance(()));
@@ -87,17 +85,15 @@ pub(super) async fn task_step(
 
 /// Send (or re-attach to) the step's task and wait for its end: its final
 /// status, whatever state it ended in.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn run_task(
-    ctx: &Ctx,
-    job: &HostJob,
-    api: &dyn HostApi,
+    hr: &HostRun<'_>,
     rec: &mut HostRecord,
     step: TaskStep,
     action: Action,
     approvals: &ApprovalSet,
     nonce: Vec<u8>,
 ) -> Result<StepResult<pb::TaskStatus>, HostRunError> {
+    let HostRun { ctx, api, .. } = *hr;
     // Re-attach to a recorded, unfinished task of this step (coordinator resumed).
     let existing = rec
         .tasks
@@ -108,7 +104,7 @@ pub(super) async fn run_task(
             let task_id = rec.tasks[i].task_id.clone();
             match api.get_task(&task_id).await {
                 Ok(Some(_)) => i,
-                Ok(None) => advance!(resend(ctx, job, api, rec, i, action, approvals, nonce).await),
+                Ok(None) => advance!(resend(hr, rec, i, action, approvals, nonce).await),
                 Err(e) => {
                     return Ok(StepResult::Failed(Failure::new(
                         step,
@@ -118,7 +114,7 @@ pub(super) async fn run_task(
                 }
             }
         }
-        None => advance!(new_task(ctx, job, api, rec, step, action, approvals, nonce).await),
+        None => advance!(new_task(hr, rec, step, action, approvals, nonce).await),
     };
     let task_id = rec.tasks[idx].task_id.clone();
     let status = match wait_task(ctx, api, step, &task_id).await {
@@ -137,17 +133,15 @@ pub(super) async fn run_task(
 /// A recorded task `rec.tasks[i]` never reached the agent: send the
 /// recorded bytes again while they are valid, else supersede it with a
 /// freshly signed task. Returns the index of the task sent.
-#[allow(clippy::too_many_arguments)]
 async fn resend(
-    ctx: &Ctx,
-    job: &HostJob,
-    api: &dyn HostApi,
+    hr: &HostRun<'_>,
     rec: &mut HostRecord,
     i: usize,
     action: Action,
     approvals: &ApprovalSet,
     nonce: Vec<u8>,
 ) -> Result<StepResult<usize>, HostRunError> {
+    let HostRun { ctx, job, api } = *hr;
     let step = rec.tasks[i].step;
     let signed = pb::SignedTask::decode(rec.tasks[i].signed.as_slice()).ok();
     let expired = signed
@@ -162,7 +156,7 @@ async fn resend(
             at_ms: ctx.clock.now_ms(),
         });
         ctx.save(rec).await?;
-        return new_task(ctx, job, api, rec, step, action, approvals, nonce).await;
+        return new_task(hr, rec, step, action, approvals, nonce).await;
     }
     // Recorded without the ring approvals (see `new_task`): attach those
     // covering it again.
@@ -176,17 +170,15 @@ async fn resend(
 }
 
 /// Sign a new task, record it, and send it. Returns its index in `rec.tasks`.
-#[allow(clippy::too_many_arguments)]
 async fn new_task(
-    ctx: &Ctx,
-    job: &HostJob,
-    api: &dyn HostApi,
+    hr: &HostRun<'_>,
     rec: &mut HostRecord,
     step: TaskStep,
     action: Action,
     approvals: &ApprovalSet,
     nonce: Vec<u8>,
 ) -> Result<StepResult<usize>, HostRunError> {
+    let HostRun { ctx, job, api } = *hr;
     let floor = api
         .identity()
         .await

@@ -6,23 +6,22 @@
 //! faults, and new XIDs the agent's own configuration names critical).
 
 use prost::Message;
+use ringfence::attest::verdict_name;
 use ringfence::pb::{self, task_payload::Action};
 
 use super::model::{
-    AttestationRecord, Ctx, HostJob, HostRecord, HostRunError, Phase, state_name, verdict_name,
+    AttestationRecord, Ctx, HostJob, HostRecord, HostRun, HostRunError, Phase, state_name,
 };
 use super::outcome::{Failure, FailureKind, Stage, StepResult, TaskStep, advance};
 use super::task::{NO_APPROVALS, client_failure, run_task};
-use crate::client::HostApi;
 
 /// The attestation before the wave: an UNHEALTHY host is not patched; a
 /// host drained by someone else is recorded as such (never undrained).
 pub(super) async fn attest_before(
-    ctx: &Ctx,
-    job: &HostJob,
-    api: &dyn HostApi,
+    hr: &HostRun<'_>,
     rec: &mut HostRecord,
 ) -> Result<StepResult, HostRunError> {
+    let HostRun { ctx, job, api } = *hr;
     let nonce = ringfence::attest::new_nonce();
     let env = match api.attest(nonce.clone()).await {
         Ok(e) => e,
@@ -60,17 +59,16 @@ pub(super) async fn attest_before(
 /// undrain; on failure it is rolled back (`on_failure = "rollback"`, when
 /// its version before is known) or fails.
 pub(super) async fn validate(
-    ctx: &Ctx,
-    job: &HostJob,
-    api: &dyn HostApi,
+    hr: &HostRun<'_>,
     rec: &mut HostRecord,
 ) -> Result<StepResult, HostRunError> {
+    let HostRun { ctx, job, .. } = *hr;
     let p = ctx.params.clone();
     let expect = (
         p.expect_driver_version.as_str(),
         p.expect_cuda_version.as_str(),
     );
-    match validate_step(ctx, job, api, rec, TaskStep::Validate, expect).await? {
+    match validate_step(hr, rec, TaskStep::Validate, expect).await? {
         StepResult::Advance(after) => {
             rec.after = Some(after);
             let next = if job.drill && rec.drill.is_empty() {
@@ -94,13 +92,12 @@ pub(super) async fn validate(
 /// with the expectation (`expect_driver`, `expect_cuda`; "" = unchecked)
 /// and with the attestation taken before the patch.
 pub(super) async fn validate_step(
-    ctx: &Ctx,
-    job: &HostJob,
-    api: &dyn HostApi,
+    hr: &HostRun<'_>,
     rec: &mut HostRecord,
     step: TaskStep,
     (expect_driver, expect_cuda): (&str, &str),
 ) -> Result<StepResult<AttestationRecord>, HostRunError> {
+    let HostRun { ctx, job, .. } = *hr;
     let recorded_nonce = rec
         .tasks
         .iter()
@@ -114,19 +111,7 @@ pub(super) async fn validate_step(
         nonce: nonce.clone(),
         profile: ctx.params.profile.clone(),
     });
-    let status = advance!(
-        run_task(
-            ctx,
-            job,
-            api,
-            rec,
-            step,
-            action,
-            NO_APPROVALS,
-            nonce.clone()
-        )
-        .await
-    );
+    let status = advance!(run_task(hr, rec, step, action, NO_APPROVALS, nonce.clone()).await);
     let Some(env) = status.attestation.clone() else {
         return Ok(StepResult::Failed(Failure::new(
             step,

@@ -187,23 +187,7 @@ fn a_pool_whose_reserve_is_used_up_refuses_to_plan() {
 
 #[test]
 fn failed_hosts_stay_out_of_service_and_use_the_reserve() {
-    let inv = inventory(
-        &[("p", 20)],
-        &[
-            ("a", "p", 3),
-            ("b", "p", 3),
-            ("c", "p", 3),
-            ("d", "p", 3),
-            ("e", "p", 3),
-        ],
-    );
-    let p = plan(
-        &inv,
-        "protected_rings = []\nfailure_budget = 5\n[ring.3]\nbatch_size = 5\nsoak_s = 0\n",
-    );
-    let mut st = WaveState::new(&p);
-    st.hosts.insert("a".into(), HostStatus::Failed);
-    st.failures = 1;
+    let (p, st) = failed_host_holds_the_reserve();
     assert_eq!(out_of_service(&p, &st)["p"], 1);
     assert!(
         starts(&next_steps(&p, &st)).is_empty(),
