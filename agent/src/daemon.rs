@@ -243,16 +243,13 @@ impl HealthSource for AgentHealth {
 
     fn attest(&self, nonce: &[u8], draining: bool) -> pb::Envelope {
         let report = self.source.collect(draining);
-        let att = pb::Attestation {
-            host_id: self.host_id.clone(),
-            boot_id: report.boot_id.clone(),
-            nonce: nonce.to_vec(),
-            issued_at_unix_ms: ringfence::time::now_ms(),
-            verdict: report.verdict,
-            agent_version: ringfence::VERSION.to_string(),
-            report: Some(report),
-        };
-        ringfence::attest::sign(&att, &self.host_id, &self.key)
+        ringfence::attest::attest(
+            &self.host_id,
+            &self.key,
+            nonce,
+            ringfence::time::now_ms(),
+            report,
+        )
     }
 
     fn acknowledge(&self, ack: &pb::AckFaults) -> Vec<String> {

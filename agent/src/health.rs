@@ -500,6 +500,7 @@ impl Collector {
             acknowledged_faults: ctx.acknowledged.clone(),
             // Set by the daemon's report source while draining.
             drain_mark: None,
+            critical_xids: self.config.critical_xids.clone(),
         }
     }
 }

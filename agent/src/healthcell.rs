@@ -203,15 +203,8 @@ pub fn report_json(r: &pb::HealthReport) -> serde_json::Value {
     v
 }
 
-/// The name of a verdict value.
-pub fn verdict_name(v: i32) -> &'static str {
-    match pb::Verdict::try_from(v) {
-        Ok(pb::Verdict::Healthy) => "HEALTHY",
-        Ok(pb::Verdict::Degraded) => "DEGRADED",
-        Ok(pb::Verdict::Unhealthy) => "UNHEALTHY",
-        _ => "UNSPECIFIED",
-    }
-}
+/// The name of a verdict value (HEALTHY, DEGRADED, UNHEALTHY).
+pub use ringfence::attest::verdict_name;
 
 /// A report as a few human lines.
 pub fn report_text(r: &pb::HealthReport) -> String {

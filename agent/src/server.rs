@@ -194,19 +194,12 @@ impl Agent for AgentService {
         }
         // One collection may serve several callers; each signs its own nonce.
         let report = (*self.fresh().await?).clone();
-        let att = pb::Attestation {
-            host_id: self.host_id.clone(),
-            boot_id: report.boot_id.clone(),
-            nonce,
-            issued_at_unix_ms: ringfence::time::now_ms(),
-            verdict: report.verdict,
-            agent_version: ringfence::VERSION.to_string(),
-            report: Some(report),
-        };
-        Ok(Response::new(ringfence::attest::sign(
-            &att,
+        Ok(Response::new(ringfence::attest::attest(
             &self.host_id,
             &self.key,
+            &nonce,
+            ringfence::time::now_ms(),
+            report,
         )))
     }
 

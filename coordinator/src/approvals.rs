@@ -10,8 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
+use crate::dsse::EnvelopeFile;
 use ed25519_dalek::SigningKey;
 use prost::Message;
 use ringfence::envelope::{
@@ -19,58 +18,6 @@ use ringfence::envelope::{
 };
 use ringfence::pb::{self, task_payload::Action};
 use ringfence::trust::{KeyRole, TrustSet};
-use serde::{Deserialize, Serialize};
-
-/// An envelope as a JSON file: standard DSSE JSON (`payloadType`, `payload`,
-/// `signatures[{keyid, sig}]`); the older `payload_type` / `key_id` are read too.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EnvelopeFile {
-    /// The envelope's payload type.
-    #[serde(rename = "payloadType", alias = "payload_type")]
-    pub payload_type: String,
-    /// base64 of the payload bytes.
-    pub payload: String,
-    /// Signatures.
-    pub signatures: Vec<crate::evidence::SignatureJson>,
-}
-
-impl EnvelopeFile {
-    /// From an envelope.
-    pub fn from_envelope(env: &pb::Envelope) -> Self {
-        Self {
-            payload_type: env.payload_type.clone(),
-            payload: B64.encode(&env.payload),
-            signatures: env
-                .signatures
-                .iter()
-                .map(|s| crate::evidence::SignatureJson {
-                    key_id: s.key_id.clone(),
-                    sig: B64.encode(&s.sig),
-                })
-                .collect(),
-        }
-    }
-
-    /// Back to an envelope.
-    pub fn to_envelope(&self) -> Result<pb::Envelope, ApprovalError> {
-        let bad = |e: base64::DecodeError| ApprovalError::Malformed(e.to_string());
-        Ok(pb::Envelope {
-            payload_type: self.payload_type.clone(),
-            payload: B64.decode(&self.payload).map_err(bad)?,
-            signatures: self
-                .signatures
-                .iter()
-                .map(|s| {
-                    Ok(pb::Signature {
-                        key_id: s.key_id.clone(),
-                        sig: B64.decode(&s.sig).map_err(bad)?,
-                    })
-                })
-                .collect::<Result<_, ApprovalError>>()?,
-        })
-    }
-}
 
 /// An approval could not be made, read or accepted.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +86,7 @@ pub fn read_file(path: &Path) -> Result<pb::Envelope, ApprovalError> {
     let f: EnvelopeFile =
         serde_json::from_slice(&bytes).map_err(|e| ApprovalError::Malformed(e.to_string()))?;
     f.to_envelope()
+        .map_err(|e| ApprovalError::Malformed(e.to_string()))
 }
 
 /// Write an envelope JSON file (atomically).

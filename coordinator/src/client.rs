@@ -1,7 +1,10 @@
 //! The seam between the coordinator and its agents. The wave engine talks to
-//! hosts only through [`HostApi`], so tests can drive it against fakes and
-//! the real implementation is a thin layer over the generated gRPC client.
+//! hosts only through [`HostApi`], opened by a [`Connector`], so tests can
+//! drive it against fakes; the real implementations ([`GrpcHost`],
+//! [`TlsConnector`]) are a thin layer over the generated gRPC client and
+//! the fleet's mTLS.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -83,6 +86,47 @@ pub trait HostApi: Send + Sync {
     async fn submit(&self, task: pb::SignedTask) -> Result<pb::TaskStatus, ClientError>;
     /// The recorded status of a task; `None` if the agent never recorded it.
     async fn get_task(&self, task_id: &str) -> Result<Option<pb::TaskStatus>, ClientError>;
+}
+
+/// Opens a connection to a host (the seam tests and the demo fill).
+#[tonic::async_trait]
+pub trait Connector: Send + Sync {
+    /// A client for `host`, or why it cannot be reached.
+    async fn connect(&self, host: &crate::inventory::Host) -> Result<Arc<dyn HostApi>, String>;
+}
+
+/// The real connector: mTLS to the host's address, pinned to its SPIFFE id.
+#[derive(Debug, Clone)]
+pub struct TlsConnector {
+    /// Operator identity.
+    pub identity: ringfence::tls::ClientIdentity,
+    /// Trust domain of the fleet.
+    pub trust_domain: String,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Per-RPC timeout.
+    pub rpc_timeout: Duration,
+}
+
+#[tonic::async_trait]
+impl Connector for TlsConnector {
+    async fn connect(&self, host: &crate::inventory::Host) -> Result<Arc<dyn HostApi>, String> {
+        let expected = ringfence::spiffe::SpiffeId::new(
+            &self.trust_domain,
+            ringfence::spiffe::Role::Host,
+            &host.id,
+        )
+        .map_err(|e| e.to_string())?;
+        let ch = ringfence::tls::connect_with_timeout(
+            &host.address,
+            &expected,
+            &self.identity,
+            self.connect_timeout,
+        )
+        .await
+        .map_err(|e| format!("host `{}` unreachable: {e}", host.id))?;
+        Ok(Arc::new(GrpcHost::new(&host.id, ch, self.rpc_timeout)))
+    }
 }
 
 /// The real [`HostApi`]: the generated gRPC client over an mTLS channel.

@@ -14,6 +14,10 @@
 //! coordinator's own fields must agree with them); approvals and break-glass
 //! cover the wave, ring, hosts, actions and time of what they authorised,
 //! with enough distinct approver keys.
+//!
+//! [`ring_packet`] assembles a ring's packet from the wave engine's host
+//! records (`crate::wave::model`, `crate::wave::outcome`); this file
+//! imports nothing else of the engine.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -27,6 +31,12 @@ use ringfence::keys::VerifyingKey;
 use ringfence::pb::{self, task_payload::Action};
 use ringfence::trust::{KeyRole, TrustSet};
 use serde::{Deserialize, Serialize};
+
+use crate::dsse::EnvelopeFile;
+use crate::plan::RingPlan;
+use crate::spec::WaveSpec;
+use crate::wave::model::{AttestationRecord, HostRecord};
+use crate::wave::outcome::TaskStep;
 
 /// Largest evidence payload accepted, bytes.
 pub const MAX_EVIDENCE_PAYLOAD: usize = 256 * 1024 * 1024;
@@ -124,32 +134,9 @@ pub struct Packet {
     pub coordinator_key_id: String,
 }
 
-/// A packet file on disk: a standard DSSE JSON envelope
-/// (`{"payloadType", "payload", "signatures": [{"keyid", "sig"}]}`, payload
-/// and signatures in standard base64). Files written before the switch used
-/// `payload_type` / `key_id`; those names are still read.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PacketFile {
-    /// Always the evidence payload type.
-    #[serde(rename = "payloadType", alias = "payload_type")]
-    pub payload_type: String,
-    /// base64 of the JSON payload.
-    pub payload: String,
-    /// Signatures: key id and base64 signature.
-    pub signatures: Vec<SignatureJson>,
-}
-
-/// A signature in a DSSE JSON envelope (`keyid` is optional in DSSE).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SignatureJson {
-    /// Key id hint.
-    #[serde(rename = "keyid", alias = "key_id", default)]
-    pub key_id: String,
-    /// base64 ed25519 signature.
-    pub sig: String,
-}
+/// A packet file on disk: a DSSE JSON envelope ([`crate::dsse`]) of the
+/// evidence payload type, its payload the [`Packet`] as JSON.
+pub type PacketFile = EnvelopeFile;
 
 /// Evidence could not be written, or a packet is INVALID. Every variant is
 /// one finding; [`EvidenceError::check`] gives its stable name.
@@ -359,19 +346,8 @@ pub fn seal(packet: &Packet, key_id: &str, key: &SigningKey) -> Result<Vec<u8>, 
     let payload =
         serde_json::to_vec(packet).map_err(|e| EvidenceError::Malformed(e.to_string()))?;
     let env = envelope::sign(EVIDENCE_TYPE, payload, &[(key_id, key)]);
-    let file = PacketFile {
-        payload_type: env.payload_type,
-        payload: B64.encode(&env.payload),
-        signatures: env
-            .signatures
-            .iter()
-            .map(|s| SignatureJson {
-                key_id: s.key_id.clone(),
-                sig: B64.encode(&s.sig),
-            })
-            .collect(),
-    };
-    serde_json::to_vec_pretty(&file).map_err(|e| EvidenceError::Malformed(e.to_string()))
+    serde_json::to_vec_pretty(&EnvelopeFile::from_envelope(&env))
+        .map_err(|e| EvidenceError::Malformed(e.to_string()))
 }
 
 /// Write a sealed packet atomically.
@@ -733,14 +709,7 @@ fn packet_signer(
 
 /// The kind of action a recorded step must carry.
 fn step_action(step: &str) -> &'static str {
-    match step {
-        "drain" | "manual_drain" | "soak_drain" => "drain",
-        "patch" | "drill_repatch" => "patch",
-        "rollback" | "drill_rollback" | "manual_rollback" => "rollback",
-        "undrain" => "undrain",
-        s if s.ends_with("validate") => "validate",
-        _ => "unknown",
-    }
+    TaskStep::parse(step).map_or("unknown", TaskStep::action)
 }
 
 fn action_kind(a: Option<&Action>) -> &'static str {
@@ -893,7 +862,7 @@ fn open_attestation(
 fn attested(att: &pb::Attestation, task_id: Option<String>) -> Attested {
     let report = att.report.clone().unwrap_or_default();
     Attested {
-        verdict: crate::hostrun::verdict_name(att.verdict).to_string(),
+        verdict: ringfence::attest::verdict_name(att.verdict).to_string(),
         driver_version: report.driver_version,
         cuda_version: report.cuda_driver_version,
         issued_at_ms: att.issued_at_unix_ms,
@@ -1007,7 +976,7 @@ fn check_rollback_proof(
             .map_err(|e| bad(format!("attestation {index}: {e}")))?;
         let bound = tasks.iter().any(|t| {
             matches!(&t.payload.action, Some(Action::Validate(v)) if v.nonce == att.nonce)
-                && t.step.ends_with("validate")
+                && step_action(&t.step) == "validate"
         });
         if !bound {
             return Err(bad(format!(
@@ -1017,7 +986,7 @@ fn check_rollback_proof(
         if att.verdict != pb::Verdict::Healthy as i32 {
             return Err(bad(format!(
                 "attestation {index} attested {}",
-                crate::hostrun::verdict_name(att.verdict)
+                ringfence::attest::verdict_name(att.verdict)
             )));
         }
         versions.push(
@@ -1325,12 +1294,70 @@ fn check_break_glass(
     Ok(packet.break_glass.len())
 }
 
+/// What a ring's packet says besides its hosts' records.
+#[derive(Debug, Clone, Copy)]
+pub struct RingRun<'a> {
+    /// The wave spec (profile, versions).
+    pub spec: &'a WaveSpec,
+    /// The ring.
+    pub ring: &'a RingPlan,
+    /// The host that ran the rollback drill, if the wave has one.
+    pub drill_host: Option<&'a str>,
+    /// "completed" or "halted".
+    pub outcome: &'a str,
+    /// Why the wave halted, if it did.
+    pub halt_reason: Option<&'a str>,
+    /// The ring's verified approvals.
+    pub approvals: &'a [pb::Envelope],
+    /// The wave's break-glass approvals.
+    pub break_glass: &'a [pb::Envelope],
+    /// The coordinator key id that signs the packet.
+    pub coordinator_key_id: &'a str,
+}
+
+/// Assemble the packet of a ring from the wave records of its hosts (those
+/// that have one): each host's evidence, the ring's timings, and the
+/// rollback proof of the drill host.
+pub fn ring_packet(run: &RingRun<'_>, records: &[HostRecord]) -> Packet {
+    let mut hosts = Vec::new();
+    let mut proof = None;
+    let (mut start, mut end) = (i64::MAX, 0);
+    for rec in records {
+        if rec.started_at_ms > 0 {
+            start = start.min(rec.started_at_ms);
+        }
+        end = end.max(rec.finished_at_ms);
+        if run.drill_host == Some(rec.host_id.as_str()) {
+            proof = rollback_proof(rec);
+        }
+        hosts.push(host_evidence(rec));
+    }
+    let spec = run.spec;
+    Packet {
+        wave_id: spec.wave_id.clone(),
+        ring: run.ring.ring,
+        outcome: run.outcome.to_string(),
+        halt_reason: run.halt_reason.map(str::to_string),
+        profile: spec.profile.clone(),
+        version: spec.version.clone(),
+        expect_driver_version: spec.expect_driver_version.clone(),
+        expect_cuda_version: spec.expect_cuda_version.clone(),
+        hosts,
+        approvals: run.approvals.iter().map(embed).collect(),
+        break_glass: run.break_glass.iter().map(embed).collect(),
+        rollback_proof: proof,
+        started_at_ms: if start == i64::MAX { 0 } else { start },
+        finished_at_ms: end,
+        soak_s: run.ring.soak_s,
+        coordinator_key_id: run.coordinator_key_id.to_string(),
+    }
+}
+
 /// The evidence of one host, from its wave record.
-pub fn host_evidence(rec: &crate::hostrun::HostRecord) -> HostEvidence {
+pub fn host_evidence(rec: &HostRecord) -> HostEvidence {
     let b = rec.before.as_ref();
     let a = rec.after.as_ref();
-    let s = |x: Option<&crate::hostrun::AttestationRecord>,
-             f: fn(&crate::hostrun::AttestationRecord) -> String| {
+    let s = |x: Option<&AttestationRecord>, f: fn(&AttestationRecord) -> String| {
         x.map(f).unwrap_or_default()
     };
     HostEvidence {
@@ -1353,7 +1380,7 @@ pub fn host_evidence(rec: &crate::hostrun::HostRecord) -> HostEvidence {
             .iter()
             .map(|t| {
                 (
-                    t.step.clone(),
+                    t.step.to_string(),
                     t.task_id.clone(),
                     t.outcome
                         .as_ref()
@@ -1365,7 +1392,7 @@ pub fn host_evidence(rec: &crate::hostrun::HostRecord) -> HostEvidence {
         failure: rec
             .failure
             .as_ref()
-            .map(|f| (f.step.clone(), f.kind.clone(), f.reason.clone())),
+            .map(|f| (f.step.to_string(), f.kind.to_string(), f.reason.clone())),
         task_envelopes: rec
             .tasks
             .iter()
@@ -1388,7 +1415,7 @@ pub fn host_evidence(rec: &crate::hostrun::HostRecord) -> HostEvidence {
 }
 
 /// The rollback proof of a host that ran the drill (None if it did not finish it).
-pub fn rollback_proof(rec: &crate::hostrun::HostRecord) -> Option<RollbackProof> {
+pub fn rollback_proof(rec: &HostRecord) -> Option<RollbackProof> {
     if rec.drill.len() < 2 {
         return None;
     }
@@ -1403,7 +1430,17 @@ pub fn rollback_proof(rec: &crate::hostrun::HostRecord) -> Option<RollbackProof>
         task_ids: rec
             .tasks
             .iter()
-            .filter(|t| t.step.starts_with("drill_") || t.step == "patch" || t.step == "validate")
+            .filter(|t| {
+                matches!(
+                    t.step,
+                    TaskStep::Patch
+                        | TaskStep::Validate
+                        | TaskStep::DrillRollback
+                        | TaskStep::DrillRollbackValidate
+                        | TaskStep::DrillRepatch
+                        | TaskStep::DrillRepatchValidate
+                )
+            })
             .map(|t| t.task_id.clone())
             .collect(),
         attestations,

@@ -121,7 +121,7 @@ async fn one(h: &crate::inventory::Host, conn: &dyn Connector, max_skew_ms: i64)
         host: h.id.clone(),
         ring: h.ring,
         pool: h.pool.clone(),
-        verdict: crate::hostrun::verdict_name(report.verdict).into(),
+        verdict: crate::wave::verdict_name(report.verdict).into(),
         driver: report.driver_version.clone(),
         cuda: report.cuda_driver_version.clone(),
         gpus_found: report.gpus_found,

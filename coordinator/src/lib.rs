@@ -5,9 +5,9 @@
 pub mod approvals;
 pub mod cli;
 pub mod client;
+pub mod dsse;
 pub mod evidence;
 pub mod health_table;
-pub mod hostrun;
 pub mod inventory;
 pub mod plan;
 pub mod report;

@@ -4,11 +4,15 @@
 //! per-pool out-of-service limits and (for the dry run) batches.
 //! [`next_steps`] is the whole wave policy as a pure function of the plan
 //! and the observed [`WaveState`]: rings strictly in order, protected rings
-//! wait for approval, a ring is promoted only when all its hosts are done
-//! and its soak has passed, no pool ever has more hosts out of service than
-//! its limit, and nothing new starts once failures exceed the budget, a
-//! halt is requested, or the maintenance window is closed. The I/O loop in
-//! `wave.rs` only carries out what this function says.
+//! wait for approval, a ring is promoted only when all its hosts are done,
+//! its soak has passed and every finished host was watched, no pool ever
+//! has more hosts out of service than its limit, and nothing new starts
+//! once failures exceed the budget (a soak regression counts as a failure),
+//! a halt is requested, or the maintenance window is closed. It is also the
+//! one place that decides a halt ([`HaltCause`]), including a stalled wave:
+//! no host can start and nothing that could change that is running. The
+//! I/O loop (`crate::wave`) records what it observes as facts of the
+//! [`WaveState`] and only carries out what this function says.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -405,6 +409,14 @@ pub struct WaveState {
     /// Hosts other waves have out of service, per pool (from the pool ledger).
     #[serde(default)]
     pub others_out: BTreeMap<String, usize>,
+    /// Hosts of a soaking ring a watcher has had a health report from.
+    /// Not stored: a resumed wave watches its soaking ring again.
+    #[serde(skip)]
+    pub watched: BTreeSet<String>,
+    /// Hosts that regressed during their soak and that the wave is
+    /// draining again now. Not stored.
+    #[serde(skip)]
+    pub redraining: BTreeSet<String>,
 }
 
 impl WaveState {
@@ -427,6 +439,8 @@ impl WaveState {
             window_open: true,
             now_ms: 0,
             others_out: BTreeMap::new(),
+            watched: BTreeSet::new(),
+            redraining: BTreeSet::new(),
         }
     }
 
@@ -447,11 +461,43 @@ pub enum Step {
     /// Promote the ring (write its evidence).
     Promote(u32),
     /// Stop dispatching; in-flight hosts finish their step.
-    Halt(String),
+    Halt(HaltCause),
+    /// Nothing starts until the maintenance window opens.
+    WindowClosed,
     /// Nothing to do until something changes.
     Wait(String),
     /// Every ring is complete.
     Done,
+}
+
+/// Why the wave halts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HaltCause {
+    /// More hosts failed (a soak regression included) than the budget allows.
+    Budget {
+        /// Failures counted.
+        failures: u32,
+        /// The failure budget.
+        budget: u32,
+    },
+    /// An operator asked for a halt (`wave halt`).
+    Requested,
+    /// No host can start, and nothing running (no host in flight or being
+    /// drained again, no soak, no other wave's host out) will change that.
+    Stalled(String),
+}
+
+impl std::fmt::Display for HaltCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Budget { failures, budget } => write!(
+                f,
+                "{failures} failure(s) exceed the failure budget of {budget}"
+            ),
+            Self::Requested => f.write_str("an operator requested a halt"),
+            Self::Stalled(why) => f.write_str(why),
+        }
+    }
 }
 
 /// Hosts out of service per pool: in flight, failed (left drained), or out before the wave.
@@ -470,13 +516,13 @@ pub fn out_of_service(plan: &Plan, state: &WaveState) -> BTreeMap<String, usize>
 /// The wave policy: what to do next, given the plan and what was observed.
 pub fn next_steps(plan: &Plan, state: &WaveState) -> Vec<Step> {
     if state.failures > plan.failure_budget {
-        return vec![Step::Halt(format!(
-            "{} failure(s) exceed the failure budget of {}",
-            state.failures, plan.failure_budget
-        ))];
+        return vec![Step::Halt(HaltCause::Budget {
+            failures: state.failures,
+            budget: plan.failure_budget,
+        })];
     }
     if state.halt_requested {
-        return vec![Step::Halt("an operator requested a halt".into())];
+        return vec![Step::Halt(HaltCause::Requested)];
     }
     let Some((&ring, rp)) = plan
         .rings
@@ -492,6 +538,7 @@ pub fn next_steps(plan: &Plan, state: &WaveState) -> Vec<Step> {
             HostStatus::Done | HostStatus::Failed | HostStatus::Skipped
         )
     });
+    let soaking = matches!(state.rings.get(&ring), Some(RingStatus::Soaking { .. }));
     if finished {
         return match state.rings.get(&ring) {
             Some(RingStatus::Soaking { since_ms }) => {
@@ -500,13 +547,24 @@ pub fn next_steps(plan: &Plan, state: &WaveState) -> Vec<Step> {
                         .unwrap_or(i64::MAX)
                         .saturating_mul(1000),
                 );
-                if state.now_ms >= until {
-                    vec![Step::Promote(ring)]
-                } else {
+                // Every finished host must have been seen through its
+                // health watch: an unwatched ring was not soaked.
+                let unwatched = rp
+                    .hosts
+                    .iter()
+                    .filter(|h| state.status(h) == HostStatus::Done && !state.watched.contains(*h))
+                    .count();
+                if state.now_ms < until {
                     vec![Step::Wait(format!(
                         "ring {ring} soaking, {} s left",
                         (until - state.now_ms + 999) / 1000
                     ))]
+                } else if unwatched > 0 {
+                    vec![Step::Wait(format!(
+                        "ring {ring} soak time passed; waiting for the first health report of {unwatched} host(s)"
+                    ))]
+                } else {
+                    vec![Step::Promote(ring)]
                 }
             }
             _ if rp.soak_s == 0 => vec![Step::Promote(ring)],
@@ -517,7 +575,7 @@ pub fn next_steps(plan: &Plan, state: &WaveState) -> Vec<Step> {
         return vec![Step::AwaitApproval(ring)];
     }
     if !state.window_open {
-        return vec![Step::Wait("maintenance window closed".into())];
+        return vec![Step::WindowClosed];
     }
     // The rollback drill host goes alone, before anything else in ring 0.
     if ring == 0
@@ -583,6 +641,17 @@ pub fn next_steps(plan: &Plan, state: &WaveState) -> Vec<Step> {
                     "; pool {p}: break-glass expired, back to its reserve"
                 ));
             }
+        }
+        // Nothing runs and nothing will change by itself: failed hosts
+        // hold the pool reserve.
+        let busy = in_flight_total > 0
+            || !state.redraining.is_empty()
+            || soaking
+            || state.others_out.values().any(|n| *n > 0);
+        if !busy {
+            return vec![Step::Halt(HaltCause::Stalled(format!(
+                "no host can start: {why} (failed hosts hold the pool reserve)"
+            )))];
         }
         steps.push(Step::Wait(why));
     }

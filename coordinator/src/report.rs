@@ -1,137 +1,28 @@
-//! What the operator sees while a wave runs: a live view on a terminal
-//! (indicatif), plain log lines otherwise, or a JSON event stream
+//! What the operator sees while a wave runs: the wave engine's events and
+//! status snapshots ([`crate::wave::events`]) rendered as a live view on a
+//! terminal (indicatif), plain log lines otherwise, or a JSON event stream
 //! (`--json`, one object per line on stdout) for automation.
 
 use std::io::IsTerminal;
-use std::path::Path;
 use std::sync::Arc;
 
-use serde::Serialize;
+use crate::wave::{Event, EventSink, StatusSnapshot};
 
-use crate::plan::Plan;
-use crate::wave::{HaltReport, StatusSnapshot};
-
-/// One thing that happened.
-#[derive(Debug, Clone, Serialize)]
-pub struct Event {
-    /// When, ms since the epoch.
-    pub at_ms: i64,
-    /// "started", "planned", "host", "ring", "approved", "wait", "halting", "done", "evidence", "decision", "resumed".
-    pub kind: String,
-    /// Ring, if about one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ring: Option<u32>,
-    /// Host, if about one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub host: Option<String>,
-    /// What ("start", "done", "failed", "promoted", ...).
-    pub what: String,
-    /// Details.
-    pub detail: String,
-}
-
-impl Event {
-    fn new(kind: &str, what: &str, detail: &str) -> Self {
-        Self {
-            at_ms: ringfence::time::now_ms(),
-            kind: kind.into(),
-            ring: None,
-            host: None,
-            what: what.into(),
-            detail: detail.into(),
-        }
+/// An event as one line of text.
+fn line(e: &Event) -> String {
+    let mut s = String::new();
+    if let Some(r) = e.ring {
+        s.push_str(&format!("ring {r} "));
     }
-    /// A wave started.
-    pub fn started(wave: &str) -> Self {
-        Self::new("started", wave, "")
+    if let Some(h) = &e.host {
+        s.push_str(&format!("{h} "));
     }
-    /// A wave resumed.
-    pub fn resumed(wave: &str) -> Self {
-        Self::new("resumed", wave, "")
+    s.push_str(&e.what);
+    if !e.detail.is_empty() {
+        s.push_str(": ");
+        s.push_str(&e.detail);
     }
-    /// The plan.
-    pub fn planned(plan: &Plan) -> Self {
-        Self::new(
-            "planned",
-            &plan.wave_id,
-            crate::plan::render_text(plan).trim_end(),
-        )
-    }
-    /// A host event.
-    pub fn host(host: &str, what: &str, detail: &str) -> Self {
-        let mut e = Self::new("host", what, detail);
-        e.host = Some(host.into());
-        e
-    }
-    /// A ring event.
-    pub fn ring(ring: u32, what: &str) -> Self {
-        let mut e = Self::new("ring", what, "");
-        e.ring = Some(ring);
-        e
-    }
-    /// Approvals complete for a ring.
-    pub fn approved(ring: u32, approvers: &[String]) -> Self {
-        let mut e = Self::new("approved", "approved", &approvers.join(", "));
-        e.ring = Some(ring);
-        e
-    }
-    /// Waiting for something.
-    pub fn wait(why: &str) -> Self {
-        Self::new("wait", "wait", why)
-    }
-    /// Halting.
-    pub fn halting(h: &HaltReport, in_flight: usize) -> Self {
-        let mut e = Self::new(
-            "halting",
-            &h.kind,
-            &format!(
-                "{}{} step {}: {} ({} host(s) in flight finish their step)",
-                h.host
-                    .as_deref()
-                    .map(|x| format!("host {x} "))
-                    .unwrap_or_default(),
-                format_args!("ring {}", h.ring),
-                h.step,
-                h.reason,
-                in_flight
-            ),
-        );
-        e.ring = Some(h.ring);
-        e.host = h.host.clone();
-        e
-    }
-    /// Finished.
-    pub fn done(wave: &str) -> Self {
-        Self::new("done", wave, "every ring complete")
-    }
-    /// Evidence written.
-    pub fn evidence(ring: u32, path: &Path) -> Self {
-        let mut e = Self::new("evidence", "written", &path.display().to_string());
-        e.ring = Some(ring);
-        e
-    }
-    /// An operator decision on resume.
-    pub fn decision(host: &str, what: &str, reason: &str) -> Self {
-        let mut e = Self::new("decision", what, reason);
-        e.host = Some(host.into());
-        e
-    }
-
-    fn line(&self) -> String {
-        let mut s = String::new();
-        if let Some(r) = self.ring {
-            s.push_str(&format!("ring {r} "));
-        }
-        if let Some(h) = &self.host {
-            s.push_str(&format!("{h} "));
-        }
-        s.push_str(&self.what);
-        if !self.detail.is_empty() {
-            s.push_str(": ");
-            s.push_str(&self.detail);
-        }
-        s
-    }
+    s
 }
 
 /// Output mode.
@@ -185,10 +76,10 @@ impl Reporter {
                     println!("{s}");
                 }
             }
-            Mode::Plain => println!("{} {}", fmt_time(e.at_ms), e.line()),
+            Mode::Plain => println!("{} {}", fmt_time(e.at_ms), line(e)),
             Mode::Live => {
                 if let Some(b) = &self.bar {
-                    b.println(format!("{} {}", fmt_time(e.at_ms), e.line()));
+                    b.println(format!("{} {}", fmt_time(e.at_ms), line(e)));
                 }
             }
             Mode::Quiet => {}
@@ -207,6 +98,15 @@ impl Reporter {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
+    }
+}
+
+impl EventSink for Reporter {
+    fn emit(&self, e: &Event) {
+        Reporter::emit(self, e);
+    }
+    fn status(&self, s: &StatusSnapshot) {
+        Reporter::status(self, s);
     }
 }
 

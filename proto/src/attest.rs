@@ -16,6 +16,55 @@ pub fn sign(att: &pb::Attestation, key_id: &str, key: &SigningKey) -> pb::Envelo
     envelope::sign_message(ATTESTATION_TYPE, att, &[(key_id, key)])
 }
 
+/// What a host states about itself, bound to a verifier's nonce: the
+/// attestation of `report` by `host_id` at `issued_at_ms`, made by this
+/// version of ringfence. Its boot id and verdict are the report's, so
+/// [`verify`] finds them consistent.
+pub fn statement(
+    host_id: &str,
+    nonce: &[u8],
+    issued_at_ms: i64,
+    report: pb::HealthReport,
+) -> pb::Attestation {
+    pb::Attestation {
+        host_id: host_id.to_string(),
+        boot_id: report.boot_id.clone(),
+        nonce: nonce.to_vec(),
+        issued_at_unix_ms: issued_at_ms,
+        verdict: report.verdict,
+        agent_version: crate::VERSION.to_string(),
+        report: Some(report),
+    }
+}
+
+/// Attest `report`: the [`statement`] of `host_id`, signed with the host
+/// key under the key id `host_id`. The one builder of attestations, for the
+/// agent and for every simulated host.
+pub fn attest(
+    host_id: &str,
+    key: &SigningKey,
+    nonce: &[u8],
+    issued_at_ms: i64,
+    report: pb::HealthReport,
+) -> pb::Envelope {
+    sign(
+        &statement(host_id, nonce, issued_at_ms, report),
+        host_id,
+        key,
+    )
+}
+
+/// The name of a verdict value, as attestations are shown and recorded
+/// (HEALTHY, DEGRADED, UNHEALTHY; UNSPECIFIED for any other value).
+pub fn verdict_name(v: i32) -> &'static str {
+    match pb::Verdict::try_from(v) {
+        Ok(pb::Verdict::Healthy) => "HEALTHY",
+        Ok(pb::Verdict::Degraded) => "DEGRADED",
+        Ok(pb::Verdict::Unhealthy) => "UNHEALTHY",
+        _ => "UNSPECIFIED",
+    }
+}
+
 /// What a verifier expects of an attestation.
 #[derive(Debug, Clone, Copy)]
 pub struct Expect<'a> {
@@ -197,6 +246,22 @@ mod tests {
         let mut bad = env.clone();
         bad.signatures[0].sig[10] ^= 0x80;
         assert!(verify(&bad, &expect(&vk, &nonce, 1_000_000)).is_err());
+    }
+
+    #[test]
+    fn built_attestation_verifies_and_carries_the_report() {
+        let k = keys::generate();
+        let vk = k.verifying_key();
+        let nonce = new_nonce();
+        let report = attestation(&nonce, 0).report.unwrap();
+        let env = attest("gpu-1", &k, &nonce, 1_000_000, report.clone());
+        assert_eq!(env.signatures[0].key_id, "gpu-1");
+        let att = verify(&env, &expect(&vk, &nonce, 1_000_100)).unwrap();
+        assert_eq!(att.issued_at_unix_ms, 1_000_000);
+        assert_eq!(att.boot_id, report.boot_id);
+        assert_eq!(att.verdict, report.verdict);
+        assert_eq!(att.agent_version, crate::VERSION);
+        assert_eq!(att.report, Some(report));
     }
 
     #[test]

@@ -179,8 +179,12 @@ fn engine(e: &WaveError) -> Exit {
         | WaveError::Aborted(_)
         | WaveError::BreakGlass { .. }
         | WaveError::NotInWave { .. }
-        | WaveError::HostInFlight { .. } => Exit::Config,
-        WaveError::Store(_) | WaveError::HostRun(_) | WaveError::Unreachable(_) => Exit::Failed,
+        | WaveError::HostInFlight { .. }
+        | WaveError::Job(_) => Exit::Config,
+        WaveError::Store(_)
+        | WaveError::HostRun(_)
+        | WaveError::Evidence(_)
+        | WaveError::Unreachable(_) => Exit::Failed,
     }
 }
 
@@ -198,7 +202,7 @@ mod tests {
     use crate::evidence::EvidenceError;
     use crate::plan::PlanError;
     use crate::store::StoreError;
-    use crate::wave::HaltReport;
+    use crate::wave::{FailureKind, HaltReport, JobError, Stage, TaskStep};
 
     fn path() -> PathBuf {
         PathBuf::from("/etc/ringfence/x.toml")
@@ -235,8 +239,8 @@ mod tests {
             wave_id: "w-1".into(),
             ring: 2,
             host: Some("gpu-7".into()),
-            step: "validate".into(),
-            kind: "validation".into(),
+            step: Stage::Task(TaskStep::Validate),
+            kind: FailureKind::Attestation,
             reason: "uncorrected ECC".into(),
         }
     }
@@ -370,7 +374,18 @@ mod tests {
                 },
                 Config,
             ),
+            (
+                WaveError::Job(JobError::NotEnrolled {
+                    host: "gpu-1".into(),
+                    inventory: path(),
+                }),
+                Config,
+            ),
             (WaveError::Store(store()), Failed),
+            (
+                WaveError::Evidence(EvidenceError::Malformed("x".into())),
+                Failed,
+            ),
             (WaveError::Unreachable("gpu-1: refused".into()), Failed),
         ];
         for (e, code) in engine {
@@ -516,14 +531,14 @@ mod tests {
         let msg = CliError::from(WaveCmdError::Halted(Box::new(halt()))).to_string();
         assert!(
             msg.starts_with(
-                "wave w-1 HALTED in ring 2: host gpu-7 step validate (validation): uncorrected ECC\nthe failed host is left drained;"
+                "wave w-1 HALTED in ring 2: host gpu-7 step validate (attestation): uncorrected ECC\nthe failed host is left drained;"
             ),
             "{msg}"
         );
         assert!(msg.contains("ringfence wave resume --wave w-1"), "{msg}");
         assert!(msg.contains("ringfence wave abort --wave w-1"), "{msg}");
         let soak = HaltReport {
-            kind: "soak_regression".into(),
+            kind: FailureKind::SoakRegression,
             ..halt()
         };
         let msg = WaveCmdError::Halted(Box::new(soak)).to_string();

@@ -115,7 +115,7 @@ mod tests {
             "rings": {"2": {"status": "halted", "counts": {"failed": 1}, "approval": "approved"}},
             "pools": {"h100": [1, 2]}, "failures": [1, 1],
             "halt": {"wave_id": "w-1", "ring": 2, "host": "gpu-7", "step": "validate",
-                     "kind": "validation", "reason": "uncorrected ECC"},
+                     "kind": "attestation", "reason": "uncorrected ECC"},
             "next_window": "2026-01-01T02:00:00Z", "break_glass": ["pool h100 max_out 2"],
             "ring_hosts": {}, "profile": "p", "version": "v", "rollback_version": "",
             "started_at_ms": 0, "updated_at_ms": 0, "hosts": {}
@@ -133,7 +133,7 @@ mod tests {
                 "  pool h100: 1 out of service, limit 2",
                 "  break-glass: pool h100 max_out 2",
                 "  next maintenance window opens 2026-01-01T02:00:00Z",
-                "  HALT: ring 2 host gpu-7 step validate (validation): uncorrected ECC",
+                "  HALT: ring 2 host gpu-7 step validate (attestation): uncorrected ECC",
             ]
         );
     }

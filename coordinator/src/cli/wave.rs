@@ -220,7 +220,7 @@ fn halt_message(h: &HaltReport) -> String {
         h.reason,
         // A soak regression comes after validation and undrain; the
         // reason says whether the wave could drain the host again.
-        if h.kind == "soak_regression" {
+        if h.kind == wave::FailureKind::SoakRegression {
             "the failed host regressed after it was back in service"
         } else {
             "the failed host is left drained"
@@ -252,7 +252,7 @@ pub fn driver(
         store,
         connector,
         clock,
-        reporter,
+        events: Arc::new(reporter),
         poll_interval: Duration::from_millis(200),
         state_dir: settings.state_dir.clone(),
         break_glass,

@@ -23,8 +23,8 @@ use ringfence::time::{Clock, SystemClock};
 use ringfence::trust::{KeyRole, Policy, TrustSet, TrustedKey};
 use ringfence_coordinator::approvals::{self, ApprovalSet, RingScope};
 use ringfence_coordinator::evidence::{self, EvidenceError, Packet, VerifyWith};
-use ringfence_coordinator::hostrun::{self, Ctx, HostJob, Params, Signer};
 use ringfence_coordinator::store::WaveStore;
+use ringfence_coordinator::wave::{self, Ctx, HostJob, Params, Signer};
 use ringfence_devfleet::simhost::SimHost;
 
 const OLD: &str = "550.54.15";
@@ -168,7 +168,7 @@ async fn fixture_with(ring: u32, faulty: bool, drill: bool) -> Fx {
         approvals: Arc::new(approval_set(&approvals, &trust, ring, now)),
         drill,
     };
-    let rec = hostrun::run(&ctx, &job, &sim).await.unwrap();
+    let rec = wave::host::run(&ctx, &job, &sim).await.unwrap();
     let host = evidence::host_evidence(&rec);
     let packet = Packet {
         wave_id: "w".into(),

@@ -11,8 +11,8 @@ use ringfence::spiffe::{Role, SpiffeId};
 use ringfence::time::{Clock, SystemClock};
 use ringfence::tls::ClientIdentity;
 use ringfence_coordinator::client::{GrpcHost, HostApi};
-use ringfence_coordinator::hostrun::{self, Ctx, HostJob, Params, Phase, Signer};
 use ringfence_coordinator::store::WaveStore;
+use ringfence_coordinator::wave::{self, Ctx, HostJob, Params, Phase, Signer, Stage, TaskStep};
 use ringfence_devfleet::local_fleet::{self, HostSpec, LocalFleet, Mode};
 
 fn spec(id: &str, ring: u32, faulty: bool) -> HostSpec {
@@ -91,7 +91,7 @@ async fn one_host_patched_over_mtls_ends_on_the_new_driver() {
         approvals: Default::default(),
         drill: false,
     };
-    let rec = hostrun::run(&ctx, &job, &api).await.unwrap();
+    let rec = wave::host::run(&ctx, &job, &api).await.unwrap();
     assert_eq!(rec.phase, Phase::Done, "{:?}", rec.failure);
     assert_eq!(fleet.hosts[0].driver_version(), local_fleet::NEW_VERSION);
     let health = api.health().await.unwrap();
@@ -105,10 +105,10 @@ async fn one_host_patched_over_mtls_ends_on_the_new_driver() {
         key: fleet.hosts[1].public_key,
         ..job.clone()
     };
-    let rec = hostrun::run(&ctx, &job_b, &api_b).await.unwrap();
+    let rec = wave::host::run(&ctx, &job_b, &api_b).await.unwrap();
     assert_eq!(rec.phase, Phase::Failed);
     let f = rec.failure.unwrap();
-    assert_eq!(f.step, "validate");
+    assert_eq!(f.step, Stage::Task(TaskStep::Validate));
     assert!(
         f.reason.contains("ecc_uncorrected_volatile"),
         "{}",

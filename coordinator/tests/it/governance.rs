@@ -930,9 +930,16 @@ async fn rollback_on_failure_drill_on_ring_zero_and_rollback_by_hand() {
 
     // Recorded in the wave store: the host's record and the events.
     let store = WaveStore::open(&f.state_dir, wave_id).unwrap();
-    let rec: ringfence_coordinator::hostrun::HostRecord = store.get_host(target).unwrap().unwrap();
-    assert_eq!(rec.failure.as_ref().unwrap().kind, "manual_rollback");
-    assert!(rec.tasks.iter().any(|t| t.step == "manual_rollback"));
+    let rec: ringfence_coordinator::wave::HostRecord = store.get_host(target).unwrap().unwrap();
+    assert_eq!(
+        rec.failure.as_ref().unwrap().kind,
+        wave::FailureKind::ManualRollback
+    );
+    assert!(
+        rec.tasks
+            .iter()
+            .any(|t| t.step == wave::TaskStep::ManualRollback)
+    );
     let events: Vec<serde_json::Value> = store.events().unwrap();
     assert!(
         events

@@ -1,8 +1,9 @@
 //! The coordinator's integration tests as one binary (one link of the
 //! coordinator, the agent, tonic and redb instead of one per file). Test
 //! names are `module::test`:
-//! - `plan_sequencer`, `approvals`, `hostrun`, `evidence`: the sequencer,
-//!   approvals, one host's run and evidence packets against simulated hosts;
+//! - `plan_sequencer`, `approvals`, `wave_engine`, `evidence`: the
+//!   sequencer, approvals, one host's run and whole waves, and evidence
+//!   packets against simulated hosts;
 //! - `fleet_inprocess`, `cli_operator`, most of `soak`: real agents in this
 //!   process over mTLS;
 //! - `fleet_processes`, `governance` and one `soak` test: fleets of real
@@ -18,6 +19,6 @@ mod evidence;
 mod fleet_inprocess;
 mod fleet_processes;
 mod governance;
-mod hostrun;
 mod plan_sequencer;
 mod soak;
+mod wave_engine;

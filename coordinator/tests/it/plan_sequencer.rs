@@ -8,8 +8,8 @@ use proptest::prelude::*;
 use ringfence::config::Source;
 use ringfence_coordinator::inventory::Inventory;
 use ringfence_coordinator::plan::{
-    BreakGlassLimit, HostStatus, Plan, PlanError, RingStatus, Step, WaveState, next_steps,
-    out_of_service,
+    BreakGlassLimit, HaltCause, HostStatus, Plan, PlanError, RingStatus, Step, WaveState,
+    next_steps, out_of_service,
 };
 use ringfence_coordinator::spec::WaveSpec;
 
@@ -107,7 +107,8 @@ fn canary_failure_halts_before_ring_3() {
     st.failures = 1;
     let steps = next_steps(&p, &st);
     assert!(
-        matches!(&steps[..], [Step::Halt(r)] if r.contains("failure budget of 0")),
+        matches!(&steps[..], [Step::Halt(r @ HaltCause::Budget { failures: 1, budget: 0 })]
+            if r.to_string().contains("failure budget of 0")),
         "{steps:?}"
     );
 }
@@ -186,6 +187,17 @@ fn a_pool_whose_reserve_is_used_up_refuses_to_plan() {
 
 #[test]
 fn failed_hosts_stay_out_of_service_and_use_the_reserve() {
+    let (p, st) = failed_host_holds_the_reserve();
+    assert_eq!(out_of_service(&p, &st)["p"], 1);
+    assert!(
+        starts(&next_steps(&p, &st)).is_empty(),
+        "the failed host holds the only slot"
+    );
+}
+
+/// Five hosts of one pool (reserve 20%: one out at a time) in ring 3, and
+/// host `a` failed (left drained), so it holds the only slot.
+fn failed_host_holds_the_reserve() -> (Plan, WaveState) {
     let inv = inventory(
         &[("p", 20)],
         &[
@@ -203,11 +215,149 @@ fn failed_hosts_stay_out_of_service_and_use_the_reserve() {
     let mut st = WaveState::new(&p);
     st.hosts.insert("a".into(), HostStatus::Failed);
     st.failures = 1;
-    assert_eq!(out_of_service(&p, &st)["p"], 1);
-    assert!(
-        starts(&next_steps(&p, &st)).is_empty(),
-        "the failed host holds the only slot"
+    (p, st)
+}
+
+#[test]
+fn a_wave_stalls_only_when_nothing_running_can_free_a_slot() {
+    // Each row: what else is going on, and whether the wave waits (true)
+    // or halts as stalled (false).
+    type Fact = fn(&mut WaveState);
+    let rows: [(&str, Fact, bool); 5] = [
+        ("nothing else", |_| {}, false),
+        (
+            "another host in flight",
+            |st| {
+                st.hosts.insert("b".into(), HostStatus::InFlight);
+            },
+            true,
+        ),
+        (
+            "a soak regression being drained again",
+            |st| {
+                st.redraining.insert("e".into());
+            },
+            true,
+        ),
+        (
+            "another wave holds a host of the pool",
+            |st| {
+                st.others_out.insert("p".into(), 1);
+            },
+            true,
+        ),
+        (
+            "the ring soaks (a retried host waits)",
+            |st| {
+                st.rings.insert(3, RingStatus::Soaking { since_ms: 0 });
+            },
+            true,
+        ),
+    ];
+    for (what, fact, waits) in rows {
+        let (p, mut st) = failed_host_holds_the_reserve();
+        fact(&mut st);
+        let steps = next_steps(&p, &st);
+        if waits {
+            assert!(matches!(&steps[..], [Step::Wait(_)]), "{what}: {steps:?}");
+        } else {
+            assert!(
+                matches!(&steps[..], [Step::Halt(HaltCause::Stalled(why))]
+                    if why.contains("no host can start") && why.contains("failed hosts hold the pool reserve")),
+                "{what}: {steps:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_soaking_ring_is_promoted_only_when_every_finished_host_was_watched() {
+    let inv = fleet_5_rings();
+    let p = plan(
+        &inv,
+        "protected_rings = []\nfailure_budget = 1\n[ring.2]\nbatch_size = 2\nsoak_s = 60\n",
     );
+    let mut st = WaveState::new(&p);
+    for h in ["r0", "r1"] {
+        st.hosts.insert(h.into(), HostStatus::Done);
+    }
+    st.rings.insert(0, RingStatus::Complete);
+    st.rings.insert(1, RingStatus::Complete);
+    st.hosts.insert("c1".into(), HostStatus::Done);
+    st.hosts.insert("c2".into(), HostStatus::Done);
+    st.rings.insert(2, RingStatus::Soaking { since_ms: 0 });
+    st.now_ms = 61_000;
+    // Soak time passed, but no watcher has reported yet.
+    let steps = next_steps(&p, &st);
+    assert!(
+        matches!(&steps[..], [Step::Wait(w)] if w.contains("first health report of 2 host(s)")),
+        "{steps:?}"
+    );
+    st.watched.insert("c1".into());
+    let steps = next_steps(&p, &st);
+    assert!(
+        matches!(&steps[..], [Step::Wait(w)] if w.contains("of 1 host(s)")),
+        "{steps:?}"
+    );
+    st.watched.insert("c2".into());
+    assert_eq!(next_steps(&p, &st), [Step::Promote(2)]);
+    // Before the soak time passed, watching alone promotes nothing.
+    st.now_ms = 30_000;
+    assert!(matches!(&next_steps(&p, &st)[..], [Step::Wait(w)] if w.contains("s left")));
+}
+
+#[test]
+fn a_soak_regression_is_a_failure_the_budget_decides_on() {
+    let inv = fleet_5_rings();
+    let soaking = |budget: u32| {
+        let p = plan(
+            &inv,
+            &format!(
+                "protected_rings = []\nfailure_budget = {budget}\n[ring.2]\nbatch_size = 2\nsoak_s = 60\n"
+            ),
+        );
+        let mut st = WaveState::new(&p);
+        for h in ["r0", "r1", "c1", "c2"] {
+            st.hosts.insert(h.into(), HostStatus::Done);
+        }
+        st.rings.insert(0, RingStatus::Complete);
+        st.rings.insert(1, RingStatus::Complete);
+        st.rings.insert(2, RingStatus::Soaking { since_ms: 0 });
+        st.watched.extend(["c1".to_string(), "c2".to_string()]);
+        // c1 regressed: failed, counted, being drained again.
+        st.hosts.insert("c1".into(), HostStatus::Failed);
+        st.failures = 1;
+        st.redraining.insert("c1".into());
+        st.now_ms = 61_000;
+        (p, st)
+    };
+    let (p, st) = soaking(0);
+    assert_eq!(
+        next_steps(&p, &st),
+        [Step::Halt(HaltCause::Budget {
+            failures: 1,
+            budget: 0
+        })]
+    );
+    // Within the budget the ring is promoted once the soak passed (the
+    // failed host is left drained).
+    let (p, st) = soaking(1);
+    assert_eq!(next_steps(&p, &st), [Step::Promote(2)]);
+}
+
+#[test]
+fn runtime_facts_are_not_stored_with_the_wave_state() {
+    let (_, mut st) = failed_host_holds_the_reserve();
+    st.watched.insert("b".into());
+    st.redraining.insert("a".into());
+    let json = serde_json::to_value(&st).unwrap();
+    assert!(
+        json.get("watched").is_none() && json.get("redraining").is_none(),
+        "{json}"
+    );
+    let back: WaveState = serde_json::from_value(json).unwrap();
+    assert!(back.watched.is_empty() && back.redraining.is_empty());
+    assert_eq!(back.hosts, st.hosts);
 }
 
 #[test]
@@ -240,6 +390,7 @@ fn soak_must_pass_before_promotion() {
     st.now_ms = 30_000;
     assert!(matches!(next_steps(&p, &st)[0], Step::Wait(_)));
     st.now_ms = 61_000;
+    st.watched.insert("r0".into());
     assert_eq!(next_steps(&p, &st), [Step::Promote(0)]);
 }
 
@@ -249,7 +400,7 @@ fn closed_window_starts_nothing_and_halt_stops_dispatch() {
     let p = plan(&inv, "protected_rings = []\n");
     let mut st = WaveState::new(&p);
     st.window_open = false;
-    assert!(matches!(&next_steps(&p, &st)[..], [Step::Wait(w)] if w.contains("window")));
+    assert_eq!(next_steps(&p, &st), [Step::WindowClosed]);
     st.window_open = true;
     st.halt_requested = true;
     assert!(matches!(next_steps(&p, &st)[0], Step::Halt(_)));
@@ -340,7 +491,7 @@ proptest! {
                     Step::Promote(r) => { st.rings.insert(*r, RingStatus::Complete); progressed = true; }
                     Step::StartSoak(r) => { st.rings.insert(*r, RingStatus::Soaking { since_ms: 0 }); progressed = true; }
                     Step::Halt(_) | Step::Done => return Ok(()),
-                    Step::AwaitApproval(_) | Step::Wait(_) => {}
+                    Step::AwaitApproval(_) | Step::WindowClosed | Step::Wait(_) => {}
                 }
             }
             for (pool, n) in out_of_service(&p, &st) {

@@ -129,16 +129,8 @@ impl HealthSource for FakeHealth {
 
     fn attest(&self, nonce: &[u8], draining: bool) -> pb::Envelope {
         let report = self.fresh_report(draining);
-        let att = pb::Attestation {
-            host_id: self.host_id.clone(),
-            boot_id: report.boot_id.clone(),
-            nonce: nonce.to_vec(),
-            issued_at_unix_ms: report.collected_at_unix_ms,
-            verdict: report.verdict,
-            agent_version: report.agent_version.clone(),
-            report: Some(report),
-        };
-        ringfence::attest::sign(&att, &self.host_id, &self.key)
+        let at = report.collected_at_unix_ms;
+        ringfence::attest::attest(&self.host_id, &self.key, nonce, at, report)
     }
 
     fn acknowledge(&self, ack: &pb::AckFaults) -> Vec<String> {

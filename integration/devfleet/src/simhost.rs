@@ -200,16 +200,7 @@ impl SimHost {
 
     fn attestation(&self, s: &SimState, nonce: &[u8]) -> pb::Envelope {
         let report = self.report(s);
-        let att = pb::Attestation {
-            host_id: self.host_id.clone(),
-            boot_id: report.boot_id.clone(),
-            nonce: nonce.to_vec(),
-            issued_at_unix_ms: self.clock.now_ms(),
-            verdict: report.verdict,
-            report: Some(report),
-            agent_version: ringfence::VERSION.into(),
-        };
-        ringfence::attest::sign(&att, &self.host_id, &self.key)
+        ringfence::attest::attest(&self.host_id, &self.key, nonce, self.clock.now_ms(), report)
     }
 
     /// Verify and run a task as the agent's `SubmitTask` does; a refused

@@ -12,8 +12,10 @@ use ringfence::time::{Clock, SystemClock};
 use ringfence::trust::{KeyRole, Policy, TrustSet, TrustedKey};
 use ringfence_coordinator::approvals::{self, ApprovalSet, RingScope};
 use ringfence_coordinator::client::HostApi;
-use ringfence_coordinator::hostrun::{self, Ctx, HostJob, HostRecord, Params, Phase, Signer};
 use ringfence_coordinator::store::WaveStore;
+use ringfence_coordinator::wave::{
+    self, Ctx, FailureKind, HostJob, HostRecord, Params, Phase, Signer, Stage, TaskStep,
+};
 use ringfence_devfleet::simhost::{SimHost, SimRing};
 
 struct World {
@@ -106,7 +108,7 @@ fn host(w: &World, id: &str, ring: u32) -> (SimHost, HostJob) {
 async fn healthy_host_is_patched_once_validated_and_back_in_service() {
     let w = world(false);
     let (sim, job) = host(&w, "gpu-1", 0);
-    let rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    let rec = wave::host::run(&w.ctx, &job, &sim).await.unwrap();
     assert_eq!(rec.phase, Phase::Done, "{:?}", rec.failure);
     let s = sim.state();
     assert_eq!(s.patches, 1);
@@ -128,10 +130,10 @@ async fn uncorrected_ecc_after_patch_fails_validation_and_host_stays_drained() {
     sim.state().faulty_version = Some("560.35.03".into());
     let mut job = job;
     job.ring = 1; // unprotected, so no approvals needed here
-    let rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    let rec = wave::host::run(&w.ctx, &job, &sim).await.unwrap();
     assert_eq!(rec.phase, Phase::Failed);
     let f = rec.failure.unwrap();
-    assert_eq!(f.step, "validate");
+    assert_eq!(f.step, Stage::Task(TaskStep::Validate));
     assert!(
         f.reason.contains("ecc_uncorrected_volatile"),
         "{}",
@@ -146,7 +148,7 @@ async fn rollback_on_failure_returns_host_to_previous_version_still_drained() {
     let w = world(true);
     let (sim, job) = host(&w, "gpu-3", 1);
     sim.state().faulty_version = Some("560.35.03".into());
-    let rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    let rec = wave::host::run(&w.ctx, &job, &sim).await.unwrap();
     assert_eq!(rec.phase, Phase::Failed);
     let s = sim.state();
     assert_eq!(s.driver_version, "550.54.15");
@@ -165,8 +167,8 @@ async fn unhealthy_before_is_not_patched() {
     let w = world(false);
     let (sim, job) = host(&w, "gpu-4", 0);
     sim.state().unhealthy = true;
-    let rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
-    assert_eq!(rec.failure.unwrap().kind, "unhealthy_before");
+    let rec = wave::host::run(&w.ctx, &job, &sim).await.unwrap();
+    assert_eq!(rec.failure.unwrap().kind, FailureKind::UnhealthyBefore);
     assert_eq!(sim.state().patches, 0);
     assert!(sim.state().tasks.is_empty());
 }
@@ -175,7 +177,7 @@ async fn unhealthy_before_is_not_patched() {
 async fn protected_ring_without_approvals_is_refused_by_the_agent() {
     let w = world(false);
     let (sim, job) = host(&w, "gpu-5", 2);
-    let rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    let rec = wave::host::run(&w.ctx, &job, &sim).await.unwrap();
     let f = rec.failure.unwrap();
     assert_eq!((f.step.as_str(), f.kind.as_str()), ("patch", "rejected"));
     assert!(f.reason.contains("approval_threshold"), "{}", f.reason);
@@ -187,7 +189,7 @@ async fn previously_drained_host_is_never_undrained_by_the_wave() {
     let w = world(false);
     let (sim, job) = host(&w, "gpu-6", 0);
     sim.state().draining = true;
-    let rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    let rec = wave::host::run(&w.ctx, &job, &sim).await.unwrap();
     assert_eq!(rec.phase, Phase::Done);
     assert!(rec.already_drained);
     assert!(sim.state().draining);
@@ -203,10 +205,10 @@ async fn a_retried_host_drained_by_this_wave_is_undrained_when_it_passes() {
     let (sim, mut job) = host(&w, "gpu-7", 1);
     job.ring = 1;
     sim.state().faulty_version = Some("560.35.03".into());
-    let mut rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    let mut rec = wave::host::run(&w.ctx, &job, &sim).await.unwrap();
     assert_eq!(rec.phase, Phase::Failed);
     assert!(sim.state().draining, "failed host stays drained");
-    assert!(hostrun::drained_by_this_wave(&rec));
+    assert!(rec.drained_by_this_wave());
 
     // The operator's fix, then the retry (as `wave resume --retry` resets it).
     sim.state().faulty_version = None;
@@ -215,11 +217,11 @@ async fn a_retried_host_drained_by_this_wave_is_undrained_when_it_passes() {
     rec.before = None;
     rec.after = None;
     w.ctx.store.put_host(&job.host_id, &rec).unwrap();
-    let rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    let rec = wave::host::run(&w.ctx, &job, &sim).await.unwrap();
     assert_eq!(rec.phase, Phase::Done, "{:?}", rec.failure);
     assert!(!rec.already_drained, "the drain was the wave's own");
     assert!(!sim.state().draining, "undrained after passing");
-    assert!(!hostrun::drained_by_this_wave(&rec));
+    assert!(!rec.drained_by_this_wave());
 }
 
 type ClientResult<T> = Result<T, ringfence_coordinator::client::ClientError>;
@@ -299,7 +301,7 @@ async fn crash_then_resume(deliver_first: bool) {
         hook: CrashAtPatch { deliver_first },
     };
     let (ctx, job2) = (w.ctx.clone(), job.clone());
-    let died = tokio::spawn(async move { hostrun::run(&ctx, &job2, &crashing).await }).await;
+    let died = tokio::spawn(async move { wave::host::run(&ctx, &job2, &crashing).await }).await;
     assert!(died.is_err(), "the first coordinator must have died");
     let rec: HostRecord = w.ctx.store.get_host("gpu-7").unwrap().unwrap();
     assert_eq!(rec.phase, Phase::Patching);
@@ -309,10 +311,14 @@ async fn crash_then_resume(deliver_first: bool) {
     );
     assert_eq!(sim.state().patches, u32::from(deliver_first));
 
-    let rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    let rec = wave::host::run(&w.ctx, &job, &sim).await.unwrap();
     assert_eq!(rec.phase, Phase::Done, "{:?}", rec.failure);
     assert_eq!(sim.state().patches, 1, "the patch must run exactly once");
-    let patch_tasks = rec.tasks.iter().filter(|t| t.step == "patch").count();
+    let patch_tasks = rec
+        .tasks
+        .iter()
+        .filter(|t| t.step == TaskStep::Patch)
+        .count();
     assert_eq!(patch_tasks, 1, "the same task id is reused, not re-signed");
 }
 
@@ -331,7 +337,7 @@ async fn rollback_drill_patches_rolls_back_and_repatches_with_three_attestations
     let w = world(false);
     let (sim, mut job) = host(&w, "gpu-9", 0);
     job.drill = true;
-    let rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    let rec = wave::host::run(&w.ctx, &job, &sim).await.unwrap();
     assert_eq!(rec.phase, Phase::Done, "{:?}", rec.failure);
     let s = sim.state();
     assert_eq!(s.patches, 3, "patch, rollback, re-patch");
@@ -460,9 +466,9 @@ fn sim_driver(
         store: Arc::new(WaveStore::open(state_dir, wave).unwrap()),
         connector: Arc::new(connector),
         clock: Arc::new(SystemClock),
-        reporter: ringfence_coordinator::report::Reporter::with_mode(
+        events: Arc::new(ringfence_coordinator::report::Reporter::with_mode(
             ringfence_coordinator::report::Mode::Quiet,
-        ),
+        )),
         poll_interval: Duration::from_millis(5),
         state_dir: state_dir.to_path_buf(),
         break_glass: Vec::new(),
@@ -531,7 +537,7 @@ async fn a_halt_requested_after_the_resume_began_stops_the_resumed_wave() {
     let Outcome::Halted(h) = d.run().await.unwrap() else {
         panic!("the wave ignored the halt");
     };
-    assert_eq!(h.kind, "operator");
+    assert_eq!(h.kind, FailureKind::Operator);
     // The operator resumes; while the resume is starting, someone (or the
     // same operator, on second thought) halts again.
     let seen = store::halt_request(&paths);
@@ -540,7 +546,7 @@ async fn a_halt_requested_after_the_resume_began_stops_the_resumed_wave() {
     let Outcome::Halted(h) = out else {
         panic!("the resumed wave discarded a halt requested after it began: {out:?}");
     };
-    assert_eq!(h.kind, "operator");
+    assert_eq!(h.kind, FailureKind::Operator);
     assert!(paths.halt.exists(), "the later halt stands");
     assert!(
         f.hosts.iter().all(|h| h.state().patches == 0),
@@ -549,6 +555,41 @@ async fn a_halt_requested_after_the_resume_began_stops_the_resumed_wave() {
     // A resume that began after that halt clears it and finishes the wave.
     assert_eq!(d.resume(&[], &[]).await.unwrap(), Outcome::Completed);
     assert!(f.hosts.iter().all(|h| h.state().patches == 1));
+}
+
+/// A host whose enrolled key left the inventory between a halt and the
+/// resume fails as not enrolled before anything is sent to it: its
+/// attestations are never checked against some other key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_without_an_enrolled_key_fails_as_not_enrolled_before_any_task() {
+    use ringfence_coordinator::store;
+    use ringfence_coordinator::wave::Outcome;
+    let dir = tempfile::tempdir().unwrap();
+    let f = sim_fleet(3, 50);
+    let mut d = sim_driver(&f, dir.path(), "wave-k", "560.35.03");
+    store::request_halt(&d.store.paths, 1).unwrap();
+    assert!(matches!(d.run().await.unwrap(), Outcome::Halted(_)));
+    let h0 = d.inventory.hosts.iter_mut().find(|h| h.id == "h0").unwrap();
+    h0.attestation_key = None;
+    let out = d.resume(&[], &[]).await.unwrap();
+    let Outcome::Halted(h) = out else {
+        panic!("a host without a key ran: {out:?}");
+    };
+    assert_eq!(h.host.as_deref(), Some("h0"));
+    assert_eq!((h.step, h.kind), (Stage::Connect, FailureKind::NotEnrolled));
+    assert!(
+        h.reason.contains("has no enrolled attestation key"),
+        "{}",
+        h.reason
+    );
+    let rec: HostRecord = d.store.get_host("h0").unwrap().unwrap();
+    assert_eq!(rec.phase, Phase::Failed);
+    assert!(rec.tasks.is_empty() && rec.before.is_none());
+    assert!(f.hosts[0].state().tasks.is_empty(), "h0 got a task");
+    assert!(
+        f.hosts.iter().all(|h| h.state().patches == 0),
+        "no host was patched"
+    );
 }
 
 /// Per task sent: its step, and the actions listed by each attached approval.
@@ -640,7 +681,7 @@ async fn each_task_carries_only_the_approvals_for_its_host_and_action() {
             sent: Default::default(),
         },
     };
-    let rec = hostrun::run(&w.ctx, &job, &rec_api).await.unwrap();
+    let rec = wave::host::run(&w.ctx, &job, &rec_api).await.unwrap();
     assert_eq!(rec.phase, Phase::Failed);
     assert_eq!(
         sim.state().patches,
@@ -682,7 +723,7 @@ async fn a_simulated_agent_refuses_another_ring_and_without_a_ring_is_protected(
     let sim = sim.with_ring(SimRing::Configured(3));
     assert_eq!(sim.identity().await.unwrap().ring, Some(3));
     assert!(sim.identity().await.unwrap().protected_ring);
-    let rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    let rec = wave::host::run(&w.ctx, &job, &sim).await.unwrap();
     let f = rec.failure.unwrap();
     assert_eq!((f.step.as_str(), f.kind.as_str()), ("drain", "rejected"));
     assert!(f.reason.contains("`ring`"), "{}", f.reason);
@@ -693,7 +734,7 @@ async fn a_simulated_agent_refuses_another_ring_and_without_a_ring_is_protected(
     let sim = sim.with_ring(SimRing::NotConfigured);
     let id = sim.identity().await.unwrap();
     assert_eq!((id.ring, id.protected_ring), (None, true));
-    let rec = hostrun::run(&w.ctx, &job, &sim).await.unwrap();
+    let rec = wave::host::run(&w.ctx, &job, &sim).await.unwrap();
     let f = rec.failure.unwrap();
     assert_eq!((f.step.as_str(), f.kind.as_str()), ("patch", "rejected"));
     assert!(f.reason.contains("approval_threshold"), "{}", f.reason);
@@ -734,7 +775,7 @@ async fn attestations_are_checked_with_the_policys_clock_skew() {
             }),
             ..w.ctx.clone()
         };
-        let rec = hostrun::run(&ctx, &job, &sim).await.unwrap();
+        let rec = wave::host::run(&ctx, &job, &sim).await.unwrap();
         if healthy {
             assert_eq!(rec.phase, Phase::Done, "{:?}", rec.failure);
         } else {

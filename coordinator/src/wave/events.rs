@@ -1,0 +1,127 @@
+//! What the wave engine tells the world while it runs: [`Event`]s (also
+//! appended to the wave store's audit log) and status snapshots, handed to
+//! an [`EventSink`]. The engine defines them; the CLI renders them
+//! (`crate::report`: a live view, plain lines or JSON lines).
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::outcome::HaltReport;
+use super::status::StatusSnapshot;
+use crate::plan::Plan;
+
+/// Where the engine's events and status snapshots go.
+pub trait EventSink: Send + Sync {
+    /// One thing happened.
+    fn emit(&self, e: &Event);
+    /// The wave's status changed (written to `status.json` as well).
+    fn status(&self, _s: &StatusSnapshot) {}
+}
+
+/// One thing that happened.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    /// When, ms since the epoch.
+    pub at_ms: i64,
+    /// "started", "planned", "host", "ring", "approved", "wait", "halting", "done", "evidence", "decision", "resumed".
+    pub kind: String,
+    /// Ring, if about one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ring: Option<u32>,
+    /// Host, if about one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// What ("start", "done", "failed", "promoted", ...).
+    pub what: String,
+    /// Details.
+    pub detail: String,
+}
+
+impl Event {
+    fn new(kind: &str, what: &str, detail: &str) -> Self {
+        Self {
+            at_ms: ringfence::time::now_ms(),
+            kind: kind.into(),
+            ring: None,
+            host: None,
+            what: what.into(),
+            detail: detail.into(),
+        }
+    }
+    /// A wave started.
+    pub fn started(wave: &str) -> Self {
+        Self::new("started", wave, "")
+    }
+    /// A wave resumed.
+    pub fn resumed(wave: &str) -> Self {
+        Self::new("resumed", wave, "")
+    }
+    /// The plan.
+    pub fn planned(plan: &Plan) -> Self {
+        Self::new(
+            "planned",
+            &plan.wave_id,
+            crate::plan::render_text(plan).trim_end(),
+        )
+    }
+    /// A host event.
+    pub fn host(host: &str, what: &str, detail: &str) -> Self {
+        let mut e = Self::new("host", what, detail);
+        e.host = Some(host.into());
+        e
+    }
+    /// A ring event.
+    pub fn ring(ring: u32, what: &str) -> Self {
+        let mut e = Self::new("ring", what, "");
+        e.ring = Some(ring);
+        e
+    }
+    /// Approvals complete for a ring.
+    pub fn approved(ring: u32, approvers: &[String]) -> Self {
+        let mut e = Self::new("approved", "approved", &approvers.join(", "));
+        e.ring = Some(ring);
+        e
+    }
+    /// Waiting for something.
+    pub fn wait(why: &str) -> Self {
+        Self::new("wait", "wait", why)
+    }
+    /// Halting.
+    pub fn halting(h: &HaltReport, in_flight: usize) -> Self {
+        let mut e = Self::new(
+            "halting",
+            h.kind.as_str(),
+            &format!(
+                "{}{} step {}: {} ({} host(s) in flight finish their step)",
+                h.host
+                    .as_deref()
+                    .map(|x| format!("host {x} "))
+                    .unwrap_or_default(),
+                format_args!("ring {}", h.ring),
+                h.step,
+                h.reason,
+                in_flight
+            ),
+        );
+        e.ring = Some(h.ring);
+        e.host = h.host.clone();
+        e
+    }
+    /// Finished.
+    pub fn done(wave: &str) -> Self {
+        Self::new("done", wave, "every ring complete")
+    }
+    /// Evidence written.
+    pub fn evidence(ring: u32, path: &Path) -> Self {
+        let mut e = Self::new("evidence", "written", &path.display().to_string());
+        e.ring = Some(ring);
+        e
+    }
+    /// An operator decision on resume.
+    pub fn decision(host: &str, what: &str, reason: &str) -> Self {
+        let mut e = Self::new("decision", what, reason);
+        e.host = Some(host.into());
+        e
+    }
+}
