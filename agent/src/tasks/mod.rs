@@ -566,6 +566,7 @@ impl TaskEngine {
                 }
                 Ok(())
             })?;
+            crate::metrics::task_status(&t);
         }
         // A pending record whose task is already final is stale.
         if let Some(p) = pending
@@ -609,6 +610,7 @@ impl TaskEngine {
         let verified = match self.verify(signed).await? {
             Ok(v) => v,
             Err(r) => {
+                ringfence::refusals::task_rejected(r.check());
                 tracing::warn!(check = r.check(), host_id = %inner.host_id, "task rejected: {r}");
                 return Err(SubmitError::Rejected(r));
             }
@@ -637,6 +639,7 @@ impl TaskEngine {
                     sequence: task.payload.sequence,
                     high_water,
                 };
+                ringfence::refusals::task_rejected(r.check());
                 tracing::warn!(check = r.check(), host_id = %inner.host_id, "task rejected: {r}");
                 return Err(SubmitError::Rejected(r));
             }
@@ -950,6 +953,7 @@ impl Run {
             t.put_task(status)?;
             extra(t)
         })?;
+        crate::metrics::task_status(status);
         // The draining flag follows the journal before anyone sees the new
         // status (health goes NOT_SERVING the moment the mark is written).
         let drained = self.inner.journal.drain_mark()?.is_some();

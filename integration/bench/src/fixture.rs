@@ -26,6 +26,8 @@ pub struct AgentFixture {
     dir: tempfile::TempDir,
     /// Address the agent listens on.
     pub listen: SocketAddr,
+    /// Address of the agent's `/metrics` endpoint (plain HTTP, loopback).
+    pub metrics: SocketAddr,
     /// Client identity with a `scheduler` certificate (may read health).
     pub scheduler: ClientIdentity,
 }
@@ -88,6 +90,7 @@ impl AgentFixture {
         )?;
         write(&root.join("scenario.toml"), &scenario(gpus))?;
         let listen = free_loopback()?;
+        let metrics = free_loopback()?;
         write(
             &root.join("agent.toml"),
             &format!(
@@ -108,6 +111,9 @@ backend = "simulated"
 scenario = "{root}/scenario.toml"
 expected_gpus = {gpus}
 poll_interval_s = {poll_s}
+
+[metrics]
+listen = "{metrics}"
 "#,
                 root = root.display(),
             ),
@@ -121,6 +127,7 @@ poll_interval_s = {poll_s}
         Ok(Self {
             dir,
             listen,
+            metrics,
             scheduler,
         })
     }
