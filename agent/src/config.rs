@@ -11,6 +11,7 @@ use toml::Spanned;
 
 use crate::gpu::{BackendKind, GpuConfig};
 use crate::health::HealthConfig;
+use crate::metrics::{MetricsConfig, RawMetricsConfig};
 use crate::profiles::{PatchConfig, ProfilePolicy};
 use crate::tasks::{DrainConfig, RebootConfig, TaskConfigError};
 
@@ -57,6 +58,8 @@ struct RawConfig {
     reboot: Option<Spanned<RebootConfig>>,
     #[serde(default)]
     patch: Option<Spanned<PatchConfig>>,
+    #[serde(default)]
+    metrics: Option<Spanned<RawMetricsConfig>>,
 }
 
 fn default_listen() -> Spanned<String> {
@@ -95,6 +98,8 @@ pub struct AgentConfig {
     pub reboot: RebootConfig,
     /// Patch profiles.
     pub patch: PatchConfig,
+    /// The `/metrics` endpoint (`None`: no `[metrics]` table, no endpoint).
+    pub metrics: Option<MetricsConfig>,
 }
 
 impl AgentConfig {
@@ -182,6 +187,16 @@ impl AgentConfig {
             }
             None => PatchConfig::default(),
         };
+        let metrics = match raw.metrics {
+            Some(m) => {
+                let span = m.span();
+                let m = m.into_inner().validate().map_err(|e| {
+                    src.invalid(span, &format!("metrics.{}", e.key()), e.to_string())
+                })?;
+                Some(m)
+            }
+            None => None,
+        };
         Ok(Self {
             host_id: raw.host_id.into_inner(),
             ring,
@@ -194,6 +209,7 @@ impl AgentConfig {
             drain,
             reboot,
             patch,
+            metrics,
         })
     }
 }
@@ -244,6 +260,9 @@ trust_domain = "gpu.example.com"
         assert_eq!(c.tls.crl, None, "the packaged config must not set a CRL");
         // No ring by default: an unenrolled host is protected (secure default).
         assert_eq!(c.ring, None, "the packaged config must not set a ring");
+        // Metrics on by default, on loopback only, plain HTTP.
+        let m = c.metrics.expect("the packaged config enables [metrics]");
+        assert!(m.listen.ip().is_loopback() && !m.tls, "{m:?}");
     }
 
     #[test]
@@ -299,6 +318,27 @@ trust_domain = "gpu.example.com"
             assert!(err.starts_with("agent.toml:3:"), "{bad}: {err}");
             assert!(err.contains("ring"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn metrics_table_turns_the_endpoint_on_with_a_loopback_default() {
+        let c = AgentConfig::from_source(&Source::from_text("agent.toml", GOOD)).unwrap();
+        assert_eq!(c.metrics, None, "no [metrics] table: no endpoint");
+        let text = format!("{GOOD}\n[metrics]\n");
+        let c = AgentConfig::from_source(&Source::from_text("agent.toml", text)).unwrap();
+        let m = c.metrics.unwrap();
+        assert_eq!(m.listen.to_string(), crate::metrics::DEFAULT_LISTEN);
+        assert!(!m.tls);
+        let text = format!("{GOOD}\n[metrics]\nlisten = \"0.0.0.0:9465\"\n");
+        let err = AgentConfig::from_source(&Source::from_text("agent.toml", text))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("agent.toml:11:"), "{err}");
+        assert!(err.contains("key `metrics.listen`"), "{err}");
+        assert!(err.contains("tls = true"), "{err}");
+        let text = format!("{GOOD}\n[metrics]\nlisten = \"0.0.0.0:9465\"\ntls = true\n");
+        let c = AgentConfig::from_source(&Source::from_text("agent.toml", text)).unwrap();
+        assert!(c.metrics.unwrap().tls);
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// the metrics endpoint could not start
+    #[error("metrics: {0}")]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// the state directory could not be created
     #[error("state directory {path}: {source}")]
     StateDir {
@@ -428,6 +431,7 @@ pub async fn serve(
         addr: cfg.listen,
         source,
     })?;
+    let _metrics = crate::metrics::start(cfg, &health, &engine, &prep.tls).await?;
     if opts.sighup {
         spawn_reloader(prep.tls.clone(), engine.clone(), cfg.trust_file.clone())?;
     }

@@ -12,6 +12,7 @@ pub mod healthcell;
 pub mod hostfacts;
 pub mod journal;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod profiles;
 pub mod server;

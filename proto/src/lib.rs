@@ -8,6 +8,7 @@ pub mod config;
 pub mod envelope;
 pub mod keys;
 pub mod pki;
+pub mod refusals;
 pub mod spiffe;
 pub mod status;
 pub mod time;

@@ -44,6 +44,7 @@ use tonic::transport::{Channel, Endpoint};
 use tower::{Layer, Service};
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
+use crate::refusals::HandshakeFailure;
 use crate::spiffe::{SpiffeError, SpiffeId};
 
 /// How long a client waits for TCP + TLS + HTTP/2 setup by default.
@@ -1232,10 +1233,12 @@ async fn accept_loop(
             let stream = match handshake.await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
+                    crate::refusals::handshake_failed(HandshakeFailure::classify(&e));
                     tracing::warn!(peer = %addr, error = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
+                    crate::refusals::handshake_failed(HandshakeFailure::Timeout);
                     tracing::warn!(peer = %addr, "TLS handshake timed out");
                     return;
                 }
@@ -1248,6 +1251,7 @@ async fn accept_loop(
                 .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
                 .unwrap_or_default();
             let Some(leaf) = chain.first() else {
+                crate::refusals::handshake_failed(HandshakeFailure::NoClientCertificate);
                 tracing::warn!(peer = %addr, "TLS peer presented no certificate");
                 return;
             };
@@ -1259,6 +1263,7 @@ async fn accept_loop(
                     server_name: stream.get_ref().1.server_name().map(str::to_string),
                 },
                 Err(e) => {
+                    crate::refusals::handshake_failed(HandshakeFailure::BadCertificate);
                     tracing::warn!(peer = %addr, error = %e, "client certificate refused");
                     return;
                 }
@@ -1408,7 +1413,8 @@ fn classify_request_error(status: &Status) -> Option<RequestError> {
     }
 }
 
-/// The status a malformed request is answered with on `path`.
+/// The status a malformed request is answered with on `path`; on
+/// `SubmitTask` the rejection is also counted ([`crate::refusals`]).
 fn request_error_status(kind: RequestError, original: &Status, path: &str) -> Status {
     let (code, check, what) = match kind {
         RequestError::Oversized => (
@@ -1423,6 +1429,7 @@ fn request_error_status(kind: RequestError, original: &Status, path: &str) -> St
         ),
     };
     if path == SUBMIT_TASK_PATH {
+        crate::refusals::task_rejected(check);
         let mut status = Status::new(
             code,
             format!(

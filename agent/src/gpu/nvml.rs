@@ -255,6 +255,7 @@ impl GpuBackend for NvmlBackend {
         let nvml = match handle(&self.nvml, self.lib_path.as_ref()) {
             Ok(n) => n,
             Err(e) => {
+                crate::metrics::nvml_query_failures(1);
                 return Snapshot {
                     nvml_available: false,
                     error: Some(e),
@@ -266,6 +267,7 @@ impl GpuBackend for NvmlBackend {
             Ok(c) => c,
             Err(e) => {
                 // A dead handle (driver unloaded or upgraded): start over next time.
+                crate::metrics::nvml_query_failures(1);
                 reset(&self.nvml);
                 return Snapshot {
                     nvml_available: false,
@@ -302,6 +304,7 @@ impl GpuBackend for NvmlBackend {
                 Err(e) => errors.push(format!("gpu {index}: handle: {e}")),
             }
         }
+        crate::metrics::nvml_query_failures(errors.len());
         Snapshot {
             nvml_available: true,
             error: (!errors.is_empty()).then(|| errors.join("; ")),

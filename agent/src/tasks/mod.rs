@@ -610,6 +610,7 @@ impl TaskEngine {
                 }
                 Ok(())
             })?;
+            crate::metrics::task_status(&t);
         }
         // A pending record whose task is already final is stale.
         if let Some(p) = pending
@@ -653,6 +654,7 @@ impl TaskEngine {
         let verified = match self.verify(signed).await? {
             Ok(v) => v,
             Err(r) => {
+                ringfence::refusals::task_rejected(r.check());
                 tracing::warn!(check = r.check(), host_id = %inner.host_id, "task rejected: {r}");
                 return Err(SubmitError::Rejected(r));
             }
@@ -682,6 +684,7 @@ impl TaskEngine {
                     sequence: task.payload.sequence,
                     high_water,
                 };
+                ringfence::refusals::task_rejected(r.check());
                 tracing::warn!(check = r.check(), host_id = %inner.host_id, "task rejected: {r}");
                 return Err(SubmitError::Rejected(r));
             }
@@ -1008,6 +1011,7 @@ impl Run {
             t.put_task(status)?;
             extra(t)
         })?;
+        crate::metrics::task_status(status);
         // The drain mark and flag follow the journal before anyone sees the
         // new status (health goes NOT_SERVING the moment the mark is written).
         self.inner.sync_drain()?;

@@ -2,6 +2,7 @@
 //! tonic, redb and NVML instead of one per file). Test names are
 //! `module::test`:
 //! - `agent_process`: the real `ringfenced` binary as a child process;
+//! - `metrics_prometheus`: the `/metrics` endpoint scraped by a real Prometheus;
 //! - `health_*`, `nvml_backend`: verdict rules, the simulated and NVML backends;
 //! - `tasks_*`: the task engine (drain, patch, validate, journal, crash
 //!   recovery, logging, sd_notify, profile policy).
@@ -18,6 +19,7 @@ mod tasks_common;
 mod agent_process;
 mod health_evaluate;
 mod health_sim;
+mod metrics_prometheus;
 mod nvml_backend;
 mod tasks_crash;
 mod tasks_drain;

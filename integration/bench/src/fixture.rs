@@ -29,6 +29,8 @@ pub struct AgentFixture {
     dir: tempfile::TempDir,
     /// Address the agent listens on.
     pub listen: SocketAddr,
+    /// Address of the agent's `/metrics` endpoint (plain HTTP, loopback).
+    pub metrics: SocketAddr,
     /// Client identity with a `scheduler` certificate (may read health).
     pub scheduler: ClientIdentity,
 }
@@ -74,14 +76,22 @@ impl AgentFixture {
         testkit::write(&scenario_path, &scenario(gpus)).map_err(|e| e.to_string())?;
         let listen = testkit::net::free_loopback()
             .map_err(|e| format!("cannot find a free loopback port: {e}"))?;
+        let metrics = testkit::net::free_loopback()
+            .map_err(|e| format!("cannot find a free loopback port: {e}"))?;
         let mut gpu = GpuSection::simulated(&scenario_path, gpus);
         gpu.poll_interval_s = poll_s;
-        AgentToml::in_dir(root, HOST_ID, &listen.to_string(), TRUST_DOMAIN, gpu)
-            .write(&root.join("agent.toml"))
+        let mut toml = AgentToml::in_dir(root, HOST_ID, &listen.to_string(), TRUST_DOMAIN, gpu);
+        toml.extra = format!(
+            "[metrics]
+listen = \"{metrics}\"
+"
+        );
+        toml.write(&root.join("agent.toml"))
             .map_err(|e| e.to_string())?;
         Ok(Self {
             dir,
             listen,
+            metrics,
             scheduler,
         })
     }

@@ -4,6 +4,10 @@
 //! steady RSS (median of per-second VmRSS samples), and CPU as a percentage
 //! of one core (utime + stime from /proc/PID/stat).
 //!
+//! The agent serves `/metrics` ([metrics] on loopback) throughout; after the
+//! window [`SCRAPES`] scrapes of it give the median time and the size of one
+//! response (OpenMetrics, 8 GPUs).
+//!
 //! Then WatchHealth churn (issue 13 §7): a scheduler opens a WatchHealth
 //! stream, reads the first report and cancels it, [`CHURN_CYCLES`] times
 //! (8 at a time over 4 connections; fewer with a short `--seconds`, at
@@ -31,6 +35,8 @@ const READY_LIMIT: Duration = Duration::from_secs(30);
 const MAX_RSS_MIB: f64 = 20.0;
 const MAX_CPU_PCT: f64 = 0.5;
 const MAX_READY_MS: f64 = 100.0;
+/// `/metrics` scrapes timed after the window, one connection each.
+const SCRAPES: usize = 200;
 /// WatchHealth streams opened and cancelled after the window.
 pub const CHURN_CYCLES: usize = 100_000;
 /// Connections and concurrent streams per connection of the churn.
@@ -77,6 +83,8 @@ pub fn run(args: &Args) -> Result<Vec<Figure>, String> {
     let steady_kib = rss_kib[rss_kib.len() / 2];
     let (peak_mib, steady_mib) = (peak_kib as f64 / 1024.0, steady_kib as f64 / 1024.0);
     let cpu_pct = cpu_s / wall_s * 100.0;
+
+    let (scrape_ms, scrape_bytes) = scrape_cost(fixture.metrics, SCRAPES)?;
 
     // A short window (`--seconds`, the smoke test) churns less.
     let cycles = match args.seconds {
@@ -133,12 +141,57 @@ pub fn run(args: &Args) -> Result<Vec<Figure>, String> {
         ),
         Figure::info(
             "footprint",
+            &format!("GET /metrics median time ({GPUS} GPUs)"),
+            scrape_ms,
+            "ms",
+            &format!("{SCRAPES} scrapes, a new loopback connection each"),
+        ),
+        Figure::info(
+            "footprint",
+            &format!("GET /metrics response size ({GPUS} GPUs)"),
+            scrape_bytes as f64,
+            "bytes",
+            "OpenMetrics text, body only",
+        ),
+        Figure::info(
+            "footprint",
             "WatchHealth open/cancel cycles per second",
             cycles as f64 / churn_s,
             "/s",
             &format!("{cycles} cycles, 8 at a time over 4 mTLS connections"),
         ),
     ])
+}
+
+/// `n` scrapes of `/metrics` as Prometheus asks (OpenMetrics): the median
+/// time of one (connect to last byte, ms) and the size of the last body.
+fn scrape_cost(addr: std::net::SocketAddr, n: usize) -> Result<(f64, usize), String> {
+    use std::io::{Read, Write};
+    let mut ms = Vec::with_capacity(n);
+    let mut bytes = 0;
+    for _ in 0..n {
+        let start = Instant::now();
+        let mut s = std::net::TcpStream::connect(addr)
+            .map_err(|e| format!("metrics endpoint {addr}: {e}"))?;
+        s.write_all(
+            b"GET /metrics HTTP/1.0\r\nAccept: application/openmetrics-text; version=1.0.0\r\n\r\n",
+        )
+        .map_err(|e| format!("metrics endpoint {addr}: {e}"))?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw)
+            .map_err(|e| format!("metrics endpoint {addr}: {e}"))?;
+        ms.push(start.elapsed().as_secs_f64() * 1000.0);
+        let text = String::from_utf8_lossy(&raw);
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| format!("metrics endpoint {addr}: no HTTP answer"))?;
+        if !head.starts_with("HTTP/1.0 200") || !body.ends_with("# EOF\n") {
+            return Err(format!("metrics endpoint {addr} answered: {head}"));
+        }
+        bytes = body.len();
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok((ms[ms.len() / 2], bytes))
 }
 
 /// Open a WatchHealth stream, read one report, cancel it: `cycles` times.

@@ -47,6 +47,8 @@ fn short_run_writes_every_figure() {
         "steady RSS (median VmRSS)",
         "exec to READY=1",
         "RSS after WatchHealth open/cancel churn",
+        "GET /metrics median time (8 GPUs)",
+        "GET /metrics response size (8 GPUs)",
         "WatchHealth open/cancel cycles per second",
     ];
     let per_concurrency = [
