@@ -4,6 +4,7 @@
 //!
 //! Each benchmark is a module with `pub fn run(&Args) -> Result<Vec<Figure>, String>`,
 //! named in [`KNOWN`] and dispatched in [`run_bench`].
+#![warn(missing_docs)]
 
 mod envelope;
 mod fixture;

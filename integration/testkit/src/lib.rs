@@ -12,6 +12,7 @@
 //! agent's and the coordinator's own fixtures stay with their tests, and the
 //! local test fleet is `ringfence-devfleet`. Never linked into a packaged
 //! binary (integration/test.sh checks).
+#![warn(missing_docs)]
 
 pub mod agent_config;
 pub mod artifacts;

@@ -6,6 +6,7 @@
 //!
 //! Prints `listening <addr>` once it accepts connections; stops when stdin
 //! closes, then writes what every host received (with timestamps) as JSON.
+#![warn(missing_docs)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
