@@ -3,6 +3,7 @@
 //! ([`simhost`]), the agent's controllable health source ([`fake`]) and the
 //! demo ([`demo`], binary `ringfence-demo`). Used by the coordinator's and
 //! agent's tests and by the benchmarks.
+#![warn(missing_docs)]
 pub mod demo;
 pub mod fake;
 pub mod local_fleet;

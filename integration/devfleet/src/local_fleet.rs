@@ -153,7 +153,12 @@ pub struct LocalFleet {
 pub enum FleetError {
     /// a fleet file could not be written
     #[error("{path}: {reason}")]
-    Io { path: PathBuf, reason: String },
+    Io {
+        /// the file that could not be written
+        path: PathBuf,
+        /// the I/O error, as text
+        reason: String,
+    },
     /// the throwaway PKI failed
     #[error("PKI: {0}")]
     Pki(#[from] pki::PkiError),
@@ -162,7 +167,12 @@ pub enum FleetError {
     Key(#[from] keys::KeyError),
     /// an agent did not start
     #[error("agent `{host}` did not start: {reason}")]
-    Agent { host: String, reason: String },
+    Agent {
+        /// the fleet host whose agent failed
+        host: String,
+        /// why it did not come up (config, preparation or start error)
+        reason: String,
+    },
     /// a fleet file (trust file, agent.toml) could not be built or written
     #[error(transparent)]
     Fixture(#[from] ringfence_testkit::FixtureError),

@@ -2,6 +2,7 @@
 //! wave through it (see [`ringfence_devfleet::demo`]). Exit codes as the
 //! `ringfence` CLI: 0 the wave behaved as the scenario expects, 1 it did
 //! not (or the demo could not run), 2 usage.
+#![warn(missing_docs)]
 use std::process::ExitCode;
 
 use clap::Parser;
