@@ -49,14 +49,18 @@ pub struct Row {
     pub gpu: String,
     /// The agent's field name (`HealthReport` / `GpuReport`).
     pub field: String,
+    /// The value the agent reported, as text.
     pub ours: String,
+    /// The value nvidia-smi reported, as text.
     pub theirs: String,
+    /// Whether the two agree, with the reason.
     pub outcome: Outcome,
 }
 
 /// All rows of one comparison.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Comparison {
+    /// One row per compared field, host fields first, then GPU by GPU.
     pub rows: Vec<Row>,
 }
 

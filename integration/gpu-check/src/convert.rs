@@ -34,6 +34,7 @@ pub struct Loss {
     pub gpu: Option<u32>,
     /// The report's field name.
     pub field: String,
+    /// Why the scenario cannot carry it.
     pub why: String,
 }
 
@@ -53,6 +54,7 @@ pub struct Conversion {
     pub toml: String,
     /// The same scenario, parsed back with the fake library's own parser.
     pub scenario: Scenario,
+    /// Every report field the scenario could not reproduce.
     pub losses: Vec<Loss>,
 }
 

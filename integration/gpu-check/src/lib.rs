@@ -4,6 +4,7 @@
 //! real GPU becomes a test fixture), replays a scenario through the agent's
 //! real NVML backend on the fake library, and times NVML against nvidia-smi.
 //! `run.sh` beside this crate drives all of it on a GPU machine.
+#![warn(missing_docs)]
 
 pub mod compare;
 pub mod convert;

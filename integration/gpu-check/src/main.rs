@@ -1,6 +1,7 @@
 //! ringfence-gpu-check: parse arguments, read files, run one step of the kit.
 //! Exit codes: 0 ok, 1 a mismatch / difference / loss was found, 2 bad
 //! input or usage.
+#![warn(missing_docs)]
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

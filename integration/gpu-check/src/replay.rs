@@ -27,7 +27,12 @@ pub enum ReplayError {
     Collector(String),
     /// "{path}: {err}"
     #[error("{path}: {err}")]
-    Io { path: PathBuf, err: std::io::Error },
+    Io {
+        /// The file that could not be read or written.
+        path: PathBuf,
+        /// The I/O error.
+        err: std::io::Error,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ReplayError + '_ {

@@ -75,6 +75,7 @@ pub enum SmiError {
 /// One compute (or graphics) process nvidia-smi lists on a GPU.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SmiProcess {
+    /// `pid`.
     pub pid: Reading,
     /// "C", "G", "C+G", "M", "M+C".
     pub kind: Reading,
@@ -96,10 +97,14 @@ pub struct SmiGpu {
     pub serial: Reading,
     /// `pci/pci_bus_id`
     pub pci_bus_id: Reading,
-    /// `ecc_errors/{volatile,aggregate}/<children>` — see [`ecc_total`].
+    /// `ecc_errors/volatile/<children>`, corrected, totalled by [`ecc_total`]
+    /// (as are the three below).
     pub ecc_volatile_corrected: Reading,
+    /// `ecc_errors/volatile/<children>`, uncorrected.
     pub ecc_volatile_uncorrected: Reading,
+    /// `ecc_errors/aggregate/<children>`, corrected.
     pub ecc_aggregate_corrected: Reading,
+    /// `ecc_errors/aggregate/<children>`, uncorrected.
     pub ecc_aggregate_uncorrected: Reading,
     /// `retired_pages/multiple_single_bit_retirement/retired_count`
     pub retired_pages_single_bit: Reading,
@@ -154,6 +159,7 @@ pub struct SmiLog {
     pub cuda_version: Reading,
     /// `attached_gpus`
     pub attached_gpus: Reading,
+    /// Every `<gpu>` element, in document order.
     pub gpus: Vec<SmiGpu>,
 }
 

@@ -34,10 +34,15 @@ pub struct TimingOptions {
 /// Milliseconds over several runs.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Stats {
+    /// How many runs were timed.
     pub runs: usize,
+    /// Arithmetic mean.
     pub mean_ms: f64,
+    /// Fastest run.
     pub min_ms: f64,
+    /// Middle run (the upper one of an even count).
     pub median_ms: f64,
+    /// Slowest run.
     pub max_ms: f64,
 }
 
@@ -60,22 +65,30 @@ impl Stats {
 /// Single NVML calls.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct CallRate {
+    /// The NVML function called in a loop over every GPU.
     pub function: &'static str,
+    /// Calls made.
     pub calls: u64,
+    /// Calls that returned an error (counted in `calls` too).
     pub failed: u64,
+    /// Wall time the loop ran.
     pub seconds: f64,
+    /// `calls / seconds`.
     pub calls_per_s: f64,
+    /// Mean milliseconds per call.
     pub ms_per_call: f64,
 }
 
 /// The whole timing run.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Timing {
+    /// GPUs NVML reported.
     pub gpus: u32,
     /// The first collection, NVML initialisation included.
     pub first_collection_ms: f64,
     /// Each later collection of every GPU (NVML already initialised).
     pub collection: Stats,
+    /// Raw NVML call rate, without the agent's collector around it.
     pub nvml_calls: CallRate,
     /// `nvidia-smi -q` from spawn to exit...
     pub nvidia_smi_q: Option<Stats>,
