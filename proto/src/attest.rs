@@ -93,16 +93,29 @@ pub enum AttestError {
     Malformed(String),
     /// the attestation names another host
     #[error("attestation is for host `{got}`, expected `{want}`")]
-    WrongHost { got: String, want: String },
+    WrongHost {
+        /// the host the attestation names
+        got: String,
+        /// the host the verifier asked
+        want: String,
+    },
     /// the nonce is not the one the verifier sent
     #[error("attestation nonce does not match the nonce sent")]
     WrongNonce,
     /// the attestation is older than allowed
     #[error("attestation is {age_ms} ms old, limit {max_age_ms} ms")]
-    Stale { age_ms: i64, max_age_ms: i64 },
+    Stale {
+        /// how old the attestation is
+        age_ms: i64,
+        /// the oldest the verifier accepts
+        max_age_ms: i64,
+    },
     /// the attestation claims a time in the future
     #[error("attestation is dated {ahead_ms} ms in the future")]
-    FromFuture { ahead_ms: i64 },
+    FromFuture {
+        /// how far past the verifier's clock it is dated
+        ahead_ms: i64,
+    },
     /// the embedded report disagrees with the attestation
     #[error("embedded report disagrees with the attestation: {0}")]
     Inconsistent(String),

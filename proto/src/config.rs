@@ -11,25 +11,36 @@ pub enum ConfigError {
     /// the file could not be read
     #[error("{path}: cannot read: {source}")]
     Read {
+        /// the file
         path: PathBuf,
+        /// why reading failed
         #[source]
         source: std::io::Error,
     },
     /// the file is not valid TOML for this schema (unknown key, wrong type, missing key)
     #[error("{path}:{line}:{column}: {message}")]
     Parse {
+        /// the file
         path: PathBuf,
+        /// 1-based line of the offending text
         line: usize,
+        /// 1-based column of the offending text
         column: usize,
+        /// the TOML or schema error
         message: String,
     },
     /// a value parsed but is not acceptable
     #[error("{path}:{line}:{column}: key `{key}`: {message}")]
     Invalid {
+        /// the file
         path: PathBuf,
+        /// 1-based line of the value
         line: usize,
+        /// 1-based column of the value
         column: usize,
+        /// dotted path of the refused key
         key: String,
+        /// why the value is refused
         message: String,
     },
 }

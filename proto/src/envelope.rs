@@ -155,16 +155,29 @@ pub fn verify_single<'a>(
 pub enum SingleKeyError {
     /// the payload is larger than allowed
     #[error("payload is {size} bytes, limit {limit}")]
-    Oversized { size: usize, limit: usize },
+    Oversized {
+        /// payload bytes received
+        size: usize,
+        /// the most bytes allowed
+        limit: usize,
+    },
     /// the envelope carries another kind of payload
     #[error("payload type is `{got}`, expected `{want}`")]
-    WrongPayloadType { got: String, want: String },
+    WrongPayloadType {
+        /// the envelope's payload type (truncated)
+        got: String,
+        /// the payload type expected
+        want: String,
+    },
     /// the envelope has no signature
     #[error("envelope is not signed")]
     Unsigned,
     /// no signature verifies against the expected key
     #[error("no valid signature by the expected key {fingerprint}")]
-    BadSignature { fingerprint: String },
+    BadSignature {
+        /// fingerprint of the key the signature had to verify against
+        fingerprint: String,
+    },
 }
 
 fn truncate(s: &str) -> String {
@@ -177,82 +190,143 @@ pub enum TaskRejection {
     /// something in the request exceeds a size limit
     #[error("{what} is {size}, limit {limit}")]
     Oversized {
+        /// the part that is too large (payload, signature count, ...)
         what: &'static str,
+        /// its size
         size: usize,
+        /// the most allowed
         limit: usize,
     },
     /// the request is not a well-formed signed task
     #[error("malformed {what}: {reason}")]
-    Malformed { what: &'static str, reason: String },
+    Malformed {
+        /// the part that does not decode
+        what: &'static str,
+        /// the decoder's error
+        reason: String,
+    },
     /// the task envelope carries another kind of payload (e.g. an attestation)
     #[error("payload type is `{got}`, expected `{TASK_TYPE}`")]
-    WrongPayloadType { got: String },
+    WrongPayloadType {
+        /// the envelope's payload type (truncated)
+        got: String,
+    },
     /// the task envelope or an approval envelope has no signature
     #[error("{on} is not signed")]
-    Unsigned { on: String },
+    Unsigned {
+        /// the envelope: "task envelope" or "approval <n>"
+        on: String,
+    },
     /// a signature names a trusted key but does not verify
     #[error(
         "signature {index} on the {on} (key id `{key_id}`) does not verify over the received bytes"
     )]
     BadSignature {
+        /// position of the signature in its envelope
         index: usize,
+        /// the envelope: "task envelope" or "approval <n>"
         on: String,
+        /// the key id the signature claims
         key_id: String,
     },
     /// a signature was made by no key in the trust file
     #[error("signature {index} on the {on} (key id `{key_id}`) is by a key not in the trust file")]
     UnknownKey {
+        /// position of the signature in its envelope
         index: usize,
+        /// the envelope: "task envelope" or "approval <n>"
         on: String,
+        /// the key id the signature claims
         key_id: String,
     },
     /// a signature was made by a revoked key
     #[error("signature by revoked key `{key_id}` ({fingerprint})")]
-    RevokedKey { key_id: String, fingerprint: String },
+    RevokedKey {
+        /// the revoked key's id
+        key_id: String,
+        /// the revoked key's fingerprint
+        fingerprint: String,
+    },
     /// no signature on the task is by a coordinator key
     #[error("task is not signed by a coordinator key (signed by: {signers})")]
-    NoCoordinatorSignature { signers: String },
+    NoCoordinatorSignature {
+        /// the key ids that did sign, comma-separated
+        signers: String,
+    },
     /// an approval envelope is not a ring approval
     #[error("approval {index}: payload type is `{got}`, expected `{APPROVAL_TYPE}`")]
-    ApprovalWrongType { index: usize, got: String },
+    ApprovalWrongType {
+        /// position of the approval in the request
+        index: usize,
+        /// its payload type (truncated)
+        got: String,
+    },
     /// an approval is signed by a coordinator key, which can never approve
     #[error(
         "approval {index} is signed by coordinator key `{key_id}`; a coordinator key never counts as an approver"
     )]
-    CoordinatorKeyAsApprover { index: usize, key_id: String },
+    CoordinatorKeyAsApprover {
+        /// position of the approval in the request
+        index: usize,
+        /// the coordinator key that signed it
+        key_id: String,
+    },
     /// an approval does not cover this task
     #[error(
         "approval {index} does not cover this task: {field} is `{approved}`, task has `{task}`"
     )]
     ApprovalScope {
+        /// position of the approval in the request
         index: usize,
+        /// the task field that differs
         field: &'static str,
+        /// the value the approval covers
         approved: String,
+        /// the value the task carries
         task: String,
     },
     /// an approval's lifetime (expires - issued) exceeds the policy's cap
     #[error("approval {index} is valid for {lifetime_s} s, the policy allows at most {cap_s} s")]
     ApprovalLifetime {
+        /// position of the approval in the request
         index: usize,
+        /// its expires minus issued, in seconds
         lifetime_s: i64,
+        /// the policy's cap in seconds
         cap_s: u64,
     },
     /// an approval has expired or is not yet valid
     #[error("approval {index} is outside its validity ({detail})")]
-    ApprovalExpired { index: usize, detail: String },
+    ApprovalExpired {
+        /// position of the approval in the request
+        index: usize,
+        /// its validity window against the agent's clock
+        detail: String,
+    },
     /// too few distinct approver keys
     #[error("ring {ring} needs {need} distinct approver keys, got {have}")]
-    ApprovalThreshold { ring: u32, have: usize, need: usize },
+    ApprovalThreshold {
+        /// the task's ring
+        ring: u32,
+        /// distinct approver keys that verified
+        have: usize,
+        /// distinct approver keys the ring requires
+        need: usize,
+    },
     /// the task is for another host
     #[error("task is for host `{task_host}`, this agent is `{agent_host}`")]
     WrongHost {
+        /// the host the task names
         task_host: String,
+        /// this agent's host id
         agent_host: String,
     },
     /// the task names a ring that is not 0-4, or not the agent's configured ring
     #[error("{}", ring_message(*task_ring, *agent_ring))]
     WrongRing {
+        /// the ring the task names
         task_ring: u32,
+        /// this agent's configured ring, if any
         agent_ring: Option<u32>,
     },
     /// the task was issued in the future beyond the allowed clock skew
@@ -260,24 +334,45 @@ pub enum TaskRejection {
         "task issued at {issued_at_ms} ms, now is {now_ms} ms: beyond the {skew_s} s clock skew"
     )]
     NotYetValid {
+        /// the task's issue time (Unix ms)
         issued_at_ms: i64,
+        /// the agent's clock (Unix ms)
         now_ms: i64,
+        /// the allowed clock skew in seconds
         skew_s: u64,
     },
     /// the task has expired
     #[error("task expired at {expires_at_ms} ms, now is {now_ms} ms")]
-    Expired { expires_at_ms: i64, now_ms: i64 },
+    Expired {
+        /// the task's expiry (Unix ms)
+        expires_at_ms: i64,
+        /// the agent's clock (Unix ms)
+        now_ms: i64,
+    },
     /// the task's lifetime is longer than the agent allows
     #[error("task lifetime {lifetime_s} s exceeds the cap of {cap_s} s")]
-    LifetimeTooLong { lifetime_s: i64, cap_s: u64 },
+    LifetimeTooLong {
+        /// the task's expires minus issued, in seconds
+        lifetime_s: i64,
+        /// the agent's cap in seconds
+        cap_s: u64,
+    },
     /// the sequence number is not above the agent's high-water mark
     #[error("sequence {sequence} is not above the high-water mark {high_water}")]
-    SequenceNotIncreasing { sequence: u64, high_water: u64 },
+    SequenceNotIncreasing {
+        /// the task's sequence number
+        sequence: u64,
+        /// the highest sequence this agent has accepted
+        high_water: u64,
+    },
     /// the sequence jumps too far above the high-water mark
     #[error("sequence {sequence} is more than {limit} above the high-water mark {high_water}")]
     SequenceJump {
+        /// the task's sequence number
         sequence: u64,
+        /// the highest sequence this agent has accepted
         high_water: u64,
+        /// the largest jump allowed
         limit: u64,
     },
     /// the task was issued before this agent's journal was created
@@ -285,16 +380,25 @@ pub enum TaskRejection {
         "task issued at {issued_at_ms} ms, before this agent's journal was created at {created_at_ms} ms (beyond the {skew_s} s clock skew)"
     )]
     BeforeJournal {
+        /// the task's issue time (Unix ms)
         issued_at_ms: i64,
+        /// when this agent's journal was created (Unix ms)
         created_at_ms: i64,
+        /// the allowed clock skew in seconds
         skew_s: u64,
     },
     /// the action is not allowed by this agent's local configuration
     #[error("{reason}")]
-    ActionRefused { reason: String },
+    ActionRefused {
+        /// which local setting refuses the action
+        reason: String,
+    },
     /// the agent's journal could not be read
     #[error("journal: {reason}")]
-    Journal { reason: String },
+    Journal {
+        /// the journal error
+        reason: String,
+    },
 }
 
 impl TaskRejection {

@@ -24,27 +24,50 @@ pub enum KeyError {
     /// the key file could not be read or written
     #[error("{path}: {source}")]
     Io {
+        /// the key file
         path: PathBuf,
+        /// the I/O error
         #[source]
         source: std::io::Error,
     },
     /// the private key file is not an ed25519 PKCS#8 PEM key
     #[error("{path}: not an ed25519 PKCS#8 PEM private key: {reason}")]
-    BadPrivateKey { path: PathBuf, reason: String },
+    BadPrivateKey {
+        /// the key file
+        path: PathBuf,
+        /// what the PEM/PKCS#8 decoder said
+        reason: String,
+    },
     /// the private key file is readable by group or others
     #[error(
         "{path}: private key file has mode {mode:o}; it must not be readable by group or others (chmod 600)"
     )]
-    InsecureMode { path: PathBuf, mode: u32 },
+    InsecureMode {
+        /// the key file
+        path: PathBuf,
+        /// its permission bits
+        mode: u32,
+    },
     /// a public key is not `ed25519:` + base64 of 32 bytes
     #[error("public key `{text}` is not `ed25519:` followed by base64 of 32 bytes: {reason}")]
-    BadPublicKey { text: String, reason: String },
+    BadPublicKey {
+        /// the public key as given
+        text: String,
+        /// what is wrong with it
+        reason: String,
+    },
     /// a public key is of small order (weak): signatures by it prove nothing
     #[error("public key `{text}` is a weak (small-order) ed25519 key and is refused")]
-    WeakPublicKey { text: String },
+    WeakPublicKey {
+        /// the public key as given
+        text: String,
+    },
     /// refusing to overwrite an existing key file
     #[error("{path}: already exists; refusing to overwrite a key")]
-    Exists { path: PathBuf },
+    Exists {
+        /// the key file that already exists
+        path: PathBuf,
+    },
 }
 
 /// A new random signing key from the OS random source.
