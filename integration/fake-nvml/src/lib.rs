@@ -11,6 +11,7 @@
 //! NVML's own documentation of the call they stand in for, so they carry no
 //! `# Safety` section of their own.
 #![allow(unsafe_code, non_snake_case, clippy::missing_safety_doc)]
+#![warn(missing_docs)]
 
 pub mod scenario;
 
@@ -213,16 +214,19 @@ unsafe fn u32_field(dev: Device, field: &'static str, out: *mut c_uint) -> Ret {
     })
 }
 
+/// `nvmlInit_v2`: Loads the scenario (on the first call) and counts one more init.
 #[unsafe(no_mangle)]
 pub extern "C" fn nvmlInit_v2() -> Ret {
     init()
 }
 
+/// `nvmlInitWithFlags`: As [`nvmlInit_v2`]; the flags are ignored.
 #[unsafe(no_mangle)]
 pub extern "C" fn nvmlInitWithFlags(_flags: c_uint) -> Ret {
     init()
 }
 
+/// `nvmlShutdown`: Counts one init fewer; the scenario stays loaded.
 #[unsafe(no_mangle)]
 pub extern "C" fn nvmlShutdown() -> Ret {
     with_state(|st| {
@@ -231,6 +235,7 @@ pub extern "C" fn nvmlShutdown() -> Ret {
     })
 }
 
+/// `nvmlErrorString`: NVML's text for a return code (static, never freed).
 #[unsafe(no_mangle)]
 pub extern "C" fn nvmlErrorString(result: Ret) -> *const c_char {
     let s: &'static CStr = match result {
@@ -246,12 +251,14 @@ pub extern "C" fn nvmlErrorString(result: Ret) -> *const c_char {
     s.as_ptr()
 }
 
+/// `nvmlSystemGetDriverVersion`: The driver version: the first line of the scenario's `driver_version_file` when it has one (so a patch hook can change it), else `driver_version`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlSystemGetDriverVersion(buf: *mut c_char, len: c_uint) -> Ret {
     // SAFETY: caller buffer of `len` bytes.
     with_state(|st| unsafe { write_str(&st.scenario.current_driver_version(), buf, len) })
 }
 
+/// `nvmlSystemGetNVMLVersion`: An NVML version string derived from the scenario's driver version.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlSystemGetNVMLVersion(buf: *mut c_char, len: c_uint) -> Ret {
     // SAFETY: caller buffer of `len` bytes.
@@ -264,24 +271,28 @@ pub unsafe extern "C" fn nvmlSystemGetNVMLVersion(buf: *mut c_char, len: c_uint)
     })
 }
 
+/// `nvmlSystemGetCudaDriverVersion_v2`: The scenario's CUDA driver version as NVML's integer (major * 1000 + minor * 10).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlSystemGetCudaDriverVersion_v2(out: *mut c_int) -> Ret {
     // SAFETY: caller out-pointer.
     with_state(|st| unsafe { put(out, st.scenario.cuda_driver_version_int()) })
 }
 
+/// `nvmlSystemGetCudaDriverVersion`: Alias of [`nvmlSystemGetCudaDriverVersion_v2`].
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlSystemGetCudaDriverVersion(out: *mut c_int) -> Ret {
     // SAFETY: same contract as the _v2 call.
     unsafe { nvmlSystemGetCudaDriverVersion_v2(out) }
 }
 
+/// `nvmlDeviceGetCount_v2`: How many GPUs the scenario lists.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetCount_v2(out: *mut c_uint) -> Ret {
     // SAFETY: caller out-pointer.
     with_state(|st| unsafe { put(out, u32::try_from(st.scenario.gpus.len()).unwrap_or(0)) })
 }
 
+/// `nvmlDeviceGetHandleByIndex_v2`: A handle for GPU `index` (index + 1 as an opaque pointer).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(index: c_uint, out: *mut Device) -> Ret {
     with_state(|st| {
@@ -294,24 +305,28 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(index: c_uint, out: *mut 
     })
 }
 
+/// `nvmlDeviceGetIndex`: The GPU's index in the scenario.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetIndex(dev: Device, out: *mut c_uint) -> Ret {
     // SAFETY: caller out-pointer.
     with_gpu(dev, |_, g| unsafe { put(out, g.index) })
 }
 
+/// `nvmlDeviceGetName`: The GPU's product name.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetName(dev: Device, buf: *mut c_char, len: c_uint) -> Ret {
     // SAFETY: caller buffer of `len` bytes.
     with_gpu(dev, |_, g| unsafe { write_str(&g.name(), buf, len) })
 }
 
+/// `nvmlDeviceGetUUID`: The GPU's UUID.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetUUID(dev: Device, buf: *mut c_char, len: c_uint) -> Ret {
     // SAFETY: caller buffer of `len` bytes.
     with_gpu(dev, |_, g| unsafe { write_str(&g.uuid(), buf, len) })
 }
 
+/// `nvmlDeviceGetSerial`: The GPU's board serial, or NOT_SUPPORTED when the scenario says so.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetSerial(dev: Device, buf: *mut c_char, len: c_uint) -> Ret {
     with_gpu(dev, |_, g| {
@@ -323,6 +338,7 @@ pub unsafe extern "C" fn nvmlDeviceGetSerial(dev: Device, buf: *mut c_char, len:
     })
 }
 
+/// `nvmlDeviceGetPciInfo_v3`: PCI info built from the GPU's bus id, with fixed H100-like device ids.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(dev: Device, out: *mut PciInfo) -> Ret {
     with_gpu(dev, |_, g| {
@@ -350,6 +366,7 @@ pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(dev: Device, out: *mut PciInfo)
     })
 }
 
+/// `nvmlDeviceGetTotalEccErrors`: Volatile or aggregate, corrected or uncorrected ECC error total.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetTotalEccErrors(
     dev: Device,
@@ -381,6 +398,7 @@ fn retired_field(cause: c_uint) -> Option<&'static str> {
     }
 }
 
+/// `nvmlDeviceGetRetiredPages_v2`: Retired pages of one cause, with made-up addresses and timestamps.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetRetiredPages_v2(
     dev: Device,
@@ -421,6 +439,7 @@ pub unsafe extern "C" fn nvmlDeviceGetRetiredPages_v2(
     })
 }
 
+/// `nvmlDeviceGetRetiredPages`: As [`nvmlDeviceGetRetiredPages_v2`] without timestamps.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetRetiredPages(
     dev: Device,
@@ -432,6 +451,7 @@ pub unsafe extern "C" fn nvmlDeviceGetRetiredPages(
     unsafe { nvmlDeviceGetRetiredPages_v2(dev, cause, count, addresses, std::ptr::null_mut()) }
 }
 
+/// `nvmlDeviceGetRetiredPagesPendingStatus`: Whether page retirement is pending (needs a reset).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetRetiredPagesPendingStatus(
     dev: Device,
@@ -446,6 +466,7 @@ pub unsafe extern "C" fn nvmlDeviceGetRetiredPagesPendingStatus(
     })
 }
 
+/// `nvmlDeviceGetRemappedRows`: Correctable and uncorrectable remapped rows, and the pending and failure flags.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetRemappedRows(
     dev: Device,
@@ -479,6 +500,7 @@ pub unsafe extern "C" fn nvmlDeviceGetRemappedRows(
     })
 }
 
+/// `nvmlDeviceGetTemperature`: GPU core temperature in C (only sensor 0, the GPU die).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetTemperature(
     dev: Device,
@@ -492,6 +514,7 @@ pub unsafe extern "C" fn nvmlDeviceGetTemperature(
     unsafe { u32_field(dev, "temperature_c", out) }
 }
 
+/// `nvmlDeviceGetTemperatureThreshold`: Shutdown (kind 0) or slowdown (kind 1) temperature threshold in C.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetTemperatureThreshold(
     dev: Device,
@@ -507,6 +530,7 @@ pub unsafe extern "C" fn nvmlDeviceGetTemperatureThreshold(
     unsafe { u32_field(dev, field, out) }
 }
 
+/// `nvmlDeviceGetCurrentClocksThrottleReasons`: The scenario's clock throttle-reasons bit mask.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetCurrentClocksThrottleReasons(
     dev: Device,
@@ -521,6 +545,7 @@ pub unsafe extern "C" fn nvmlDeviceGetCurrentClocksThrottleReasons(
     })
 }
 
+/// `nvmlDeviceGetCurrentClocksEventReasons`: Newer name of [`nvmlDeviceGetCurrentClocksThrottleReasons`].
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetCurrentClocksEventReasons(
     dev: Device,
@@ -530,48 +555,56 @@ pub unsafe extern "C" fn nvmlDeviceGetCurrentClocksEventReasons(
     unsafe { nvmlDeviceGetCurrentClocksThrottleReasons(dev, out) }
 }
 
+/// `nvmlDeviceGetPowerUsage`: Power draw in milliwatts.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetPowerUsage(dev: Device, out: *mut c_uint) -> Ret {
     // SAFETY: caller out-pointer.
     unsafe { u32_field(dev, "power_usage_mw", out) }
 }
 
+/// `nvmlDeviceGetEnforcedPowerLimit`: Enforced power limit in milliwatts.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetEnforcedPowerLimit(dev: Device, out: *mut c_uint) -> Ret {
     // SAFETY: caller out-pointer.
     unsafe { u32_field(dev, "power_limit_mw", out) }
 }
 
+/// `nvmlDeviceGetCurrPcieLinkGeneration`: Current PCIe link generation.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetCurrPcieLinkGeneration(dev: Device, out: *mut c_uint) -> Ret {
     // SAFETY: caller out-pointer.
     unsafe { u32_field(dev, "pcie_link_gen_current", out) }
 }
 
+/// `nvmlDeviceGetMaxPcieLinkGeneration`: Maximum PCIe link generation.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetMaxPcieLinkGeneration(dev: Device, out: *mut c_uint) -> Ret {
     // SAFETY: caller out-pointer.
     unsafe { u32_field(dev, "pcie_link_gen_max", out) }
 }
 
+/// `nvmlDeviceGetCurrPcieLinkWidth`: Current PCIe link width (lanes).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetCurrPcieLinkWidth(dev: Device, out: *mut c_uint) -> Ret {
     // SAFETY: caller out-pointer.
     unsafe { u32_field(dev, "pcie_link_width_current", out) }
 }
 
+/// `nvmlDeviceGetMaxPcieLinkWidth`: Maximum PCIe link width (lanes).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetMaxPcieLinkWidth(dev: Device, out: *mut c_uint) -> Ret {
     // SAFETY: caller out-pointer.
     unsafe { u32_field(dev, "pcie_link_width_max", out) }
 }
 
+/// `nvmlDeviceGetPcieReplayCounter`: PCIe replay counter.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetPcieReplayCounter(dev: Device, out: *mut c_uint) -> Ret {
     // SAFETY: caller out-pointer.
     unsafe { u32_field(dev, "pcie_replay_counter", out) }
 }
 
+/// `nvmlDeviceGetNvLinkState`: Whether NVLink `link` is active; NOT_SUPPORTED when the GPU has no links.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetNvLinkState(
     dev: Device,
@@ -591,6 +624,7 @@ pub unsafe extern "C" fn nvmlDeviceGetNvLinkState(
     })
 }
 
+/// `nvmlDeviceGetNvLinkErrorCounter`: One NVLink error counter (0 replay, 1 recovery, 2 CRC flit) of one link.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetNvLinkErrorCounter(
     dev: Device,
@@ -617,6 +651,7 @@ pub unsafe extern "C" fn nvmlDeviceGetNvLinkErrorCounter(
     })
 }
 
+/// `nvmlDeviceGetComputeRunningProcesses_v3`: The compute processes on the GPU at this moment of the scenario's timeline.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     dev: Device,
@@ -655,6 +690,7 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     })
 }
 
+/// `nvmlDeviceGetComputeRunningProcesses_v2`: As [`nvmlDeviceGetComputeRunningProcesses_v3`] (same struct layout).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v2(
     dev: Device,
@@ -665,6 +701,7 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v2(
     unsafe { nvmlDeviceGetComputeRunningProcesses_v3(dev, count, infos) }
 }
 
+/// `nvmlDeviceGetSupportedEventTypes`: The event types the fake can deliver: critical Xid errors only.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetSupportedEventTypes(
     dev: Device,
@@ -674,6 +711,7 @@ pub unsafe extern "C" fn nvmlDeviceGetSupportedEventTypes(
     with_gpu(dev, |_, _| unsafe { put(out, EVENT_XID_CRITICAL) })
 }
 
+/// `nvmlEventSetCreate`: A new, empty event set (heap-allocated; free with [`nvmlEventSetFree`]).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlEventSetCreate(out: *mut EventSetHandle) -> Ret {
     with_state(|_| {
@@ -683,6 +721,7 @@ pub unsafe extern "C" fn nvmlEventSetCreate(out: *mut EventSetHandle) -> Ret {
     })
 }
 
+/// `nvmlDeviceRegisterEvents`: Adds the GPU to the set when critical Xid events are asked for.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceRegisterEvents(
     dev: Device,
@@ -701,6 +740,7 @@ pub unsafe extern "C" fn nvmlDeviceRegisterEvents(
     })
 }
 
+/// `nvmlEventSetWait_v2`: Delivers the next due scenario Xid for a registered GPU, each once; waits up to `timeout_ms`, else TIMEOUT.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlEventSetWait_v2(
     set: EventSetHandle,
@@ -743,6 +783,7 @@ pub unsafe extern "C" fn nvmlEventSetWait_v2(
     }
 }
 
+/// `nvmlEventSetFree`: Frees an event set made by [`nvmlEventSetCreate`].
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlEventSetFree(set: EventSetHandle) -> Ret {
     if set.is_null() {

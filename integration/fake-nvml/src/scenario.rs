@@ -101,7 +101,9 @@ pub struct XidSpec {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessSpec {
+    /// Process id NVML reports.
     pub pid: u32,
+    /// GPU memory the process uses, in bytes.
     #[serde(default)]
     pub used_memory_bytes: u64,
     /// The process disappears this many seconds after the library was initialised.
@@ -113,12 +115,16 @@ pub struct ProcessSpec {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NvLinkSpec {
+    /// Whether the link is up (default true).
     #[serde(default = "yes")]
     pub active: bool,
+    /// NVLink replay error counter.
     #[serde(default)]
     pub replay_errors: u64,
+    /// NVLink recovery error counter.
     #[serde(default)]
     pub recovery_errors: u64,
+    /// NVLink CRC flit error counter.
     #[serde(default)]
     pub crc_flit_errors: u64,
 }
@@ -131,33 +137,61 @@ fn yes() -> bool {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GpuSpec {
+    /// GPU UUID (default derived from the index).
     pub uuid: Option<String>,
+    /// Product name (default `NVIDIA H100 80GB HBM3`).
     pub name: Option<String>,
+    /// Board serial (default derived from the index).
     pub serial: Option<String>,
+    /// PCI bus id (default derived from the index).
     pub pci_bus_id: Option<String>,
+    /// Corrected ECC errors since the last driver load.
     pub ecc_volatile_corrected: Option<u64>,
+    /// Uncorrected ECC errors since the last driver load.
     pub ecc_volatile_uncorrected: Option<u64>,
+    /// Corrected ECC errors over the GPU's life.
     pub ecc_aggregate_corrected: Option<u64>,
+    /// Uncorrected ECC errors over the GPU's life.
     pub ecc_aggregate_uncorrected: Option<u64>,
+    /// Pages retired for repeated single-bit errors.
     pub retired_pages_single_bit: Option<u32>,
+    /// Pages retired for double-bit errors.
     pub retired_pages_double_bit: Option<u32>,
+    /// Page retirement waits for a reset.
     pub retired_pages_pending: Option<bool>,
+    /// Rows remapped for correctable errors.
     pub remapped_rows_correctable: Option<u32>,
+    /// Rows remapped for uncorrectable errors.
     pub remapped_rows_uncorrectable: Option<u32>,
+    /// Row remapping waits for a reset.
     pub remapped_rows_pending: Option<bool>,
+    /// A row remapping failed.
     pub remapped_rows_failure: Option<bool>,
+    /// GPU temperature in C (default 41).
     pub temperature_c: Option<u32>,
+    /// Slowdown threshold in C (default 87).
     pub temperature_slowdown_c: Option<u32>,
+    /// Shutdown threshold in C (default 92).
     pub temperature_shutdown_c: Option<u32>,
+    /// NVML clock throttle-reasons bit mask (default 0, none).
     pub throttle_reasons_mask: Option<u64>,
+    /// Power draw in mW (default 72 000).
     pub power_usage_mw: Option<u32>,
+    /// Enforced power limit in mW (default 700 000).
     pub power_limit_mw: Option<u32>,
+    /// Current PCIe generation (default 5).
     pub pcie_link_gen_current: Option<u32>,
+    /// Maximum PCIe generation (default 5).
     pub pcie_link_gen_max: Option<u32>,
+    /// Current PCIe lanes (default 16).
     pub pcie_link_width_current: Option<u32>,
+    /// Maximum PCIe lanes (default 16).
     pub pcie_link_width_max: Option<u32>,
+    /// PCIe replay counter (default 0).
     pub pcie_replay_counter: Option<u64>,
+    /// NVLinks in link order (default none: NVLink NOT_SUPPORTED).
     pub nvlinks: Option<Vec<NvLinkSpec>>,
+    /// Compute processes on the GPU (default none).
     pub processes: Option<Vec<ProcessSpec>>,
     /// Field names (as in GpuReport) NVML answers with NOT_SUPPORTED.
     pub unsupported: Option<Vec<String>>,
@@ -172,29 +206,36 @@ macro_rules! merge_fields {
 /// A GPU with every value resolved (defaults and driver overrides applied).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GpuState {
+    /// Position in the scenario's `gpus`, also NVML's device index.
     pub index: u32,
+    /// The GPU's fields with the matching `when_driver` overrides applied; the
+    /// accessors below fill what is still unset with the healthy-H100 defaults.
     pub spec: GpuSpec,
 }
 
 impl GpuState {
+    /// The UUID, or `GPU-fa4e0000-...-<index>` when unset.
     pub fn uuid(&self) -> String {
         self.spec
             .uuid
             .clone()
             .unwrap_or_else(|| format!("GPU-fa4e0000-0000-0000-0000-{:012x}", self.index))
     }
+    /// The product name, or the H100 default.
     pub fn name(&self) -> String {
         self.spec
             .name
             .clone()
             .unwrap_or_else(|| "NVIDIA H100 80GB HBM3".to_owned())
     }
+    /// The board serial, or one derived from the index.
     pub fn serial(&self) -> String {
         self.spec
             .serial
             .clone()
             .unwrap_or_else(|| format!("16520000{:05}", self.index))
     }
+    /// The PCI bus id, or one derived from the index.
     pub fn pci_bus_id(&self) -> String {
         self.spec
             .pci_bus_id
@@ -208,6 +249,7 @@ impl GpuState {
             .as_ref()
             .is_some_and(|u| u.iter().any(|f| f == field))
     }
+    /// A numeric field by its `GpuReport` name, with the healthy-H100 default; 0 for unknown names.
     pub fn u64_field(&self, field: &str) -> u64 {
         let s = &self.spec;
         match field {
@@ -233,6 +275,7 @@ impl GpuState {
             _ => 0,
         }
     }
+    /// A flag field by its `GpuReport` name; false when unset or unknown.
     pub fn bool_field(&self, field: &str) -> bool {
         let s = &self.spec;
         match field {
@@ -242,6 +285,7 @@ impl GpuState {
             _ => false,
         }
     }
+    /// The NVLinks, empty when unset.
     pub fn nvlinks(&self) -> Vec<NvLinkSpec> {
         self.spec.nvlinks.clone().unwrap_or_default()
     }
