@@ -214,7 +214,7 @@ pub enum TaskRejection {
     /// the task envelope or an approval envelope has no signature
     #[error("{on} is not signed")]
     Unsigned {
-        /// the envelope: "task envelope" or "approval <n>"
+        /// the envelope: `"task envelope"` or `"approval <n>"`
         on: String,
     },
     /// a signature names a trusted key but does not verify
@@ -224,7 +224,7 @@ pub enum TaskRejection {
     BadSignature {
         /// position of the signature in its envelope
         index: usize,
-        /// the envelope: "task envelope" or "approval <n>"
+        /// the envelope: `"task envelope"` or `"approval <n>"`
         on: String,
         /// the key id the signature claims
         key_id: String,
@@ -234,7 +234,7 @@ pub enum TaskRejection {
     UnknownKey {
         /// position of the signature in its envelope
         index: usize,
-        /// the envelope: "task envelope" or "approval <n>"
+        /// the envelope: `"task envelope"` or `"approval <n>"`
         on: String,
         /// the key id the signature claims
         key_id: String,

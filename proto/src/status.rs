@@ -39,7 +39,7 @@ pub fn task_rejection_code(r: &TaskRejection) -> Code {
     }
 }
 
-/// A rejected task as a gRPC status: `task rejected by check `<name>`: <reason>`.
+/// A rejected task as a gRPC status: ``task rejected by check `<name>`: <reason>``.
 pub fn task_rejection(r: &TaskRejection) -> Status {
     let mut status = Status::new(
         task_rejection_code(r),

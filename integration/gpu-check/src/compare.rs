@@ -44,7 +44,7 @@ pub enum Outcome {
 /// One field of one GPU (or of the host).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
-    /// "host" or "gpu<index>" (the agent's index; nvidia-smi's own GPUs
+    /// `"host"` or `"gpu<index>"` (the agent's index; nvidia-smi's own GPUs
     /// that the agent lacks are named by their bus id).
     pub gpu: String,
     /// The agent's field name (`HealthReport` / `GpuReport`).
