@@ -1,6 +1,9 @@
 //! `ringfence hosts health`: every host asked concurrently (bounded), each
 //! answer a verified attestation where the host's key is enrolled; an
 //! unreachable host is a row of its own and never holds up the table.
+//! Every text a host sent (versions, reason, error) is escaped and bounded
+//! ([`crate::hosttext`]) before it is a row, so no host can draw on the
+//! operator's screen.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +11,7 @@ use std::time::Duration;
 use ringfence::pb;
 use serde::Serialize;
 
+use crate::hosttext;
 use crate::inventory::Inventory;
 use crate::wave::Connector;
 
@@ -81,7 +85,7 @@ fn failed_row(h: &crate::inventory::Host, verdict: &str, why: &str) -> Row {
         cuda: String::new(),
         gpus_found: 0,
         gpus_expected: h.expected_gpus,
-        top_reason: why.into(),
+        top_reason: hosttext::message(why),
         attested: false,
         draining: false,
     }
@@ -122,14 +126,16 @@ async fn one(h: &crate::inventory::Host, conn: &dyn Connector, max_skew_ms: i64)
         ring: h.ring,
         pool: h.pool.clone(),
         verdict: crate::wave::verdict_name(report.verdict).into(),
-        driver: report.driver_version.clone(),
-        cuda: report.cuda_driver_version.clone(),
+        driver: hosttext::field(&report.driver_version),
+        cuda: hosttext::field(&report.cuda_driver_version),
         gpus_found: report.gpus_found,
         gpus_expected: report.gpus_expected,
         top_reason: report
             .reasons
             .first()
-            .map(|r: &pb::Reason| format!("{} (gpu {}, {})", r.code, r.gpu_index, r.observed))
+            .map(|r: &pb::Reason| {
+                hosttext::field(&format!("{} (gpu {}, {})", r.code, r.gpu_index, r.observed))
+            })
             .unwrap_or_default(),
         attested,
         draining: report.draining,
@@ -149,11 +155,11 @@ pub fn render(rows: &[Row]) -> String {
             r.ring,
             r.pool,
             r.verdict,
-            r.driver,
-            r.cuda,
+            hosttext::escape(&r.driver),
+            hosttext::escape(&r.cuda),
             format!("{}/{}", r.gpus_found, r.gpus_expected),
             if r.draining { "drained" } else { "serving" },
-            r.top_reason,
+            hosttext::escape(&r.top_reason),
             if r.attested || r.verdict == "UNREACHABLE" {
                 ""
             } else {

@@ -345,6 +345,19 @@ impl Inventory {
             .collect()
     }
 
+    /// Hosts that share one attestation key, in groups of two or more (a
+    /// cloned image: one host's key would sign for the others, so `inventory
+    /// check` and `inventory enroll` refuse them).
+    pub fn shared_keys(&self) -> Vec<Vec<String>> {
+        let mut by_key: BTreeMap<[u8; 32], Vec<String>> = BTreeMap::new();
+        for h in &self.hosts {
+            if let Some(k) = h.attestation_key {
+                by_key.entry(k.to_bytes()).or_default().push(h.id.clone());
+            }
+        }
+        by_key.into_values().filter(|hs| hs.len() > 1).collect()
+    }
+
     /// Write `host`'s attestation key into the inventory file, keeping the
     /// rest of the file (comments, order) as it is.
     pub fn set_attestation_key(path: &Path, host: &str, key_text: &str) -> Result<(), ConfigError> {
@@ -492,6 +505,26 @@ ring = 3
             assert!(e.contains(&format!("key `{key}`")), "{e}");
             assert!(e.contains(what), "{e}");
         }
+        let e = err(&GOOD.replace("ring = 0", "ring = 0\nrack = 4"));
+        assert!(e.contains("rack"), "{e}");
+    }
+
+    #[test]
+    fn hosts_sharing_an_attestation_key_are_found() {
+        let key = keys::public_key_text(&keys::generate().verifying_key());
+        let other = keys::public_key_text(&keys::generate().verifying_key());
+        let with = |a: &str, b: &str| {
+            GOOD.replace("ring = 0", &format!("ring = 0\nattestation_key = \"{a}\""))
+                .replace("ring = 3", &format!("ring = 3\nattestation_key = \"{b}\""))
+        };
+        let load = |t: &str| Inventory::from_source(&Source::from_text("inv.toml", t)).unwrap();
+        assert_eq!(load(&with(&key, &key)).shared_keys(), [["gpu-1", "gpu-2"]]);
+        assert!(load(&with(&key, &other)).shared_keys().is_empty());
+        assert!(load(GOOD).shared_keys().is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
         let e = err(&GOOD.replace("ring = 0", "ring = 0\nrack = 4"));
         assert!(e.contains("rack"), "{e}");
     }

@@ -8,6 +8,7 @@ pub mod client;
 pub mod dsse;
 pub mod evidence;
 pub mod health_table;
+pub mod hosttext;
 pub mod inventory;
 pub mod plan;
 pub mod report;

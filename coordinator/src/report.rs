@@ -1,7 +1,9 @@
 //! What the operator sees while a wave runs: the wave engine's events and
 //! status snapshots ([`crate::wave::events`]) rendered as a live view on a
 //! terminal (indicatif), plain log lines otherwise, or a JSON event stream
-//! (`--json`, one object per line on stdout) for automation.
+//! (`--json`, one object per line on stdout) for automation. Lines for a
+//! terminal are escaped ([`crate::hosttext::escape`]): text a host sent
+//! cannot move the cursor or overwrite another row of the live view.
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -22,7 +24,7 @@ fn line(e: &Event) -> String {
         s.push_str(": ");
         s.push_str(&e.detail);
     }
-    s
+    crate::hosttext::escape(&s).into_owned()
 }
 
 /// Output mode.
@@ -126,7 +128,7 @@ pub fn summary(s: &StatusSnapshot) -> String {
         .map(|(p, (out, max))| format!("{p} {out}/{max}"))
         .collect();
     let elapsed = (s.updated_at_ms - s.started_at_ms).max(0) / 1000;
-    format!(
+    let line = format!(
         "{} {} | {} | out of service: {} | failures {}/{} | {}s",
         s.wave_id,
         s.phase,
@@ -135,7 +137,8 @@ pub fn summary(s: &StatusSnapshot) -> String {
         s.failures.0,
         s.failures.1,
         elapsed
-    )
+    );
+    crate::hosttext::escape(&line).into_owned()
 }
 
 fn fmt_time(ms: i64) -> String {

@@ -98,7 +98,8 @@ impl CliError {
                 | InventoryCmdError::BadKey { .. }
                 | InventoryCmdError::Write(_)
                 | InventoryCmdError::EnrolledRingMismatch { .. } => Config,
-                InventoryCmdError::KeysRefused(_) => Failed,
+                InventoryCmdError::SharedKeys { .. } => Config,
+                InventoryCmdError::KeysRefused(_) | InventoryCmdError::WrongIdentity(_) => Failed,
             },
             CliError::Hosts(e) => match e {
                 HostsCmdError::Input(e) => input(e),

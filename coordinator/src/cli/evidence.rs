@@ -1,5 +1,7 @@
 //! `ringfence evidence verify`: prove an evidence packet against the trust
-//! file and the inventory's enrolled keys, and print what it proves.
+//! file and the inventory's enrolled keys, and print what it proves. What
+//! is printed is escaped ([`crate::hosttext`]): host text a packet carries
+//! cannot draw on the operator's terminal.
 
 use std::path::{Path, PathBuf};
 
@@ -52,7 +54,7 @@ pub enum EvidenceCmdError {
         source: std::io::Error,
     },
     /// The packet does not prove what it claims: the first finding.
-    #[error("{}: INVALID [{}]: {source}", path.display(), source.check())]
+    #[error("{}: INVALID [{}]: {}", path.display(), source.check(), crate::hosttext::escape(&source.to_string()))]
     Invalid {
         /// The packet file.
         path: PathBuf,
@@ -113,7 +115,8 @@ pub(super) fn run(config: Option<&Path>, cmd: EvidenceCommand) -> Result<(), Evi
             if json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
-                print!("{}", super::render::verified(&packet, &v));
+                let text = super::render::verified(&packet, &v);
+                print!("{}", crate::hosttext::escape_lines(&text));
             }
             Ok(())
         }

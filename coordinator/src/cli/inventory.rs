@@ -2,6 +2,12 @@
 //! `--live`, compare every agent's own ring with it), and enroll hosts'
 //! attestation keys. Also [`agent_rings`], the ring check `wave resume`
 //! runs before it starts.
+//!
+//! Enrollment takes nothing on an agent's word but the key it presents: the
+//! fingerprint printed is the one computed from the key written, an agent
+//! answering as another host is refused, and two hosts with one key (a
+//! cloned image) are refused by `check` and `enroll`. Host text is printed
+//! escaped ([`crate::hosttext`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +18,7 @@ use ringfence::config::ConfigError;
 use ringfence::keys::KeyError;
 
 use super::input::{self, Env, InputError};
+use crate::hosttext;
 use crate::inventory::{Inventory, RingFinding};
 use crate::wave::{Connector, TlsConnector};
 
@@ -75,6 +82,21 @@ pub enum InventoryCmdError {
     /// `enroll`: hosts whose key changed, refused without `--rekey`.
     #[error("changed keys refused for: {}", .0.join(", "))]
     KeysRefused(Vec<String>),
+    /// Hosts share one attestation key (a cloned image): any of them could
+    /// sign for the others.
+    #[error(
+        "{}: hosts share one attestation key (a cloned image?): {}; give each host its own key (delete the agent's key file and restart it), then `ringfence inventory enroll --rekey HOST`",
+        file.display(), groups.iter().map(|g| g.join(" = ")).collect::<Vec<_>>().join("; ")
+    )]
+    SharedKeys {
+        /// The inventory.
+        file: PathBuf,
+        /// Groups of hosts with the same key.
+        groups: Vec<Vec<String>>,
+    },
+    /// `enroll`: an agent answered GetIdentity as another host.
+    #[error("identity refused for: {}", .0.join(", "))]
+    WrongIdentity(Vec<String>),
     /// `enroll`: keys were enrolled, but agents disagree with the inventory's rings.
     #[error(
         "{}: the inventory's ring differs from the agent's own for: {} (keys were enrolled; fix the inventory or the agents' `ring` before `wave run`)",
@@ -166,6 +188,13 @@ async fn check(config: Option<&Path>, file: &Path, live: bool) -> Result<(), Inv
             s.unenrolled.join(", ")
         );
     }
+    let groups = inv.shared_keys();
+    if !groups.is_empty() {
+        return Err(InventoryCmdError::SharedKeys {
+            file: file.to_path_buf(),
+            groups,
+        });
+    }
     if !live {
         return Ok(());
     }
@@ -179,7 +208,10 @@ async fn check(config: Option<&Path>, file: &Path, live: bool) -> Result<(), Inv
                 blocking.push(host.clone());
             }
             Ok(_) => {}
-            Err(e) => println!("  {host}: unreachable, ring not checked: {e}"),
+            Err(e) => println!(
+                "  {host}: unreachable, ring not checked: {}",
+                hosttext::message(e)
+            ),
         }
     }
     if !blocking.is_empty() {
@@ -206,21 +238,39 @@ async fn enroll(
     let conn = env.connector(&inv);
     let mut refused = Vec::new();
     let mut mismatched = Vec::new();
+    let mut impostors = Vec::new();
+    // Every key enrolled (before and during this run), by host: a key a
+    // second host presents is refused.
+    let mut owners: BTreeMap<[u8; 32], Vec<String>> = BTreeMap::new();
+    for h in &inv.hosts {
+        if let Some(k) = h.attestation_key {
+            owners.entry(k.to_bytes()).or_default().push(h.id.clone());
+        }
+    }
     for h in &inv.hosts {
         let api = match conn.connect(h).await {
             Ok(a) => a,
             Err(e) => {
-                println!("{}: unreachable: {e}", h.id);
+                println!("{}: unreachable: {}", h.id, hosttext::message(&e));
                 continue;
             }
         };
         let id = match api.identity().await {
             Ok(i) => i,
             Err(e) => {
-                println!("{}: {e}", h.id);
+                println!("{}: {}", h.id, hosttext::message(&e.to_string()));
                 continue;
             }
         };
+        if id.host_id != h.id {
+            eprintln!(
+                "{}: the agent answers as `{}`; not enrolled",
+                h.id,
+                hosttext::field(&id.host_id)
+            );
+            impostors.push(h.id.clone());
+            continue;
+        }
         match h.ring_finding(id.ring) {
             f @ RingFinding::Mismatch { .. } => {
                 eprintln!("{}: {f}", h.id);
@@ -240,17 +290,35 @@ async fn enroll(
             }
         })?;
         let text = ringfence::keys::public_key_text(&key);
+        // The fingerprint of the key written, never the one the agent claims.
+        let fingerprint = ringfence::keys::fingerprint(&key);
+        if id.attestation_key_fingerprint != fingerprint {
+            eprintln!(
+                "{}: the agent claims fingerprint {} for a key whose fingerprint is {fingerprint}",
+                h.id,
+                hosttext::field(&id.attestation_key_fingerprint)
+            );
+        }
+        let others: Vec<String> = owners
+            .get(&key.to_bytes())
+            .map(|hs| hs.iter().filter(|o| **o != h.id).cloned().collect())
+            .unwrap_or_default();
+        if !others.is_empty() {
+            eprintln!(
+                "{}: presents the attestation key {fingerprint} already enrolled for {} (a cloned image?); refused",
+                h.id,
+                others.join(", ")
+            );
+            refused.push(h.id.clone());
+            continue;
+        }
         match h.attestation_key {
-            Some(k) if k == key => println!(
-                "{}: enrolled, unchanged ({})",
-                h.id, id.attestation_key_fingerprint
-            ),
+            Some(k) if k == key => println!("{}: enrolled, unchanged ({fingerprint})", h.id),
             Some(k) if !rekey.contains(&h.id) => {
                 eprintln!(
-                    "{}: KEY CHANGED: enrolled {} but the host presents {} — reinstall or impersonation; refused (accept with --rekey {})",
+                    "{}: KEY CHANGED: enrolled {} but the host presents {fingerprint} — reinstall or impersonation; refused (accept with --rekey {})",
                     h.id,
                     ringfence::keys::fingerprint(&k),
-                    id.attestation_key_fingerprint,
                     h.id
                 );
                 refused.push(h.id.clone());
@@ -258,11 +326,14 @@ async fn enroll(
             _ => {
                 Inventory::set_attestation_key(inventory, &h.id, &text)
                     .map_err(InventoryCmdError::Write)?;
-                println!("{}: enrolled {}", h.id, id.attestation_key_fingerprint);
+                owners.entry(key.to_bytes()).or_default().push(h.id.clone());
+                println!("{}: enrolled {fingerprint}", h.id);
             }
         }
     }
-    if !refused.is_empty() {
+    if !impostors.is_empty() {
+        Err(InventoryCmdError::WrongIdentity(impostors))
+    } else if !refused.is_empty() {
         Err(InventoryCmdError::KeysRefused(refused))
     } else if !mismatched.is_empty() {
         Err(InventoryCmdError::EnrolledRingMismatch {

@@ -227,6 +227,7 @@ impl Driver {
             ring,
             pool: plan.host_pool.get(host).cloned().unwrap_or_default(),
             key,
+            expected_gpus: inv.expected_gpus,
             approvals: approvals.get(&ring).cloned().unwrap_or_default(),
             drill: plan.drill_host.as_deref() == Some(host),
         };

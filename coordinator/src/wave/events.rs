@@ -46,7 +46,7 @@ impl Event {
             ring: None,
             host: None,
             what: what.into(),
-            detail: detail.into(),
+            detail: crate::hosttext::message(detail),
         }
     }
     /// A wave started.

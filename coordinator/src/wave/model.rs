@@ -299,6 +299,9 @@ pub struct HostJob {
     pub pool: String,
     /// Its enrolled attestation key.
     pub key: VerifyingKey,
+    /// GPUs the inventory says it has (`expected_gpus`); fewer in a report
+    /// fails attest-before and validation. 0: not checked.
+    pub expected_gpus: u32,
     /// The ring's verified approvals (one copy per ring, shared by its
     /// hosts); each task carries only those covering this host and its
     /// action ([`ApprovalSet::for_task`]).

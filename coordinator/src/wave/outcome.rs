@@ -251,7 +251,7 @@ impl Failure {
         Self {
             step: step.into(),
             kind,
-            reason: reason.into(),
+            reason: crate::hosttext::message(&Into::<String>::into(reason)),
         }
     }
 }

@@ -179,11 +179,15 @@ async fn new_task(
     nonce: Vec<u8>,
 ) -> Result<StepResult<usize>, HostRunError> {
     let HostRun { ctx, job, api } = *hr;
-    let floor = api
+    let floor = match api
         .identity()
         .await
-        .map(|i| i.sequence_high_water)
-        .unwrap_or(0);
+        .map_err(|e| client_failure(step, &e))
+        .and_then(|i| super::validate::checked_identity(step, &job.host_id, i))
+    {
+        Ok(i) => i.sequence_high_water,
+        Err(f) => return Ok(StepResult::Failed(f)),
+    };
     let sequence = ctx.store.next_sequence_async(&job.host_id, floor).await?;
     let now = ctx.clock.now_ms();
     // Only the approvals that cover this host and this action, within what
@@ -262,7 +266,9 @@ async fn wait_task(
     let mut last_err = String::new();
     loop {
         match api.get_task(task_id).await {
-            Ok(Some(s)) if terminal(&s) => return Ok(s),
+            Ok(Some(s)) if terminal(&s) => {
+                return super::validate::checked_status(step, task_id, s);
+            }
             Ok(Some(_)) => last_err.clear(),
             Ok(None) => {
                 return Err(Failure::new(

@@ -4,6 +4,14 @@
 //! nonce and the trust policy's clock skew, then compared with the expected
 //! versions and with the attestation before ([`regressions`]: new hardware
 //! faults, and new XIDs the agent's own configuration names critical).
+//!
+//! The host's word is not taken for its verdict: the verdict is judged
+//! against the report's own reasons ([`effective_verdict`]: a HEALTHY
+//! report that carries an UNHEALTHY-severity reason is UNHEALTHY), the GPUs
+//! it reports against the inventory's `expected_gpus` ([`gpu_shortfall`]),
+//! and a finished task's status against the task asked for
+//! ([`checked_status`]). Host text kept from a report or status is escaped
+//! and bounded ([`crate::hosttext`]).
 
 use prost::Message;
 use ringfence::attest::verdict_name;
@@ -14,6 +22,7 @@ use super::model::{
 };
 use super::outcome::{Failure, FailureKind, Stage, StepResult, TaskStep, advance};
 use super::task::{NO_APPROVALS, client_failure, run_task};
+use crate::hosttext;
 
 /// The attestation before the wave: an UNHEALTHY host is not patched; a
 /// host drained by someone else is recorded as such (never undrained).
@@ -38,7 +47,9 @@ pub(super) async fn attest_before(
         }
     };
     let record = attestation_record(ctx, &att, &env);
-    let unhealthy = att.verdict == pb::Verdict::Unhealthy as i32;
+    let report = att.report.clone().unwrap_or_default();
+    let unhealthy = effective_verdict(att.verdict, &report) == pb::Verdict::Unhealthy as i32;
+    let short = gpu_shortfall(&report, job.expected_gpus);
     // Drained by someone else, not by this wave's own earlier tasks (a host
     // retried after a failure is still drained by the wave: undrain it).
     rec.already_drained = record.draining && !rec.drained_by_this_wave();
@@ -49,6 +60,13 @@ pub(super) async fn attest_before(
             Stage::AttestBefore,
             FailureKind::UnhealthyBefore,
             format!("host was UNHEALTHY before the wave ({reasons}); not patched"),
+        )));
+    }
+    if let Some(short) = short {
+        return Ok(StepResult::Failed(Failure::new(
+            Stage::AttestBefore,
+            FailureKind::UnhealthyBefore,
+            format!("{short} before the wave; not patched"),
         )));
     }
     ctx.set_phase(rec, Phase::Draining).await?;
@@ -118,9 +136,9 @@ pub(super) async fn validate_step(
             FailureKind::TaskFailed,
             format!(
                 "validate task {} ended {} without an attestation: {}",
-                status.task_id,
+                hosttext::field(&status.task_id),
                 state_name(status.state),
-                status.message
+                hosttext::message(&status.message)
             ),
         )));
     };
@@ -137,28 +155,41 @@ pub(super) async fn validate_step(
     let after = attestation_record(ctx, &att, &env);
     let report = att.report.clone().unwrap_or_default();
     let mut problems = Vec::new();
-    if att.verdict != pb::Verdict::Healthy as i32 {
+    let judged = effective_verdict(att.verdict, &report);
+    if judged != pb::Verdict::Healthy as i32 {
+        let stated = if judged == att.verdict {
+            String::new()
+        } else {
+            format!(" (the host said {})", after.verdict)
+        };
         problems.push(format!(
-            "verdict {} ({})",
-            after.verdict,
+            "verdict {}{stated} ({})",
+            verdict_name(judged),
             report
                 .reasons
                 .iter()
-                .map(|r| format!("{} gpu {} observed {}", r.code, r.gpu_index, r.observed))
+                .map(|r| hosttext::field(&format!(
+                    "{} {} gpu {} observed {}",
+                    r.code,
+                    verdict_name(r.severity),
+                    r.gpu_index,
+                    r.observed
+                )))
                 .collect::<Vec<_>>()
                 .join("; ")
         ));
     }
+    problems.extend(gpu_shortfall(&report, job.expected_gpus));
     if !expect_driver.is_empty() && report.driver_version != expect_driver {
         problems.push(format!(
             "driver {} != expected {}",
-            report.driver_version, expect_driver
+            after.driver_version, expect_driver
         ));
     }
     if !expect_cuda.is_empty() && report.cuda_driver_version != expect_cuda {
         problems.push(format!(
             "CUDA {} != expected {}",
-            report.cuda_driver_version, expect_cuda
+            after.cuda_version, expect_cuda
         ));
     }
     if let Some(before) = rec.before.as_ref() {
@@ -168,7 +199,7 @@ pub(super) async fn validate_step(
         problems.push(format!(
             "validate task ended {}: {}",
             state_name(status.state),
-            status.message
+            hosttext::message(&status.message)
         ));
     }
     if problems.is_empty() {
@@ -208,39 +239,156 @@ fn attestation_record(ctx: &Ctx, att: &pb::Attestation, env: &pb::Envelope) -> A
     let report = att.report.clone().unwrap_or_default();
     AttestationRecord {
         verdict: verdict_name(att.verdict).to_string(),
-        driver_version: report.driver_version.clone(),
-        cuda_version: report.cuda_driver_version.clone(),
-        reasons: report.reasons.iter().map(|r| r.code.clone()).collect(),
+        driver_version: hosttext::field(&report.driver_version),
+        cuda_version: hosttext::field(&report.cuda_driver_version),
+        reasons: report
+            .reasons
+            .iter()
+            .take(64)
+            .map(|r| hosttext::field(&r.code))
+            .collect(),
         draining: report.draining,
         envelope: env.encode_to_vec(),
         at_ms: ctx.clock.now_ms(),
     }
 }
 
-/// New hardware faults since the attestation before the patch: more
-/// uncorrected ECC errors, retired pages or remapped rows on a GPU, and
-/// XIDs not seen before that the agent's configuration names critical
-/// (`critical_xids` of either signed report; an agent that reports no
-/// list is judged by its verdict alone, which a critical XID already
-/// makes UNHEALTHY).
+/// Rank of a verdict or reason severity, worst highest. A value this
+/// coordinator does not know counts as UNHEALTHY; UNSPECIFIED forces nothing.
+fn severity_rank(v: i32) -> u8 {
+    match pb::Verdict::try_from(v) {
+        Ok(pb::Verdict::Unspecified) => 0,
+        Ok(pb::Verdict::Healthy) => 1,
+        Ok(pb::Verdict::Degraded) => 2,
+        _ => 3,
+    }
+}
+
+/// The verdict a report earns: the host's own verdict, or the worst
+/// severity among the report's reasons when that is worse (each reason
+/// forces its severity on its own, as the agent's rules say). A compromised
+/// host that marks a report HEALTHY while listing an UNHEALTHY fault is
+/// judged UNHEALTHY.
+pub fn effective_verdict(stated: i32, report: &pb::HealthReport) -> i32 {
+    report
+        .reasons
+        .iter()
+        .map(|r| r.severity)
+        .fold(stated, |worst, s| {
+            if severity_rank(s) > severity_rank(worst) {
+                if severity_rank(s) == 3 {
+                    pb::Verdict::Unhealthy as i32
+                } else {
+                    s
+                }
+            } else {
+                worst
+            }
+        })
+}
+
+/// Fewer GPUs in the report than the inventory's `expected_gpus` (0: not
+/// checked), whatever the agent's own `gpus_expected` says. GPUs count once
+/// per distinct UUID among those reported, and never more than the
+/// report's `gpus_found`.
+pub fn gpu_shortfall(report: &pb::HealthReport, expected: u32) -> Option<String> {
+    let uuids: std::collections::BTreeSet<&str> =
+        report.gpus.iter().map(|g| g.uuid.as_str()).collect();
+    let found = u32::try_from(uuids.len())
+        .unwrap_or(u32::MAX)
+        .min(report.gpus_found);
+    (found < expected).then(|| format!("{found} GPUs reported, the inventory expects {expected}"))
+}
+
+/// A finished task's status, checked against the task asked for: the
+/// agent must answer for `task_id` (which names the wave, host, sequence
+/// and step), or the status is not the task's. Its
+/// message and output tail are escaped and bounded before anything keeps
+/// them.
+pub(super) fn checked_status(
+    step: TaskStep,
+    task_id: &str,
+    mut s: pb::TaskStatus,
+) -> Result<pb::TaskStatus, Failure> {
+    if s.task_id != task_id {
+        return Err(Failure::new(
+            step,
+            FailureKind::TaskFailed,
+            format!(
+                "asked for task {task_id}, the agent answered for task {}",
+                hosttext::field(&s.task_id)
+            ),
+        ));
+    }
+    s.message = hosttext::message(&s.message);
+    s.output_tail = hosttext::tail(&s.output_tail);
+    Ok(s)
+}
+
+/// A host's identity, checked against the host asked for: an agent that
+/// answers GetIdentity with another host's id does not speak for this one.
+pub(super) fn checked_identity(
+    step: impl Into<Stage>,
+    host_id: &str,
+    id: pb::Identity,
+) -> Result<pb::Identity, Failure> {
+    if id.host_id != host_id {
+        return Err(Failure::new(
+            step,
+            FailureKind::Attestation,
+            format!(
+                "asked {host_id} for its identity, the agent answered as `{}`",
+                hosttext::field(&id.host_id)
+            ),
+        ));
+    }
+    Ok(id)
+}
+
+/// New hardware faults since the attestation before the patch, walking
+/// the GPUs of both reports by UUID: a GPU there before and missing after;
+/// more uncorrected ECC errors, retired pages or remapped rows on a GPU, or
+/// such a counter reported before and missing after (a counter that goes
+/// silent is not 0); and XIDs new this boot that the agent's configuration
+/// names critical (`critical_xids` of either signed report; an agent that
+/// reports no list is judged by its verdict alone, which a critical XID
+/// already makes UNHEALTHY). An XID event is new unless the report before
+/// holds the same event (code, boot and time): the same code seen in an
+/// earlier boot, or earlier in this boot, does not excuse a new one.
 pub fn regressions(before: &AttestationRecord, after: &pb::HealthReport) -> Vec<String> {
     let Some(before_report) = pb::Envelope::decode(before.envelope.as_slice())
         .ok()
         .and_then(|e| pb::Attestation::decode(e.payload.as_slice()).ok())
         .and_then(|a| a.report)
     else {
-        return Vec::new();
+        return vec!["the attestation before the patch does not decode".to_string()];
     };
     let critical =
         |xid: u64| after.critical_xids.contains(&xid) || before_report.critical_xids.contains(&xid);
     let mut out = Vec::new();
+    for prev in &before_report.gpus {
+        if !after.gpus.iter().any(|g| g.uuid == prev.uuid) {
+            out.push(format!(
+                "gpu {} ({}) missing after the patch",
+                prev.index,
+                hosttext::field(&prev.uuid)
+            ));
+        }
+    }
     for gpu in &after.gpus {
-        let prev = before_report.gpus.iter().find(|g| g.uuid == gpu.uuid);
-        let grew = |name: &str, now: Option<u64>, then: Option<u64>| {
-            let (n, t) = (now.unwrap_or(0), then.unwrap_or(0));
-            (n > t).then(|| format!("gpu {} {name} {t} -> {n}", gpu.index))
+        let p = before_report
+            .gpus
+            .iter()
+            .find(|g| g.uuid == gpu.uuid)
+            .cloned()
+            .unwrap_or_default();
+        let grew = |name: &str, now: Option<u64>, then: Option<u64>| match (now, then) {
+            (None, Some(t)) => Some(format!("gpu {} {name} {t} -> not reported", gpu.index)),
+            (n, t) => {
+                let (n, t) = (n.unwrap_or(0), t.unwrap_or(0));
+                (n > t).then(|| format!("gpu {} {name} {t} -> {n}", gpu.index))
+            }
         };
-        let p = prev.cloned().unwrap_or_default();
         out.extend(grew(
             "uncorrected ECC (aggregate)",
             gpu.ecc_aggregate_uncorrected,
@@ -251,8 +399,9 @@ pub fn regressions(before: &AttestationRecord, after: &pb::HealthReport) -> Vec<
             gpu.ecc_volatile_uncorrected,
             p.ecc_volatile_uncorrected,
         ));
-        let pair = |a: Option<u32>, b: Option<u32>| {
-            a.map(u64::from).zip(b.map(u64::from)).map(|(a, b)| a + b)
+        let pair = |a: Option<u32>, b: Option<u32>| match (a, b) {
+            (None, None) => None,
+            (a, b) => Some(u64::from(a.unwrap_or(0)) + u64::from(b.unwrap_or(0))),
         };
         out.extend(grew(
             "retired pages",
@@ -267,13 +416,18 @@ pub fn regressions(before: &AttestationRecord, after: &pb::HealthReport) -> Vec<
             ),
             pair(p.remapped_rows_uncorrectable, p.remapped_rows_correctable),
         ));
-        let old_xids: Vec<u64> = p.xids.iter().map(|x| x.xid).collect();
-        for x in &gpu.xids {
-            if critical(x.xid) && !old_xids.contains(&x.xid) {
+        let this_boot = |x: &pb::XidEvent| x.boot_id.is_empty() || x.boot_id == after.boot_id;
+        for x in gpu.xids.iter().filter(|x| this_boot(x)) {
+            let seen = p
+                .xids
+                .iter()
+                .any(|o| o.xid == x.xid && o.boot_id == x.boot_id && o.at_unix_ms == x.at_unix_ms);
+            if critical(x.xid) && !seen {
                 out.push(format!("gpu {} new critical XID {}", gpu.index, x.xid));
             }
         }
     }
+    out.dedup();
     out
 }
 
@@ -348,5 +502,129 @@ mod tests {
             regressions(&b, &r),
             ["gpu 0 uncorrected ECC (volatile) 0 -> 2"]
         );
+    }
+
+    fn reason(code: &str, severity: pb::Verdict) -> pb::Reason {
+        pb::Reason {
+            code: code.into(),
+            severity: severity as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_healthy_verdict_over_an_unhealthy_reason_is_unhealthy() {
+        let mut r = report(&[], &[]);
+        let healthy = pb::Verdict::Healthy as i32;
+        assert_eq!(effective_verdict(healthy, &r), healthy);
+        r.reasons = vec![
+            reason("temp_high", pb::Verdict::Degraded),
+            reason("ecc_uncorrected_volatile", pb::Verdict::Unhealthy),
+        ];
+        assert_eq!(
+            effective_verdict(healthy, &r),
+            pb::Verdict::Unhealthy as i32
+        );
+        r.reasons = vec![reason("temp_high", pb::Verdict::Degraded)];
+        assert_eq!(effective_verdict(healthy, &r), pb::Verdict::Degraded as i32);
+        // A severity this coordinator does not know is the worst.
+        r.reasons[0].severity = 42;
+        assert_eq!(
+            effective_verdict(healthy, &r),
+            pb::Verdict::Unhealthy as i32
+        );
+    }
+
+    #[test]
+    fn fewer_gpus_than_the_inventory_says_fall_short_whatever_the_agent_expects() {
+        let mut r = report(&[], &[]);
+        r.gpus_expected = 1;
+        r.gpus_found = 8;
+        // One distinct GPU, reported twice, is one GPU.
+        r.gpus.push(r.gpus[0].clone());
+        assert_eq!(
+            gpu_shortfall(&r, 8).as_deref(),
+            Some("1 GPUs reported, the inventory expects 8")
+        );
+        assert_eq!(gpu_shortfall(&r, 1), None);
+        assert_eq!(gpu_shortfall(&r, 0), None);
+    }
+
+    #[test]
+    fn a_gpu_missing_after_the_patch_is_a_regression() {
+        let mut r = report(&[], &[]);
+        let mut g1 = gpu(&[]);
+        g1.uuid = "GPU-1".into();
+        g1.index = 1;
+        r.gpus.push(g1);
+        let b = before(r.clone());
+        r.gpus.remove(1);
+        assert_eq!(
+            regressions(&b, &r),
+            ["gpu 1 (GPU-1) missing after the patch"]
+        );
+    }
+
+    #[test]
+    fn a_counter_that_goes_silent_after_the_patch_is_a_regression() {
+        let mut r = report(&[], &[]);
+        r.gpus[0].ecc_aggregate_uncorrected = Some(3);
+        r.gpus[0].remapped_rows_uncorrectable = Some(1);
+        r.gpus[0].remapped_rows_correctable = Some(0);
+        let b = before(r.clone());
+        r.gpus[0].ecc_aggregate_uncorrected = None;
+        r.gpus[0].remapped_rows_uncorrectable = None;
+        r.gpus[0].remapped_rows_correctable = None;
+        assert_eq!(
+            regressions(&b, &r),
+            [
+                "gpu 0 uncorrected ECC (aggregate) 3 -> not reported",
+                "gpu 0 remapped rows 1 -> not reported"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_critical_xid_new_this_boot_counts_though_an_earlier_boot_had_it() {
+        let xid = |boot: &str, at| pb::XidEvent {
+            xid: 79,
+            at_unix_ms: at,
+            boot_id: boot.into(),
+        };
+        let mut r = report(&[], &[79]);
+        r.boot_id = "boot-1".into();
+        r.gpus[0].xids = vec![xid("boot-1", 10)];
+        let b = before(r.clone());
+        // The patch rebooted the host; XID 79 appears again in the new boot.
+        r.boot_id = "boot-2".into();
+        r.gpus[0].xids = vec![xid("boot-1", 10), xid("boot-2", 20)];
+        assert_eq!(regressions(&b, &r), ["gpu 0 new critical XID 79"]);
+        // The event seen before, in the same boot, is not new.
+        r.boot_id = "boot-1".into();
+        r.gpus[0].xids = vec![xid("boot-1", 10)];
+        assert!(regressions(&b, &r).is_empty());
+    }
+
+    #[test]
+    fn a_status_for_another_task_or_an_identity_of_another_host_is_refused() {
+        let s = pb::TaskStatus {
+            task_id: "w/gpu-2/7/validate".into(),
+            message: "done\x1b[2K".into(),
+            ..Default::default()
+        };
+        let f = checked_status(TaskStep::Validate, "w/gpu-1/7/validate", s.clone()).unwrap_err();
+        assert!(
+            f.reason.contains("answered for task w/gpu-2/7/validate"),
+            "{}",
+            f.reason
+        );
+        let ok = checked_status(TaskStep::Validate, "w/gpu-2/7/validate", s).unwrap();
+        assert_eq!(ok.message, "done\\u{1b}[2K");
+        let id = pb::Identity {
+            host_id: "gpu-2".into(),
+            ..Default::default()
+        };
+        assert!(checked_identity(TaskStep::Drain, "gpu-1", id.clone()).is_err());
+        assert!(checked_identity(TaskStep::Drain, "gpu-2", id).is_ok());
     }
 }

@@ -165,6 +165,7 @@ async fn fixture_with(ring: u32, faulty: bool, drill: bool) -> Fx {
         ring,
         pool: "p".into(),
         key: sim.public_key(),
+        expected_gpus: 0,
         approvals: Arc::new(approval_set(&approvals, &trust, ring, now)),
         drill,
     };

@@ -88,6 +88,7 @@ async fn one_host_patched_over_mtls_ends_on_the_new_driver() {
         ring: 0,
         pool: "h100-train".into(),
         key: fleet.hosts[0].public_key,
+        expected_gpus: 0,
         approvals: Default::default(),
         drill: false,
     };

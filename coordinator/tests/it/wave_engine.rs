@@ -98,6 +98,7 @@ fn host(w: &World, id: &str, ring: u32) -> (SimHost, HostJob) {
         ring,
         pool: "p".into(),
         key: sim.public_key(),
+        expected_gpus: 0,
         approvals: Default::default(),
         drill: false,
     };
@@ -416,7 +417,7 @@ fn sim_fleet(n: usize, reserve: u32) -> SimFleet {
         // refuses agents whose own ring differs, or is unset).
         .with_ring(ringfence_devfleet::simhost::SimRing::Configured(0));
         inventory.push_str(&format!(
-            "[[host]]\nid = \"h{i}\"\naddress = \"127.0.0.1:1\"\npool = \"p\"\nring = 0\nattestation_key = \"{}\"\n",
+            "[[host]]\nid = \"h{i}\"\naddress = \"127.0.0.1:1\"\npool = \"p\"\nring = 0\nattestation_key = \"{}\"\nexpected_gpus = 1\n",
             keys::public_key_text(&sim.public_key())
         ));
         hosts.push(sim);
@@ -764,6 +765,7 @@ async fn attestations_are_checked_with_the_policys_clock_skew() {
             ring: 0,
             pool: "p".into(),
             key: sim.public_key(),
+            expected_gpus: 0,
             approvals: Default::default(),
             drill: false,
         };
