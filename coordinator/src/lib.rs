@@ -10,6 +10,7 @@ pub mod evidence;
 pub mod health_table;
 pub mod inventory;
 pub mod plan;
+pub mod preflight;
 pub mod report;
 pub mod settings;
 pub mod spec;
