@@ -11,6 +11,7 @@ pub mod health_table;
 pub mod hosttext;
 pub mod inventory;
 pub mod plan;
+pub mod preflight;
 pub mod report;
 pub mod settings;
 pub mod spec;

@@ -150,6 +150,31 @@ pub enum ApproveError {
     /// The signed approval could not be written.
     #[error(transparent)]
     Write(ApprovalError),
+    /// The ring needs no approval.
+    #[error(
+        "not signed: ring {ring} is not protected in wave {wave} (neither protected_rings of the spec nor of the trust policy); it needs no approval"
+    )]
+    NotProtected {
+        /// Wave id.
+        wave: String,
+        /// Ring.
+        ring: u32,
+    },
+    /// The wave was aborted: nothing of it runs again.
+    #[error("not signed: wave {0} was aborted; approve a new wave instead")]
+    WaveAborted(String),
+    /// This key already approved this ring of this wave.
+    #[error("not signed: {key_id} already approved wave {wave} ring {ring} ({}); approvals need distinct keys", path.display())]
+    AlreadyApproved {
+        /// Wave id.
+        wave: String,
+        /// Ring.
+        ring: u32,
+        /// The approver's key id.
+        key_id: String,
+        /// Its approval file.
+        path: PathBuf,
+    },
 }
 
 /// Run `wave approve`.
@@ -300,6 +325,22 @@ fn sign(s: &Scope<'_>) -> Result<(), ApproveError> {
         approver: key_id.clone(),
     };
     check_coordinator_view(s, &req)?;
+    if !spec.protected_rings.contains(&s.ring) && !s.trust.policy.protected_rings.contains(&s.ring)
+    {
+        return Err(ApproveError::NotProtected {
+            wave: a.wave.clone(),
+            ring: s.ring,
+        });
+    }
+    let own = s.dir.join(format!("ring-{}-{key_id}.json", s.ring));
+    if a.out.is_none() && own.exists() {
+        return Err(ApproveError::AlreadyApproved {
+            wave: a.wave.clone(),
+            ring: s.ring,
+            key_id,
+            path: own,
+        });
+    }
     let threshold = spec
         .approver_threshold
         .max(s.trust.policy.approver_threshold);
@@ -345,6 +386,22 @@ fn sign(s: &Scope<'_>) -> Result<(), ApproveError> {
         spec.profile,
         spec.version
     );
+    if a.out.is_none() {
+        let scope = approvals::RingScope {
+            wave_id: &spec.wave_id,
+            ring: s.ring,
+            profile: &spec.profile,
+            version: &spec.version,
+            hosts: &req.hosts,
+        };
+        let got = approvals::collect_ring(s.dir, s.trust, &scope, ringfence::time::now_ms());
+        println!(
+            "approval {} of {threshold} for ring {} ({})",
+            got.approvers.len(),
+            s.ring,
+            got.approvers.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
     Ok(())
 }
 
@@ -360,6 +417,9 @@ fn check_coordinator_view(s: &Scope<'_>, req: &approvals::Request) -> Result<(),
             path: status_path.clone(),
             source,
         })?;
+    if snapshot.phase == "aborted" {
+        return Err(ApproveError::WaveAborted(s.args.wave.clone()));
+    }
     let differences = approvals::scope_differences(
         req,
         snapshot.ring_hosts.get(&s.ring).map(Vec::as_slice),

@@ -117,6 +117,8 @@ impl CliError {
                 | WaveCmdError::SkipWithoutReason
                 | WaveCmdError::BreakGlass { .. }
                 | WaveCmdError::BreakGlassScope { .. }
+                | WaveCmdError::Preflight(_)
+                | WaveCmdError::Finished { .. }
                 | WaveCmdError::NoStatus { .. } => Config,
                 WaveCmdError::Store(_)
                 | WaveCmdError::RollbackFailed { .. }
@@ -159,6 +161,9 @@ fn approve(e: &ApproveError) -> Exit {
         | ApproveError::ImportOtherWave { .. }
         | ApproveError::SpecOtherWave { .. }
         | ApproveError::MissingScope
+        | ApproveError::NotProtected { .. }
+        | ApproveError::WaveAborted(_)
+        | ApproveError::AlreadyApproved { .. }
         | ApproveError::ScopeDiffers { .. } => Exit::Config,
         ApproveError::BadTtl(_) | ApproveError::NotTerminal => Exit::Usage,
         ApproveError::BadStatus { .. } | ApproveError::NotConfirmed | ApproveError::Write(_) => {
@@ -181,6 +186,7 @@ fn engine(e: &WaveError) -> Exit {
         | WaveError::BreakGlass { .. }
         | WaveError::NotInWave { .. }
         | WaveError::HostInFlight { .. }
+        | WaveError::Preflight(_)
         | WaveError::Job(_) => Exit::Config,
         WaveError::Store(_)
         | WaveError::HostRun(_)

@@ -1,18 +1,47 @@
 //! Text the operator reads: a wave's status snapshot (`wave status`) and a
 //! verified evidence packet (`evidence verify`). Each function returns the
-//! lines to print, newline-terminated.
+//! lines to print, newline-terminated; [`print_text`] prints them to a
+//! stdout that may be a closed pipe (`wave status | head -1`).
 
 use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::evidence::{Attested, Verified};
 use crate::plan::ring_name;
-use crate::wave::StatusSnapshot;
+use crate::wave::{FailureKind, StatusSnapshot};
+
+/// `ms` since the epoch as RFC 3339 (UTC, seconds), or the number when out
+/// of range.
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map_or_else(
+        || format!("{ms} ms"),
+        |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    )
+}
+
+/// Print `text` to stdout as is. A reader that went away (a closed pipe)
+/// is not an error: the rest is dropped, nothing panics.
+pub fn print_text(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+/// [`print_text`] of one line (a newline is added).
+pub fn print_line(line: &str) {
+    print_text(&format!("{line}\n"));
+}
 
 /// `wave status` without `--json`: the summary line, then rings, pools,
 /// break-glass grants, the next window and the halt, one per line.
 pub fn status(s: &StatusSnapshot) -> String {
     let mut out = format!("{}\n", crate::report::summary(s));
+    let _ = writeln!(
+        out,
+        "  started {}, updated {}",
+        rfc3339(s.started_at_ms),
+        rfc3339(s.updated_at_ms)
+    );
     for (r, v) in &s.rings {
         let _ = writeln!(
             out,
@@ -32,7 +61,18 @@ pub fn status(s: &StatusSnapshot) -> String {
     if let Some(n) = &s.next_window {
         let _ = writeln!(out, "  next maintenance window opens {n}");
     }
-    if let Some(h) = &s.halt {
+    if s.phase == "aborted" {
+        let _ = writeln!(
+            out,
+            "  ABORTED: no host starts again; hosts the wave left drained stay drained until undrained"
+        );
+    } else if let Some(h) = s.halt.as_ref().filter(|h| h.kind == FailureKind::Operator) {
+        let _ = writeln!(
+            out,
+            "  HALTED by the operator in ring {}: {}; no host failed: a plain `ringfence wave resume --wave {}` continues",
+            h.ring, h.reason, s.wave_id
+        );
+    } else if let Some(h) = &s.halt {
         let _ = writeln!(
             out,
             "  HALT: ring {} host {} step {} ({}): {}",
@@ -126,6 +166,7 @@ mod tests {
         assert_eq!(
             lines,
             [
+                "  started 1970-01-01T00:00:00Z, updated 1970-01-01T00:00:00Z",
                 &format!(
                     "  ring 2{}: halted (approved) {{\"failed\": 1}}",
                     ring_name(2)
@@ -136,5 +177,48 @@ mod tests {
                 "  HALT: ring 2 host gpu-7 step validate (attestation): uncorrected ECC",
             ]
         );
+    }
+
+    fn snapshot(phase: &str, halt: serde_json::Value) -> StatusSnapshot {
+        serde_json::from_value(serde_json::json!({
+            "wave_id": "w-1", "phase": phase, "ring": 2, "rings": {}, "pools": {},
+            "failures": [0, 1], "halt": halt, "next_window": null, "break_glass": [],
+            "ring_hosts": {}, "profile": "p", "version": "v", "rollback_version": "",
+            "started_at_ms": 1_790_000_000_000_i64, "updated_at_ms": 1_790_000_061_500_i64,
+            "hosts": {}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn status_after_an_operator_halt_says_a_plain_resume_continues() {
+        let halt = serde_json::json!({"wave_id": "w-1", "ring": 2, "host": null,
+            "step": "dispatch", "kind": "operator", "reason": "halt requested by operator"});
+        let text = status(&snapshot("halted", halt));
+        assert!(
+            text.contains("no host failed: a plain `ringfence wave resume --wave w-1` continues"),
+            "{text}"
+        );
+        assert!(!text.contains("HALT: ring"), "{text}");
+        assert!(
+            text.contains("started 2026-09-21T14:13:20Z, updated 2026-09-21T14:14:21Z"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn status_after_abort_says_aborted_not_halted() {
+        let halt = serde_json::json!({"wave_id": "w-1", "ring": 2, "host": "gpu-7",
+            "step": "validate", "kind": "attestation", "reason": "uncorrected ECC"});
+        let text = status(&snapshot("aborted", halt));
+        assert!(text.starts_with("w-1 aborted"), "{text}");
+        assert!(text.contains("ABORTED: no host starts again"), "{text}");
+        assert!(!text.contains("HALT"), "{text}");
+    }
+
+    #[test]
+    fn rfc3339_of_ms() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(i64::MAX), format!("{} ms", i64::MAX));
     }
 }

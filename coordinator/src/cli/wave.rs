@@ -3,7 +3,7 @@
 //! from the settings, and [`WaveCmdError`] says why a wave command failed,
 //! a halted wave included.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +17,8 @@ use super::approve::{self, ApproveArgs, ApproveError};
 use super::input::{self, Env, InputError};
 use crate::approvals::{self, ApprovalError, BreakGlassGrant};
 use crate::inventory::Inventory;
-use crate::plan::{Plan, PlanError};
+use crate::plan::PlanError;
+use crate::preflight;
 use crate::report::Reporter;
 use crate::settings::Settings;
 use crate::spec::WaveSpec;
@@ -33,7 +34,9 @@ pub struct WaveArgs {
 
 #[derive(Debug, Subcommand)]
 pub(super) enum WaveCommand {
-    /// Dry run: rings, batches, reserve math, protected rings.
+    /// Pre-flight: asks every host (identity, health) and refuses what
+    /// `wave run` would refuse, naming hosts; else rings, batches, reserve
+    /// math, protected rings. Drains nothing.
     Plan {
         /// Inventory file.
         #[arg(long)]
@@ -44,6 +47,9 @@ pub(super) enum WaveCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Break-glass approval files (as `wave run` would get them).
+        #[arg(long = "break-glass")]
+        break_glass: Vec<PathBuf>,
     },
     /// Start a wave.
     Run {
@@ -191,6 +197,19 @@ pub enum WaveCmdError {
         /// Why it cannot be read.
         source: std::io::Error,
     },
+    /// `run`: the wave id names a wave that already ended.
+    #[error(
+        "wave `{wave}` is already {phase}; a wave id is used once: choose a new `wave_id` in the spec"
+    )]
+    Finished {
+        /// Wave id.
+        wave: String,
+        /// `completed` or `aborted`.
+        phase: String,
+    },
+    /// `plan`: the pre-flight refuses the wave (each reason names its hosts).
+    #[error("{0}\n`wave run` would refuse this wave; nothing was drained")]
+    Preflight(crate::preflight::Refused),
     /// `status`: the status snapshot does not parse.
     #[error("{}: {source}", path.display())]
     BadStatus {
@@ -208,8 +227,15 @@ impl From<ApproveError> for WaveCmdError {
 }
 
 /// What `wave run` / `wave resume` print when the wave halts: where, why,
-/// and the two ways on.
+/// and the ways on (an operator's halt has no failed host: a plain resume
+/// continues it).
 fn halt_message(h: &HaltReport) -> String {
+    if h.kind == wave::FailureKind::Operator {
+        return format!(
+            "wave {} HALTED by the operator in ring {}: {}\nno host failed; continue with `ringfence wave resume --wave {}` or end it with `ringfence wave abort --wave {}`",
+            h.wave_id, h.ring, h.reason, h.wave_id, h.wave_id
+        );
+    }
     format!(
         "wave {} HALTED in ring {}: host {} step {} ({}): {}\n{}; decide with `ringfence wave resume --wave {} --retry HOST | --skip HOST --reason ...` or `ringfence wave abort --wave {}`",
         h.wave_id,
@@ -290,7 +316,8 @@ pub(super) async fn run(config: Option<&Path>, cmd: WaveCommand) -> Result<(), W
             inventory,
             spec,
             json,
-        } => plan(&inventory, &spec, json),
+            break_glass,
+        } => plan(config, &inventory, &spec, json, &break_glass).await,
         WaveCommand::Run {
             inventory,
             spec,
@@ -339,6 +366,7 @@ pub(super) async fn run(config: Option<&Path>, cmd: WaveCommand) -> Result<(), W
             let settings = input::settings(config)?;
             let store = open_store(&settings, &wave)?;
             wave::abort(&store).map_err(WaveCmdError::Store)?;
+            mark_aborted(&store).map_err(WaveCmdError::Store)?;
             println!(
                 "wave {wave} aborted; hosts left drained stay drained until an operator undrains them"
             );
@@ -348,19 +376,78 @@ pub(super) async fn run(config: Option<&Path>, cmd: WaveCommand) -> Result<(), W
     }
 }
 
-/// `wave plan`: the dry run, as text or JSON.
-fn plan(inventory: &Path, spec: &Path, json: bool) -> Result<(), WaveCmdError> {
+/// `wave plan`: the pre-flight over the same settings, trust file, TLS
+/// identity and break-glass files as `wave run`, every host asked; the
+/// plan as text or JSON when nothing refuses the wave.
+async fn plan(
+    config: Option<&Path>,
+    inventory: &Path,
+    spec: &Path,
+    json: bool,
+    break_glass_files: &[PathBuf],
+) -> Result<(), WaveCmdError> {
+    let env = Env::load(config)?;
     let inv = input::inventory(inventory)?;
     let (spec, _) = input::spec(spec)?;
-    let plan = Plan::build(&inv, &spec, &BTreeMap::new(), &BTreeMap::new())?;
+    let wave_id = spec.wave_id.clone();
+    // A wave that started has a status snapshot: `run` refuses its id.
+    let paths = WavePaths::new(&env.settings.state_dir, &wave_id);
+    if let Some(phase) = finished_at(&paths.status) {
+        return Err(WaveCmdError::Finished {
+            wave: wave_id,
+            phase,
+        });
+    }
+    if paths.status.exists() {
+        return Err(WaveError::Exists(wave_id).into());
+    }
+    let bg = break_glass(break_glass_files, &env.trust, &wave_id, &inv)?;
+    let overrides: BTreeMap<String, crate::plan::BreakGlassLimit> = bg
+        .iter()
+        .map(|(g, _)| {
+            let limit = crate::plan::BreakGlassLimit {
+                max_out: g.max_out,
+                expires_at_ms: g.expires_at_ms,
+            };
+            (g.pool.clone(), limit)
+        })
+        .collect();
+    let in_other_waves: BTreeSet<String> = crate::store::PoolLedger::new(&paths)
+        .lock()
+        .await
+        .map_err(WaveCmdError::Store)?
+        .others(&wave_id)
+        .into_values()
+        .flat_map(BTreeMap::into_keys)
+        .collect();
+    let conn: Arc<dyn wave::Connector> = Arc::new(env.connector(&inv));
+    let probes = preflight::probe(&inv, conn, preflight::Ask::IdentityAndHealth).await;
+    let cleared = preflight::check(&inv, &spec, &probes, &in_other_waves, &overrides)
+        .map_err(WaveCmdError::Preflight)?;
     if json {
-        let value = crate::plan::render_json(&plan);
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&value).unwrap_or_default()
-        );
+        let mut value = crate::plan::render_json(&cleared.plan);
+        if let Some(o) = value.as_object_mut() {
+            let unreachable: BTreeMap<&str, &str> = cleared
+                .unreachable
+                .iter()
+                .map(|(h, why)| (h.as_str(), why.as_str()))
+                .collect();
+            o.insert("unreachable".into(), serde_json::json!(unreachable));
+        }
+        super::render::print_line(&serde_json::to_string_pretty(&value).unwrap_or_default());
     } else {
-        print!("{}", crate::plan::render_text(&plan));
+        let mut text = crate::plan::render_text(&cleared.plan);
+        text.push_str(&format!(
+            "pre-flight: {} host(s) asked: rings, patch profile `{}`, drain state and health agree with the wave\n",
+            probes.len() - cleared.unreachable.len(),
+            spec.profile
+        ));
+        for (h, why) in &cleared.unreachable {
+            text.push_str(&format!(
+                "warning: {h} unreachable ({why}); the wave fails it when its turn comes\n"
+            ));
+        }
+        super::render::print_text(&text);
     }
     Ok(())
 }
@@ -380,6 +467,12 @@ async fn start(
     // The agents' rings are checked by the wave's own probe, over the
     // connection it opens to each host anyway (WaveError::RingMismatch).
     let store = Arc::new(open_store(&env.settings, &spec.wave_id)?);
+    if let Some(phase) = finished(&store) {
+        return Err(WaveCmdError::Finished {
+            wave: spec.wave_id,
+            phase,
+        });
+    }
     store
         .put_meta(wave::META_SPEC_TEXT, &text)
         .map_err(WaveCmdError::Store)?;
@@ -471,15 +564,42 @@ fn status(config: Option<&Path>, wave: &str, json: bool) -> Result<(), WaveCmdEr
         Err(source) => return Err(WaveCmdError::NoStatus { path, source }),
     };
     if json {
-        println!("{text}");
+        super::render::print_line(&text);
         return Ok(());
     }
     let snapshot: wave::StatusSnapshot = match serde_json::from_str(&text) {
         Ok(s) => s,
         Err(source) => return Err(WaveCmdError::BadStatus { path, source }),
     };
-    print!("{}", super::render::status(&snapshot));
+    super::render::print_text(&super::render::status(&snapshot));
     Ok(())
+}
+
+/// `completed` or `aborted` when the wave's status snapshot says so.
+fn finished(store: &WaveStore) -> Option<String> {
+    finished_at(&store.paths.status)
+}
+
+/// [`finished`] of the status snapshot at `path`.
+fn finished_at(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let snapshot: wave::StatusSnapshot = serde_json::from_str(&text).ok()?;
+    matches!(snapshot.phase.as_str(), "completed" | "aborted").then_some(snapshot.phase)
+}
+
+/// After `abort`: the status snapshot says so (phase `aborted`, no next
+/// step), so `wave status` no longer shows the wave halted.
+fn mark_aborted(store: &WaveStore) -> Result<(), StoreError> {
+    let Ok(text) = std::fs::read_to_string(&store.paths.status) else {
+        // A wave that never wrote a snapshot has none to correct.
+        return Ok(());
+    };
+    let Ok(mut snapshot) = serde_json::from_str::<wave::StatusSnapshot>(&text) else {
+        return Ok(());
+    };
+    snapshot.phase = "aborted".into();
+    snapshot.updated_at_ms = ringfence::time::now_ms();
+    store.write_status(&snapshot)
 }
 
 fn open_store(settings: &Settings, wave: &str) -> Result<WaveStore, WaveCmdError> {

@@ -35,6 +35,12 @@ impl Driver {
         if self.store.get_meta::<Plan>(META_PLAN)?.is_some() {
             return Err(WaveError::Exists(self.spec.wave_id.clone()));
         }
+        crate::preflight::refuse_missing_profile(
+            &self.inventory,
+            &self.spec,
+            self.connector.clone(),
+        )
+        .await?;
         // Probe while holding the pool ledger: no other wave takes a host
         // out meanwhile, so every host another wave has drained is in its
         // ledger entry and counts as that wave's, not as out before.

@@ -120,6 +120,9 @@ pub enum WaveError {
     /// the host to roll back cannot be reached
     #[error("{0}")]
     Unreachable(String),
+    /// the pre-flight refused the wave before anything was drained
+    #[error(transparent)]
+    Preflight(#[from] crate::preflight::Refusal),
 }
 
 /// What the loop needs.
