@@ -130,6 +130,9 @@ impl Connector for TlsConnector {
 }
 
 /// The real [`HostApi`]: the generated gRPC client over an mTLS channel.
+/// Every unary call is bounded as a whole (headers, body and trailers) by
+/// its timeout, not only until the response headers arrive: a host that
+/// answers headers and then nothing fails `unreachable` when it runs out.
 #[derive(Debug, Clone)]
 pub struct GrpcHost {
     host: String,
@@ -156,32 +159,41 @@ impl GrpcHost {
     fn err(&self, s: &tonic::Status) -> ClientError {
         ClientError::from_status(&self.host, s)
     }
+
+    /// Run the unary call `fut` (named `what`) within the whole-call deadline.
+    async fn call<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, ClientError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r.map(tonic::Response::into_inner).map_err(|s| self.err(&s)),
+            Err(_) => Err(ClientError::Unreachable {
+                host: self.host.clone(),
+                reason: format!("{what} not answered within {:?}", self.timeout),
+            }),
+        }
+    }
 }
 
 #[tonic::async_trait]
 impl HostApi for GrpcHost {
     async fn identity(&self) -> Result<pb::Identity, ClientError> {
         let mut c = self.client.clone();
-        c.get_identity(self.req(pb::GetIdentityRequest {}))
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| self.err(&s))
+        let req = self.req(pb::GetIdentityRequest {});
+        self.call("GetIdentity", c.get_identity(req)).await
     }
 
     async fn attest(&self, nonce: Vec<u8>) -> Result<pb::Envelope, ClientError> {
         let mut c = self.client.clone();
-        c.attest(self.req(pb::AttestRequest { nonce }))
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| self.err(&s))
+        let req = self.req(pb::AttestRequest { nonce });
+        self.call("Attest", c.attest(req)).await
     }
 
     async fn health(&self) -> Result<pb::HealthReport, ClientError> {
         let mut c = self.client.clone();
-        c.get_health(self.req(pb::GetHealthRequest { fresh: false }))
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| self.err(&s))
+        let req = self.req(pb::GetHealthRequest { fresh: false });
+        self.call("GetHealth", c.get_health(req)).await
     }
 
     async fn watch_health(&self) -> Result<HealthStream, ClientError> {
@@ -220,23 +232,22 @@ impl HostApi for GrpcHost {
 
     async fn submit(&self, task: pb::SignedTask) -> Result<pb::TaskStatus, ClientError> {
         let mut c = self.client.clone();
-        c.submit_task(self.req(task))
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| self.err(&s))
+        let req = self.req(task);
+        self.call("SubmitTask", c.submit_task(req)).await
     }
 
     async fn get_task(&self, task_id: &str) -> Result<Option<pb::TaskStatus>, ClientError> {
         let mut c = self.client.clone();
-        match c
-            .get_task(self.req(pb::GetTaskRequest {
-                task_id: task_id.to_string(),
-            }))
-            .await
-        {
-            Ok(r) => Ok(Some(r.into_inner())),
-            Err(s) if s.code() == Code::NotFound => Ok(None),
-            Err(s) => Err(self.err(&s)),
+        let req = self.req(pb::GetTaskRequest {
+            task_id: task_id.to_string(),
+        });
+        match self.call("GetTask", c.get_task(req)).await {
+            Ok(s) => Ok(Some(s)),
+            Err(ClientError::Status {
+                code: Code::NotFound,
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 }

@@ -370,7 +370,8 @@ pub enum HostStatus {
     Done,
     /// Failed; left drained (out of service).
     Failed,
-    /// Skipped by an operator decision (not out of service, not patched).
+    /// Skipped by an operator decision (not patched; out of service while
+    /// it is in [`WaveState::left_drained`]).
     Skipped,
 }
 
@@ -409,6 +410,11 @@ pub struct WaveState {
     /// Hosts other waves have out of service, per pool (from the pool ledger).
     #[serde(default)]
     pub others_out: BTreeMap<String, usize>,
+    /// Failed hosts an operator skipped or retried, left drained by this
+    /// wave: out of service while skipped or pending again, until seen
+    /// undrained (checked on each resume).
+    #[serde(default)]
+    pub left_drained: BTreeSet<String>,
     /// Hosts of a soaking ring a watcher has had a health report from.
     /// Not stored: a resumed wave watches its soaking ring again.
     #[serde(skip)]
@@ -439,6 +445,7 @@ impl WaveState {
             window_open: true,
             now_ms: 0,
             others_out: BTreeMap::new(),
+            left_drained: BTreeSet::new(),
             watched: BTreeSet::new(),
             redraining: BTreeSet::new(),
         }
@@ -500,11 +507,22 @@ impl std::fmt::Display for HaltCause {
     }
 }
 
-/// Hosts out of service per pool: in flight, failed (left drained), or out before the wave.
+/// Whether this wave has host `h` out of service: in flight, failed (left
+/// drained), or skipped or retried while still drained.
+pub fn is_out(state: &WaveState, h: &str, s: HostStatus) -> bool {
+    match s {
+        HostStatus::InFlight | HostStatus::Failed => true,
+        HostStatus::Skipped | HostStatus::Pending => state.left_drained.contains(h),
+        HostStatus::Done => false,
+    }
+}
+
+/// Hosts out of service per pool: in flight, failed (left drained), skipped
+/// or retried while still drained, or out before the wave.
 pub fn out_of_service(plan: &Plan, state: &WaveState) -> BTreeMap<String, usize> {
     let mut out: BTreeMap<String, usize> = plan.pools.keys().map(|p| (p.clone(), 0)).collect();
     for (h, s) in &state.hosts {
-        if matches!(s, HostStatus::InFlight | HostStatus::Failed)
+        if is_out(state, h, *s)
             && let Some(p) = plan.host_pool.get(h)
         {
             *out.entry(p.clone()).or_default() += 1;

@@ -14,7 +14,8 @@
 //! crl = "/etc/ringfence/tls/crl.pem"            # optional: agents' certificates checked against it
 //! [timeouts]
 //! connect_s = 5                                   # TCP+TLS connect to one agent
-//! rpc_s = 30                                      # one RPC
+//! rpc_s = 30                                      # one RPC, as a whole (headers, body, trailers)
+//! halt_grace_s = 120                              # after a halt, wait this long for hosts in flight
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -74,8 +75,11 @@ impl Tls {
 pub struct Timeouts {
     /// Connect timeout, seconds.
     pub connect_s: u64,
-    /// Per-RPC timeout, seconds.
+    /// Per-RPC timeout, seconds: bounds each call as a whole.
     pub rpc_s: u64,
+    /// After a halt, seconds to wait for hosts in flight to stop; hosts
+    /// still in flight then are recorded `unreachable` and left drained.
+    pub halt_grace_s: u64,
 }
 
 impl Default for Timeouts {
@@ -83,6 +87,7 @@ impl Default for Timeouts {
         Self {
             connect_s: 5,
             rpc_s: 30,
+            halt_grace_s: 120,
         }
     }
 }
@@ -95,6 +100,10 @@ impl Timeouts {
     /// Per-RPC timeout.
     pub fn rpc(&self) -> Duration {
         Duration::from_secs(self.rpc_s)
+    }
+    /// Halt grace period.
+    pub fn halt_grace(&self) -> Duration {
+        Duration::from_secs(self.halt_grace_s)
     }
 }
 

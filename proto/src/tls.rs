@@ -1721,7 +1721,10 @@ pub async fn connect_with_timeout(
             endpoint: endpoint.to_string(),
             reason: e.to_string(),
         })?
-        .connect_timeout(timeout);
+        .connect_timeout(timeout)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(timeout)
+        .keep_alive_while_idle(true);
     let target = authority.clone();
     let make = tower::service_fn(move |_uri: http::Uri| {
         let connector = connector.clone();

@@ -162,11 +162,13 @@ impl Driver {
                 self.store.put_host(h, &rec)?;
             }
             state.hosts.insert(h.clone(), HostStatus::Pending);
+            state.left_drained.insert(h.clone());
             state.failures = state.failures.saturating_sub(1);
             self.store.append_event(&Event::decision(h, "retry", ""))?;
         }
         for (h, reason) in skip {
             state.hosts.insert(h.clone(), HostStatus::Skipped);
+            state.left_drained.insert(h.clone());
             state.failures = state.failures.saturating_sub(1);
             self.store
                 .append_event(&Event::decision(h, "skip", reason))?;
@@ -174,6 +176,7 @@ impl Driver {
         // Only the halt this resume decided over is cleared; one requested
         // since the resume began stands.
         state.halt_requested = store::clear_halt(&self.store.paths, seen_halt.as_deref())?;
+        self.refresh_left_drained(&mut state).await;
         self.store
             .put_meta::<Option<HaltReport>>(META_HALT, &None)?;
         self.store.put_meta(META_STATE, &state)?;
@@ -255,6 +258,27 @@ impl Driver {
     /// One connection to every host: its health (hosts already out of
     /// service count against the reserve) and its agent's own ring (a wave
     /// never starts while an agent's ring differs from the inventory's).
+    /// Hosts this wave left drained and an operator skipped or retried
+    /// count as out of service until seen undrained: ask each (bounded by
+    /// the RPC deadline); one that cannot be asked stays counted.
+    async fn refresh_left_drained(&self, state: &mut WaveState) {
+        let mut back = Vec::new();
+        for h in &state.left_drained {
+            let Some(host) = self.inventory.host(h) else {
+                continue;
+            };
+            if let Ok(api) = self.connector.connect(host).await
+                && let Ok(rep) = api.health().await
+                && !rep.draining
+            {
+                back.push(h.clone());
+            }
+        }
+        for h in back {
+            state.left_drained.remove(&h);
+        }
+    }
+
     async fn probe(&self) -> Probe {
         let mut probe = Probe::default();
         let sem = Arc::new(tokio::sync::Semaphore::new(64));
@@ -281,9 +305,16 @@ impl Driver {
         }
         for t in tasks {
             let Ok((id, r)) = t.await else { continue };
-            let Ok((rep, ring)) = r else {
-                // Unreachable hosts are found by their own pipeline.
-                continue;
+            let (rep, ring) = match r {
+                Ok(found) => found,
+                Err(e) => {
+                    // Out of service as far as the reserve goes; its own
+                    // pipeline finds it unreachable too.
+                    probe
+                        .out
+                        .insert(id, format!("unreachable at the probe ({e})"));
+                    continue;
+                }
             };
             if let Some(f) = ring.filter(|f| f.blocks_wave()) {
                 probe.ring_mismatch.push(format!("{id}: {f}"));

@@ -74,6 +74,11 @@ struct Drive<'d> {
     ledger: Ledger,
     last_persist: Instant,
     announced_wait: String,
+    /// When the halt was recorded: hosts still in flight a grace period
+    /// later are abandoned.
+    halt_since: Option<Instant>,
+    /// Hosts abandoned after the halt's grace period.
+    abandoned: Vec<String>,
 }
 
 impl Driver {
@@ -83,12 +88,12 @@ impl Driver {
     }
 }
 
-/// This wave's hosts out of service (in flight, or failed and left
-/// drained), per pool: its pool ledger entry.
+/// This wave's hosts out of service (in flight, failed and left drained,
+/// or skipped or retried while still drained), per pool: its pool ledger entry.
 fn own_out(plan: &Plan, state: &WaveState) -> LedgerEntry {
     let mut out = LedgerEntry::new();
     for (h, s) in &state.hosts {
-        if matches!(s, HostStatus::InFlight | HostStatus::Failed)
+        if plan::is_out(state, h, *s)
             && let Some(p) = plan.host_pool.get(h)
         {
             out.entry(p.clone()).or_default().insert(h.clone());
@@ -151,6 +156,8 @@ impl<'d> Drive<'d> {
             },
             last_persist: Instant::now(),
             announced_wait: String::new(),
+            halt_since: None,
+            abandoned: Vec::new(),
         };
         drive.reattach();
         Ok(drive)
@@ -215,6 +222,13 @@ impl<'d> Drive<'d> {
                 if let Some(h) = self.halt.clone() {
                     return self.halted(h);
                 }
+            }
+            if self
+                .halt_since
+                .is_some_and(|t| t.elapsed() >= self.d.halt_grace)
+            {
+                self.abandon().await;
+                continue;
             }
             self.wait().await?;
         }
@@ -452,6 +466,7 @@ impl<'d> Drive<'d> {
             return Ok(false);
         }
         self.halt_recorded = true;
+        self.halt_since = Some(Instant::now());
         self.halt_flag.store(true, Ordering::SeqCst);
         self.d.store.put_meta(META_HALT, h)?;
         self.d.events.emit(&Event::halting(h, self.runs.len()));
@@ -489,9 +504,36 @@ impl<'d> Drive<'d> {
         Ok(())
     }
 
+    /// The halt's grace period is over: the hosts still in flight are
+    /// recorded failed `unreachable` and left as they are (drained); the
+    /// halt report names them.
+    async fn abandon(&mut self) {
+        let grace = self.d.halt_grace;
+        let why = format!(
+            "still in flight {} s after the halt; left as it is (drained)",
+            grace.as_secs()
+        );
+        for r in self.runs.abandon(&why).await {
+            if let Report::Ran(h, rec) = &r
+                && rec.phase == Phase::Failed
+                && rec.failure.as_ref().is_some_and(|f| f.reason == why)
+            {
+                self.abandoned.push(h.clone());
+            }
+            self.on_report(r);
+        }
+    }
+
     /// Every host has stopped after the halt: the halted ring's evidence,
     /// the final status, and the outcome.
     fn halted(&self, mut h: HaltReport) -> Result<Outcome, WaveError> {
+        if !self.abandoned.is_empty() {
+            h.reason.push_str(&format!(
+                "; hosts still in flight {} s after the halt, recorded unreachable and left drained (resume with --skip or --retry): {}",
+                self.d.halt_grace.as_secs(),
+                self.abandoned.join(", ")
+            ));
+        }
         if h.kind == FailureKind::SoakRegression
             && let Some(drained) = h.host.as_ref().and_then(|x| self.redrained.get(x))
         {

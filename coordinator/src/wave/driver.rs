@@ -145,6 +145,10 @@ pub struct Driver {
     pub events: Arc<dyn EventSink>,
     /// Interval of task polls and loop ticks.
     pub poll_interval: Duration,
+    /// After a halt, how long the loop waits for hosts in flight to stop;
+    /// those still in flight then are recorded `unreachable`, left as they
+    /// are (drained) and named in the halt report.
+    pub halt_grace: Duration,
     /// Coordinator state dir (approvals directory lives there).
     pub state_dir: PathBuf,
     /// Verified break-glass grants.

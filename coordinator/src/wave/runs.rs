@@ -2,7 +2,9 @@
 //! host's run ([`host::run`], or the record of why it could not start:
 //! not enrolled, not reachable) and the drain of a host that regressed
 //! during its soak ([`host::drain_after_soak`]). Each tells the loop how it
-//! ended ([`Report`]); a host stays in flight until then.
+//! ended ([`Report`]); a host stays in flight until then, or until the
+//! loop abandons it after a halt's grace period ([`Runs::abandon`]): its
+//! task is stopped and the host recorded `unreachable`, left as it is.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -49,7 +51,9 @@ pub(super) struct Runs {
     events: Arc<dyn EventSink>,
     tx: mpsc::Sender<Report>,
     rx: mpsc::Receiver<Report>,
-    in_flight: HashMap<String, JoinHandle<()>>,
+    /// Each task, with the host's ring and pool for a host run (`None`
+    /// for a soak regression's drain).
+    in_flight: HashMap<String, (JoinHandle<()>, Option<(u32, String)>)>,
 }
 
 impl Runs {
@@ -80,7 +84,7 @@ impl Runs {
     pub(super) fn host(&mut self, (id, ring, pool): (String, u32, String), start: Start) {
         let (ctx, tx) = (self.ctx.clone(), self.tx.clone());
         let (connector, events) = (self.connector.clone(), self.events.clone());
-        let key = id.clone();
+        let (key, at) = (id.clone(), Some((ring, pool.clone())));
         let handle = tokio::spawn(async move {
             let at = (id.as_str(), ring, pool.as_str());
             let report = match run(&ctx, start, at, connector.as_ref(), events.as_ref()).await {
@@ -90,7 +94,7 @@ impl Runs {
             // The loop has ended if it does not listen.
             let _ = tx.send(report).await;
         });
-        self.in_flight.insert(key, handle);
+        self.in_flight.insert(key, (handle, at));
     }
 
     /// Drain again host `id`, which regressed during its ring's soak (`why`).
@@ -113,7 +117,41 @@ impl Runs {
             };
             let _ = tx.send(report).await;
         });
-        self.in_flight.insert(key, handle);
+        self.in_flight.insert(key, (handle, None));
+    }
+
+    /// Stop every host task still in flight (the halt's grace period is
+    /// over) and report each as ended: a host run as failed `unreachable`
+    /// (`why`), its record kept and the host left as it is; a drain as not
+    /// done. Reports that arrived meanwhile come first.
+    pub(super) async fn abandon(&mut self, why: &str) -> Vec<Report> {
+        let mut reports = Vec::new();
+        while let Some(r) = self.try_next() {
+            reports.push(r);
+        }
+        let mut hosts: Vec<_> = self.in_flight.drain().collect();
+        hosts.sort_by(|a, b| a.0.cmp(&b.0));
+        for (id, (handle, at)) in hosts {
+            handle.abort();
+            // Wait until it has stopped: nothing of it writes afterwards.
+            let _ = handle.await;
+            let Some((ring, pool)) = at else {
+                reports.push(Report::Redrained(id, Err(why.to_string())));
+                continue;
+            };
+            reports.push(
+                match abandoned(&self.ctx, (id.as_str(), ring, pool.as_str()), why).await {
+                    Ok(rec) => Report::Ran(id, Box::new(rec)),
+                    Err(e) => Report::Store(id, e),
+                },
+            );
+        }
+        // A report sent just before its task was stopped.
+        while let Ok(r) = self.rx.try_recv() {
+            reports.retain(|x| x.host() != r.host());
+            reports.push(r);
+        }
+        reports
     }
 
     /// The next host task to end (never `None`: the channel stays open
@@ -158,4 +196,27 @@ async fn run(
             host::run(ctx, &job, api.as_ref()).await
         }
     }
+}
+
+/// Record a host run stopped after the halt's grace period: failed
+/// `unreachable` at the step it was in (its unfinished task's, else
+/// connecting), left as it is.
+async fn abandoned(
+    ctx: &Ctx,
+    at: (&str, u32, &str),
+    why: &str,
+) -> Result<HostRecord, HostRunError> {
+    let step = ctx
+        .store
+        .get_host::<HostRecord>(at.0)?
+        .and_then(|rec| {
+            rec.tasks
+                .iter()
+                .rev()
+                .find(|t| t.outcome.is_none())
+                .map(|t| t.step)
+        })
+        .map_or(Stage::Connect, Stage::Task);
+    let f = Failure::new(step, FailureKind::Unreachable, why);
+    host::fail_unstarted(ctx, at, f).await
 }

@@ -20,6 +20,7 @@ mod fleet_inprocess;
 mod fleet_processes;
 mod governance;
 mod hostile_hosts;
+mod hung_hosts;
 mod plan_sequencer;
 mod soak;
 mod wave_engine;

@@ -366,7 +366,7 @@ async fn rollback_drill_patches_rolls_back_and_repatches_with_three_attestations
 // ------------------------------------------------ whole waves over simulated hosts
 
 /// Connects the wave engine to simulated hosts by id.
-struct SimConnector(std::collections::BTreeMap<String, SimHost>);
+pub(crate) struct SimConnector(std::collections::BTreeMap<String, SimHost>);
 
 #[tonic::async_trait]
 impl ringfence_coordinator::wave::Connector for SimConnector {
@@ -384,14 +384,14 @@ impl ringfence_coordinator::wave::Connector for SimConnector {
 
 /// `n` healthy simulated hosts `h0..` of pool `p` (reserve `reserve`%), all
 /// in ring 0, and the coordinator key their trust file names.
-struct SimFleet {
-    hosts: Vec<SimHost>,
+pub(crate) struct SimFleet {
+    pub(crate) hosts: Vec<SimHost>,
     inventory: String,
     coord: ed25519_dalek::SigningKey,
     trust: Arc<TrustSet>,
 }
 
-fn sim_fleet(n: usize, reserve: u32) -> SimFleet {
+pub(crate) fn sim_fleet(n: usize, reserve: u32) -> SimFleet {
     let coord = keys::generate();
     let trust = Arc::new(TrustSet::from_keys(
         vec![TrustedKey {
@@ -431,7 +431,7 @@ fn sim_fleet(n: usize, reserve: u32) -> SimFleet {
 }
 
 /// A wave driver over the simulated fleet, as `wave run` builds one.
-fn sim_driver(
+pub(crate) fn sim_driver(
     f: &SimFleet,
     state_dir: &std::path::Path,
     wave: &str,
@@ -471,6 +471,7 @@ fn sim_driver(
             ringfence_coordinator::report::Mode::Quiet,
         )),
         poll_interval: Duration::from_millis(5),
+        halt_grace: Duration::from_secs(60),
         state_dir: state_dir.to_path_buf(),
         break_glass: Vec::new(),
     }
