@@ -1,6 +1,8 @@
 //! `ringfence hosts health`: every host asked concurrently (bounded), each
 //! answer a verified attestation where the host's key is enrolled; an
-//! unreachable host is a row of its own and never holds up the table.
+//! unreachable host is a row of its own (state `unreachable`, never
+//! `serving`) and never holds up the table. A drained host's row is
+//! followed by its drain mark: who drained it, when and why.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +41,37 @@ pub struct Row {
     pub attested: bool,
     /// Out of service.
     pub draining: bool,
+    /// Who took the host out of service, when and why (the agent's drain
+    /// mark); absent while it serves or when unknown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_mark: Option<DrainMark>,
+}
+
+/// The agent's drain mark, as the table shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DrainMark {
+    /// The wave (or by-hand id) of the Drain task.
+    pub wave: String,
+    /// The Drain task.
+    pub task: String,
+    /// Trust-file id of the coordinator key that signed it.
+    pub signed_by: String,
+    /// The Drain's reason (the operator's note for a drain by hand).
+    pub reason: String,
+    /// Out of service since, ms since the Unix epoch.
+    pub since_ms: i64,
+}
+
+impl From<&pb::DrainMark> for DrainMark {
+    fn from(m: &pb::DrainMark) -> Self {
+        Self {
+            wave: m.wave_id.clone(),
+            task: m.task_id.clone(),
+            signed_by: m.signed_by.clone(),
+            reason: m.reason.clone(),
+            since_ms: m.since_unix_ms,
+        }
+    }
 }
 
 /// Ask every host, at most `parallel` at once.
@@ -84,6 +117,7 @@ fn failed_row(h: &crate::inventory::Host, verdict: &str, why: &str) -> Row {
         top_reason: why.into(),
         attested: false,
         draining: false,
+        drain_mark: None,
     }
 }
 
@@ -133,6 +167,7 @@ async fn one(h: &crate::inventory::Host, conn: &dyn Connector, max_skew_ms: i64)
             .unwrap_or_default(),
         attested,
         draining: report.draining,
+        drain_mark: report.drain_mark.as_ref().map(DrainMark::from),
     }
 }
 
@@ -152,7 +187,7 @@ pub fn render(rows: &[Row]) -> String {
             r.driver,
             r.cuda,
             format!("{}/{}", r.gpus_found, r.gpus_expected),
-            if r.draining { "drained" } else { "serving" },
+            state(r),
             r.top_reason,
             if r.attested || r.verdict == "UNREACHABLE" {
                 ""
@@ -160,6 +195,74 @@ pub fn render(rows: &[Row]) -> String {
                 " (not attested: key not enrolled)"
             }
         ));
+        if let Some(m) = &r.drain_mark {
+            s.push_str(&format!(
+                "{:<16} drained since {} by {} (wave {}, task {}): {}\n",
+                "",
+                rfc3339(m.since_ms),
+                m.signed_by,
+                m.wave,
+                m.task,
+                m.reason
+            ));
+        }
     }
     s
+}
+
+/// The STATE column: a host that did not answer is never "serving".
+fn state(r: &Row) -> &'static str {
+    match r.verdict.as_str() {
+        "UNREACHABLE" => "unreachable",
+        "INVALID" => "unknown",
+        _ if r.draining => "drained",
+        _ => "serving",
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| format!("{ms} ms"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(verdict: &str, draining: bool, mark: Option<DrainMark>) -> Row {
+        Row {
+            host: "gpu-1".into(),
+            ring: 0,
+            pool: "p".into(),
+            verdict: verdict.into(),
+            driver: String::new(),
+            cuda: String::new(),
+            gpus_found: 0,
+            gpus_expected: 2,
+            top_reason: "connection refused".into(),
+            attested: false,
+            draining,
+            drain_mark: mark,
+        }
+    }
+
+    #[test]
+    fn an_unreachable_host_is_never_shown_serving_and_a_drain_mark_is_shown() {
+        let t = render(&[row("UNREACHABLE", false, None)]);
+        assert!(t.contains("unreachable") && !t.contains("serving"), "{t}");
+        assert!(t.contains("connection refused"), "{t}");
+        let mark = DrainMark {
+            wave: "w-1".into(),
+            task: "w-1/gpu-1/3/drain".into(),
+            signed_by: "coord-2026".into(),
+            reason: "canary failed".into(),
+            since_ms: 1_767_225_600_000,
+        };
+        let t = render(&[row("UNHEALTHY", true, Some(mark))]);
+        assert!(
+            t.contains("drained since 2026-01-01T00:00:00Z by coord-2026 (wave w-1, task w-1/gpu-1/3/drain): canary failed"),
+            "{t}"
+        );
+    }
 }

@@ -19,6 +19,7 @@ mod evidence;
 mod fleet_inprocess;
 mod fleet_processes;
 mod governance;
+mod operator_week;
 mod plan_sequencer;
 mod soak;
 mod wave_engine;
