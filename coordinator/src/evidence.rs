@@ -15,6 +15,12 @@
 //! cover the wave, ring, hosts, actions and time of what they authorised,
 //! with enough distinct approver keys.
 //!
+//! Evidence is append-only ([`append`]): a ring's first packet is
+//! `ring-N.json`, every later one (a halt, then the ring completed after a
+//! resume) `ring-N.1.json`, `ring-N.2.json`, ..., each naming in its signed
+//! `previous` the digest of the file before it; [`verify_chain`] checks
+//! that nothing in a ring's series was altered, removed or reordered.
+//!
 //! [`ring_packet`] assembles a ring's packet from the wave engine's host
 //! records (`crate::wave::model`, `crate::wave::outcome`); this file
 //! imports nothing else of the engine.
@@ -132,6 +138,10 @@ pub struct Packet {
     pub soak_s: u64,
     /// Coordinator key id that signed the packet.
     pub coordinator_key_id: String,
+    /// Digest (`sha256:<hex>` of the file's bytes) of the ring's packet
+    /// before this one; absent on a ring's first packet ([`append`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
 }
 
 /// A packet file on disk: a DSSE JSON envelope ([`crate::dsse`]) of the
@@ -307,6 +317,9 @@ pub enum EvidenceError {
     /// the rollback proof does not follow from its attestations
     #[error("rollback proof of `{host}`: {reason}")]
     RollbackProof { host: String, reason: String },
+    /// a ring's series of packets is broken: one was altered, removed or reordered
+    #[error("evidence chain of ring {ring}: {reason}")]
+    Chain { ring: u32, reason: String },
 }
 
 impl EvidenceError {
@@ -337,6 +350,7 @@ impl EvidenceError {
             Self::ApprovalLifetime { .. } => "approval_lifetime",
             Self::ApprovalThreshold { .. } => "approval_threshold",
             Self::RollbackProof { .. } => "rollback_proof",
+            Self::Chain { .. } => "chain",
         }
     }
 }
@@ -362,6 +376,99 @@ pub fn write(path: &Path, bytes: &[u8]) -> Result<(), EvidenceError> {
         path: path.display().to_string(),
         reason: e.to_string(),
     })
+}
+
+/// The packet files of `ring` in `dir`, oldest first: `ring-N.json`, then
+/// `ring-N.1.json`, `ring-N.2.json`, ... (up to the first number missing).
+pub fn series(dir: &Path, ring: u32) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let first = dir.join(format!("ring-{ring}.json"));
+    if !first.exists() {
+        return out;
+    }
+    out.push(first);
+    for k in 1.. {
+        let p = dir.join(format!("ring-{ring}.{k}.json"));
+        if !p.exists() {
+            break;
+        }
+        out.push(p);
+    }
+    out
+}
+
+/// Seal `packet` and add it to its ring's series in `dir`, never replacing
+/// a packet: the first is `ring-N.json`, a later one `ring-N.K.json`
+/// naming the digest of the one before it. Returns the path written.
+pub fn append(
+    dir: &Path,
+    mut packet: Packet,
+    (key_id, key): (&str, &SigningKey),
+) -> Result<std::path::PathBuf, EvidenceError> {
+    let ring = packet.ring;
+    let before = series(dir, ring);
+    let path = match before.last() {
+        None => dir.join(format!("ring-{ring}.json")),
+        Some(last) => {
+            let bytes = std::fs::read(last).map_err(|e| EvidenceError::Io {
+                path: last.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            packet.previous = Some(crate::approvals::digest(&bytes));
+            dir.join(format!("ring-{ring}.{}.json", before.len()))
+        }
+    };
+    let bytes = seal(&packet, key_id, key)?;
+    write(&path, &bytes)?;
+    Ok(path)
+}
+
+/// Check the series of the ring of `packet` (any packet file of it): each
+/// later packet names the digest of the file before it, the first names
+/// none. Returns the series, oldest first. Signatures are checked by
+/// [`verify_with`], packet by packet.
+pub fn verify_chain(packet: &Path) -> Result<Vec<std::path::PathBuf>, EvidenceError> {
+    let bytes = std::fs::read(packet).map_err(|e| EvidenceError::Io {
+        path: packet.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let ring = payload_of(&bytes)?.ring;
+    let dir = packet.parent().unwrap_or(Path::new("."));
+    let files = series(dir, ring);
+    let mut prev: Option<String> = None;
+    for f in &files {
+        let bytes = std::fs::read(f).map_err(|e| EvidenceError::Io {
+            path: f.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let p = payload_of(&bytes).map_err(|e| EvidenceError::Chain {
+            ring,
+            reason: format!("{}: {e}", f.display()),
+        })?;
+        if p.previous != prev {
+            return Err(EvidenceError::Chain {
+                ring,
+                reason: format!(
+                    "{} names previous {} but the packet before it is {}: a packet was altered, removed or reordered",
+                    f.display(),
+                    p.previous.as_deref().unwrap_or("(none)"),
+                    prev.as_deref().unwrap_or("(none)")
+                ),
+            });
+        }
+        prev = Some(crate::approvals::digest(&bytes));
+    }
+    Ok(files)
+}
+
+/// The packet inside a packet file, unverified (for the chain).
+fn payload_of(bytes: &[u8]) -> Result<Packet, EvidenceError> {
+    let file: EnvelopeFile =
+        serde_json::from_slice(bytes).map_err(|e| EvidenceError::Malformed(e.to_string()))?;
+    let env = file
+        .to_envelope()
+        .map_err(|e| EvidenceError::Malformed(e.to_string()))?;
+    serde_json::from_slice(&env.payload).map_err(|e| EvidenceError::Malformed(e.to_string()))
 }
 
 /// Base64 of an encoded protobuf envelope (as packets embed them).
@@ -1350,6 +1457,7 @@ pub fn ring_packet(run: &RingRun<'_>, records: &[HostRecord]) -> Packet {
         finished_at_ms: end,
         soak_s: run.ring.soak_s,
         coordinator_key_id: run.coordinator_key_id.to_string(),
+        previous: None,
     }
 }
 

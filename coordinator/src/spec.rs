@@ -19,9 +19,9 @@
 //! attestation_max_age_s = 300          # oldest attestation accepted
 //! approval_ttl_s = 86400               # validity (and --ttl cap) of approvals `wave approve` signs; 1 s-30 d
 //!
-//! [ring.2]                             # per ring; defaults: batch_size 1,
-//! batch_size = 1                       # soak_s 0 for rings 0-1, 600 for rings 2-4
-//! soak_s = 600
+//! [ring.2]                             # per ring; each key defaults on its own:
+//! batch_size = 1                       # batch_size 1; soak_s 0 for rings 0-1,
+//! soak_s = 600                         # 600 for rings 2-4
 //!
 //! [window]                             # optional maintenance window
 //! days = ["mon", "tue", "wed", "thu"]
@@ -187,9 +187,18 @@ struct RawSpec {
     #[serde(default = "approval_ttl")]
     approval_ttl_s: Spanned<u64>,
     #[serde(default)]
-    ring: BTreeMap<String, Spanned<RingSpec>>,
+    ring: BTreeMap<String, Spanned<RawRing>>,
     #[serde(default)]
     window: Option<RawWindow>,
+}
+
+/// A `[ring.N]` table as written: each key defaults on its own
+/// ([`default_ring`]).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRing {
+    batch_size: Option<usize>,
+    soak_s: Option<u64>,
 }
 
 fn two() -> Spanned<usize> {
@@ -336,14 +345,19 @@ impl WaveSpec {
                     return Err(src.invalid(v.span(), &format!("ring.{k}"), "rings are 0-4"));
                 }
             };
-            if v.get_ref().batch_size == 0 {
+            let d = default_ring(r);
+            let ring = RingSpec {
+                batch_size: v.get_ref().batch_size.unwrap_or(d.batch_size),
+                soak_s: v.get_ref().soak_s.unwrap_or(d.soak_s),
+            };
+            if ring.batch_size == 0 {
                 return Err(src.invalid(
                     v.span(),
                     &format!("ring.{k}.batch_size"),
                     "must be at least 1",
                 ));
             }
-            rings.insert(r, *v.get_ref());
+            rings.insert(r, ring);
         }
         let window = match raw.window {
             Some(w) => {
@@ -445,6 +459,29 @@ mod tests {
         );
         assert_eq!(s.failure_budget, 0);
         assert_eq!(s.on_failure, OnFailure::Hold);
+    }
+
+    #[test]
+    fn each_ring_key_defaults_on_its_own() {
+        let s = spec("[ring.3]\nsoak_s = 60\n[ring.1]\nbatch_size = 4\n").unwrap();
+        assert_eq!(
+            s.rings[&3],
+            RingSpec {
+                batch_size: 1,
+                soak_s: 60
+            }
+        );
+        assert_eq!(
+            s.rings[&1],
+            RingSpec {
+                batch_size: 4,
+                soak_s: 0
+            }
+        );
+        let e = spec("[ring.2]\nsoak = 5\n").unwrap_err().to_string();
+        assert!(e.contains("soak"), "{e}");
+        let e = spec("[ring.2]\nbatch_size = 0\n").unwrap_err().to_string();
+        assert!(e.contains("ring.2.batch_size"), "{e}");
     }
 
     #[test]

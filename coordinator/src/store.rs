@@ -11,6 +11,8 @@
 //! Waves under one state dir share `pools.json`, the pool ledger
 //! ([`PoolLedger`]): each wave's hosts out of service per pool, so that
 //! concurrent waves over one pool never together exceed its reserve.
+//! They also share `hosts.json` ([`claim_hosts`]): the hosts of every
+//! active wave, so a host belongs to at most one active wave.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -56,6 +58,15 @@ pub enum StoreError {
     /// no state exists for this wave
     #[error("no state for wave `{wave}` under {dir}")]
     NoSuchWave { wave: String, dir: PathBuf },
+    /// hosts of this wave belong to another active wave
+    #[error(
+        "wave `{wave}` refused before anything was drained: {hosts} already belong to active wave `{other}` (running, halted or awaiting approval); finish it, or `ringfence wave abort --wave {other}`"
+    )]
+    HostsInOtherWave {
+        wave: String,
+        other: String,
+        hosts: String,
+    },
 }
 
 /// Paths of one wave's files.
@@ -77,6 +88,8 @@ pub struct WavePaths {
     pub pools: PathBuf,
     /// flock'd while one coordinator reads or changes the pool ledger.
     pub pools_lock: PathBuf,
+    /// The hosts of every active wave under the state dir ([`claim_hosts`]).
+    pub hosts: PathBuf,
 }
 
 impl WavePaths {
@@ -91,6 +104,7 @@ impl WavePaths {
             evidence_dir: state_dir.join(format!("{wave}.evidence")),
             pools: state_dir.join("pools.json"),
             pools_lock: state_dir.join("pools.lock"),
+            hosts: state_dir.join("hosts.json"),
         }
     }
 }
@@ -685,6 +699,88 @@ impl LedgerGuard {
         })?;
         replace_file(&self.file, &bytes, false)
     }
+}
+
+/// Every active wave's hosts: wave → hosts (`hosts.json`).
+type HostClaims = BTreeMap<String, BTreeSet<String>>;
+
+fn read_claims(paths: &WavePaths) -> Result<HostClaims, StoreError> {
+    match std::fs::read(&paths.hosts) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+            path: paths.hosts.clone(),
+            key: "active wave hosts".into(),
+            reason: format!("{e}; remove the file once no wave under this state dir is running"),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(source) => Err(StoreError::Io {
+            path: paths.hosts.clone(),
+            source,
+        }),
+    }
+}
+
+fn write_claims(paths: &WavePaths, claims: &HostClaims) -> Result<(), StoreError> {
+    let bytes = serde_json::to_vec_pretty(claims).map_err(|e| StoreError::Corrupt {
+        path: paths.hosts.clone(),
+        key: "active wave hosts".into(),
+        reason: e.to_string(),
+    })?;
+    write_atomic(&paths.hosts, &bytes)
+}
+
+/// Whether wave `other` under the same state dir has ended: its status
+/// snapshot says completed or aborted, or no state of it is left.
+fn ended(paths: &WavePaths, other: &str) -> bool {
+    let dir = paths.db.parent().unwrap_or(Path::new("."));
+    let o = WavePaths::new(dir, other);
+    if !o.db.exists() {
+        return true;
+    }
+    std::fs::read(&o.status)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v["phase"] == "completed" || v["phase"] == "aborted")
+}
+
+/// Claim `hosts` for the wave of `paths` before it drains anything: a host
+/// belongs to at most one active (running, halted or awaiting approval)
+/// wave under a state dir. Refused, naming the other wave, when one of the
+/// hosts is claimed by another wave that has not ended (completed, or
+/// aborted: [`release_hosts`]); the claims of ended waves are dropped.
+/// Taken under the pool ledger's lock (`pools.lock`).
+pub fn claim_hosts<'a>(
+    paths: &WavePaths,
+    hosts: impl IntoIterator<Item = &'a String>,
+) -> Result<(), StoreError> {
+    let _lock = PoolLedger::new(paths).lock_blocking()?;
+    let mut claims = read_claims(paths)?;
+    claims.retain(|w, _| w == &paths.wave || !ended(paths, w));
+    let mine: BTreeSet<String> = hosts.into_iter().cloned().collect();
+    for (other, theirs) in &claims {
+        if other == &paths.wave {
+            continue;
+        }
+        let shared: Vec<&str> = mine.intersection(theirs).map(String::as_str).collect();
+        if !shared.is_empty() {
+            return Err(StoreError::HostsInOtherWave {
+                wave: paths.wave.clone(),
+                other: other.clone(),
+                hosts: shared.join(", "),
+            });
+        }
+    }
+    claims.insert(paths.wave.clone(), mine);
+    write_claims(paths, &claims)
+}
+
+/// Release the hosts of the wave of `paths` (an aborted wave).
+pub fn release_hosts(paths: &WavePaths) -> Result<(), StoreError> {
+    let _lock = PoolLedger::new(paths).lock_blocking()?;
+    let mut claims = read_claims(paths)?;
+    if claims.remove(&paths.wave).is_some() {
+        write_claims(paths, &claims)?;
+    }
+    Ok(())
 }
 
 /// Write a file atomically: the bytes go to a uniquely named temporary

@@ -104,7 +104,12 @@ impl CliError {
             CliError::Hosts(e) => match e {
                 HostsCmdError::Input(e) => input(e),
                 HostsCmdError::NoHost { .. } => Config,
-                HostsCmdError::Unreachable(_) | HostsCmdError::Agent(_) => Failed,
+                HostsCmdError::Unreachable(_)
+                | HostsCmdError::Agent(_)
+                | HostsCmdError::Store(_)
+                | HostsCmdError::Refused { .. }
+                | HostsCmdError::NotHealthy { .. }
+                | HostsCmdError::NoApprovals { .. } => Failed,
             },
             CliError::Wave(e) => match e {
                 WaveCmdError::Input(e) => input(e),

@@ -97,6 +97,10 @@ pub(super) fn run(config: Option<&Path>, cmd: EvidenceCommand) -> Result<(), Evi
                     });
                 }
             };
+            crate::evidence::verify_chain(&packet).map_err(|e| EvidenceCmdError::Invalid {
+                path: packet.clone(),
+                source: Box::new(e),
+            })?;
             let enrolled = inv.enrolled_keys();
             let with = VerifyWith {
                 trust: &trust,

@@ -75,6 +75,7 @@ impl Driver {
             })
             .collect();
         let plan = Plan::build(&self.inventory, &self.spec, &out_before, &overrides)?;
+        store::claim_hosts(&self.store.paths, plan.host_ring.keys())?;
         self.store.put_meta(META_SPEC, &self.spec)?;
         self.store.put_meta(META_PLAN, &plan)?;
         self.store.put_meta(META_STARTED, &self.clock.now_ms())?;
@@ -339,6 +340,7 @@ impl Driver {
 pub fn abort(store: &WaveStore) -> Result<(), StoreError> {
     store.put_meta(META_ABORTED, &true)?;
     store.append_event(&Event::wait("aborted by operator"))?;
+    store::release_hosts(&store.paths)?;
     PoolLedger::new(&store.paths)
         .lock_blocking()?
         .set(&store.paths.wave, &LedgerEntry::new())

@@ -274,13 +274,11 @@ impl Driver {
             coordinator_key_id: &self.signer.key_id,
         };
         let packet = evidence::ring_packet(&run, &records);
-        let bytes = evidence::seal(&packet, &self.signer.key_id, &self.signer.key)?;
-        let path = self
-            .store
-            .paths
-            .evidence_dir
-            .join(format!("ring-{ring}.json"));
-        evidence::write(&path, &bytes)?;
+        let path = evidence::append(
+            &self.store.paths.evidence_dir,
+            packet,
+            (&self.signer.key_id, &self.signer.key),
+        )?;
         self.events.emit(&Event::evidence(ring, &path));
         Ok(())
     }

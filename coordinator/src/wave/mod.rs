@@ -48,7 +48,7 @@ pub use model::{
 };
 pub use outcome::{Failure, FailureKind, HaltReport, Stage, StepResult, TaskStep};
 pub use ringfence::attest::verdict_name;
-pub use rollback::rollback_by_hand;
+pub use rollback::{UndrainOutcome, drain_by_hand, rollback_by_hand, undrain_by_hand};
 pub use status::{RingView, StatusSnapshot};
 pub use validate::regressions;
 

@@ -4,6 +4,11 @@
 //! rollback` by hand. A rollback is a Patch task with `rollback = true`
 //! toward the spec's `rollback_version`, else the driver version the host
 //! attested before the wave; the host stays drained for an operator.
+//!
+//! The host commands by hand live here too: `ringfence hosts drain`
+//! ([`drain_by_hand`]) and `ringfence hosts undrain` ([`undrain_by_hand`]:
+//! a fresh Validate first, back into service only when HEALTHY, or forced
+//! with ring approvals).
 
 use ringfence::pb::{self, task_payload::Action};
 
@@ -267,4 +272,106 @@ pub async fn rollback_by_hand(
     rec.finished_at_ms = ctx.clock.now_ms();
     ctx.save(&rec).await?;
     Ok((rec, failed.then_some(failure)))
+}
+
+/// How `ringfence hosts undrain` ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UndrainOutcome {
+    /// Validated HEALTHY and back in service.
+    Undrained,
+    /// Validation failed; forced back into service with ring approvals.
+    Forced {
+        /// Why the validation failed.
+        validation: String,
+    },
+    /// Left drained: why (a failed validation without `--force`, or the
+    /// agent refused or failed the Undrain).
+    Refused(Failure),
+}
+
+/// `ringfence hosts drain`: take one host out of service by hand, the
+/// operator's note in the Drain's reason (the agent's drain mark keeps it).
+pub async fn drain_by_hand(
+    ctx: &Ctx,
+    job: &HostJob,
+    api: &dyn HostApi,
+    reason: &str,
+) -> Result<(HostRecord, Option<Failure>), HostRunError> {
+    let hr = &HostRun { ctx, job, api };
+    let mut rec = ctx.record(job)?;
+    let drain = Action::Drain(pb::Drain {
+        reason: reason.to_string(),
+    });
+    let failure = match task_succeeds(hr, &mut rec, TaskStep::ManualDrain, drain).await? {
+        StepResult::Advance(()) => None,
+        StepResult::Failed(f) => Some(f),
+        StepResult::Halted => None,
+    };
+    ctx.save(&rec).await?;
+    Ok((rec, failure))
+}
+
+/// `ringfence hosts undrain`: validate the host (a Validate task, its
+/// attestation verified with the enrolled key and a fresh nonce, as a wave
+/// does) and undrain it only when HEALTHY. With `force`, a host that does
+/// not validate is undrained with `force = true` and the job's ring
+/// approvals attached (the agent accepts a forced Undrain only with them).
+pub async fn undrain_by_hand(
+    ctx: &Ctx,
+    job: &HostJob,
+    api: &dyn HostApi,
+    reason: &str,
+    force: bool,
+) -> Result<(HostRecord, UndrainOutcome), HostRunError> {
+    let hr = &HostRun { ctx, job, api };
+    let mut rec = ctx.record(job)?;
+    let forced = match validate_step(hr, &mut rec, TaskStep::Validate, ("", "")).await? {
+        StepResult::Advance(att) => {
+            rec.after = Some(att);
+            None
+        }
+        StepResult::Failed(f) if force => Some(f.reason),
+        StepResult::Failed(f) => {
+            ctx.save(&rec).await?;
+            return Ok((rec, UndrainOutcome::Refused(f)));
+        }
+        StepResult::Halted => None,
+    };
+    let action = Action::Undrain(pb::Undrain {
+        reason: reason.to_string(),
+        force: forced.is_some(),
+    });
+    let approvals = if forced.is_some() {
+        job.approvals.as_ref()
+    } else {
+        NO_APPROVALS
+    };
+    let outcome = match run_task(
+        hr,
+        &mut rec,
+        TaskStep::Undrain,
+        action,
+        approvals,
+        Vec::new(),
+    )
+    .await?
+    {
+        StepResult::Advance(s) if succeeded(&s) => match forced {
+            Some(validation) => UndrainOutcome::Forced { validation },
+            None => UndrainOutcome::Undrained,
+        },
+        StepResult::Advance(s) => UndrainOutcome::Refused(Failure::new(
+            TaskStep::Undrain,
+            FailureKind::TaskFailed,
+            format!("undrain task ended {}: {}", state_name(s.state), s.message),
+        )),
+        StepResult::Failed(f) => UndrainOutcome::Refused(f),
+        StepResult::Halted => UndrainOutcome::Refused(Failure::new(
+            TaskStep::Undrain,
+            FailureKind::Operator,
+            "halted",
+        )),
+    };
+    ctx.save(&rec).await?;
+    Ok((rec, outcome))
 }

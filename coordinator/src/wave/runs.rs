@@ -53,8 +53,12 @@ pub(super) struct Runs {
     rx: mpsc::Receiver<Report>,
     /// Each task, with the host's ring and pool for a host run (`None`
     /// for a soak regression's drain).
-    in_flight: HashMap<String, (JoinHandle<()>, Option<(u32, String)>)>,
+    in_flight: HashMap<String, InFlight>,
 }
+
+/// A task in flight: its handle, and the host's ring and pool for a host
+/// run (`None` for a soak regression's drain).
+type InFlight = (JoinHandle<()>, Option<(u32, String)>);
 
 impl Runs {
     /// No host in flight yet.

@@ -192,6 +192,7 @@ async fn fixture_with(ring: u32, faulty: bool, drill: bool) -> Fx {
         },
         soak_s: 0,
         coordinator_key_id: "coord".into(),
+        previous: None,
     };
     let bytes = evidence::seal(&packet, "coord", &coord).unwrap();
     let other_host_key = keys::generate();

@@ -21,6 +21,7 @@ mod fleet_processes;
 mod governance;
 mod hostile_hosts;
 mod hung_hosts;
+mod operator_week;
 mod plan_sequencer;
 mod soak;
 mod wave_engine;

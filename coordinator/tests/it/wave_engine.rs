@@ -512,11 +512,27 @@ async fn two_waves_over_one_pool_never_take_more_than_its_reserve_out_together()
         1,
         "hosts of the pool out of service at once across both waves ({ra:?}, {rb:?})"
     );
-    assert_eq!(ra.unwrap(), Outcome::Completed);
-    assert_eq!(rb.unwrap(), Outcome::Completed);
+    // A host belongs to one active wave: unless one wave ended before the
+    // other claimed the hosts, the second is refused before it drains any.
+    let completed = [&ra, &rb]
+        .iter()
+        .filter(|r| matches!(r, Ok(Outcome::Completed)))
+        .count();
+    let refused = [&ra, &rb]
+        .iter()
+        .filter(|r| matches!(r, Err(e) if e.to_string().contains("already belong to active wave")))
+        .count();
+    assert!(
+        completed == 2 || (completed == 1 && refused == 1),
+        "{ra:?} {rb:?}"
+    );
     for h in &f.hosts {
         let s = h.state();
-        assert_eq!(s.patches, 2, "{} patched by each wave once", h.host_id);
+        assert_eq!(
+            s.patches, completed as u32,
+            "{} patched by each wave that ran",
+            h.host_id
+        );
         assert!(!s.draining, "{} back in service", h.host_id);
     }
     // Both waves are done: nothing of theirs is left in the ledger.
