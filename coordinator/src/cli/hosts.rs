@@ -407,6 +407,7 @@ impl ByHand {
                 key,
                 approvals: Arc::new(approvals),
                 drill: false,
+                expected_gpus: h.expected_gpus,
             },
             api,
         })
