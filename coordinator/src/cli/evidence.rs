@@ -97,10 +97,6 @@ pub(super) fn run(config: Option<&Path>, cmd: EvidenceCommand) -> Result<(), Evi
                     });
                 }
             };
-            crate::evidence::verify_chain(&packet).map_err(|e| EvidenceCmdError::Invalid {
-                path: packet.clone(),
-                source: Box::new(e),
-            })?;
             let enrolled = inv.enrolled_keys();
             let with = VerifyWith {
                 trust: &trust,
@@ -116,6 +112,12 @@ pub(super) fn run(config: Option<&Path>, cmd: EvidenceCommand) -> Result<(), Evi
                     });
                 }
             };
+            // The chain after the packet's own signature: a packet that does
+            // not verify is named for what is wrong with it, not for the chain.
+            crate::evidence::verify_chain(&packet).map_err(|e| EvidenceCmdError::Invalid {
+                path: packet.clone(),
+                source: Box::new(e),
+            })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
