@@ -27,6 +27,9 @@ struct Probe {
     /// `host: finding` for every agent whose own ring blocks the wave, in
     /// inventory order.
     ring_mismatch: Vec<String>,
+    /// Hosts whose agent lists its patch profiles without the spec's
+    /// (the same rule as `wave plan`'s pre-flight).
+    missing_profile: Vec<String>,
 }
 
 impl Driver {
@@ -35,12 +38,6 @@ impl Driver {
         if self.store.get_meta::<Plan>(META_PLAN)?.is_some() {
             return Err(WaveError::Exists(self.spec.wave_id.clone()));
         }
-        crate::preflight::refuse_missing_profile(
-            &self.inventory,
-            &self.spec,
-            self.connector.clone(),
-        )
-        .await?;
         // Probe while holding the pool ledger: no other wave takes a host
         // out meanwhile, so every host another wave has drained is in its
         // ledger entry and counts as that wave's, not as out before.
@@ -49,7 +46,18 @@ impl Driver {
             let Probe {
                 mut out,
                 ring_mismatch,
+                missing_profile,
             } = self.probe().await;
+            // Before the first drain: a profile missing on any host refuses
+            // the wave (the probe's GetIdentity says which profiles it has).
+            if !missing_profile.is_empty() {
+                return Err(crate::preflight::Refusal::MissingProfile {
+                    wave: self.spec.wave_id.clone(),
+                    profile: self.spec.profile.clone(),
+                    hosts: missing_profile,
+                }
+                .into());
+            }
             if !ring_mismatch.is_empty() {
                 return Err(WaveError::RingMismatch {
                     wave: self.spec.wave_id.clone(),
@@ -293,7 +301,10 @@ impl Driver {
                     Ok(api) => {
                         // An agent that does not answer GetIdentity is left
                         // to its own pipeline, as an unreachable one is.
-                        let ring = api.identity().await.ok().map(|id| h.ring_finding(id.ring));
+                        let identity = api.identity().await.ok();
+                        let ring = identity
+                            .as_ref()
+                            .map(|id| (h.ring_finding(id.ring), id.patch_profiles.clone()));
                         api.health()
                             .await
                             .map(|rep| (rep, ring))
@@ -317,8 +328,13 @@ impl Driver {
                     continue;
                 }
             };
-            if let Some(f) = ring.filter(|f| f.blocks_wave()) {
-                probe.ring_mismatch.push(format!("{id}: {f}"));
+            if let Some((f, profiles)) = ring {
+                if f.blocks_wave() {
+                    probe.ring_mismatch.push(format!("{id}: {f}"));
+                }
+                if !profiles.is_empty() && !profiles.contains(&self.spec.profile) {
+                    probe.missing_profile.push(id.clone());
+                }
             }
             if rep.verdict == pb::Verdict::Unhealthy as i32 {
                 let why = rep

@@ -128,13 +128,15 @@ pub fn parse_report(json: &Value) -> Result<pb::HealthReport, serde_json::Error>
 
 /// A report with what may differ between two collections of the same GPUs
 /// removed: the times (collection, XID arrival), the boot id, the agent
-/// version, and the host facts (kernel, uptime, load, memory describe the
-/// machine the agent ran on, not its GPUs).
+/// version, the agent's configured critical XID list, and the host facts
+/// (kernel, uptime, load, memory describe the machine the agent ran on, not
+/// its GPUs).
 pub fn comparable(report: &pb::HealthReport) -> pb::HealthReport {
     let mut r = report.clone();
     r.collected_at_unix_ms = 0;
     r.boot_id.clear();
     r.agent_version.clear();
+    r.critical_xids.clear();
     r.host = None;
     for g in &mut r.gpus {
         for x in &mut g.xids {
