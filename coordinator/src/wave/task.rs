@@ -16,6 +16,7 @@ use super::model::{
 use super::outcome::{Failure, FailureKind, Stage, StepResult, TaskStep, advance};
 use crate::approvals::ApprovalSet;
 use crate::client::{ClientError, HostApi};
+use crate::hosttext;
 
 /// For tasks that never carry approvals (drain, validate, plain undrain).
 pub(super) const NO_APPROVALS: &ApprovalSet = &ApprovalSet::empty();
@@ -183,7 +184,7 @@ async fn new_task(
         .identity()
         .await
         .map_err(|e| client_failure(step, &e))
-        .and_then(|i| super::validate::checked_identity(step, &job.host_id, i))
+        .and_then(|i| checked_identity(step, &job.host_id, i))
     {
         Ok(i) => i.sequence_high_water,
         Err(f) => return Ok(StepResult::Failed(f)),
@@ -267,7 +268,7 @@ async fn wait_task(
     loop {
         match api.get_task(task_id).await {
             Ok(Some(s)) if terminal(&s) => {
-                return super::validate::checked_status(step, task_id, s);
+                return checked_status(step, task_id, s);
             }
             Ok(Some(_)) => last_err.clear(),
             Ok(None) => {
@@ -296,4 +297,49 @@ async fn wait_task(
         }
         tokio::time::sleep(ctx.params.poll_interval).await;
     }
+}
+
+/// A finished task's status, checked against the task asked for: the
+/// agent must answer for `task_id` (which names the wave, host, sequence
+/// and step), or the status is not the task's. Its
+/// message and output tail are escaped and bounded before anything keeps
+/// them.
+pub(super) fn checked_status(
+    step: TaskStep,
+    task_id: &str,
+    mut s: pb::TaskStatus,
+) -> Result<pb::TaskStatus, Failure> {
+    if s.task_id != task_id {
+        return Err(Failure::new(
+            step,
+            FailureKind::TaskFailed,
+            format!(
+                "asked for task {task_id}, the agent answered for task {}",
+                hosttext::field(&s.task_id)
+            ),
+        ));
+    }
+    s.message = hosttext::message(&s.message);
+    s.output_tail = hosttext::tail(&s.output_tail);
+    Ok(s)
+}
+
+/// A host's identity, checked against the host asked for: an agent that
+/// answers GetIdentity with another host's id does not speak for this one.
+pub(super) fn checked_identity(
+    step: impl Into<Stage>,
+    host_id: &str,
+    id: pb::Identity,
+) -> Result<pb::Identity, Failure> {
+    if id.host_id != host_id {
+        return Err(Failure::new(
+            step,
+            FailureKind::Attestation,
+            format!(
+                "asked {host_id} for its identity, the agent answered as `{}`",
+                hosttext::field(&id.host_id)
+            ),
+        ));
+    }
+    Ok(id)
 }

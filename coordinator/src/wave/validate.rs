@@ -10,7 +10,7 @@
 //! report that carries an UNHEALTHY-severity reason is UNHEALTHY), the GPUs
 //! it reports against the inventory's `expected_gpus` ([`gpu_shortfall`]),
 //! and a finished task's status against the task asked for
-//! ([`checked_status`]). Host text kept from a report or status is escaped
+//! (`task::checked_status`). Host text kept from a report or status is escaped
 //! and bounded ([`crate::hosttext`]).
 
 use prost::Message;
@@ -300,51 +300,6 @@ pub fn gpu_shortfall(report: &pb::HealthReport, expected: u32) -> Option<String>
     (found < expected).then(|| format!("{found} GPUs reported, the inventory expects {expected}"))
 }
 
-/// A finished task's status, checked against the task asked for: the
-/// agent must answer for `task_id` (which names the wave, host, sequence
-/// and step), or the status is not the task's. Its
-/// message and output tail are escaped and bounded before anything keeps
-/// them.
-pub(super) fn checked_status(
-    step: TaskStep,
-    task_id: &str,
-    mut s: pb::TaskStatus,
-) -> Result<pb::TaskStatus, Failure> {
-    if s.task_id != task_id {
-        return Err(Failure::new(
-            step,
-            FailureKind::TaskFailed,
-            format!(
-                "asked for task {task_id}, the agent answered for task {}",
-                hosttext::field(&s.task_id)
-            ),
-        ));
-    }
-    s.message = hosttext::message(&s.message);
-    s.output_tail = hosttext::tail(&s.output_tail);
-    Ok(s)
-}
-
-/// A host's identity, checked against the host asked for: an agent that
-/// answers GetIdentity with another host's id does not speak for this one.
-pub(super) fn checked_identity(
-    step: impl Into<Stage>,
-    host_id: &str,
-    id: pb::Identity,
-) -> Result<pb::Identity, Failure> {
-    if id.host_id != host_id {
-        return Err(Failure::new(
-            step,
-            FailureKind::Attestation,
-            format!(
-                "asked {host_id} for its identity, the agent answered as `{}`",
-                hosttext::field(&id.host_id)
-            ),
-        ));
-    }
-    Ok(id)
-}
-
 /// New hardware faults since the attestation before the patch, walking
 /// the GPUs of both reports by UUID: a GPU there before and missing after;
 /// more uncorrected ECC errors, retired pages or remapped rows on a GPU, or
@@ -434,6 +389,7 @@ pub fn regressions(before: &AttestationRecord, after: &pb::HealthReport) -> Vec<
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::super::task::{checked_identity, checked_status};
     use super::*;
 
     fn gpu(xids: &[u64]) -> pb::GpuReport {
