@@ -328,6 +328,9 @@ expect_absent /var/lib/ringfence/host.key "check-config must not create the key"
 
 unit_prop() { in_ct systemctl show -p "$1" --value ringfenced.service; }
 journal() { in_ct journalctl -u ringfenced.service --no-pager -o cat; }
+# Reads all of its input (grep -q would stop early and, under pipefail, the
+# writer's SIGPIPE would fail the pipe although the line was there).
+has() { grep -c -- "$1" >/dev/null; }
 wait_active() { # what
     for _ in $(seq 1 60); do
         [ "$(in_ct systemctl is-active ringfenced.service || true)" = active ] && return 0
@@ -342,7 +345,7 @@ wait_active "first start"
 # the unit active, and only its STATUS= sets the status text.
 status_text=$(unit_prop StatusText)
 [ -n "$status_text" ] || fail "no STATUS= from the agent"
-journal | grep -q "ringfenced serving" || fail "the agent did not log that it serves"
+journal | has "ringfenced serving" || fail "the agent did not log that it serves"
 expect_stat /var/lib/ringfence/host.key "600 root:root regular file"
 pass "ringfenced active under systemd: READY from the agent (status: $status_text), host.key 0600"
 
@@ -416,7 +419,7 @@ for _ in $(seq 1 60); do
     sleep 0.5
 done
 [ -n "$restarted" ] || fail "no watchdog restart after SIGSTOP of ringfenced"
-in_ct journalctl -u ringfenced.service --no-pager | grep -q "Watchdog timeout" \
+in_ct journalctl -u ringfenced.service --no-pager | has "Watchdog timeout" \
     || fail "restart was not caused by the watchdog"
 [ "$(unit_prop MainPID)" != "$pid" ] || fail "main PID unchanged after the watchdog restart"
 expect_healthy ops "after the watchdog restart"
@@ -471,15 +474,15 @@ wait_active "after the self-upgrade"
 [ "$(unit_prop NRestarts)" = $((restarts + 1)) ] \
     || fail "self-upgrade: expected exactly one restart (the agent's exit 75), NRestarts $restarts -> $(unit_prop NRestarts)"
 [ "$(unit_prop MainPID)" != "$pid" ] || fail "self-upgrade: MainPID unchanged"
-journal | grep -q "upgraded by its own patch profile" \
+journal | has "upgraded by its own patch profile" \
     || fail "the postinst did not notice it ran inside ringfenced.service (patch output in the journal)"
-journal | grep -q "exiting with status 75" || fail "the agent did not exit 75 for the restart"
+journal | has "exiting with status 75" || fail "the agent did not exit 75 for the restart"
 # SuccessExitStatus=75: a clean stop, not a failure (the watchdog kill above
 # is logged as result 'watchdog', never 'exit-code').
-if in_ct journalctl -u ringfenced.service --no-pager | grep -q "Failed with result 'exit-code'"; then
+if in_ct journalctl -u ringfenced.service --no-pager | has "Failed with result 'exit-code'"; then
     fail "systemd counted the exit-75 restart as a failure"
 fi
-journal | grep -q "ringfenced restarted on version $cur_version" \
+journal | has "ringfenced restarted on version $cur_version" \
     || fail "the restarted agent did not finish the patch task"
 expect_healthy ops "after the self-upgrade"
 grep -q '"draining":false' <<<"$(health_row ops)" || fail "host still drained after the self-upgrade wave"
