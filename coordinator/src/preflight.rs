@@ -144,9 +144,7 @@ pub fn missing_profiles(probes: &[HostProbe], profile: &str) -> Vec<String> {
                 .as_ref()
                 .ok()
                 .and_then(|a| a.identity.as_ref())
-                .is_some_and(|id| {
-                    !id.patch_profiles.is_empty() && !id.patch_profiles.iter().any(|n| n == profile)
-                })
+                .is_some_and(|id| lacks_profile(&id.patch_profiles, profile))
         })
         .map(|p| p.host.clone())
         .collect()
@@ -279,15 +277,11 @@ pub fn check_profiles(spec: &WaveSpec, probes: &[HostProbe]) -> Result<(), Refus
     })
 }
 
-/// `wave run`'s check before its first drain: asks every host its
-/// identity and refuses the wave when the spec's patch profile is missing
-/// on any of them.
-pub async fn refuse_missing_profile(
-    inv: &Inventory,
-    spec: &WaveSpec,
-    connector: Arc<dyn Connector>,
-) -> Result<(), Refusal> {
-    check_profiles(spec, &probe(inv, connector, Ask::Identity).await)
+/// Whether an agent that reported `profiles` lacks `profile`: an agent
+/// that lists no profiles is not judged here (the agent refuses the Patch
+/// itself). The one rule `wave plan` and `wave run` share.
+pub fn lacks_profile(profiles: &[String], profile: &str) -> bool {
+    !profiles.is_empty() && !profiles.iter().any(|n| n == profile)
 }
 
 /// The smallest `reserve_percent` that lets one host of a pool of `size`

@@ -332,7 +332,7 @@ impl Driver {
                 if f.blocks_wave() {
                     probe.ring_mismatch.push(format!("{id}: {f}"));
                 }
-                if !profiles.is_empty() && !profiles.contains(&self.spec.profile) {
+                if crate::preflight::lacks_profile(&profiles, &self.spec.profile) {
                     probe.missing_profile.push(id.clone());
                 }
             }
