@@ -14,7 +14,7 @@ use std::time::Duration;
 use ed25519_dalek::SigningKey;
 use ringfence::pb;
 use ringfence::spiffe::{Role, SpiffeId};
-use ringfence::time::{Clock, SystemClock};
+use ringfence::time::Clock;
 use ringfence::tls::{ReloadableServerConfig, ServerTlsPaths};
 use ringfence::trust::TrustSet;
 use tonic_health::ServingStatus;
@@ -237,6 +237,7 @@ struct AgentHealth {
     key: Arc<SigningKey>,
     source: Arc<dyn ReportSource>,
     acked: Mutex<Vec<String>>,
+    clock: Arc<dyn Clock>,
 }
 
 impl HealthSource for AgentHealth {
@@ -246,13 +247,7 @@ impl HealthSource for AgentHealth {
 
     fn attest(&self, nonce: &[u8], draining: bool) -> pb::Envelope {
         let report = self.source.collect(draining);
-        ringfence::attest::attest(
-            &self.host_id,
-            &self.key,
-            nonce,
-            ringfence::time::now_ms(),
-            report,
-        )
+        ringfence::attest::attest(&self.host_id, &self.key, nonce, self.clock.now_ms(), report)
     }
 
     fn acknowledge(&self, ack: &pb::AckFaults) -> Vec<String> {
@@ -297,6 +292,9 @@ pub struct ServeOptions {
     pub poll_interval: Duration,
     /// systemd notifications.
     pub notifier: Notifier,
+    /// The wall clock of the task engine and of attestations (the one the
+    /// caller built, shared with its [`CollectorSource`]).
+    pub clock: Arc<dyn Clock>,
     /// Called once the listener is bound (before READY).
     on_ready: Option<Box<dyn FnOnce(Handles) + Send>>,
     /// Install the SIGHUP reloader (the real daemon; not in-process fleets).
@@ -315,12 +313,17 @@ impl std::fmt::Debug for ServeOptions {
 
 impl ServeOptions {
     /// Real processes, real notifications.
-    pub fn new(source: Arc<dyn ReportSource>, poll_interval: Duration) -> Self {
+    pub fn new(
+        source: Arc<dyn ReportSource>,
+        poll_interval: Duration,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         Self {
             source,
             runner: Arc::new(ProcessRunner::default()),
             poll_interval,
             notifier: Notifier::from_env(),
+            clock,
             on_ready: None,
             sighup: true,
             shutdown_grace: Duration::from_secs(30),
@@ -338,12 +341,14 @@ impl ServeOptions {
         poll_interval: Duration,
         shutdown_grace: Duration,
         on_ready: Box<dyn FnOnce(Handles) + Send>,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         Self {
             source,
             runner: Arc::new(ProcessRunner::default()),
             poll_interval,
             notifier: Notifier::default(),
+            clock,
             on_ready: Some(on_ready),
             sighup: false,
             shutdown_grace,
@@ -361,7 +366,7 @@ pub async fn serve(
 ) -> Result<Stopped, DaemonError> {
     let cfg = &prep.config;
     let key = Arc::new(prep.key);
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let clock = opts.clock.clone();
     // Every report collected while draining carries the engine's drain mark.
     let drain_mark = DrainMarkCell::default();
     let source: Arc<dyn ReportSource> = Arc::new(MarkedSource {
@@ -373,6 +378,7 @@ pub async fn serve(
         key: key.clone(),
         source: source.clone(),
         acked: Mutex::new(Vec::new()),
+        clock: clock.clone(),
     });
     let engine = TaskEngine::open_parts(EngineParts {
         state_dir: cfg.state_dir.clone(),
@@ -626,7 +632,11 @@ impl CollectorSource {
     /// Open the configured GPU backend and start the collector (XID watch).
     /// A backend that cannot load NVML still yields a source: its reports
     /// are UNHEALTHY with `nvml_unavailable`, and the agent keeps serving.
-    pub fn start(config: &AgentConfig) -> Result<Self, crate::health::HealthError> {
+    /// `clock` stamps reports and recorded XIDs.
+    pub fn start(
+        config: &AgentConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, crate::health::HealthError> {
         let backend = crate::gpu::open(&config.gpu).map_err(crate::health::HealthError::from)?;
         let collector = crate::health::Collector::start(
             backend,
@@ -634,6 +644,7 @@ impl CollectorSource {
             config.gpu.expected_gpus,
             &config.state_dir,
             std::path::Path::new("/proc/sys/kernel/random/boot_id"),
+            clock,
         )?;
         Ok(Self {
             collector,

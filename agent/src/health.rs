@@ -34,7 +34,7 @@ use std::thread::JoinHandle;
 
 use ringfence::pb;
 use ringfence::pb::Verdict;
-use ringfence::time::now_ms;
+use ringfence::time::Clock;
 use serde::Deserialize;
 
 use crate::gpu::{GpuBackend, GpuError, Snapshot, XidWatch};
@@ -415,6 +415,7 @@ pub struct Collector {
     expected_gpus: u32,
     boot_id: String,
     xids: Arc<Mutex<XidLog>>,
+    clock: Arc<dyn Clock>,
     // Field order matters: the watch is dropped (and its sender closed)
     // before the recorder is joined.
     watch: Option<XidWatch>,
@@ -423,26 +424,28 @@ pub struct Collector {
 
 impl Collector {
     /// Reads the boot id, opens the XID log under `state_dir` and starts
-    /// watching XIDs on `backend`.
+    /// watching XIDs on `backend`. `clock` stamps recorded XIDs and reports.
     pub fn start(
         backend: Arc<dyn GpuBackend>,
         config: HealthConfig,
         expected_gpus: u32,
         state_dir: &Path,
         boot_id_path: &Path,
+        clock: Arc<dyn Clock>,
     ) -> Result<Self, HealthError> {
         let boot_id = hostfacts::boot_id(boot_id_path)?;
         let xids = Arc::new(Mutex::new(XidLog::open(state_dir, &boot_id)?));
         let (tx, rx) = channel();
         let watch = backend.watch_xids(tx)?;
         let log = Arc::clone(&xids);
+        let xid_clock = Arc::clone(&clock);
         let recorder = std::thread::Builder::new()
             .name("xid-recorder".into())
             .spawn(move || {
                 for hit in rx {
                     tracing::warn!(gpu = hit.gpu_index, uuid = %hit.gpu_uuid, xid = hit.xid, "XID event");
                     let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Err(e) = log.record(&hit, now_ms()) {
+                    if let Err(e) = log.record(&hit, xid_clock.now_ms()) {
                         tracing::error!(error = %e, "XID event kept in memory only");
                     }
                 }
@@ -454,6 +457,7 @@ impl Collector {
             expected_gpus,
             boot_id,
             xids,
+            clock,
             watch: Some(watch),
             recorder: Some(recorder),
         })
@@ -484,7 +488,7 @@ impl Collector {
         );
         pb::HealthReport {
             host_id: ctx.host_id.clone(),
-            collected_at_unix_ms: now_ms(),
+            collected_at_unix_ms: self.clock.now_ms(),
             boot_id: self.boot_id.clone(),
             driver_version: snapshot.driver_version,
             cuda_driver_version: snapshot.cuda_driver_version,

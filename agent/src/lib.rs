@@ -3,6 +3,8 @@
 //! `integration/devfleet` (its `ringfence-demo` and the coordinator's tests)
 //! runs the same agent in-process.
 
+#![warn(missing_docs)]
+
 pub mod command;
 pub mod config;
 pub mod daemon;

@@ -12,6 +12,8 @@
 //! | 4 | runtime failure: the runtime or listener could not start, the journal failed, output could not be written |
 //! | 75 | `run` stopped after a `restarts_agent` patch installed a new agent; the unit's `RestartForceExitStatus=75` makes systemd start it |
 
+#![warn(missing_docs)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ringfence::config::ConfigError;
+use ringfence::time::{Clock, SystemClock};
 use ringfenced::config::{AgentConfig, DEFAULT_CONFIG_PATH};
 use ringfenced::daemon::{self, CollectorSource, DaemonError, ServeOptions, Stopped};
 use ringfenced::healthcell::ReportSource;
@@ -185,9 +188,12 @@ fn run(config: AgentConfig) -> Result<Outcome, MainError> {
         .build()
         .map_err(MainError::Runtime)?;
     let stopped = runtime.block_on(async move {
-        let source: Arc<dyn ReportSource> = Arc::new(CollectorSource::start(&prepared.config)?);
+        // The agent's one wall clock: reports, XIDs, tasks, attestations.
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let source: Arc<dyn ReportSource> =
+            Arc::new(CollectorSource::start(&prepared.config, clock.clone())?);
         let poll = Duration::from_secs(prepared.config.gpu.poll_interval_s);
-        let opts = ServeOptions::new(source, poll);
+        let opts = ServeOptions::new(source, poll, clock);
         // Stops gracefully (journal synced) on SIGTERM/SIGINT, or when a
         // self-upgrade asks for a restart.
         daemon::serve(prepared, opts, shutdown_signal())
@@ -222,7 +228,7 @@ async fn shutdown_signal() {
 }
 
 fn health(config: &AgentConfig, json: bool) -> Result<Outcome, MainError> {
-    let report = CollectorSource::start(config)?.collect(false);
+    let report = CollectorSource::start(config, Arc::new(SystemClock))?.collect(false);
     if json {
         let text = serde_json::to_string_pretty(&ringfenced::healthcell::report_json(&report))?;
         println!("{text}");

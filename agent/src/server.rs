@@ -198,7 +198,7 @@ impl Agent for AgentService {
             &self.host_id,
             &self.key,
             &nonce,
-            ringfence::time::now_ms(),
+            self.engine.clock().now_ms(),
             report,
         )))
     }

@@ -2,6 +2,9 @@
 //! maintenance-window logic inject their own. The only read of the wall clock
 //! in the workspace is [`system_time`] (clippy's `disallowed_methods`, listed
 //! in clippy.toml, refuses `SystemTime::now` and `chrono`'s `now` elsewhere).
+//! Code that needs "now" in milliseconds takes a [`Clock`] (the binaries
+//! construct one [`SystemClock`] and hand it down); the free [`now_ms`] is
+//! refused by the same lint outside this module.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -18,7 +21,10 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> i64 {
-        now_ms()
+        system_time()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
     }
 }
 
@@ -47,12 +53,12 @@ impl Clock for ManualClock {
     }
 }
 
-/// The system clock in milliseconds since the Unix epoch (0 if the clock is before 1970).
+/// The system clock in milliseconds since the Unix epoch (0 if the clock is
+/// before 1970): [`SystemClock`]'s reading. Refused by clippy's
+/// `disallowed_methods` (clippy.toml): take a [`Clock`] instead, so that
+/// tests can inject time.
 pub fn now_ms() -> i64 {
-    system_time()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+    SystemClock.now_ms()
 }
 
 /// The system clock as a [`SystemTime`](std::time::SystemTime), for what is

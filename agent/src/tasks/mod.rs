@@ -909,6 +909,12 @@ impl TaskEngine {
         self.inner.drain_mark.get()
     }
 
+    /// The engine's clock (the [`EngineParts::clock`] it was opened with),
+    /// for the agent's other timestamps (attestations).
+    pub fn clock(&self) -> &dyn Clock {
+        self.inner.clock.as_ref()
+    }
+
     /// The names of the configured patch profiles, sorted.
     pub fn patch_profiles(&self) -> Vec<String> {
         self.inner.policy.names()

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::proc_common;
+use ringfence::time::{Clock, SystemClock};
 
 use std::time::{Duration, Instant};
 
@@ -1048,7 +1049,7 @@ fn protected_patch(
     sequence: u64,
     approvals: &[pb::Envelope],
 ) -> pb::SignedTask {
-    let now = ringfence::time::now_ms();
+    let now = SystemClock.now_ms();
     let payload = pb::TaskPayload {
         task_id: id.into(),
         host_id: host.id.clone(),
@@ -1115,7 +1116,7 @@ async fn a_flood_of_heavily_signed_tasks_starves_neither_watchdog_nor_health() {
     }
     std::fs::write(host.path("trust.toml"), trust).unwrap();
 
-    let now = ringfence::time::now_ms();
+    let now = SystemClock.now_ms();
     let approval = pb::RingApproval {
         wave_id: "wave-proc".into(),
         ring: 3,
@@ -1392,7 +1393,7 @@ version_pattern = '^[0-9.]+$'
     assert_eq!(get_health(&host, false).await.drain_mark, None);
 
     let mut client = host.client().await;
-    let before = ringfence::time::now_ms();
+    let before = SystemClock.now_ms();
     client
         .submit_task(host.task("d1", 1, drain("kernel 6.8 rollout")))
         .await
@@ -1408,7 +1409,7 @@ version_pattern = '^[0-9.]+$'
     assert_eq!(mark.reason, "kernel 6.8 rollout");
     assert!(!mark.already_draining);
     assert!(
-        (before..=ringfence::time::now_ms()).contains(&mark.since_unix_ms),
+        (before..=SystemClock.now_ms()).contains(&mark.since_unix_ms),
         "{mark:?}"
     );
     for fresh in [false, true] {
@@ -1440,7 +1441,7 @@ version_pattern = '^[0-9.]+$'
             key: &key,
             host_id: &host.id,
             nonce: &nonce,
-            now_ms: ringfence::time::now_ms(),
+            now_ms: SystemClock.now_ms(),
             max_age_ms: 60_000,
             max_skew_ms: 5_000,
         },

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ringfence::pb::{self, Verdict};
+use ringfence::time::SystemClock;
 use ringfenced::gpu::nvml::NvmlBackend;
 use ringfenced::gpu::{GpuBackend, Snapshot};
 use ringfenced::health::{Collector, HealthConfig, ReportContext, evaluate};
@@ -340,6 +341,7 @@ fn xid_79_while_running_flips_the_verdict_and_survives_restart() {
         8,
         state.path(),
         &boot,
+        Arc::new(SystemClock),
     )
     .unwrap();
     let report = c.collect(&ctx());
@@ -395,6 +397,7 @@ fn xid_79_while_running_flips_the_verdict_and_survives_restart() {
         8,
         state.path(),
         &boot,
+        Arc::new(SystemClock),
     )
     .unwrap();
     let report = c.collect(&ctx());
@@ -404,7 +407,15 @@ fn xid_79_while_running_flips_the_verdict_and_survives_restart() {
 
     // A reboot (new boot id) clears it.
     std::fs::write(&boot, "boot-2\n").unwrap();
-    let c = Collector::start(backend, HealthConfig::default(), 8, state.path(), &boot).unwrap();
+    let c = Collector::start(
+        backend,
+        HealthConfig::default(),
+        8,
+        state.path(),
+        &boot,
+        Arc::new(SystemClock),
+    )
+    .unwrap();
     let report = c.collect(&ctx());
     assert_eq!(
         report.verdict,

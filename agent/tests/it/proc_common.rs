@@ -4,6 +4,7 @@
 //! to it. Every child is killed when its guard drops.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
+use ringfence::time::{Clock, SystemClock};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -236,7 +237,7 @@ impl Host {
             wave_id: "wave-proc",
             ring: 0,
             sequence,
-            issued_at_ms: ringfence::time::now_ms(),
+            issued_at_ms: SystemClock.now_ms(),
         };
         testkit::tasks::signed(id, to, action, COORDINATOR_ID, &self.coord)
     }

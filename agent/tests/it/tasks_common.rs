@@ -105,7 +105,7 @@ impl Harness {
     pub fn now_ms(&self) -> i64 {
         self.clock
             .as_ref()
-            .map_or_else(ringfence::time::now_ms, |c| c.now_ms())
+            .map_or_else(|| SystemClock.now_ms(), |c| c.now_ms())
     }
 
     /// A task signed by the coordinator, ring 0, with the next sequence.

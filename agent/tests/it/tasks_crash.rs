@@ -8,7 +8,7 @@ use crate::tasks_common;
 use std::time::Duration;
 
 use ringfence::pb::TaskState;
-use ringfence::time::{Clock, ManualClock};
+use ringfence::time::{Clock, ManualClock, SystemClock};
 use ringfenced::tasks::{DrainConfig, RebootConfig, SubmitError};
 use tasks_common::*;
 
@@ -340,7 +340,7 @@ async fn self_upgrade_fails_when_the_agent_comes_back_on_the_old_version() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_task_issued_before_the_journal_was_created_is_refused() {
     let mut h = Harness::new();
-    let clock = ManualClock::at(ringfence::time::now_ms());
+    let clock = ManualClock::at(SystemClock.now_ms());
     h.clock = Some(clock.clone());
     let engine = h.engine("", DrainConfig::default());
     let old = h.task("d1", drain("maintenance"));

@@ -8,7 +8,7 @@ use crate::tasks_common;
 use std::time::{Duration, Instant};
 
 use ringfence::pb::{self, TaskState, task_payload::Action};
-use ringfence::time::ManualClock;
+use ringfence::time::{Clock, ManualClock, SystemClock};
 use ringfenced::tasks::{DrainConfig, SubmitError};
 use tasks_common::*;
 
@@ -169,7 +169,7 @@ async fn undrain_needs_a_passing_validation() {
             key: &key,
             host_id: HOST,
             nonce: &[7u8; 32],
-            now_ms: ringfence::time::now_ms(),
+            now_ms: SystemClock.now_ms(),
             max_age_ms: 60_000,
             max_skew_ms: 5_000,
         },
@@ -424,7 +424,7 @@ async fn a_new_drain_clears_the_last_validation() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stale_validation_does_not_undrain() {
     let mut h = Harness::new();
-    let clock = ManualClock::at(ringfence::time::now_ms());
+    let clock = ManualClock::at(SystemClock.now_ms());
     h.clock = Some(clock.clone());
     let engine = h.engine("", fast_drain(30));
     drained(&h, &engine, "d1").await;
@@ -464,7 +464,7 @@ async fn a_stale_validation_does_not_undrain() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_drain_mark_names_who_why_and_since_when_and_survives_a_restart() {
     let mut h = Harness::new();
-    let clock = ManualClock::at(ringfence::time::now_ms());
+    let clock = ManualClock::at(SystemClock.now_ms());
     h.clock = Some(clock.clone());
     let engine = h.engine("", fast_drain(30));
     assert_eq!(engine.drain_mark(), None);

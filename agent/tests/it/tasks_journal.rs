@@ -4,6 +4,7 @@
 
 use ringfence::envelope::ReplayGuard;
 use ringfence::pb::{self, TaskState};
+use ringfence::time::{Clock, SystemClock};
 use ringfenced::journal::{DrainMark, Journal, JournalError, ValidationRecord};
 use ringfenced::tasks::{DrainConfig, OnTimeout, RebootConfig};
 
@@ -208,7 +209,7 @@ fn task_pages_are_bounded_ordered_and_filtered_by_wave() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_compacts_at_open_and_prunes_finished_watchers() {
     let h = tasks_common::Harness::new();
-    let now = ringfence::time::now_ms();
+    let now = SystemClock.now_ms();
     let day = 24 * 3600 * 1000;
     {
         let j = Journal::open(&h.state_dir()).unwrap();

@@ -21,7 +21,7 @@ use prost::Message;
 use ringfence::config::Source;
 use ringfence::pb;
 use ringfence::spiffe::{Role, SpiffeId};
-use ringfence::time::ManualClock;
+use ringfence::time::{Clock, ManualClock, SystemClock};
 use ringfence::tls::ClientIdentity;
 use ringfence::trust::TrustSet;
 use ringfence_coordinator::approvals;
@@ -194,7 +194,7 @@ fn packet_of(bytes: &[u8]) -> evidence::Packet {
 }
 
 fn ring_approval(status: &serde_json::Value, wave: &str, ring: u32, who: &str) -> pb::RingApproval {
-    let now = ringfence::time::now_ms();
+    let now = SystemClock.now_ms();
     pb::RingApproval {
         wave_id: wave.into(),
         ring,
@@ -218,7 +218,7 @@ fn ring_approval(status: &serde_json::Value, wave: &str, ring: u32, who: &str) -
 /// (its status snapshot is rewritten every tick), so a file it should have
 /// picked up has been seen.
 async fn let_coordinator_look(f: &LocalFleet, wave: &str) {
-    let since = ringfence::time::now_ms() + 500;
+    let since = SystemClock.now_ms() + 500;
     wait_until("the coordinator to tick past the new approval file", || {
         let s = status(f, wave);
         async move { s.is_some_and(|s| s["updated_at_ms"].as_i64().unwrap_or(0) > since) }
@@ -465,7 +465,7 @@ async fn ring_two_waits_for_two_distinct_approvers_and_a_ring_two_approval_canno
         .unwrap()
         .into_inner()
         .sequence_high_water;
-    let now = ringfence::time::now_ms();
+    let now = SystemClock.now_ms();
     let payload = pb::TaskPayload {
         task_id: format!("{wave_id}/gpu-p1/{}/patch", high + 1),
         host_id: "gpu-p1".into(),
@@ -984,7 +984,7 @@ async fn a_window_that_closes_mid_wave_stops_new_hosts_and_the_wave_resumes_at_t
     // The window is closed for one minute, [close, close + 1 min), close
     // being the current real minute; the injected clock stands just before
     // it. Every instant used stays within the agents' clock-skew tolerance.
-    let real = ringfence::time::now_ms();
+    let real = SystemClock.now_ms();
     let close = real - real.rem_euclid(60_000);
     let reopen = close + 60_000;
     let hhmm = |ms: i64| {

@@ -7,7 +7,7 @@ use ed25519_dalek::Signature;
 use ringfence::envelope::{self, AllowAll, ReplayGuard, TASK_TYPE, TaskVerifier};
 use ringfence::keys;
 use ringfence::pb;
-use ringfence::time::SystemClock;
+use ringfence::time::{Clock, SystemClock};
 use ringfence::trust::{KeyRole, Policy, TrustSet, TrustedKey};
 
 use crate::{Args, Figure};
@@ -38,7 +38,7 @@ pub fn run(args: &Args) -> Result<Vec<Figure>, String> {
         }],
         Policy::default(),
     );
-    let now = ringfence::time::now_ms();
+    let now = SystemClock.now_ms();
     let payload = pb::TaskPayload {
         task_id: "wave/gpu-0001/7/drain".into(),
         host_id: "gpu-0001".into(),

@@ -7,6 +7,7 @@
 //! `--all-healthy` runs the wave to completion. Exits 0 only when the wave
 //! behaved as the scenario expects.
 
+use ringfence::time::{Clock, SystemClock};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -287,7 +288,7 @@ fn tempdir() -> Result<std::path::PathBuf, String> {
     let base = std::env::temp_dir().join(format!(
         "ringfence-demo-{}-{}",
         std::process::id(),
-        ringfence::time::now_ms()
+        SystemClock.now_ms()
     ));
     std::fs::create_dir_all(&base).map_err(|e| format!("{}: {e}", base.display()))?;
     Ok(base)

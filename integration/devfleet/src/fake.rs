@@ -1,6 +1,7 @@
 //! A [`HealthSource`] whose report the caller controls, for the agent's
 //! task-engine tests (`agent/tests/tasks_*.rs`).
 
+use ringfence::time::{Clock, SystemClock};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -104,7 +105,7 @@ impl HealthSource for FakeHealth {
         };
         pb::HealthReport {
             host_id: self.host_id.clone(),
-            collected_at_unix_ms: ringfence::time::now_ms(),
+            collected_at_unix_ms: SystemClock.now_ms(),
             boot_id: s.boot_id.clone(),
             driver_version: s.driver_version.clone(),
             cuda_driver_version: s.cuda_version.clone(),

@@ -7,6 +7,7 @@
 //! attestation key and simulated GPUs whose driver version lives in a file
 //! the patch profile rewrites.
 
+use ringfence::time::{Clock, SystemClock};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -576,8 +577,10 @@ async fn start_agent(spec: HostSpec, dir: PathBuf, mode: &Mode) -> Result<Runnin
         Mode::InProcess => {
             let prepared =
                 ringfenced::daemon::prepare(config.clone()).map_err(|e| err(e.to_string()))?;
+            // The in-process agent's wall clock (reports, tasks, attestations).
+            let clock: Arc<dyn ringfence::time::Clock> = Arc::new(ringfence::time::SystemClock);
             let source: Arc<dyn ringfenced::healthcell::ReportSource> = Arc::new(
-                ringfenced::daemon::CollectorSource::start(&config)
+                ringfenced::daemon::CollectorSource::start(&config, clock.clone())
                     .map_err(|e| err(e.to_string()))?,
             );
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -588,6 +591,7 @@ async fn start_agent(spec: HostSpec, dir: PathBuf, mode: &Mode) -> Result<Runnin
                 Box::new(move |h: ringfenced::daemon::Handles| {
                     let _ = ready_tx.send(h.addr);
                 }),
+                clock,
             );
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let host = spec.id.clone();
@@ -691,7 +695,7 @@ pub fn approve_protected_rings(
             let Some(rp) = plan.rings.get(r) else {
                 continue;
             };
-            let now = ringfence::time::now_ms();
+            let now = SystemClock.now_ms();
             let a = ringfence::pb::RingApproval {
                 wave_id: spec.wave_id.clone(),
                 ring: *r,

@@ -77,7 +77,8 @@ pub fn agent_config(
 /// A started health collector, as `ringfenced health` starts it.
 pub fn start(config_path: &Path) -> Result<CollectorSource, ReplayError> {
     let config = AgentConfig::load(config_path).map_err(|e| ReplayError::Config(e.to_string()))?;
-    CollectorSource::start(&config).map_err(|e| ReplayError::Collector(e.to_string()))
+    CollectorSource::start(&config, std::sync::Arc::new(ringfence::time::SystemClock))
+        .map_err(|e| ReplayError::Collector(e.to_string()))
 }
 
 /// One report, as `ringfenced health --once --json` prints it, read back.
