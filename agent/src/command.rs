@@ -83,20 +83,29 @@ impl CommandOutcome {
 pub enum CommandError {
     /// the argv is empty
     #[error("{label}: empty argv")]
-    EmptyArgv { label: String },
+    EmptyArgv {
+        /// The step's label (hook or patch name, as logged).
+        label: String,
+    },
     /// the program could not be started
     #[error("{label}: cannot start `{program}`: {source}")]
     Spawn {
+        /// The step's label (hook or patch name, as logged).
         label: String,
+        /// argv[0], the program that did not start.
         program: String,
+        /// The spawn error (not found, permission denied, ...).
         #[source]
         source: std::io::Error,
     },
     /// waiting for the program failed
     #[error("{label}: waiting for `{program}` failed: {source}")]
     Wait {
+        /// The step's label (hook or patch name, as logged).
         label: String,
+        /// argv[0], the program that was waited for.
         program: String,
+        /// The wait error.
         #[source]
         source: std::io::Error,
     },
@@ -291,14 +300,21 @@ pub enum SubstitutionError {
         "argument {index} `{template}` would start with `-` after substituting {{{name}}} = `{value}`; a substituted value may not become an option (put the placeholder after a fixed prefix such as `--reason=`, or after a `--` argument)"
     )]
     OptionLike {
+        /// Position of the argument in the argv template (0 is the program).
         index: usize,
+        /// The argument as configured, placeholders included.
         template: String,
+        /// The placeholder whose value starts with `-`.
         name: String,
+        /// The refused value.
         value: String,
     },
     /// the program itself would come from a substitution
     #[error("the program `{template}` (argv[0]) may not contain a substitution")]
-    Program { template: String },
+    Program {
+        /// The program as configured (argv[0] of the template).
+        template: String,
+    },
 }
 
 /// Replace `{name}` placeholders in an argv template. Only the given names

@@ -47,7 +47,9 @@ pub enum DaemonError {
     /// the listener could not bind
     #[error("cannot listen on {addr}: {source}")]
     Bind {
+        /// The configured `listen` address.
         addr: SocketAddr,
+        /// The bind error (address in use, permission denied, ...).
         #[source]
         source: std::io::Error,
     },
@@ -57,13 +59,20 @@ pub enum DaemonError {
     /// the state directory could not be created
     #[error("state directory {path}: {source}")]
     StateDir {
+        /// The configured `state_dir`.
         path: PathBuf,
+        /// The creation error.
         #[source]
         source: std::io::Error,
     },
     /// the state directory (or the directory it would be created in) is unusable
     #[error("state directory {path}: {reason}")]
-    StateDirUnusable { path: PathBuf, reason: String },
+    StateDirUnusable {
+        /// The configured `state_dir`.
+        path: PathBuf,
+        /// Why it is unusable (not a directory, not writable, ...).
+        reason: String,
+    },
     /// the GPU backend cannot start (e.g. the simulated backend's scenario file)
     #[error("GPU backend: {0}")]
     Gpu(#[from] crate::gpu::GpuError),

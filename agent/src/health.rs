@@ -399,8 +399,11 @@ pub fn evaluate(
 /// Who is asking and the host's service state, for one report.
 #[derive(Debug, Clone, Default)]
 pub struct ReportContext {
+    /// The agent's `host_id`, copied into the report.
     pub host_id: String,
+    /// The agent's version, copied into the report.
     pub agent_version: String,
+    /// Whether the host is drained (from the task engine).
     pub draining: bool,
     /// Fault ids an operator acknowledged.
     pub acknowledged: Vec<String>,

@@ -15,12 +15,17 @@ pub enum HostFactsError {
     /// "cannot read boot id from {path}: {source}"
     #[error("cannot read boot id from {path}: {source}")]
     BootId {
+        /// The boot id file (normally [`BOOT_ID_PATH`]).
         path: PathBuf,
+        /// The read error.
         source: std::io::Error,
     },
     /// "boot id file {path} is empty"
     #[error("boot id file {path} is empty")]
-    EmptyBootId { path: PathBuf },
+    EmptyBootId {
+        /// The boot id file (normally [`BOOT_ID_PATH`]).
+        path: PathBuf,
+    },
 }
 
 /// Reads the boot id (first line, trimmed) from `path`.

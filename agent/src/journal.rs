@@ -47,30 +47,45 @@ pub enum JournalError {
     /// the state directory could not be created
     #[error("{path}: cannot create state directory: {source}")]
     StateDir {
+        /// The state directory that could not be created.
         path: PathBuf,
+        /// The creation error.
         #[source]
         source: std::io::Error,
     },
     /// the redb store failed (open, transaction, commit)
     #[error("journal {path}: {source}")]
     Store {
+        /// The journal file (`journal.redb` under the state directory).
         path: PathBuf,
+        /// The redb error.
         #[source]
         source: Box<redb::Error>,
     },
     /// a stored record does not decode
     #[error("journal {path}: record `{key}` is corrupt: {reason}")]
     Corrupt {
+        /// The journal file.
         path: PathBuf,
+        /// The record's key (a task id, or a meta key such as `last_validation`).
         key: String,
+        /// Why it does not decode.
         reason: String,
     },
     /// a task id is already recorded (accept is refused; the caller replays it)
     #[error("task `{task_id}` is already recorded")]
-    Duplicate { task_id: String },
+    Duplicate {
+        /// The task id recorded before.
+        task_id: String,
+    },
     /// a new task's sequence is not above the high-water mark
     #[error("task sequence {sequence} is not above the high-water mark {high_water}")]
-    Sequence { sequence: u64, high_water: u64 },
+    Sequence {
+        /// The new task's sequence number.
+        sequence: u64,
+        /// The highest sequence number accepted so far.
+        high_water: u64,
+    },
 }
 
 /// The host is marked draining (out of service): who drained it, when and

@@ -83,8 +83,11 @@ pub enum ProfileError {
     /// a key of a profile has an unacceptable value
     #[error("patch profile `{profile}`: key `{key}`: {message}")]
     Invalid {
+        /// The profile's name (its table under `[patch.profiles]`).
         profile: String,
+        /// The key within the profile.
         key: &'static str,
+        /// What is wrong with the value.
         message: String,
     },
 }

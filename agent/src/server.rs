@@ -321,10 +321,18 @@ pub const DEFAULT_WATCH_STREAMS_TOTAL: usize = 256;
 pub enum WatchLimitError {
     /// the peer already has its maximum of open streams
     #[error("{peer} already has {limit} open watch streams (the limit per peer)")]
-    PerPeer { peer: String, limit: usize },
+    PerPeer {
+        /// The peer's identity (its SPIFFE id, or "unauthenticated").
+        peer: String,
+        /// The most streams one peer may hold open at once.
+        limit: usize,
+    },
     /// the agent already has its maximum of open streams
     #[error("the agent already serves {limit} open watch streams (the total limit)")]
-    Total { limit: usize },
+    Total {
+        /// The most streams the agent holds open at once, all peers together.
+        limit: usize,
+    },
 }
 
 /// Counts open watch streams per peer and in total; a [`WatchSlot`] is

@@ -19,13 +19,17 @@ pub enum XidLogError {
     /// "cannot read XID log {path}: {source}"
     #[error("cannot read XID log {path}: {source}")]
     Read {
+        /// The XID log file ([`FILE_NAME`] under the state directory).
         path: PathBuf,
+        /// The read error.
         source: std::io::Error,
     },
     /// "cannot write XID log {path}: {source}"
     #[error("cannot write XID log {path}: {source}")]
     Write {
+        /// The XID log file ([`FILE_NAME`] under the state directory).
         path: PathBuf,
+        /// The write error.
         source: std::io::Error,
     },
 }
@@ -33,10 +37,15 @@ pub enum XidLogError {
 /// One stored event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredXid {
+    /// Index of the GPU as NVML enumerates it.
     pub gpu_index: u32,
+    /// The GPU's UUID, which identifies it if the indices change.
     pub gpu_uuid: String,
+    /// The XID number.
     pub xid: u64,
+    /// When the agent recorded it, ms since the Unix epoch.
     pub at_unix_ms: i64,
+    /// The boot it happened in; events of earlier boots are dropped on open.
     pub boot_id: String,
 }
 

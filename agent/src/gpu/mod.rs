@@ -29,6 +29,7 @@ pub enum BackendKind {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GpuConfig {
+    /// Which backend reports the GPUs (`nvml` on real hosts, `simulated` for scenario files).
     pub backend: BackendKind,
     /// Overrides where libnvidia-ml.so.1 is loaded from.
     pub nvml_library: Option<PathBuf>,
@@ -73,6 +74,7 @@ pub struct Snapshot {
     pub nvml_available: bool,
     /// Why NVML is unavailable, or the first per-GPU query that failed.
     pub error: Option<String>,
+    /// The NVIDIA driver version NVML reports, e.g. "550.54.15" (empty without NVML).
     pub driver_version: String,
     /// "major.minor", e.g. "12.4".
     pub cuda_driver_version: String,
@@ -83,8 +85,11 @@ pub struct Snapshot {
 /// An XID event as the backend saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct XidHit {
+    /// Index of the GPU as NVML enumerates it.
     pub gpu_index: u32,
+    /// The GPU's UUID (`GPU-...`), stable across reboots unlike the index.
     pub gpu_uuid: String,
+    /// The XID number (e.g. 79: the GPU fell off the bus).
     pub xid: u64,
 }
 

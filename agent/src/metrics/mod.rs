@@ -70,12 +70,20 @@ pub struct MetricsConfig {
 pub enum MetricsConfigError {
     /// `listen` is not an address.
     #[error("`{value}` is not an address:port ({reason})")]
-    Listen { value: String, reason: String },
+    Listen {
+        /// The configured `metrics.listen` value.
+        value: String,
+        /// The parse error.
+        reason: String,
+    },
     /// Plain HTTP on an address other hosts can reach.
     #[error(
         "`{addr}` is not a loopback address: plain HTTP metrics stay on this host. Set `tls = true` to serve them over mTLS (scrapers then need a scheduler or ops certificate of the fleet CA), or listen on 127.0.0.1"
     )]
-    NotLoopback { addr: SocketAddr },
+    NotLoopback {
+        /// The parsed address, not a loopback one.
+        addr: SocketAddr,
+    },
 }
 
 impl MetricsConfigError {
@@ -110,7 +118,9 @@ pub enum MetricsError {
     /// The listener could not bind.
     #[error("cannot listen for metrics on {addr}: {source}")]
     Bind {
+        /// The metrics listen address.
         addr: SocketAddr,
+        /// The bind error.
         #[source]
         source: std::io::Error,
     },

@@ -162,7 +162,12 @@ impl Default for RebootConfig {
 pub enum TaskConfigError {
     /// a drain or reboot key has an unacceptable value
     #[error("key `{key}`: {message}")]
-    Invalid { key: &'static str, message: String },
+    Invalid {
+        /// The key under `[drain]` or `[reboot]`.
+        key: &'static str,
+        /// What is wrong with the value.
+        message: String,
+    },
 }
 
 impl DrainConfig {
@@ -237,7 +242,10 @@ pub enum SubmitError {
     Rejected(TaskRejection),
     /// another mutating task is running (or awaiting a reboot/restart)
     #[error("task `{running_task_id}` is still running; one mutating task at a time")]
-    Busy { running_task_id: String },
+    Busy {
+        /// The id of the task in the way.
+        running_task_id: String,
+    },
     /// the agent is shutting down and accepts no new task
     #[error("the agent is shutting down and accepts no new task")]
     ShuttingDown,
@@ -248,10 +256,16 @@ pub enum SubmitError {
     #[error(
         "{waiting} task submissions are already waiting for signature verification (limit {MAX_WAITING_VERIFICATIONS}); retry later"
     )]
-    Overloaded { waiting: usize },
+    Overloaded {
+        /// Submissions already queued for verification.
+        waiting: usize,
+    },
     /// the verification thread failed (a panic); nothing was recorded
     #[error("task verification failed: {reason}")]
-    Verifier { reason: String },
+    Verifier {
+        /// Why the verification thread ended without an answer (its panic).
+        reason: String,
+    },
 }
 
 /// Submissions allowed to wait for a verification thread; more are
