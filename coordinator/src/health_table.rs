@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ringfence::pb;
+use ringfence::time::Clock;
 use serde::Serialize;
 
 use crate::hosttext;
@@ -78,21 +79,28 @@ impl From<&pb::DrainMark> for DrainMark {
     }
 }
 
-/// Ask every host, at most `parallel` at once.
+/// Ask every host, at most `parallel` at once; attestations are checked
+/// for age and skew against `clock`.
 pub async fn collect(
     inv: &Inventory,
     conn: Arc<dyn Connector>,
     parallel: usize,
     max_skew_ms: i64,
+    clock: Arc<dyn Clock>,
 ) -> Vec<Row> {
     let sem = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
     let mut tasks = Vec::new();
     for h in inv.hosts.clone() {
         let conn = conn.clone();
         let sem = sem.clone();
+        let clock = clock.clone();
         tasks.push(tokio::spawn(async move {
             let _p = sem.acquire_owned().await;
-            match tokio::time::timeout(PER_HOST_TIMEOUT, one(&h, conn.as_ref(), max_skew_ms)).await
+            match tokio::time::timeout(
+                PER_HOST_TIMEOUT,
+                one(&h, conn.as_ref(), max_skew_ms, clock.as_ref()),
+            )
+            .await
             {
                 Ok(r) => r,
                 Err(_) => failed_row(&h, "UNREACHABLE", "no answer within 10 s"),
@@ -125,7 +133,12 @@ fn failed_row(h: &crate::inventory::Host, verdict: &str, why: &str) -> Row {
     }
 }
 
-async fn one(h: &crate::inventory::Host, conn: &dyn Connector, max_skew_ms: i64) -> Row {
+async fn one(
+    h: &crate::inventory::Host,
+    conn: &dyn Connector,
+    max_skew_ms: i64,
+    clock: &dyn Clock,
+) -> Row {
     let api = match conn.connect(h).await {
         Ok(a) => a,
         Err(e) => return failed_row(h, "UNREACHABLE", &e),
@@ -139,7 +152,7 @@ async fn one(h: &crate::inventory::Host, conn: &dyn Connector, max_skew_ms: i64)
                     key: &key,
                     host_id: &h.id,
                     nonce: &nonce,
-                    now_ms: ringfence::time::now_ms(),
+                    now_ms: clock.now_ms(),
                     max_age_ms: 60_000,
                     max_skew_ms,
                 },

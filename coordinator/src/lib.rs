@@ -2,6 +2,9 @@
 //! wave planner, the I/O loop that drives agents, evidence, and the
 //! `ringfence` command line (`cli`). The test fleet, host simulator and demo
 //! live in `integration/devfleet`.
+
+#![warn(missing_docs)]
+
 pub mod approvals;
 pub mod cli;
 pub mod client;

@@ -1,6 +1,9 @@
 //! ringfence, the coordinator CLI: parse arguments, start logging, run the
 //! command, and exit with the code [`CliError::exit_code`] gives (0 ok,
 //! 1 failed, 2 usage, 3 config/input, 4 wave halted; see README).
+
+#![warn(missing_docs)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -22,6 +22,7 @@ use std::sync::{Arc, mpsc};
 
 use nix::fcntl::{Flock, FlockArg};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use ringfence::time::Clock;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -228,8 +229,9 @@ impl Drop for WaveStore {
 }
 
 impl WaveStore {
-    /// Open (or create) the store of `wave`, taking the wave's lock.
-    pub fn open(state_dir: &Path, wave: &str) -> Result<Self, StoreError> {
+    /// Open (or create) the store of `wave`, taking the wave's lock; the
+    /// lock file names the holder (pid, host) and `clock`'s time.
+    pub fn open(state_dir: &Path, wave: &str, clock: &dyn Clock) -> Result<Self, StoreError> {
         std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Io {
             path: state_dir.to_path_buf(),
             source,
@@ -272,7 +274,7 @@ impl WaveStore {
             "pid {} on {} since {}",
             std::process::id(),
             host,
-            ringfence::time::now_ms()
+            clock.now_ms()
         )
         .map_err(io(&paths.lock))?;
         lock.sync_all().map_err(io(&paths.lock))?;
@@ -834,12 +836,15 @@ fn replace_file(path: &Path, bytes: &[u8], sync: bool) -> Result<(), StoreError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ringfence::time::SystemClock;
 
     #[test]
     fn second_holder_is_refused_and_named() {
         let dir = tempfile::tempdir().unwrap();
-        let _a = WaveStore::open(dir.path(), "w1").unwrap();
-        let err = WaveStore::open(dir.path(), "w1").unwrap_err().to_string();
+        let _a = WaveStore::open(dir.path(), "w1", &SystemClock).unwrap();
+        let err = WaveStore::open(dir.path(), "w1", &SystemClock)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("held by another coordinator"), "{err}");
         assert!(
             err.contains(&format!("pid {}", std::process::id())),
@@ -851,7 +856,7 @@ mod tests {
     async fn grouped_writes_are_durable_and_sequences_stay_ordered() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = Arc::new(WaveStore::open(dir.path(), "w").unwrap());
+            let s = Arc::new(WaveStore::open(dir.path(), "w", &SystemClock).unwrap());
             let mut tasks = Vec::new();
             for i in 0..200u64 {
                 let s = s.clone();
@@ -874,7 +879,7 @@ mod tests {
                 assert_eq!(ns, (1..=20).collect::<Vec<u64>>(), "{h}");
             }
         }
-        let s = WaveStore::open(dir.path(), "w").unwrap();
+        let s = WaveStore::open(dir.path(), "w", &SystemClock).unwrap();
         assert_eq!(s.hosts::<serde_json::Value>().unwrap().len(), 200);
         assert_eq!(s.next_sequence("gpu-3", 0).unwrap(), 21);
     }
@@ -883,7 +888,7 @@ mod tests {
     fn records_survive_reopen_and_sequences_only_grow() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = WaveStore::open(dir.path(), "w").unwrap();
+            let s = WaveStore::open(dir.path(), "w", &SystemClock).unwrap();
             s.put_host("gpu-1", &serde_json::json!({"phase": "patching"}))
                 .unwrap();
             assert_eq!(s.next_sequence("gpu-1", 0).unwrap(), 1);
@@ -891,7 +896,7 @@ mod tests {
             assert_eq!(s.next_sequence("gpu-1", 10).unwrap(), 11);
             s.append_event(&"started").unwrap();
         }
-        let s = WaveStore::open(dir.path(), "w").unwrap();
+        let s = WaveStore::open(dir.path(), "w", &SystemClock).unwrap();
         let rec: serde_json::Value = s.get_host("gpu-1").unwrap().unwrap();
         assert_eq!(rec["phase"], "patching");
         assert_eq!(s.next_sequence("gpu-1", 3).unwrap(), 12);

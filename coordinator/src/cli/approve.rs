@@ -213,7 +213,7 @@ fn import(wave: &str, file: &Path, dir: &Path) -> Result<(), ApproveError> {
             wave: wave.to_string(),
         });
     }
-    let name = format!("ring-{}-import-{}.json", a.ring, ringfence::time::now_ms());
+    let name = format!("ring-{}-import-{}.json", a.ring, input::clock().now_ms());
     print!("{}", approvals::render(std::slice::from_ref(&a)));
     approvals::write_file(&dir.join(&name), &env).map_err(ApproveError::Write)?;
     println!(
@@ -320,7 +320,7 @@ fn sign(s: &Scope<'_>) -> Result<(), ApproveError> {
             .map(|h| h.id.clone())
             .collect(),
         actions,
-        issued_at_ms: ringfence::time::now_ms(),
+        issued_at_ms: input::clock().now_ms(),
         ttl_s,
         approver: key_id.clone(),
     };
@@ -394,7 +394,7 @@ fn sign(s: &Scope<'_>) -> Result<(), ApproveError> {
             version: &spec.version,
             hosts: &req.hosts,
         };
-        let got = approvals::collect_ring(s.dir, s.trust, &scope, ringfence::time::now_ms());
+        let got = approvals::collect_ring(s.dir, s.trust, &scope, input::clock().now_ms());
         println!(
             "approval {} of {threshold} for ring {} ({})",
             got.approvers.len(),

@@ -99,7 +99,7 @@ pub(super) fn run(cmd: BreakglassCommand) -> Result<(), BreakglassError> {
         println!("countersigned {}", out.display());
         return Ok(());
     }
-    let now = ringfence::time::now_ms();
+    let now = input::clock().now_ms();
     let bg = pb::BreakGlass {
         wave_id: wave,
         pool,

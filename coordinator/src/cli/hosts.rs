@@ -12,7 +12,6 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use prost::Message;
 use ringfence::pb;
-use ringfence::time::{Clock, SystemClock};
 
 use super::input::{self, Env, InputError};
 use crate::approvals::{self, ApprovalSet, RingScope};
@@ -176,7 +175,8 @@ pub(super) async fn run(config: Option<&Path>, cmd: HostsCommand) -> Result<(), 
         HostsCommand::Health { inventory, json } => {
             let inv = input::inventory(&inventory)?;
             let conn = Arc::new(env.connector(&inv));
-            let rows = crate::health_table::collect(&inv, conn, 64, env.skew_ms()).await;
+            let rows =
+                crate::health_table::collect(&inv, conn, 64, env.skew_ms(), input::clock()).await;
             if json {
                 for r in &rows {
                     println!("{}", serde_json::to_string(r).unwrap_or_default());
@@ -285,7 +285,7 @@ fn force_approvals(
     ring: u32,
 ) -> Result<ApprovalSet, HostsCmdError> {
     let dir = approvals::approvals_dir(&env.settings.state_dir, wave);
-    let now = ringfence::time::now_ms();
+    let now = input::clock().now_ms();
     let mut set = ApprovalSet::empty();
     let mut why = Vec::new();
     let prefix = format!("ring-{ring}-");
@@ -376,8 +376,12 @@ impl ByHand {
             .connect(h)
             .await
             .map_err(HostsCmdError::Unreachable)?;
-        let store = Arc::new(WaveStore::open(&env.settings.state_dir, BY_HAND)?);
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let clock = input::clock();
+        let store = Arc::new(WaveStore::open(
+            &env.settings.state_dir,
+            BY_HAND,
+            clock.as_ref(),
+        )?);
         let params = Params {
             wave_id: wave_id.to_string(),
             profile: String::new(),

@@ -4,10 +4,12 @@
 //! (exit 3: fix the file or the flag).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ringfence::config::{ConfigError, Source};
 use ringfence::keys::KeyError;
 use ringfence::pb;
+use ringfence::time::{Clock, SystemClock};
 use ringfence::tls::{ClientIdentity, TlsError};
 use ringfence::trust::{TrustError, TrustSet};
 
@@ -86,6 +88,14 @@ pub fn signed_file<M: prost::Message + Default>(
         source,
     })?;
     Ok((env, msg))
+}
+
+/// The `ringfence` command's wall clock: the one place the CLI builds its
+/// [`SystemClock`]. Commands read "now" from it (approval and break-glass
+/// stamps, halt requests, attestation ages) and hand it to the wave engine
+/// and the wave store.
+pub(crate) fn clock() -> Arc<dyn Clock> {
+    Arc::new(SystemClock)
 }
 
 /// What every command that talks to agents needs: settings, the trust

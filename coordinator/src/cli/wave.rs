@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use ringfence::pb;
-use ringfence::time::{Clock, SystemClock};
 use ringfence::trust::TrustSet;
 
 use super::approve::{self, ApproveArgs, ApproveError};
@@ -269,7 +268,7 @@ pub fn driver(
     break_glass: Vec<(BreakGlassGrant, pb::Envelope)>,
 ) -> Result<Driver, InputError> {
     let signer = wave::load_signer(&settings.signing.key, &settings.signing.key_id)?;
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let clock = input::clock();
     Ok(Driver {
         inventory,
         spec,
@@ -356,7 +355,7 @@ pub(super) async fn run(config: Option<&Path>, cmd: WaveCommand) -> Result<(), W
                 }));
             }
             let paths = WavePaths::new(&settings.state_dir, &wave);
-            crate::store::request_halt(&paths, ringfence::time::now_ms())
+            crate::store::request_halt(&paths, input::clock().now_ms())
                 .map_err(WaveCmdError::Store)?;
             println!(
                 "halt requested for wave {wave}: no new host starts; hosts in flight finish their current step"
@@ -366,7 +365,7 @@ pub(super) async fn run(config: Option<&Path>, cmd: WaveCommand) -> Result<(), W
         WaveCommand::Abort { wave } => {
             let settings = input::settings(config)?;
             let store = open_store(&settings, &wave)?;
-            wave::abort(&store).map_err(WaveCmdError::Store)?;
+            wave::abort(&store, input::clock().as_ref()).map_err(WaveCmdError::Store)?;
             mark_aborted(&store).map_err(WaveCmdError::Store)?;
             println!(
                 "wave {wave} aborted; hosts left drained stay drained until an operator undrains them"
@@ -599,12 +598,13 @@ fn mark_aborted(store: &WaveStore) -> Result<(), StoreError> {
         return Ok(());
     };
     snapshot.phase = "aborted".into();
-    snapshot.updated_at_ms = ringfence::time::now_ms();
+    snapshot.updated_at_ms = input::clock().now_ms();
     store.write_status(&snapshot)
 }
 
 fn open_store(settings: &Settings, wave: &str) -> Result<WaveStore, WaveCmdError> {
-    WaveStore::open(&settings.state_dir, wave).map_err(WaveCmdError::OpenStore)
+    WaveStore::open(&settings.state_dir, wave, input::clock().as_ref())
+        .map_err(WaveCmdError::OpenStore)
 }
 
 /// The spec stored with the wave when it started.
@@ -633,7 +633,7 @@ fn break_glass(
     let mut out = Vec::new();
     for f in files {
         let env = approvals::read_file(f).map_err(InputError::from)?;
-        let grant = approvals::check_breakglass(&env, trust, wave, ringfence::time::now_ms())
+        let grant = approvals::check_breakglass(&env, trust, wave, input::clock().now_ms())
             .map_err(|source| WaveCmdError::BreakGlass {
                 path: f.clone(),
                 source,

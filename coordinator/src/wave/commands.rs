@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use ringfence::pb;
+use ringfence::time::Clock;
 
 use super::driver::{
     Driver, META_ABORTED, META_HALT, META_PLAN, META_SPEC, META_STARTED, META_STATE, Outcome,
@@ -90,8 +91,9 @@ impl Driver {
         let state = WaveState::new(&plan);
         self.store.put_meta(META_STATE, &state)?;
         self.store
-            .append_event(&Event::started(&self.spec.wave_id))?;
-        self.events.emit(&Event::planned(&plan));
+            .append_event(&Event::started(self.clock.as_ref(), &self.spec.wave_id))?;
+        self.events
+            .emit(&Event::planned(self.clock.as_ref(), &plan));
         self.drive(plan, state).await
     }
 
@@ -173,14 +175,15 @@ impl Driver {
             state.hosts.insert(h.clone(), HostStatus::Pending);
             state.left_drained.insert(h.clone());
             state.failures = state.failures.saturating_sub(1);
-            self.store.append_event(&Event::decision(h, "retry", ""))?;
+            self.store
+                .append_event(&Event::decision(self.clock.as_ref(), h, "retry", ""))?;
         }
         for (h, reason) in skip {
             state.hosts.insert(h.clone(), HostStatus::Skipped);
             state.left_drained.insert(h.clone());
             state.failures = state.failures.saturating_sub(1);
             self.store
-                .append_event(&Event::decision(h, "skip", reason))?;
+                .append_event(&Event::decision(self.clock.as_ref(), h, "skip", reason))?;
         }
         // Only the halt this resume decided over is cleared; one requested
         // since the resume began stands.
@@ -189,7 +192,8 @@ impl Driver {
         self.store
             .put_meta::<Option<HaltReport>>(META_HALT, &None)?;
         self.store.put_meta(META_STATE, &state)?;
-        self.events.emit(&Event::resumed(&wave));
+        self.events
+            .emit(&Event::resumed(self.clock.as_ref(), &wave));
         self.drive(plan, state).await
     }
 
@@ -237,8 +241,12 @@ impl Driver {
             clock: self.clock.clone(),
             halt: Arc::new(AtomicBool::new(false)),
         };
-        self.store
-            .append_event(&Event::host(host, "rollback", "rollback by hand started"))?;
+        self.store.append_event(&Event::host(
+            self.clock.as_ref(),
+            host,
+            "rollback",
+            "rollback by hand started",
+        ))?;
         let (rec, failure) = rollback_by_hand(&ctx, &job, api.as_ref()).await?;
         let detail = rec
             .failure
@@ -250,8 +258,10 @@ impl Driver {
         } else {
             "rollback_failed"
         };
-        self.store.append_event(&Event::host(host, what, &detail))?;
-        self.events.emit(&Event::host(host, what, &detail));
+        self.store
+            .append_event(&Event::host(self.clock.as_ref(), host, what, &detail))?;
+        self.events
+            .emit(&Event::host(self.clock.as_ref(), host, what, &detail));
         let mut state: WaveState = self
             .store
             .get_meta(META_STATE)?
@@ -352,10 +362,10 @@ impl Driver {
 }
 
 /// Mark a wave aborted (no further dispatch, ever) and take it out of the
-/// pool ledger.
-pub fn abort(store: &WaveStore) -> Result<(), StoreError> {
+/// pool ledger; `clock` stamps the audit log's event.
+pub fn abort(store: &WaveStore, clock: &dyn Clock) -> Result<(), StoreError> {
     store.put_meta(META_ABORTED, &true)?;
-    store.append_event(&Event::wait("aborted by operator"))?;
+    store.append_event(&Event::wait(clock, "aborted by operator"))?;
     store::release_hosts(&store.paths)?;
     PoolLedger::new(&store.paths)
         .lock_blocking()?

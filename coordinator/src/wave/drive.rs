@@ -178,7 +178,9 @@ impl<'d> Drive<'d> {
                 let got = self.d.ring_approvals(&self.plan, ring);
                 self.approvals.insert(ring, Arc::new(got.envelopes));
             }
-            self.d.events.emit(&Event::host(&h, "reattach", ""));
+            self.d
+                .events
+                .emit(&Event::host(self.d.clock.as_ref(), &h, "reattach", ""));
             self.spawn_host(&h);
         }
     }
@@ -212,7 +214,9 @@ impl<'d> Drive<'d> {
             round.urgent |= self.record_halt()?;
             self.persist(&round).await?;
             if round.done {
-                self.d.events.emit(&Event::done(&self.d.spec.wave_id));
+                self.d
+                    .events
+                    .emit(&Event::done(self.d.clock.as_ref(), &self.d.spec.wave_id));
                 return Ok(Outcome::Completed);
             }
             if self.runs.is_empty() {
@@ -263,8 +267,10 @@ impl<'d> Drive<'d> {
                 if got.approvers.len() >= d.spec.approver_threshold {
                     self.state.approved.insert(*r);
                     let approvers: Vec<String> = got.approvers.iter().cloned().collect();
-                    d.events.emit(&Event::approved(*r, &approvers));
-                    d.store.append_event(&Event::approved(*r, &approvers))?;
+                    d.events
+                        .emit(&Event::approved(d.clock.as_ref(), *r, &approvers));
+                    d.store
+                        .append_event(&Event::approved(d.clock.as_ref(), *r, &approvers))?;
                     self.approvals.insert(*r, Arc::new(got.envelopes));
                 }
             } else if !self.approvals.contains_key(r) && self.state.approved.contains(r) {
@@ -319,15 +325,17 @@ impl<'d> Drive<'d> {
                     self.state
                         .rings
                         .insert(*r, RingStatus::Soaking { since_ms });
-                    d.events.emit(&Event::ring(*r, "soak"));
+                    d.events.emit(&Event::ring(d.clock.as_ref(), *r, "soak"));
                 }
                 Step::Promote(r) => {
                     round.urgent = true;
                     let approvals = &self.approvals;
                     d.write_evidence(&self.plan, approvals, *r, ("completed", None))?;
                     self.state.rings.insert(*r, RingStatus::Complete);
-                    d.store.append_event(&Event::ring(*r, "promoted"))?;
-                    d.events.emit(&Event::ring(*r, "promoted"));
+                    d.store
+                        .append_event(&Event::ring(d.clock.as_ref(), *r, "promoted"))?;
+                    d.events
+                        .emit(&Event::ring(d.clock.as_ref(), *r, "promoted"));
                 }
                 Step::AwaitApproval(r) => {
                     let msg = format!(
@@ -361,7 +369,9 @@ impl<'d> Drive<'d> {
     /// Tell the operator what the wave waits for, once per reason `key`.
     fn announce(&mut self, key: &str, msg: String) {
         if self.announced_wait != key {
-            self.d.events.emit(&Event::wait(&msg));
+            self.d
+                .events
+                .emit(&Event::wait(self.d.clock.as_ref(), &msg));
             self.announced_wait = key.to_string();
         }
     }
@@ -436,7 +446,9 @@ impl<'d> Drive<'d> {
         self.d.store.put_meta(META_STATE, &self.state)?;
         self.last_persist = Instant::now();
         for h in starts {
-            self.d.events.emit(&Event::host(h, "start", ""));
+            self.d
+                .events
+                .emit(&Event::host(self.d.clock.as_ref(), h, "start", ""));
             self.spawn_host(h);
         }
         Ok(())
@@ -469,7 +481,9 @@ impl<'d> Drive<'d> {
         self.halt_since = Some(Instant::now());
         self.halt_flag.store(true, Ordering::SeqCst);
         self.d.store.put_meta(META_HALT, h)?;
-        self.d.events.emit(&Event::halting(h, self.runs.len()));
+        self.d
+            .events
+            .emit(&Event::halting(self.d.clock.as_ref(), h, self.runs.len()));
         Ok(true)
     }
 
@@ -593,6 +607,7 @@ impl<'d> Drive<'d> {
             &mut self.state,
             &d.store,
             d.events.as_ref(),
+            d.clock.as_ref(),
         )?;
         if let Some((h, why)) = regressed {
             let start = self.start_of(&h);
@@ -617,10 +632,14 @@ impl<'d> Drive<'d> {
                 };
                 // Also in the wave's audit log; a store failure here stops
                 // the wave like any other.
-                if let Err(e) = d.store.append_event(&Event::host(&h, what, &detail)) {
+                if let Err(e) =
+                    d.store
+                        .append_event(&Event::host(d.clock.as_ref(), &h, what, &detail))
+                {
                     self.store_failed(&h, e.into());
                 }
-                d.events.emit(&Event::host(&h, what, &detail));
+                d.events
+                    .emit(&Event::host(d.clock.as_ref(), &h, what, &detail));
             }
             Report::Store(h, e) => {
                 self.state.redraining.remove(&h);
@@ -633,9 +652,12 @@ impl<'d> Drive<'d> {
     /// steps; the loop ends with the error once they have. The host stays
     /// in flight in the state, so a resume re-attaches to it.
     fn store_failed(&mut self, h: &str, e: HostRunError) {
-        self.d
-            .events
-            .emit(&Event::host(h, "stopped", &format!("wave store: {e}")));
+        self.d.events.emit(&Event::host(
+            self.d.clock.as_ref(),
+            h,
+            "stopped",
+            &format!("wave store: {e}"),
+        ));
         self.halt_flag.store(true, Ordering::SeqCst);
         self.store_failure.get_or_insert(e);
     }
@@ -646,7 +668,12 @@ impl<'d> Drive<'d> {
             Phase::Done => {
                 self.state.hosts.insert(h.to_string(), HostStatus::Done);
                 let driver = rec.after.as_ref().map(|a| a.driver_version.as_str());
-                events.emit(&Event::host(h, "done", driver.unwrap_or_default()));
+                events.emit(&Event::host(
+                    self.d.clock.as_ref(),
+                    h,
+                    "done",
+                    driver.unwrap_or_default(),
+                ));
             }
             Phase::Failed => {
                 self.state.hosts.insert(h.to_string(), HostStatus::Failed);
@@ -655,7 +682,7 @@ impl<'d> Drive<'d> {
                     .failure
                     .map(|f| format!("{} {}: {}", f.step, f.kind, f.reason))
                     .unwrap_or_default();
-                events.emit(&Event::host(h, "failed", &why));
+                events.emit(&Event::host(self.d.clock.as_ref(), h, "failed", &why));
             }
             phase => {
                 // Stopped by the halt between steps: still in flight from
@@ -666,7 +693,12 @@ impl<'d> Drive<'d> {
                     HostStatus::InFlight
                 };
                 self.state.hosts.insert(h.to_string(), status);
-                events.emit(&Event::host(h, "stopped", &format!("{phase:?}")));
+                events.emit(&Event::host(
+                    self.d.clock.as_ref(),
+                    h,
+                    "stopped",
+                    &format!("{phase:?}"),
+                ));
             }
         }
     }

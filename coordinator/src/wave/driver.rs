@@ -279,7 +279,8 @@ impl Driver {
             packet,
             (&self.signer.key_id, &self.signer.key),
         )?;
-        self.events.emit(&Event::evidence(ring, &path));
+        self.events
+            .emit(&Event::evidence(self.clock.as_ref(), ring, &path));
         Ok(())
     }
 

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use ringfence::time::Clock;
 use serde::Serialize;
 
 use super::outcome::HaltReport;
@@ -19,7 +20,8 @@ pub trait EventSink: Send + Sync {
     fn status(&self, _s: &StatusSnapshot) {}
 }
 
-/// One thing that happened.
+/// One thing that happened. Each constructor takes the wave's clock, which
+/// stamps [`at_ms`](Self::at_ms).
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
     /// When, ms since the epoch.
@@ -39,9 +41,9 @@ pub struct Event {
 }
 
 impl Event {
-    fn new(kind: &str, what: &str, detail: &str) -> Self {
+    fn new(clock: &dyn Clock, kind: &str, what: &str, detail: &str) -> Self {
         Self {
-            at_ms: ringfence::time::now_ms(),
+            at_ms: clock.now_ms(),
             kind: kind.into(),
             ring: None,
             host: None,
@@ -50,46 +52,48 @@ impl Event {
         }
     }
     /// A wave started.
-    pub fn started(wave: &str) -> Self {
-        Self::new("started", wave, "")
+    pub fn started(clock: &dyn Clock, wave: &str) -> Self {
+        Self::new(clock, "started", wave, "")
     }
     /// A wave resumed.
-    pub fn resumed(wave: &str) -> Self {
-        Self::new("resumed", wave, "")
+    pub fn resumed(clock: &dyn Clock, wave: &str) -> Self {
+        Self::new(clock, "resumed", wave, "")
     }
     /// The plan.
-    pub fn planned(plan: &Plan) -> Self {
+    pub fn planned(clock: &dyn Clock, plan: &Plan) -> Self {
         Self::new(
+            clock,
             "planned",
             &plan.wave_id,
             crate::plan::render_text(plan).trim_end(),
         )
     }
     /// A host event.
-    pub fn host(host: &str, what: &str, detail: &str) -> Self {
-        let mut e = Self::new("host", what, detail);
+    pub fn host(clock: &dyn Clock, host: &str, what: &str, detail: &str) -> Self {
+        let mut e = Self::new(clock, "host", what, detail);
         e.host = Some(host.into());
         e
     }
     /// A ring event.
-    pub fn ring(ring: u32, what: &str) -> Self {
-        let mut e = Self::new("ring", what, "");
+    pub fn ring(clock: &dyn Clock, ring: u32, what: &str) -> Self {
+        let mut e = Self::new(clock, "ring", what, "");
         e.ring = Some(ring);
         e
     }
     /// Approvals complete for a ring.
-    pub fn approved(ring: u32, approvers: &[String]) -> Self {
-        let mut e = Self::new("approved", "approved", &approvers.join(", "));
+    pub fn approved(clock: &dyn Clock, ring: u32, approvers: &[String]) -> Self {
+        let mut e = Self::new(clock, "approved", "approved", &approvers.join(", "));
         e.ring = Some(ring);
         e
     }
     /// Waiting for something.
-    pub fn wait(why: &str) -> Self {
-        Self::new("wait", "wait", why)
+    pub fn wait(clock: &dyn Clock, why: &str) -> Self {
+        Self::new(clock, "wait", "wait", why)
     }
     /// Halting.
-    pub fn halting(h: &HaltReport, in_flight: usize) -> Self {
+    pub fn halting(clock: &dyn Clock, h: &HaltReport, in_flight: usize) -> Self {
         let mut e = Self::new(
+            clock,
             "halting",
             h.kind.as_str(),
             &format!(
@@ -109,18 +113,18 @@ impl Event {
         e
     }
     /// Finished.
-    pub fn done(wave: &str) -> Self {
-        Self::new("done", wave, "every ring complete")
+    pub fn done(clock: &dyn Clock, wave: &str) -> Self {
+        Self::new(clock, "done", wave, "every ring complete")
     }
     /// Evidence written.
-    pub fn evidence(ring: u32, path: &Path) -> Self {
-        let mut e = Self::new("evidence", "written", &path.display().to_string());
+    pub fn evidence(clock: &dyn Clock, ring: u32, path: &Path) -> Self {
+        let mut e = Self::new(clock, "evidence", "written", &path.display().to_string());
         e.ring = Some(ring);
         e
     }
     /// An operator decision on resume.
-    pub fn decision(host: &str, what: &str, reason: &str) -> Self {
-        let mut e = Self::new("decision", what, reason);
+    pub fn decision(clock: &dyn Clock, host: &str, what: &str, reason: &str) -> Self {
+        let mut e = Self::new(clock, "decision", what, reason);
         e.host = Some(host.into());
         e
     }

@@ -196,7 +196,7 @@ async fn run(
             host::fail_unstarted(ctx, at, f).await
         }
         Ok(api) => {
-            events.emit(&Event::host(at.0, "connected", ""));
+            events.emit(&Event::host(ctx.clock.as_ref(), at.0, "connected", ""));
             host::run(ctx, &job, api.as_ref()).await
         }
     }

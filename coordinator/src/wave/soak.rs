@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use ringfence::pb;
+use ringfence::time::Clock;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -177,6 +178,7 @@ pub(super) fn record(
     state: &mut WaveState,
     store: &WaveStore,
     events: &dyn EventSink,
+    clock: &dyn Clock,
 ) -> Result<Option<(String, String)>, StoreError> {
     let (h, why) = match news {
         SoakNews::Watching(h) => {
@@ -207,6 +209,7 @@ pub(super) fn record(
         store.put_host(&h, &rec)?;
     }
     events.emit(&Event::host(
+        clock,
         &h,
         "failed",
         &format!("soak regression: {why}"),

@@ -137,7 +137,7 @@ async fn fixture_with(ring: u32, faulty: bool, drill: bool) -> Fx {
             key_id: "coord".into(),
             key: coord.clone(),
         }),
-        store: Arc::new(WaveStore::open(dir.path(), "w").unwrap()),
+        store: Arc::new(WaveStore::open(dir.path(), "w", &SystemClock).unwrap()),
         clock: clock.clone(),
         halt: Arc::new(AtomicBool::new(false)),
     };

@@ -75,7 +75,7 @@ async fn one_host_patched_over_mtls_ends_on_the_new_driver() {
             key_id: "coord-demo".into(),
             key: coord,
         }),
-        store: Arc::new(WaveStore::open(&dir.path().join("cstate"), "w").unwrap()),
+        store: Arc::new(WaveStore::open(&dir.path().join("cstate"), "w", &SystemClock).unwrap()),
         clock,
         halt: Arc::new(AtomicBool::new(false)),
     };

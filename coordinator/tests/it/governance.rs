@@ -165,7 +165,8 @@ fn driver(f: &LocalFleet, spec_path: &Path) -> wave::Driver {
     let inv = Inventory::load(&f.inventory).unwrap();
     let src = Source::read(spec_path).unwrap();
     let spec = WaveSpec::from_source(&src).unwrap();
-    let store = Arc::new(WaveStore::open(&settings.state_dir, &spec.wave_id).unwrap());
+    let store =
+        Arc::new(WaveStore::open(&settings.state_dir, &spec.wave_id, &SystemClock).unwrap());
     store.put_meta(wave::META_SPEC_TEXT, &src.text).unwrap();
     let connector = Arc::new(TlsConnector {
         identity: identity(f),
@@ -929,7 +930,7 @@ async fn rollback_on_failure_drill_on_ring_zero_and_rollback_by_hand() {
     assert_eq!(validated.verdict, pb::Verdict::Healthy as i32);
 
     // Recorded in the wave store: the host's record and the events.
-    let store = WaveStore::open(&f.state_dir, wave_id).unwrap();
+    let store = WaveStore::open(&f.state_dir, wave_id, &SystemClock).unwrap();
     let rec: ringfence_coordinator::wave::HostRecord = store.get_host(target).unwrap().unwrap();
     assert_eq!(
         rec.failure.as_ref().unwrap().kind,

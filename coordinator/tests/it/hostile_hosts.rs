@@ -118,7 +118,7 @@ fn ctx(dir: &std::path::Path) -> (Ctx, Arc<TrustSet>, Arc<dyn Clock>) {
             key_id: "coord".into(),
             key: coord,
         }),
-        store: Arc::new(WaveStore::open(dir, "wave-h").unwrap()),
+        store: Arc::new(WaveStore::open(dir, "wave-h", &SystemClock).unwrap()),
         clock: clock.clone(),
         halt: Arc::new(AtomicBool::new(false)),
     };
@@ -258,7 +258,14 @@ async fn a_driver_string_cannot_overwrite_another_row_of_hosts_health() {
         apis.insert(id.into(), Arc::new(sim));
     }
     let inv = Inventory::from_source(&Source::from_text("inv.toml", &text)).unwrap();
-    let rows = health_table::collect(&inv, Arc::new(Fixed(apis)), 4, 120_000).await;
+    let rows = health_table::collect(
+        &inv,
+        Arc::new(Fixed(apis)),
+        4,
+        120_000,
+        Arc::new(SystemClock),
+    )
+    .await;
     let table = health_table::render(&rows);
     assert!(
         !table.contains('\x1b') && !table.contains('\r'),

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use ringfence::config::Source;
 use ringfence::pb;
+use ringfence::time::SystemClock;
 use ringfence::trust::TrustSet;
 use ringfence_coordinator::client::{ClientError, HealthStream, HostApi};
 use ringfence_coordinator::inventory::{Host, Inventory};
@@ -370,7 +371,8 @@ async fn soak_watchers_stop_when_the_ring_is_promoted() {
         opened: opened.clone(),
         open_at_ring_1: open_at_ring_1.clone(),
     });
-    let store = Arc::new(WaveStore::open(&settings.state_dir, &spec.wave_id).unwrap());
+    let store =
+        Arc::new(WaveStore::open(&settings.state_dir, &spec.wave_id, &SystemClock).unwrap());
     let mut driver = ringfence_coordinator::cli::driver(
         &settings,
         TrustSet::load(&settings.trust_file).unwrap(),

@@ -52,7 +52,7 @@ fn world(rollback: bool) -> World {
         Policy::default(),
     ));
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let store = Arc::new(WaveStore::open(dir.path(), "wave-1").unwrap());
+    let store = Arc::new(WaveStore::open(dir.path(), "wave-1", &SystemClock).unwrap());
     let ctx = Ctx {
         params: Arc::new(Params {
             wave_id: "wave-1".into(),
@@ -464,7 +464,7 @@ pub(crate) fn sim_driver(
             key_id: "coord".into(),
             key: f.coord.clone(),
         },
-        store: Arc::new(WaveStore::open(state_dir, wave).unwrap()),
+        store: Arc::new(WaveStore::open(state_dir, wave, &SystemClock).unwrap()),
         connector: Arc::new(connector),
         clock: Arc::new(SystemClock),
         events: Arc::new(ringfence_coordinator::report::Reporter::with_mode(

@@ -154,7 +154,8 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
         rpc_timeout: Duration::from_secs(10),
     });
     let store = Arc::new(
-        WaveStore::open(&settings.state_dir, &spec.wave_id).map_err(|e| fail(e.to_string()))?,
+        WaveStore::open(&settings.state_dir, &spec.wave_id, &SystemClock)
+            .map_err(|e| fail(e.to_string()))?,
     );
     store
         .put_meta(ringfence_coordinator::wave::META_SPEC_TEXT, &src.text)
