@@ -24,7 +24,12 @@ use ringfence::trust::{KeyRole, TrustSet};
 pub enum ApprovalError {
     /// an approval file could not be read or written
     #[error("{path}: {reason}")]
-    Io { path: PathBuf, reason: String },
+    Io {
+        /// The approval file.
+        path: PathBuf,
+        /// The I/O or encoding error.
+        reason: String,
+    },
     /// the file is not a well-formed approval
     #[error("malformed approval: {0}")]
     Malformed(String),
@@ -38,22 +43,38 @@ pub enum ApprovalError {
     NotApprover(String),
     /// a signature does not verify against any approver key
     #[error("signature (key id `{key_id}`) does not verify against any approver key: {reason}")]
-    BadSignature { key_id: String, reason: String },
+    BadSignature {
+        /// Key id the signature names.
+        key_id: String,
+        /// Why it does not verify (unknown key, wrong role, bad signature).
+        reason: String,
+    },
     /// the approval is for something else
     #[error("approval is for {field} `{approved}`, expected `{expected}`")]
     Scope {
+        /// The scope field that differs (wave, ring, profile, version or hosts).
         field: &'static str,
+        /// What the approval says.
         approved: String,
+        /// What the wave needs.
         expected: String,
     },
     /// the approval has expired
     #[error("approval expired at {expires_at_ms} ms (now {now_ms} ms)")]
-    Expired { expires_at_ms: i64, now_ms: i64 },
+    Expired {
+        /// When the approval stopped being valid, ms since the epoch.
+        expires_at_ms: i64,
+        /// The time of the check, ms since the epoch (from the caller's clock).
+        now_ms: i64,
+    },
     /// not enough distinct approver keys
     #[error("{what} needs {need} distinct approver keys, has {have}")]
     BelowThreshold {
+        /// What needs the approvals (a ring, or a break-glass for a pool).
         what: String,
+        /// Distinct approver keys whose signatures verify.
         have: usize,
+        /// The trust policy's threshold.
         need: usize,
     },
     /// the approval lists no action, or an action this coordinator does not know
@@ -71,7 +92,14 @@ pub enum ApprovalError {
     NoRollbackVersion,
     /// the requested lifetime is zero or over the cap
     #[error("approval lifetime {ttl_s} s is outside 1..={cap_s} s ({why})")]
-    Lifetime { ttl_s: u64, cap_s: u64, why: String },
+    Lifetime {
+        /// The requested lifetime, seconds.
+        ttl_s: u64,
+        /// The largest lifetime allowed, seconds.
+        cap_s: u64,
+        /// Where the cap comes from (e.g. the trust policy's `max_approval_lifetime_s`).
+        why: String,
+    },
     /// the ring's approval can never fit what an agent accepts with one task
     #[error("{0}")]
     TooLarge(String),

@@ -21,19 +21,30 @@ pub type HealthStream = BoxStream<'static, Result<pb::HealthReport, ClientError>
 pub enum ClientError {
     /// the host could not be reached (connect failure, transport error, timeout)
     #[error("host `{host}` unreachable: {reason}")]
-    Unreachable { host: String, reason: String },
+    Unreachable {
+        /// The inventory id of the host.
+        host: String,
+        /// The connect or transport error, or the timeout.
+        reason: String,
+    },
     /// the agent refused the task; `check` names the failed check
     #[error("host `{host}` rejected the task by check `{check}`: {message}")]
     Rejected {
+        /// The inventory id of the host.
         host: String,
+        /// The stable name of the failed check (e.g. `signature`, `sequence`, `expired`).
         check: String,
+        /// The agent's explanation.
         message: String,
     },
     /// the agent answered with another error status
     #[error("host `{host}` answered {code:?}: {message}")]
     Status {
+        /// The inventory id of the host.
         host: String,
+        /// The gRPC status code.
         code: Code,
+        /// The status message.
         message: String,
     },
 }

@@ -154,7 +154,12 @@ pub type PacketFile = EnvelopeFile;
 pub enum EvidenceError {
     /// the packet file could not be read or written
     #[error("{path}: {reason}")]
-    Io { path: String, reason: String },
+    Io {
+        /// The packet file (or directory) concerned.
+        path: String,
+        /// The I/O or encoding error.
+        reason: String,
+    },
     /// the packet file is not a well-formed evidence envelope
     #[error("packet is malformed: {0}")]
     Malformed(String),
@@ -163,12 +168,20 @@ pub enum EvidenceError {
     PacketSignature(String),
     /// the packet is signed by a valid key that is not a coordinator key
     #[error("packet is signed by `{key}` ({role}), not by a coordinator key")]
-    SignerRole { key: String, role: String },
+    SignerRole {
+        /// Key id of the signing key.
+        key: String,
+        /// The key's role in the trust file (approver, ...).
+        role: String,
+    },
     /// the coordinator key that signed is not the one named
     #[error("packet is signed by coordinator key `{signed_by}`, but {named_by} names `{named}`")]
     SignerNotNamed {
+        /// Key id of the coordinator key that signed.
         signed_by: String,
+        /// Key id named by `named_by`.
         named: String,
+        /// What names the expected key (the packet's `coordinator_key_id`, or the caller).
         named_by: &'static str,
     },
     /// a host in the packet is not in the inventory or has no enrolled key
@@ -177,8 +190,11 @@ pub enum EvidenceError {
     /// a host is recorded in another ring than the packet's
     #[error("host `{host}` is recorded in ring {recorded}, the packet covers ring {ring}")]
     HostRing {
+        /// The host's inventory id.
         host: String,
+        /// The ring the host's record is in.
         recorded: u32,
+        /// The ring the packet covers.
         ring: u32,
     },
     /// the signed tasks of a host are not in the packet (or not one per listed task)
@@ -186,25 +202,37 @@ pub enum EvidenceError {
         "host `{host}`: {listed} tasks listed but {recorded} signed tasks recorded; what the tasks authorised cannot be checked"
     )]
     TasksNotRecorded {
+        /// The host's inventory id.
         host: String,
+        /// Tasks the host's record lists.
         listed: usize,
+        /// Signed tasks the packet carries for the host.
         recorded: usize,
     },
     /// a recorded task is not signed by a coordinator key of the trust file
     #[error("host `{host}`: task {index} (`{task}`) is not signed by a coordinator key: {reason}")]
     TaskSignature {
+        /// The host's inventory id.
         host: String,
+        /// Position of the task in the host's recorded tasks (0-based).
         index: usize,
+        /// The task's id.
         task: String,
+        /// Why its signature does not verify.
         reason: String,
     },
     /// a recorded task says something else than the packet around it
     #[error("host `{host}`: task `{task}` has {field} `{signed}`, the packet says `{expected}`")]
     TaskScope {
+        /// The host's inventory id.
         host: String,
+        /// The task's id.
         task: String,
+        /// The field that differs (wave, host, version, ...).
         field: &'static str,
+        /// What the signed task says.
         signed: String,
+        /// What the packet says.
         expected: String,
     },
     /// an attestation inside the packet does not verify against the host's enrolled key
@@ -212,32 +240,49 @@ pub enum EvidenceError {
         "host `{host}`: attestation {index} does not verify against the enrolled key: {reason}"
     )]
     Attestation {
+        /// The host's inventory id.
         host: String,
+        /// Position of the attestation in the host's record (0-based).
         index: usize,
+        /// Why it does not verify.
         reason: String,
     },
     /// an attestation names another host
     #[error("host `{host}`: attestation {index} names host `{names}`")]
     AttestationHost {
+        /// The host's inventory id.
         host: String,
+        /// Position of the attestation in the host's record (0-based).
         index: usize,
+        /// The host the attestation names.
         names: String,
     },
     /// an attestation's nonce is not the nonce of a Validate task recorded for the host
     #[error(
         "host `{host}`: attestation {index} carries a nonce of no Validate task recorded for the host"
     )]
-    AttestationNonce { host: String, index: usize },
+    AttestationNonce {
+        /// The host's inventory id.
+        host: String,
+        /// Position of the attestation in the host's record (0-based).
+        index: usize,
+    },
     /// an attestation was made outside its task's (or the host's) time window
     #[error(
         "host `{host}`: attestation {index} was made at {at_ms} ms, outside {window} ({from_ms}..{to_ms} ms with clock skew)"
     )]
     AttestationWindow {
+        /// The host's inventory id.
         host: String,
+        /// Position of the attestation in the host's record (0-based).
         index: usize,
+        /// When the host made it, ms since the epoch (the host's clock).
         at_ms: i64,
+        /// The window it had to fall in (its task's, or the host's run).
         window: String,
+        /// Start of the window, skew included, ms since the epoch.
         from_ms: i64,
+        /// End of the window, skew included, ms since the epoch.
         to_ms: i64,
     },
     /// a field the coordinator wrote disagrees with what the host attested
@@ -245,19 +290,31 @@ pub enum EvidenceError {
         "host `{host}`: {field} is recorded as `{recorded}` but the host attested `{attested}`"
     )]
     Recorded {
+        /// The host's inventory id.
         host: String,
+        /// The field concerned (driver version, CUDA version, verdict, ...).
         field: &'static str,
+        /// What the coordinator recorded.
         recorded: String,
+        /// What the host attested.
         attested: String,
     },
     /// a host recorded as done has no healthy validation of the target versions
     #[error("host `{host}` is recorded as done but {reason}")]
-    NotValidated { host: String, reason: String },
+    NotValidated {
+        /// The host's inventory id.
+        host: String,
+        /// What is missing (no attestation, not HEALTHY, other versions).
+        reason: String,
+    },
     /// an approval or break-glass envelope does not verify against the approver keys
     #[error("{what} {index}: {reason}")]
     Approval {
+        /// "approval" or "break-glass".
         what: &'static str,
+        /// Position of the envelope in the packet (0-based).
         index: usize,
+        /// Why it does not verify.
         reason: String,
     },
     /// an approval or break-glass is signed by a coordinator key
@@ -265,17 +322,25 @@ pub enum EvidenceError {
         "{what} {index} is signed by coordinator key `{key}`; a coordinator key never approves"
     )]
     ApprovalSigner {
+        /// "approval" or "break-glass".
         what: &'static str,
+        /// Position of the envelope in the packet (0-based).
         index: usize,
+        /// Key id of the coordinator key that signed it.
         key: String,
     },
     /// an approval is for another wave, ring, profile, version or host set
     #[error("{what} {index} is for {field} `{approved}`, the packet has `{expected}`")]
     ApprovalScope {
+        /// "approval" or "break-glass".
         what: &'static str,
+        /// Position of the envelope in the packet (0-based).
         index: usize,
+        /// The scope field that differs (wave, ring, profile, version, hosts, pool).
         field: &'static str,
+        /// What the approval says.
         approved: String,
+        /// What the packet says.
         expected: String,
     },
     /// an approval does not list the action a task needed
@@ -283,19 +348,29 @@ pub enum EvidenceError {
         "approval {index} does not approve {action} (it lists {listed}), needed by task `{task}`"
     )]
     ApprovalAction {
+        /// Position of the approval in the packet (0-based).
         index: usize,
+        /// The id of the task that needed it.
         task: String,
+        /// The action the task needed (patch, rollback, force-undrain, ack-faults).
         action: &'static str,
+        /// The actions the approval lists.
         listed: String,
     },
     /// an approval was not valid when a task it authorised was issued (or a break-glass during the ring)
     #[error("{what} {index} is valid {from_ms}..{to_ms} ms, not at {at} ({at_ms} ms)")]
     ApprovalTime {
+        /// "approval" or "break-glass".
         what: &'static str,
+        /// Position of the envelope in the packet (0-based).
         index: usize,
+        /// Start of its validity (issue time), ms since the epoch.
         from_ms: i64,
+        /// End of its validity (expiry), ms since the epoch.
         to_ms: i64,
+        /// What had to fall in the validity (a task's issue, the ring's run).
         at: String,
+        /// That moment, ms since the epoch.
         at_ms: i64,
     },
     /// an approval lives longer than the trust policy allows (`max_approval_lifetime_s`)
@@ -303,23 +378,39 @@ pub enum EvidenceError {
         "approval {index} is valid for {lifetime_s} s, longer than max_approval_lifetime_s = {cap_s}"
     )]
     ApprovalLifetime {
+        /// Position of the approval in the packet (0-based).
         index: usize,
+        /// Its lifetime (expiry minus issue), seconds.
         lifetime_s: i64,
+        /// The trust policy's `max_approval_lifetime_s`.
         cap_s: u64,
     },
     /// too few distinct approver keys
     #[error("{what} has {have} distinct approver keys, needs {need}")]
     ApprovalThreshold {
+        /// What needs the approvals (a ring, or a break-glass for a pool).
         what: String,
+        /// Distinct approver keys whose signatures verify.
         have: usize,
+        /// The trust policy's threshold.
         need: usize,
     },
     /// the rollback proof does not follow from its attestations
     #[error("rollback proof of `{host}`: {reason}")]
-    RollbackProof { host: String, reason: String },
+    RollbackProof {
+        /// The host's inventory id.
+        host: String,
+        /// What does not follow.
+        reason: String,
+    },
     /// a ring's series of packets is broken: one was altered, removed or reordered
     #[error("evidence chain of ring {ring}: {reason}")]
-    Chain { ring: u32, reason: String },
+    Chain {
+        /// The ring whose chain is broken.
+        ring: u32,
+        /// Which link is broken, and how.
+        reason: String,
+    },
 }
 
 impl EvidenceError {

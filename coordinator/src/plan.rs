@@ -135,11 +135,17 @@ pub enum PlanError {
         "pool `{pool}`: {size} hosts, reserve {percent}% = {max_out} host(s) out of service at once, already out of service: {out} ({who}) — the wave can never fit; fix those hosts or sign a break-glass approval"
     )]
     CannotFit {
+        /// The pool's name.
         pool: String,
+        /// Hosts in the pool.
         size: usize,
+        /// The pool's `reserve_percent`.
         percent: u32,
+        /// Hosts the pool may have out of service at once.
         max_out: usize,
+        /// Hosts already out of service (drained or unhealthy) before the wave.
         out: usize,
+        /// Which hosts those are.
         who: String,
     },
     /// the rollback drill needs a ring-0 host
@@ -147,14 +153,22 @@ pub enum PlanError {
     NoDrillHost,
     /// a break-glass approval names a pool the inventory does not have
     #[error("break-glass names pool `{pool}`, which is not in the inventory (pools: {known})")]
-    BreakGlassUnknownPool { pool: String, known: String },
+    BreakGlassUnknownPool {
+        /// The pool the break-glass names.
+        pool: String,
+        /// The inventory's pools, comma-separated.
+        known: String,
+    },
     /// a break-glass approval allows more hosts out than the pool has
     #[error(
         "break-glass for pool `{pool}`: max_out {max_out} is more than the pool's {size} host(s)"
     )]
     BreakGlassTooLarge {
+        /// The pool the break-glass names.
         pool: String,
+        /// The break-glass's `max_out`.
         max_out: u32,
+        /// Hosts in the pool.
         size: usize,
     },
 }

@@ -37,7 +37,9 @@ pub enum StoreError {
     /// the state directory or a state file could not be used
     #[error("{path}: {source}")]
     Io {
+        /// The directory or file concerned.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
@@ -45,27 +47,48 @@ pub enum StoreError {
     #[error(
         "wave `{wave}` is held by another coordinator ({holder}); stop it, or wait for it to finish"
     )]
-    Held { wave: String, holder: String },
+    Held {
+        /// The wave id.
+        wave: String,
+        /// The holder's note from the lock file (pid, host, since when), or "unknown holder".
+        holder: String,
+    },
     /// the embedded database failed
     #[error("wave store {path}: {reason}")]
-    Db { path: PathBuf, reason: String },
+    Db {
+        /// The database file.
+        path: PathBuf,
+        /// The redb error.
+        reason: String,
+    },
     /// a stored record does not decode
     #[error("wave store {path}: record `{key}` is corrupt: {reason}")]
     Corrupt {
+        /// The database file.
         path: PathBuf,
+        /// The record's key.
         key: String,
+        /// Why it does not decode.
         reason: String,
     },
     /// no state exists for this wave
     #[error("no state for wave `{wave}` under {dir}")]
-    NoSuchWave { wave: String, dir: PathBuf },
+    NoSuchWave {
+        /// The wave id.
+        wave: String,
+        /// The state directory searched.
+        dir: PathBuf,
+    },
     /// hosts of this wave belong to another active wave
     #[error(
         "wave `{wave}` refused before anything was drained: {hosts} already belong to active wave `{other}` (running, halted or awaiting approval); finish it, or `ringfence wave abort --wave {other}`"
     )]
     HostsInOtherWave {
+        /// The wave refused.
         wave: String,
+        /// The active wave that holds the hosts.
         other: String,
+        /// The hosts in question, comma-separated.
         hosts: String,
     },
 }

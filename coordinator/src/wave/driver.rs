@@ -50,13 +50,23 @@ pub enum Outcome {
 pub enum JobError {
     /// the host is not in the inventory
     #[error("host `{host}` is not in the inventory {}", inventory.display())]
-    NotInInventory { host: String, inventory: PathBuf },
+    NotInInventory {
+        /// The host id.
+        host: String,
+        /// The inventory file.
+        inventory: PathBuf,
+    },
     /// the host has no enrolled attestation key
     #[error(
         "host `{host}` has no enrolled attestation key in {}; run `ringfence inventory enroll` (its attestations are never checked against any other key)",
         inventory.display()
     )]
-    NotEnrolled { host: String, inventory: PathBuf },
+    NotEnrolled {
+        /// The host id.
+        host: String,
+        /// The inventory file.
+        inventory: PathBuf,
+    },
 }
 
 /// The wave could not run.
@@ -83,7 +93,9 @@ pub enum WaveError {
     /// agents are configured in another ring than the inventory's (or none)
     #[error("{}", crate::inventory::ring_mismatch_message(wave, inventory, hosts))]
     RingMismatch {
+        /// The wave id.
         wave: String,
+        /// The inventory file.
         inventory: PathBuf,
         /// `host: finding` for every agent that blocks the wave.
         hosts: Vec<String>,
@@ -95,7 +107,12 @@ pub enum WaveError {
     #[error(
         "wave `{wave}` halted; decide for each failed host with --retry HOST or --skip HOST --reason TEXT (or `ringfence wave abort`): {hosts}"
     )]
-    NeedsDecision { wave: String, hosts: String },
+    NeedsDecision {
+        /// The wave id.
+        wave: String,
+        /// The failed hosts, comma-separated.
+        hosts: String,
+    },
     /// a decision names a host that did not fail
     #[error("--retry/--skip `{0}`: that host has not failed in this wave")]
     BadDecision(String),
@@ -104,17 +121,30 @@ pub enum WaveError {
     Aborted(String),
     /// a break-glass file is not acceptable
     #[error("break-glass {path}: {reason}")]
-    BreakGlass { path: PathBuf, reason: String },
+    BreakGlass {
+        /// The `--break-glass` file.
+        path: PathBuf,
+        /// Why it is refused.
+        reason: String,
+    },
     /// `wave rollback` names a host the wave does not cover
     #[error("host `{host}` is not part of wave `{wave}`")]
-    NotInWave { wave: String, host: String },
+    NotInWave {
+        /// The wave id.
+        wave: String,
+        /// The host named by `--host`.
+        host: String,
+    },
     /// `wave rollback` on a host the wave still has in flight
     #[error(
         "host `{host}` is in flight in wave `{wave}` (phase {phase}); resume or abort the wave before rolling it back by hand"
     )]
     HostInFlight {
+        /// The wave id.
         wave: String,
+        /// The host named by `--host`.
         host: String,
+        /// The host's current phase.
         phase: String,
     },
     /// the host to roll back cannot be reached
