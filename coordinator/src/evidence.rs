@@ -710,7 +710,7 @@ pub fn verify_with(bytes: &[u8], with: &VerifyWith<'_>) -> Result<Verified, Evid
             phase: h.phase.clone(),
             before,
             after,
-            soak: soak.map(|(a, _)| a),
+            soak: soak.map(|e| e.attested),
         });
         tasks_by_host.insert(&h.host_id, tasks);
     }
@@ -827,14 +827,21 @@ fn host_attestations(
 /// Verify a host's soak attestations: each by its enrolled key and naming
 /// it, carrying the nonce recorded with it, made between the coordinator's
 /// request and its verification (with clock skew), its recorded verdict the
-/// attested one. Returns the last end-of-soak attestation, with whether it
-/// is healthy enough to promote on (not UNHEALTHY by verdict or by any
-/// reason), and its request time.
+/// attested one. Returns the last end-of-soak attestation.
+/// A host's last end-of-soak attestation, as verified.
+struct EndOfSoak {
+    attested: Attested,
+    /// Healthy enough to promote on: not UNHEALTHY by verdict or by any reason.
+    healthy: bool,
+    /// When the coordinator asked for it.
+    requested_at_ms: i64,
+}
+
 fn soak_attestations(
     h: &HostEvidence,
     key: &VerifyingKey,
     policy: &ringfence::trust::Policy,
-) -> Result<Option<(Attested, (bool, i64))>, EvidenceError> {
+) -> Result<Option<EndOfSoak>, EvidenceError> {
     let skew = ms(policy.max_clock_skew_s);
     let mut last_end = None;
     for (index, s) in h.soak_attestations.iter().enumerate() {
@@ -845,11 +852,13 @@ fn soak_attestations(
                 reason: e.to_string(),
             }
         })?;
-        let nonce = B64.decode(&s.nonce).map_err(|e| EvidenceError::SoakAttestation {
-            host: h.host_id.clone(),
-            index,
-            reason: format!("recorded nonce: {e}"),
-        })?;
+        let nonce = B64
+            .decode(&s.nonce)
+            .map_err(|e| EvidenceError::SoakAttestation {
+                host: h.host_id.clone(),
+                index,
+                reason: format!("recorded nonce: {e}"),
+            })?;
         if att.nonce != nonce || nonce.is_empty() {
             return Err(EvidenceError::SoakAttestationNonce {
                 host: h.host_id.clone(),
@@ -891,7 +900,11 @@ fn soak_attestations(
                             .iter()
                             .all(|x| matches!(pb::Verdict::try_from(x.severity), Ok(v) if v != pb::Verdict::Unhealthy))
                     });
-                last_end = Some((attested, (healthy, s.requested_at_ms)));
+                last_end = Some(EndOfSoak {
+                    attested,
+                    healthy,
+                    requested_at_ms: s.requested_at_ms,
+                });
             }
             "reconnect" => {}
             other => {
@@ -909,18 +922,26 @@ fn soak_attestations(
 /// UNHEALTHY, at the end of the soak, after its work in the wave.
 fn check_soaked(
     h: &HostEvidence,
-    soak: Option<&(Attested, (bool, i64))>,
+    soak: Option<&EndOfSoak>,
     policy: &ringfence::trust::Policy,
 ) -> Result<(), EvidenceError> {
     let not = |reason: String| EvidenceError::NotSoaked {
         host: h.host_id.clone(),
         reason,
     };
-    let Some((a, (healthy, requested_at_ms))) = soak else {
+    let Some(EndOfSoak {
+        attested: a,
+        healthy,
+        requested_at_ms,
+    }) = soak
+    else {
         return Err(not("no end-of-soak attestation is in the packet".into()));
     };
     if !healthy {
-        return Err(not(format!("its end-of-soak attestation is {}", a.verdict)));
+        return Err(not(format!(
+            "its end-of-soak attestation is {} or lists an UNHEALTHY reason",
+            a.verdict
+        )));
     }
     if requested_at_ms.saturating_add(ms(policy.max_clock_skew_s)) < h.finished_at_ms {
         return Err(not(format!(

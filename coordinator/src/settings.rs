@@ -178,10 +178,18 @@ mod tests {
         std::fs::write(&path, BASE).unwrap();
         let s = Settings::load(Some(&path)).unwrap();
         assert_eq!(s.timeouts.soak_report_max_age(), Duration::from_secs(30));
-        std::fs::write(&path, format!("{BASE}[timeouts]\nsoak_report_max_age_s = 4\n")).unwrap();
+        std::fs::write(
+            &path,
+            format!("{BASE}[timeouts]\nsoak_report_max_age_s = 4\n"),
+        )
+        .unwrap();
         let s = Settings::load(Some(&path)).unwrap();
         assert_eq!(s.timeouts.soak_report_max_age(), Duration::from_secs(4));
-        std::fs::write(&path, format!("{BASE}[timeouts]\nsoak_report_max_age_s = 0\n")).unwrap();
+        std::fs::write(
+            &path,
+            format!("{BASE}[timeouts]\nsoak_report_max_age_s = 0\n"),
+        )
+        .unwrap();
         let err = Settings::load(Some(&path)).unwrap_err().to_string();
         // Line 9 of the file: `soak_report_max_age_s = 0`.
         assert!(

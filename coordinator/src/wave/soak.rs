@@ -196,7 +196,9 @@ async fn watch(sc: SoakCtx, (job, host): SoakHost, tx: mpsc::Sender<SoakNews>) {
             );
             return regress(why, None).await;
         }
-        let note = format!("health stream broke ({broke}); reopening ({breaks} of {MAX_SOAK_BREAKS} breaks tolerated)");
+        let note = format!(
+            "health stream broke ({broke}); reopening ({breaks} of {MAX_SOAK_BREAKS} breaks tolerated)"
+        );
         let _ = tx.send(SoakNews::Broke(id.clone(), note)).await;
         last_err = Some(broke);
         back_off(&mut backoff, last_new + sc.max_age).await;

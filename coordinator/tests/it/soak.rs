@@ -517,9 +517,11 @@ impl HostApi for ScriptedHost {
             (Some(Script::BreaksOnce), 0) => {
                 let s = self.inner.watch_health().await?;
                 let reset = cut("simulated: connection reset");
-                Ok(s.take_until(tokio::time::sleep(Duration::from_millis(1500)))
-                    .chain(futures_util::stream::iter([Err(reset)]))
-                    .boxed())
+                Ok(
+                    s.take_until(tokio::time::sleep(Duration::from_millis(1500)))
+                        .chain(futures_util::stream::iter([Err(reset)]))
+                        .boxed(),
+                )
             }
             (Some(Script::BreaksOnce), 1) => Err(cut("simulated: network still down")),
             _ => self.inner.watch_health().await,
@@ -544,8 +546,13 @@ async fn scripted_wave(
     scripts: &[(&str, Script)],
 ) -> (LocalFleet, Outcome) {
     let (f, spec_path) = two_rings(dir, wave_id, soak_s, false).await;
-    ringfence_testkit::set_key(&f.settings, "timeouts", "soak_report_max_age_s", max_age_s as i64)
-        .unwrap();
+    ringfence_testkit::set_key(
+        &f.settings,
+        "timeouts",
+        "soak_report_max_age_s",
+        max_age_s as i64,
+    )
+    .unwrap();
     let settings = Settings::load(Some(&f.settings)).unwrap();
     assert_eq!(
         settings.timeouts.soak_report_max_age(),
@@ -736,16 +743,18 @@ async fn a_stream_that_breaks_once_and_reconnects_healthy_does_not_halt_the_wave
         assert_eq!(soak.verdict, "HEALTHY", "{}", h.host_id);
     }
     // Every soak attestation was counted among those checked.
-    assert!(v.attestations_checked >= 2 * 2 + 3, "{}", v.attestations_checked);
+    assert!(
+        v.attestations_checked >= 2 * 2 + 3,
+        "{}",
+        v.attestations_checked
+    );
 
     // Tampered copies, re-signed with the coordinator key itself: each is
     // refused by its check.
     let settings = Settings::load(Some(&f.settings)).unwrap();
-    let signer = ringfence_coordinator::wave::load_signer(
-        &settings.signing.key,
-        &settings.signing.key_id,
-    )
-    .unwrap();
+    let signer =
+        ringfence_coordinator::wave::load_signer(&settings.signing.key, &settings.signing.key_id)
+            .unwrap();
     let check = |edit: &dyn Fn(&mut evidence::Packet)| {
         let mut p = packet_of(bytes);
         edit(&mut p);
@@ -837,7 +846,10 @@ async fn an_end_of_soak_attestation_by_a_wrong_key_is_a_soak_regression() {
         assert_eq!(s.verdict, "HEALTHY");
     }
     let b = v.hosts.iter().find(|x| x.host_id == "gpu-b").unwrap();
-    assert!(b.soak.is_none(), "an unverifiable attestation is not evidence");
+    assert!(
+        b.soak.is_none(),
+        "an unverifiable attestation is not evidence"
+    );
 }
 
 fn base64_of(b: &[u8]) -> String {

@@ -362,9 +362,9 @@ impl HostApi for SimHost {
                     }
                     let report = host.report(&host.state());
                     let key = watch_key(&report);
-                    let due = last.as_ref().is_none_or(|(k, at)| {
-                        *k != key || at.elapsed() >= SIM_POLL_INTERVAL
-                    });
+                    let due = last
+                        .as_ref()
+                        .is_none_or(|(k, at)| *k != key || at.elapsed() >= SIM_POLL_INTERVAL);
                     if due {
                         let now = tokio::time::Instant::now();
                         return Some((Ok(report), (host, Some((key, now)), false)));
