@@ -13,7 +13,12 @@
 //! verdict and version printed comes from the attestations (the
 //! coordinator's own fields must agree with them); approvals and break-glass
 //! cover the wave, ring, hosts, actions and time of what they authorised,
-//! with enough distinct approver keys.
+//! with enough distinct approver keys. The attestations a host gave while
+//! its ring soaked (fresh coordinator nonces: after a reopened health
+//! stream, and at the end of the soak) are checked the same way: the
+//! enrolled key, the nonce recorded with each, made between the request and
+//! its verification; a host done in a completed ring that soaked has a
+//! passing end-of-soak attestation made after its work.
 //!
 //! Evidence is append-only ([`append`]): a ring's first packet is
 //! `ring-N.json`, every later one (a halt, then the ring completed after a
@@ -41,7 +46,7 @@ use serde::{Deserialize, Serialize};
 use crate::dsse::EnvelopeFile;
 use crate::plan::RingPlan;
 use crate::spec::WaveSpec;
-use crate::wave::model::{AttestationRecord, HostRecord};
+use crate::wave::model::{AttestationRecord, HostRecord, SoakAttestPurpose, SoakAttestation};
 use crate::wave::outcome::TaskStep;
 
 /// Largest evidence payload accepted, bytes.
@@ -88,6 +93,30 @@ pub struct HostEvidence {
     pub started_at_ms: i64,
     /// End.
     pub finished_at_ms: i64,
+    /// Attestations the host gave to the coordinator's fresh nonces while
+    /// its ring soaked, oldest first. Packets written before this field
+    /// existed read with it empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub soak_attestations: Vec<SoakEvidence>,
+}
+
+/// One attestation of a soaking host, with what the coordinator recorded
+/// about asking for it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SoakEvidence {
+    /// `reconnect` (the health stream broke and was reopened) or
+    /// `end_of_soak` (the ring is promoted on it).
+    pub purpose: String,
+    /// The coordinator's nonce (base64).
+    pub nonce: String,
+    /// When the coordinator asked, ms since the epoch.
+    pub requested_at_ms: i64,
+    /// When the coordinator verified the answer.
+    pub received_at_ms: i64,
+    /// Verdict as the coordinator recorded it (checked against the attestation).
+    pub verdict: String,
+    /// The signed attestation envelope (protobuf, base64).
+    pub attestation: String,
 }
 
 /// Proof that rollback works, from the ring-0 drill.
@@ -267,6 +296,52 @@ pub enum EvidenceError {
         /// Position of the attestation in the host's record (0-based).
         index: usize,
     },
+    /// a soak attestation does not verify against the host's enrolled key (or names another host)
+    #[error(
+        "host `{host}`: soak attestation {index} does not verify against the enrolled key: {reason}"
+    )]
+    SoakAttestation {
+        /// The host's inventory id.
+        host: String,
+        /// Position of the soak attestation in the host's record (0-based).
+        index: usize,
+        /// Why the signature or its content did not verify.
+        reason: String,
+    },
+    /// a soak attestation carries another nonce than the one recorded with it
+    #[error(
+        "host `{host}`: soak attestation {index} carries another nonce than the coordinator recorded for it"
+    )]
+    SoakAttestationNonce {
+        /// The host's inventory id.
+        host: String,
+        /// Position of the soak attestation in the host's record (0-based).
+        index: usize,
+    },
+    /// a soak attestation was made outside the time between its request and its verification
+    #[error(
+        "host `{host}`: soak attestation {index} was made at {at_ms} ms, outside its request ({from_ms}..{to_ms} ms with clock skew)"
+    )]
+    SoakAttestationWindow {
+        /// The host's inventory id.
+        host: String,
+        /// Position of the soak attestation in the host's record (0-based).
+        index: usize,
+        /// When the host says it made the attestation (Unix ms).
+        at_ms: i64,
+        /// Start of the accepted window (Unix ms, clock skew included).
+        from_ms: i64,
+        /// End of the accepted window (Unix ms, clock skew included).
+        to_ms: i64,
+    },
+    /// a host done in a completed ring that soaked has no passing end-of-soak attestation
+    #[error("host `{host}` is recorded as done after a soak but {reason}")]
+    NotSoaked {
+        /// The host's inventory id.
+        host: String,
+        /// What is missing or wrong in its end-of-soak record.
+        reason: String,
+    },
     /// an attestation was made outside its task's (or the host's) time window
     #[error(
         "host `{host}`: attestation {index} was made at {at_ms} ms, outside {window} ({from_ms}..{to_ms} ms with clock skew)"
@@ -431,6 +506,10 @@ impl EvidenceError {
             Self::AttestationHost { .. } => "attestation_host",
             Self::AttestationNonce { .. } => "attestation_nonce",
             Self::AttestationWindow { .. } => "attestation_window",
+            Self::SoakAttestation { .. } => "soak_attestation_signature",
+            Self::SoakAttestationNonce { .. } => "soak_attestation_nonce",
+            Self::SoakAttestationWindow { .. } => "soak_attestation_window",
+            Self::NotSoaked { .. } => "host_soaked",
             Self::Recorded { .. } => "recorded_field",
             Self::NotValidated { .. } => "host_validated",
             Self::Approval { .. } => "approval_signature",
@@ -595,6 +674,8 @@ pub struct VerifiedHost {
     pub before: Option<Attested>,
     /// The latest attestation bound to a Validate task.
     pub after: Option<Attested>,
+    /// The latest end-of-soak attestation, if the host has one.
+    pub soak: Option<Attested>,
 }
 
 /// What `evidence verify` found. Everything here is derived from signed
@@ -727,12 +808,18 @@ pub fn verify_with(bytes: &[u8], with: &VerifyWith<'_>) -> Result<Verified, Evid
         if h.phase == "done" {
             check_done(&packet, h, after.as_ref())?;
         }
+        let soak = soak_attestations(h, key, policy)?;
+        out.attestations_checked += h.soak_attestations.len();
+        if h.phase == "done" && packet.outcome == "completed" && packet.soak_s > 0 {
+            check_soaked(h, soak.as_ref(), policy)?;
+        }
         out.hosts.push(VerifiedHost {
             host_id: h.host_id.clone(),
             pool: h.pool.clone(),
             phase: h.phase.clone(),
             before,
             after,
+            soak: soak.map(|e| e.attested),
         });
         tasks_by_host.insert(&h.host_id, tasks);
     }
@@ -844,6 +931,134 @@ fn host_attestations(
         checked += 1;
     }
     Ok((before, after, checked))
+}
+
+/// Verify a host's soak attestations: each by its enrolled key and naming
+/// it, carrying the nonce recorded with it, made between the coordinator's
+/// request and its verification (with clock skew), its recorded verdict the
+/// attested one. Returns the last end-of-soak attestation.
+/// A host's last end-of-soak attestation, as verified.
+struct EndOfSoak {
+    attested: Attested,
+    /// Healthy enough to promote on: not UNHEALTHY by verdict or by any reason.
+    healthy: bool,
+    /// When the coordinator asked for it.
+    requested_at_ms: i64,
+}
+
+fn soak_attestations(
+    h: &HostEvidence,
+    key: &VerifyingKey,
+    policy: &ringfence::trust::Policy,
+) -> Result<Option<EndOfSoak>, EvidenceError> {
+    let skew = ms(policy.max_clock_skew_s);
+    let mut last_end = None;
+    for (index, s) in h.soak_attestations.iter().enumerate() {
+        let att = open_attestation(&h.host_id, index, &s.attestation, key).map_err(|e| {
+            EvidenceError::SoakAttestation {
+                host: h.host_id.clone(),
+                index,
+                reason: e.to_string(),
+            }
+        })?;
+        let nonce = B64
+            .decode(&s.nonce)
+            .map_err(|e| EvidenceError::SoakAttestation {
+                host: h.host_id.clone(),
+                index,
+                reason: format!("recorded nonce: {e}"),
+            })?;
+        if att.nonce != nonce || nonce.is_empty() {
+            return Err(EvidenceError::SoakAttestationNonce {
+                host: h.host_id.clone(),
+                index,
+            });
+        }
+        let at = att.issued_at_unix_ms;
+        let (from_ms, to_ms) = (
+            s.requested_at_ms.saturating_sub(skew),
+            s.received_at_ms.saturating_add(skew),
+        );
+        if s.requested_at_ms <= 0
+            || s.received_at_ms < s.requested_at_ms
+            || !(from_ms..=to_ms).contains(&at)
+        {
+            return Err(EvidenceError::SoakAttestationWindow {
+                host: h.host_id.clone(),
+                index,
+                at_ms: at,
+                from_ms,
+                to_ms,
+            });
+        }
+        let attested = attested(&att, None);
+        if s.verdict != attested.verdict {
+            return Err(EvidenceError::Recorded {
+                host: h.host_id.clone(),
+                field: "soak_verdict",
+                recorded: s.verdict.clone(),
+                attested: attested.verdict,
+            });
+        }
+        match s.purpose.as_str() {
+            "end_of_soak" => {
+                let unhealthy = pb::Verdict::Unhealthy as i32;
+                let healthy = att.verdict != unhealthy
+                    && att.report.as_ref().is_some_and(|r| {
+                        r.reasons
+                            .iter()
+                            .all(|x| matches!(pb::Verdict::try_from(x.severity), Ok(v) if v != pb::Verdict::Unhealthy))
+                    });
+                last_end = Some(EndOfSoak {
+                    attested,
+                    healthy,
+                    requested_at_ms: s.requested_at_ms,
+                });
+            }
+            "reconnect" => {}
+            other => {
+                return Err(EvidenceError::Malformed(format!(
+                    "host `{}`: soak attestation {index} has purpose `{other}`",
+                    h.host_id
+                )));
+            }
+        }
+    }
+    Ok(last_end)
+}
+
+/// A host done in a completed ring that soaked was attested, fresh and not
+/// UNHEALTHY, at the end of the soak, after its work in the wave.
+fn check_soaked(
+    h: &HostEvidence,
+    soak: Option<&EndOfSoak>,
+    policy: &ringfence::trust::Policy,
+) -> Result<(), EvidenceError> {
+    let not = |reason: String| EvidenceError::NotSoaked {
+        host: h.host_id.clone(),
+        reason,
+    };
+    let Some(EndOfSoak {
+        attested: a,
+        healthy,
+        requested_at_ms,
+    }) = soak
+    else {
+        return Err(not("no end-of-soak attestation is in the packet".into()));
+    };
+    if !healthy {
+        return Err(not(format!(
+            "its end-of-soak attestation is {} or lists an UNHEALTHY reason",
+            a.verdict
+        )));
+    }
+    if requested_at_ms.saturating_add(ms(policy.max_clock_skew_s)) < h.finished_at_ms {
+        return Err(not(format!(
+            "its end-of-soak attestation was asked for at {requested_at_ms} ms, before its work ended ({} ms)",
+            h.finished_at_ms
+        )));
+    }
+    Ok(())
 }
 
 fn ms(s: u64) -> i64 {
@@ -1610,6 +1825,23 @@ pub fn host_evidence(rec: &HostRecord) -> HostEvidence {
             .collect(),
         started_at_ms: rec.started_at_ms,
         finished_at_ms: rec.finished_at_ms,
+        soak_attestations: rec.soak.iter().map(soak_evidence).collect(),
+    }
+}
+
+/// The evidence of one soak attestation.
+pub fn soak_evidence(s: &SoakAttestation) -> SoakEvidence {
+    SoakEvidence {
+        purpose: match s.purpose {
+            SoakAttestPurpose::Reconnect => "reconnect",
+            SoakAttestPurpose::EndOfSoak => "end_of_soak",
+        }
+        .to_string(),
+        nonce: B64.encode(&s.nonce),
+        requested_at_ms: s.requested_at_ms,
+        received_at_ms: s.attestation.at_ms,
+        verdict: s.attestation.verdict.clone(),
+        attestation: B64.encode(&s.attestation.envelope),
     }
 }
 

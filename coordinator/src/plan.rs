@@ -5,7 +5,8 @@
 //! [`next_steps`] is the whole wave policy as a pure function of the plan
 //! and the observed [`WaveState`]: rings strictly in order, protected rings
 //! wait for approval, a ring is promoted only when all its hosts are done,
-//! its soak has passed and every finished host was watched, no pool ever
+//! its soak has passed, every finished host was watched and then gave a
+//! fresh signed attestation at the end of the soak, no pool ever
 //! has more hosts out of service than its limit, and nothing new starts
 //! once failures exceed the budget (a soak regression counts as a failure),
 //! a halt is requested, or the maintenance window is closed. It is also the
@@ -437,6 +438,11 @@ pub struct WaveState {
     /// draining again now. Not stored.
     #[serde(skip)]
     pub redraining: BTreeSet<String>,
+    /// Hosts of a soaking ring whose end-of-soak attestation (fresh nonce,
+    /// enrolled key) verified and was not UNHEALTHY. Not stored: a resumed
+    /// wave asks again.
+    #[serde(skip)]
+    pub soak_attested: BTreeSet<String>,
 }
 
 impl WaveState {
@@ -462,6 +468,7 @@ impl WaveState {
             left_drained: BTreeSet::new(),
             watched: BTreeSet::new(),
             redraining: BTreeSet::new(),
+            soak_attested: BTreeSet::new(),
         }
     }
 
@@ -479,6 +486,9 @@ pub enum Step {
     AwaitApproval(u32),
     /// Every host of the ring finished: start watching it.
     StartSoak(u32),
+    /// The ring's soak time passed and every finished host was watched:
+    /// ask each finished host without one for a fresh signed attestation.
+    AttestSoak(u32),
     /// Promote the ring (write its evidence).
     Promote(u32),
     /// Stop dispatching; in-flight hosts finish their step.
@@ -586,6 +596,15 @@ pub fn next_steps(plan: &Plan, state: &WaveState) -> Vec<Step> {
                     .iter()
                     .filter(|h| state.status(h) == HostStatus::Done && !state.watched.contains(*h))
                     .count();
+                // Promotion rests on signed evidence: a fresh attestation
+                // of every finished host at the end of the soak.
+                let unattested = rp
+                    .hosts
+                    .iter()
+                    .filter(|h| {
+                        state.status(h) == HostStatus::Done && !state.soak_attested.contains(*h)
+                    })
+                    .count();
                 if state.now_ms < until {
                     vec![Step::Wait(format!(
                         "ring {ring} soaking, {} s left",
@@ -595,6 +614,8 @@ pub fn next_steps(plan: &Plan, state: &WaveState) -> Vec<Step> {
                     vec![Step::Wait(format!(
                         "ring {ring} soak time passed; waiting for the first health report of {unwatched} host(s)"
                     ))]
+                } else if unattested > 0 {
+                    vec![Step::AttestSoak(ring)]
                 } else {
                     vec![Step::Promote(ring)]
                 }

@@ -16,8 +16,10 @@
 //! connect_s = 5                                   # TCP+TLS connect to one agent
 //! rpc_s = 30                                      # one RPC, as a whole (headers, body, trailers)
 //! halt_grace_s = 120                              # after a halt, wait this long for hosts in flight
+//! soak_report_max_age_s = 30                      # during a soak, a host with no new health report for this long fails
 //! ```
 
+use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -69,6 +71,9 @@ impl Tls {
     }
 }
 
+/// Default `soak_report_max_age_s`: three of the agents' default poll intervals.
+const DEFAULT_SOAK_REPORT_MAX_AGE: NonZeroU64 = NonZeroU64::new(30).unwrap();
+
 /// Network timeouts.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -80,6 +85,11 @@ pub struct Timeouts {
     /// After a halt, seconds to wait for hosts in flight to stop; hosts
     /// still in flight then are recorded `unreachable` and left drained.
     pub halt_grace_s: u64,
+    /// During a soak, seconds a host may go without a new health report
+    /// (WatchHealth heartbeat) before it fails with a soak regression: a
+    /// few of the agents' `[gpu] poll_interval_s` (default 10 s). A broken
+    /// stream is reopened within this bound.
+    pub soak_report_max_age_s: NonZeroU64,
 }
 
 impl Default for Timeouts {
@@ -88,6 +98,7 @@ impl Default for Timeouts {
             connect_s: 5,
             rpc_s: 30,
             halt_grace_s: 120,
+            soak_report_max_age_s: DEFAULT_SOAK_REPORT_MAX_AGE,
         }
     }
 }
@@ -104,6 +115,10 @@ impl Timeouts {
     /// Halt grace period.
     pub fn halt_grace(&self) -> Duration {
         Duration::from_secs(self.halt_grace_s)
+    }
+    /// Longest time a soaking host may go without a new health report.
+    pub fn soak_report_max_age(&self) -> Duration {
+        Duration::from_secs(self.soak_report_max_age_s.get())
     }
 }
 
@@ -155,6 +170,33 @@ mod tests {
     use super::*;
 
     const BASE: &str = "[signing]\nkey = \"/k\"\nkey_id = \"c\"\n[tls]\ncert = \"/c.pem\"\nkey = \"/c.key\"\nca_bundle = \"/ca.pem\"\n";
+
+    #[test]
+    fn the_soak_report_bound_defaults_to_30_s_and_zero_is_refused_at_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ringfence.toml");
+        std::fs::write(&path, BASE).unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        assert_eq!(s.timeouts.soak_report_max_age(), Duration::from_secs(30));
+        std::fs::write(
+            &path,
+            format!("{BASE}[timeouts]\nsoak_report_max_age_s = 4\n"),
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        assert_eq!(s.timeouts.soak_report_max_age(), Duration::from_secs(4));
+        std::fs::write(
+            &path,
+            format!("{BASE}[timeouts]\nsoak_report_max_age_s = 0\n"),
+        )
+        .unwrap();
+        let err = Settings::load(Some(&path)).unwrap_err().to_string();
+        // Line 9 of the file: `soak_report_max_age_s = 0`.
+        assert!(
+            err.contains("ringfence.toml:9:") && err.contains("nonzero"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn tls_crl_is_optional_and_loaded_with_the_identity() {

@@ -280,6 +280,7 @@ pub fn driver(
         events: Arc::new(reporter),
         poll_interval: Duration::from_millis(200),
         halt_grace: settings.timeouts.halt_grace(),
+        soak_report_max_age: settings.timeouts.soak_report_max_age(),
         state_dir: settings.state_dir.clone(),
         break_glass,
     })

@@ -17,7 +17,7 @@ use super::events::Event;
 use super::model::{Ctx, HostRecord, HostRunError, Phase};
 use super::outcome::{Failure, FailureKind, HaltReport, Stage};
 use super::runs::{Report, Runs, Start};
-use super::soak::{self, SoakNews, SoakWatch};
+use super::soak::{self, SoakCtx, SoakNews, SoakWatch};
 use crate::approvals::ApprovalSet;
 use crate::plan::{self, HaltCause, HostStatus, Plan, RingStatus, Step, WaveState};
 use crate::store::{LedgerEntry, LedgerGuard, PoolLedger, StoreError};
@@ -38,6 +38,8 @@ enum Woke {
 struct Round {
     /// Hosts to start, in order.
     starts: Vec<String>,
+    /// Rings whose soak passed: ask their hosts for end-of-soak attestations.
+    attest: Vec<u32>,
     /// Every ring is complete.
     done: bool,
     /// Ring or halt changes: persist now.
@@ -137,13 +139,18 @@ impl<'d> Drive<'d> {
             guard.set(&d.spec.wave_id, &own)?;
             own
         };
+        let soak = SoakWatch::new(SoakCtx {
+            ctx: ctx.clone(),
+            connector: d.connector.clone(),
+            max_age: d.soak_report_max_age,
+        });
         let mut drive = Self {
             d,
             plan,
             state,
             halt_flag,
             runs: Runs::new(ctx, d.connector.clone(), d.events.clone()),
-            soak: SoakWatch::new(),
+            soak,
             redrained: BTreeMap::new(),
             approvals: BTreeMap::new(),
             halt: None,
@@ -206,9 +213,15 @@ impl<'d> Drive<'d> {
                 .stop_unneeded(&self.plan, &self.state, halting)
                 .await;
             if !halting {
-                let d = self.d;
-                self.soak
-                    .start(&self.plan, &self.state, &d.inventory, &d.connector);
+                let (d, plan, state, approvals) =
+                    (self.d, &self.plan, &self.state, &self.approvals);
+                let job = |h: &str| d.job(plan, h, approvals).map_err(|e| e.to_string());
+                self.soak.start(plan, state, &job);
+                for r in &round.attest {
+                    if self.soak.attest_end(plan, state, *r, &job) > 0 {
+                        d.events.emit(&Event::ring(*r, "soak_attest"));
+                    }
+                }
             }
             self.dispatch(&round.starts)?;
             round.urgent |= self.record_halt()?;
@@ -327,6 +340,7 @@ impl<'d> Drive<'d> {
                         .insert(*r, RingStatus::Soaking { since_ms });
                     d.events.emit(&Event::ring(d.clock.as_ref(), *r, "soak"));
                 }
+                Step::AttestSoak(r) => round.attest.push(*r),
                 Step::Promote(r) => {
                     round.urgent = true;
                     let approvals = &self.approvals;

@@ -179,6 +179,10 @@ pub struct Driver {
     /// those still in flight then are recorded `unreachable`, left as they
     /// are (drained) and named in the halt report.
     pub halt_grace: Duration,
+    /// During a soak, longest time a host may go without a new health
+    /// report (`[timeouts] soak_report_max_age_s`); also how long a broken
+    /// stream is reopened and an end-of-soak attestation asked for.
+    pub soak_report_max_age: Duration,
     /// Coordinator state dir (approvals directory lives there).
     pub state_dir: PathBuf,
     /// Verified break-glass grants.

@@ -115,6 +115,30 @@ pub struct AttestationRecord {
     pub at_ms: i64,
 }
 
+/// Why the coordinator asked a soaking host for a fresh attestation.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SoakAttestPurpose {
+    /// The health stream broke and was reopened: the attestation covers the gap.
+    Reconnect,
+    /// The soak time passed: the ring is promoted on it.
+    EndOfSoak,
+}
+
+/// A fresh attestation a soaking host gave to the coordinator's nonce.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SoakAttestation {
+    /// Why it was asked for.
+    pub purpose: SoakAttestPurpose,
+    /// The coordinator's nonce.
+    pub nonce: Vec<u8>,
+    /// When the coordinator asked (ms since the epoch); `attestation.at_ms`
+    /// is when it was verified.
+    pub requested_at_ms: i64,
+    /// The attestation, verified against the enrolled key and the nonce.
+    pub attestation: AttestationRecord,
+}
+
 /// Everything the coordinator records about one host in one wave.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HostRecord {
@@ -139,6 +163,10 @@ pub struct HostRecord {
     /// Attestations of the rollback drill (after rollback, after re-patch).
     #[serde(default)]
     pub drill: Vec<AttestationRecord>,
+    /// Attestations taken while its ring soaked (after a reopened health
+    /// stream, at the end of the soak), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub soak: Vec<SoakAttestation>,
     /// When work on the host started / ended (ms since the epoch).
     pub started_at_ms: i64,
     /// When work on the host ended.
@@ -159,6 +187,7 @@ impl HostRecord {
             tasks: Vec::new(),
             failure: None,
             drill: Vec::new(),
+            soak: Vec::new(),
             started_at_ms: 0,
             finished_at_ms: 0,
         }

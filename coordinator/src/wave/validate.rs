@@ -18,10 +18,12 @@ use ringfence::attest::verdict_name;
 use ringfence::pb::{self, task_payload::Action};
 
 use super::model::{
-    AttestationRecord, Ctx, HostJob, HostRecord, HostRun, HostRunError, Phase, state_name,
+    AttestationRecord, Ctx, HostJob, HostRecord, HostRun, HostRunError, Phase, SoakAttestPurpose,
+    SoakAttestation, state_name,
 };
 use super::outcome::{Failure, FailureKind, Stage, StepResult, TaskStep, advance};
 use super::task::{NO_APPROVALS, client_failure, run_task};
+use crate::client::HostApi;
 use crate::hosttext;
 
 /// The attestation before the wave: an UNHEALTHY host is not patched; a
@@ -213,6 +215,87 @@ pub(super) async fn validate_step(
         FailureKind::Attestation,
         problems.join("; "),
     )))
+}
+
+/// A soak attestation that did not pass.
+#[derive(Debug)]
+pub(super) enum SoakAttestError {
+    /// The host did not answer (the caller may ask again).
+    Unreachable(String),
+    /// It answered with an attestation that does not verify, or one that
+    /// fails the checks (then kept, for the evidence).
+    Failed(String, Option<Box<SoakAttestation>>),
+}
+
+/// A fresh attestation of a soaking host (after its health stream was
+/// reopened, or at the end of the soak), verified like Validate's: by the
+/// host's enrolled key, bound to a fresh nonce, made within the time
+/// window; judged by its own reasons ([`effective_verdict`]: UNHEALTHY
+/// fails, DEGRADED does not, as during the soak), the inventory's GPU
+/// count, the wave's expected versions, and new faults since `baseline`
+/// (the attestation of its validation; [`regressions`]).
+pub(super) async fn soak_attestation(
+    ctx: &Ctx,
+    job: &HostJob,
+    api: &dyn HostApi,
+    baseline: Option<&AttestationRecord>,
+    purpose: SoakAttestPurpose,
+) -> Result<SoakAttestation, SoakAttestError> {
+    let nonce = ringfence::attest::new_nonce();
+    let requested_at_ms = ctx.clock.now_ms();
+    let env = api
+        .attest(nonce.clone())
+        .await
+        .map_err(|e| SoakAttestError::Unreachable(e.to_string()))?;
+    let att = verify_attestation(ctx, job, &env, &nonce).map_err(|reason| {
+        SoakAttestError::Failed(format!("attestation does not verify: {reason}"), None)
+    })?;
+    let record = attestation_record(ctx, &att, &env);
+    let report = att.report.clone().unwrap_or_default();
+    let mut problems = Vec::new();
+    if effective_verdict(att.verdict, &report) == pb::Verdict::Unhealthy as i32 {
+        problems.push(format!(
+            "attested UNHEALTHY ({})",
+            report
+                .reasons
+                .iter()
+                .filter(|r| severity_rank(r.severity) == 3)
+                .map(|r| hosttext::field(&r.code))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    problems.extend(gpu_shortfall(&report, job.expected_gpus));
+    let p = &ctx.params;
+    if !p.expect_driver_version.is_empty() && report.driver_version != p.expect_driver_version {
+        problems.push(format!(
+            "driver {} != expected {}",
+            record.driver_version, p.expect_driver_version
+        ));
+    }
+    if !p.expect_cuda_version.is_empty() && report.cuda_driver_version != p.expect_cuda_version {
+        problems.push(format!(
+            "CUDA {} != expected {}",
+            record.cuda_version, p.expect_cuda_version
+        ));
+    }
+    if let Some(b) = baseline {
+        problems.extend(regressions(b, &report));
+    }
+    let soak = SoakAttestation {
+        purpose,
+        nonce,
+        requested_at_ms,
+        attestation: record,
+    };
+    if problems.is_empty() {
+        Ok(soak)
+    } else {
+        Err(SoakAttestError::Failed(
+            problems.join("; "),
+            Some(Box::new(soak)),
+        ))
+    }
 }
 
 fn verify_attestation(

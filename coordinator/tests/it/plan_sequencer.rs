@@ -300,7 +300,16 @@ fn a_soaking_ring_is_promoted_only_when_every_finished_host_was_watched() {
         "{steps:?}"
     );
     st.watched.insert("c2".into());
+    // Watched through the soak: each host attests at its end.
+    assert_eq!(next_steps(&p, &st), [Step::AttestSoak(2)]);
+    st.soak_attested.insert("c1".into());
+    assert_eq!(next_steps(&p, &st), [Step::AttestSoak(2)]);
+    st.soak_attested.insert("c2".into());
     assert_eq!(next_steps(&p, &st), [Step::Promote(2)]);
+    // Attested but not watched (a resumed wave): wait for the watch.
+    st.watched.remove("c1");
+    assert!(matches!(&next_steps(&p, &st)[..], [Step::Wait(w)] if w.contains("of 1 host(s)")));
+    st.watched.insert("c1".into());
     // Before the soak time passed, watching alone promotes nothing.
     st.now_ms = 30_000;
     assert!(matches!(&next_steps(&p, &st)[..], [Step::Wait(w)] if w.contains("s left")));
@@ -324,6 +333,7 @@ fn a_soak_regression_is_a_failure_the_budget_decides_on() {
         st.rings.insert(1, RingStatus::Complete);
         st.rings.insert(2, RingStatus::Soaking { since_ms: 0 });
         st.watched.extend(["c1".to_string(), "c2".to_string()]);
+        st.soak_attested.insert("c2".to_string());
         // c1 regressed: failed, counted, being drained again.
         st.hosts.insert("c1".into(), HostStatus::Failed);
         st.failures = 1;
@@ -340,9 +350,21 @@ fn a_soak_regression_is_a_failure_the_budget_decides_on() {
         })]
     );
     // Within the budget the ring is promoted once the soak passed (the
-    // failed host is left drained).
-    let (p, st) = soaking(1);
+    // failed host is left drained; only the finished host attests).
+    let (p, mut st) = soaking(1);
     assert_eq!(next_steps(&p, &st), [Step::Promote(2)]);
+    st.soak_attested.clear();
+    assert_eq!(next_steps(&p, &st), [Step::AttestSoak(2)]);
+    // An end-of-soak attestation that fails is a soak regression: c2 failed too.
+    st.hosts.insert("c2".into(), HostStatus::Failed);
+    st.failures = 2;
+    assert_eq!(
+        next_steps(&p, &st),
+        [Step::Halt(HaltCause::Budget {
+            failures: 2,
+            budget: 1
+        })]
+    );
 }
 
 #[test]
@@ -350,13 +372,16 @@ fn runtime_facts_are_not_stored_with_the_wave_state() {
     let (_, mut st) = failed_host_holds_the_reserve();
     st.watched.insert("b".into());
     st.redraining.insert("a".into());
+    st.soak_attested.insert("b".into());
     let json = serde_json::to_value(&st).unwrap();
     assert!(
-        json.get("watched").is_none() && json.get("redraining").is_none(),
+        json.get("watched").is_none()
+            && json.get("redraining").is_none()
+            && json.get("soak_attested").is_none(),
         "{json}"
     );
     let back: WaveState = serde_json::from_value(json).unwrap();
-    assert!(back.watched.is_empty() && back.redraining.is_empty());
+    assert!(back.watched.is_empty() && back.redraining.is_empty() && back.soak_attested.is_empty());
     assert_eq!(back.hosts, st.hosts);
 }
 
@@ -391,6 +416,8 @@ fn soak_must_pass_before_promotion() {
     assert!(matches!(next_steps(&p, &st)[0], Step::Wait(_)));
     st.now_ms = 61_000;
     st.watched.insert("r0".into());
+    assert_eq!(next_steps(&p, &st), [Step::AttestSoak(0)]);
+    st.soak_attested.insert("r0".into());
     assert_eq!(next_steps(&p, &st), [Step::Promote(0)]);
 }
 
@@ -491,7 +518,7 @@ proptest! {
                     Step::Promote(r) => { st.rings.insert(*r, RingStatus::Complete); progressed = true; }
                     Step::StartSoak(r) => { st.rings.insert(*r, RingStatus::Soaking { since_ms: 0 }); progressed = true; }
                     Step::Halt(_) | Step::Done => return Ok(()),
-                    Step::AwaitApproval(_) | Step::WindowClosed | Step::Wait(_) => {}
+                    Step::AttestSoak(_) | Step::AwaitApproval(_) | Step::WindowClosed | Step::Wait(_) => {}
                 }
             }
             for (pool, n) in out_of_service(&p, &st) {

@@ -7,23 +7,28 @@
 
 use crate::common;
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use prost::Message;
 use ringfence::config::Source;
 use ringfence::pb;
 use ringfence::time::SystemClock;
 use ringfence::trust::TrustSet;
 use ringfence_coordinator::client::{ClientError, HealthStream, HostApi};
+use ringfence_coordinator::evidence;
 use ringfence_coordinator::inventory::{Host, Inventory};
 use ringfence_coordinator::report::Reporter;
 use ringfence_coordinator::settings::Settings;
 use ringfence_coordinator::spec::WaveSpec;
 use ringfence_coordinator::store::{WavePaths, WaveStore};
-use ringfence_coordinator::wave::{Connector, Outcome, TlsConnector};
+use ringfence_coordinator::wave::{
+    Connector, FailureKind, HaltReport, Outcome, Stage, TlsConnector,
+};
 use ringfence_devfleet::local_fleet::{HostSpec, LocalFleet, Mode};
 
 use common::{Coordinator, host, is};
@@ -221,9 +226,12 @@ async fn xid_79_during_the_ring_2_soak_halts_the_wave_and_ring_3_is_never_touche
 async fn an_agent_lost_during_the_soak_halts_the_wave_as_unreachable() {
     let dir = tempfile::tempdir().unwrap();
     let (mut f, spec) = two_rings(dir.path(), "soak-lost", 20, true).await;
+    // The stream breaks and no reopen succeeds: no new report for 3 s.
+    ringfence_testkit::set_key(&f.settings, "timeouts", "soak_report_max_age_s", 3).unwrap();
     let got = fail_during_soak(&mut f, &spec, "soak-lost", 0, "gpu-a", |f| f.kill("gpu-a")).await;
     assert!(
-        got.detail.contains("unreachable during soak"),
+        got.detail.contains("no health report for 3 s")
+            && got.detail.contains("unreachable during soak"),
         "{}",
         got.detail
     );
@@ -409,4 +417,444 @@ async fn soak_watchers_stop_when_the_ring_is_promoted() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// What a scripted agent does to the coordinator's soak calls; everything
+/// else goes to the real agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Script {
+    /// WatchHealth: one report, then the stream stays open and silent (an
+    /// agent hung after its first report, or a path that drops packets
+    /// without resetting the connection).
+    SilentAfterFirst,
+    /// WatchHealth: the first stream breaks 1.5 s in, the first reopen
+    /// fails (the network is still down), the next one succeeds.
+    BreaksOnce,
+    /// Attest: every attestation after the first (attest-before) is signed
+    /// by a key that is not the host's enrolled one.
+    WrongKeyAfterFirst,
+}
+
+/// Calls a scripted host has seen, across connections.
+#[derive(Debug, Default)]
+struct Calls {
+    watches: usize,
+    attests: usize,
+}
+
+struct Scripted {
+    inner: TlsConnector,
+    scripts: BTreeMap<String, Script>,
+    calls: Arc<Mutex<BTreeMap<String, Calls>>>,
+    wrong_key: Arc<ringfence::keys::SigningKey>,
+}
+
+struct ScriptedHost {
+    inner: Arc<dyn HostApi>,
+    id: String,
+    script: Option<Script>,
+    calls: Arc<Mutex<BTreeMap<String, Calls>>>,
+    wrong_key: Arc<ringfence::keys::SigningKey>,
+}
+
+#[tonic::async_trait]
+impl Connector for Scripted {
+    async fn connect(&self, host: &Host) -> Result<Arc<dyn HostApi>, String> {
+        let inner = self.inner.connect(host).await?;
+        Ok(Arc::new(ScriptedHost {
+            inner,
+            id: host.id.clone(),
+            script: self.scripts.get(&host.id).copied(),
+            calls: self.calls.clone(),
+            wrong_key: self.wrong_key.clone(),
+        }))
+    }
+}
+
+impl ScriptedHost {
+    /// Count a call; returns how many of its kind came before.
+    fn count(&self, f: impl Fn(&mut Calls) -> &mut usize) -> usize {
+        let mut calls = self.calls.lock().unwrap();
+        let n = f(calls.entry(self.id.clone()).or_default());
+        *n += 1;
+        *n - 1
+    }
+}
+
+#[tonic::async_trait]
+impl HostApi for ScriptedHost {
+    async fn identity(&self) -> Result<pb::Identity, ClientError> {
+        self.inner.identity().await
+    }
+    async fn attest(&self, nonce: Vec<u8>) -> Result<pb::Envelope, ClientError> {
+        let n = self.count(|c| &mut c.attests);
+        let env = self.inner.attest(nonce.clone()).await?;
+        if self.script != Some(Script::WrongKeyAfterFirst) || n == 0 {
+            return Ok(env);
+        }
+        // The same statement, signed by another key.
+        let att = pb::Attestation::decode(env.payload.as_slice()).unwrap();
+        Ok(ringfence::attest::attest(
+            &self.id,
+            &self.wrong_key,
+            &nonce,
+            att.issued_at_unix_ms,
+            att.report.unwrap_or_default(),
+        ))
+    }
+    async fn health(&self) -> Result<pb::HealthReport, ClientError> {
+        self.inner.health().await
+    }
+    async fn watch_health(&self) -> Result<HealthStream, ClientError> {
+        let n = self.count(|c| &mut c.watches);
+        let cut = |reason: &str| ClientError::Unreachable {
+            host: self.id.clone(),
+            reason: reason.into(),
+        };
+        match (self.script, n) {
+            (Some(Script::SilentAfterFirst), _) => {
+                let s = self.inner.watch_health().await?;
+                Ok(s.take(1).chain(futures_util::stream::pending()).boxed())
+            }
+            (Some(Script::BreaksOnce), 0) => {
+                let s = self.inner.watch_health().await?;
+                let reset = cut("simulated: connection reset");
+                Ok(
+                    s.take_until(tokio::time::sleep(Duration::from_millis(1500)))
+                        .chain(futures_util::stream::iter([Err(reset)]))
+                        .boxed(),
+                )
+            }
+            (Some(Script::BreaksOnce), 1) => Err(cut("simulated: network still down")),
+            _ => self.inner.watch_health().await,
+        }
+    }
+    async fn submit(&self, task: pb::SignedTask) -> Result<pb::TaskStatus, ClientError> {
+        self.inner.submit(task).await
+    }
+    async fn get_task(&self, id: &str) -> Result<Option<pb::TaskStatus>, ClientError> {
+        self.inner.get_task(id).await
+    }
+}
+
+/// Run the wave of `two_rings` (in-process agents; ring 0 soaking `soak_s`,
+/// budget 0) through `ringfence`'s own driver, with `scripts` on the
+/// agents' calls and a report-age bound of `max_age_s`.
+async fn scripted_wave(
+    dir: &Path,
+    wave_id: &str,
+    soak_s: u64,
+    max_age_s: u64,
+    scripts: &[(&str, Script)],
+) -> (LocalFleet, Outcome) {
+    let (f, spec_path) = two_rings(dir, wave_id, soak_s, false).await;
+    ringfence_testkit::set_key(
+        &f.settings,
+        "timeouts",
+        "soak_report_max_age_s",
+        max_age_s as i64,
+    )
+    .unwrap();
+    let settings = Settings::load(Some(&f.settings)).unwrap();
+    assert_eq!(
+        settings.timeouts.soak_report_max_age(),
+        Duration::from_secs(max_age_s)
+    );
+    let inv = Inventory::load(&f.inventory).unwrap();
+    let spec = WaveSpec::from_source(&Source::read(&spec_path).unwrap()).unwrap();
+    assert_eq!(spec.failure_budget, 0);
+    let connector = Arc::new(Scripted {
+        inner: TlsConnector {
+            identity: common::identity(&f),
+            trust_domain: inv.trust_domain.clone(),
+            connect_timeout: Duration::from_secs(3),
+            rpc_timeout: Duration::from_secs(10),
+        },
+        scripts: scripts
+            .iter()
+            .map(|(h, s)| ((*h).to_string(), *s))
+            .collect(),
+        calls: Arc::default(),
+        wrong_key: Arc::new(ringfence::keys::generate()),
+    });
+    let store = Arc::new(WaveStore::open(&settings.state_dir, &spec.wave_id).unwrap());
+    let mut driver = ringfence_coordinator::cli::driver(
+        &settings,
+        TrustSet::load(&settings.trust_file).unwrap(),
+        inv,
+        spec,
+        store,
+        connector,
+        Reporter::new(true),
+        Vec::new(),
+    )
+    .unwrap();
+    driver.poll_interval = Duration::from_millis(50);
+    let outcome = tokio::time::timeout(Duration::from_secs(60), driver.run())
+        .await
+        .expect("the wave ends")
+        .unwrap();
+    (f, outcome)
+}
+
+/// The halt of a scripted wave: a soak regression of `host` in ring 0.
+fn soak_halt(outcome: &Outcome, host: &str) -> HaltReport {
+    let Outcome::Halted(h) = outcome else {
+        panic!("the wave must halt on a soak regression, it ended {outcome:?}");
+    };
+    assert_eq!(
+        (h.ring, h.host.as_deref(), h.step, h.kind),
+        (0, Some(host), Stage::Soak, FailureKind::SoakRegression),
+        "{h:?}"
+    );
+    h.clone()
+}
+
+/// The packets of ring 0, oldest first, and the trust file and enrolled keys
+/// they are verified against.
+fn ring_0_evidence(
+    f: &LocalFleet,
+    wave_id: &str,
+) -> (
+    Vec<Vec<u8>>,
+    TrustSet,
+    BTreeMap<String, ringfence::keys::VerifyingKey>,
+) {
+    let dir = WavePaths::new(&f.state_dir, wave_id).evidence_dir;
+    let files = evidence::series(&dir, 0);
+    assert!(!files.is_empty(), "ring 0 has an evidence packet");
+    let settings = Settings::load(Some(&f.settings)).unwrap();
+    (
+        files.iter().map(|p| std::fs::read(p).unwrap()).collect(),
+        TrustSet::load(&settings.trust_file).unwrap(),
+        Inventory::load(&f.inventory).unwrap().enrolled_keys(),
+    )
+}
+
+fn packet_of(bytes: &[u8]) -> evidence::Packet {
+    use base64::Engine;
+    let file: evidence::PacketFile = serde_json::from_slice(bytes).unwrap();
+    let payload = base64::engine::general_purpose::STANDARD
+        .decode(file.payload)
+        .unwrap();
+    serde_json::from_slice(&payload).unwrap()
+}
+
+/// An agent that sends one HEALTHY report and then keeps its stream open
+/// and silent is not healthy: the coordinator fails its soak once no new
+/// report has come for the bound (3 s), long before the 10 s soak ends, and
+/// with budget 0 the wave halts; ring 1 is never touched, and the silent
+/// host is drained again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_silent_after_its_first_report_fails_the_soak_and_halts_the_wave() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let (f, outcome) = scripted_wave(
+        dir.path(),
+        "soak-silent",
+        10,
+        3,
+        &[("gpu-a", Script::SilentAfterFirst)],
+    )
+    .await;
+    let h = soak_halt(&outcome, "gpu-a");
+    assert!(
+        h.reason.contains("no health report for 3 s"),
+        "{}",
+        h.reason
+    );
+    assert!(
+        h.reason.contains("drained again by the wave"),
+        "{}",
+        h.reason
+    );
+    eprintln!("wave start to halt: {:?}", started.elapsed());
+    // What the agents recorded: gpu-a patched, undrained, drained again;
+    // gpu-b passed; ring 1 untouched.
+    assert_eq!(
+        common::actions(&common::journal(&f, "gpu-a").await),
+        ["drain", "patch", "validate", "undrain", "drain"]
+    );
+    assert!(common::health(&f, "gpu-a").await.draining);
+    assert!(!common::health(&f, "gpu-b").await.draining);
+    assert!(
+        common::journal(&f, "gpu-c").await.is_empty(),
+        "ring 1 untouched"
+    );
+    // The halted ring's evidence verifies; nothing in it says gpu-a soaked.
+    let (packets, trust, enrolled) = ring_0_evidence(&f, "soak-silent");
+    let last = packets.last().unwrap();
+    let v = evidence::verify(last, &trust, &enrolled).unwrap();
+    assert_eq!(v.packet.outcome, "halted");
+    let a = v.hosts.iter().find(|x| x.host_id == "gpu-a").unwrap();
+    assert_eq!(a.phase, "failed");
+    assert!(a.soak.is_none());
+}
+
+/// A one-second network blip during the soak: gpu-a's stream breaks, the
+/// first reopen fails, the next succeeds and gpu-a attests HEALTHY to a
+/// fresh nonce. The wave is not halted: every host attests at the end of
+/// the soak, ring 0 is promoted and ring 1 is patched. The evidence lists
+/// the reconnect and end-of-soak attestations and `evidence verify`
+/// accepts it, and rejects each tampered copy with its named check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_breaks_once_and_reconnects_healthy_does_not_halt_the_wave() {
+    let dir = tempfile::tempdir().unwrap();
+    let (f, outcome) = scripted_wave(
+        dir.path(),
+        "soak-blip",
+        6,
+        5,
+        &[("gpu-a", Script::BreaksOnce)],
+    )
+    .await;
+    assert_eq!(outcome, Outcome::Completed);
+    assert_eq!(
+        common::actions(&common::journal(&f, "gpu-c").await),
+        ["drain", "patch", "validate", "undrain"],
+        "ring 1 was patched after ring 0's soak"
+    );
+    for h in ["gpu-a", "gpu-b"] {
+        assert_eq!(
+            common::actions(&common::journal(&f, h).await),
+            ["drain", "patch", "validate", "undrain"],
+            "{h} was never drained again"
+        );
+    }
+
+    let (packets, trust, enrolled) = ring_0_evidence(&f, "soak-blip");
+    assert_eq!(packets.len(), 1, "ring 0 completed once, never halted");
+    let bytes = &packets[0];
+    let v = evidence::verify(bytes, &trust, &enrolled).unwrap();
+    assert_eq!(v.packet.outcome, "completed");
+    let purposes = |host: &str| -> Vec<String> {
+        v.packet
+            .hosts
+            .iter()
+            .find(|x| x.host_id == host)
+            .unwrap()
+            .soak_attestations
+            .iter()
+            .map(|s| s.purpose.clone())
+            .collect()
+    };
+    assert_eq!(purposes("gpu-a"), ["reconnect", "end_of_soak"]);
+    assert_eq!(purposes("gpu-b"), ["end_of_soak"]);
+    for h in &v.hosts {
+        let soak = h.soak.as_ref().expect("an end-of-soak attestation");
+        assert_eq!(soak.verdict, "HEALTHY", "{}", h.host_id);
+    }
+    // Every soak attestation was counted among those checked.
+    assert!(
+        v.attestations_checked >= 2 * 2 + 3,
+        "{}",
+        v.attestations_checked
+    );
+
+    // Tampered copies, re-signed with the coordinator key itself: each is
+    // refused by its check.
+    let settings = Settings::load(Some(&f.settings)).unwrap();
+    let signer =
+        ringfence_coordinator::wave::load_signer(&settings.signing.key, &settings.signing.key_id)
+            .unwrap();
+    let check = |edit: &dyn Fn(&mut evidence::Packet)| {
+        let mut p = packet_of(bytes);
+        edit(&mut p);
+        let b = evidence::seal(&p, &signer.key_id, &signer.key).unwrap();
+        evidence::verify(&b, &trust, &enrolled)
+            .map(|_| ())
+            .map_err(|e| e.check())
+    };
+    let host = |p: &mut evidence::Packet, id: &str| -> usize {
+        p.hosts.iter().position(|x| x.host_id == id).unwrap()
+    };
+    assert_eq!(check(&|_| {}), Ok(()), "an untouched copy verifies");
+    assert_eq!(
+        check(&|p| {
+            let i = host(p, "gpu-a");
+            p.hosts[i].soak_attestations[1].nonce = base64_of(&[9; 32]);
+        }),
+        Err("soak_attestation_nonce")
+    );
+    assert_eq!(
+        check(&|p| {
+            let i = host(p, "gpu-a");
+            p.hosts[i].soak_attestations[0].requested_at_ms += 3_600_000;
+            p.hosts[i].soak_attestations[0].received_at_ms += 3_600_000;
+        }),
+        Err("soak_attestation_window")
+    );
+    assert_eq!(
+        check(&|p| {
+            // gpu-b's end-of-soak attestation put under gpu-a's name.
+            let b = host(p, "gpu-b");
+            let a = host(p, "gpu-a");
+            let theirs = p.hosts[b].soak_attestations[0].clone();
+            p.hosts[a].soak_attestations[1] = theirs;
+        }),
+        Err("soak_attestation_signature")
+    );
+    assert_eq!(
+        check(&|p| {
+            let i = host(p, "gpu-b");
+            p.hosts[i].soak_attestations.clear();
+        }),
+        Err("host_soaked")
+    );
+    assert_eq!(
+        check(&|p| {
+            let i = host(p, "gpu-b");
+            p.hosts[i].soak_attestations[0].verdict = "UNHEALTHY".into();
+        }),
+        Err("recorded_field")
+    );
+}
+
+/// A host whose end-of-soak attestation is not signed by its enrolled key
+/// cannot be promoted on it: a soak regression, and the wave halts (budget
+/// 0) with ring 1 untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_of_soak_attestation_by_a_wrong_key_is_a_soak_regression() {
+    let dir = tempfile::tempdir().unwrap();
+    let (f, outcome) = scripted_wave(
+        dir.path(),
+        "soak-wrong-key",
+        2,
+        5,
+        &[("gpu-b", Script::WrongKeyAfterFirst)],
+    )
+    .await;
+    let h = soak_halt(&outcome, "gpu-b");
+    assert!(
+        h.reason
+            .contains("end-of-soak attestation: attestation does not verify"),
+        "{}",
+        h.reason
+    );
+    assert!(
+        common::journal(&f, "gpu-c").await.is_empty(),
+        "ring 1 untouched"
+    );
+    assert_eq!(
+        common::actions(&common::journal(&f, "gpu-b").await),
+        ["drain", "patch", "validate", "undrain", "drain"]
+    );
+    // The halted ring's evidence verifies; gpu-a's end-of-soak attestation
+    // is in it if it arrived before the halt stopped the soak.
+    let (packets, trust, enrolled) = ring_0_evidence(&f, "soak-wrong-key");
+    let v = evidence::verify(packets.last().unwrap(), &trust, &enrolled).unwrap();
+    let a = v.hosts.iter().find(|x| x.host_id == "gpu-a").unwrap();
+    if let Some(s) = &a.soak {
+        assert_eq!(s.verdict, "HEALTHY");
+    }
+    let b = v.hosts.iter().find(|x| x.host_id == "gpu-b").unwrap();
+    assert!(
+        b.soak.is_none(),
+        "an unverifiable attestation is not evidence"
+    );
+}
+
+fn base64_of(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
 }

@@ -472,6 +472,7 @@ pub(crate) fn sim_driver(
         )),
         poll_interval: Duration::from_millis(5),
         halt_grace: Duration::from_secs(60),
+        soak_report_max_age: Duration::from_secs(30),
         state_dir: state_dir.to_path_buf(),
         break_glass: Vec::new(),
     }

@@ -19,6 +19,11 @@ use ringfence_coordinator::client::{ClientError, HealthStream, HostApi};
 /// change [`SimState`] directly, so there is no change signal to wait on).
 const WATCH_PERIOD: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// A simulated host's poll interval: its health watch sends a report at
+/// least this often even when nothing changed (a heartbeat), as the agent
+/// does every `[gpu] poll_interval_s`.
+pub const SIM_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What makes two reports of a simulated host differ for a watcher (the
 /// collection time alone does not).
 fn watch_key(r: &pb::HealthReport) -> (i32, Vec<String>, bool, String) {
@@ -337,13 +342,14 @@ impl HostApi for SimHost {
     async fn watch_health(&self) -> Result<HealthStream, ClientError> {
         use futures_util::StreamExt;
         self.unreachable()?;
-        // The current report first, then one whenever a re-read differs; an
-        // unreachable host ends the stream with the error, as a broken
-        // connection would.
+        // The current report first, then one whenever a re-read differs and
+        // at least every SIM_POLL_INTERVAL (a heartbeat); an unreachable
+        // host ends the stream with the error, as a broken connection would.
+        type Last = Option<((i32, Vec<String>, bool, String), tokio::time::Instant)>;
         let host = self.clone();
         let stream = futures_util::stream::unfold(
-            (host, None::<(i32, Vec<String>, bool, String)>, false),
-            |(host, last, ended)| async move {
+            (host, Last::None, false),
+            |(host, last, ended): (SimHost, Last, bool)| async move {
                 if ended {
                     return None;
                 }
@@ -356,8 +362,12 @@ impl HostApi for SimHost {
                     }
                     let report = host.report(&host.state());
                     let key = watch_key(&report);
-                    if last.as_ref() != Some(&key) {
-                        return Some((Ok(report), (host, Some(key), false)));
+                    let due = last
+                        .as_ref()
+                        .is_none_or(|(k, at)| *k != key || at.elapsed() >= SIM_POLL_INTERVAL);
+                    if due {
+                        let now = tokio::time::Instant::now();
+                        return Some((Ok(report), (host, Some((key, now)), false)));
                     }
                 }
             },
