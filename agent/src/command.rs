@@ -92,7 +92,7 @@ pub enum CommandError {
     Spawn {
         /// The step's label (hook or patch name, as logged).
         label: String,
-        /// argv[0], the program that did not start.
+        /// `argv[0]`, the program that did not start.
         program: String,
         /// The spawn error (not found, permission denied, ...).
         #[source]
@@ -103,7 +103,7 @@ pub enum CommandError {
     Wait {
         /// The step's label (hook or patch name, as logged).
         label: String,
-        /// argv[0], the program that was waited for.
+        /// `argv[0]`, the program that was waited for.
         program: String,
         /// The wait error.
         #[source]
@@ -312,7 +312,7 @@ pub enum SubstitutionError {
     /// the program itself would come from a substitution
     #[error("the program `{template}` (argv[0]) may not contain a substitution")]
     Program {
-        /// The program as configured (argv[0] of the template).
+        /// The program as configured (`argv[0]` of the template).
         template: String,
     },
 }

@@ -56,7 +56,7 @@ impl Default for GpuConfig {
 /// GPU backend errors.
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
-    /// "the simulated GPU backend needs `scenario` in [gpu]"
+    /// "the simulated GPU backend needs `scenario` in `[gpu]`"
     #[error("the simulated GPU backend needs `scenario` in [gpu]")]
     NoScenario,
     /// "{0}" (a scenario file that cannot be read or parsed)

@@ -925,7 +925,7 @@ impl TaskEngine {
 
     /// The engine's clock (the [`EngineParts::clock`] it was opened with),
     /// for the agent's other timestamps (attestations).
-    pub fn clock(&self) -> &dyn Clock {
+    pub(crate) fn clock(&self) -> &dyn Clock {
         self.inner.clock.as_ref()
     }
 

@@ -5,7 +5,7 @@
 //! forced Undrain only with ring approvals. Then it runs the scheduler's
 //! undrain hook and clears the drain mark.
 //!
-//! A refusal fails the task with a message `undrain refused by `<reason>`: …`
+//! A refusal fails the task with a message ``undrain refused by `<reason>`: …``
 //! whose reason is stable: `no_validation`, `validation_failed` or
 //! `validation_stale`.
 

@@ -578,7 +578,7 @@ async fn start_agent(spec: HostSpec, dir: PathBuf, mode: &Mode) -> Result<Runnin
             let prepared =
                 ringfenced::daemon::prepare(config.clone()).map_err(|e| err(e.to_string()))?;
             // The in-process agent's wall clock (reports, tasks, attestations).
-            let clock: Arc<dyn ringfence::time::Clock> = Arc::new(ringfence::time::SystemClock);
+            let clock: Arc<dyn Clock> = Arc::new(SystemClock);
             let source: Arc<dyn ringfenced::healthcell::ReportSource> = Arc::new(
                 ringfenced::daemon::CollectorSource::start(&config, clock.clone())
                     .map_err(|e| err(e.to_string()))?,
