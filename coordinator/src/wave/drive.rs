@@ -219,7 +219,8 @@ impl<'d> Drive<'d> {
                 self.soak.start(plan, state, &job);
                 for r in &round.attest {
                     if self.soak.attest_end(plan, state, *r, &job) > 0 {
-                        d.events.emit(&Event::ring(*r, "soak_attest"));
+                        d.events
+                            .emit(&Event::ring(d.clock.as_ref(), *r, "soak_attest"));
                     }
                 }
             }

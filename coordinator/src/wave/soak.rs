@@ -409,7 +409,7 @@ pub(super) fn record(
             return Ok(None);
         }
         SoakNews::Broke(h, why) => {
-            let ev = Event::host(&h, "soak_stream_broke", &why);
+            let ev = Event::host(clock, &h, "soak_stream_broke", &why);
             store.append_event(&ev)?;
             events.emit(&ev);
             return Ok(None);
@@ -431,7 +431,7 @@ pub(super) fn record(
             if end {
                 state.soak_attested.insert(h.clone());
             }
-            events.emit(&Event::host(&h, "soak_attested", &detail));
+            events.emit(&Event::host(clock, &h, "soak_attested", &detail));
             return Ok(None);
         }
         SoakNews::Regressed(h, why, att) => (h, why, att),

@@ -577,7 +577,8 @@ async fn scripted_wave(
         calls: Arc::default(),
         wrong_key: Arc::new(ringfence::keys::generate()),
     });
-    let store = Arc::new(WaveStore::open(&settings.state_dir, &spec.wave_id).unwrap());
+    let store =
+        Arc::new(WaveStore::open(&settings.state_dir, &spec.wave_id, &SystemClock).unwrap());
     let mut driver = ringfence_coordinator::cli::driver(
         &settings,
         TrustSet::load(&settings.trust_file).unwrap(),
