@@ -304,6 +304,34 @@ trust_domain = "gpu.example.com"
     }
 
     #[test]
+    fn drain_wait_command_keys_load_and_are_checked() {
+        let text = format!(
+            "{GOOD}\n[drain]\nwait_command = [\"/usr/lib/ringfence/hooks/slurm-wait-drained\", \"--node\", \"{{host_id}}\"]\nwait_interval_s = 5\nwait_timeout_s = 86400\n"
+        );
+        let c = AgentConfig::from_source(&Source::from_text("agent.toml", text)).unwrap();
+        assert_eq!(c.drain.wait_command.len(), 3);
+        assert_eq!(c.drain.wait_interval_s, 5);
+        assert_eq!(c.drain.wait_timeout_s, 86400);
+
+        let text = format!("{GOOD}\n[drain]\nwait_command = [\"/bin/wait\", \"{{node}}\"]\n");
+        let err = AgentConfig::from_source(&Source::from_text("agent.toml", text))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("agent.toml:11:"), "{err}");
+        assert!(err.contains("key `drain.wait_command`"), "{err}");
+        assert!(err.contains("unknown substitution {node}"), "{err}");
+
+        for key in ["wait_interval_s", "wait_timeout_s"] {
+            let text = format!("{GOOD}\n[drain]\n{key} = 0\n");
+            let err = AgentConfig::from_source(&Source::from_text("agent.toml", text))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("key `drain.{key}`")), "{err}");
+            assert!(err.contains("must be at least 1"), "{err}");
+        }
+    }
+
+    #[test]
     fn ring_is_optional_and_limited_to_0_to_4() {
         let c = AgentConfig::from_source(&Source::from_text("agent.toml", GOOD)).unwrap();
         assert_eq!(c.ring, None);
