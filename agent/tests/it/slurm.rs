@@ -65,6 +65,15 @@ struct Slurm {
     _munged: Daemon,
 }
 
+/// A shipped hook, `packaging/hooks/NAME`.
+fn hook(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../packaging/hooks")
+        .join(name)
+        .canonicalize()
+        .unwrap()
+}
+
 /// A TCP port free on every address a moment ago (slurmctld and slurmd
 /// bind the wildcard address).
 fn free_ports() -> (u16, u16) {
@@ -78,6 +87,11 @@ fn free_ports() -> (u16, u16) {
 
 impl Slurm {
     fn start() -> Self {
+        Self::start_with(|_| String::new())
+    }
+
+    /// Start with the lines `extra(path of slurm.conf)` added to slurm.conf.
+    fn start_with(extra: impl FnOnce(&Path) -> String) -> Self {
         assert!(
             nix::unistd::Uid::effective().is_root(),
             "the Slurm test runs slurmd, which runs jobs, and needs root"
@@ -107,6 +121,8 @@ impl Slurm {
             .to_string();
         assert!(!node.is_empty(), "hostname -s printed nothing");
         let (ctld_port, slurmd_port) = free_ports();
+        let conf = root.join("slurm.conf");
+        let extra = extra(&conf);
         let p = |s: &str| root.join(s).display().to_string();
         let conf_text = format!(
             "ClusterName=rftest
@@ -136,7 +152,7 @@ MpiDefault=none
 ReturnToService=2
 NodeName={node} NodeAddr=127.0.0.1 CPUs=1 State=UNKNOWN
 PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
-",
+{extra}",
             socket = socket.display(),
             state = p("state"),
             spool = p("spool"),
@@ -145,7 +161,6 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
             ctld_log = p("log/slurmctld.log"),
             slurmd_log = p("log/slurmd.log"),
         );
-        let conf = root.join("slurm.conf");
         std::fs::write(&conf, conf_text).unwrap();
 
         let munged = Daemon::start(
@@ -180,7 +195,9 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
             &root.join("log/slurmd.out"),
         );
         slurm.slurmd = Some(slurmd);
-        slurm.wait_for("the node IDLE", || slurm.node_state().0 == "IDLE");
+        slurm.wait_for("the node up (IDLE)", || {
+            slurm.node_state().0.starts_with("IDLE")
+        });
         slurm
     }
 
@@ -295,11 +312,7 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
     /// An agent on the fake NVML library whose `[drain]` runs the shipped
     /// Slurm hooks against this cluster.
     fn agent_host(&self, id: &str) -> Host {
-        let hooks = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../packaging/hooks")
-            .canonicalize()
-            .unwrap();
-        let hook = |name: &str| hooks.join(name).display().to_string();
+        let hook = |name: &str| hook(name).display().to_string();
         let conf = self.conf.display().to_string();
         let extra = format!(
             r#"hook = ["{drain}", "--conf", "{conf}", "--", "{{reason}}"]
@@ -539,4 +552,86 @@ async fn a_drain_with_slurmctld_down_fails_naming_the_cause_and_the_host_stays_m
         .drain_mark
         .expect("the host stays marked draining");
     assert_eq!(mark.task_id, "drain-1");
+}
+
+/// README "For scheduler authors", way 3: slurmd itself runs the shipped
+/// `slurm-health-check` as its `HealthCheckProgram`, which acts on
+/// `ringfenced health --once`'s exit status like NHC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_program_drains_an_unhealthy_node_and_resumes_it_when_healthy() {
+    let sick = "[[gpu]]\necc_volatile_uncorrected = 2\n";
+    let host = Host::new(
+        "gpu-slurm-hc",
+        HostOpts {
+            scenario: sick,
+            ..HostOpts::default()
+        },
+    );
+    let scenario = host.path("nvml/fake-nvml-scenario.toml");
+    assert!(scenario.exists(), "the fake NVML scenario file moved");
+    // slurm.conf's HealthCheckProgram takes no arguments: a site sets the
+    // environment in a wrapper (or relies on the defaults).
+    let wrapper = host.path("ringfence-health-check");
+    let slurm = Slurm::start_with(|conf| {
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexport PATH='{path}' SLURM_CONF='{conf}' RINGFENCED_CONFIG='{config}' RINGFENCED='{bin}'\nexec '{hook}'\n",
+                path = std::env::var("PATH").unwrap(),
+                conf = conf.display(),
+                config = host.config_path().display(),
+                bin = env!("CARGO_BIN_EXE_ringfenced"),
+                hook = hook("slurm-health-check").display(),
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        format!(
+            "HealthCheckProgram={}\nHealthCheckInterval=2\n",
+            wrapper.display()
+        )
+    });
+
+    slurm.wait_for("slurmd's health check drains the unhealthy node", || {
+        slurm.node_state()
+            == (
+                "IDLE+DRAIN".to_string(),
+                "ringfence-health: ecc_uncorrected_volatile".to_string(),
+            )
+    });
+    std::fs::write(&scenario, "[[gpu]]\n").unwrap();
+    slurm.wait_for("the HEALTHY node resumed by the health check", || {
+        slurm.node_state() == ("IDLE".to_string(), String::new())
+    });
+
+    // Someone else's drain is never touched, healthy or not.
+    std::fs::write(&scenario, sick).unwrap();
+    slurm.run(
+        "scontrol",
+        &[
+            "update",
+            &format!("NodeName={}", slurm.node),
+            "State=DRAIN",
+            "Reason=admin: bad fan",
+        ],
+    );
+    let out = Command::new(&wrapper).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("not HEALTHY (ecc_uncorrected_volatile) but already drained by root: admin: bad fan; left as it is"),
+        "{said}"
+    );
+    std::fs::write(&scenario, "[[gpu]]\n").unwrap();
+    let out = Command::new(&wrapper).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        slurm.node_state(),
+        ("IDLE+DRAIN".to_string(), "admin: bad fan".to_string()),
+        "the admin's drain is left alone"
+    );
 }
