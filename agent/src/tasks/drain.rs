@@ -197,6 +197,10 @@ async fn wait_scheduler(
     }
 }
 
+/// Longest output line quoted in a task message (the whole tail is in
+/// the status's `output_tail`).
+const MAX_QUOTED_CHARS: usize = 400;
+
 /// How a hook or wait command ended, with its last output line:
 /// "exited with status 3 (`node gpu-1 is drained by ...`)".
 pub(super) fn ended(o: &CommandOutcome, timeout: Duration) -> String {
@@ -208,6 +212,10 @@ pub(super) fn ended(o: &CommandOutcome, timeout: Duration) -> String {
         .map(|l| l.trim())
         .find(|l| !l.is_empty())
     {
+        Some(line) if line.chars().count() > MAX_QUOTED_CHARS => {
+            let cut: String = line.chars().take(MAX_QUOTED_CHARS).collect();
+            format!("{how} ({cut}…)")
+        }
         Some(line) => format!("{how} ({line})"),
         None => how,
     }
@@ -219,4 +227,34 @@ fn pid_list(pids: &[u32]) -> String {
         s.push("...".into());
     }
     s.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(code: i32, tail: &[&str]) -> CommandOutcome {
+        CommandOutcome {
+            exit_code: Some(code),
+            signal: None,
+            timed_out: false,
+            tail: tail.iter().map(|l| (*l).to_string()).collect(),
+            elapsed: Duration::from_millis(5),
+        }
+    }
+
+    #[test]
+    fn ended_quotes_the_last_non_empty_line_cut_at_400_chars() {
+        let t = Duration::from_secs(1);
+        assert_eq!(
+            ended(&outcome(4, &["first", "node n stays drained", "  "]), t),
+            "exited with status 4 (node n stays drained)"
+        );
+        assert_eq!(ended(&outcome(1, &[]), t), "exited with status 1");
+        let long = "x".repeat(1000);
+        assert_eq!(
+            ended(&outcome(1, &[&long]), t),
+            format!("exited with status 1 ({}…)", "x".repeat(MAX_QUOTED_CHARS))
+        );
+    }
 }

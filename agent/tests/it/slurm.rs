@@ -635,3 +635,48 @@ async fn health_check_program_drains_an_unhealthy_node_and_resumes_it_when_healt
         "the admin's drain is left alone"
     );
 }
+
+/// The hooks are POSIX sh, executable, and shellcheck-clean (shellcheck of
+/// `.ci/run`), so that they run on any site's /bin/sh.
+#[test]
+fn shipped_hooks_are_executable_posix_sh_and_shellcheck_clean() {
+    let dir = hook("slurm-common.sh").parent().unwrap().to_path_buf();
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "slurm-common.sh",
+            "slurm-drain",
+            "slurm-health-check",
+            "slurm-resume",
+            "slurm-wait-drained"
+        ]
+    );
+    for name in &names {
+        let path = dir.join(name);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        let text = std::fs::read_to_string(&path).unwrap();
+        if name.ends_with(".sh") {
+            assert_eq!(mode & 0o111, 0, "{name} is sourced, not run");
+        } else {
+            assert_eq!(mode & 0o111, 0o111, "{name} must be executable by all");
+            assert!(text.starts_with("#!/bin/sh\n"), "{name}: POSIX sh");
+        }
+    }
+    let out = Command::new("shellcheck")
+        .arg("--shell=sh")
+        .arg("--external-sources")
+        .args(&names)
+        .current_dir(&dir)
+        .output()
+        .expect("shellcheck (apt-get install shellcheck, see .ci/run)");
+    assert!(
+        out.status.success(),
+        "shellcheck:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
