@@ -92,7 +92,7 @@ pub struct AgentConfig {
     pub gpu: GpuConfig,
     /// Verdict thresholds.
     pub health: HealthConfig,
-    /// Drain / undrain hooks and the process wait.
+    /// Drain / undrain hooks, the scheduler wait and the process wait.
     pub drain: DrainConfig,
     /// How the host reboots for `reboot = true` profiles.
     pub reboot: RebootConfig,
