@@ -17,6 +17,7 @@ use crate::proc_common;
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -28,13 +29,15 @@ use proc_common::*;
 /// Slurm start-up, job scheduling and hook runs on a loaded 2-core machine.
 const LIMIT: Duration = Duration::from_secs(90);
 
-/// A child process killed and reaped on drop.
+/// A daemon in its own process group; the whole group (a health check or
+/// client slurmd started, say) is killed and the daemon reaped on drop.
 struct Daemon(Child);
 
 impl Daemon {
     fn start(name: &'static str, cmd: &mut Command, log: &Path) -> Self {
         let out = std::fs::File::create(log).unwrap();
         let child = cmd
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -48,6 +51,12 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -572,11 +581,16 @@ async fn health_check_program_drains_an_unhealthy_node_and_resumes_it_when_healt
     // slurm.conf's HealthCheckProgram takes no arguments: a site sets the
     // environment in a wrapper (or relies on the defaults).
     let wrapper = host.path("ringfence-health-check");
+    // slurmd runs the program in a process group of its own: kill the last
+    // one after slurmd (declared first, dropped last).
+    let pid_file = host.path("health-check.pid");
+    let _last_check = GroupGuard(pid_file.clone());
     let slurm = Slurm::start_with(|conf| {
         std::fs::write(
             &wrapper,
             format!(
-                "#!/bin/sh\nexport PATH='{path}' SLURM_CONF='{conf}' RINGFENCED_CONFIG='{config}' RINGFENCED='{bin}'\nexec '{hook}'\n",
+                "#!/bin/sh\necho $$ > '{pid_file}'\nexport PATH='{path}' SLURM_CONF='{conf}' RINGFENCED_CONFIG='{config}' RINGFENCED='{bin}'\nexec '{hook}'\n",
+                pid_file = pid_file.display(),
                 path = std::env::var("PATH").unwrap(),
                 conf = conf.display(),
                 config = host.config_path().display(),
