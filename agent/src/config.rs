@@ -92,7 +92,7 @@ pub struct AgentConfig {
     pub gpu: GpuConfig,
     /// Verdict thresholds.
     pub health: HealthConfig,
-    /// Drain / undrain hooks and the process wait.
+    /// Drain / undrain hooks, the scheduler wait and the process wait.
     pub drain: DrainConfig,
     /// How the host reboots for `reboot = true` profiles.
     pub reboot: RebootConfig,
@@ -301,6 +301,34 @@ trust_domain = "gpu.example.com"
             .unwrap_err()
             .to_string();
         assert!(err.contains("key `drain.hook`"), "{err}");
+    }
+
+    #[test]
+    fn drain_wait_command_keys_load_and_are_checked() {
+        let text = format!(
+            "{GOOD}\n[drain]\nwait_command = [\"/usr/lib/ringfence/hooks/slurm-wait-drained\", \"--node\", \"{{host_id}}\"]\nwait_interval_s = 5\nwait_timeout_s = 86400\n"
+        );
+        let c = AgentConfig::from_source(&Source::from_text("agent.toml", text)).unwrap();
+        assert_eq!(c.drain.wait_command.len(), 3);
+        assert_eq!(c.drain.wait_interval_s, 5);
+        assert_eq!(c.drain.wait_timeout_s, 86400);
+
+        let text = format!("{GOOD}\n[drain]\nwait_command = [\"/bin/wait\", \"{{node}}\"]\n");
+        let err = AgentConfig::from_source(&Source::from_text("agent.toml", text))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("agent.toml:11:"), "{err}");
+        assert!(err.contains("key `drain.wait_command`"), "{err}");
+        assert!(err.contains("unknown substitution {node}"), "{err}");
+
+        for key in ["wait_interval_s", "wait_timeout_s"] {
+            let text = format!("{GOOD}\n[drain]\n{key} = 0\n");
+            let err = AgentConfig::from_source(&Source::from_text("agent.toml", text))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("key `drain.{key}`")), "{err}");
+            assert!(err.contains("must be at least 1"), "{err}");
+        }
     }
 
     #[test]

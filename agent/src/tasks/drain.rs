@@ -1,6 +1,7 @@
 //! Drain: mark the host draining (journalled first, so health goes
-//! NOT_SERVING at once), run the scheduler hook, then wait until no GPU
-//! compute process remains or the timeout hits. The host stays drained
+//! NOT_SERVING at once), run the scheduler hook, wait until the scheduler
+//! reports no job on the host (`wait_command` exits 0), then wait until no
+//! GPU compute process remains or the timeout hits. The host stays drained
 //! whatever happens; only an Undrain clears the mark. A drain also clears
 //! the last validation: the Undrain after it needs a new one.
 //!
@@ -16,12 +17,12 @@ use ringfence::pb::{self, TaskState};
 use tokio::time::Instant;
 
 use super::{OnTimeout, Run};
-use crate::command::substitute;
+use crate::command::{CommandOutcome, substitute};
 use crate::journal::{DrainMark, JournalError};
 
 pub(super) async fn run(run: &mut Run, d: &pb::Drain) -> Result<(), JournalError> {
     let cfg = run.inner.drain.clone();
-    let deadline = Instant::now() + Duration::from_secs(cfg.timeout_s);
+    let mut deadline = Instant::now() + Duration::from_secs(cfg.timeout_s);
     let existing = run.inner.journal.drain_mark()?;
     let mark = DrainMark {
         task_id: run.status.task_id.clone(),
@@ -63,11 +64,27 @@ pub(super) async fn run(run: &mut Run, d: &pb::Drain) -> Result<(), JournalError
                 return run.fail(format!(
                     "drain hook `{}` {}; host stays drained",
                     argv[0],
-                    o.describe(timeout)
+                    ended(&o, timeout)
                 ));
             }
             Err(e) => return run.fail(format!("{e}; host stays drained")),
         }
+    }
+
+    if !cfg.wait_command.is_empty() {
+        let host_id = run.inner.host_id.clone();
+        let argv = match substitute(
+            &cfg.wait_command,
+            &[("host_id", &host_id), ("reason", &d.reason)],
+        ) {
+            Ok(a) => a,
+            Err(e) => return run.fail(format!("drain wait_command: {e}; host stays drained")),
+        };
+        if !wait_scheduler(run, &cfg, argv).await? {
+            return Ok(());
+        }
+        // The process wait's own timeout starts when the scheduler is done.
+        deadline = Instant::now() + Duration::from_secs(cfg.timeout_s);
     }
 
     run.step(
@@ -128,10 +145,116 @@ pub(super) async fn run(run: &mut Run, d: &pb::Drain) -> Result<(), JournalError
     }
 }
 
+/// Run `wait_command` every `wait_interval_s` until it exits 0 (true) or
+/// `wait_timeout_s` passes (the task fails, false). A non-zero exit means
+/// "not yet"; its last output line goes into the task's message.
+async fn wait_scheduler(
+    run: &mut Run,
+    cfg: &super::DrainConfig,
+    argv: Vec<String>,
+) -> Result<bool, JournalError> {
+    run.step(
+        "wait_scheduler",
+        format!(
+            "waiting until `{}` reports no job on the host (exit 0)",
+            argv[0]
+        ),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(cfg.wait_timeout_s);
+    let interval = Duration::from_secs(cfg.wait_interval_s);
+    let mut last_said = None;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let timeout = remaining
+            .min(Duration::from_secs(cfg.hook_timeout_s))
+            .max(Duration::from_secs(1));
+        let last = match run
+            .command("drain wait command", argv.clone(), timeout, &[])
+            .await
+        {
+            Ok(o) if o.success() => return Ok(true),
+            Ok(o) => ended(&o, timeout),
+            Err(e) => {
+                run.fail(format!("{e}; host stays drained"))?;
+                return Ok(false);
+            }
+        };
+        if Instant::now() >= deadline {
+            run.fail(format!(
+                "drain timed out after {} s waiting for the scheduler: `{}` {last}; host stays drained",
+                cfg.wait_timeout_s, argv[0]
+            ))?;
+            return Ok(false);
+        }
+        // One journal write per change of what the command says, not per poll.
+        if last_said.as_ref() != Some(&last) {
+            run.status.message = format!("waiting for the scheduler: `{}` {last}", argv[0]);
+            run.save()?;
+            last_said = Some(last);
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        tokio::time::sleep(interval.min(remaining).max(Duration::from_millis(10))).await;
+    }
+}
+
+/// Longest output line quoted in a task message (the whole tail is in
+/// the status's `output_tail`).
+const MAX_QUOTED_CHARS: usize = 400;
+
+/// How a hook or wait command ended, with its last output line:
+/// "exited with status 3 (`node gpu-1 is drained by ...`)".
+pub(super) fn ended(o: &CommandOutcome, timeout: Duration) -> String {
+    let how = o.describe(timeout);
+    match o
+        .tail
+        .iter()
+        .rev()
+        .map(|l| l.trim())
+        .find(|l| !l.is_empty())
+    {
+        Some(line) if line.chars().count() > MAX_QUOTED_CHARS => {
+            let cut: String = line.chars().take(MAX_QUOTED_CHARS).collect();
+            format!("{how} ({cut}…)")
+        }
+        Some(line) => format!("{how} ({line})"),
+        None => how,
+    }
+}
+
 fn pid_list(pids: &[u32]) -> String {
     let mut s: Vec<String> = pids.iter().take(16).map(u32::to_string).collect();
     if pids.len() > 16 {
         s.push("...".into());
     }
     s.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(code: i32, tail: &[&str]) -> CommandOutcome {
+        CommandOutcome {
+            exit_code: Some(code),
+            signal: None,
+            timed_out: false,
+            tail: tail.iter().map(|l| (*l).to_string()).collect(),
+            elapsed: Duration::from_millis(5),
+        }
+    }
+
+    #[test]
+    fn ended_quotes_the_last_non_empty_line_cut_at_400_chars() {
+        let t = Duration::from_secs(1);
+        assert_eq!(
+            ended(&outcome(4, &["first", "node n stays drained", "  "]), t),
+            "exited with status 4 (node n stays drained)"
+        );
+        assert_eq!(ended(&outcome(1, &[]), t), "exited with status 1");
+        let long = "x".repeat(1000);
+        assert_eq!(
+            ended(&outcome(1, &[&long]), t),
+            format!("exited with status 1 ({}…)", "x".repeat(MAX_QUOTED_CHARS))
+        );
+    }
 }

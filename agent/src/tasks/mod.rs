@@ -105,7 +105,7 @@ pub enum OnTimeout {
     Proceed,
 }
 
-/// Drain settings (scheduler hooks and the process wait).
+/// Drain settings (scheduler hooks, the scheduler wait and the process wait).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DrainConfig {
@@ -115,13 +115,24 @@ pub struct DrainConfig {
     pub hook: Vec<String>,
     /// Scheduler hook run when undraining (same substitutions). Empty: none.
     pub undrain_hook: Vec<String>,
-    /// How long a drain waits for GPU compute processes to exit, seconds (default 1800).
+    /// Scheduler wait (argv, same substitutions): after the hook, the drain
+    /// runs it every `wait_interval_s` until it exits 0 (the scheduler
+    /// reports no job on the host). Empty: no scheduler wait.
+    pub wait_command: Vec<String>,
+    /// Seconds between two runs of `wait_command` (default 10).
+    pub wait_interval_s: u64,
+    /// How long the drain waits for `wait_command` to exit 0, seconds
+    /// (default 1800); then the Drain task fails and the host stays drained.
+    pub wait_timeout_s: u64,
+    /// How long a drain waits for GPU compute processes to exit, seconds
+    /// (default 1800), counted from the drain's start or, with
+    /// `wait_command`, from the end of the scheduler wait.
     pub timeout_s: u64,
     /// What happens at the timeout (default "fail").
     pub on_timeout: OnTimeout,
     /// How often the process list is read while waiting, ms (default 2000).
     pub poll_ms: u64,
-    /// Timeout of each hook, seconds (default 300).
+    /// Timeout of each hook and of each run of `wait_command`, seconds (default 300).
     pub hook_timeout_s: u64,
 }
 
@@ -130,6 +141,9 @@ impl Default for DrainConfig {
         Self {
             hook: Vec::new(),
             undrain_hook: Vec::new(),
+            wait_command: Vec::new(),
+            wait_interval_s: 10,
+            wait_timeout_s: 1800,
             timeout_s: 1800,
             on_timeout: OnTimeout::Fail,
             poll_ms: 2000,
@@ -173,7 +187,11 @@ pub enum TaskConfigError {
 impl DrainConfig {
     /// Check hooks and durations; called at config load.
     pub fn validate(&self) -> Result<(), TaskConfigError> {
-        for (key, argv) in [("hook", &self.hook), ("undrain_hook", &self.undrain_hook)] {
+        for (key, argv) in [
+            ("hook", &self.hook),
+            ("undrain_hook", &self.undrain_hook),
+            ("wait_command", &self.wait_command),
+        ] {
             if argv.first().is_some_and(String::is_empty) {
                 return Err(TaskConfigError::Invalid {
                     key,
@@ -203,6 +221,8 @@ impl DrainConfig {
             ("timeout_s", self.timeout_s),
             ("poll_ms", self.poll_ms),
             ("hook_timeout_s", self.hook_timeout_s),
+            ("wait_interval_s", self.wait_interval_s),
+            ("wait_timeout_s", self.wait_timeout_s),
         ] {
             if v == 0 {
                 return Err(TaskConfigError::Invalid {

@@ -120,7 +120,7 @@ pub(super) async fn run(run: &mut Run, u: &pb::Undrain) -> Result<(), JournalErr
                 return run.fail(format!(
                     "undrain hook `{}` {}; host stays drained",
                     argv[0],
-                    o.describe(timeout)
+                    super::drain::ended(&o, timeout)
                 ));
             }
             Err(e) => return run.fail(format!("{e}; host stays drained")),

@@ -3,6 +3,8 @@
 //! `module::test`:
 //! - `agent_process`: the real `ringfenced` binary as a child process;
 //! - `metrics_prometheus`: the `/metrics` endpoint scraped by a real Prometheus;
+//! - `slurm`: the shipped Slurm hooks against a real slurmctld/slurmd/munge;
+//! - `scheduler_examples`: README's scheduler examples (Python gRPC clients);
 //! - `health_*`, `nvml_backend`: verdict rules, the simulated and NVML backends;
 //! - `tasks_*`: the task engine (drain, patch, validate, journal, crash
 //!   recovery, logging, sd_notify, profile policy).
@@ -21,6 +23,8 @@ mod health_evaluate;
 mod health_sim;
 mod metrics_prometheus;
 mod nvml_backend;
+mod scheduler_examples;
+mod slurm;
 mod tasks_crash;
 mod tasks_drain;
 mod tasks_journal;

@@ -526,3 +526,83 @@ async fn the_drain_mark_names_who_why_and_since_when_and_survives_a_restart() {
     assert_eq!(s.state(), TaskState::Succeeded, "{s:?}");
     assert_eq!(engine.drain_mark(), None);
 }
+
+/// `[drain] wait_command` (issue 17): run after the hook, every
+/// `wait_interval_s`, until it exits 0; its last line is the task's message
+/// meanwhile; the process wait comes after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn drain_polls_the_wait_command_until_it_exits_0() {
+    let h = Harness::new();
+    let hook_ran = h.file("hook-ran");
+    let counter = h.file("polls");
+    let mut cfg = fast_drain(30);
+    cfg.hook = vec!["/usr/bin/touch".into(), hook_ran.display().to_string()];
+    cfg.wait_command = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        r#"if [ ! -e "$1" ]; then echo "the drain hook has not run"; exit 5; fi
+n=$(( $(cat "$2" 2>/dev/null || echo 0) + 1 )); echo "$n" > "$2"
+if [ "$n" -ge 3 ]; then echo "node $3 is drained"; exit 0; fi
+echo "node $3 is draining: poll $n"; exit 1"#
+            .into(),
+        "sh".into(),
+        hook_ran.display().to_string(),
+        counter.display().to_string(),
+        "{host_id}".into(),
+    ];
+    cfg.wait_interval_s = 1;
+    let engine = h.engine("", cfg);
+    let started = Instant::now();
+    engine.submit(h.task("d1", drain("x"))).await.unwrap();
+    let mid = wait_for(&engine, "d1", Duration::from_secs(5), |s| {
+        s.message.contains("poll 1")
+    })
+    .await;
+    assert_eq!(mid.step, "wait_scheduler");
+    assert_eq!(mid.state(), TaskState::Running);
+    assert!(
+        mid.message
+            .contains("waiting for the scheduler: `/bin/sh` exited with status 1 (node gpu-1 is draining: poll 1)"),
+        "{}",
+        mid.message
+    );
+    let s = wait_terminal(&engine, "d1", Duration::from_secs(15)).await;
+    assert_eq!(s.state(), TaskState::Succeeded, "{s:?}");
+    assert!(s.message.contains("DRAINED"), "{}", s.message);
+    assert_eq!(std::fs::read_to_string(&counter).unwrap().trim(), "3");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "three polls one second apart"
+    );
+    assert_eq!(s.output_tail, vec!["node gpu-1 is drained".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wait_command_that_never_exits_0_fails_the_drain_at_its_timeout() {
+    let h = Harness::new();
+    let mut cfg = fast_drain(30);
+    cfg.wait_command = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "echo \"node gpu-1 is draining: 2 job(s) still on it\"; exit 1".into(),
+    ];
+    cfg.wait_interval_s = 1;
+    cfg.wait_timeout_s = 2;
+    let engine = h.engine("", cfg);
+    let started = Instant::now();
+    engine.submit(h.task("d1", drain("x"))).await.unwrap();
+    let s = wait_terminal(&engine, "d1", Duration::from_secs(15)).await;
+    assert_eq!(s.state(), TaskState::Failed, "{s:?}");
+    assert_eq!(s.step, "wait_scheduler");
+    assert_eq!(
+        s.message,
+        "drain timed out after 2 s waiting for the scheduler: `/bin/sh` exited with status 1 (node gpu-1 is draining: 2 job(s) still on it); host stays drained"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(1900));
+    assert!(*engine.draining().borrow(), "never silently undrained");
+    assert_eq!(
+        engine.journal().drain_mark().unwrap().unwrap().task_id,
+        "d1"
+    );
+    assert!(engine.running_task().is_none());
+}
