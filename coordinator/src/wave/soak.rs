@@ -7,8 +7,8 @@
 //! by the wave.
 //!
 //! Silence is not health. The agent sends a report every poll interval
-//! even when nothing changed (a heartbeat); a host with no new report (a
-//! later `collected_at_unix_ms` than the last one) for the report-age bound
+//! even when nothing changed (a heartbeat); a host with no new report
+//! (another `collected_at_unix_ms` than the last one) for the report-age bound
 //! (`[timeouts] soak_report_max_age_s`) regresses: "no health report for
 //! N s". A broken stream is reopened (after 0.5 s, then backing off up to
 //! 4 s) within that same bound; once reopened, the host must give a fresh
@@ -123,7 +123,7 @@ async fn watch(sc: SoakCtx, (job, host): SoakHost, tx: mpsc::Sender<SoakNews>) {
     };
     let baseline = baseline(&sc.ctx, &id);
     let mut last_new = Instant::now();
-    let mut newest = i64::MIN;
+    let mut last_collected = i64::MIN;
     let mut breaks = 0u32;
     let mut reported = false;
     let mut backoff = SOAK_REOPEN_AFTER;
@@ -174,10 +174,12 @@ async fn watch(sc: SoakCtx, (job, host): SoakHost, tx: mpsc::Sender<SoakNews>) {
                             .join(", ");
                         return regress(format!("UNHEALTHY during soak ({codes})"), None).await;
                     }
-                    // Only a report collected after the last one is news:
-                    // the same report sent again is not a heartbeat.
-                    if r.collected_at_unix_ms > newest {
-                        newest = r.collected_at_unix_ms;
+                    // Only a report of another collection than the last
+                    // one is news: the same report sent again (a reopened
+                    // stream's first, or a stuck agent's) is not a
+                    // heartbeat. Not "later": an agent's clock may step back.
+                    if r.collected_at_unix_ms != last_collected {
+                        last_collected = r.collected_at_unix_ms;
                         last_new = Instant::now();
                         backoff = SOAK_REOPEN_AFTER;
                     }

@@ -859,3 +859,167 @@ fn base64_of(b: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(b)
 }
+
+/// The host simulator (tests, the scale bench) heartbeats like the agent:
+/// simulated hosts whose health never changes pass a 4 s soak under a 2 s
+/// report-age bound, and each gives an end-of-soak attestation the
+/// coordinator keeps for the ring's evidence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_hosts_heartbeat_through_a_soak_and_attest_at_its_end() {
+    use ringfence_coordinator::spec::RingSpec;
+    use ringfence_coordinator::wave::model::{HostRecord, SoakAttestPurpose};
+    let f = crate::wave_engine::sim_fleet(3, 50);
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = crate::wave_engine::sim_driver(&f, dir.path(), "sim-soak", "560.1");
+    d.spec.rings.insert(
+        0,
+        RingSpec {
+            batch_size: 10,
+            soak_s: 4,
+        },
+    );
+    d.soak_report_max_age = Duration::from_secs(2);
+    let store = d.store.clone();
+    let outcome = tokio::time::timeout(Duration::from_secs(30), d.run())
+        .await
+        .expect("the wave ends")
+        .unwrap();
+    assert_eq!(outcome, Outcome::Completed);
+    for h in &f.hosts {
+        let rec: HostRecord = store.get_host(&h.host_id).unwrap().unwrap();
+        let purposes: Vec<_> = rec.soak.iter().map(|s| s.purpose).collect();
+        assert_eq!(purposes, [SoakAttestPurpose::EndOfSoak], "{}", h.host_id);
+        assert_eq!(rec.soak[0].attestation.verdict, "HEALTHY");
+    }
+}
+
+/// A simulated host whose health stream keeps saying HEALTHY (a fresh
+/// report every 200 ms) while the host itself is UNHEALTHY by the end of
+/// the soak: its end-of-soak attestation, signed by its own key, says so.
+struct LyingStream {
+    hosts: BTreeMap<String, ringfence_devfleet::simhost::SimHost>,
+    liar: String,
+    attests: Arc<AtomicUsize>,
+}
+
+struct LyingHost {
+    sim: ringfence_devfleet::simhost::SimHost,
+    liar: bool,
+    attests: Arc<AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl Connector for LyingStream {
+    async fn connect(&self, host: &Host) -> Result<Arc<dyn HostApi>, String> {
+        let sim = self.hosts.get(&host.id).cloned().ok_or("no such host")?;
+        Ok(Arc::new(LyingHost {
+            sim,
+            liar: host.id == self.liar,
+            attests: self.attests.clone(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl HostApi for LyingHost {
+    async fn identity(&self) -> Result<pb::Identity, ClientError> {
+        self.sim.identity().await
+    }
+    async fn attest(&self, nonce: Vec<u8>) -> Result<pb::Envelope, ClientError> {
+        if self.liar && self.attests.fetch_add(1, Ordering::SeqCst) > 0 {
+            // After attest-before: the GPU has an uncorrected ECC error now.
+            self.sim.state().unhealthy = true;
+        }
+        self.sim.attest(nonce).await
+    }
+    async fn health(&self) -> Result<pb::HealthReport, ClientError> {
+        self.sim.health().await
+    }
+    async fn watch_health(&self) -> Result<HealthStream, ClientError> {
+        if !self.liar {
+            return self.sim.watch_health().await;
+        }
+        let template = self.sim.health().await?;
+        Ok(futures_util::stream::unfold(template, |mut r| async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            r.collected_at_unix_ms = ringfence::time::now_ms();
+            Some((Ok(r.clone()), r))
+        })
+        .boxed())
+    }
+    async fn submit(&self, task: pb::SignedTask) -> Result<pb::TaskStatus, ClientError> {
+        self.sim.submit(task).await
+    }
+    async fn get_task(&self, id: &str) -> Result<Option<pb::TaskStatus>, ClientError> {
+        self.sim.get_task(id).await
+    }
+}
+
+/// Promotion rests on signed evidence, not on the stream: a host whose
+/// stream says HEALTHY but whose end-of-soak attestation (its own key, the
+/// coordinator's fresh nonce) is UNHEALTHY fails the soak, and the wave
+/// halts (budget 0). The UNHEALTHY attestation is kept: the halted ring's
+/// evidence lists it and verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unhealthy_end_of_soak_attestation_is_a_soak_regression() {
+    use ringfence_coordinator::spec::RingSpec;
+    let f = crate::wave_engine::sim_fleet(2, 50);
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = crate::wave_engine::sim_driver(&f, dir.path(), "sim-liar", "560.1");
+    d.spec.rings.insert(
+        0,
+        RingSpec {
+            batch_size: 10,
+            soak_s: 2,
+        },
+    );
+    d.soak_report_max_age = Duration::from_secs(5);
+    d.connector = Arc::new(LyingStream {
+        hosts: f
+            .hosts
+            .iter()
+            .map(|h| (h.host_id.clone(), h.clone()))
+            .collect(),
+        liar: "h1".into(),
+        attests: Arc::default(),
+    });
+    let (store, trust, enrolled) = (
+        d.store.clone(),
+        d.trust.clone(),
+        d.inventory.enrolled_keys(),
+    );
+    let outcome = tokio::time::timeout(Duration::from_secs(30), d.run())
+        .await
+        .expect("the wave ends")
+        .unwrap();
+    let Outcome::Halted(h) = &outcome else {
+        panic!("the wave must halt, it ended {outcome:?}");
+    };
+    assert_eq!(
+        (h.host.as_deref(), h.step, h.kind),
+        (Some("h1"), Stage::Soak, FailureKind::SoakRegression),
+        "{h:?}"
+    );
+    assert!(
+        h.reason
+            .contains("end-of-soak attestation: attested UNHEALTHY (ecc_uncorrected_volatile)"),
+        "{}",
+        h.reason
+    );
+    let files = evidence::series(&store.paths.evidence_dir, 0);
+    let v = evidence::verify(
+        &std::fs::read(files.last().unwrap()).unwrap(),
+        &trust,
+        &enrolled,
+    )
+    .unwrap();
+    assert_eq!(v.packet.outcome, "halted");
+    let liar = v.packet.hosts.iter().find(|x| x.host_id == "h1").unwrap();
+    assert_eq!(liar.phase, "failed");
+    let kept: Vec<_> = liar
+        .soak_attestations
+        .iter()
+        .map(|s| (s.purpose.as_str(), s.verdict.as_str()))
+        .collect();
+    assert_eq!(kept, [("end_of_soak", "UNHEALTHY")]);
+}
