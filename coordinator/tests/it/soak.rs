@@ -942,7 +942,7 @@ impl HostApi for LyingHost {
         let template = self.sim.health().await?;
         Ok(futures_util::stream::unfold(template, |mut r| async move {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            r.collected_at_unix_ms = ringfence::time::now_ms();
+            r.collected_at_unix_ms = ringfence::time::Clock::now_ms(&SystemClock);
             Some((Ok(r.clone()), r))
         })
         .boxed())
