@@ -124,6 +124,7 @@ impl CliError {
                 | WaveCmdError::BreakGlassScope { .. }
                 | WaveCmdError::Preflight(_)
                 | WaveCmdError::Finished { .. }
+                | WaveCmdError::AbortWhileRunning { .. }
                 | WaveCmdError::NoStatus { .. } => Config,
                 WaveCmdError::Store(_)
                 | WaveCmdError::RollbackFailed { .. }

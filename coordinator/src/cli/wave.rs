@@ -207,6 +207,16 @@ pub enum WaveCmdError {
         /// `completed` or `aborted`.
         phase: String,
     },
+    /// `abort` while another coordinator drives the wave: it must halt first.
+    #[error(
+        "wave `{wave}` is being driven by another coordinator ({holder}); abort refused: stop it first with `ringfence wave halt --wave {wave}`, wait for it to exit, then `ringfence wave abort --wave {wave}`"
+    )]
+    AbortWhileRunning {
+        /// Wave id.
+        wave: String,
+        /// Who holds the wave, its start time in RFC 3339.
+        holder: String,
+    },
     /// `plan`: the pre-flight refuses the wave (each reason names its hosts).
     #[error("{0}\n`wave run` would refuse this wave; nothing was drained")]
     Preflight(crate::preflight::Refused),
@@ -365,7 +375,16 @@ pub(super) async fn run(config: Option<&Path>, cmd: WaveCommand) -> Result<(), W
         }
         WaveCommand::Abort { wave } => {
             let settings = input::settings(config)?;
-            let store = open_store(&settings, &wave)?;
+            let store = match WaveStore::open(&settings.state_dir, &wave) {
+                Ok(s) => s,
+                Err(StoreError::Held { wave, holder }) => {
+                    return Err(WaveCmdError::AbortWhileRunning {
+                        wave,
+                        holder: readable_holder(&holder),
+                    });
+                }
+                Err(e) => return Err(WaveCmdError::OpenStore(e)),
+            };
             wave::abort(&store).map_err(WaveCmdError::Store)?;
             mark_aborted(&store).map_err(WaveCmdError::Store)?;
             println!(
@@ -601,6 +620,18 @@ fn mark_aborted(store: &WaveStore) -> Result<(), StoreError> {
     snapshot.phase = "aborted".into();
     snapshot.updated_at_ms = ringfence::time::now_ms();
     store.write_status(&snapshot)
+}
+
+/// A wave lock's holder (`pid N on HOST since MS`) with its start time in
+/// RFC 3339; any other text as it is.
+fn readable_holder(holder: &str) -> String {
+    match holder.rsplit_once(" since ") {
+        Some((who, ms)) => match ms.trim().parse::<i64>() {
+            Ok(ms) => format!("{who}, running since {}", super::render::rfc3339(ms)),
+            Err(_) => holder.to_string(),
+        },
+        None => holder.to_string(),
+    }
 }
 
 fn open_store(settings: &Settings, wave: &str) -> Result<WaveStore, WaveCmdError> {

@@ -221,6 +221,20 @@ async fn a_running_wave_is_seen_from_another_terminal_and_halted_there() {
         "{err}"
     );
 
+    // Abort while it runs is refused: halt it first; the holder's start is readable.
+    let mut abort = ringfence(&f.settings);
+    abort.args(["wave", "abort", "--wave", "w-status"]);
+    let out = output(abort).await;
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("abort refused")
+            && err.contains("`ringfence wave halt --wave w-status`")
+            && err.contains("running since 20")
+            && err.contains("Z)"),
+        "{err}"
+    );
+
     // Emergency stop from this terminal.
     let mut halt = ringfence(&f.settings);
     halt.args(["wave", "halt", "--wave", "w-status"]);
@@ -557,4 +571,44 @@ async fn wave_run_refuses_to_start_while_an_agents_ring_differs_from_the_invento
         "{}",
         text(&o)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inventory_check_warns_when_a_pools_reserve_rounds_down_to_no_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut inv = String::from(
+        "trust_domain = \"t.test\"\n[[pool]]\nname = \"small\"\nreserve_percent = 15\n[[pool]]\nname = \"big\"\nreserve_percent = 15\n",
+    );
+    for i in 0..4 {
+        inv.push_str(&format!(
+            "[[host]]\nid = \"s{i}\"\naddress = \"127.0.0.1:{}\"\npool = \"small\"\nring = {i}\n",
+            7100 + i
+        ));
+    }
+    for i in 0..7 {
+        inv.push_str(&format!(
+            "[[host]]\nid = \"b{i}\"\naddress = \"127.0.0.1:{}\"\npool = \"big\"\nring = 1\n",
+            7200 + i
+        ));
+    }
+    let file = dir.path().join("inventory.toml");
+    std::fs::write(&file, inv).unwrap();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ringfence"));
+    c.args(["inventory", "check"]).arg(&file);
+    let out = output(c).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // 4 × 15 % = 0.6 → 0 hosts: warned, with the percent that allows one.
+    assert!(
+        text.contains(
+            "warning: pool `small`: 4 hosts at reserve_percent = 15 rounds down to 0 hosts"
+        ) && text.contains("reserve_percent = 25 allows one"),
+        "{text}"
+    );
+    // 7 × 15 % = 1.05 → 1 host: no warning.
+    assert!(!text.contains("pool `big`: 7 hosts"), "{text}");
 }
