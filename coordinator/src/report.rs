@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use crate::wave::{Event, EventSink, StatusSnapshot};
 
-/// An event as one line of text.
+/// An event as text: one line; the plan (`planned`, the coordinator's own
+/// text from the operator's inventory and spec, escaped when the event was
+/// made) as its lines indented below it.
 fn line(e: &Event) -> String {
     let mut s = String::new();
     if let Some(r) = e.ring {
@@ -24,7 +26,12 @@ fn line(e: &Event) -> String {
         s.push_str(": ");
         s.push_str(&e.detail);
     }
-    crate::hosttext::escape(&s).into_owned()
+    let s = crate::hosttext::escape(&s).into_owned();
+    if e.kind == "planned" {
+        s.replace("\\u{a}", "\n    ")
+    } else {
+        s
+    }
 }
 
 /// Output mode.
@@ -239,6 +246,17 @@ mod tests {
             wait_state("waiting for 2 approvals of ring 3"),
             "waiting for 2 approvals of ring 3"
         );
+    }
+
+    #[test]
+    fn a_plan_prints_as_indented_lines_and_host_text_stays_escaped() {
+        let mut plan = Event::wait("x");
+        plan.kind = "planned".into();
+        plan.what = "w".into();
+        plan.detail = crate::hosttext::message("wave w\nring 0: 1 host(s)");
+        assert_eq!(line(&plan), "w: wave w\n    ring 0: 1 host(s)");
+        let e = Event::host("h1", "failed", "first\nsecond \u{1b}[2J");
+        assert_eq!(line(&e), "h1 failed: first\\u{a}second \\u{1b}[2J");
     }
 
     #[test]

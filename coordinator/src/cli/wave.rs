@@ -432,14 +432,19 @@ async fn plan(
             (g.pool.clone(), limit)
         })
         .collect();
-    let in_other_waves: BTreeSet<String> = crate::store::PoolLedger::new(&paths)
-        .lock()
-        .await
-        .map_err(WaveCmdError::Store)?
-        .others(&wave_id)
-        .into_values()
-        .flat_map(BTreeMap::into_keys)
-        .collect();
+    // No state directory yet (a first wave): no other wave holds a host.
+    let in_other_waves: BTreeSet<String> = if env.settings.state_dir.is_dir() {
+        crate::store::PoolLedger::new(&paths)
+            .lock()
+            .await
+            .map_err(WaveCmdError::Store)?
+            .others(&wave_id)
+            .into_values()
+            .flat_map(BTreeMap::into_keys)
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
     let conn: Arc<dyn wave::Connector> = Arc::new(env.connector(&inv));
     let probes = preflight::probe(&inv, conn, preflight::Ask::IdentityAndHealth).await;
     let cleared = preflight::check(&inv, &spec, &probes, &in_other_waves, &overrides)
