@@ -596,8 +596,41 @@ fn status(config: Option<&Path>, wave: &str, json: bool) -> Result<(), WaveCmdEr
         Ok(s) => s,
         Err(source) => return Err(WaveCmdError::BadStatus { path, source }),
     };
-    super::render::print_text(&super::render::status(&snapshot));
+    let approvers = ring_approvers(&settings, &snapshot);
+    super::render::print_text(&super::render::status(&snapshot, &approvers));
     Ok(())
+}
+
+/// Who approved each protected ring of the wave so far: the approval
+/// files under the wave's approvals directory that the trust file verifies
+/// and that cover the ring's hosts, profile and version (as the wave
+/// counts them). Empty when the trust file cannot be read.
+fn ring_approvers(
+    settings: &Settings,
+    snapshot: &wave::StatusSnapshot,
+) -> super::render::RingApprovers {
+    let Ok(trust) = TrustSet::load(&settings.trust_file) else {
+        return super::render::RingApprovers::new();
+    };
+    let dir = approvals::approvals_dir(&settings.state_dir, &snapshot.wave_id);
+    let now_ms = ringfence::time::now_ms();
+    snapshot
+        .rings
+        .iter()
+        .filter(|(_, v)| v.approval != "not needed")
+        .map(|(r, _)| {
+            let hosts = snapshot.ring_hosts.get(r).cloned().unwrap_or_default();
+            let scope = approvals::RingScope {
+                wave_id: &snapshot.wave_id,
+                ring: *r,
+                profile: &snapshot.profile,
+                version: &snapshot.version,
+                hosts: &hosts,
+            };
+            let got = approvals::collect_ring(&dir, &trust, &scope, now_ms);
+            (*r, got.approvers.into_iter().collect())
+        })
+        .collect()
 }
 
 /// `completed` or `aborted` when the wave's status snapshot says so.

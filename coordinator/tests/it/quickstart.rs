@@ -185,6 +185,8 @@ fn the_readme_quickstart_runs_verbatim_from_zero_to_verified_evidence() {
         "pre-flight: 4 host(s) asked",
         "approval 1 of 2 for ring 2 (alice)",
         "approval 2 of 2 for ring 2 (alice, bob)",
+        "ring 2 (canary): running (AWAITING_APPROVAL: 0 of 2)",
+        "ring 2 (canary): complete (approved: 2 of 2, alice, bob)",
         "HALTED by the operator in ring 3",
         "wave run exited 4",
         "a plain `ringfence wave resume --wave lab-1` continues",
