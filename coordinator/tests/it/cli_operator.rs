@@ -612,3 +612,48 @@ async fn inventory_check_warns_when_a_pools_reserve_rounds_down_to_no_host() {
     // 7 × 15 % = 1.05 → 1 host: no warning.
     assert!(!text.contains("pool `big`: 7 hosts"), "{text}");
 }
+
+/// `ringfence … | head -1`: the reader is gone before the command writes;
+/// the command ends as it would have (its exit code), without a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_to_a_closed_pipe_is_no_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = dir.path().join("lab");
+    let mut init = Command::new(env!("CARGO_BIN_EXE_ringfence"));
+    init.args(["lab", "init", "--hosts", "2", "--base-port", "1", "--dir"])
+        .arg(&lab);
+    assert!(output(init).await.status.success());
+    // A wave's status snapshot, as a running coordinator leaves it.
+    std::fs::create_dir_all(lab.join("state")).unwrap();
+    std::fs::write(
+        lab.join("state/w-pipe.status.json"),
+        serde_json::json!({
+            "wave_id": "w-pipe", "phase": "running", "ring": 0, "rings": {}, "pools": {},
+            "failures": [0, 0], "halt": null, "next_window": null, "break_glass": [],
+            "ring_hosts": {}, "profile": "p", "version": "v", "rollback_version": "",
+            "started_at_ms": 0, "updated_at_ms": 0, "hosts": {}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let settings = lab.join("ringfence.toml");
+    let inventory = lab.join("inventory.toml");
+    let status = ["wave", "status", "--wave", "w-pipe"];
+    let health = [
+        "hosts",
+        "health",
+        "--inventory",
+        inventory.to_str().unwrap(),
+    ];
+    // Ports 1 and 2 on loopback: nobody answers; the table says so (exit 1).
+    for (args, code) in [(&status[..], 0), (&health[..], 1)] {
+        let (read, write) = std::io::pipe().unwrap();
+        drop(read);
+        let mut c = ringfence(&settings);
+        c.args(args).stdout(write).stderr(Stdio::piped());
+        let out = output(c).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+    }
+}
