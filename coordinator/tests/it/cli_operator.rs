@@ -657,3 +657,110 @@ async fn output_to_a_closed_pipe_is_no_panic() {
         assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
     }
 }
+
+/// `wave approve` refuses what it must not sign, and an aborted wave stays
+/// ended: a second approval with the same key, a ring that is not
+/// protected, an aborted wave; `wave run` with the aborted wave's id.
+/// (A lab's files; no agent is needed for any of it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_that_cannot_count_and_a_reused_wave_id_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = dir.path().join("lab");
+    let mut init = Command::new(env!("CARGO_BIN_EXE_ringfence"));
+    init.args(["lab", "init", "--hosts", "4", "--base-port", "1", "--dir"])
+        .arg(&lab);
+    assert!(output(init).await.status.success());
+    let settings = lab.join("ringfence.toml");
+    let approve = |ring: &str, key: &str| {
+        let mut c = ringfence(&settings);
+        c.current_dir(&lab).args([
+            "wave",
+            "approve",
+            "--wave",
+            "lab-1",
+            "--ring",
+            ring,
+            "--key",
+            key,
+            "--inventory",
+            "inventory.toml",
+            "--spec",
+            "wave.toml",
+            "--yes",
+        ]);
+        c
+    };
+    let out = output(approve("2", "alice.key")).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("approval 1 of 2 for ring 2 (alice)"),
+        "{}",
+        text(&out)
+    );
+
+    let out = output(approve("2", "alice.key")).await;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        text(&out).contains("not signed: alice already approved wave lab-1 ring 2")
+            && text(&out).contains("approvals need distinct keys"),
+        "{}",
+        text(&out)
+    );
+    let out = output(approve("1", "alice.key")).await;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        text(&out).contains("ring 1 is not protected in wave lab-1"),
+        "{}",
+        text(&out)
+    );
+
+    // The wave ran (its status snapshot), then an operator aborted it.
+    std::fs::create_dir_all(lab.join("state")).unwrap();
+    std::fs::write(
+        lab.join("state/lab-1.status.json"),
+        serde_json::json!({
+            "wave_id": "lab-1", "phase": "halted", "ring": 2, "rings": {}, "pools": {},
+            "failures": [0, 0], "halt": null, "next_window": null, "break_glass": [],
+            "ring_hosts": {"2": ["gpu-3"]}, "profile": "nvidia-driver",
+            "version": "560.35.03", "rollback_version": "550.54.15",
+            "started_at_ms": 0, "updated_at_ms": 0, "hosts": {}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let mut abort = ringfence(&settings);
+    abort.args(["wave", "abort", "--wave", "lab-1"]);
+    let out = output(abort).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let mut status = ringfence(&settings);
+    status.args(["wave", "status", "--wave", "lab-1"]);
+    let out = output(status).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("lab-1 aborted"),
+        "{}",
+        text(&out)
+    );
+
+    let out = output(approve("2", "bob.key")).await;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(text(&out).contains("aborted"), "{}", text(&out));
+    assert!(!lab.join("state/lab-1.approvals/ring-2-bob.json").exists());
+
+    let mut run = ringfence(&settings);
+    run.current_dir(&lab).args([
+        "wave",
+        "run",
+        "--inventory",
+        "inventory.toml",
+        "--spec",
+        "wave.toml",
+    ]);
+    let out = output(run).await;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        text(&out).contains("wave `lab-1` is already aborted")
+            && text(&out).contains("choose a new `wave_id`"),
+        "{}",
+        text(&out)
+    );
+}
