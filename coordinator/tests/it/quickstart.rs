@@ -176,6 +176,13 @@ fn the_readme_quickstart_runs_verbatim_from_zero_to_verified_evidence() {
             LAB_NEW_VERSION,
             "gpu-{i}, was {LAB_OLD_VERSION}"
         );
+        // Its log names the verdict and ends with a clean stop.
+        let log = std::fs::read_to_string(host.join("agent.log")).unwrap_or_default();
+        assert!(
+            log.contains("ringfenced serving") && log.contains("verdict=\"HEALTHY\""),
+            "gpu-{i}: {log}"
+        );
+        assert!(log.contains("journal synced"), "gpu-{i}: {log}");
     }
 
     // What the operator saw, step by step.
