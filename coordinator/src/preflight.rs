@@ -274,7 +274,7 @@ pub fn check(
 /// A plan that cannot be built, as a refusal: a pool that cannot fit
 /// because its reserve rounds down to 0 hosts says which `reserve_percent`
 /// would allow one.
-fn plan_refusal(e: PlanError) -> Refusal {
+pub fn plan_refusal(e: PlanError) -> Refusal {
     if let PlanError::CannotFit {
         pool,
         size,

@@ -133,6 +133,7 @@ impl CliError {
                 | WaveCmdError::Preflight(_)
                 | WaveCmdError::Finished { .. }
                 | WaveCmdError::AbortWhileRunning { .. }
+                | WaveCmdError::Refused(_)
                 | WaveCmdError::NoStatus { .. } => Config,
                 WaveCmdError::Store(_)
                 | WaveCmdError::RollbackFailed { .. }

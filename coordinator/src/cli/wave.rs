@@ -217,6 +217,10 @@ pub enum WaveCmdError {
         /// Who holds the wave, its start time in RFC 3339.
         holder: String,
     },
+    /// `run`: the wave cannot start, for a reason the pre-flight names
+    /// (a pool's reserve that rounds down to 0 hosts); nothing was drained.
+    #[error("{0}; nothing was drained")]
+    Refused(Box<crate::preflight::Refusal>),
     /// `plan`: the pre-flight refuses the wave (each reason names its hosts).
     #[error("{0}\n`wave run` would refuse this wave; nothing was drained")]
     Preflight(crate::preflight::Refused),
@@ -753,7 +757,16 @@ async fn refuse_ring_mismatch(wave: &str, inv: &Inventory, env: &Env) -> Result<
 /// [`WaveCmdError::Halted`].
 fn outcome(o: Result<Outcome, WaveError>, reporter: &Reporter) -> Result<(), WaveCmdError> {
     reporter.finish();
-    match o? {
+    let o = o.map_err(|e| match e {
+        // A pool whose reserve rounds down to 0 hosts: say which
+        // `reserve_percent` allows one, as `wave plan` does.
+        WaveError::Plan(p) => match preflight::plan_refusal(p) {
+            preflight::Refusal::Plan(p) => WaveCmdError::Engine(WaveError::Plan(p)),
+            r => WaveCmdError::Refused(Box::new(r)),
+        },
+        e => WaveCmdError::Engine(e),
+    })?;
+    match o {
         Outcome::Completed => {
             println!("wave completed: every ring promoted");
             Ok(())

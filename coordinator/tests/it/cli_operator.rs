@@ -764,3 +764,77 @@ async fn approvals_that_cannot_count_and_a_reused_wave_id_are_refused_with_the_r
         text(&out)
     );
 }
+
+/// A pool of 4 hosts at 15 %: floor(0.6) = 0 hosts may ever be out, so no
+/// wave can drain one. `wave plan` and `wave run` refuse it and say which
+/// `reserve_percent` allows one host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_and_run_name_the_reserve_percent_that_lets_one_host_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = dir.path().join("lab");
+    let mut init = Command::new(env!("CARGO_BIN_EXE_ringfence"));
+    init.args(["lab", "init", "--hosts", "4", "--base-port", "1", "--dir"])
+        .arg(&lab);
+    assert!(output(init).await.status.success());
+    let inventory = lab.join("inventory.toml");
+    let text_of = std::fs::read_to_string(&inventory).unwrap();
+    assert!(text_of.contains("reserve_percent = 25"), "{text_of}");
+    // Enrolled, as `inventory enroll` would leave it (one key per host).
+    let mut enrolled = String::new();
+    for line in text_of
+        .replace("reserve_percent = 25", "reserve_percent = 15")
+        .lines()
+    {
+        enrolled.push_str(line);
+        enrolled.push('\n');
+        if line == "expected_gpus = 2" {
+            let key = ringfence::keys::generate().verifying_key();
+            enrolled.push_str(&format!(
+                "attestation_key = \"{}\"\n",
+                ringfence::keys::public_key_text(&key)
+            ));
+        }
+    }
+    std::fs::write(&inventory, enrolled).unwrap();
+    for cmd in ["plan", "run"] {
+        let mut c = ringfence(&lab.join("ringfence.toml"));
+        c.current_dir(&lab).args([
+            "wave",
+            cmd,
+            "--inventory",
+            "inventory.toml",
+            "--spec",
+            "wave.toml",
+        ]);
+        let out = output(c).await;
+        assert_eq!(out.status.code(), Some(3), "{cmd}: {}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("pool `lab`: 4 hosts at reserve_percent = 15 rounds down to 0 hosts")
+                && err.contains("reserve_percent = 25 allows one")
+                && err.contains("nothing was drained"),
+            "{cmd}: {err}"
+        );
+    }
+    // Fixed as advised, the same wave id plans (its hosts unreachable here).
+    let fixed = std::fs::read_to_string(&inventory)
+        .unwrap()
+        .replace("reserve_percent = 15", "reserve_percent = 25");
+    std::fs::write(&inventory, fixed).unwrap();
+    let mut c = ringfence(&lab.join("ringfence.toml"));
+    c.current_dir(&lab).args([
+        "wave",
+        "plan",
+        "--inventory",
+        "inventory.toml",
+        "--spec",
+        "wave.toml",
+    ]);
+    let out = output(c).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("reserve 25% → at most 1 out of service at once"),
+        "{}",
+        text(&out)
+    );
+}
