@@ -209,6 +209,13 @@ pub enum Refusal {
         /// Hosts without it.
         hosts: Vec<String>,
     },
+    /// A pool's reserve rounds down to 0 hosts: no host of it may ever be
+    /// out of service ([`reserve_warning`]'s text).
+    #[error("{warning}; raise it in the inventory or sign a break-glass approval")]
+    ReserveRoundsToZero {
+        /// What rounds to 0 and which `reserve_percent` allows one host.
+        warning: String,
+    },
     /// The plan cannot be built (a pool can never fit, a host not enrolled, ...).
     #[error(transparent)]
     Plan(#[from] PlanError),
@@ -258,10 +265,28 @@ pub fn check(
         }),
         Ok(_) => Err(Refused(refusals)),
         Err(e) => {
-            refusals.push(Refusal::Plan(e));
+            refusals.push(plan_refusal(e));
             Err(Refused(refusals))
         }
     }
+}
+
+/// A plan that cannot be built, as a refusal: a pool that cannot fit
+/// because its reserve rounds down to 0 hosts says which `reserve_percent`
+/// would allow one.
+pub fn plan_refusal(e: PlanError) -> Refusal {
+    if let PlanError::CannotFit {
+        pool,
+        size,
+        percent,
+        max_out: 0,
+        ..
+    } = &e
+        && let Some(warning) = reserve_warning(pool, *size, *percent)
+    {
+        return Refusal::ReserveRoundsToZero { warning };
+    }
+    Refusal::Plan(e)
 }
 
 /// The profile check alone, as `wave run` makes it before its first drain.
@@ -482,6 +507,28 @@ mod tests {
         .into();
         let ok = check(&inv, &spec(), &p, &BTreeSet::new(), &bg);
         assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    #[test]
+    fn a_reserve_that_rounds_down_to_0_hosts_is_refused_with_the_percent_that_allows_one() {
+        // 4 hosts at 15 %: floor(0.6) = 0 hosts may ever be out.
+        let inv = four_hosts(15);
+        let p: Vec<HostProbe> = (0..4)
+            .map(|i| answered(&format!("h{i}"), Some(i), &[], healthy()))
+            .collect();
+        let Err(Refused(r)) = check(&inv, &spec(), &p, &BTreeSet::new(), &BTreeMap::new()) else {
+            panic!("not refused");
+        };
+        assert!(
+            matches!(&r[..], [Refusal::ReserveRoundsToZero { .. }]),
+            "{r:?}"
+        );
+        let msg = Refused(r).to_string();
+        assert!(
+            msg.contains("pool `p`: 4 hosts at reserve_percent = 15 rounds down to 0")
+                && msg.contains("reserve_percent = 25 allows one"),
+            "{msg}"
+        );
     }
 
     #[test]

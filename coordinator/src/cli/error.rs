@@ -11,6 +11,7 @@ use super::evidence::EvidenceCmdError;
 use super::hosts::HostsCmdError;
 use super::input::InputError;
 use super::inventory::InventoryCmdError;
+use super::lab::LabError;
 use super::pki::PkiCliError;
 use super::wave::WaveCmdError;
 use crate::wave::WaveError;
@@ -80,6 +81,9 @@ pub enum CliError {
     /// `evidence verify`.
     #[error(transparent)]
     Evidence(#[from] EvidenceCmdError),
+    /// `lab init`.
+    #[error(transparent)]
+    Lab(#[from] LabError),
 }
 
 impl CliError {
@@ -92,6 +96,10 @@ impl CliError {
             CliError::Runtime(_) => Failed,
             CliError::Input(e) => input(e),
             CliError::Pki(PkiCliError::Pki(_) | PkiCliError::Key(_)) => Config,
+            CliError::Lab(e) => match e {
+                LabError::NotEmpty(_) | LabError::Ports { .. } => Config,
+                LabError::Io { .. } | LabError::Pki(_) | LabError::Key(_) => Failed,
+            },
             CliError::Inventory(e) => match e {
                 InventoryCmdError::Input(e) => input(e),
                 InventoryCmdError::LiveRingMismatch { .. }
@@ -124,6 +132,8 @@ impl CliError {
                 | WaveCmdError::BreakGlassScope { .. }
                 | WaveCmdError::Preflight(_)
                 | WaveCmdError::Finished { .. }
+                | WaveCmdError::AbortWhileRunning { .. }
+                | WaveCmdError::Refused(_)
                 | WaveCmdError::NoStatus { .. } => Config,
                 WaveCmdError::Store(_)
                 | WaveCmdError::RollbackFailed { .. }

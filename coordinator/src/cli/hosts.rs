@@ -178,11 +178,14 @@ pub(super) async fn run(config: Option<&Path>, cmd: HostsCommand) -> Result<(), 
             let rows =
                 crate::health_table::collect(&inv, conn, 64, env.skew_ms(), input::clock()).await;
             if json {
-                for r in &rows {
-                    println!("{}", serde_json::to_string(r).unwrap_or_default());
-                }
+                let lines: String = rows
+                    .iter()
+                    .map(|r| format!("{}\n", serde_json::to_string(r).unwrap_or_default()))
+                    .collect();
+                super::render::print_text(&lines);
             } else {
-                print!("{}", crate::health_table::render(&rows));
+                // A reader that went away (`| head -1`) is no panic.
+                super::render::print_text(&crate::health_table::render(&rows));
             }
             let bad = rows.iter().filter(|r| r.verdict != "HEALTHY").count();
             if bad > 0 {

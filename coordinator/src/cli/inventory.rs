@@ -182,6 +182,11 @@ async fn check(config: Option<&Path>, file: &Path, live: bool) -> Result<(), Inv
             n * pool.reserve_percent as usize / 100
         );
     }
+    for (p, n) in &s.per_pool {
+        if let Some(w) = crate::preflight::reserve_warning(p, *n, inv.pools[p].reserve_percent) {
+            println!("  warning: {w}");
+        }
+    }
     if !s.unenrolled.is_empty() {
         println!(
             "  not enrolled (run `ringfence inventory enroll`): {}",

@@ -17,6 +17,7 @@ mod evidence;
 mod hosts;
 mod input;
 mod inventory;
+mod lab;
 mod pki;
 mod render;
 mod wave;
@@ -32,6 +33,7 @@ pub use evidence::EvidenceCmdError;
 pub use hosts::HostsCmdError;
 pub use input::InputError;
 pub use inventory::InventoryCmdError;
+pub use lab::{LAB_NEW_VERSION, LAB_OLD_VERSION, LabError};
 pub use pki::PkiCliError;
 pub use wave::{WaveCmdError, driver};
 
@@ -64,6 +66,8 @@ pub enum Command {
     Breakglass(breakglass::BreakglassArgs),
     /// Check evidence packets.
     Evidence(evidence::EvidenceArgs),
+    /// A loopback fleet's files, to learn on (`lab init`).
+    Lab(lab::LabArgs),
 }
 
 /// The whole command tree as a [`clap::Command`], for man pages and shell
@@ -83,6 +87,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Wave(a) => wave::run(config, a.command).await?,
         Command::Breakglass(a) => breakglass::run(a.command)?,
         Command::Evidence(a) => evidence::run(config, a.command)?,
+        Command::Lab(a) => lab::run(&a.command)?,
     }
     Ok(())
 }
@@ -121,7 +126,8 @@ mod tests {
                 "hosts",
                 "wave",
                 "breakglass",
-                "evidence"
+                "evidence",
+                "lab"
             ]
         );
         let wave = cmd.find_subcommand("wave").unwrap();

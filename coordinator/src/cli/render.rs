@@ -32,9 +32,13 @@ pub fn print_line(line: &str) {
     print_text(&format!("{line}\n"));
 }
 
-/// `wave status` without `--json`: the summary line, then rings, pools,
-/// break-glass grants, the next window and the halt, one per line.
-pub fn status(s: &StatusSnapshot) -> String {
+/// Who approved each protected ring so far (`wave status`).
+pub type RingApprovers = std::collections::BTreeMap<u32, Vec<String>>;
+
+/// `wave status` without `--json`: the summary line, then rings (a
+/// protected ring with its approvers, N of M), pools, break-glass grants,
+/// the next window and the halt, one per line.
+pub fn status(s: &StatusSnapshot, approvers: &RingApprovers) -> String {
     let mut out = format!("{}\n", crate::report::summary(s));
     let _ = writeln!(
         out,
@@ -43,12 +47,25 @@ pub fn status(s: &StatusSnapshot) -> String {
         rfc3339(s.updated_at_ms)
     );
     for (r, v) in &s.rings {
+        let approval = match approvers.get(r) {
+            Some(who) if v.approval != "not needed" && s.approver_threshold > 0 => format!(
+                "{}: {} of {}{}",
+                v.approval,
+                who.len(),
+                s.approver_threshold,
+                if who.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {}", who.join(", "))
+                }
+            ),
+            _ => v.approval.clone(),
+        };
         let _ = writeln!(
             out,
-            "  ring {r}{}: {} ({}) {:?}",
+            "  ring {r}{}: {} ({approval}) {:?}",
             ring_name(*r),
             v.status,
-            v.approval,
             v.counts
         );
     }
@@ -161,7 +178,7 @@ mod tests {
             "started_at_ms": 0, "updated_at_ms": 0, "hosts": {}
         }))
         .unwrap();
-        let text = status(&s);
+        let text = status(&s, &RingApprovers::new());
         let lines: Vec<&str> = text.lines().skip(1).collect();
         assert_eq!(
             lines,
@@ -194,7 +211,7 @@ mod tests {
     fn status_after_an_operator_halt_says_a_plain_resume_continues() {
         let halt = serde_json::json!({"wave_id": "w-1", "ring": 2, "host": null,
             "step": "dispatch", "kind": "operator", "reason": "halt requested by operator"});
-        let text = status(&snapshot("halted", halt));
+        let text = status(&snapshot("halted", halt), &RingApprovers::new());
         assert!(
             text.contains("no host failed: a plain `ringfence wave resume --wave w-1` continues"),
             "{text}"
@@ -210,10 +227,37 @@ mod tests {
     fn status_after_abort_says_aborted_not_halted() {
         let halt = serde_json::json!({"wave_id": "w-1", "ring": 2, "host": "gpu-7",
             "step": "validate", "kind": "attestation", "reason": "uncorrected ECC"});
-        let text = status(&snapshot("aborted", halt));
+        let text = status(&snapshot("aborted", halt), &RingApprovers::new());
         assert!(text.starts_with("w-1 aborted"), "{text}");
         assert!(text.contains("ABORTED: no host starts again"), "{text}");
         assert!(!text.contains("HALT"), "{text}");
+    }
+
+    #[test]
+    fn status_shows_who_approved_each_protected_ring_n_of_m() {
+        let mut v =
+            serde_json::to_value(snapshot("awaiting_approval", serde_json::Value::Null)).unwrap();
+        v["approver_threshold"] = 2.into();
+        v["rings"] = serde_json::json!({
+            "1": {"status": "complete", "counts": {"done": 1}, "approval": "not needed"},
+            "2": {"status": "running", "counts": {"pending": 1}, "approval": "AWAITING_APPROVAL"},
+            "3": {"status": "waiting", "counts": {"pending": 1}, "approval": "AWAITING_APPROVAL"}
+        });
+        let s: StatusSnapshot = serde_json::from_value(v).unwrap();
+        let who: RingApprovers = [(1, vec![]), (2, vec!["alice".to_string()]), (3, vec![])].into();
+        let text = status(&s, &who);
+        assert!(
+            text.contains(": complete (not needed) {\"done\": 1}"),
+            "{text}"
+        );
+        assert!(
+            text.contains(": running (AWAITING_APPROVAL: 1 of 2, alice) {"),
+            "{text}"
+        );
+        assert!(
+            text.contains(": waiting (AWAITING_APPROVAL: 0 of 2) {"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -206,6 +206,20 @@ pub enum WaveCmdError {
         /// `completed` or `aborted`.
         phase: String,
     },
+    /// `abort` while another coordinator drives the wave: it must halt first.
+    #[error(
+        "wave `{wave}` is being driven by another coordinator ({holder}); abort refused: stop it first with `ringfence wave halt --wave {wave}`, wait for it to exit, then `ringfence wave abort --wave {wave}`"
+    )]
+    AbortWhileRunning {
+        /// Wave id.
+        wave: String,
+        /// Who holds the wave, its start time in RFC 3339.
+        holder: String,
+    },
+    /// `run`: the wave cannot start, for a reason the pre-flight names
+    /// (a pool's reserve that rounds down to 0 hosts); nothing was drained.
+    #[error("{0}; nothing was drained")]
+    Refused(Box<crate::preflight::Refusal>),
     /// `plan`: the pre-flight refuses the wave (each reason names its hosts).
     #[error("{0}\n`wave run` would refuse this wave; nothing was drained")]
     Preflight(crate::preflight::Refused),
@@ -365,7 +379,16 @@ pub(super) async fn run(config: Option<&Path>, cmd: WaveCommand) -> Result<(), W
         }
         WaveCommand::Abort { wave } => {
             let settings = input::settings(config)?;
-            let store = open_store(&settings, &wave)?;
+            let store = match WaveStore::open(&settings.state_dir, &wave, input::clock().as_ref()) {
+                Ok(s) => s,
+                Err(StoreError::Held { wave, holder }) => {
+                    return Err(WaveCmdError::AbortWhileRunning {
+                        wave,
+                        holder: readable_holder(&holder),
+                    });
+                }
+                Err(e) => return Err(WaveCmdError::OpenStore(e)),
+            };
             wave::abort(&store, input::clock().as_ref()).map_err(WaveCmdError::Store)?;
             mark_aborted(&store).map_err(WaveCmdError::Store)?;
             println!(
@@ -413,14 +436,19 @@ async fn plan(
             (g.pool.clone(), limit)
         })
         .collect();
-    let in_other_waves: BTreeSet<String> = crate::store::PoolLedger::new(&paths)
-        .lock()
-        .await
-        .map_err(WaveCmdError::Store)?
-        .others(&wave_id)
-        .into_values()
-        .flat_map(BTreeMap::into_keys)
-        .collect();
+    // No state directory yet (a first wave): no other wave holds a host.
+    let in_other_waves: BTreeSet<String> = if env.settings.state_dir.is_dir() {
+        crate::store::PoolLedger::new(&paths)
+            .lock()
+            .await
+            .map_err(WaveCmdError::Store)?
+            .others(&wave_id)
+            .into_values()
+            .flat_map(BTreeMap::into_keys)
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
     let conn: Arc<dyn wave::Connector> = Arc::new(env.connector(&inv));
     let probes = preflight::probe(&inv, conn, preflight::Ask::IdentityAndHealth).await;
     let cleared = preflight::check(&inv, &spec, &probes, &in_other_waves, &overrides)
@@ -572,8 +600,41 @@ fn status(config: Option<&Path>, wave: &str, json: bool) -> Result<(), WaveCmdEr
         Ok(s) => s,
         Err(source) => return Err(WaveCmdError::BadStatus { path, source }),
     };
-    super::render::print_text(&super::render::status(&snapshot));
+    let approvers = ring_approvers(&settings, &snapshot);
+    super::render::print_text(&super::render::status(&snapshot, &approvers));
     Ok(())
+}
+
+/// Who approved each protected ring of the wave so far: the approval
+/// files under the wave's approvals directory that the trust file verifies
+/// and that cover the ring's hosts, profile and version (as the wave
+/// counts them). Empty when the trust file cannot be read.
+fn ring_approvers(
+    settings: &Settings,
+    snapshot: &wave::StatusSnapshot,
+) -> super::render::RingApprovers {
+    let Ok(trust) = TrustSet::load(&settings.trust_file) else {
+        return super::render::RingApprovers::new();
+    };
+    let dir = approvals::approvals_dir(&settings.state_dir, &snapshot.wave_id);
+    let now_ms = ringfence::time::now_ms();
+    snapshot
+        .rings
+        .iter()
+        .filter(|(_, v)| v.approval != "not needed")
+        .map(|(r, _)| {
+            let hosts = snapshot.ring_hosts.get(r).cloned().unwrap_or_default();
+            let scope = approvals::RingScope {
+                wave_id: &snapshot.wave_id,
+                ring: *r,
+                profile: &snapshot.profile,
+                version: &snapshot.version,
+                hosts: &hosts,
+            };
+            let got = approvals::collect_ring(&dir, &trust, &scope, now_ms);
+            (*r, got.approvers.into_iter().collect())
+        })
+        .collect()
 }
 
 /// `completed` or `aborted` when the wave's status snapshot says so.
@@ -601,6 +662,18 @@ fn mark_aborted(store: &WaveStore) -> Result<(), StoreError> {
     snapshot.phase = "aborted".into();
     snapshot.updated_at_ms = input::clock().now_ms();
     store.write_status(&snapshot)
+}
+
+/// A wave lock's holder (`pid N on HOST since MS`) with its start time in
+/// RFC 3339; any other text as it is.
+fn readable_holder(holder: &str) -> String {
+    match holder.rsplit_once(" since ") {
+        Some((who, ms)) => match ms.trim().parse::<i64>() {
+            Ok(ms) => format!("{who}, running since {}", super::render::rfc3339(ms)),
+            Err(_) => holder.to_string(),
+        },
+        None => holder.to_string(),
+    }
 }
 
 fn open_store(settings: &Settings, wave: &str) -> Result<WaveStore, WaveCmdError> {
@@ -685,7 +758,16 @@ async fn refuse_ring_mismatch(wave: &str, inv: &Inventory, env: &Env) -> Result<
 /// [`WaveCmdError::Halted`].
 fn outcome(o: Result<Outcome, WaveError>, reporter: &Reporter) -> Result<(), WaveCmdError> {
     reporter.finish();
-    match o? {
+    let o = o.map_err(|e| match e {
+        // A pool whose reserve rounds down to 0 hosts: say which
+        // `reserve_percent` allows one, as `wave plan` does.
+        WaveError::Plan(p) => match preflight::plan_refusal(p) {
+            preflight::Refusal::Plan(p) => WaveCmdError::Engine(WaveError::Plan(p)),
+            r => WaveCmdError::Refused(Box::new(r)),
+        },
+        e => WaveCmdError::Engine(e),
+    })?;
+    match o {
         Outcome::Completed => {
             println!("wave completed: every ring promoted");
             Ok(())

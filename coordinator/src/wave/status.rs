@@ -49,6 +49,10 @@ pub struct StatusSnapshot {
     pub updated_at_ms: i64,
     /// Per host phase and failure.
     pub hosts: BTreeMap<String, String>,
+    /// Distinct approvers a protected ring needs (the spec's
+    /// `approver_threshold`); 0 in snapshots of earlier versions.
+    #[serde(default)]
+    pub approver_threshold: usize,
 }
 
 /// One ring in the status snapshot.
@@ -205,5 +209,6 @@ pub fn snapshot(i: &Inputs<'_>) -> StatusSnapshot {
         started_at_ms: i.started_at_ms,
         updated_at_ms: i.now_ms,
         hosts,
+        approver_threshold: spec.approver_threshold,
     }
 }

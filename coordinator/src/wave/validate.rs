@@ -54,21 +54,29 @@ pub(super) async fn attest_before(
     let short = gpu_shortfall(&report, job.expected_gpus);
     // Drained by someone else, not by this wave's own earlier tasks (a host
     // retried after a failure is still drained by the wave: undrain it).
-    rec.already_drained = record.draining && !rec.drained_by_this_wave();
+    let ours = rec.drained_by_this_wave();
+    rec.already_drained = record.draining && !ours;
     let reasons = record.reasons.join(", ");
     rec.before = Some(record);
+    // A retried host this wave drained (and patched) is not "before the
+    // wave": say what the operator is looking at.
+    let when = if ours {
+        "on its retry, after this wave's own steps on it"
+    } else {
+        "before the wave"
+    };
     if unhealthy {
         return Ok(StepResult::Failed(Failure::new(
             Stage::AttestBefore,
             FailureKind::UnhealthyBefore,
-            format!("host was UNHEALTHY before the wave ({reasons}); not patched"),
+            format!("host was UNHEALTHY {when} ({reasons}); not patched"),
         )));
     }
     if let Some(short) = short {
         return Ok(StepResult::Failed(Failure::new(
             Stage::AttestBefore,
             FailureKind::UnhealthyBefore,
-            format!("{short} before the wave; not patched"),
+            format!("{short} {when}; not patched"),
         )));
     }
     ctx.set_phase(rec, Phase::Draining).await?;

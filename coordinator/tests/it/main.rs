@@ -7,7 +7,8 @@
 //! - `fleet_inprocess`, `cli_operator`, most of `soak`: real agents in this
 //!   process over mTLS;
 //! - `fleet_processes`, `governance` and one `soak` test: fleets of real
-//!   `ringfenced` processes and the `ringfence` binary, helpers in `common`.
+//!   `ringfenced` processes and the `ringfence` binary, helpers in `common`;
+//! - `quickstart`: README's "Your first real wave", run verbatim.
 // A failed fixture step is a failed test: test code unwraps.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -23,5 +24,6 @@ mod hostile_hosts;
 mod hung_hosts;
 mod operator_week;
 mod plan_sequencer;
+mod quickstart;
 mod soak;
 mod wave_engine;

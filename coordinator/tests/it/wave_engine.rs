@@ -225,6 +225,37 @@ async fn a_retried_host_drained_by_this_wave_is_undrained_when_it_passes() {
     assert!(!rec.drained_by_this_wave());
 }
 
+/// A host this wave broke, retried before it is fixed, is named for what
+/// it is: unhealthy after the wave's own steps, not "before the wave".
+#[tokio::test]
+async fn a_retried_host_this_wave_broke_is_not_called_unhealthy_before_the_wave() {
+    let w = world(false);
+    let (sim, mut job) = host(&w, "gpu-8", 1);
+    job.ring = 1;
+    sim.state().faulty_version = Some("560.35.03".into());
+    let mut rec = wave::host::run(&w.ctx, &job, &sim).await.unwrap();
+    assert_eq!(rec.phase, Phase::Failed);
+    // Retried as it is (no fix): the attestation before finds it UNHEALTHY.
+    rec.phase = Phase::Pending;
+    rec.failure = None;
+    rec.before = None;
+    rec.after = None;
+    w.ctx.store.put_host(&job.host_id, &rec).unwrap();
+    let patches = sim.state().patches;
+    let rec = wave::host::run(&w.ctx, &job, &sim).await.unwrap();
+    let f = rec.failure.unwrap();
+    assert_eq!(f.kind, FailureKind::UnhealthyBefore);
+    assert!(
+        f.reason
+            .contains("UNHEALTHY on its retry, after this wave's own steps on it")
+            && !f.reason.contains("before the wave"),
+        "{}",
+        f.reason
+    );
+    assert_eq!(sim.state().patches, patches, "not patched again");
+    assert!(sim.state().draining, "still drained by the wave");
+}
+
 type ClientResult<T> = Result<T, ringfence_coordinator::client::ClientError>;
 
 /// What a [`Hooked`] host does with a task instead of plain delivery.
