@@ -124,7 +124,8 @@ impl CliError {
                 | WaveCmdError::BreakGlassScope { .. }
                 | WaveCmdError::Preflight(_)
                 | WaveCmdError::Finished { .. }
-                | WaveCmdError::NoStatus { .. } => Config,
+                | WaveCmdError::NoStatus { .. }
+                | WaveCmdError::Metrics(_) => Config,
                 WaveCmdError::Store(_)
                 | WaveCmdError::RollbackFailed { .. }
                 | WaveCmdError::BadStatus { .. } => Failed,
