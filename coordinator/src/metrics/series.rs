@@ -72,7 +72,13 @@ impl Gauges {
         let mut m =
             encoder.encode_descriptor(self.name, self.help, self.unit.as_ref(), MetricType::Gauge)?;
         for (labels, v) in &self.rows {
-            ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
+            let e = m.encode_family(labels)?;
+            // Counts and flags as whole numbers (`3`, not `3.0`).
+            if v.fract() == 0.0 && v.abs() < 9.0e15 {
+                ConstGauge::new(*v as i64).encode(e)?;
+            } else {
+                ConstGauge::new(*v).encode(e)?;
+            }
         }
         Ok(())
     }

@@ -7,7 +7,8 @@
 //! - `fleet_inprocess`, `cli_operator`, most of `soak`: real agents in this
 //!   process over mTLS;
 //! - `fleet_processes`, `governance` and one `soak` test: fleets of real
-//!   `ringfenced` processes and the `ringfence` binary, helpers in `common`.
+//!   `ringfenced` processes and the `ringfence` binary, helpers in `common`;
+//!   `metrics_prometheus` scrapes such a wave with the real Prometheus.
 // A failed fixture step is a failed test: test code unwraps.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -21,6 +22,7 @@ mod fleet_processes;
 mod governance;
 mod hostile_hosts;
 mod hung_hosts;
+mod metrics_prometheus;
 mod operator_week;
 mod plan_sequencer;
 mod soak;

@@ -1,0 +1,355 @@
+//! The coordinator's `--metrics-listen` endpoint as operators run it: the
+//! real `ringfence wave run` driving a fleet of real `ringfenced` processes
+//! (fake NVML), scraped by the real Prometheus and checked by the real
+//! `promtool` (Debian's `prometheus` package; `.ci/run` installs it).
+//! Without them the test fails under `CI=true` and is skipped, saying so,
+//! elsewhere.
+//!
+//! The wave stops at protected ring 2 awaiting approval: the values
+//! Prometheus stores equal the wave's status snapshot (`wave status
+//! --json`). Approved, ring 2's canary fails validation (uncorrected ECC
+//! after the patch) and the wave halts: `ringfence_wave_halted` is 1, the
+//! shipped "wave halted" and "pool at its reserve" alerts fire, every
+//! expression of the shipped dashboard and rules on coordinator series
+//! returns series, and `promtool check metrics` passes on the scrapes. A
+//! taken address fails the command before anything is drained.
+
+use crate::common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Coordinator, health, host, is, journal, pacing, start};
+use ringfence_coordinator::metrics::{HOST_STATES, RING_STATES};
+use ringfence_coordinator::wave::StatusSnapshot;
+use ringfence_devfleet::local_fleet::{self, LocalFleet};
+use ringfence_testkit::prometheus::{
+    Prometheus, dashboard_exprs, http_get, on_coordinator_series, promtool_check_metrics,
+    promtool_in_packaging, rules_without_for, tool,
+};
+
+const LIMIT: Duration = Duration::from_secs(90);
+const WAVE: &str = "metrics-wave";
+const POOL: &str = "h100-train";
+
+/// Poll `f` until it returns `Some` (panics after `limit`, naming `what`).
+async fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `ringfence wave status --wave WAVE --json`, as an operator reads it.
+fn wave_status(f: &LocalFleet) -> Option<StatusSnapshot> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringfence"))
+        .arg("--config")
+        .arg(&f.settings)
+        .args(["wave", "status", "--wave", WAVE, "--json"])
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// `(PromQL selector, value)` for every series the snapshot determines.
+fn expected_series(s: &StatusSnapshot) -> Vec<(String, f64)> {
+    let w = format!(r#"wave_id="{}""#, s.wave_id);
+    let flag = |b: bool| f64::from(u8::from(b));
+    let mut out = vec![
+        (
+            format!(r#"ringfence_wave_phase{{{w},phase="{}"}}"#, s.phase),
+            1.0,
+        ),
+        (
+            format!("ringfence_wave_failed_hosts{{{w}}}"),
+            f64::from(s.failures.0),
+        ),
+        (
+            format!("ringfence_wave_failure_budget_hosts{{{w}}}"),
+            f64::from(s.failures.1),
+        ),
+        (
+            format!("ringfence_wave_halted{{{w}}}"),
+            flag(s.halt.is_some() || s.phase == "halted"),
+        ),
+    ];
+    if let Some(r) = s.ring {
+        out.push((format!("ringfence_wave_current_ring{{{w}}}"), f64::from(r)));
+    }
+    for (r, v) in &s.rings {
+        for st in HOST_STATES {
+            let n = v.counts.get(st).copied().unwrap_or(0);
+            out.push((
+                format!(r#"ringfence_wave_hosts{{{w},ring="{r}",state="{st}"}}"#),
+                n as f64,
+            ));
+        }
+        for st in RING_STATES {
+            out.push((
+                format!(r#"ringfence_ring_state{{{w},ring="{r}",state="{st}"}}"#),
+                flag(v.status == st),
+            ));
+        }
+        out.push((
+            format!(r#"ringfence_ring_awaiting_approval{{{w},ring="{r}"}}"#),
+            flag(v.approval == "AWAITING_APPROVAL"),
+        ));
+    }
+    for (p, (n, limit)) in &s.pools {
+        out.push((
+            format!(r#"ringfence_pool_out_of_service_hosts{{{w},pool="{p}"}}"#),
+            *n as f64,
+        ));
+        out.push((
+            format!(r#"ringfence_pool_reserve_hosts{{{w},pool="{p}"}}"#),
+            *limit as f64,
+        ));
+    }
+    out
+}
+
+/// Every series of `snapshot` has its value in Prometheus.
+async fn prometheus_agrees(prom: &Prometheus, snapshot: &StatusSnapshot) -> usize {
+    let expected = expected_series(snapshot);
+    for (selector, want) in &expected {
+        poll(&format!("{selector} == {want}"), LIMIT, || {
+            (prom.value(selector) == Some(*want)).then_some(())
+        })
+        .await;
+    }
+    expected.len()
+}
+
+/// One classic-text scrape of the coordinator (what promtool reads): body,
+/// time taken.
+fn scrape(addr: SocketAddr) -> (String, Duration) {
+    let t = Instant::now();
+    let (status, body) = http_get(addr, "/metrics").unwrap();
+    assert_eq!(status, 200, "{body}");
+    (body, t.elapsed())
+}
+
+fn wave_run(f: &LocalFleet, spec: &Path, metrics: SocketAddr) -> Coordinator {
+    let metrics = metrics.to_string();
+    Coordinator::spawn(
+        f,
+        &[
+            "wave",
+            "run",
+            "--inventory",
+            f.inventory.to_str().unwrap(),
+            "--spec",
+            spec.to_str().unwrap(),
+            "--json",
+            "--metrics-listen",
+            &metrics,
+            "--metrics-linger",
+            "300",
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_follows_a_wave_to_its_halt_and_the_shipped_alerts_fire() {
+    let (Some(prometheus), Some(promtool)) = (tool("prometheus"), tool("promtool")) else {
+        return;
+    };
+    promtool_in_packaging(&promtool, &["check", "rules", "ringfence-alerts.yml"]);
+    promtool_in_packaging(&promtool, &["test", "rules", "ringfence-alerts.test.yml"]);
+
+    // Five hosts in one pool whose reserve lets one be out of service; the
+    // new driver brings uncorrected ECC errors on gpu-03 (ring 2).
+    let dir = tempfile::tempdir().unwrap();
+    let mut specs = vec![
+        host("gpu-00", 0, POOL),
+        host("gpu-01", 1, POOL),
+        host("gpu-02", 2, POOL),
+        host("gpu-03", 2, POOL),
+        host("gpu-04", 3, POOL),
+    ];
+    specs[3].faulty_version = Some(local_fleet::NEW_VERSION.to_string());
+    let f = start(dir.path(), specs, &[(POOL, 20)]).await;
+    let spec = f.write_spec(WAVE, &pacing(2)).unwrap();
+
+    // An address already taken: the command says so and drains nothing.
+    let taken = std::net::TcpListener::bind(ringfence_testkit::net::free_loopback().unwrap())
+        .unwrap();
+    let (code, stderr) = wave_run(&f, &spec, taken.local_addr().unwrap())
+        .finish(LIMIT)
+        .await;
+    assert_eq!(code, 3, "a taken metrics address is a usage error: {stderr}");
+    assert!(
+        stderr.contains("--metrics-listen") && stderr.contains("cannot listen"),
+        "{stderr}"
+    );
+    assert!(journal(&f, "gpu-00").await.is_empty(), "nothing drained");
+    assert!(wave_status(&f).is_none(), "the wave never started");
+    drop(taken);
+
+    // The wave runs rings 0 and 1, then waits for ring 2's approvals.
+    let addr = ringfence_testkit::net::free_loopback().unwrap();
+    let mut c = wave_run(&f, &spec, addr);
+    c.until(LIMIT, |e| is(e, "ring", Some("promoted")) && e["ring"] == 1)
+        .await
+        .expect("ring 1 promoted");
+    let waiting = poll("the wave awaits ring 2's approvals", LIMIT, || {
+        wave_status(&f).filter(|s| s.phase == "awaiting_approval")
+    })
+    .await;
+
+    let pdir = tempfile::tempdir().unwrap();
+    std::fs::write(pdir.path().join("rules.yml"), rules_without_for()).unwrap();
+    let config = format!(
+        r#"global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+  evaluation_interval: 1s
+rule_files: ["{d}/rules.yml"]
+scrape_configs:
+  - job_name: ringfence-wave
+    static_configs: [{{ targets: ["{addr}"] }}]
+"#,
+        d = pdir.path().display()
+    );
+    let mut prom = Prometheus::start(&prometheus, pdir.path(), &config);
+    prom.wait_ready(LIMIT);
+    let up = format!(r#"up{{job="ringfence-wave",instance="{addr}"}}"#);
+    poll(&format!("{up} == 1"), LIMIT, || {
+        (prom.value(&up) == Some(1.0)).then_some(())
+    })
+    .await;
+
+    // Mid-wave: Prometheus holds what `wave status` says.
+    let w = format!(r#"wave_id="{WAVE}""#);
+    assert_eq!(waiting.rings[&2].approval, "AWAITING_APPROVAL");
+    assert_eq!(waiting.rings[&0].counts.get("done"), Some(&1));
+    let n = prometheus_agrees(&prom, &waiting).await;
+    assert!(n > 40, "{n} series compared");
+    assert_eq!(
+        prom.value(&format!(r#"ringfence_ring_awaiting_approval{{{w},ring="2"}}"#)),
+        Some(1.0)
+    );
+    assert_eq!(
+        prom.value(&format!("ringfence_wave_halted{{{w}}}")),
+        Some(0.0)
+    );
+    let (mid, took) = scrape(addr);
+    eprintln!(
+        "mid-wave scrape: {} bytes, {} lines, {took:?}",
+        mid.len(),
+        mid.lines().count()
+    );
+    promtool_check_metrics(&promtool, &mid, "mid-wave");
+    let firing = prom.alerts();
+    assert!(
+        firing.iter().all(|(name, _, _)| !name.starts_with("RingfenceWave")),
+        "{firing:?}"
+    );
+
+    // Approved, ring 2 starts; gpu-03 fails validation and the wave halts.
+    common::approve_all(&f, &spec);
+    c.until(LIMIT, |e| is(e, "halting", None))
+        .await
+        .expect("the wave halts");
+    let halted = poll("the halted snapshot", LIMIT, || {
+        wave_status(&f).filter(|s| s.phase == "halted")
+    })
+    .await;
+    let halt = halted.halt.clone().expect("a halt report");
+    assert_eq!(halt.host.as_deref(), Some("gpu-03"), "{halt:?}");
+    // The command has ended the wave and serves its final state.
+    let q = format!("ringfence_wave_halted{{{w}}}");
+    poll(&format!("{q} == 1"), LIMIT, || {
+        (prom.value(&q) == Some(1.0)).then_some(())
+    })
+    .await;
+    prometheus_agrees(&prom, &halted).await;
+    assert_eq!(
+        prom.value(&format!("ringfence_wave_halts_total{{{w}}}")),
+        Some(1.0)
+    );
+    let q = format!(r#"ringfence_wave_halt_info{{{w},host="gpu-03",kind="{}"}}"#, halt.kind.as_str());
+    assert_eq!(prom.value(&q), Some(1.0), "{q}");
+    // Every host run timed its steps; the canary's validation failed it.
+    let steps = |step: &str, result: &str| {
+        prom.value(&format!(
+            r#"ringfence_wave_step_duration_seconds_count{{{w},step="{step}",result="{result}"}}"#
+        ))
+    };
+    assert_eq!(steps("validating", "failed"), Some(1.0));
+    let patched = steps("patching", "advanced").unwrap_or(0.0);
+    assert!((3.0..=4.0).contains(&patched), "{patched} patches timed");
+    assert!(steps("draining", "advanced") >= Some(3.0));
+
+    // The shipped alerts fire: the wave halted, and the failed canary left
+    // drained holds the pool at its reserve.
+    let alerts = poll("the coordinator alerts fire", LIMIT, || {
+        let a = prom.alerts();
+        let on = |name: &str| {
+            a.iter()
+                .any(|(n, state, l)| n == name && state == "firing" && l["wave_id"] == WAVE)
+        };
+        (on("RingfenceWaveHalted") && on("RingfencePoolAtReserve")).then_some(a)
+    })
+    .await;
+    let pool_alert = alerts
+        .iter()
+        .find(|(n, _, _)| n == "RingfencePoolAtReserve")
+        .unwrap();
+    assert_eq!(pool_alert.2["pool"], POOL, "{alerts:?}");
+    assert!(
+        alerts
+            .iter()
+            .all(|(n, _, _)| n == "RingfenceWaveHalted" || n == "RingfencePoolAtReserve"),
+        "no host alert from the coordinator's series: {alerts:?}"
+    );
+
+    // Every expression of the shipped dashboard and rules on coordinator
+    // series parses and returns series.
+    let exprs: Vec<String> = dashboard_exprs()
+        .into_iter()
+        .chain(prom.rule_queries())
+        .filter(|e| on_coordinator_series(e))
+        .collect();
+    assert!(exprs.len() >= 14, "{exprs:#?}");
+    for e in &exprs {
+        poll(&format!("`{e}` returns series"), LIMIT, || {
+            match prom.query(e) {
+                Ok(r) if !r.is_empty() => Some(()),
+                Ok(_) => None,
+                Err(err) => panic!("`{e}` does not parse: {err}"),
+            }
+        })
+        .await;
+    }
+
+    let (end, took) = scrape(addr);
+    eprintln!(
+        "halted-wave scrape: {} bytes, {} lines, {took:?}",
+        end.len(),
+        end.lines().count()
+    );
+    promtool_check_metrics(&promtool, &end, "halted-wave");
+
+    // The failed canary is left drained, as the agent says.
+    assert!(health(&f, "gpu-03").await.draining);
+
+    // Ctrl-C ends the linger; the command exits as a halted wave does.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(c.child.id().unwrap()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let (code, stderr) = c.finish(LIMIT).await;
+    assert_eq!(code, 4, "{stderr}");
+    assert!(
+        stderr.contains("serving its final state") && stderr.contains("HALTED in ring 2"),
+        "{stderr}"
+    );
+    drop(prom);
+}
