@@ -6,6 +6,10 @@
 //!
 //! HTTP here is blocking HTTP/1.0 over `std::net` (one exchange per
 //! connection): call it from a multi-threaded test runtime.
+//!
+//! Used by tests only: a failed step (Prometheus does not start, promtool
+//! is missing its input) panics, failing the test that called it.
+#![allow(clippy::expect_used)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
