@@ -1,18 +1,20 @@
 //! The coordinator's `--metrics-listen` endpoint as operators run it: the
 //! real `ringfence wave run` driving a fleet of real `ringfenced` processes
-//! (fake NVML), scraped by the real Prometheus and checked by the real
-//! `promtool` (Debian's `prometheus` package; `.ci/run` installs it).
-//! Without them the test fails under `CI=true` and is skipped, saying so,
-//! elsewhere.
+//! (fake NVML), scraped by the real Prometheus together with the canary
+//! agent's own `/metrics`, and checked by the real `promtool` (Debian's
+//! `prometheus` package; `.ci/run` installs it). Without them the test fails
+//! under `CI=true` and is skipped, saying so, elsewhere.
 //!
 //! The wave stops at protected ring 2 awaiting approval: the values
 //! Prometheus stores equal the wave's status snapshot (`wave status
 //! --json`). Approved, ring 2's canary fails validation (uncorrected ECC
-//! after the patch) and the wave halts: `ringfence_wave_halted` is 1, the
-//! shipped "wave halted" and "pool at its reserve" alerts fire, every
-//! expression of the shipped dashboard and rules on coordinator series
-//! returns series, and `promtool check metrics` passes on the scrapes. A
-//! taken address fails the command before anything is drained.
+//! after the patch), then raises XID 79, and the wave halts:
+//! `ringfence_wave_halted` is 1; the shipped "wave halted", "pool at its
+//! reserve", "host unhealthy" and "critical XID" alerts fire (the last two
+//! for the canary, as GetHealth reports it); every expression of the
+//! shipped dashboard and rules on coordinator series returns series, and
+//! `promtool check metrics` passes on the scrapes. A taken address fails
+//! the command before anything is drained.
 
 use crate::common;
 
@@ -176,7 +178,16 @@ async fn prometheus_follows_a_wave_to_its_halt_and_the_shipped_alerts_fire() {
         host("gpu-04", 3, POOL),
     ];
     specs[3].faulty_version = Some(local_fleet::NEW_VERSION.to_string());
-    let f = start(dir.path(), specs, &[(POOL, 20)]).await;
+    specs[3].xid_trigger = true;
+    let mut f = start(dir.path(), specs, &[(POOL, 20)]).await;
+    // The canary's agent serves its own metrics.
+    let canary_metrics = ringfence_testkit::net::free_loopback().unwrap();
+    let canary_dir = f.hosts[3].dir.clone();
+    let cfg = canary_dir.join("agent.toml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!("\n[metrics]\nlisten = \"{canary_metrics}\"\n"));
+    std::fs::write(&cfg, text).unwrap();
+    f.restart("gpu-03").await.unwrap();
     let spec = f.write_spec(WAVE, &pacing(2)).unwrap();
 
     // An address already taken: the command says so and drains nothing.
@@ -216,16 +227,20 @@ rule_files: ["{d}/rules.yml"]
 scrape_configs:
   - job_name: ringfence-wave
     static_configs: [{{ targets: ["{addr}"] }}]
+  - job_name: ringfenced
+    static_configs: [{{ targets: ["{canary_metrics}"] }}]
 "#,
         d = pdir.path().display()
     );
     let mut prom = Prometheus::start(&prometheus, pdir.path(), &config);
     prom.wait_ready(LIMIT);
-    let up = format!(r#"up{{job="ringfence-wave",instance="{addr}"}}"#);
-    poll(&format!("{up} == 1"), LIMIT, || {
-        (prom.value(&up) == Some(1.0)).then_some(())
-    })
-    .await;
+    for (job, inst) in [("ringfence-wave", addr), ("ringfenced", canary_metrics)] {
+        let up = format!(r#"up{{job="{job}",instance="{inst}"}}"#);
+        poll(&format!("{up} == 1"), LIMIT, || {
+            (prom.value(&up) == Some(1.0)).then_some(())
+        })
+        .await;
+    }
 
     // Mid-wave: Prometheus holds what `wave status` says.
     let w = format!(r#"wave_id="{WAVE}""#);
@@ -249,10 +264,7 @@ scrape_configs:
     );
     promtool_check_metrics(&promtool, &mid, "mid-wave");
     let firing = prom.alerts();
-    assert!(
-        firing.iter().all(|(name, _, _)| !name.starts_with("RingfenceWave")),
-        "{firing:?}"
-    );
+    assert!(firing.is_empty(), "nothing alerts before ring 2: {firing:?}");
 
     // Approved, ring 2 starts; gpu-03 fails validation and the wave halts.
     common::approve_all(&f, &spec);
@@ -289,15 +301,49 @@ scrape_configs:
     assert!((3.0..=4.0).contains(&patched), "{patched} patches timed");
     assert!(steps("draining", "advanced") >= Some(3.0));
 
-    // The shipped alerts fire: the wave halted, and the failed canary left
-    // drained holds the pool at its reserve.
-    let alerts = poll("the coordinator alerts fire", LIMIT, || {
+    // The failed canary is UNHEALTHY and left drained, as its agent says;
+    // then its GPU 0 falls off the bus (XID 79).
+    std::fs::write(canary_dir.join(local_fleet::XID_TRIGGER_FILE), "").unwrap();
+    let deadline = Instant::now() + LIMIT;
+    let report = loop {
+        let r = health(&f, "gpu-03").await;
+        if r.reasons.iter().any(|x| x.code == "xid_critical") {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no XID 79 in {:?}", r.reasons);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(report.draining, "the failed canary stays drained");
+    assert_eq!(report.verdict, ringfence::pb::Verdict::Unhealthy as i32);
+    let c3 = format!(r#"instance="{canary_metrics}""#);
+    for (selector, want) in [
+        (format!(r#"ringfence_host_verdict{{{c3},verdict="unhealthy"}}"#), 1.0),
+        (format!("ringfence_host_draining{{{c3}}}"), 1.0),
+        (
+            format!("count(ringfence_host_reasons{{{c3}}})"),
+            report.reasons.len() as f64,
+        ),
+    ] {
+        poll(&format!("{selector} == {want}"), LIMIT, || {
+            (prom.value(&selector) == Some(want)).then_some(())
+        })
+        .await;
+    }
+
+    // The shipped alerts fire: the wave halted, the failed canary left
+    // drained holds the pool at its reserve, and the canary itself is
+    // UNHEALTHY with a critical XID.
+    let alerts = poll("the shipped alerts fire", LIMIT, || {
         let a = prom.alerts();
-        let on = |name: &str| {
+        let on = |name: &str, key: &str, value: &str| {
             a.iter()
-                .any(|(n, state, l)| n == name && state == "firing" && l["wave_id"] == WAVE)
+                .any(|(n, state, l)| n == name && state == "firing" && l[key] == value)
         };
-        (on("RingfenceWaveHalted") && on("RingfencePoolAtReserve")).then_some(a)
+        (on("RingfenceWaveHalted", "wave_id", WAVE)
+            && on("RingfencePoolAtReserve", "wave_id", WAVE)
+            && on("RingfenceHostUnhealthy", "host_id", "gpu-03")
+            && on("RingfenceCriticalXid", "host_id", "gpu-03"))
+        .then_some(a)
     })
     .await;
     // Only the pool with a host out: the inventory's other pool has no
@@ -309,11 +355,17 @@ scrape_configs:
             .all(|(_, _, l)| l["pool"] == POOL),
         "{alerts:?}"
     );
-    assert!(
-        alerts
-            .iter()
-            .all(|(n, _, _)| n == "RingfenceWaveHalted" || n == "RingfencePoolAtReserve"),
-        "no host alert from the coordinator's series: {alerts:?}"
+    let names: std::collections::BTreeSet<&str> =
+        alerts.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(
+        names.into_iter().collect::<Vec<_>>(),
+        [
+            "RingfenceCriticalXid",
+            "RingfenceHostUnhealthy",
+            "RingfencePoolAtReserve",
+            "RingfenceWaveHalted"
+        ],
+        "{alerts:?}"
     );
 
     // Every expression of the shipped dashboard and rules on coordinator
@@ -342,9 +394,6 @@ scrape_configs:
         end.lines().count()
     );
     promtool_check_metrics(&promtool, &end, "halted-wave");
-
-    // The failed canary is left drained, as the agent says.
-    assert!(health(&f, "gpu-03").await.draining);
 
     // Ctrl-C ends the linger; the command exits as a halted wave does.
     let pid = nix::unistd::Pid::from_raw(i32::try_from(c.child.id().unwrap()).unwrap());
