@@ -580,7 +580,11 @@ scrape_configs:
     }
     assert_eq!(alert_exprs.len(), 5, "{rules}");
     let dashboard = dashboard_exprs();
-    assert!(dashboard.len() >= 20, "only {} dashboard expressions", dashboard.len());
+    assert!(
+        dashboard.len() >= 20,
+        "only {} dashboard expressions",
+        dashboard.len()
+    );
     let exprs: Vec<String> = dashboard.into_iter().chain(alert_exprs).collect();
     let mut exempt = Vec::new();
     for e in &exprs {

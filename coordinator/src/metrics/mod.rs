@@ -274,10 +274,14 @@ mod tests {
         let t = m.encode(Format::OpenMetrics).unwrap();
         has(&t, &format!(r#"ringfence_wave_halted{{{w}}} 1"#));
         has(&t, &format!(r#"ringfence_wave_halts_total{{{w}}} 1"#));
-        has(&t, &format!(r#"ringfence_wave_phase{{{w},phase="halted"}} 1"#));
+        has(
+            &t,
+            &format!(r#"ringfence_wave_phase{{{w},phase="halted"}} 1"#),
+        );
         assert!(
             t.lines()
-                .any(|l| l.starts_with("ringfence_wave_halt_info{") && l.contains(r#"host="gpu-03""#)),
+                .any(|l| l.starts_with("ringfence_wave_halt_info{")
+                    && l.contains(r#"host="gpu-03""#)),
             "{t}"
         );
         // The classic text for promtool: counter and info families renamed.

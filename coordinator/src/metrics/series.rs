@@ -69,8 +69,12 @@ impl Gauges {
         if self.rows.is_empty() {
             return Ok(());
         }
-        let mut m =
-            encoder.encode_descriptor(self.name, self.help, self.unit.as_ref(), MetricType::Gauge)?;
+        let mut m = encoder.encode_descriptor(
+            self.name,
+            self.help,
+            self.unit.as_ref(),
+            MetricType::Gauge,
+        )?;
         for (labels, v) in &self.rows {
             let e = m.encode_family(labels)?;
             // Counts and flags as whole numbers (`3`, not `3.0`).
@@ -110,10 +114,7 @@ fn families(s: &StatusSnapshot) -> Vec<Gauges> {
         phases.push(&s.phase);
     }
     for p in phases {
-        phase.push(
-            vec![wave(), ("phase", label_value(p))],
-            flag(s.phase == p),
-        );
+        phase.push(vec![wave(), ("phase", label_value(p))], flag(s.phase == p));
     }
     let mut halted_g = Gauges::new(
         "ringfence_wave_halted",
@@ -191,7 +192,10 @@ fn families(s: &StatusSnapshot) -> Vec<Gauges> {
                 flag(v.status == st),
             );
         }
-        awaiting.push(vec![wave(), ring()], flag(v.approval == "AWAITING_APPROVAL"));
+        awaiting.push(
+            vec![wave(), ring()],
+            flag(v.approval == "AWAITING_APPROVAL"),
+        );
     }
 
     let mut out = Gauges::new(

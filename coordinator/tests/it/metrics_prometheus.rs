@@ -191,12 +191,15 @@ async fn prometheus_follows_a_wave_to_its_halt_and_the_shipped_alerts_fire() {
     let spec = f.write_spec(WAVE, &pacing(2)).unwrap();
 
     // An address already taken: the command says so and drains nothing.
-    let taken = std::net::TcpListener::bind(ringfence_testkit::net::free_loopback().unwrap())
-        .unwrap();
+    let taken =
+        std::net::TcpListener::bind(ringfence_testkit::net::free_loopback().unwrap()).unwrap();
     let (code, stderr) = wave_run(&f, &spec, taken.local_addr().unwrap())
         .finish(LIMIT)
         .await;
-    assert_eq!(code, 3, "a taken metrics address is a usage error: {stderr}");
+    assert_eq!(
+        code, 3,
+        "a taken metrics address is a usage error: {stderr}"
+    );
     assert!(
         stderr.contains("--metrics-listen") && stderr.contains("cannot listen"),
         "{stderr}"
@@ -249,7 +252,9 @@ scrape_configs:
     let n = prometheus_agrees(&prom, &waiting).await;
     assert!(n > 40, "{n} series compared");
     assert_eq!(
-        prom.value(&format!(r#"ringfence_ring_awaiting_approval{{{w},ring="2"}}"#)),
+        prom.value(&format!(
+            r#"ringfence_ring_awaiting_approval{{{w},ring="2"}}"#
+        )),
         Some(1.0)
     );
     assert_eq!(
@@ -264,7 +269,10 @@ scrape_configs:
     );
     promtool_check_metrics(&promtool, &mid, "mid-wave");
     let firing = prom.alerts();
-    assert!(firing.is_empty(), "nothing alerts before ring 2: {firing:?}");
+    assert!(
+        firing.is_empty(),
+        "nothing alerts before ring 2: {firing:?}"
+    );
 
     // Approved, ring 2 starts; gpu-03 fails validation and the wave halts.
     common::approve_all(&f, &spec);
@@ -288,7 +296,10 @@ scrape_configs:
         prom.value(&format!("ringfence_wave_halts_total{{{w}}}")),
         Some(1.0)
     );
-    let q = format!(r#"ringfence_wave_halt_info{{{w},host="gpu-03",kind="{}"}}"#, halt.kind.as_str());
+    let q = format!(
+        r#"ringfence_wave_halt_info{{{w},host="gpu-03",kind="{}"}}"#,
+        halt.kind.as_str()
+    );
     assert_eq!(prom.value(&q), Some(1.0), "{q}");
     // Every host run timed its steps; the canary's validation failed it.
     let steps = |step: &str, result: &str| {
@@ -317,7 +328,10 @@ scrape_configs:
     assert_eq!(report.verdict, ringfence::pb::Verdict::Unhealthy as i32);
     let c3 = format!(r#"instance="{canary_metrics}""#);
     for (selector, want) in [
-        (format!(r#"ringfence_host_verdict{{{c3},verdict="unhealthy"}}"#), 1.0),
+        (
+            format!(r#"ringfence_host_verdict{{{c3},verdict="unhealthy"}}"#),
+            1.0,
+        ),
         (format!("ringfence_host_draining{{{c3}}}"), 1.0),
         (
             format!("count(ringfence_host_reasons{{{c3}}})"),

@@ -236,7 +236,8 @@ pub fn dashboard_exprs() -> Vec<String> {
 }
 
 /// Series only the coordinator's `--metrics-listen` endpoint exports.
-pub const COORDINATOR_PREFIXES: [&str; 3] = ["ringfence_wave_", "ringfence_ring_", "ringfence_pool_"];
+pub const COORDINATOR_PREFIXES: [&str; 3] =
+    ["ringfence_wave_", "ringfence_ring_", "ringfence_pool_"];
 
 /// Whether `expr` reads a coordinator series.
 pub fn on_coordinator_series(expr: &str) -> bool {
