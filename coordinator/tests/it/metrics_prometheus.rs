@@ -14,7 +14,8 @@
 //! for the canary, as GetHealth reports it); every expression of the
 //! shipped dashboard and rules on coordinator series returns series, and
 //! `promtool check metrics` passes on the scrapes. A taken address fails
-//! the command before anything is drained.
+//! `wave run` and `wave resume` before anything is drained; `wave resume`
+//! (the canary skipped) serves the resumed wave's series.
 
 use crate::common;
 
@@ -410,8 +411,7 @@ scrape_configs:
     promtool_check_metrics(&promtool, &end, "halted-wave");
 
     // Ctrl-C ends the linger; the command exits as a halted wave does.
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(c.child.id().unwrap()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    interrupt(&c);
     let (code, stderr) = c.finish(LIMIT).await;
     assert_eq!(code, 4, "{stderr}");
     assert!(
@@ -419,4 +419,81 @@ scrape_configs:
         "{stderr}"
     );
     drop(prom);
+
+    // `wave resume` serves the same endpoint, bound first: a taken address
+    // leaves the halted wave as it was.
+    let tasks_before = tasks_of(&f, &["gpu-02", "gpu-04"]).await;
+    let taken =
+        std::net::TcpListener::bind(ringfence_testkit::net::free_loopback().unwrap()).unwrap();
+    let (code, stderr) = wave_resume(&f, taken.local_addr().unwrap())
+        .finish(LIMIT)
+        .await;
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("cannot listen"), "{stderr}");
+    assert_eq!(wave_status(&f).unwrap().phase, "halted");
+    assert_eq!(
+        tasks_of(&f, &["gpu-02", "gpu-04"]).await,
+        tasks_before,
+        "the refused resume sent nothing"
+    );
+    drop(taken);
+    // Resumed with the canary skipped (left drained, it holds the pool at
+    // its reserve: the wave waits), its series follow the resumed wave.
+    let addr = ringfence_testkit::net::free_loopback().unwrap();
+    let c = wave_resume(&f, addr);
+    let w = format!(r#"wave_id="{WAVE}""#);
+    let resumed = poll("the resumed wave's series", LIMIT, || {
+        let (status, body) = http_get(addr, "/metrics").ok()?;
+        (status == 200
+            && body.contains(&format!(
+                "ringfence_wave_hosts{{{w},ring=\"2\",state=\"skipped\"}} 1\n"
+            ))
+            && body.contains(&format!("ringfence_wave_halted{{{w}}} 0\n")))
+        .then_some(body)
+    })
+    .await;
+    assert!(
+        resumed.contains(&format!("ringfence_wave_halts_total{{{w}}} 0\n")),
+        "{resumed}"
+    );
+    interrupt(&c);
+    drop(c);
+}
+
+/// Tasks in the journals of `hosts`.
+async fn tasks_of(f: &LocalFleet, hosts: &[&str]) -> usize {
+    let mut n = 0;
+    for h in hosts {
+        n += journal(f, h).await.len();
+    }
+    n
+}
+
+/// SIGINT to a coordinator (Ctrl-C).
+fn interrupt(c: &Coordinator) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(c.child.id().unwrap()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+}
+
+/// `wave resume --skip gpu-03` with the metrics endpoint on `metrics`.
+fn wave_resume(f: &LocalFleet, metrics: SocketAddr) -> Coordinator {
+    let metrics = metrics.to_string();
+    Coordinator::spawn(
+        f,
+        &[
+            "wave",
+            "resume",
+            "--wave",
+            WAVE,
+            "--inventory",
+            f.inventory.to_str().unwrap(),
+            "--skip",
+            "gpu-03",
+            "--reason",
+            "uncorrected ECC after the patch; RMA",
+            "--json",
+            "--metrics-listen",
+            &metrics,
+        ],
+    )
 }
