@@ -13,6 +13,7 @@ pub mod evidence;
 pub mod health_table;
 pub mod hosttext;
 pub mod inventory;
+pub mod metrics;
 pub mod plan;
 pub mod preflight;
 pub mod report;

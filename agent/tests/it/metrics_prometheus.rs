@@ -9,34 +9,27 @@
 //!   an uncorrected ECC error and critical XID 79) and one over mTLS with a
 //!   scheduler certificate; the values it stores equal GetHealth's; every
 //!   expression of the shipped dashboard and alert rules parses and returns
-//!   series (except those on coordinator series, listed in
-//!   [`COORDINATOR_SERIES`]); the host alerts fire for the faulty agent and
-//!   for none other; `promtool check metrics` passes on both scrapes;
+//!   series (except those on coordinator series, which the coordinator's
+//!   test runs); the host alerts fire for the faulty agent and for none
+//!   other; `promtool check metrics` passes on both scrapes;
 //! - over mTLS only scheduler and ops certificates may scrape;
 //! - a scrape shows the report of the last health poll and queries no GPU.
 use crate::proc_common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ringfence::pb::{self, TaskState};
 use ringfence::spiffe::Role;
-use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use proc_common::*;
-
-/// Series the coordinator's `--metrics-listen` endpoint is to export; it
-/// does not exist yet, so expressions on them return nothing here.
-const COORDINATOR_SERIES: [&str; 3] = [
-    "ringfence_wave_halted",
-    "ringfence_pool_out_of_service_hosts",
-    "ringfence_pool_reserve_hosts",
-];
+use ringfence_testkit::prometheus::{
+    Prometheus, dashboard_exprs, on_coordinator_series, promtool_check_metrics,
+    promtool_in_packaging, rules_without_for, tool,
+};
 
 /// The alerts the faulty agent must fire.
 const HOST_ALERTS: [&str; 3] = [
@@ -46,28 +39,6 @@ const HOST_ALERTS: [&str; 3] = [
 ];
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn packaging() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/prometheus")
-}
-
-/// `name` from PATH, or `None` (skip) outside CI; under `CI=true` a
-/// missing tool fails the test.
-fn tool(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(name))
-            .find(|c| c.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "`{name}` is not installed: CI must install Debian's `prometheus` package (.ci/run does)"
-        );
-        eprintln!("SKIPPED: `{name}` is not installed (apt-get install prometheus)");
-    }
-    found
-}
 
 // ------------------------------------------------------------------ HTTP
 
@@ -251,179 +222,6 @@ gpu = 2
 xid = 79
 at_s = 0.0
 "#;
-
-// -------------------------------------------------------------- Prometheus
-
-/// A Prometheus server of its own (loopback port, data dir); killed on drop.
-struct Prometheus {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
-impl Prometheus {
-    fn start(binary: &Path, dir: &Path, config: &str) -> Self {
-        let config_path = dir.join("prometheus.yml");
-        std::fs::write(&config_path, config).unwrap();
-        let addr = free_loopback();
-        let log = dir.join("prometheus.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(binary)
-            .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .arg("--log.level=warn")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("start prometheus");
-        Self { child, addr, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn api(&self, target: &str) -> Value {
-        let a = get(self.addr, target, None).await;
-        serde_json::from_str(&a.body)
-            .unwrap_or_else(|e| panic!("{target}: {e}: {} {}", a.status, a.body))
-    }
-
-    /// An instant query: `Ok(result vector)` or `Err(Prometheus's error)`.
-    async fn query(&self, promql: &str) -> Result<Vec<Value>, String> {
-        let v = self
-            .api(&format!("/api/v1/query?query={}", url_encode(promql)))
-            .await;
-        if v["status"] != "success" {
-            return Err(format!("{}: {}", v["errorType"], v["error"]));
-        }
-        Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
-    }
-
-    /// The single value of `promql`, if it has exactly one series.
-    async fn value(&self, promql: &str) -> Option<f64> {
-        let r = self.query(promql).await.ok()?;
-        match r.as_slice() {
-            [one] => one["value"][1].as_str()?.parse().ok(),
-            _ => None,
-        }
-    }
-
-    async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + START_LIMIT;
-        loop {
-            if let Ok(tcp) = tokio::net::TcpStream::connect(self.addr).await
-                && exchange(tcp, "GET", "/-/ready", None).await.status == 200
-            {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("prometheus exited ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "prometheus not ready:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-/// The shipped alert rules with every `for:` set to 0s, so that an alert
-/// fires at the first evaluation that sees its condition (the `for`
-/// clauses themselves are covered by `promtool test rules`).
-fn rules_without_for() -> String {
-    std::fs::read_to_string(packaging().join("ringfence-alerts.yml"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            if l.trim_start().starts_with("for:") {
-                let indent = &l[..l.len() - l.trim_start().len()];
-                format!("{indent}for: 0s")
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// Every PromQL expression of the shipped dashboard, with Grafana's
-/// variables replaced as the dashboard's "All" does.
-fn dashboard_exprs() -> Vec<String> {
-    let text = std::fs::read_to_string(packaging().join("ringfence-dashboard.json")).unwrap();
-    let dash: Value = serde_json::from_str(&text).unwrap();
-    let mut out = Vec::new();
-    for panel in dash["panels"].as_array().unwrap() {
-        for t in panel["targets"].as_array().into_iter().flatten() {
-            let e = t["expr"].as_str().unwrap();
-            out.push(
-                e.replace("$__rate_interval", "1m")
-                    .replace("$job", ".*")
-                    .replace("$instance", ".*"),
-            );
-        }
-    }
-    assert!(out.len() >= 20, "only {} dashboard expressions", out.len());
-    out
-}
-
-fn on_coordinator_series(expr: &str) -> bool {
-    COORDINATOR_SERIES.iter().any(|s| expr.contains(s))
-}
-
-fn promtool_check_metrics(promtool: &Path, scrape: &str, what: &str) {
-    use std::io::Write;
-    let mut child = Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(scrape.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && said.trim().is_empty(),
-        "promtool check metrics on the {what} scrape: {}\n{said}\nscrape:\n{scrape}",
-        out.status
-    );
-}
 
 /// `(PromQL selector, value)` for every series the report of `instance`
 /// must have: the contract between GetHealth and /metrics, restated.
@@ -627,24 +425,8 @@ fn promtool_passes_the_shipped_rules_and_their_unit_tests() {
     let Some(promtool) = tool("promtool") else {
         return;
     };
-    for args in [
-        vec!["check", "rules", "ringfence-alerts.yml"],
-        vec!["test", "rules", "ringfence-alerts.test.yml"],
-    ] {
-        let out = Command::new(&promtool)
-            .args(&args)
-            .current_dir(packaging())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "promtool {}: {}\n{}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    promtool_in_packaging(&promtool, &["check", "rules", "ringfence-alerts.yml"]);
+    promtool_in_packaging(&promtool, &["test", "rules", "ringfence-alerts.test.yml"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -717,13 +499,13 @@ scrape_configs:
         healthy_id = healthy.id,
     );
     let mut prom = Prometheus::start(&prometheus, dir.path(), &config);
-    prom.wait_ready().await;
+    prom.wait_ready(START_LIMIT);
     let fa = faulty_metrics.to_string();
     let he = healthy_metrics.to_string();
     for (job, inst) in [("ringfenced", &fa), ("ringfenced-mtls", &he)] {
         let q = format!(r#"up{{job="{job}",instance="{inst}"}}"#);
         poll(&format!("{q} == 1"), LIMIT, || async {
-            (prom.value(&q).await == Some(1.0)).then_some(())
+            (prom.value(&q) == Some(1.0)).then_some(())
         })
         .await;
     }
@@ -732,7 +514,7 @@ scrape_configs:
         r#"count_over_time(ringfence_task_rejections_total{{instance="{fa}",check="sequence"}}[1m])"#
     );
     poll("two scrapes of the rejection counters", LIMIT, || async {
-        prom.value(&q).await.filter(|n| *n >= 2.0).map(|_| ())
+        prom.value(&q).filter(|n| *n >= 2.0).map(|_| ())
     })
     .await;
     // A replayed sequence number, and a TLS client of another CA.
@@ -769,27 +551,27 @@ scrape_configs:
     assert!(expected.len() > 80, "{}", expected.len());
     for (selector, want) in &expected {
         poll(&format!("{selector} == {want}"), LIMIT, || async {
-            (prom.value(selector).await == Some(*want)).then_some(())
+            (prom.value(selector) == Some(*want)).then_some(())
         })
         .await;
     }
     let q = format!(r#"ringfence_tasks_total{{instance="{fa}",action="drain",state="succeeded"}}"#);
-    assert_eq!(prom.value(&q).await, Some(1.0));
+    assert_eq!(prom.value(&q), Some(1.0));
     let q = format!(r#"ringfence_task_rejections_total{{instance="{fa}",check="sequence"}}"#);
     poll(&q, LIMIT, || async {
-        (prom.value(&q).await == Some(1.0)).then_some(())
+        (prom.value(&q) == Some(1.0)).then_some(())
     })
     .await;
     let q =
         format!(r#"ringfence_tls_handshake_failures_total{{instance="{fa}",reason="unknown_ca"}}"#);
     poll(&q, LIMIT, || async {
-        prom.value(&q).await.filter(|n| *n >= 1.0).map(|_| ())
+        prom.value(&q).filter(|n| *n >= 1.0).map(|_| ())
     })
     .await;
 
     // Every dashboard and alert expression parses and (except those on
     // coordinator series) returns series.
-    let rules = prom.api("/api/v1/rules").await;
+    let rules = prom.api("/api/v1/rules");
     let mut alert_exprs = Vec::new();
     for g in rules["data"]["groups"].as_array().unwrap() {
         for r in g["rules"].as_array().unwrap() {
@@ -797,18 +579,23 @@ scrape_configs:
         }
     }
     assert_eq!(alert_exprs.len(), 5, "{rules}");
-    let exprs: Vec<String> = dashboard_exprs().into_iter().chain(alert_exprs).collect();
+    let dashboard = dashboard_exprs();
+    assert!(
+        dashboard.len() >= 20,
+        "only {} dashboard expressions",
+        dashboard.len()
+    );
+    let exprs: Vec<String> = dashboard.into_iter().chain(alert_exprs).collect();
     let mut exempt = Vec::new();
     for e in &exprs {
         if on_coordinator_series(e) {
             prom.query(e)
-                .await
                 .unwrap_or_else(|err| panic!("`{e}` does not parse: {err}"));
             exempt.push(e.clone());
             continue;
         }
         poll(&format!("`{e}` returns series"), LIMIT, || async {
-            match prom.query(e).await {
+            match prom.query(e) {
                 Ok(r) if !r.is_empty() => Some(()),
                 Ok(_) => None,
                 Err(err) => panic!("`{e}` does not parse: {err}"),
@@ -816,11 +603,11 @@ scrape_configs:
         })
         .await;
     }
-    assert_eq!(exempt.len(), 5, "{exempt:#?}");
+    assert_eq!(exempt.len(), 14, "{exempt:#?}");
 
     // The host alerts fire for the faulty agent, and nothing for the healthy one.
     let firing = poll("the host alerts fire", LIMIT, || async {
-        let v = prom.api("/api/v1/alerts").await;
+        let v = prom.api("/api/v1/alerts");
         let alerts: Vec<(String, String, String)> = v["data"]["alerts"]
             .as_array()
             .unwrap()
@@ -843,7 +630,7 @@ scrape_configs:
         firing.iter().all(|(_, inst, _)| *inst == fa),
         "only the faulty agent alerts: {firing:?}"
     );
-    let v = prom.api("/api/v1/alerts").await;
+    let v = prom.api("/api/v1/alerts");
     let xid = v["data"]["alerts"]
         .as_array()
         .unwrap()

@@ -134,7 +134,8 @@ impl CliError {
                 | WaveCmdError::Finished { .. }
                 | WaveCmdError::AbortWhileRunning { .. }
                 | WaveCmdError::Refused(_)
-                | WaveCmdError::NoStatus { .. } => Config,
+                | WaveCmdError::NoStatus { .. }
+                | WaveCmdError::Metrics(_) => Config,
                 WaveCmdError::Store(_)
                 | WaveCmdError::RollbackFailed { .. }
                 | WaveCmdError::BadStatus { .. } => Failed,

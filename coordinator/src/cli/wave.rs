@@ -64,6 +64,8 @@ pub(super) enum WaveCommand {
         /// Break-glass approval files.
         #[arg(long = "break-glass")]
         break_glass: Vec<PathBuf>,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// Continue a wave after a crash or halt, with a decision per failed host.
     Resume {
@@ -88,6 +90,8 @@ pub(super) enum WaveCommand {
         /// Break-glass approval files.
         #[arg(long = "break-glass")]
         break_glass: Vec<PathBuf>,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// Where a wave is (works while it runs, from another terminal).
     Status {
@@ -126,6 +130,79 @@ pub(super) enum WaveCommand {
     /// Sign a ring approval built from the inventory and the wave spec (or
     /// import one signed elsewhere). Prints the whole scope first.
     Approve(ApproveArgs),
+}
+
+/// `--metrics-listen` / `--metrics-linger` of `wave run` and `wave resume`.
+#[derive(Debug, Clone, Args)]
+pub(super) struct MetricsArgs {
+    /// Serve the wave's progress as Prometheus metrics at
+    /// http://ADDR/metrics while the command runs (plain HTTP, no
+    /// authentication: a loopback or management address). Off by default.
+    #[arg(long = "metrics-listen", value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// With --metrics-listen: after the wave ends (completed or halted),
+    /// keep serving its final state this many seconds, so that Prometheus
+    /// scrapes the end (a halt) before the command exits. Ctrl-C ends it.
+    #[arg(
+        long = "metrics-linger",
+        value_name = "SECONDS",
+        default_value_t = 60,
+        requires = "metrics_listen"
+    )]
+    metrics_linger: u64,
+}
+
+/// A wave's metrics endpoint while a command drives it.
+struct Serving {
+    metrics: crate::metrics::Metrics,
+    server: crate::metrics::MetricsServer,
+    linger: Duration,
+}
+
+impl MetricsArgs {
+    /// Bind the endpoint (before anything is drained); `None` when off.
+    async fn serve(&self, wave: &str) -> Result<Option<Serving>, WaveCmdError> {
+        let Some(addr) = self.metrics_listen else {
+            return Ok(None);
+        };
+        let metrics = crate::metrics::Metrics::new(wave);
+        let server = metrics.serve(addr).await?;
+        Ok(Some(Serving {
+            metrics,
+            server,
+            linger: Duration::from_secs(self.metrics_linger),
+        }))
+    }
+}
+
+impl Serving {
+    /// The engine's sink, teed to the metrics.
+    fn attach(&self, d: &mut Driver) {
+        let tee = crate::metrics::Tee(vec![d.events.clone(), Arc::new(self.metrics.sink())]);
+        d.events = Arc::new(tee);
+    }
+
+    /// The wave ended: serve its final state `linger` longer (Ctrl-C ends it).
+    async fn linger(self, result: &Result<(), WaveCmdError>) {
+        if self.linger.is_zero() {
+            return;
+        }
+        let how = match result {
+            Ok(()) => "completed",
+            Err(WaveCmdError::Halted(_)) => "halted",
+            Err(_) => "stopped",
+        };
+        eprintln!(
+            "wave {how}; metrics: serving its final state at http://{}{} for {} s more (--metrics-linger; Ctrl-C ends it)",
+            self.server.addr(),
+            crate::metrics::PATH,
+            self.linger.as_secs()
+        );
+        tokio::select! {
+            () = tokio::time::sleep(self.linger) => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
 }
 
 /// Why a `wave` command failed, or how a wave ended when not completed.
@@ -223,6 +300,9 @@ pub enum WaveCmdError {
     /// `plan`: the pre-flight refuses the wave (each reason names its hosts).
     #[error("{0}\n`wave run` would refuse this wave; nothing was drained")]
     Preflight(crate::preflight::Refused),
+    /// `--metrics-listen`: the endpoint could not start (nothing was drained).
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// `status`: the status snapshot does not parse.
     #[error("{}: {source}", path.display())]
     BadStatus {
@@ -338,7 +418,8 @@ pub(super) async fn run(config: Option<&Path>, cmd: WaveCommand) -> Result<(), W
             spec,
             json,
             break_glass,
-        } => start(config, &inventory, &spec, json, &break_glass).await,
+            metrics,
+        } => start(config, &inventory, &spec, json, &break_glass, &metrics).await,
         WaveCommand::Resume {
             wave,
             inventory,
@@ -347,13 +428,15 @@ pub(super) async fn run(config: Option<&Path>, cmd: WaveCommand) -> Result<(), W
             reason,
             json,
             break_glass,
+            metrics,
         } => {
             let decisions = Decisions {
                 retry,
                 skip,
                 reason,
             };
-            resume(config, &wave, &inventory, decisions, json, &break_glass).await
+            let how = (json, break_glass.as_slice(), &metrics);
+            resume(config, &wave, &inventory, decisions, how).await
         }
         WaveCommand::Rollback {
             wave,
@@ -488,10 +571,12 @@ async fn start(
     spec: &Path,
     json: bool,
     break_glass_files: &[PathBuf],
+    metrics: &MetricsArgs,
 ) -> Result<(), WaveCmdError> {
     let env = Env::load(config)?;
     let inv = input::inventory(inventory)?;
     let (spec, text) = input::spec(spec)?;
+    let serving = metrics.serve(&spec.wave_id).await?;
     let bg = break_glass(break_glass_files, &env.trust, &spec.wave_id, &inv)?;
     // The agents' rings are checked by the wave's own probe, over the
     // connection it opens to each host anyway (WaveError::RingMismatch).
@@ -507,7 +592,14 @@ async fn start(
         .map_err(WaveCmdError::Store)?;
     let reporter = Reporter::new(json);
     let mut d = engine(env, inv, spec, store, &reporter, bg)?;
-    outcome(d.run().await, &reporter)
+    if let Some(s) = &serving {
+        s.attach(&mut d);
+    }
+    let result = outcome(d.run().await, &reporter);
+    if let Some(s) = serving {
+        s.linger(&result).await;
+    }
+    result
 }
 
 /// `wave resume`'s decisions for the failed hosts.
@@ -534,9 +626,9 @@ async fn resume(
     wave: &str,
     inventory: &Path,
     mut decisions: Decisions,
-    json: bool,
-    break_glass_files: &[PathBuf],
+    (json, break_glass_files, metrics): (bool, &[PathBuf], &MetricsArgs),
 ) -> Result<(), WaveCmdError> {
+    let serving = metrics.serve(wave).await?;
     let env = Env::load(config)?;
     // The resume begins here: a halt requested from now on stands.
     let seen_halt = crate::store::halt_request(&WavePaths::new(&env.settings.state_dir, wave));
@@ -549,7 +641,14 @@ async fn resume(
     refuse_ring_mismatch(wave, &inv, &env).await?;
     let reporter = Reporter::new(json);
     let mut d = engine(env, inv, spec, store, &reporter, bg)?;
-    outcome(d.resume_after(&retry, &skip, seen_halt).await, &reporter)
+    if let Some(s) = &serving {
+        s.attach(&mut d);
+    }
+    let result = outcome(d.resume_after(&retry, &skip, seen_halt).await, &reporter);
+    if let Some(s) = serving {
+        s.linger(&result).await;
+    }
+    result
 }
 
 /// `wave rollback`: one host back by hand, left drained.

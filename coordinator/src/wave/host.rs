@@ -30,7 +30,14 @@ pub async fn run(ctx: &Ctx, job: &HostJob, api: &dyn HostApi) -> Result<HostReco
         rec.started_at_ms = ctx.clock.now_ms();
     }
     while !matches!(rec.phase, Phase::Done | Phase::Failed) {
-        match step(hr, &mut rec).await? {
+        let (phase, began) = (rec.phase, std::time::Instant::now());
+        let result = step(hr, &mut rec).await?;
+        if phase != Phase::Pending && result != StepResult::Halted {
+            let failed = matches!(result, StepResult::Failed(_));
+            let wave = &ctx.params.wave_id;
+            crate::metrics::steps::step_finished(wave, phase, failed, began.elapsed());
+        }
+        match result {
             StepResult::Advance(()) if rec.phase == Phase::Done => {
                 rec.finished_at_ms = ctx.clock.now_ms();
                 ctx.save(&rec).await?;

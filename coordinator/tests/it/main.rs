@@ -8,6 +8,7 @@
 //!   process over mTLS;
 //! - `fleet_processes`, `governance` and one `soak` test: fleets of real
 //!   `ringfenced` processes and the `ringfence` binary, helpers in `common`;
+//!   `metrics_prometheus` scrapes such a wave with the real Prometheus;
 //! - `quickstart`: README's "Your first real wave", run verbatim.
 // A failed fixture step is a failed test: test code unwraps.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -22,6 +23,7 @@ mod fleet_processes;
 mod governance;
 mod hostile_hosts;
 mod hung_hosts;
+mod metrics_prometheus;
 mod operator_week;
 mod plan_sequencer;
 mod quickstart;

@@ -5,7 +5,8 @@
 //! coordinator-signed tasks ([`tasks`]), raw gRPC calls that no generated
 //! client would make ([`grpc`]), free loopback addresses ([`net`]) and the
 //! build's output directory ([`artifacts`]), the fake NVML library
-//! ([`fake_nvml`]); and [`set_key`] to change one
+//! ([`fake_nvml`]), the real Prometheus and promtool for the metrics tests
+//! ([`prometheus`]); and [`set_key`] to change one
 //! key of a TOML file a test wrote (agent.toml, the coordinator's settings).
 //!
 //! Only proto-level things live here (the `ringfence` crate's types); the
@@ -20,6 +21,7 @@ pub mod fake_nvml;
 pub mod grpc;
 pub mod net;
 pub mod pki;
+pub mod prometheus;
 pub mod tasks;
 pub mod trust;
 
