@@ -225,7 +225,7 @@ mod tests {
     use super::*;
 
     fn wait(detail: &str) -> Event {
-        Event::wait(detail)
+        Event::wait(&ringfence::time::SystemClock, detail)
     }
 
     #[test]
@@ -250,12 +250,17 @@ mod tests {
 
     #[test]
     fn a_plan_prints_as_indented_lines_and_host_text_stays_escaped() {
-        let mut plan = Event::wait("x");
+        let mut plan = Event::wait(&ringfence::time::SystemClock, "x");
         plan.kind = "planned".into();
         plan.what = "w".into();
         plan.detail = crate::hosttext::message("wave w\nring 0: 1 host(s)");
         assert_eq!(line(&plan), "w: wave w\n    ring 0: 1 host(s)");
-        let e = Event::host("h1", "failed", "first\nsecond \u{1b}[2J");
+        let e = Event::host(
+            &ringfence::time::SystemClock,
+            "h1",
+            "failed",
+            "first\nsecond \u{1b}[2J",
+        );
         assert_eq!(line(&e), "h1 failed: first\\u{a}second \\u{1b}[2J");
     }
 
@@ -267,10 +272,10 @@ mod tests {
             wait("ring 1 soaking, 29 s left"),
             wait("ring 1 soaking, 28 s left"),
             wait("ring 1 soak time passed; waiting for the first health report of 1 host(s)"),
-            Event::ring(1, "promoted"),
+            Event::ring(&ringfence::time::SystemClock, 1, "promoted"),
             wait("ring 2 soaking, 30 s left"),
             wait("ring 2 soaking, 29 s left"),
-            Event::host("h1", "start", ""),
+            Event::host(&ringfence::time::SystemClock, "h1", "start", ""),
             wait("ring 2 soaking, 12 s left"),
         ]
         .iter()

@@ -7,6 +7,7 @@
 pub mod attest;
 pub mod config;
 pub mod envelope;
+pub mod exposition;
 pub mod keys;
 pub mod pki;
 pub mod refusals;

@@ -10,16 +10,9 @@
 //! the listen backlog); a handshake or a request head that takes longer than
 //! [`ringfence::tls::HANDSHAKE_TIMEOUT`] ends the connection.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use ringfence::refusals::{self, HandshakeFailure};
 use ringfence::spiffe::Role;
 use ringfence::tls::{HANDSHAKE_TIMEOUT, ReloadableServerConfig, cert_identity};
@@ -28,7 +21,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-use super::{Format, Metrics, MetricsError, PATH};
+use ringfence::exposition;
+
+use super::{Metrics, MetricsError, PATH};
 
 /// Open connections at once.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -169,67 +164,8 @@ async fn serve_connection<S>(io: S, metrics: Arc<Metrics>, refused: Option<Arc<s
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| {
-        let answer = respond(&req, &metrics, refused.as_deref());
-        async move { Ok::<_, Infallible>(answer) }
-    });
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HANDSHAKE_TIMEOUT)
-        .serve_connection(TokioIo::new(io), service);
-    if let Err(e) = conn.await {
-        tracing::debug!(error = %e, "metrics: connection ended with an error");
-    }
-}
-
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
-}
-
-/// The answer to one request.
-fn respond(
-    req: &Request<Incoming>,
-    metrics: &Metrics,
-    refused: Option<&str>,
-) -> Response<Full<Bytes>> {
-    if let Some(why) = refused {
-        return text(StatusCode::FORBIDDEN, why.to_owned());
-    }
-    if req.uri().path() != PATH {
-        return text(
-            StatusCode::NOT_FOUND,
-            format!("not found: metrics are at {PATH}\n"),
-        );
-    }
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n");
-        r.headers_mut()
-            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
-        return r;
-    }
-    let format = Format::negotiate(
-        req.headers()
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok()),
-    );
-    match metrics.encode(format) {
-        Ok(body) => {
-            let mut r = Response::new(Full::new(Bytes::from(body)));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static(format.content_type()),
-            );
-            r
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "metrics: encoding failed");
-            text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n")
-        }
-    }
+    exposition::serve_connection(io, HANDSHAKE_TIMEOUT, move |req| {
+        exposition::respond(req, refused.as_deref(), |f| metrics.encode(f))
+    })
+    .await;
 }

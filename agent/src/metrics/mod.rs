@@ -15,7 +15,6 @@
 //! names that format expects.
 
 mod events;
-mod exposition;
 mod http;
 mod report;
 
@@ -27,17 +26,14 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 pub use events::{nvml_query_failures, task_status};
-pub use exposition::Format;
 pub use http::MetricsServer;
+pub use ringfence::exposition::{Format, PATH};
 
 use crate::config::AgentConfig;
 use crate::healthcell::HealthCell;
 
 /// Where the endpoint listens when `[metrics]` names no `listen`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9465";
-
-/// The HTTP path of the endpoint.
-pub const PATH: &str = "/metrics";
 
 /// The `[metrics]` table as written.
 #[derive(Debug, Clone, Deserialize)]
@@ -154,7 +150,7 @@ impl Metrics {
 
     /// One scrape's body in `format`.
     pub fn encode(&self, format: Format) -> Result<String, std::fmt::Error> {
-        exposition::encode(&self.registry, format)
+        ringfence::exposition::encode(&self.registry, format)
     }
 }
 

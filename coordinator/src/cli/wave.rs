@@ -716,7 +716,7 @@ fn ring_approvers(
         return super::render::RingApprovers::new();
     };
     let dir = approvals::approvals_dir(&settings.state_dir, &snapshot.wave_id);
-    let now_ms = ringfence::time::now_ms();
+    let now_ms = input::clock().now_ms();
     snapshot
         .rings
         .iter()

@@ -5,23 +5,18 @@
 //! listen backlog); a request head slower than [`HEADER_TIMEOUT`] ends the
 //! connection.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-use super::{Format, MetricsError, PATH};
+use ringfence::exposition;
+
+use super::{MetricsError, PATH};
 
 /// Open connections at once.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -85,60 +80,8 @@ async fn accept_loop(listener: TcpListener, registry: Arc<Registry>) {
 }
 
 async fn serve_connection(tcp: TcpStream, registry: Arc<Registry>) {
-    let service = service_fn(move |req| {
-        let answer = respond(&req, &registry);
-        async move { Ok::<_, Infallible>(answer) }
-    });
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .serve_connection(TokioIo::new(tcp), service);
-    if let Err(e) = conn.await {
-        tracing::debug!(error = %e, "metrics: connection ended with an error");
-    }
-}
-
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
-}
-
-/// The answer to one request.
-fn respond(req: &Request<Incoming>, registry: &Registry) -> Response<Full<Bytes>> {
-    if req.uri().path() != PATH {
-        return text(
-            StatusCode::NOT_FOUND,
-            format!("not found: metrics are at {PATH}\n"),
-        );
-    }
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n");
-        r.headers_mut()
-            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
-        return r;
-    }
-    let format = Format::negotiate(
-        req.headers()
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok()),
-    );
-    match super::exposition::encode(registry, format) {
-        Ok(body) => {
-            let mut r = Response::new(Full::new(Bytes::from(body)));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static(format.content_type()),
-            );
-            r
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "metrics: encoding failed");
-            text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n")
-        }
-    }
+    exposition::serve_connection(tcp, HEADER_TIMEOUT, move |req| {
+        exposition::respond(req, None, |f| exposition::encode(&registry, f))
+    })
+    .await;
 }

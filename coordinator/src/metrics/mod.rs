@@ -16,7 +16,6 @@
 //! others the classic text format 0.0.4 (what `promtool check metrics` reads),
 //! as from the agent's endpoint.
 
-mod exposition;
 mod http;
 mod series;
 pub mod steps;
@@ -28,14 +27,11 @@ use std::sync::{Arc, Mutex};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
-pub use exposition::Format;
 pub use http::MetricsServer;
+pub use ringfence::exposition::{Format, PATH};
 pub use series::{HOST_STATES, RING_STATES, WAVE_PHASES};
 
 use crate::wave::{Event, EventSink, StatusSnapshot};
-
-/// The HTTP path of the endpoint.
-pub const PATH: &str = "/metrics";
 
 /// The endpoint could not start.
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +137,7 @@ impl Metrics {
 
     /// One scrape's body in `format`.
     pub fn encode(&self, format: Format) -> Result<String, std::fmt::Error> {
-        exposition::encode(&self.registry, format)
+        ringfence::exposition::encode(&self.registry, format)
     }
 
     /// Bind `addr` and serve the series at [`PATH`] until the returned
@@ -213,6 +209,7 @@ mod tests {
             rollback_version: "550.54.15".into(),
             started_at_ms: 1_700_000_000_000,
             updated_at_ms: 1_700_000_005_500,
+            approver_threshold: 2,
             hosts: BTreeMap::new(),
         }
     }
@@ -269,7 +266,7 @@ mod tests {
             kind: FailureKind::Attestation,
             reason: "ECC".into(),
         };
-        sink.emit(&Event::halting(&h, 0));
+        sink.emit(&Event::halting(&ringfence::time::SystemClock, &h, 0));
         sink.status(&snapshot("halted", Some(h)));
         let t = m.encode(Format::OpenMetrics).unwrap();
         has(&t, &format!(r#"ringfence_wave_halted{{{w}}} 1"#));
@@ -294,7 +291,7 @@ mod tests {
     fn a_tee_hands_everything_to_every_sink() {
         let (a, b) = (Metrics::new("w-a"), Metrics::new("w-a"));
         let tee = Tee(vec![Arc::new(a.sink()), Arc::new(b.sink())]);
-        tee.emit(&Event::wait("window"));
+        tee.emit(&Event::wait(&ringfence::time::SystemClock, "window"));
         tee.status(&snapshot("running", None));
         for m in [&a, &b] {
             let t = m.encode(Format::OpenMetrics).unwrap();

@@ -4,11 +4,28 @@
 //! is named with its `_total` suffix, an info family is a gauge named with
 //! `_info`, and there are no `# UNIT` or `# EOF` lines. [`Format::Classic`]
 //! rewrites just those metadata lines; samples pass through untouched.
+//!
+//! Shared by the agent's `/metrics` endpoint and the coordinator's
+//! `--metrics-listen` (which must not link the agent): the formats, and the
+//! one answer both give to an HTTP request ([`respond`]) over one HTTP/1.1
+//! connection ([`serve_connection`]).
 
+use std::convert::Infallible;
 use std::fmt::Write;
+use std::time::Duration;
 
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::text::encode as encode_openmetrics;
 use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Where the series are served.
+pub const PATH: &str = "/metrics";
 
 /// OpenMetrics 1.0 text.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
@@ -98,6 +115,82 @@ fn classic(openmetrics: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+/// A plain-text answer with `status`.
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// The answer to one request: 403 with `refused` when the peer may not
+/// read metrics; 404 off [`PATH`]; 405 for anything but `GET`/`HEAD`; else
+/// the series `encode` writes in the format the `Accept` header negotiates
+/// (500 if encoding fails).
+pub fn respond<B>(
+    req: &Request<B>,
+    refused: Option<&str>,
+    encode: impl FnOnce(Format) -> Result<String, std::fmt::Error>,
+) -> Response<Full<Bytes>> {
+    if let Some(why) = refused {
+        return text(StatusCode::FORBIDDEN, why.to_owned());
+    }
+    if req.uri().path() != PATH {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("not found: metrics are at {PATH}\n"),
+        );
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n");
+        r.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let format = Format::negotiate(
+        req.headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok()),
+    );
+    match encode(format) {
+        Ok(body) => {
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(format.content_type()),
+            );
+            r
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "metrics: encoding failed");
+            text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n")
+        }
+    }
+}
+
+/// Serve one HTTP/1.1 connection with `answer` until the peer closes it; a
+/// request head slower than `header_timeout` ends the connection.
+pub async fn serve_connection<S, F>(io: S, header_timeout: Duration, answer: F)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let service = service_fn(move |req| {
+        let r = answer(&req);
+        async move { Ok::<_, Infallible>(r) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(io), service);
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "metrics: connection ended with an error");
+    }
 }
 
 #[cfg(test)]
