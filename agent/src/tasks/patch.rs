@@ -202,9 +202,7 @@ fn not_drained(run: &Run) -> Result<Option<String>, JournalError> {
         Some(t) if t.state() != TaskState::Succeeded => Some(format!(
             "the drain of task `{}` did not complete ({}: {})",
             mark.task_id,
-            t.state()
-                .as_str_name()
-                .trim_start_matches("TASK_STATE_"),
+            t.state().as_str_name().trim_start_matches("TASK_STATE_"),
             t.message
         )),
         _ => None,

@@ -351,7 +351,10 @@ async fn a_patch_after_a_drain_that_timed_out_is_refused_until_a_drain_completes
     engine.submit(h.task("d1", drain("x"))).await.unwrap();
     let d1 = wait_terminal(&engine, "d1", Duration::from_secs(15)).await;
     assert_eq!(d1.state(), TaskState::Failed, "{d1:?}");
-    assert!(*engine.draining().borrow(), "the failed drain keeps the mark");
+    assert!(
+        *engine.draining().borrow(),
+        "the failed drain keeps the mark"
+    );
 
     engine
         .submit(h.task("p1", patch("driver", "560.35.3")))
@@ -374,7 +377,10 @@ async fn a_patch_after_a_drain_that_timed_out_is_refused_until_a_drain_completes
     );
     assert!(!installed.exists(), "the patch command never ran");
     assert!(*engine.draining().borrow(), "the host stays drained");
-    assert_eq!(engine.journal().drain_mark().unwrap().unwrap().task_id, "d1");
+    assert_eq!(
+        engine.journal().drain_mark().unwrap().unwrap().task_id,
+        "d1"
+    );
     assert!(engine.journal().installed("driver").unwrap().is_none());
 
     // The jobs are gone; a new Drain completes, and the patch runs.

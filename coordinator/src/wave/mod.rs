@@ -120,7 +120,10 @@ mod tests {
             ("chain", include_str!("../evidence/chain.rs")),
             ("verify", include_str!("../evidence/verify.rs")),
             ("attestations", include_str!("../evidence/attestations.rs")),
-            ("approval_checks", include_str!("../evidence/approval_checks.rs")),
+            (
+                "approval_checks",
+                include_str!("../evidence/approval_checks.rs"),
+            ),
         ] {
             for used in uses(text) {
                 assert!(
