@@ -395,10 +395,12 @@ impl Journal {
 
     /// Remove finished tasks (SUCCEEDED, FAILED, INTERRUPTED) last changed
     /// before `before_unix_ms`, and acknowledgements older than that. The
-    /// high-water mark and every unfinished task stay. Returns the number of
-    /// task records removed.
+    /// high-water mark, every unfinished task and the Drain task the drain
+    /// mark names (a Patch checks that it succeeded) stay. Returns the
+    /// number of task records removed.
     pub fn compact(&self, before_unix_ms: i64) -> Result<usize, JournalError> {
         self.write(|t| {
+            let marked = t.drain_mark()?.map(|m| m.task_id);
             let mut tasks = t.tx.open_table(TASKS).map_err(|e| store(t.path, e))?;
             let mut old = Vec::new();
             for entry in tasks.iter().map_err(|e| store(t.path, e))? {
@@ -409,7 +411,8 @@ impl Journal {
                     pb::TaskState::Succeeded | pb::TaskState::Failed | pb::TaskState::Interrupted
                 );
                 let last = s.updated_at_unix_ms.max(s.accepted_at_unix_ms);
-                if finished && last < before_unix_ms {
+                let marks_drain = marked.as_deref() == Some(k.value());
+                if finished && last < before_unix_ms && !marks_drain {
                     old.push((s.sequence, k.value().to_string()));
                 }
             }

@@ -8,6 +8,11 @@
 //! systemd starts the new binary). `TaskEngine::open` finishes either at
 //! the next start. A rollback runs the same profile toward the version recorded
 //! before the last patch.
+//!
+//! A profile with `require_drained` (the default) patches only a drained
+//! host: marked draining by a Drain task that SUCCEEDED (see
+//! `not_drained`); otherwise the task fails with a message
+//! ``patch refused by `not_drained`: …``.
 
 use std::time::Duration;
 
@@ -22,9 +27,11 @@ pub(super) async fn run(run: &mut Run, p: &pb::Patch) -> Result<(), JournalError
         return run.fail(format!("unknown patch profile `{}`", p.profile));
     };
     run.step("check", format!("checking patch profile `{}`", p.profile))?;
-    if profile.require_drained && !run.draining_now()? {
+    if profile.require_drained
+        && let Some(why) = not_drained(run)?
+    {
         return run.fail(format!(
-            "patch refused: the host is not drained (profile `{}` has require_drained = true); run a Drain task first",
+            "patch refused by `not_drained`: {why} (profile `{}` has require_drained = true); run a Drain task first",
             p.profile
         ));
     }
@@ -177,4 +184,27 @@ pub(super) async fn run(run: &mut Run, p: &pb::Patch) -> Result<(), JournalError
         ),
         |t| t.set_installed(&profile_name, &installed),
     )
+}
+
+/// Why the host does not count as drained (None: it does). Drained means
+/// marked draining AND the Drain task the mark names (the latest drain)
+/// SUCCEEDED: a drain that failed or was interrupted (the scheduler wait
+/// timed out, a hook failed, the agent restarted) leaves the mark, yet jobs
+/// may still run. The journal keeps that task's record as long as the
+/// mark names it ([`crate::journal::Journal::compact`]); a mark whose
+/// record is gone was written, and the record removed, by an older agent,
+/// and counts as drained, as it did then.
+fn not_drained(run: &Run) -> Result<Option<String>, JournalError> {
+    let Some(mark) = run.inner.journal.drain_mark()? else {
+        return Ok(Some("the host is not drained".into()));
+    };
+    Ok(match run.inner.journal.task(&mark.task_id)? {
+        Some(t) if t.state() != TaskState::Succeeded => Some(format!(
+            "the drain of task `{}` did not complete ({}: {})",
+            mark.task_id,
+            t.state().as_str_name().trim_start_matches("TASK_STATE_"),
+            t.message
+        )),
+        _ => None,
+    })
 }

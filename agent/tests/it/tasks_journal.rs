@@ -165,6 +165,36 @@ fn compaction_keeps_high_water_unfinished_and_recent_tasks() {
     assert_eq!(ReplayGuard::high_water(&j).unwrap(), 6);
 }
 
+/// The Drain task the drain mark names stays whatever its age (a Patch
+/// checks that it SUCCEEDED); once the mark is cleared it goes like any
+/// other.
+#[test]
+fn compaction_keeps_the_drain_task_the_mark_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(dir.path()).unwrap();
+    for s in [
+        finished("d-old", 1, TaskState::Failed, 1_000),
+        finished("d-marked", 2, TaskState::Succeeded, 1_000),
+    ] {
+        j.accept(&s).unwrap();
+    }
+    let mark = DrainMark {
+        task_id: "d-marked".into(),
+        wave_id: String::new(),
+        signed_by: String::new(),
+        reason: "x".into(),
+        since_unix_ms: 1_000,
+        already_draining: true,
+    };
+    j.write(|t| t.set_drain_mark(Some(&mark))).unwrap();
+    assert_eq!(j.compact(5_000).unwrap(), 1);
+    let left: Vec<String> = j.tasks().unwrap().into_iter().map(|t| t.task_id).collect();
+    assert_eq!(left, ["d-marked"]);
+    j.write(|t| t.set_drain_mark(None)).unwrap();
+    assert_eq!(j.compact(5_000).unwrap(), 1);
+    assert!(j.tasks().unwrap().is_empty());
+}
+
 /// ListTasks pages: by sequence, bounded, resumable after the last
 /// sequence of a page, and filtered by wave before counting.
 #[test]

@@ -319,3 +319,113 @@ async fn the_agent_decides_its_ring_and_an_unset_ring_is_protected() {
     );
     assert!(err.contains("FORCE_UNDRAIN"), "{err}");
 }
+
+/// Issue 17: a patch waits for DRAINED, not DRAINING. A Drain whose
+/// scheduler wait timed out leaves the host marked draining (jobs may still
+/// run there): a Patch sent after it, by hand or otherwise, is refused by
+/// `not_drained` and the host stays drained. Once a Drain completes, the
+/// same patch runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_patch_after_a_drain_that_timed_out_is_refused_until_a_drain_completes() {
+    let h = Harness::new();
+    let installed = h.file("installed");
+    let no_jobs = h.file("no-jobs");
+    let script = format!("echo $1 > {}", installed.display());
+    let mut cfg = DrainConfig {
+        poll_ms: 100,
+        ..DrainConfig::default()
+    };
+    // The scheduler reports jobs on the host until `no-jobs` exists.
+    cfg.wait_command = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        format!(
+            "if test -e {}; then exit 0; fi; echo \"node gpu-1 is draining: 2 job(s) still on it\"; exit 1",
+            no_jobs.display()
+        ),
+    ];
+    cfg.wait_interval_s = 1;
+    cfg.wait_timeout_s = 1;
+    let engine = h.engine(&profile("driver", &script, 30), cfg);
+
+    engine.submit(h.task("d1", drain("x"))).await.unwrap();
+    let d1 = wait_terminal(&engine, "d1", Duration::from_secs(15)).await;
+    assert_eq!(d1.state(), TaskState::Failed, "{d1:?}");
+    assert!(
+        *engine.draining().borrow(),
+        "the failed drain keeps the mark"
+    );
+
+    engine
+        .submit(h.task("p1", patch("driver", "560.35.3")))
+        .await
+        .unwrap();
+    let p1 = wait_terminal(&engine, "p1", Duration::from_secs(10)).await;
+    assert_eq!(p1.state(), TaskState::Failed, "{p1:?}");
+    assert_eq!(
+        p1.message,
+        format!(
+            "patch refused by `not_drained`: the drain of task `d1` did not complete (FAILED: {}) (profile `driver` has require_drained = true); run a Drain task first",
+            d1.message
+        )
+    );
+    assert!(
+        d1.message
+            .starts_with("drain timed out after 1 s waiting for the scheduler"),
+        "{}",
+        d1.message
+    );
+    assert!(!installed.exists(), "the patch command never ran");
+    assert!(*engine.draining().borrow(), "the host stays drained");
+    assert_eq!(
+        engine.journal().drain_mark().unwrap().unwrap().task_id,
+        "d1"
+    );
+    assert!(engine.journal().installed("driver").unwrap().is_none());
+
+    // The jobs are gone; a new Drain completes, and the patch runs.
+    std::fs::write(&no_jobs, "").unwrap();
+    drained(&h, &engine, "d2").await;
+    let mark = engine.journal().drain_mark().unwrap().unwrap();
+    assert_eq!((mark.task_id.as_str(), mark.already_draining), ("d2", true));
+    engine
+        .submit(h.task("p2", patch("driver", "560.35.3")))
+        .await
+        .unwrap();
+    let p2 = wait_terminal(&engine, "p2", Duration::from_secs(10)).await;
+    assert_eq!(p2.state(), TaskState::Succeeded, "{p2:?}");
+    assert_eq!(std::fs::read_to_string(&installed).unwrap(), "560.35.3\n");
+}
+
+/// A journal written before issue 17 whose drain mark names a task whose
+/// record an older agent compacted away still allows a patch (nothing says
+/// that drain failed); this agent keeps the record the mark names.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mark_whose_drain_record_an_older_agent_removed_still_allows_a_patch() {
+    let h = Harness::new();
+    {
+        let j = ringfenced::journal::Journal::open(&h.state_dir()).unwrap();
+        j.write(|t| {
+            t.set_drain_mark(Some(&ringfenced::journal::DrainMark {
+                task_id: "d-compacted".into(),
+                wave_id: String::new(),
+                signed_by: String::new(),
+                reason: "maintenance".into(),
+                since_unix_ms: 1_000,
+                already_draining: false,
+            }))
+        })
+        .unwrap();
+    }
+    let installed = h.file("installed");
+    let script = format!("echo $1 > {}", installed.display());
+    let engine = h.engine(&profile("driver", &script, 30), DrainConfig::default());
+    assert!(*engine.draining().borrow());
+    engine
+        .submit(h.task("p1", patch("driver", "560.35.3")))
+        .await
+        .unwrap();
+    let s = wait_terminal(&engine, "p1", Duration::from_secs(10)).await;
+    assert_eq!(s.state(), TaskState::Succeeded, "{s:?}");
+    assert!(installed.exists());
+}
