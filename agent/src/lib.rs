@@ -3,6 +3,7 @@
 //! `integration/devfleet` (its `ringfence-demo` and the coordinator's tests)
 //! runs the same agent in-process.
 
+pub mod cli;
 pub mod command;
 pub mod config;
 pub mod daemon;
