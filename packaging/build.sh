@@ -3,7 +3,8 @@
 #   ringfenced  the agent for GPU hosts (binary, systemd unit, agent.toml)
 #   ringfence   the operator CLI for operator machines (binary, examples)
 # each with its man pages and bash/zsh/fish completions, written by
-# integration/docgen (ringfence-docgen, not packaged) into target/docgen/.
+# integration/docgen (ringfence-docgen, not packaged) into
+# target/release/docgen/.
 #
 #   packaging/build.sh                                  # version from Cargo.toml
 #   RINGFENCE_VERSION=0.1.0~rc1 DIST_DIR=/tmp/old packaging/build.sh
@@ -38,9 +39,13 @@ for bin in ringfenced ringfence ringfence-docgen; do
 done
 
 # Man pages and completions; the package metadata (agent/Cargo.toml,
-# coordinator/Cargo.toml) takes them from here.
-rm -rf target/docgen
-target/release/ringfence-docgen target/docgen >/dev/null
+# coordinator/Cargo.toml) takes them from here (under target/release/, the
+# prefix cargo-deb and cargo-generate-rpm resolve to the Cargo target dir).
+rm -rf target/release/docgen
+target/release/ringfence-docgen target/release/docgen >/dev/null
+# Compressed as Debian policy asks (cargo-deb treats files under
+# target/release/ as build products and leaves them as they are).
+gzip -9n target/release/docgen/*/man/*.1
 
 deb_args=()
 rpm_args=()

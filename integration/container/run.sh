@@ -95,7 +95,7 @@ prev_rpm=$(ls "$work"/prev/ringfenced-[0-9]*.rpm)
 [ "$(ls "$work"/prev/*.deb | wc -l)" = 1 ] || fail "the previous packaging should build one .deb: $(ls "$work"/prev)"
 chmod -R a+rX "$work"
 # The pages and completions docgen wrote for the packages (build.sh).
-man_pages() { (cd "target/docgen/$1/man" && ls -- *.1) | sort; }
+man_pages() { (cd "target/release/docgen/$1/man" && ls -- *.1.gz) | sort; }
 # Debian versions as built (cargo-deb may append a revision).
 cur_deb_version=$(dpkg-deb -f "$cur_deb" Version)
 prev_deb_version=$(dpkg-deb -f "$prev_deb" Version)
@@ -184,20 +184,22 @@ check_installed_files() { # version [single]
     pass "installed ringfenced $1${2:+ ($2)}: files, owners, modes, conffile, unit enabled, unit verifies"
 }
 
+# `man PAGE` as plain text, runs of spaces (justification) squeezed.
+man_page() { in_ct env MANWIDTH=200 man -P cat "$1" 2>/dev/null | tr -s ' '; }
 # Man pages (one per command and subcommand, as docgen wrote them) and
 # bash/zsh/fish completions of BIN, owned by package BIN.
 check_docs() { # bin
     local bin="$1" page n=0
     for page in $(man_pages "$bin"); do
-        expect_stat "/usr/share/man/man1/$page.gz" "644 root:root regular file"
-        [ "$(owner "/usr/share/man/man1/$page.gz")" = "$bin" ] || fail "$page.gz is not owned by $bin"
+        expect_stat "/usr/share/man/man1/$page" "644 root:root regular file"
+        [ "$(owner "/usr/share/man/man1/$page")" = "$bin" ] || fail "$page is not owned by $bin"
         n=$((n + 1))
     done
     [ "$n" -gt 1 ] || fail "$bin: no subcommand man pages"
     expect_stat "/usr/share/bash-completion/completions/$bin" "644 root:root regular file"
     expect_stat "/usr/share/zsh/vendor-completions/_$bin" "644 root:root regular file"
     expect_stat "/usr/share/fish/vendor_completions.d/$bin.fish" "644 root:root regular file"
-    MANWIDTH=120 in_ct man -P cat "$bin" 2>/dev/null | has "$bin" || fail "man $bin does not render"
+    man_page "$bin" | has "$bin" || fail "man $bin does not render"
 }
 
 # The operator CLI package.
@@ -215,7 +217,7 @@ check_cli_files() { # version
     fi
     in_ct ringfence --version | has "$cur_version" || fail "ringfence --version"
     check_docs ringfence
-    MANWIDTH=120 in_ct man -P cat ringfence-wave-run 2>/dev/null | has "ringfence wave run" \
+    man_page ringfence-wave-run | has "ringfence wave run" \
         || fail "man ringfence-wave-run does not show 'ringfence wave run'"
     in_ct grep -q -- 'wave' /usr/share/bash-completion/completions/ringfence || fail "bash completion lacks 'wave'"
     pass "installed ringfence $1: /usr/bin/ringfence, examples, man pages (man ringfence-wave-run), completions"
@@ -669,8 +671,7 @@ done
 pass "rpm: contents, modes, %config(noreplace), doc, man pages, completions, scriptlets, Conflicts"
 
 # Install in the Debian image with its rpm (no RPM distribution mirror here:
-# --nodeps, as the image's rpm database knows none of Debian's packages;
-# file conflicts are still checked).
+# --nodeps, as the image's rpm database knows none of Debian's packages).
 echo "== rpm upgrade from the single package in a container"
 new_container ringfence-pkg-rpm "$image" sleep infinity
 rpm_in() { in_ct rpm --force-debian "$@"; }
@@ -682,9 +683,18 @@ in_ct sh -c 'umask 077; head -c 32 /dev/urandom > /var/lib/ringfence/host.key; e
 cfg_sum=$(sha /etc/ringfence/agent.toml)
 key_sum=$(sha /var/lib/ringfence/host.key)
 journal_sum=$(sha /var/lib/ringfence/journal.redb)
-if rpm_in -U --nodeps "/pkgs/cur/$(basename "$cli_rpm")" >/dev/null 2>&1; then
-    fail "rpm installed ringfence alone over the single package (file conflict on /usr/bin/ringfence expected)"
-fi
+# rpm's resolver on the transactions (--test, with dependency checks: the
+# unresolvable Debian requires are listed too and ignored here): the CLI
+# alone conflicts with the single package, both new packages together do
+# not. (No file conflict would stop it: the single package's
+# /usr/bin/ringfence is the same file, and rpm lets identical files be
+# shared.)
+conflicts() { rpm_in -U --test "$@" 2>&1 | grep -F 'conflicts with' || true; }
+alone=$(conflicts "/pkgs/cur/$(basename "$cli_rpm")")
+grep -qF 'ringfenced < 0.1.0 conflicts with ringfence-' <<<"$alone" \
+    || fail "rpm: ringfence alone over the single package is not refused by its Conflicts: '$alone'"
+both=$(conflicts "/pkgs/cur/$(basename "$cur_rpm")" "/pkgs/cur/$(basename "$cli_rpm")")
+[ -z "$both" ] || fail "rpm: ringfenced + ringfence over the single package conflict: $both"
 rpm_in -U --nodeps "/pkgs/cur/$(basename "$cur_rpm")" "/pkgs/cur/$(basename "$cli_rpm")" >/dev/null \
     || fail "rpm -U of ringfenced + ringfence over the single package"
 [ "$(in_ct rpm -q ringfenced)" = "ringfenced-${cur_version}-1.x86_64" ] || fail "rpm: ringfenced not upgraded: $(in_ct rpm -q ringfenced)"
@@ -694,12 +704,12 @@ rpm_in -U --nodeps "/pkgs/cur/$(basename "$cur_rpm")" "/pkgs/cur/$(basename "$cl
 [ "$(sha /var/lib/ringfence/host.key)" = "$key_sum" ] || fail "rpm upgrade changed host.key"
 [ "$(sha /var/lib/ringfence/journal.redb)" = "$journal_sum" ] || fail "rpm upgrade changed the journal"
 expect_stat /usr/bin/ringfence "755 root:root regular file"
-expect_stat /usr/share/man/man1/ringfence-wave-run.1 "644 root:root regular file"
-MANWIDTH=120 in_ct man -P cat ringfence-wave-run 2>/dev/null | has "ringfence wave run" \
+expect_stat /usr/share/man/man1/ringfence-wave-run.1.gz "644 root:root regular file"
+man_page ringfence-wave-run | has "ringfence wave run" \
     || fail "rpm: man ringfence-wave-run does not render"
 rpm_in -e ringfence >/dev/null 2>&1 || fail "rpm -e ringfence"
 expect_absent /usr/bin/ringfence "ringfence erased"
 expect_stat /usr/bin/ringfenced "755 root:root regular file"
-pass "rpm: single package -> ringfenced + ringfence in one transaction (config, key, journal kept); the CLI alone refused; CLI erased, agent kept"
+pass "rpm: single package -> ringfenced + ringfence in one transaction (config, key, journal kept); the CLI alone conflicts; CLI erased, agent kept"
 
 echo "container package tests passed in $(( $(date +%s) - start )) s"
