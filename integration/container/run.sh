@@ -241,9 +241,10 @@ journal_sum=$(sha /var/lib/ringfence/journal.redb)
 
 # The CLI alone cannot take /usr/bin/ringfence from the single package:
 # ringfence Breaks ringfenced (<< 0.1.0), so dpkg refuses it.
-if in_ct dpkg -i "/pkgs/cur/$(basename "$cli_deb")" >/dev/null 2>&1; then
+if out=$(in_ct dpkg -i "/pkgs/cur/$(basename "$cli_deb")" 2>&1); then
     fail "dpkg installed ringfence alone over the single ringfenced package (Breaks missing)"
 fi
+grep -qF 'ringfence breaks ringfenced' <<<"$out" || fail "dpkg refused ringfence alone, but not for its Breaks: $out"
 in_ct dpkg --configure -a >/dev/null 2>&1 || true
 [ "$(owner /usr/bin/ringfence)" = ringfenced ] || fail "the refused install took /usr/bin/ringfence"
 # Both new packages in one dpkg run: ringfence Replaces the old ringfenced's
