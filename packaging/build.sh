@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Builds the ringfenced .deb and .rpm into dist/ (or $DIST_DIR).
+# Builds the two packages, .deb and .rpm each, into dist/ (or $DIST_DIR):
+#   ringfenced  the agent for GPU hosts (binary, systemd unit, agent.toml)
+#   ringfence   the operator CLI for operator machines (binary, examples)
+# each with its man pages and bash/zsh/fish completions, written by
+# integration/docgen (ringfence-docgen, not packaged) into
+# target/release/docgen/.
 #
 #   packaging/build.sh                                  # version from Cargo.toml
 #   RINGFENCE_VERSION=0.1.0~rc1 DIST_DIR=/tmp/old packaging/build.sh
 #
-# RINGFENCE_VERSION overrides the package version (the container upgrade test
-# builds a "previous" package this way). SKIP_CARGO_BUILD=1 reuses the release
-# binaries already in target/release.
+# RINGFENCE_VERSION overrides the package version. SKIP_CARGO_BUILD=1 reuses
+# the release binaries already in target/release (ringfenced, ringfence and
+# ringfence-docgen).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,15 +26,26 @@ for tool in cargo-deb cargo-generate-rpm; do
 done
 
 if [ "${SKIP_CARGO_BUILD:-0}" != 1 ]; then
-    # Both binaries: the package ships the agent and the operator CLI.
     cargo build --release --locked -p ringfenced -p ringfence-coordinator
+    # Separately, so that docgen's dependencies never change how the
+    # packaged binaries are built (feature unification).
+    cargo build --release --locked -p ringfence-docgen
 fi
-for bin in ringfenced ringfence; do
+for bin in ringfenced ringfence ringfence-docgen; do
     if [ ! -x "target/release/$bin" ]; then
         echo "build.sh: target/release/$bin is missing" >&2
         exit 1
     fi
 done
+
+# Man pages and completions; the package metadata (agent/Cargo.toml,
+# coordinator/Cargo.toml) takes them from here (under target/release/, the
+# prefix cargo-deb and cargo-generate-rpm resolve to the Cargo target dir).
+rm -rf target/release/docgen
+target/release/ringfence-docgen target/release/docgen >/dev/null
+# Compressed as Debian policy asks (cargo-deb treats files under
+# target/release/ as build products and leaves them as they are).
+gzip -9n target/release/docgen/*/man/*.1
 
 deb_args=()
 rpm_args=()
@@ -39,6 +55,8 @@ if [ -n "${RINGFENCE_VERSION:-}" ]; then
 fi
 
 cargo deb -p ringfenced --no-build -o "$dist/" "${deb_args[@]}"
+cargo deb -p ringfence-coordinator --no-build -o "$dist/" "${deb_args[@]}"
 cargo generate-rpm -p agent -o "$dist/" "${rpm_args[@]}"
+cargo generate-rpm -p coordinator -o "$dist/" "${rpm_args[@]}"
 
 ls -l "$dist"

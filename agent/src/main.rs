@@ -19,15 +19,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use ringfence::config::ConfigError;
 use ringfence::time::{Clock, SystemClock};
+use ringfenced::cli::{CONFIG_ENV, Cli, Command};
 use ringfenced::config::{AgentConfig, DEFAULT_CONFIG_PATH};
 use ringfenced::daemon::{self, CollectorSource, DaemonError, ServeOptions, Stopped};
 use ringfenced::healthcell::ReportSource;
-
-/// Environment variable naming the config file (as `--config` does).
-const CONFIG_ENV: &str = "RINGFENCED_CONFIG";
 
 const EXIT_OK: u8 = 0;
 const EXIT_NOT_HEALTHY: u8 = 1;
@@ -37,44 +35,6 @@ const EXIT_RUNTIME: u8 = 4;
 /// restart (EX_TEMPFAIL). Must match `RestartForceExitStatus=` in
 /// systemd/ringfenced.service.
 const EXIT_RESTART: u8 = 75;
-
-/// ringfenced — the ringfence GPU host agent.
-///
-/// Exit status: 0 ok; 1 `health --once` found the host not HEALTHY; 2 usage
-/// error; 3 config or input error; 4 runtime failure; 75 `run` stopped
-/// after a self-upgrade so that systemd starts the new agent.
-#[derive(Debug, Parser)]
-#[command(name = "ringfenced", version, about)]
-struct Cli {
-    /// Agent config file [default: /etc/ringfence/agent.toml].
-    #[arg(long, short, global = true, env = CONFIG_ENV)]
-    config: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Run the agent (the default).
-    Run,
-    /// Collect health once and print it (for an operator on the host);
-    /// exit 0 only when HEALTHY.
-    Health {
-        /// Collect once and exit (the only mode).
-        #[arg(long)]
-        once: bool,
-        /// Print the full report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Print the host id and the attestation public key with its fingerprint
-    /// (creates the key on first use).
-    Identity,
-    /// Check what `run` loads before it serves (config, trust file, TLS
-    /// material, state directory, attestation key, scenario file), then
-    /// exit; changes nothing.
-    CheckConfig,
-}
 
 /// Why a command failed. [`exit_code`] maps each to the exit status.
 #[derive(Debug, thiserror::Error)]

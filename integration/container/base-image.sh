@@ -7,8 +7,10 @@
 set -euo pipefail
 
 # Bump the tag when the package list changes.
-tag="ringfence-test/bookworm-base:1"
-packages="systemd,systemd-sysv,init-system-helpers,procps,iproute2"
+tag="ringfence-test/bookworm-base:2"
+# man-db and groff-base: `man ringfence-wave-run` in the package test; rpm:
+# installs the .rpm packages (upgrade from the single package) in the image.
+packages="systemd,systemd-sysv,init-system-helpers,procps,iproute2,man-db,groff-base,rpm"
 
 if docker image inspect "$tag" >/dev/null 2>&1; then
     echo "$tag"

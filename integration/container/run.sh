@@ -3,13 +3,20 @@
 #
 #   integration/container/run.sh
 #
-# 1. Builds the .deb/.rpm twice (previous version 0.0.0~prev and current);
-#    lintian on the .deb, systemd-analyze verify and exposure score.
+# 1. Builds the current packages, ringfenced (agent) and ringfence (operator
+#    CLI), .deb and .rpm, and the previous single `ringfenced` package (which
+#    also carried /usr/bin/ringfence) as version 0.0.0~prev from the last
+#    commit before the split ($RINGFENCE_PREV_REV, default 7f7a609) with
+#    that commit's packaging and the same release binaries; lintian on both
+#    current .debs, systemd-analyze verify and exposure score.
 # 2. In a fresh Debian bookworm container (base image from base-image.sh):
-#    install the previous .deb, check files, owners, modes, conffile and
-#    enablement; edit the config and put an agent key in place; upgrade to
-#    the current .deb (config and key kept); remove (state kept); purge
-#    (state gone).
+#    install the previous single .deb, check files, owners, modes, conffile
+#    and enablement; edit the config and put an agent key and journal in
+#    place; upgrade to both current .debs in one dpkg run (config, key and
+#    journal kept; /usr/bin/ringfence now from ringfence; man pages and
+#    completions in place); remove (state kept); purge (state gone).
+#    A workstation: only the ringfence .deb (no agent, no unit, no config;
+#    `man ringfence-wave-run` renders; completions in place).
 # 3. Under real systemd as PID 1 (see packaging/README.md): install, check
 #    the unit is enabled and skipped (not failed) until the operator
 #    installs a certificate. Then the real ringfenced from the package, run
@@ -21,7 +28,10 @@
 #    (restarted on the new binary, config and key kept); a self-upgrade
 #    wave whose patch profile runs dpkg inside the unit (the agent exits
 #    75, systemd restarts it once, the task finishes); remove.
-# 4. .rpm: contents, modes, %config(noreplace) and scriptlets via rpm -qp.
+# 4. .rpm: contents, modes, %config(noreplace) and scriptlets via rpm -qp;
+#    in a container: install the previous single .rpm, upgrade to both
+#    current .rpms in one transaction (config, key, journal kept); the CLI
+#    alone over the single package is refused.
 #
 # Without a Docker engine this prints SKIP and exits 0, unless CI=true.
 # Exits non-zero on the first failed check.
@@ -58,16 +68,34 @@ prev_version="0.0.0~prev"
 cur_version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
 [ -n "$cur_version" ] || fail "no version in Cargo.toml"
 
-echo "== packages: $prev_version (previous) and $cur_version (current)"
+# The last commit whose packaging built the single `ringfenced` package.
+prev_rev="${RINGFENCE_PREV_REV:-7f7a609}"
+
+echo "== packages: $prev_version (previous, single package from $prev_rev) and $cur_version (current)"
 # The fake NVML library the agent loads in the container (debug build).
 cargo build --locked -q -p fake-nvml
 DIST_DIR="$work/cur" packaging/build.sh >/dev/null
-SKIP_CARGO_BUILD=1 RINGFENCE_VERSION="$prev_version" DIST_DIR="$work/prev" packaging/build.sh >/dev/null
-cur_deb=$(ls "$work"/cur/*.deb)
-prev_deb=$(ls "$work"/prev/*.deb)
-cur_rpm=$(ls "$work"/cur/*.rpm)
-prev_rpm=$(ls "$work"/prev/*.rpm)
+# The previous package: that commit's tree and packaging, today's release
+# binaries (only the packaging differs).
+command -v git >/dev/null 2>&1 || fail "git is not installed (apt-get install git)"
+git rev-parse -q --verify "$prev_rev^{commit}" >/dev/null \
+    || fail "commit $prev_rev (the single-package packaging) is not in this clone (a shallow clone? fetch it or set RINGFENCE_PREV_REV)"
+mkdir -p "$work/prev-src/target/release"
+git archive "$prev_rev" | tar -x -C "$work/prev-src"
+cp target/release/ringfenced target/release/ringfence "$work/prev-src/target/release/"
+(cd "$work/prev-src" && env -u CARGO_TARGET_DIR SKIP_CARGO_BUILD=1 RINGFENCE_VERSION="$prev_version" \
+    DIST_DIR="$work/prev" packaging/build.sh >/dev/null) || fail "building the previous package from $prev_rev"
+rm -rf "$work/prev-src"
+cur_deb=$(ls "$work"/cur/ringfenced_*.deb)
+cli_deb=$(ls "$work"/cur/ringfence_*.deb)
+prev_deb=$(ls "$work"/prev/ringfenced_*.deb)
+cur_rpm=$(ls "$work"/cur/ringfenced-[0-9]*.rpm)
+cli_rpm=$(ls "$work"/cur/ringfence-[0-9]*.rpm)
+prev_rpm=$(ls "$work"/prev/ringfenced-[0-9]*.rpm)
+[ "$(ls "$work"/prev/*.deb | wc -l)" = 1 ] || fail "the previous packaging should build one .deb: $(ls "$work"/prev)"
 chmod -R a+rX "$work"
+# The pages and completions docgen wrote for the packages (build.sh).
+man_pages() { (cd "target/release/docgen/$1/man" && ls -- *.1.gz) | sort; }
 # Debian versions as built (cargo-deb may append a revision).
 cur_deb_version=$(dpkg-deb -f "$cur_deb" Version)
 prev_deb_version=$(dpkg-deb -f "$prev_deb" Version)
@@ -76,11 +104,13 @@ dpkg --compare-versions "$prev_deb_version" lt "$cur_deb_version" \
 
 echo "== lintian and unit checks"
 command -v lintian >/dev/null 2>&1 || fail "lintian is not installed (apt-get install lintian)"
-if ! out=$(lintian --fail-on error,warning "$cur_deb" 2>&1); then
-    echo "$out" >&2
-    fail "lintian reports errors or warnings on $cur_deb"
-fi
-pass "lintian: no errors or warnings (overrides in packaging/lintian/ringfenced)"
+for deb in "$cur_deb" "$cli_deb"; do
+    if ! out=$(lintian --fail-on error,warning "$deb" 2>&1); then
+        echo "$out" >&2
+        fail "lintian reports errors or warnings on $deb"
+    fi
+done
+pass "lintian: no errors or warnings on either package (overrides in packaging/lintian/)"
 packaging/security-score.sh || fail "packaging/security-score.sh"
 
 echo "== base image"
@@ -89,6 +119,9 @@ echo "image: $image"
 
 # ---------------------------------------------------------------- helpers
 ct=""
+# Reads all of its input (grep -q would stop early and, under pipefail, the
+# writer's SIGPIPE would fail the pipe although the line was there).
+has() { grep -c -- "$1" >/dev/null; }
 in_ct() { docker exec "$ct" "$@"; }
 new_container() { # name, extra docker run args...
     local name="$1"
@@ -108,17 +141,26 @@ expect_absent() {
     if in_ct test -e "$1" || in_ct test -L "$1"; then fail "$1 still exists ($2)"; fi
 }
 # shellcheck disable=SC2016 # dpkg-query format fields, not shell expansions
-pkg_status() { in_ct dpkg-query -W -f='${db:Status-Abbrev}${Version}' ringfenced 2>/dev/null || true; }
+pkg_status() { in_ct dpkg-query -W -f='${db:Status-Abbrev}${Version}' "${1:-ringfenced}" 2>/dev/null || true; }
+owner() { in_ct dpkg -S "$1" 2>/dev/null | cut -d: -f1; }
 sha() { in_ct sha256sum "$1" | cut -d' ' -f1; }
 
 wants=/etc/systemd/system/multi-user.target.wants/ringfenced.service
 
-check_installed_files() { # version
-    local st
+# The agent package; "single": the previous package, which also carried
+# the operator CLI and no man pages.
+check_installed_files() { # version [single]
+    local st bin
     st=$(pkg_status)
     [ "$st" = "ii $1" ] || fail "dpkg status: expected 'ii $1', got '$st'"
     expect_stat /usr/bin/ringfenced "755 root:root regular file"
-    expect_stat /usr/bin/ringfence "755 root:root regular file"
+    if [ "${2:-}" = single ]; then
+        expect_stat /usr/bin/ringfence "755 root:root regular file"
+        [ "$(owner /usr/bin/ringfence)" = ringfenced ] || fail "the single package does not own /usr/bin/ringfence"
+    else
+        [ "$(owner /usr/bin/ringfence)" != ringfenced ] || fail "ringfenced $1 still ships /usr/bin/ringfence"
+        check_docs ringfenced
+    fi
     expect_stat /lib/systemd/system/ringfenced.service "644 root:root regular file"
     expect_stat /etc/ringfence "755 root:root directory"
     expect_stat /etc/ringfence/agent.toml "644 root:root regular file"
@@ -132,21 +174,60 @@ check_installed_files() { # version
         || fail "/etc/ringfence/agent.toml is not a conffile"
     [ "$(in_ct readlink "$wants")" = /lib/systemd/system/ringfenced.service ] \
         || fail "unit not enabled: $wants does not point at the unit"
-    for bin in ringfenced ringfence; do
+    for bin in ringfenced ${2:+ringfence}; do
         if in_ct ldd "/usr/bin/$bin" | grep -q 'not found'; then
             fail "/usr/bin/$bin needs a library the clean host lacks: $(in_ct ldd "/usr/bin/$bin")"
         fi
     done
     in_ct systemd-analyze verify /lib/systemd/system/ringfenced.service \
         || fail "systemd-analyze verify of the installed unit"
-    pass "installed $1: files, owners, modes, conffile, unit enabled, unit verifies"
+    pass "installed ringfenced $1${2:+ ($2)}: files, owners, modes, conffile, unit enabled, unit verifies"
+}
+
+# `man PAGE` as plain text, runs of spaces (justification) squeezed.
+man_page() { in_ct env MANWIDTH=200 man -P cat "$1" 2>/dev/null | tr -s ' '; }
+# Man pages (one per command and subcommand, as docgen wrote them) and
+# bash/zsh/fish completions of BIN, owned by package BIN.
+check_docs() { # bin
+    local bin="$1" page n=0
+    for page in $(man_pages "$bin"); do
+        expect_stat "/usr/share/man/man1/$page" "644 root:root regular file"
+        [ "$(owner "/usr/share/man/man1/$page")" = "$bin" ] || fail "$page is not owned by $bin"
+        n=$((n + 1))
+    done
+    [ "$n" -gt 1 ] || fail "$bin: no subcommand man pages"
+    expect_stat "/usr/share/bash-completion/completions/$bin" "644 root:root regular file"
+    expect_stat "/usr/share/zsh/vendor-completions/_$bin" "644 root:root regular file"
+    expect_stat "/usr/share/fish/vendor_completions.d/$bin.fish" "644 root:root regular file"
+    man_page "$bin" | has "$bin" || fail "man $bin does not render"
+}
+
+# The operator CLI package.
+check_cli_files() { # version
+    local st
+    st=$(pkg_status ringfence)
+    [ "$st" = "ii $1" ] || fail "dpkg status of ringfence: expected 'ii $1', got '$st'"
+    expect_stat /usr/bin/ringfence "755 root:root regular file"
+    [ "$(owner /usr/bin/ringfence)" = ringfence ] || fail "/usr/bin/ringfence is not owned by ringfence"
+    for f in copyright changelog.Debian.gz README.md examples/inventory.toml examples/wave.toml examples/ringfence.toml; do
+        expect_stat "/usr/share/doc/ringfence/$f" "644 root:root regular file"
+    done
+    if in_ct ldd /usr/bin/ringfence | grep -q 'not found'; then
+        fail "/usr/bin/ringfence needs a library the clean host lacks: $(in_ct ldd /usr/bin/ringfence)"
+    fi
+    in_ct ringfence --version | has "$cur_version" || fail "ringfence --version"
+    check_docs ringfence
+    man_page ringfence-wave-run | has "ringfence wave run" \
+        || fail "man ringfence-wave-run does not show 'ringfence wave run'"
+    in_ct grep -q -- 'wave' /usr/share/bash-completion/completions/ringfence || fail "bash completion lacks 'wave'"
+    pass "installed ringfence $1: /usr/bin/ringfence, examples, man pages (man ringfence-wave-run), completions"
 }
 
 # ------------------------------------------- install / upgrade / remove / purge
 echo "== deb lifecycle in a fresh container (no init)"
 new_container ringfence-pkg-lifecycle "$image" sleep infinity
 in_ct dpkg -i "/pkgs/prev/$(basename "$prev_deb")" >/dev/null || fail "dpkg -i of the previous .deb"
-check_installed_files "$prev_deb_version"
+check_installed_files "$prev_deb_version" single
 
 # The operator edits the config; the agent has created its key.
 in_ct sed -i 's/^host_id = "gpu-0001"/host_id = "ct-host-1"/' /etc/ringfence/agent.toml
@@ -156,18 +237,33 @@ in_ct sh -c 'umask 077; head -c 32 /dev/urandom > /var/lib/ringfence/host.key'
 in_ct sh -c 'echo journal > /var/lib/ringfence/journal.redb'
 cfg_sum=$(sha /etc/ringfence/agent.toml)
 key_sum=$(sha /var/lib/ringfence/host.key)
+journal_sum=$(sha /var/lib/ringfence/journal.redb)
 
-in_ct dpkg -i "/pkgs/cur/$(basename "$cur_deb")" >/dev/null || fail "dpkg -i upgrade to the current .deb"
+# The CLI alone cannot take /usr/bin/ringfence from the single package:
+# ringfence Breaks ringfenced (<< 0.1.0), so dpkg refuses it.
+if out=$(in_ct dpkg -i "/pkgs/cur/$(basename "$cli_deb")" 2>&1); then
+    fail "dpkg installed ringfence alone over the single ringfenced package (Breaks missing)"
+fi
+grep -qF 'ringfence breaks ringfenced' <<<"$out" || fail "dpkg refused ringfence alone, but not for its Breaks: $out"
+in_ct dpkg --configure -a >/dev/null 2>&1 || true
+[ "$(owner /usr/bin/ringfence)" = ringfenced ] || fail "the refused install took /usr/bin/ringfence"
+# Both new packages in one dpkg run: ringfence Replaces the old ringfenced's
+# /usr/bin/ringfence.
+in_ct dpkg -i "/pkgs/cur/$(basename "$cur_deb")" "/pkgs/cur/$(basename "$cli_deb")" >/dev/null \
+    || fail "dpkg -i upgrade to the current ringfenced and ringfence .debs"
 check_installed_files "$cur_deb_version"
+check_cli_files "$cur_deb_version"
 [ "$(sha /etc/ringfence/agent.toml)" = "$cfg_sum" ] || fail "upgrade changed the edited /etc/ringfence/agent.toml"
 [ "$(sha /var/lib/ringfence/host.key)" = "$key_sum" ] || fail "upgrade changed /var/lib/ringfence/host.key"
+[ "$(sha /var/lib/ringfence/journal.redb)" = "$journal_sum" ] || fail "upgrade changed the journal"
 expect_stat /var/lib/ringfence/host.key "600 root:root regular file"
 expect_absent /etc/ringfence/agent.toml.dpkg-dist "no conffile prompt expected"
-pass "upgrade $prev_deb_version -> $cur_deb_version kept the edited config and the agent key"
+pass "upgrade of the single package $prev_deb_version -> ringfenced + ringfence $cur_deb_version kept the edited config, the agent key and the journal"
 
-in_ct dpkg -r ringfenced >/dev/null || fail "dpkg -r"
+in_ct dpkg -r ringfenced ringfence >/dev/null || fail "dpkg -r"
 st=$(pkg_status)
 [ "${st:0:2}" = "rc" ] || fail "after remove: expected status rc, got '$st'"
+case "$(pkg_status ringfence)" in "" | un* | rc*) ;; *) fail "ringfence still installed after dpkg -r" ;; esac
 expect_absent /usr/bin/ringfenced "removed package"
 expect_absent /usr/bin/ringfence "removed package"
 expect_absent /lib/systemd/system/ringfenced.service "removed package"
@@ -184,6 +280,19 @@ expect_absent /var/lib/ringfence "purge deletes state"
 expect_absent /etc/ringfence "purge deletes config"
 expect_absent /var/lib/systemd/deb-systemd-helper-enabled/multi-user.target.wants/ringfenced.service "purge forgets enablement"
 pass "purge: /var/lib/ringfence and /etc/ringfence deleted"
+
+echo "== workstation: only the ringfence .deb"
+new_container ringfence-pkg-workstation "$image" sleep infinity
+in_ct dpkg -i "/pkgs/cur/$(basename "$cli_deb")" >/dev/null || fail "dpkg -i of the ringfence .deb alone"
+check_cli_files "$cur_deb_version"
+case "$(pkg_status ringfenced)" in "" | un*) ;; *) fail "installing ringfence pulled in ringfenced" ;; esac
+expect_absent /usr/bin/ringfenced "no agent on a workstation"
+expect_absent /lib/systemd/system/ringfenced.service "no unit on a workstation"
+expect_absent /etc/ringfence/agent.toml "no agent config on a workstation"
+expect_absent /var/lib/ringfence "no agent state on a workstation"
+if in_ct sh -c 'ls /etc/systemd/system/*.wants/ringfenced.service' >/dev/null 2>&1; then fail "a unit is enabled on a workstation"; fi
+if dpkg-deb -f "$cli_deb" Depends Recommends | grep -q ringfenced; then fail "ringfence depends on ringfenced"; fi
+pass "workstation: ringfence without agent, unit, agent config or state"
 
 # ------------------------------------------------------ real systemd as PID 1
 echo "== deb under systemd as PID 1"
@@ -328,9 +437,6 @@ expect_absent /var/lib/ringfence/host.key "check-config must not create the key"
 
 unit_prop() { in_ct systemctl show -p "$1" --value ringfenced.service; }
 journal() { in_ct journalctl -u ringfenced.service --no-pager -o cat; }
-# Reads all of its input (grep -q would stop early and, under pipefail, the
-# writer's SIGPIPE would fail the pipe although the line was there).
-has() { grep -c -- "$1" >/dev/null; }
 wait_active() { # what
     for _ in $(seq 1 60); do
         [ "$(in_ct systemctl is-active ringfenced.service || true)" = active ] && return 0
@@ -425,12 +531,17 @@ in_ct journalctl -u ringfenced.service --no-pager | has "Watchdog timeout" \
 expect_healthy ops "after the watchdog restart"
 pass "watchdog: frozen ringfenced killed, restarted (NRestarts $restarts -> $(unit_prop NRestarts)), serving again"
 
-# Upgrade with the agent running (an operator's dpkg, outside the unit).
+# Upgrade with the agent running (an operator's dpkg, outside the unit):
+# the single package to both new ones.
 cfg_sum=$(sha /etc/ringfence/agent.toml)
 key_sum=$(sha /var/lib/ringfence/host.key)
+journal_ino=$(in_ct stat -c %i /var/lib/ringfence/journal.redb) || fail "no task journal before the upgrade"
 pid=$(unit_prop MainPID)
-in_ct dpkg -i "/pkgs/cur/$(basename "$cur_deb")" >/dev/null || fail "dpkg -i upgrade with the agent running"
+in_ct dpkg -i "/pkgs/cur/$(basename "$cur_deb")" "/pkgs/cur/$(basename "$cli_deb")" >/dev/null \
+    || fail "dpkg -i upgrade to ringfenced + ringfence with the agent running"
 [ "$(pkg_status)" = "ii $cur_deb_version" ] || fail "upgrade: dpkg status $(pkg_status)"
+[ "$(pkg_status ringfence)" = "ii $cur_deb_version" ] || fail "upgrade: ringfence dpkg status $(pkg_status ringfence)"
+[ "$(owner /usr/bin/ringfence)" = ringfence ] || fail "upgrade: /usr/bin/ringfence not owned by ringfence"
 wait_active "after the upgrade"
 new_pid=$(unit_prop MainPID)
 [ "$new_pid" != "$pid" ] || fail "upgrade did not restart the agent (MainPID still $pid)"
@@ -440,10 +551,19 @@ new_pid=$(unit_prop MainPID)
 [ "$(sha /var/lib/ringfence/host.key)" = "$key_sum" ] || fail "upgrade changed host.key"
 expect_absent /etc/ringfence/agent.toml.dpkg-dist "no conffile prompt expected"
 expect_healthy ops "after the upgrade (enrolled key unchanged)"
-pass "upgrade $prev_deb_version -> $cur_deb_version with the agent running: restarted on the new binary, config and key kept"
+# The journal the previous agent wrote is the one the new agent opened: the
+# same file, not replaced (the agent may have appended to it since).
+[ "$(in_ct stat -c %i /var/lib/ringfence/journal.redb)" = "$journal_ino" ] || fail "upgrade replaced the task journal"
+"$rf" --config "$work/coord/ops.toml" hosts identity --inventory "$inv" --host "$hid" >/dev/null \
+    || fail "hosts identity after the upgrade"
+pass "upgrade single $prev_deb_version -> ringfenced + ringfence $cur_deb_version with the agent running: restarted on the new binary, config, key and journal kept"
 
 # Self-upgrade: the agent's own patch profile runs dpkg inside the unit.
+# Back to the single package first: ringfence (Breaks ringfenced << 0.1.0)
+# goes, then the previous ringfenced; the profile installs the new agent
+# package only (a GPU host without the operator CLI).
 in_ct systemctl reset-failed ringfenced.service # clears the start-limit counter (see above)
+in_ct dpkg -r ringfence >/dev/null || fail "dpkg -r ringfence before the downgrade"
 in_ct dpkg -i "/pkgs/prev/$(basename "$prev_deb")" >/dev/null || fail "downgrade to $prev_deb_version"
 [ "$(pkg_status)" = "ii $prev_deb_version" ] || fail "downgrade: dpkg status $(pkg_status)"
 wait_active "after the downgrade"
@@ -486,6 +606,7 @@ journal | has "ringfenced restarted on version $cur_version" \
     || fail "the restarted agent did not finish the patch task"
 expect_healthy ops "after the self-upgrade"
 grep -q '"draining":false' <<<"$(health_row ops)" || fail "host still drained after the self-upgrade wave"
+expect_absent /usr/bin/ringfence "the new ringfenced package does not carry the operator CLI"
 pass "self-upgrade wave: dpkg inside the unit, agent exited 75, systemd restarted it once, task finished, host undrained"
 
 in_ct dpkg -r ringfenced >/dev/null || fail "dpkg -r under systemd"
@@ -496,21 +617,44 @@ pass "remove under systemd: agent stopped, state kept"
 # -------------------------------------------------------------------- rpm
 echo "== rpm metadata and scriptlets"
 command -v rpm >/dev/null 2>&1 || fail "rpm is not installed (apt-get install rpm)"
-for f in "$prev_rpm" "$cur_rpm"; do
+for f in "$prev_rpm" "$cur_rpm" "$cli_rpm"; do
     [ -s "$f" ] || fail "$f is empty"
 done
-[ "$(rpm -qp --qf '%{VERSION}' "$cur_rpm")" = "$cur_version" ] || fail "rpm version is not $cur_version"
+for f in "$cur_rpm" "$cli_rpm"; do
+    [ "$(rpm -qp --qf '%{VERSION}' "$f")" = "$cur_version" ] || fail "$f: rpm version is not $cur_version"
+done
 [ "$(rpm -qp --qf '%{VERSION}' "$prev_rpm")" = "${prev_version}" ] || fail "previous rpm version is not $prev_version"
-files=$(rpm -qp --qf '[%{FILEMODES:perms} %{FILEUSERNAME}:%{FILEGROUPNAME} %{FILEFLAGS:fflags} %{FILENAMES}\n]' "$cur_rpm")
+files=""
 expect_rpm_file() { # "perms owner flags path" regex
     grep -qE "^$1\$" <<<"$files" || fail "rpm: no entry matching '$1' in:
 $files"
 }
+expect_rpm_docs() { # bin
+    local page
+    for page in $(man_pages "$1"); do
+        expect_rpm_file "-rw-r--r-- root:root d /usr/share/man/man1/$page"
+    done
+    expect_rpm_file "-rw-r--r-- root:root  /usr/share/bash-completion/completions/$1"
+    expect_rpm_file "-rw-r--r-- root:root  /usr/share/zsh/site-functions/_$1"
+    expect_rpm_file "-rw-r--r-- root:root  /usr/share/fish/vendor_completions.d/$1.fish"
+}
+files=$(rpm -qp --qf '[%{FILEMODES:perms} %{FILEUSERNAME}:%{FILEGROUPNAME} %{FILEFLAGS:fflags} %{FILENAMES}\n]' "$cur_rpm")
 expect_rpm_file '-rwxr-xr-x root:root  /usr/bin/ringfenced'
-expect_rpm_file '-rwxr-xr-x root:root  /usr/bin/ringfence'
 expect_rpm_file '-rw-r--r-- root:root  /usr/lib/systemd/system/ringfenced.service'
 expect_rpm_file '-rw-r--r-- root:root cn /etc/ringfence/agent.toml'
 expect_rpm_file '-rw-r--r-- root:root d /usr/share/doc/ringfenced/README.md'
+expect_rpm_docs ringfenced
+if grep -q ' /usr/bin/ringfence$' <<<"$files"; then fail "the ringfenced rpm still ships /usr/bin/ringfence"; fi
+files=$(rpm -qp --qf '[%{FILEMODES:perms} %{FILEUSERNAME}:%{FILEGROUPNAME} %{FILEFLAGS:fflags} %{FILENAMES}\n]' "$cli_rpm")
+expect_rpm_file '-rwxr-xr-x root:root  /usr/bin/ringfence'
+expect_rpm_file '-rw-r--r-- root:root d /usr/share/doc/ringfence/examples/inventory.toml'
+expect_rpm_file '-rw-r--r-- root:root d /usr/share/doc/ringfence/examples/wave.toml'
+expect_rpm_file '-rw-r--r-- root:root d /usr/share/doc/ringfence/examples/ringfence.toml'
+expect_rpm_docs ringfence
+if grep -qE 'ringfenced|systemd|/etc/' <<<"$files"; then fail "the ringfence rpm ships agent files: $files"; fi
+rpm -qp --conflicts "$cli_rpm" | grep -qx 'ringfenced < 0.1.0' \
+    || fail "the ringfence rpm does not conflict with the single package: $(rpm -qp --conflicts "$cli_rpm")"
+if rpm -qp --requires "$cli_rpm" | grep -q ringfenced; then fail "the ringfence rpm requires ringfenced"; fi
 scripts=$(rpm -qp --scripts "$cur_rpm")
 expect_script() { # scriptlet header, fixed string that must follow it
     awk -v h="$1" 'index($0, h) == 1 {on = 1; next} /scriptlet \(using/ {on = 0} on' <<<"$scripts" \
@@ -525,6 +669,48 @@ if grep -q 'rm -rf /var/lib/ringfence' <<<"$scripts"; then fail "rpm erase must 
 for s in packaging/rpm/*.sh packaging/debian/postinst packaging/debian/prerm packaging/debian/postrm; do
     sh -n "$s" || fail "shell syntax error in $s"
 done
-pass "rpm: contents, modes, %config(noreplace), doc, scriptlets"
+pass "rpm: contents, modes, %config(noreplace), doc, man pages, completions, scriptlets, Conflicts"
+
+# Install in the Debian image with its rpm (no RPM distribution mirror here:
+# --nodeps, as the image's rpm database knows none of Debian's packages).
+echo "== rpm upgrade from the single package in a container"
+new_container ringfence-pkg-rpm "$image" sleep infinity
+rpm_in() { in_ct rpm --force-debian "$@"; }
+rpm_in -i --nodeps "/pkgs/prev/$(basename "$prev_rpm")" >/dev/null 2>&1 || fail "rpm -i of the previous .rpm"
+[ "$(in_ct rpm -qf /usr/bin/ringfence)" = "ringfenced-${prev_version}-1.x86_64" ] \
+    || fail "previous rpm: /usr/bin/ringfence owned by '$(in_ct rpm -qf /usr/bin/ringfence)'"
+in_ct sed -i 's/^host_id = "gpu-0001"/host_id = "ct-host-rpm"/' /etc/ringfence/agent.toml
+in_ct sh -c 'umask 077; head -c 32 /dev/urandom > /var/lib/ringfence/host.key; echo journal > /var/lib/ringfence/journal.redb'
+cfg_sum=$(sha /etc/ringfence/agent.toml)
+key_sum=$(sha /var/lib/ringfence/host.key)
+journal_sum=$(sha /var/lib/ringfence/journal.redb)
+# rpm's resolver on the transactions (--test, with dependency checks: the
+# unresolvable Debian requires are listed too and ignored here): the CLI
+# alone conflicts with the single package, both new packages together do
+# not. (No file conflict would stop it: the single package's
+# /usr/bin/ringfence is the same file, and rpm lets identical files be
+# shared.)
+conflicts() { rpm_in -U --test "$@" 2>&1 | grep -F 'conflicts with' || true; }
+alone=$(conflicts "/pkgs/cur/$(basename "$cli_rpm")")
+grep -qF 'ringfenced < 0.1.0 conflicts with ringfence-' <<<"$alone" \
+    || fail "rpm: ringfence alone over the single package is not refused by its Conflicts: '$alone'"
+both=$(conflicts "/pkgs/cur/$(basename "$cur_rpm")" "/pkgs/cur/$(basename "$cli_rpm")")
+[ -z "$both" ] || fail "rpm: ringfenced + ringfence over the single package conflict: $both"
+rpm_in -U --nodeps "/pkgs/cur/$(basename "$cur_rpm")" "/pkgs/cur/$(basename "$cli_rpm")" >/dev/null \
+    || fail "rpm -U of ringfenced + ringfence over the single package"
+[ "$(in_ct rpm -q ringfenced)" = "ringfenced-${cur_version}-1.x86_64" ] || fail "rpm: ringfenced not upgraded: $(in_ct rpm -q ringfenced)"
+[ "$(in_ct rpm -qf /usr/bin/ringfence)" = "ringfence-${cur_version}-1.x86_64" ] \
+    || fail "rpm: /usr/bin/ringfence owned by '$(in_ct rpm -qf /usr/bin/ringfence)'"
+[ "$(sha /etc/ringfence/agent.toml)" = "$cfg_sum" ] || fail "rpm upgrade changed the edited agent.toml"
+[ "$(sha /var/lib/ringfence/host.key)" = "$key_sum" ] || fail "rpm upgrade changed host.key"
+[ "$(sha /var/lib/ringfence/journal.redb)" = "$journal_sum" ] || fail "rpm upgrade changed the journal"
+expect_stat /usr/bin/ringfence "755 root:root regular file"
+expect_stat /usr/share/man/man1/ringfence-wave-run.1.gz "644 root:root regular file"
+man_page ringfence-wave-run | has "ringfence wave run" \
+    || fail "rpm: man ringfence-wave-run does not render"
+rpm_in -e ringfence >/dev/null 2>&1 || fail "rpm -e ringfence"
+expect_absent /usr/bin/ringfence "ringfence erased"
+expect_stat /usr/bin/ringfenced "755 root:root regular file"
+pass "rpm: single package -> ringfenced + ringfence in one transaction (config, key, journal kept); the CLI alone conflicts; CLI erased, agent kept"
 
 echo "container package tests passed in $(( $(date +%s) - start )) s"
