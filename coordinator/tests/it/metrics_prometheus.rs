@@ -452,10 +452,14 @@ scrape_configs:
         .then_some(body)
     })
     .await;
-    assert!(
-        resumed.contains(&format!("ringfence_wave_halts_total{{{w}}} 0\n")),
-        "{resumed}"
-    );
+    if !resumed.contains(&format!("ringfence_wave_halts_total{{{w}}} 0\n")) {
+        // The resumed wave halted: say why (its status names the halt).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        panic!(
+            "the resumed wave halted: {:?}\n{resumed}",
+            wave_status(&f).map(|s| (s.phase, s.halt))
+        );
+    }
     interrupt(&c);
     drop(c);
 }
