@@ -176,7 +176,8 @@ pub(super) async fn run(config: Option<&Path>, cmd: HostsCommand) -> Result<(), 
             let inv = input::inventory(&inventory)?;
             let conn = Arc::new(env.connector(&inv));
             let rows =
-                crate::health_table::collect(&inv, conn, 64, env.skew_ms(), input::clock()).await;
+                crate::cli::health_table::collect(&inv, conn, 64, env.skew_ms(), input::clock())
+                    .await;
             if json {
                 let lines: String = rows
                     .iter()
@@ -185,7 +186,7 @@ pub(super) async fn run(config: Option<&Path>, cmd: HostsCommand) -> Result<(), 
                 super::render::print_text(&lines);
             } else {
                 // A reader that went away (`| head -1`) is no panic.
-                super::render::print_text(&crate::health_table::render(&rows));
+                super::render::print_text(&crate::cli::health_table::render(&rows));
             }
             let bad = rows.iter().filter(|r| r.verdict != "HEALTHY").count();
             if bad > 0 {

@@ -14,12 +14,14 @@ mod approve;
 mod breakglass;
 mod error;
 mod evidence;
+pub mod health_table;
 mod hosts;
 mod input;
 mod inventory;
 mod lab;
 mod pki;
 mod render;
+pub mod report;
 mod wave;
 
 use std::path::PathBuf;

@@ -39,7 +39,7 @@ pub type RingApprovers = std::collections::BTreeMap<u32, Vec<String>>;
 /// protected ring with its approvers, N of M), pools, break-glass grants,
 /// the next window and the halt, one per line.
 pub fn status(s: &StatusSnapshot, approvers: &RingApprovers) -> String {
-    let mut out = format!("{}\n", crate::report::summary(s));
+    let mut out = format!("{}\n", crate::cli::report::summary(s));
     let _ = writeln!(
         out,
         "  started {}, updated {}",

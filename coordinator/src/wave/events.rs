@@ -1,7 +1,7 @@
 //! What the wave engine tells the world while it runs: [`Event`]s (also
 //! appended to the wave store's audit log) and status snapshots, handed to
 //! an [`EventSink`]. The engine defines them; the CLI renders them
-//! (`crate::report`: a live view, plain lines or JSON lines).
+//! (`crate::cli::report`: a live view, plain lines or JSON lines).
 
 use std::path::Path;
 

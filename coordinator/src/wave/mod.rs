@@ -139,8 +139,8 @@ mod tests {
                 .filter(|l| !l.trim_start().starts_with("//"))
                 .collect();
             assert!(
-                !code.iter().any(|l| l.contains("crate::report")),
-                "wave/{file}.rs imports the CLI's report"
+                !code.iter().any(|l| l.contains("crate::cli")),
+                "wave/{file}.rs imports the CLI"
             );
         }
     }

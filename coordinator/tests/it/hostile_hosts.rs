@@ -14,8 +14,8 @@ use ringfence::keys::{self, SigningKey};
 use ringfence::pb;
 use ringfence::time::{Clock, SystemClock};
 use ringfence::trust::{KeyRole, Policy, TrustSet, TrustedKey};
+use ringfence_coordinator::cli::health_table;
 use ringfence_coordinator::client::{ClientError, HealthStream, HostApi};
-use ringfence_coordinator::health_table;
 use ringfence_coordinator::inventory::{Host, Inventory};
 use ringfence_coordinator::store::WaveStore;
 use ringfence_coordinator::wave::{

@@ -498,8 +498,8 @@ pub(crate) fn sim_driver(
         store: Arc::new(WaveStore::open(state_dir, wave, &SystemClock).unwrap()),
         connector: Arc::new(connector),
         clock: Arc::new(SystemClock),
-        events: Arc::new(ringfence_coordinator::report::Reporter::with_mode(
-            ringfence_coordinator::report::Mode::Quiet,
+        events: Arc::new(ringfence_coordinator::cli::report::Reporter::with_mode(
+            ringfence_coordinator::cli::report::Mode::Quiet,
         )),
         poll_interval: Duration::from_millis(5),
         halt_grace: Duration::from_secs(60),

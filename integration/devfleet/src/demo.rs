@@ -19,9 +19,9 @@ use ringfence::spiffe::{Role, SpiffeId};
 use ringfence::trust::TrustSet;
 
 use crate::local_fleet::{self as fleet, LocalFleet, Mode};
+use ringfence_coordinator::cli::report::Reporter;
 use ringfence_coordinator::inventory::Inventory;
 use ringfence_coordinator::plan::Plan;
-use ringfence_coordinator::report::Reporter;
 use ringfence_coordinator::settings::Settings;
 use ringfence_coordinator::spec::WaveSpec;
 use ringfence_coordinator::store::WaveStore;
