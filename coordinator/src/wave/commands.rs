@@ -104,12 +104,12 @@ impl Driver {
         retry: &[String],
         skip: &[(String, String)],
     ) -> Result<Outcome, WaveError> {
-        let seen = store::halt_request(&self.store.paths);
+        let seen = self.store.halt_request();
         self.resume_after(retry, skip, seen).await
     }
 
     /// [`resume`](Self::resume) that began when the wave's halt request
-    /// was `seen_halt` ([`store::halt_request`] then): that request is
+    /// was `seen_halt` ([`WaveStore::halt_request`] then): that request is
     /// cleared, but a halt requested after it stands and halts the resumed
     /// wave.
     pub async fn resume_after(
@@ -187,7 +187,7 @@ impl Driver {
         }
         // Only the halt this resume decided over is cleared; one requested
         // since the resume began stands.
-        state.halt_requested = store::clear_halt(&self.store.paths, seen_halt.as_deref())?;
+        state.halt_requested = self.store.clear_halt(seen_halt.as_deref())?;
         self.refresh_left_drained(&mut state).await;
         self.store
             .put_meta::<Option<HaltReport>>(META_HALT, &None)?;

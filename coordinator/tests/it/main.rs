@@ -24,4 +24,5 @@ mod hung_hosts;
 mod operator_week;
 mod plan_sequencer;
 mod soak;
+mod store_backends;
 mod wave_engine;
