@@ -164,8 +164,8 @@ pub(crate) enum Table {
 /// events, status, halt flag and the wave's lock.
 #[derive(Debug)]
 enum Backend {
-    Redb(redb::RedbStore),
-    Etcd(etcd::EtcdStore),
+    Redb(Box<redb::RedbStore>),
+    Etcd(Box<etcd::EtcdStore>),
 }
 
 /// An open, exclusively held wave store.
@@ -196,7 +196,7 @@ impl WaveStore {
     /// `clock`'s time.
     pub fn open(state_dir: &Path, wave: &str, clock: &dyn Clock) -> Result<Self, StoreError> {
         let paths = WavePaths::new(state_dir, wave);
-        let backend = Backend::Redb(redb::RedbStore::open(state_dir, &paths, clock)?);
+        let backend = Backend::Redb(Box::new(redb::RedbStore::open(state_dir, &paths, clock)?));
         Ok(Self { backend, paths })
     }
 
@@ -217,12 +217,12 @@ impl WaveStore {
                     source,
                 })?;
                 let paths = WavePaths::new(state_dir, wave);
-                let backend = Backend::Etcd(etcd::EtcdStore::open(
+                let backend = Backend::Etcd(Box::new(etcd::EtcdStore::open(
                     store,
                     wave,
                     &holder_note(clock),
                     etcd::DEFAULT_LEASE_TTL_S,
-                )?);
+                )?));
                 Ok(Self { backend, paths })
             }
         }

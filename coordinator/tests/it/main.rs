@@ -15,6 +15,7 @@ mod common;
 
 mod approvals;
 mod cli_operator;
+mod etcd_waves;
 mod evidence;
 mod fleet_inprocess;
 mod fleet_processes;
