@@ -234,6 +234,12 @@ async fn etcd_a_frozen_driver_is_taken_over_and_dispatches_nothing_after() {
     );
     let code = b.exit(WAVE_LIMIT).await;
     assert_eq!(code, 0, "B completes the wave: {}", b.stderr());
+    let a_done = a.events().iter().filter(|e| host_event("done")(e)).count();
+    let b_done = b.events().iter().filter(|e| host_event("done")(e)).count();
+    assert!(
+        a_done < f.hosts.len() && b_done > 0,
+        "A was frozen mid-wave ({a_done} done) and B drove the rest ({b_done} done)"
+    );
     let before = journals(&f).await;
 
     // A thaws: its next write fails, it stops, and no agent accepted
@@ -242,6 +248,7 @@ async fn etcd_a_frozen_driver_is_taken_over_and_dispatches_nothing_after() {
     nix::sys::signal::kill(a.pid(), nix::sys::signal::Signal::SIGCONT).unwrap();
     let code = a.exit(Duration::from_secs(60)).await;
     assert_ne!(code, 0, "A does not complete: {}", a.stderr());
+    eprintln!("A after thawing: {}", a.stderr().trim());
     assert!(
         a.stderr().contains("lost the wave's lock"),
         "A says why it stopped: {}",
