@@ -74,8 +74,11 @@ use crate::settings::Store as StoreSettings;
 /// loses the wave this long after its last keepalive.
 pub const DEFAULT_LEASE_TTL_S: i64 = 5;
 
-/// Timeout of one etcd request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Timeout of one etcd request. Short: a write proposed to a follower
+/// whose leader just died waits server-side for seconds before it fails;
+/// a fresh try after a new leader is elected (~1 s) succeeds at once (see
+/// [`retrying`]).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 /// Timeout of connecting to an endpoint.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Most keys read in one range request.
@@ -198,10 +201,12 @@ impl Drop for EtcdStore {
         if !self.lost.load(Ordering::SeqCst) {
             let mut c = self.client.clone();
             let lease = self.lease;
-            let _ = self.block(async move {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            self.handle.spawn(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(1), c.lease_revoke(lease)).await;
-                Ok(())
+                let _ = tx.send(());
             });
+            let _ = rx.recv_timeout(Duration::from_secs(2));
         }
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
@@ -408,28 +413,44 @@ impl EtcdStore {
         }
     }
 
-    /// Run `f` on the store's runtime and wait for it from this thread.
-    fn block<T: Send + 'static>(
-        &self,
-        f: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
-    ) -> Result<T, StoreError> {
+    /// Run the request `f` makes on the store's runtime, retried while etcd
+    /// is unavailable (see [`retrying`]), and wait for it from this thread.
+    fn block<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let lost = self.lost.clone();
         self.handle.spawn(async move {
-            let _ = tx.send(f.await);
+            let _ = tx.send(retrying(&lost, f).await);
         });
         rx.recv()
             .map_err(|_| self.err("the etcd client runtime stopped"))?
     }
 
-    /// Run `f` on the store's runtime and await it.
-    async fn run<T: Send + 'static>(
-        &self,
-        f: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
-    ) -> Result<T, StoreError> {
+    /// [`block`](Self::block), awaited.
+    async fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let lost = self.lost.clone();
         self.handle
-            .spawn(f)
+            .spawn(async move { retrying(&lost, f).await })
             .await
             .map_err(|e| self.err(format!("etcd request task failed: {e}")))?
+    }
+
+    /// What a request needs, owned (cloned into each try).
+    fn ctx(&self) -> Ctx {
+        Ctx {
+            c: self.client.clone(),
+            s: self.settings.clone(),
+            fence: self.fence(),
+        }
     }
 
     fn key(&self, t: Table, key: &str) -> String {
@@ -451,27 +472,10 @@ impl EtcdStore {
         Ok(())
     }
 
-    /// A fenced put, as a future for the store's runtime.
-    fn fenced_put(
-        &self,
-        key: String,
-        bytes: Vec<u8>,
-    ) -> impl std::future::Future<Output = Result<bool, StoreError>> + Send + 'static {
-        let mut c = self.client.clone();
-        let fence = self.fence();
-        let s = self.settings.clone();
-        async move {
-            let txn = Txn::new()
-                .when([fence])
-                .and_then([TxnOp::put(key, bytes, None)]);
-            let r = c.txn(txn).await.map_err(|e| etcd_err(&s, e))?;
-            Ok(r.succeeded())
-        }
-    }
-
     pub(super) fn put(&self, t: Table, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
         self.check_lost()?;
-        if self.block(self.fenced_put(self.key(t, key), bytes.to_vec()))? {
+        let (ctx, key, bytes) = (self.ctx(), self.key(t, key), bytes.to_vec());
+        if self.block(move || fenced_put(ctx.clone(), key.clone(), bytes.clone()))? {
             Ok(())
         } else {
             Err(self.lost_lock("the lock key is no longer this coordinator's"))
@@ -485,7 +489,11 @@ impl EtcdStore {
         bytes: Vec<u8>,
     ) -> Result<(), StoreError> {
         self.check_lost()?;
-        if self.run(self.fenced_put(self.key(t, key), bytes)).await? {
+        let (ctx, key) = (self.ctx(), self.key(t, key));
+        if self
+            .run(move || fenced_put(ctx.clone(), key.clone(), bytes.clone()))
+            .await?
+        {
             Ok(())
         } else {
             Err(self.lost_lock("the lock key is no longer this coordinator's"))
@@ -493,20 +501,20 @@ impl EtcdStore {
     }
 
     pub(super) fn get(&self, t: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut c = self.client.clone();
-        let k = self.key(t, key);
-        let s = self.settings.clone();
-        self.block(async move {
-            let r = c.get(k, None).await.map_err(|e| etcd_err(&s, e))?;
-            Ok(r.kvs().first().map(|kv| kv.value().to_vec()))
+        let (ctx, k) = (self.ctx(), self.key(t, key));
+        self.block(move || {
+            let (mut c, s, k) = (ctx.c.clone(), ctx.s.clone(), k.clone());
+            async move {
+                let r = c.get(k, None).await.map_err(|e| etcd_err(&s, e))?;
+                Ok(r.kvs().first().map(|kv| kv.value().to_vec()))
+            }
         })
     }
 
     /// Every key under `prefix`, in key order, read in pages.
     fn range(&self, prefix: String) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let c = self.client.clone();
-        let s = self.settings.clone();
-        self.block(range(c, s, prefix))
+        let ctx = self.ctx();
+        self.block(move || range(ctx.c.clone(), ctx.s.clone(), prefix.clone()))
     }
 
     pub(super) fn hosts(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
@@ -518,67 +526,10 @@ impl EtcdStore {
             .collect())
     }
 
-    /// Reserve the next sequence number of `host` in a fenced
-    /// compare-and-swap on `seq/<host>`.
-    fn sequence_future(
-        &self,
-        host: &str,
-        floor: u64,
-    ) -> impl std::future::Future<Output = Result<Option<u64>, StoreError>> + Send + 'static {
-        let mut c = self.client.clone();
-        let key = format!("{}/seq/{host}", self.base);
-        let fence = self.fence();
-        let s = self.settings.clone();
-        async move {
-            loop {
-                let r = c
-                    .get(key.clone(), None)
-                    .await
-                    .map_err(|e| etcd_err(&s, e))?;
-                let (cur, rev) = match r.kvs().first() {
-                    Some(kv) => {
-                        let cur = kv
-                            .value_str()
-                            .ok()
-                            .and_then(|v| v.parse::<u64>().ok())
-                            .ok_or_else(|| StoreError::Corrupt {
-                                path: key.clone().into(),
-                                key: key.clone(),
-                                reason: "not a sequence number".into(),
-                            })?;
-                        (cur, kv.mod_revision())
-                    }
-                    None => (0, 0),
-                };
-                let next = cur.max(floor).saturating_add(1);
-                let txn = Txn::new()
-                    .when([
-                        fence.clone(),
-                        Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
-                    ])
-                    .and_then([TxnOp::put(key.clone(), next.to_string(), None)]);
-                let r = c.txn(txn).await.map_err(|e| etcd_err(&s, e))?;
-                if r.succeeded() {
-                    return Ok(Some(next));
-                }
-                // Either the fence failed (lost) or the counter moved
-                // meanwhile (another task of ours): tell them apart.
-                let fenced = Txn::new().when([fence.clone()]);
-                if !c
-                    .txn(fenced)
-                    .await
-                    .map_err(|e| etcd_err(&s, e))?
-                    .succeeded()
-                {
-                    return Ok(None);
-                }
-            }
-        }
-    }
-
     pub(super) fn next_sequence(&self, host: &str, floor: u64) -> Result<u64, StoreError> {
         self.check_lost()?;
-        self.block(self.sequence_future(host, floor))?
+        let (ctx, key) = (self.ctx(), format!("{}/seq/{host}", self.base));
+        self.block(move || next_sequence(ctx.clone(), key.clone(), floor))?
             .ok_or_else(|| self.lost_lock("the lock key is no longer this coordinator's"))
     }
 
@@ -588,60 +539,70 @@ impl EtcdStore {
         floor: u64,
     ) -> Result<u64, StoreError> {
         self.check_lost()?;
-        self.run(self.sequence_future(host, floor))
+        let (ctx, key) = (self.ctx(), format!("{}/seq/{host}", self.base));
+        self.run(move || next_sequence(ctx.clone(), key.clone(), floor))
             .await?
             .ok_or_else(|| self.lost_lock("the lock key is no longer this coordinator's"))
     }
 
     pub(super) fn append_event(&self, bytes: &[u8]) -> Result<u64, StoreError> {
         self.check_lost()?;
-        let mut c = self.client.clone();
+        let c = self.client.clone();
         let prefix = format!("{}/events/", self.base);
         let fence = self.fence();
         let s = self.settings.clone();
         let bytes = bytes.to_vec();
-        let r = self.block(async move {
-            loop {
-                let last = c
-                    .get(
-                        prefix.clone(),
-                        Some(
-                            GetOptions::new()
-                                .with_prefix()
-                                .with_keys_only()
-                                .with_sort(
-                                    etcd_client::SortTarget::Key,
-                                    etcd_client::SortOrder::Descend,
-                                )
-                                .with_limit(1),
-                        ),
-                    )
-                    .await
-                    .map_err(|e| etcd_err(&s, e))?;
-                let idx = last
-                    .kvs()
-                    .first()
-                    .and_then(|kv| kv.key_str().ok())
-                    .and_then(|k| k.get(prefix.len()..))
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .map_or(0, |n| n + 1);
-                let key = format!("{prefix}{idx:020}");
-                let txn = Txn::new()
-                    .when([
-                        fence.clone(),
-                        Compare::create_revision(key.clone(), CompareOp::Equal, 0),
-                    ])
-                    .and_then([TxnOp::put(key, bytes.clone(), None)]);
-                if c.txn(txn).await.map_err(|e| etcd_err(&s, e))?.succeeded() {
-                    return Ok(Some(idx));
-                }
-                if !c
-                    .txn(Txn::new().when([fence.clone()]))
-                    .await
-                    .map_err(|e| etcd_err(&s, e))?
-                    .succeeded()
-                {
-                    return Ok(None);
+        let r = self.block(move || {
+            let (mut c, prefix, fence, s, bytes) = (
+                c.clone(),
+                prefix.clone(),
+                fence.clone(),
+                s.clone(),
+                bytes.clone(),
+            );
+            async move {
+                loop {
+                    let last = c
+                        .get(
+                            prefix.clone(),
+                            Some(
+                                GetOptions::new()
+                                    .with_prefix()
+                                    .with_keys_only()
+                                    .with_sort(
+                                        etcd_client::SortTarget::Key,
+                                        etcd_client::SortOrder::Descend,
+                                    )
+                                    .with_limit(1),
+                            ),
+                        )
+                        .await
+                        .map_err(|e| etcd_err(&s, e))?;
+                    let idx = last
+                        .kvs()
+                        .first()
+                        .and_then(|kv| kv.key_str().ok())
+                        .and_then(|k| k.get(prefix.len()..))
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .map_or(0, |n| n + 1);
+                    let key = format!("{prefix}{idx:020}");
+                    let txn = Txn::new()
+                        .when([
+                            fence.clone(),
+                            Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                        ])
+                        .and_then([TxnOp::put(key, bytes.clone(), None)]);
+                    if c.txn(txn).await.map_err(|e| etcd_err(&s, e))?.succeeded() {
+                        return Ok(Some(idx));
+                    }
+                    if !c
+                        .txn(Txn::new().when([fence.clone()]))
+                        .await
+                        .map_err(|e| etcd_err(&s, e))?
+                        .succeeded()
+                    {
+                        return Ok(None);
+                    }
                 }
             }
         })?;
@@ -667,7 +628,8 @@ impl EtcdStore {
 
     pub(super) fn write_status(&self, bytes: &[u8]) -> Result<(), StoreError> {
         self.check_lost()?;
-        if self.block(self.fenced_put(format!("{}/status", self.base), bytes.to_vec()))? {
+        let (ctx, key, bytes) = (self.ctx(), format!("{}/status", self.base), bytes.to_vec());
+        if self.block(move || fenced_put(ctx.clone(), key.clone(), bytes.clone()))? {
             Ok(())
         } else {
             Err(self.lost_lock("the lock key is no longer this coordinator's"))
@@ -679,14 +641,15 @@ impl EtcdStore {
     }
 
     pub(super) fn halt_request(&self) -> Result<Option<String>, StoreError> {
-        let mut c = self.client.clone();
-        let k = format!("{}/halt", self.base);
-        let s = self.settings.clone();
-        self.block(async move {
-            let r = c.get(k, None).await.map_err(|e| etcd_err(&s, e))?;
-            Ok(r.kvs()
-                .first()
-                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+        let (ctx, k) = (self.ctx(), format!("{}/halt", self.base));
+        self.block(move || {
+            let (mut c, s, k) = (ctx.c.clone(), ctx.s.clone(), k.clone());
+            async move {
+                let r = c.get(k, None).await.map_err(|e| etcd_err(&s, e))?;
+                Ok(r.kvs()
+                    .first()
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+            }
         })
     }
 
@@ -701,28 +664,29 @@ impl EtcdStore {
         let Some(seen) = seen.filter(|s| *s == now) else {
             return Ok(true);
         };
-        let mut c = self.client.clone();
-        let k = format!("{}/halt", self.base);
-        let fence = self.fence();
-        let s = self.settings.clone();
+        let (ctx, k) = (self.ctx(), format!("{}/halt", self.base));
         let seen = seen.to_string();
-        let (cleared, ours) = self.block(async move {
-            let txn = Txn::new()
-                .when([
-                    fence.clone(),
-                    Compare::value(k.clone(), CompareOp::Equal, seen),
-                ])
-                .and_then([TxnOp::delete(k, None)]);
-            let done = c.txn(txn).await.map_err(|e| etcd_err(&s, e))?.succeeded();
-            if done {
-                return Ok((true, true));
+        let (cleared, ours) = self.block(move || {
+            let Ctx { mut c, s, fence } = ctx.clone();
+            let (k, seen) = (k.clone(), seen.clone());
+            async move {
+                let txn = Txn::new()
+                    .when([
+                        fence.clone(),
+                        Compare::value(k.clone(), CompareOp::Equal, seen),
+                    ])
+                    .and_then([TxnOp::delete(k, None)]);
+                let done = c.txn(txn).await.map_err(|e| etcd_err(&s, e))?.succeeded();
+                if done {
+                    return Ok((true, true));
+                }
+                let ours = c
+                    .txn(Txn::new().when([fence]))
+                    .await
+                    .map_err(|e| etcd_err(&s, e))?
+                    .succeeded();
+                Ok((false, ours))
             }
-            let ours = c
-                .txn(Txn::new().when([fence]))
-                .await
-                .map_err(|e| etcd_err(&s, e))?
-                .succeeded();
-            Ok((false, ours))
         })?;
         if !ours {
             return Err(self.lost_lock("the lock key is no longer this coordinator's"));
@@ -735,6 +699,107 @@ impl EtcdStore {
 
     pub(super) fn holds_lock(&self) -> bool {
         !self.lost.load(Ordering::SeqCst)
+    }
+}
+
+/// What one request needs, owned, so that each try has its own copy.
+#[derive(Clone)]
+struct Ctx {
+    c: Client,
+    s: StoreSettings,
+    /// The fence of the store's writes.
+    fence: Compare,
+}
+
+/// How long a request is retried while etcd is unavailable (a leader
+/// election, a member down) unless the lock is lost first.
+const UNAVAILABLE_RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// Try `f` until it succeeds or fails for a reason other than etcd being
+/// unreachable, backing off from 20 ms to 500 ms; give up once the lock is
+/// lost (the keepalive saw no success for a whole lease TTL) or after
+/// [`UNAVAILABLE_RETRY_FOR`]. Meanwhile the caller waits: nothing is
+/// dispatched without its durable write-ahead. Every request here is safe
+/// to repeat (a put writes the same bytes; a sequence number or event
+/// index that was taken by a try whose answer was lost is skipped, never
+/// reused).
+async fn retrying<T, F, Fut>(lost: &AtomicBool, mut f: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let start = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(20);
+    loop {
+        match f().await {
+            Err(StoreError::Etcd { endpoints, reason })
+                if !lost.load(Ordering::SeqCst) && start.elapsed() < UNAVAILABLE_RETRY_FOR =>
+            {
+                tracing::warn!(%endpoints, %reason, "etcd unavailable; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(500));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// A fenced put; `false` when the fence failed.
+async fn fenced_put(ctx: Ctx, key: String, bytes: Vec<u8>) -> Result<bool, StoreError> {
+    let Ctx { mut c, s, fence } = ctx;
+    let txn = Txn::new()
+        .when([fence])
+        .and_then([TxnOp::put(key, bytes, None)]);
+    let r = c.txn(txn).await.map_err(|e| etcd_err(&s, e))?;
+    Ok(r.succeeded())
+}
+
+/// Reserve the next sequence number at `key` (`seq/<host>`) in a fenced
+/// compare-and-swap; `None` when the fence failed.
+async fn next_sequence(ctx: Ctx, key: String, floor: u64) -> Result<Option<u64>, StoreError> {
+    let Ctx { mut c, s, fence } = ctx;
+    loop {
+        let r = c
+            .get(key.clone(), None)
+            .await
+            .map_err(|e| etcd_err(&s, e))?;
+        let (cur, rev) = match r.kvs().first() {
+            Some(kv) => {
+                let cur = kv
+                    .value_str()
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .ok_or_else(|| StoreError::Corrupt {
+                        path: key.clone().into(),
+                        key: key.clone(),
+                        reason: "not a sequence number".into(),
+                    })?;
+                (cur, kv.mod_revision())
+            }
+            None => (0, 0),
+        };
+        let next = cur.max(floor).saturating_add(1);
+        let txn = Txn::new()
+            .when([
+                fence.clone(),
+                Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
+            ])
+            .and_then([TxnOp::put(key.clone(), next.to_string(), None)]);
+        let r = c.txn(txn).await.map_err(|e| etcd_err(&s, e))?;
+        if r.succeeded() {
+            return Ok(Some(next));
+        }
+        // Either the fence failed (lost) or the counter moved
+        // meanwhile (another task of ours): tell them apart.
+        let fenced = Txn::new().when([fence.clone()]);
+        if !c
+            .txn(fenced)
+            .await
+            .map_err(|e| etcd_err(&s, e))?
+            .succeeded()
+        {
+            return Ok(None);
+        }
     }
 }
 
