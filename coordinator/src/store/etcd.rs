@@ -126,6 +126,29 @@ fn connect_options(s: &StoreSettings) -> Result<ConnectOptions, StoreError> {
     Ok(opts)
 }
 
+/// Whether the holder note (`pid P on HOST since MS`) names a process of
+/// this machine that no longer exists.
+fn died_here(note: &str) -> bool {
+    let mut words = note.split_whitespace();
+    let (Some("pid"), Some(pid), Some("on"), Some(host)) =
+        (words.next(), words.next(), words.next(), words.next())
+    else {
+        return false;
+    };
+    let Ok(pid) = pid.parse::<i32>() else {
+        return false;
+    };
+    let here = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    host == here
+        && pid > 0
+        && matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        )
+}
+
 fn runtime(s: &StoreSettings) -> Result<tokio::runtime::Runtime, StoreError> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -244,35 +267,49 @@ impl EtcdStore {
                         .await
                         .map_err(|e| etcd_err(&s, e))?
                         .id();
-                    let txn = Txn::new()
-                        .when([Compare::create_revision(
-                            lock_key.clone(),
-                            CompareOp::Equal,
-                            0,
-                        )])
-                        .and_then([
-                            TxnOp::put(
+                    // A holder that died keeps the lock until its lease
+                    // lapses (at most one TTL; then try again), except one
+                    // that died on this machine (its pid is gone): its
+                    // lease is revoked and the lock taken at once.
+                    let kv = loop {
+                        let txn = Txn::new()
+                            .when([Compare::create_revision(
                                 lock_key.clone(),
-                                note,
-                                Some(PutOptions::new().with_lease(lease)),
-                            ),
-                            TxnOp::put(index_key, "", None),
-                            TxnOp::get(lock_key.clone(), None),
-                        ])
-                        .or_else([TxnOp::get(lock_key.clone(), None)]);
-                    let resp = client.txn(txn).await.map_err(|e| etcd_err(&s, e))?;
-                    let kv = resp.op_responses().into_iter().find_map(|r| match r {
-                        TxnOpResponse::Get(g) => g.kvs().first().cloned(),
-                        _ => None,
-                    });
-                    if !resp.succeeded() {
-                        let _ = client.lease_revoke(lease).await;
+                                CompareOp::Equal,
+                                0,
+                            )])
+                            .and_then([
+                                TxnOp::put(
+                                    lock_key.clone(),
+                                    note.clone(),
+                                    Some(PutOptions::new().with_lease(lease)),
+                                ),
+                                TxnOp::put(index_key.clone(), "", None),
+                                TxnOp::get(lock_key.clone(), None),
+                            ])
+                            .or_else([TxnOp::get(lock_key.clone(), None)]);
+                        let resp = client.txn(txn).await.map_err(|e| etcd_err(&s, e))?;
+                        let kv = resp.op_responses().into_iter().find_map(|r| match r {
+                            TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+                            _ => None,
+                        });
+                        if resp.succeeded() {
+                            break kv;
+                        }
                         let holder = kv
+                            .as_ref()
                             .and_then(|kv| kv.value_str().ok().map(str::to_string))
                             .filter(|h| !h.is_empty())
                             .unwrap_or_else(|| "unknown holder".into());
+                        if let Some(kv) = &kv
+                            && died_here(&holder)
+                        {
+                            let _ = client.lease_revoke(kv.lease()).await;
+                            continue;
+                        }
+                        let _ = client.lease_revoke(lease).await;
                         return Err(StoreError::Held { wave, holder });
-                    }
+                    };
                     let token = kv.map(|kv| kv.create_revision()).unwrap_or(0);
                     if token == 0 {
                         return Err(etcd_err(&s, "the lock key vanished right after it was put"));
@@ -422,9 +459,9 @@ impl EtcdStore {
         Fut: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
     {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let lost = self.lost.clone();
+        let (lost, wave) = (self.lost.clone(), self.wave.clone());
         self.handle.spawn(async move {
-            let _ = tx.send(retrying(&lost, f).await);
+            let _ = tx.send(retrying(&lost, &wave, f).await);
         });
         rx.recv()
             .map_err(|_| self.err("the etcd client runtime stopped"))?
@@ -437,9 +474,9 @@ impl EtcdStore {
         F: FnMut() -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
     {
-        let lost = self.lost.clone();
+        let (lost, wave) = (self.lost.clone(), self.wave.clone());
         self.handle
-            .spawn(async move { retrying(&lost, f).await })
+            .spawn(async move { retrying(&lost, &wave, f).await })
             .await
             .map_err(|e| self.err(format!("etcd request task failed: {e}")))?
     }
@@ -723,7 +760,7 @@ const UNAVAILABLE_RETRY_FOR: Duration = Duration::from_secs(30);
 /// to repeat (a put writes the same bytes; a sequence number or event
 /// index that was taken by a try whose answer was lost is skipped, never
 /// reused).
-async fn retrying<T, F, Fut>(lost: &AtomicBool, mut f: F) -> Result<T, StoreError>
+async fn retrying<T, F, Fut>(lost: &AtomicBool, wave: &str, mut f: F) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StoreError>>,
@@ -732,8 +769,16 @@ where
     let mut delay = Duration::from_millis(20);
     loop {
         match f().await {
+            // The lease lapsed while etcd was out of reach (or this process
+            // was frozen): whatever the request met, the lock is gone.
+            Err(StoreError::Etcd { reason, .. }) if lost.load(Ordering::SeqCst) => {
+                return Err(StoreError::LostLock {
+                    wave: wave.to_string(),
+                    reason: format!("the lock's lease expired; last etcd error: {reason}"),
+                });
+            }
             Err(StoreError::Etcd { endpoints, reason })
-                if !lost.load(Ordering::SeqCst) && start.elapsed() < UNAVAILABLE_RETRY_FOR =>
+                if start.elapsed() < UNAVAILABLE_RETRY_FOR =>
             {
                 tracing::warn!(%endpoints, %reason, "etcd unavailable; retrying");
                 tokio::time::sleep(delay).await;
@@ -929,7 +974,23 @@ pub(super) fn list_waves(s: &StoreSettings) -> Result<Vec<WaveListing>, StoreErr
 
 #[cfg(test)]
 mod tests {
-    use super::prefix_end;
+    use super::{died_here, prefix_end};
+
+    #[test]
+    fn a_holder_is_dead_only_when_its_pid_is_gone_on_this_machine() {
+        let here = nix::unistd::gethostname()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let me = std::process::id();
+        assert!(!died_here(&format!("pid {me} on {here} since 1")));
+        assert!(died_here(&format!("pid {} on {here} since 1", i32::MAX)));
+        assert!(!died_here(&format!(
+            "pid {} on not-{here} since 1",
+            i32::MAX
+        )));
+        assert!(!died_here("unknown holder"));
+    }
 
     #[test]
     fn the_prefix_range_ends_after_every_key_with_the_prefix() {

@@ -42,18 +42,23 @@ fn coordinator_settings(f: &LocalFleet, etcd: &EtcdCluster, name: &str) -> PathB
             out.push('\n');
         }
     }
+    out.push_str(&store_section(etcd));
+    let path = f.root.join(format!("{name}.toml"));
+    std::fs::write(&path, out).unwrap();
+    path
+}
+
+/// `[store]` on `etcd`.
+fn store_section(etcd: &EtcdCluster) -> String {
     let endpoints: Vec<String> = etcd
         .endpoints()
         .iter()
         .map(|e| format!("\"{e}\""))
         .collect();
-    out.push_str(&format!(
+    format!(
         "\n[store]\nbackend = \"etcd\"\nendpoints = [{}]\nprefix = \"/fleet-test\"\n",
         endpoints.join(", ")
-    ));
-    let path = f.root.join(format!("{name}.toml"));
-    std::fs::write(&path, out).unwrap();
-    path
+    )
 }
 
 /// A `ringfence` process with its output in files.
@@ -332,6 +337,26 @@ async fn etcd_wave_halt_from_another_machine_stops_the_wave() {
         patched < f.hosts.len(),
         "the halt stopped the wave before its end"
     );
+}
+
+/// Scenario 1: the kill-at-10-points exactly-once test, on etcd: the same
+/// body as `fleet_processes`, with the fleet's settings on an etcd store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_coordinator_sigkilled_ten_times_and_resumed_patches_every_host_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdCluster::start(&dir.path().join("etcd").tap_mkdir(), 1).unwrap();
+    let f = start(
+        &dir.path().join("fleet").tap_mkdir(),
+        crate::fleet_processes::all_rings(7, "h100-train"),
+        &[("h100-train", 50)],
+    )
+    .await;
+    let mut text = std::fs::read_to_string(&f.settings).unwrap();
+    text.push_str(&store_section(&etcd));
+    std::fs::write(&f.settings, text).unwrap();
+    crate::fleet_processes::sigkilled_ten_times_and_resumed(&f).await;
+    // The wave's state is in etcd, not in a local redb file.
+    assert!(!f.state_dir.join("crashy.redb").exists());
 }
 
 /// The member that leads the cluster now.
