@@ -202,6 +202,7 @@ pub(super) struct EtcdStore {
     token: i64,
     lost: Arc<AtomicBool>,
     halted: Arc<AtomicBool>,
+    ledger_local: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -343,6 +344,7 @@ impl EtcdStore {
             token,
             lost: Arc::new(AtomicBool::new(false)),
             halted: Arc::new(AtomicBool::new(false)),
+            ledger_local: Arc::new(tokio::sync::Mutex::new(())),
         };
         store.spawn_keepalive(ttl_s);
         let halt = store.halt_request()?;
@@ -458,13 +460,7 @@ impl EtcdStore {
         F: FnMut() -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
     {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let (lost, wave) = (self.lost.clone(), self.wave.clone());
-        self.handle.spawn(async move {
-            let _ = tx.send(retrying(&lost, &wave, f).await);
-        });
-        rx.recv()
-            .map_err(|_| self.err("the etcd client runtime stopped"))?
+        block_in(&self.handle, &self.lost, &self.wave, &self.settings, f)
     }
 
     /// [`block`](Self::block), awaited.
@@ -734,8 +730,201 @@ impl EtcdStore {
         Ok(!cleared)
     }
 
+    /// The pool ledger of this store's prefix.
+    pub(super) fn ledger(&self) -> EtcdLedger {
+        EtcdLedger {
+            handle: self.handle.clone(),
+            ctx: self.ctx(),
+            lease: self.lease,
+            lost: self.lost.clone(),
+            wave: self.wave.clone(),
+            mutex: format!("{}/pools/mutex", self.settings.prefix),
+            key: format!("{}/pools/ledger", self.settings.prefix),
+            local: self.ledger_local.clone(),
+        }
+    }
+
     pub(super) fn holds_lock(&self) -> bool {
         !self.lost.load(Ordering::SeqCst)
+    }
+}
+
+/// [`EtcdStore::block`] for whoever holds the runtime's handle.
+fn block_in<T, F, Fut>(
+    handle: &tokio::runtime::Handle,
+    lost: &Arc<AtomicBool>,
+    wave: &str,
+    settings: &StoreSettings,
+    f: F,
+) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let (lost, wave) = (lost.clone(), wave.to_string());
+    handle.spawn(async move {
+        let _ = tx.send(retrying(&lost, &wave, f).await);
+    });
+    rx.recv()
+        .map_err(|_| etcd_err(settings, "the etcd client runtime stopped"))?
+}
+
+/// The pool ledger on etcd: one key, `<prefix>/pools/ledger` (the same
+/// JSON as `pools.json`: wave → pool → hosts out of service), read and
+/// written under etcd's distributed mutex `<prefix>/pools/mutex` held with
+/// the wave's lease (a coordinator that dies lets it go with its lease),
+/// and written only while the wave's lock is still held (the fence).
+#[derive(Clone)]
+pub(super) struct EtcdLedger {
+    handle: tokio::runtime::Handle,
+    ctx: Ctx,
+    lease: i64,
+    lost: Arc<AtomicBool>,
+    wave: String,
+    mutex: String,
+    key: String,
+    /// One guard at a time in this process: the etcd mutex is per lease.
+    local: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl std::fmt::Debug for EtcdLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdLedger")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The etcd pool ledger, held: the mutex key this coordinator owns.
+pub(super) struct EtcdLedgerGuard {
+    ledger: EtcdLedger,
+    lock_key: Vec<u8>,
+    local: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl std::fmt::Debug for EtcdLedgerGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdLedgerGuard")
+            .field("lock_key", &String::from_utf8_lossy(&self.lock_key))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for EtcdLedgerGuard {
+    fn drop(&mut self) {
+        // Unlock on the store's runtime; this process's next guard waits
+        // (the local mutex goes with the task) until etcd has let go.
+        let mut c = self.ledger.ctx.c.clone();
+        let key = std::mem::take(&mut self.lock_key);
+        let local = self.local.take();
+        self.ledger.handle.spawn(async move {
+            for _ in 0..20 {
+                if c.unlock(key.clone()).await.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            drop(local);
+        });
+    }
+}
+
+impl EtcdLedger {
+    pub(super) fn location(&self) -> std::path::PathBuf {
+        std::path::PathBuf::from(format!("etcd {} {}", endpoints_of(&self.ctx.s), self.key))
+    }
+
+    fn lock_once(
+        &self,
+    ) -> impl FnMut() -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<(Vec<u8>, Option<Vec<u8>>), StoreError>> + Send,
+        >,
+    > + Send
+    + 'static {
+        let (ctx, lease, mutex, key) = (
+            self.ctx.clone(),
+            self.lease,
+            self.mutex.clone(),
+            self.key.clone(),
+        );
+        move || {
+            let (mut c, s, mutex, key) = (ctx.c.clone(), ctx.s.clone(), mutex.clone(), key.clone());
+            Box::pin(async move {
+                // The same lease asking again gets the same mutex key: a
+                // retried lock whose answer was lost does not deadlock.
+                let l = c
+                    .lock(
+                        mutex,
+                        Some(etcd_client::LockOptions::new().with_lease(lease)),
+                    )
+                    .await
+                    .map_err(|e| etcd_err(&s, e))?;
+                let r = c.get(key, None).await.map_err(|e| etcd_err(&s, e))?;
+                Ok((
+                    l.key().to_vec(),
+                    r.kvs().first().map(|kv| kv.value().to_vec()),
+                ))
+            })
+        }
+    }
+
+    pub(super) async fn lock(&self) -> Result<(EtcdLedgerGuard, Option<Vec<u8>>), StoreError> {
+        let local = self.local.clone().lock_owned().await;
+        let (lost, wave, f) = (self.lost.clone(), self.wave.clone(), self.lock_once());
+        let (lock_key, bytes) = self
+            .handle
+            .spawn(async move { retrying(&lost, &wave, f).await })
+            .await
+            .map_err(|e| etcd_err(&self.ctx.s, format!("etcd request task failed: {e}")))??;
+        Ok((
+            EtcdLedgerGuard {
+                ledger: self.clone(),
+                lock_key,
+                local: Some(local),
+            },
+            bytes,
+        ))
+    }
+
+    pub(super) fn lock_blocking(&self) -> Result<(EtcdLedgerGuard, Option<Vec<u8>>), StoreError> {
+        let this = self.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.handle.spawn(async move {
+            let _ = tx.send(this.lock().await);
+        });
+        rx.recv()
+            .map_err(|_| etcd_err(&self.ctx.s, "the etcd client runtime stopped"))?
+    }
+}
+
+impl EtcdLedgerGuard {
+    /// Write the ledger: fenced by the wave's lock and by this mutex key.
+    pub(super) fn set(&self, bytes: Vec<u8>) -> Result<(), StoreError> {
+        let l = &self.ledger;
+        let (ctx, key, lock_key) = (l.ctx.clone(), l.key.clone(), self.lock_key.clone());
+        let ok = block_in(&l.handle, &l.lost, &l.wave, &l.ctx.s, move || {
+            let Ctx { mut c, s, fence } = ctx.clone();
+            let (key, lock_key, bytes) = (key.clone(), lock_key.clone(), bytes.clone());
+            async move {
+                let txn = Txn::new()
+                    .when([fence, Compare::version(lock_key, CompareOp::Greater, 0)])
+                    .and_then([TxnOp::put(key, bytes, None)]);
+                Ok(c.txn(txn).await.map_err(|e| etcd_err(&s, e))?.succeeded())
+            }
+        })?;
+        if ok {
+            Ok(())
+        } else {
+            l.lost.store(true, Ordering::SeqCst);
+            Err(StoreError::LostLock {
+                wave: l.wave.clone(),
+                reason: "the wave lock or the pool ledger mutex is no longer this coordinator's"
+                    .into(),
+            })
+        }
     }
 }
 

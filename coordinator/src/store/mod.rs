@@ -400,6 +400,20 @@ impl WaveStore {
         }
     }
 
+    /// The pool ledger this wave shares with the other waves of its store:
+    /// `pools.json` under the state dir (redb), or one etcd key under a
+    /// distributed mutex (etcd), so that waves driven from different
+    /// machines over one pool stay within its reserve together.
+    pub fn ledger(&self) -> PoolLedger {
+        match &self.backend {
+            Backend::Redb(_) => PoolLedger::new(&self.paths),
+            Backend::Etcd(e) => PoolLedger {
+                etcd: Some(e.ledger()),
+                ..PoolLedger::new(&self.paths)
+            },
+        }
+    }
+
     /// Whether this coordinator still holds the wave (redb: always, the
     /// flock lives as long as the store; etcd: the lease is alive and the
     /// lock key is ours).
@@ -582,6 +596,8 @@ pub fn clear_halt(paths: &WavePaths, seen: Option<&str>) -> Result<bool, StoreEr
 pub struct PoolLedger {
     file: PathBuf,
     lock: PathBuf,
+    /// On etcd: the ledger key, under the store's distributed mutex.
+    etcd: Option<etcd::EtcdLedger>,
 }
 
 /// One wave's entry: pool → hosts out of service.
@@ -596,6 +612,7 @@ impl PoolLedger {
         Self {
             file: paths.pools.clone(),
             lock: paths.pools_lock.clone(),
+            etcd: None,
         }
     }
 
@@ -632,13 +649,38 @@ impl PoolLedger {
         Ok(LedgerGuard {
             file: self.file.clone(),
             waves,
-            _lock: lock,
+            _lock: Some(lock),
+            etcd: None,
+        })
+    }
+
+    /// The etcd ledger, taken: read under the mutex.
+    fn etcd_guard(
+        e: &etcd::EtcdLedger,
+        (guard, waves): (etcd::EtcdLedgerGuard, Option<Vec<u8>>),
+    ) -> Result<LedgerGuard, StoreError> {
+        let waves = match waves {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|err| StoreError::Corrupt {
+                path: e.location(),
+                key: "pool ledger".into(),
+                reason: err.to_string(),
+            })?,
+            None => BTreeMap::new(),
+        };
+        Ok(LedgerGuard {
+            file: e.location(),
+            waves,
+            _lock: None,
+            etcd: Some(guard),
         })
     }
 
     /// Take the ledger (waits, without blocking the runtime, while another
     /// coordinator holds it; every holder keeps it for one short read/write).
     pub async fn lock(&self) -> Result<LedgerGuard, StoreError> {
+        if let Some(e) = &self.etcd {
+            return Self::etcd_guard(e, e.lock().await?);
+        }
         let mut file = self.open_lock()?;
         loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
@@ -659,6 +701,9 @@ impl PoolLedger {
 
     /// [`lock`](Self::lock) for synchronous callers (blocks the thread).
     pub fn lock_blocking(&self) -> Result<LedgerGuard, StoreError> {
+        if let Some(e) = &self.etcd {
+            return Self::etcd_guard(e, e.lock_blocking()?);
+        }
         let file = self.open_lock()?;
         match Flock::lock(file, FlockArg::LockExclusive) {
             Ok(l) => self.guard(l),
@@ -675,7 +720,8 @@ impl PoolLedger {
 pub struct LedgerGuard {
     file: PathBuf,
     waves: BTreeMap<String, LedgerEntry>,
-    _lock: Flock<File>,
+    _lock: Option<Flock<File>>,
+    etcd: Option<etcd::EtcdLedgerGuard>,
 }
 
 impl LedgerGuard {
@@ -713,7 +759,10 @@ impl LedgerGuard {
             key: wave.to_string(),
             reason: e.to_string(),
         })?;
-        replace_file(&self.file, &bytes, false)
+        match &self.etcd {
+            Some(g) => g.set(bytes),
+            None => replace_file(&self.file, &bytes, false),
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use super::model::{Ctx, HostRecord, Phase};
 use super::outcome::{Failure, HaltReport};
 use super::rollback::rollback_by_hand;
 use crate::plan::{self, HostStatus, Plan, WaveState};
-use crate::store::{self, LedgerEntry, PoolLedger, StoreError, WaveStore};
+use crate::store::{self, LedgerEntry, StoreError, WaveStore};
 
 /// What the probe before a new wave found.
 #[derive(Debug, Default)]
@@ -43,7 +43,7 @@ impl Driver {
         // out meanwhile, so every host another wave has drained is in its
         // ledger entry and counts as that wave's, not as out before.
         let out_before = {
-            let guard = PoolLedger::new(&self.store.paths).lock().await?;
+            let guard = self.store.ledger().lock().await?;
             let Probe {
                 mut out,
                 ring_mismatch,
@@ -367,7 +367,8 @@ pub fn abort(store: &WaveStore, clock: &dyn Clock) -> Result<(), StoreError> {
     store.put_meta(META_ABORTED, &true)?;
     store.append_event(&Event::wait(clock, "aborted by operator"))?;
     store::release_hosts(&store.paths)?;
-    PoolLedger::new(&store.paths)
+    store
+        .ledger()
         .lock_blocking()?
         .set(&store.paths.wave, &LedgerEntry::new())
 }

@@ -75,6 +75,7 @@ both_backends!(
     a_halt_request_is_seen_and_only_the_seen_one_is_cleared,
     a_second_coordinator_is_refused_and_told_the_holder,
     wave_list_shows_state_and_holder,
+    the_pool_ledger_is_shared_by_the_waves_of_a_store_and_held_by_one_at_a_time,
 );
 
 fn records_survive_reopen(u: &Under) {
@@ -251,6 +252,61 @@ fn wave_list_shows_state_and_holder(u: &Under) {
     // `wave status` from anywhere reads the same snapshot.
     let text = store::read_status_in(&u.store, u.dir.path(), "b").unwrap();
     assert!(text.contains("running"), "{text}");
+}
+
+fn the_pool_ledger_is_shared_by_the_waves_of_a_store_and_held_by_one_at_a_time(u: &Under) {
+    use ringfence_coordinator::store::LedgerEntry;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Two waves, driven by two coordinators (etcd: two machines).
+    let other = tempfile::tempdir().unwrap();
+    let a = u.open("a").unwrap();
+    let b = if u.etcd.is_some() {
+        u.open_in(other.path(), "b").unwrap()
+    } else {
+        u.open("b").unwrap()
+    };
+    let entry = |pool: &str, hosts: &[&str]| -> LedgerEntry {
+        let mut e = LedgerEntry::new();
+        e.insert(
+            pool.to_string(),
+            hosts.iter().map(|h| (*h).to_string()).collect(),
+        );
+        e
+    };
+    rt.block_on(async {
+        {
+            let mut g = a.ledger().lock().await.unwrap();
+            assert!(g.others("a").is_empty());
+            g.set("a", &entry("p", &["h1", "h2"])).unwrap();
+            // Held: the other coordinator waits.
+            assert!(
+                tokio::time::timeout(Duration::from_millis(300), b.ledger().lock())
+                    .await
+                    .is_err()
+            );
+        }
+        let mut g = b.ledger().lock().await.unwrap();
+        let others = g.others("b");
+        assert_eq!(others["p"].len(), 2);
+        assert_eq!(others["p"]["h1"], "a");
+        assert!(g.others("a").is_empty(), "its own entry is not another's");
+        g.set("b", &entry("p", &["h3"])).unwrap();
+        drop(g);
+        let mut g = a.ledger().lock().await.unwrap();
+        assert_eq!(g.others("a")["p"].keys().collect::<Vec<_>>(), ["h3"]);
+        g.set("a", &LedgerEntry::new()).unwrap();
+    });
+    // Synchronous callers (`wave abort`) take it too.
+    let g = b.ledger().lock_blocking().unwrap();
+    assert!(g.others("b").is_empty(), "wave a left the ledger");
+    drop(g);
+    drop(a);
+    drop(b);
+    drop(rt);
 }
 
 // ---- etcd only: what a lease changes ----
