@@ -797,6 +797,11 @@ impl std::fmt::Debug for EtcdLedger {
     }
 }
 
+/// One try of taking the ledger: the mutex key and the ledger's bytes.
+type LockFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(Vec<u8>, Option<Vec<u8>>), StoreError>> + Send>,
+>;
+
 /// The etcd pool ledger, held: the mutex key this coordinator owns.
 pub(super) struct EtcdLedgerGuard {
     ledger: EtcdLedger,
@@ -836,14 +841,7 @@ impl EtcdLedger {
         std::path::PathBuf::from(format!("etcd {} {}", endpoints_of(&self.ctx.s), self.key))
     }
 
-    fn lock_once(
-        &self,
-    ) -> impl FnMut() -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<(Vec<u8>, Option<Vec<u8>>), StoreError>> + Send,
-        >,
-    > + Send
-    + 'static {
+    fn lock_once(&self) -> impl FnMut() -> LockFuture + Send + 'static {
         let (ctx, lease, mutex, key) = (
             self.ctx.clone(),
             self.lease,
