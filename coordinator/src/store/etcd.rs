@@ -18,7 +18,9 @@
 //! | `halt` | present while a halt is requested (`wave halt`); its text identifies the request |
 //!
 //! and `<prefix>/index/<wave>` (empty) names every wave ever opened, for
-//! `wave list`. Evidence packets stay files under the state dir of the
+//! `wave list`; `<prefix>/pools/ledger` is the pool ledger shared by every
+//! wave of the prefix, taken under etcd's mutex `<prefix>/pools/mutex`
+//! (`EtcdLedger`). Evidence packets stay files under the state dir of the
 //! coordinator that wrote them (they are signed, self-contained and large;
 //! etcd's default request limit is 1.5 MiB).
 //!

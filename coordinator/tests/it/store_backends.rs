@@ -409,3 +409,104 @@ fn etcd_unreachable_is_an_etcd_error_naming_the_endpoints() {
     assert!(matches!(err, StoreError::Etcd { .. }), "{err}");
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
 }
+
+/// `ringfence pki …` as an operator runs it.
+fn pki(args: &[&str]) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringfence"))
+        .arg("pki")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ringfence pki {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Scenario 7: client TLS to etcd with certificates from `ringfence pki`:
+/// the etcd member serves TLS with a `host` certificate for `localhost` and
+/// requires client certificates; the coordinator's `ops` certificate opens
+/// the wave, and a store without a client certificate (or with another
+/// CA's) gets nothing.
+#[test]
+fn etcd_client_tls_with_certificates_from_ringfence_pki() {
+    use ringfence_coordinator::settings::StoreTls;
+    use ringfence_testkit::etcd::EtcdServerTls;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let ca_s = ca.to_str().unwrap();
+    pki(&["init", "--dir", ca_s, "--trust-domain", "etcd.test"]);
+    pki(&[
+        "issue",
+        "--dir",
+        ca_s,
+        "--role",
+        "host",
+        "--name",
+        "localhost",
+    ]);
+    pki(&[
+        "issue",
+        "--dir",
+        ca_s,
+        "--role",
+        "ops",
+        "--name",
+        "coordinator",
+    ]);
+    let etcd = EtcdCluster::start_tls(
+        dir.path(),
+        &EtcdServerTls {
+            cert: ca.join("host-localhost.pem"),
+            key: ca.join("host-localhost.key"),
+            ca: ca.join("ca.pem"),
+        },
+    )
+    .unwrap();
+    let mut store = StoreSettings {
+        backend: Backend::Etcd,
+        endpoints: etcd.endpoints(),
+        prefix: "/tls".into(),
+        tls: Some(StoreTls {
+            cert: ca.join("ops-coordinator.pem"),
+            key: ca.join("ops-coordinator.key"),
+            ca: ca.join("ca.pem"),
+        }),
+    };
+    assert!(store.endpoints[0].starts_with("https://localhost:"));
+    let state = tempfile::tempdir().unwrap();
+    {
+        let s = WaveStore::open_in(&store, state.path(), "w", &SystemClock).unwrap();
+        s.put_host("gpu-1", &serde_json::json!({"phase": "done"}))
+            .unwrap();
+        assert_eq!(s.next_sequence("gpu-1", 0).unwrap(), 1);
+    }
+    let s = WaveStore::open_in(&store, state.path(), "w", &SystemClock).unwrap();
+    let rec: serde_json::Value = s.get_host("gpu-1").unwrap().unwrap();
+    assert_eq!(rec["phase"], "done");
+    drop(s);
+
+    // A client certificate of another CA is refused by etcd.
+    let other = dir.path().join("other-ca");
+    let other_s = other.to_str().unwrap();
+    pki(&["init", "--dir", other_s, "--trust-domain", "other.test"]);
+    pki(&[
+        "issue", "--dir", other_s, "--role", "ops", "--name", "intruder",
+    ]);
+    store.tls = Some(StoreTls {
+        cert: other.join("ops-intruder.pem"),
+        key: other.join("ops-intruder.key"),
+        ca: ca.join("ca.pem"),
+    });
+    let err = WaveStore::open_in(&store, state.path(), "w", &SystemClock).unwrap_err();
+    assert!(matches!(err, StoreError::Etcd { .. }), "{err}");
+    // A missing key file is named.
+    store.tls = Some(StoreTls {
+        cert: ca.join("ops-coordinator.pem"),
+        key: ca.join("absent.key"),
+        ca: ca.join("ca.pem"),
+    });
+    let err = WaveStore::open_in(&store, state.path(), "w", &SystemClock).unwrap_err();
+    assert!(err.to_string().contains("absent.key"), "{err}");
+}

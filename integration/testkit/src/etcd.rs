@@ -13,14 +13,27 @@ use crate::net::free_loopback;
 /// How long a cluster may take to report healthy.
 const HEALTHY_WITHIN: Duration = Duration::from_secs(20);
 
+/// Server TLS of a member: it then serves `https://localhost:PORT`
+/// (listening on 127.0.0.1) and requires client certificates from `ca`.
+#[derive(Debug, Clone)]
+pub struct EtcdServerTls {
+    /// PEM server certificate with the DNS name `localhost`.
+    pub cert: PathBuf,
+    /// Its PEM private key.
+    pub key: PathBuf,
+    /// PEM CA that client certificates must chain to.
+    pub ca: PathBuf,
+}
+
 /// One running `etcd` process.
 #[derive(Debug)]
 pub struct EtcdMember {
     /// The member's name in the cluster.
     pub name: String,
-    /// Its client URL (`http://127.x.y.z:port`).
+    /// Its client URL (`http://127.x.y.z:port`, or `https://localhost:port`).
     pub client_url: String,
-    client: SocketAddr,
+    /// Where `GET /health` answers over plain HTTP.
+    health: SocketAddr,
     child: Option<Child>,
     args: Vec<String>,
     log: PathBuf,
@@ -44,7 +57,7 @@ impl EtcdMember {
 
     /// Whether `GET /health` answers `"health":"true"` now.
     pub fn healthy(&self) -> bool {
-        health(self.client)
+        health(self.health)
     }
 }
 
@@ -94,9 +107,24 @@ impl EtcdCluster {
     /// and wait until every one reports healthy; the output of member `i`
     /// goes to `dir/etcd-i.log`.
     pub fn start(dir: &Path, n: usize) -> std::io::Result<Self> {
+        Self::start_with(dir, n, None)
+    }
+
+    /// One member serving client TLS with `tls` and requiring client
+    /// certificates (`--client-cert-auth`).
+    pub fn start_tls(dir: &Path, tls: &EtcdServerTls) -> std::io::Result<Self> {
+        Self::start_with(dir, 1, Some(tls))
+    }
+
+    fn start_with(dir: &Path, n: usize, tls: Option<&EtcdServerTls>) -> std::io::Result<Self> {
         let mut addrs = Vec::new();
         for i in 0..n {
-            addrs.push((format!("m{i}"), free_loopback()?, free_loopback()?));
+            let client = match tls {
+                // `localhost` is what the certificate names.
+                Some(_) => std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?,
+                None => free_loopback()?,
+            };
+            addrs.push((format!("m{i}"), client, free_loopback()?));
         }
         let initial: Vec<String> = addrs
             .iter()
@@ -107,11 +135,17 @@ impl EtcdCluster {
         for (i, (name, client, peer)) in addrs.into_iter().enumerate() {
             let data = dir.join(format!("etcd-{i}.data"));
             let log = dir.join(format!("etcd-{i}.log"));
-            let client_url = format!("http://{client}");
-            let args: Vec<String> = vec![
+            let (listen_url, client_url) = match tls {
+                Some(_) => (
+                    format!("https://{client}"),
+                    format!("https://localhost:{}", client.port()),
+                ),
+                None => (format!("http://{client}"), format!("http://{client}")),
+            };
+            let mut args: Vec<String> = vec![
                 format!("--name={name}"),
                 format!("--data-dir={}", data.display()),
-                format!("--listen-client-urls={client_url}"),
+                format!("--listen-client-urls={listen_url}"),
                 format!("--advertise-client-urls={client_url}"),
                 format!("--listen-peer-urls=http://{peer}"),
                 format!("--initial-advertise-peer-urls=http://{peer}"),
@@ -123,11 +157,25 @@ impl EtcdCluster {
                 "--logger=zap".into(),
                 "--log-level=warn".into(),
             ];
+            let health = match tls {
+                Some(t) => {
+                    let metrics = free_loopback()?;
+                    args.extend([
+                        format!("--cert-file={}", t.cert.display()),
+                        format!("--key-file={}", t.key.display()),
+                        format!("--trusted-ca-file={}", t.ca.display()),
+                        "--client-cert-auth".into(),
+                        format!("--listen-metrics-urls=http://{metrics}"),
+                    ]);
+                    metrics
+                }
+                None => client,
+            };
             let child = spawn(&args, &log)?;
             members.push(EtcdMember {
                 name,
                 client_url,
-                client,
+                health,
                 child: Some(child),
                 args,
                 log,
