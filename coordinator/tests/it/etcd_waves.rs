@@ -359,6 +359,105 @@ async fn etcd_coordinator_sigkilled_ten_times_and_resumed_patches_every_host_exa
     assert!(!f.state_dir.join("crashy.redb").exists());
 }
 
+/// The fleet's inventory with only the hosts `keep` names.
+fn inventory_of(f: &LocalFleet, name: &str, keep: &[String]) -> PathBuf {
+    let text = std::fs::read_to_string(&f.inventory).unwrap();
+    let mut parts = text.split("\n[[host]]\n");
+    let mut out = parts.next().unwrap().to_string();
+    for h in parts {
+        if keep
+            .iter()
+            .any(|id| h.contains(&format!("id = \"{id}\"\n")))
+        {
+            out.push_str("\n[[host]]\n");
+            out.push_str(h);
+        }
+    }
+    let path = f.root.join(format!("{name}.inventory.toml"));
+    std::fs::write(&path, out).unwrap();
+    path
+}
+
+/// Scenario 6: two waves over one pool, driven at once by two
+/// coordinators on two "machines" (own state dirs, one etcd), never take
+/// more of the pool out of service together than its reserve allows —
+/// from the agents' own task timelines (drain accepted → undrain done).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_two_waves_over_one_pool_from_two_machines_stay_within_its_reserve_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdCluster::start(&dir.path().join("etcd").tap_mkdir(), 1).unwrap();
+    let hosts: Vec<HostSpec> = (0..10)
+        .map(|i| {
+            let mut h = host(&format!("gpu-{i:02}"), (i % 2) as u32, "p");
+            h.busy_for_s = Some(0.3);
+            h
+        })
+        .collect();
+    let f = start(&dir.path().join("fleet").tap_mkdir(), hosts, &[("p", 20)]).await;
+    let ids: Vec<String> = f.hosts.iter().map(|h| h.spec.id.clone()).collect();
+    // Each wave's inventory names half the pool: 5 hosts at 20 % = 1 out
+    // at a time, counting the other wave's hosts out of service.
+    let inv_a = inventory_of(&f, "a", &ids[..5]);
+    let inv_b = inventory_of(&f, "b", &ids[5..]);
+    // Batches bigger than the reserve: only the reserve holds hosts back.
+    let spec_a = f.write_spec("pool-a", &pacing(5)).unwrap();
+    let spec_b = f.write_spec("pool-b", &pacing(5)).unwrap();
+    let run = |inv: &Path, spec: &Path| -> Vec<String> {
+        [
+            "wave",
+            "run",
+            "--inventory",
+            inv.to_str().unwrap(),
+            "--spec",
+            spec.to_str().unwrap(),
+            "--json",
+        ]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect()
+    };
+    let args_a = run(&inv_a, &spec_a);
+    let args_b = run(&inv_b, &spec_b);
+    let a_args: Vec<&str> = args_a.iter().map(String::as_str).collect();
+    let b_args: Vec<&str> = args_b.iter().map(String::as_str).collect();
+    let mut a = Proc::spawn(&coordinator_settings(&f, &etcd, "a"), &a_args, "a-run");
+    let mut b = Proc::spawn(&coordinator_settings(&f, &etcd, "b"), &b_args, "b-run");
+    assert_eq!(a.exit(WAVE_LIMIT).await, 0, "wave a: {}", a.stderr());
+    assert_eq!(b.exit(WAVE_LIMIT).await, 0, "wave b: {}", b.stderr());
+    // Both waves ran at the same time: each waited on the other's hosts.
+    let waited = |p: &Proc| {
+        p.events().iter().any(|e| {
+            e["kind"] == "wait" && e["detail"].as_str().unwrap_or("").contains("other wave")
+        }) || p.events().iter().any(|e| {
+            e["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("in other waves")
+        })
+    };
+    let mut all = Vec::new();
+    for h in &f.hosts {
+        let iv = crate::fleet_processes::out_of_service(&f, &h.spec.id).await;
+        assert_eq!(
+            iv.len(),
+            1,
+            "{} drained and undrained once: {iv:?}",
+            h.spec.id
+        );
+        all.extend(iv);
+    }
+    assert_eq!(
+        crate::fleet_processes::max_overlap(&all),
+        1,
+        "one host of the pool out of service at once across both waves; agent timelines: {all:?}"
+    );
+    assert!(
+        waited(&a) || waited(&b),
+        "the waves overlapped in time and one waited for the other's host"
+    );
+    assert_each_host_patched_once(&f).await;
+}
+
 /// The member that leads the cluster now.
 async fn leader(etcd: &EtcdCluster) -> usize {
     for (i, m) in etcd.members.iter().enumerate() {

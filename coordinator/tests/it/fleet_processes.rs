@@ -138,7 +138,7 @@ async fn canary_with_uncorrected_ecc_after_the_patch_halts_the_wave_before_broad
 
 /// Out-of-service intervals from an agent journal: drain accepted ..
 /// undrain last updated (or open-ended if never undrained).
-async fn out_of_service(f: &LocalFleet, id: &str) -> Vec<(i64, i64)> {
+pub(crate) async fn out_of_service(f: &LocalFleet, id: &str) -> Vec<(i64, i64)> {
     let tasks = journal(f, id).await;
     let mut out = Vec::new();
     let mut from = None;
@@ -160,7 +160,7 @@ async fn out_of_service(f: &LocalFleet, id: &str) -> Vec<(i64, i64)> {
 
 /// Most intervals overlapping at one instant (an end at t frees the slot
 /// before a start at t).
-fn max_overlap(intervals: &[(i64, i64)]) -> usize {
+pub(crate) fn max_overlap(intervals: &[(i64, i64)]) -> usize {
     let mut points: Vec<(i64, i32)> = Vec::new();
     for &(s, e) in intervals {
         points.push((s, 1));
