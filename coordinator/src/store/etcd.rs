@@ -60,6 +60,7 @@
 //! keepalive and the halt-key watch are tasks of that runtime too, so they
 //! keep running while the caller's runtime is busy.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -897,6 +898,110 @@ impl EtcdLedger {
         });
         rx.recv()
             .map_err(|_| etcd_err(&self.ctx.s, "the etcd client runtime stopped"))?
+    }
+}
+
+impl EtcdLedger {
+    /// Host claims on etcd (`<prefix>/claims`: wave → hosts), changed
+    /// under the pool ledger's mutex: `claim` adds `hosts` for this wave
+    /// (refused, naming the other wave, when an active wave of the prefix
+    /// holds one of them; the claims of ended waves are dropped), `None`
+    /// releases this wave's claim.
+    pub(super) fn claims(&self, hosts: Option<BTreeSet<String>>) -> Result<(), StoreError> {
+        let (guard, _) = self.lock_blocking()?;
+        let prefix = self.ctx.s.prefix.clone();
+        let key = format!("{prefix}/claims");
+        let (ctx, wave, lock_key) = (self.ctx.clone(), self.wave.clone(), guard.lock_key.clone());
+        let r = block_in(
+            &self.handle,
+            &self.lost,
+            &self.wave,
+            &self.ctx.s,
+            move || {
+                let Ctx { mut c, s, fence } = ctx.clone();
+                let (key, prefix, wave, lock_key, hosts) = (
+                    key.clone(),
+                    prefix.clone(),
+                    wave.clone(),
+                    lock_key.clone(),
+                    hosts.clone(),
+                );
+                async move {
+                    let got = c
+                        .get(key.clone(), None)
+                        .await
+                        .map_err(|e| etcd_err(&s, e))?;
+                    let mut claims: BTreeMap<String, BTreeSet<String>> = match got.kvs().first() {
+                        Some(kv) => {
+                            serde_json::from_slice(kv.value()).map_err(|e| StoreError::Corrupt {
+                                path: key.clone().into(),
+                                key: "active wave hosts".into(),
+                                reason: e.to_string(),
+                            })?
+                        }
+                        None => BTreeMap::new(),
+                    };
+                    let mut ended = Vec::new();
+                    for other in claims.keys().filter(|w| **w != wave) {
+                        let st = c
+                            .get(format!("{}/status", wave_base(&prefix, other)), None)
+                            .await
+                            .map_err(|e| etcd_err(&s, e))?;
+                        let phase = st
+                            .kvs()
+                            .first()
+                            .map(|kv| super::phase_of(kv.value()))
+                            .unwrap_or_default();
+                        if phase == "completed" || phase == "aborted" {
+                            ended.push(other.clone());
+                        }
+                    }
+                    for w in ended {
+                        claims.remove(&w);
+                    }
+                    match hosts {
+                        Some(mine) => {
+                            for (other, theirs) in &claims {
+                                if *other == wave {
+                                    continue;
+                                }
+                                let shared: Vec<&str> =
+                                    mine.intersection(theirs).map(String::as_str).collect();
+                                if !shared.is_empty() {
+                                    return Ok(Err(StoreError::HostsInOtherWave {
+                                        wave: wave.clone(),
+                                        other: other.clone(),
+                                        hosts: shared.join(", "),
+                                    }));
+                                }
+                            }
+                            claims.insert(wave.clone(), mine);
+                        }
+                        None => {
+                            claims.remove(&wave);
+                        }
+                    }
+                    let bytes = serde_json::to_vec(&claims).map_err(|e| StoreError::Corrupt {
+                        path: key.clone().into(),
+                        key: "active wave hosts".into(),
+                        reason: e.to_string(),
+                    })?;
+                    let txn = Txn::new()
+                        .when([fence, Compare::version(lock_key, CompareOp::Greater, 0)])
+                        .and_then([TxnOp::put(key, bytes, None)]);
+                    if c.txn(txn).await.map_err(|e| etcd_err(&s, e))?.succeeded() {
+                        Ok(Ok(()))
+                    } else {
+                        Ok(Err(StoreError::LostLock {
+                        wave,
+                        reason: "the wave lock or the pool ledger mutex is no longer this coordinator's".into(),
+                    }))
+                    }
+                }
+            },
+        );
+        drop(guard);
+        r?
     }
 }
 

@@ -414,6 +414,28 @@ impl WaveStore {
         }
     }
 
+    /// Claim `hosts` for this wave before it drains anything (see
+    /// [`claim_hosts`]); on etcd across every coordinator of the prefix.
+    pub fn claim_hosts<'a>(
+        &self,
+        hosts: impl IntoIterator<Item = &'a String>,
+    ) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Redb(_) => claim_hosts(&self.paths, hosts),
+            Backend::Etcd(e) => e
+                .ledger()
+                .claims(Some(hosts.into_iter().cloned().collect())),
+        }
+    }
+
+    /// Release this wave's hosts (an aborted wave; see [`release_hosts`]).
+    pub fn release_hosts(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Redb(_) => release_hosts(&self.paths),
+            Backend::Etcd(e) => e.ledger().claims(None),
+        }
+    }
+
     /// Whether this coordinator still holds the wave (redb: always, the
     /// flock lives as long as the store; etcd: the lease is alive and the
     /// lock key is ours).

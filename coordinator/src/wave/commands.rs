@@ -18,7 +18,7 @@ use super::model::{Ctx, HostRecord, Phase};
 use super::outcome::{Failure, HaltReport};
 use super::rollback::rollback_by_hand;
 use crate::plan::{self, HostStatus, Plan, WaveState};
-use crate::store::{self, LedgerEntry, StoreError, WaveStore};
+use crate::store::{LedgerEntry, StoreError, WaveStore};
 
 /// What the probe before a new wave found.
 #[derive(Debug, Default)]
@@ -84,7 +84,7 @@ impl Driver {
             })
             .collect();
         let plan = Plan::build(&self.inventory, &self.spec, &out_before, &overrides)?;
-        store::claim_hosts(&self.store.paths, plan.host_ring.keys())?;
+        self.store.claim_hosts(plan.host_ring.keys())?;
         self.store.put_meta(META_SPEC, &self.spec)?;
         self.store.put_meta(META_PLAN, &plan)?;
         self.store.put_meta(META_STARTED, &self.clock.now_ms())?;
@@ -366,7 +366,7 @@ impl Driver {
 pub fn abort(store: &WaveStore, clock: &dyn Clock) -> Result<(), StoreError> {
     store.put_meta(META_ABORTED, &true)?;
     store.append_event(&Event::wait(clock, "aborted by operator"))?;
-    store::release_hosts(&store.paths)?;
+    store.release_hosts()?;
     store
         .ledger()
         .lock_blocking()?

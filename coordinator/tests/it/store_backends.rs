@@ -76,6 +76,7 @@ both_backends!(
     a_second_coordinator_is_refused_and_told_the_holder,
     wave_list_shows_state_and_holder,
     the_pool_ledger_is_shared_by_the_waves_of_a_store_and_held_by_one_at_a_time,
+    a_host_belongs_to_one_active_wave_of_the_store,
 );
 
 fn records_survive_reopen(u: &Under) {
@@ -307,6 +308,38 @@ fn the_pool_ledger_is_shared_by_the_waves_of_a_store_and_held_by_one_at_a_time(u
     drop(a);
     drop(b);
     drop(rt);
+}
+
+fn a_host_belongs_to_one_active_wave_of_the_store(u: &Under) {
+    let other = tempfile::tempdir().unwrap();
+    let a = u.open("a").unwrap();
+    let b = if u.etcd.is_some() {
+        u.open_in(other.path(), "b").unwrap()
+    } else {
+        u.open("b").unwrap()
+    };
+    let hosts = |v: &[&str]| -> Vec<String> { v.iter().map(|h| (*h).to_string()).collect() };
+    a.claim_hosts(&hosts(&["h1", "h2"])).unwrap();
+    let err = b.claim_hosts(&hosts(&["h2", "h3"])).unwrap_err();
+    assert!(matches!(err, StoreError::HostsInOtherWave { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("h2") && text.contains("`a`") && !text.contains("h3"),
+        "{text}"
+    );
+    b.claim_hosts(&hosts(&["h3"])).unwrap();
+    // Once wave a has completed its hosts are free.
+    a.write_status(&serde_json::json!({"phase": "completed"}))
+        .unwrap();
+    b.claim_hosts(&hosts(&["h2", "h3"])).unwrap();
+    // An aborted wave releases its hosts.
+    b.release_hosts().unwrap();
+    let c = if u.etcd.is_some() {
+        u.open_in(other.path(), "c").unwrap()
+    } else {
+        u.open("c").unwrap()
+    };
+    c.claim_hosts(&hosts(&["h2", "h3"])).unwrap();
 }
 
 // ---- etcd only: what a lease changes ----
