@@ -20,9 +20,11 @@
 //! and `<prefix>/index/<wave>` (empty) names every wave ever opened, for
 //! `wave list`; `<prefix>/pools/ledger` is the pool ledger shared by every
 //! wave of the prefix, taken under etcd's mutex `<prefix>/pools/mutex`
-//! (`EtcdLedger`). Evidence packets stay files under the state dir of the
-//! coordinator that wrote them (they are signed, self-contained and large;
-//! etcd's default request limit is 1.5 MiB).
+//! (`EtcdLedger`), and `<prefix>/claims` the hosts of every active wave
+//! (a host belongs to one active wave), changed under the same mutex.
+//! Evidence packets stay files under the state dir of the coordinator that
+//! wrote them (they are signed, self-contained and large; etcd's default
+//! request limit is 1.5 MiB); neither packets nor digests go to etcd yet.
 //!
 //! # Lock and fencing
 //!
