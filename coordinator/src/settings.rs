@@ -17,6 +17,14 @@
 //! rpc_s = 30                                      # one RPC, as a whole (headers, body, trailers)
 //! halt_grace_s = 120                              # after a halt, wait this long for hosts in flight
 //! soak_report_max_age_s = 30                      # during a soak, a host with no new health report for this long fails
+//! [store]
+//! backend = "redb"                                # or "etcd": wave state on an etcd cluster
+//! # endpoints = ["https://etcd-1:2379", "https://etcd-2:2379"]
+//! # prefix = "/ringfence"
+//! # [store.tls]
+//! # cert = "/etc/ringfence/tls/etcd-client.pem"
+//! # key = "/etc/ringfence/tls/etcd-client.key"
+//! # ca = "/etc/ringfence/tls/etcd-ca.pem"
 //! ```
 
 use std::num::NonZeroU64;
@@ -122,6 +130,140 @@ impl Timeouts {
     }
 }
 
+/// Which engine keeps the coordinator's wave state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// One embedded redb file per wave under `state_dir` (the default).
+    #[default]
+    Redb,
+    /// An etcd v3 cluster: every coordinator configured with the same
+    /// endpoints and prefix sees the same waves.
+    Etcd,
+}
+
+/// Client TLS to etcd (all three PEM files).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreTls {
+    /// PEM client certificate presented to etcd.
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    pub key: PathBuf,
+    /// PEM CA bundle etcd's server certificates chain to.
+    pub ca: PathBuf,
+}
+
+/// Default etcd key prefix.
+pub const DEFAULT_STORE_PREFIX: &str = "/ringfence";
+
+/// Where the wave state lives (`[store]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Store {
+    /// `redb` (default) or `etcd`.
+    #[serde(default)]
+    pub backend: Backend,
+    /// etcd client URLs (`http://` or, with `[store.tls]`, `https://`).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// Every key of this coordinator lives under `<prefix>/`.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Client TLS to etcd.
+    #[serde(default)]
+    pub tls: Option<StoreTls>,
+}
+
+fn default_prefix() -> String {
+    DEFAULT_STORE_PREFIX.to_string()
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Redb,
+            endpoints: Vec::new(),
+            prefix: default_prefix(),
+            tls: None,
+        }
+    }
+}
+
+/// `[store]` as written, with the spans its checks point at.
+#[derive(Debug, Deserialize)]
+struct StoreSpans {
+    #[serde(default)]
+    store: Option<toml::Spanned<StoreKeySpans>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StoreKeySpans {
+    #[serde(default)]
+    backend: Option<toml::Spanned<toml::Value>>,
+    #[serde(default)]
+    endpoints: Option<toml::Spanned<toml::Value>>,
+    #[serde(default)]
+    prefix: Option<toml::Spanned<toml::Value>>,
+}
+
+impl Store {
+    /// Check what serde cannot: etcd needs endpoints, URLs must be
+    /// `http(s)://host:port`, TLS needs `https://` and the prefix must be
+    /// an absolute key path without a trailing `/`.
+    fn validate(&self, src: &Source) -> Result<(), ConfigError> {
+        let spans: StoreSpans = src.parse()?;
+        let Some(table) = spans.store else {
+            return Ok(());
+        };
+        let whole = table.span();
+        let keys = table.into_inner();
+        let span = |v: &Option<toml::Spanned<toml::Value>>| {
+            v.as_ref().map_or(whole.clone(), toml::Spanned::span)
+        };
+        if self.backend == Backend::Etcd && self.endpoints.is_empty() {
+            return Err(src.invalid(
+                span(&keys.backend),
+                "store.backend",
+                "backend \"etcd\" needs `endpoints` (etcd client URLs)",
+            ));
+        }
+        for e in &self.endpoints {
+            let scheme_ok = e.starts_with("http://") || e.starts_with("https://");
+            let rest = e.split_once("://").map_or("", |(_, r)| r);
+            if !scheme_ok || rest.is_empty() || !rest.contains(':') {
+                return Err(src.invalid(
+                    span(&keys.endpoints),
+                    "store.endpoints",
+                    format!(
+                        "`{e}` is not an etcd client URL (http://host:port or https://host:port)"
+                    ),
+                ));
+            }
+            if self.tls.is_some() != e.starts_with("https://") {
+                return Err(src.invalid(
+                    span(&keys.endpoints),
+                    "store.endpoints",
+                    format!(
+                        "`{e}`: use https:// endpoints with [store.tls] and http:// without it"
+                    ),
+                ));
+            }
+        }
+        if !self.prefix.starts_with('/') || self.prefix.ends_with('/') || self.prefix.len() < 2 {
+            return Err(src.invalid(
+                span(&keys.prefix),
+                "store.prefix",
+                format!(
+                    "`{}`: the prefix starts with `/` and does not end with one, e.g. \"/ringfence\"",
+                    self.prefix
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The coordinator's configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -139,6 +281,9 @@ pub struct Settings {
     /// Network timeouts.
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// Where wave state lives (`[store]`; redb under `state_dir` by default).
+    #[serde(default)]
+    pub store: Store,
 }
 
 fn default_trust_file() -> PathBuf {
@@ -160,7 +305,10 @@ impl Settings {
                 .find(|p| p.exists())
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_PATHS[0])),
         };
-        Source::read(&path)?.parse()
+        let src = Source::read(&path)?;
+        let settings: Self = src.parse()?;
+        settings.store.validate(&src)?;
+        Ok(settings)
     }
 }
 
@@ -196,6 +344,62 @@ mod tests {
             err.contains("ringfence.toml:9:") && err.contains("nonzero"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_store_defaults_to_redb_and_etcd_settings_are_checked_at_their_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ringfence.toml");
+        std::fs::write(&path, BASE).unwrap();
+        assert_eq!(Settings::load(Some(&path)).unwrap().store, Store::default());
+        assert_eq!(Store::default().backend, Backend::Redb);
+
+        std::fs::write(
+            &path,
+            format!(
+                "{BASE}[store]\nbackend = \"etcd\"\nendpoints = [\"https://10.0.0.1:2379\", \"https://10.0.0.2:2379\"]\nprefix = \"/fleet-a\"\n[store.tls]\ncert = \"/e.pem\"\nkey = \"/e.key\"\nca = \"/eca.pem\"\n"
+            ),
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path)).unwrap().store;
+        assert_eq!(s.backend, Backend::Etcd);
+        assert_eq!(s.endpoints.len(), 2);
+        assert_eq!(s.prefix, "/fleet-a");
+        assert_eq!(s.tls.unwrap().ca, PathBuf::from("/eca.pem"));
+
+        let refused = |store: &str| {
+            std::fs::write(&path, format!("{BASE}[store]\n{store}")).unwrap();
+            Settings::load(Some(&path)).unwrap_err().to_string()
+        };
+        // Line 9: `backend = "etcd"` with no endpoints.
+        let err = refused("backend = \"etcd\"\n");
+        assert!(
+            err.contains("ringfence.toml:9:")
+                && err.contains("store.backend")
+                && err.contains("endpoints"),
+            "{err}"
+        );
+        let err = refused("backend = \"etcd\"\nendpoints = [\"10.0.0.1:2379\"]\n");
+        assert!(
+            err.contains("ringfence.toml:10:") && err.contains("store.endpoints"),
+            "{err}"
+        );
+        let err = refused("backend = \"etcd\"\nendpoints = [\"https://10.0.0.1:2379\"]\n");
+        assert!(err.contains("[store.tls]"), "{err}");
+        let err = refused(
+            "backend = \"etcd\"\nendpoints = [\"http://10.0.0.1:2379\"]\nprefix = \"fleet/\"\n",
+        );
+        assert!(
+            err.contains("ringfence.toml:11:") && err.contains("store.prefix"),
+            "{err}"
+        );
+        let err = refused("backend = \"consul\"\n");
+        assert!(
+            err.contains("ringfence.toml:9:") && err.contains("consul"),
+            "{err}"
+        );
+        let err = refused("endpoint = [\"http://a:1\"]\n");
+        assert!(err.contains("endpoint"), "{err}");
     }
 
     #[test]

@@ -137,7 +137,7 @@ mod tests {
         assert_eq!(
             wave_cmds,
             [
-                "plan", "run", "resume", "status", "halt", "abort", "rollback", "approve"
+                "plan", "run", "resume", "status", "list", "halt", "abort", "rollback", "approve"
             ]
         );
     }

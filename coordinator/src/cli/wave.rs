@@ -102,6 +102,9 @@ pub(super) enum WaveCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The waves in the configured store (`[store]`) with their state and
+    /// the coordinator driving each (pid, host, since), if any.
+    List,
     /// Emergency stop: no new host starts; in-flight hosts finish their step.
     Halt {
         /// Wave id.
@@ -444,17 +447,40 @@ pub(super) async fn run(config: Option<&Path>, cmd: WaveCommand) -> Result<(), W
             inventory,
         } => rollback(config, &wave, &host, &inventory).await,
         WaveCommand::Status { wave, json } => status(config, &wave, json),
+        WaveCommand::List => {
+            let settings = input::settings(config)?;
+            let waves = crate::store::list_waves_in(&settings.store, &settings.state_dir)
+                .map_err(WaveCmdError::Store)?;
+            if waves.is_empty() {
+                println!("no waves in the store");
+            }
+            for w in waves {
+                println!(
+                    "{}\t{}\t{}",
+                    w.wave,
+                    w.phase,
+                    w.holder.as_deref().unwrap_or("not held")
+                );
+            }
+            Ok(())
+        }
         WaveCommand::Halt { wave } => {
             let settings = input::settings(config)?;
-            if !WaveStore::exists(&settings.state_dir, &wave) {
+            if settings.store.backend == crate::settings::Backend::Redb
+                && !WaveStore::exists(&settings.state_dir, &wave)
+            {
                 return Err(WaveCmdError::OpenStore(StoreError::NoSuchWave {
                     wave,
                     dir: settings.state_dir,
                 }));
             }
-            let paths = WavePaths::new(&settings.state_dir, &wave);
-            crate::store::request_halt(&paths, input::clock().now_ms())
-                .map_err(WaveCmdError::Store)?;
+            crate::store::request_halt_in(
+                &settings.store,
+                &settings.state_dir,
+                &wave,
+                input::clock().now_ms(),
+            )
+            .map_err(WaveCmdError::Store)?;
             println!(
                 "halt requested for wave {wave}: no new host starts; hosts in flight finish their current step"
             );
@@ -630,12 +656,12 @@ async fn resume(
 ) -> Result<(), WaveCmdError> {
     let serving = metrics.serve(wave).await?;
     let env = Env::load(config)?;
-    // The resume begins here: a halt requested from now on stands.
-    let seen_halt = crate::store::halt_request(&WavePaths::new(&env.settings.state_dir, wave));
     let inv = input::inventory(inventory)?;
     let retry = std::mem::take(&mut decisions.retry);
     let skip = decisions.skips()?;
     let store = Arc::new(open_store(&env.settings, wave)?);
+    // The resume begins here: a halt requested from now on stands.
+    let seen_halt = store.halt_request();
     let spec = stored_spec(&store, wave, &env.settings.state_dir)?;
     let bg = break_glass(break_glass_files, &env.trust, wave, &inv)?;
     refuse_ring_mismatch(wave, &inv, &env).await?;
@@ -687,9 +713,10 @@ async fn rollback(
 fn status(config: Option<&Path>, wave: &str, json: bool) -> Result<(), WaveCmdError> {
     let settings = input::settings(config)?;
     let path = WavePaths::new(&settings.state_dir, wave).status;
-    let text = match std::fs::read_to_string(&path) {
+    let text = match crate::store::read_status_in(&settings.store, &settings.state_dir, wave) {
         Ok(t) => t,
-        Err(source) => return Err(WaveCmdError::NoStatus { path, source }),
+        Err(StoreError::Io { source, .. }) => return Err(WaveCmdError::NoStatus { path, source }),
+        Err(e) => return Err(WaveCmdError::Store(e)),
     };
     if json {
         super::render::print_line(&text);
@@ -776,8 +803,13 @@ fn readable_holder(holder: &str) -> String {
 }
 
 fn open_store(settings: &Settings, wave: &str) -> Result<WaveStore, WaveCmdError> {
-    WaveStore::open(&settings.state_dir, wave, input::clock().as_ref())
-        .map_err(WaveCmdError::OpenStore)
+    WaveStore::open_in(
+        &settings.store,
+        &settings.state_dir,
+        wave,
+        input::clock().as_ref(),
+    )
+    .map_err(WaveCmdError::OpenStore)
 }
 
 /// The spec stored with the wave when it started.

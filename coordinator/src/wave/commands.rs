@@ -18,7 +18,7 @@ use super::model::{Ctx, HostRecord, Phase};
 use super::outcome::{Failure, HaltReport};
 use super::rollback::rollback_by_hand;
 use crate::plan::{self, HostStatus, Plan, WaveState};
-use crate::store::{self, LedgerEntry, PoolLedger, StoreError, WaveStore};
+use crate::store::{LedgerEntry, StoreError, WaveStore};
 
 /// What the probe before a new wave found.
 #[derive(Debug, Default)]
@@ -43,7 +43,7 @@ impl Driver {
         // out meanwhile, so every host another wave has drained is in its
         // ledger entry and counts as that wave's, not as out before.
         let out_before = {
-            let guard = PoolLedger::new(&self.store.paths).lock().await?;
+            let guard = self.store.ledger().lock().await?;
             let Probe {
                 mut out,
                 ring_mismatch,
@@ -84,7 +84,7 @@ impl Driver {
             })
             .collect();
         let plan = Plan::build(&self.inventory, &self.spec, &out_before, &overrides)?;
-        store::claim_hosts(&self.store.paths, plan.host_ring.keys())?;
+        self.store.claim_hosts(plan.host_ring.keys())?;
         self.store.put_meta(META_SPEC, &self.spec)?;
         self.store.put_meta(META_PLAN, &plan)?;
         self.store.put_meta(META_STARTED, &self.clock.now_ms())?;
@@ -104,12 +104,12 @@ impl Driver {
         retry: &[String],
         skip: &[(String, String)],
     ) -> Result<Outcome, WaveError> {
-        let seen = store::halt_request(&self.store.paths);
+        let seen = self.store.halt_request();
         self.resume_after(retry, skip, seen).await
     }
 
     /// [`resume`](Self::resume) that began when the wave's halt request
-    /// was `seen_halt` ([`store::halt_request`] then): that request is
+    /// was `seen_halt` ([`WaveStore::halt_request`] then): that request is
     /// cleared, but a halt requested after it stands and halts the resumed
     /// wave.
     pub async fn resume_after(
@@ -187,7 +187,7 @@ impl Driver {
         }
         // Only the halt this resume decided over is cleared; one requested
         // since the resume began stands.
-        state.halt_requested = store::clear_halt(&self.store.paths, seen_halt.as_deref())?;
+        state.halt_requested = self.store.clear_halt(seen_halt.as_deref())?;
         self.refresh_left_drained(&mut state).await;
         self.store
             .put_meta::<Option<HaltReport>>(META_HALT, &None)?;
@@ -366,8 +366,9 @@ impl Driver {
 pub fn abort(store: &WaveStore, clock: &dyn Clock) -> Result<(), StoreError> {
     store.put_meta(META_ABORTED, &true)?;
     store.append_event(&Event::wait(clock, "aborted by operator"))?;
-    store::release_hosts(&store.paths)?;
-    PoolLedger::new(&store.paths)
+    store.release_hosts()?;
+    store
+        .ledger()
         .lock_blocking()?
         .set(&store.paths.wave, &LedgerEntry::new())
 }

@@ -131,7 +131,7 @@ impl<'d> Drive<'d> {
             clock: d.clock.clone(),
             halt: halt_flag.clone(),
         };
-        let ledger = PoolLedger::new(&d.store.paths);
+        let ledger = d.store.ledger();
         let written = {
             let mut guard = ledger.lock().await?;
             state.others_out = ledger_counts(&guard, &d.spec.wave_id);

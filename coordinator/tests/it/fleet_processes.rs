@@ -19,7 +19,7 @@ use ringfence_devfleet::local_fleet::{self, HostSpec, LocalFleet};
 const WAVE_LIMIT: Duration = Duration::from_secs(120);
 
 /// A fleet over all five rings in one pool.
-fn all_rings(n: usize, pool: &str) -> Vec<HostSpec> {
+pub(crate) fn all_rings(n: usize, pool: &str) -> Vec<HostSpec> {
     let rings = [0u32, 1, 2, 3, 3, 4, 4, 3, 2, 1];
     (0..n)
         .map(|i| host(&format!("gpu-{i:02}"), rings[i % rings.len()], pool))
@@ -138,7 +138,7 @@ async fn canary_with_uncorrected_ecc_after_the_patch_halts_the_wave_before_broad
 
 /// Out-of-service intervals from an agent journal: drain accepted ..
 /// undrain last updated (or open-ended if never undrained).
-async fn out_of_service(f: &LocalFleet, id: &str) -> Vec<(i64, i64)> {
+pub(crate) async fn out_of_service(f: &LocalFleet, id: &str) -> Vec<(i64, i64)> {
     let tasks = journal(f, id).await;
     let mut out = Vec::new();
     let mut from = None;
@@ -160,7 +160,7 @@ async fn out_of_service(f: &LocalFleet, id: &str) -> Vec<(i64, i64)> {
 
 /// Most intervals overlapping at one instant (an end at t frees the slot
 /// before a start at t).
-fn max_overlap(intervals: &[(i64, i64)]) -> usize {
+pub(crate) fn max_overlap(intervals: &[(i64, i64)]) -> usize {
     let mut points: Vec<(i64, i32)> = Vec::new();
     for &(s, e) in intervals {
         points.push((s, 1));
@@ -263,15 +263,21 @@ async fn coordinator_sigkilled_ten_times_and_resumed_patches_every_host_exactly_
         &[("h100-train", 50)],
     )
     .await;
+    sigkilled_ten_times_and_resumed(&f).await;
+}
+
+/// The body of the kill-at-10-points test, for any `[store]` backend the
+/// fleet's settings name (`etcd_waves` runs it on etcd).
+pub(crate) async fn sigkilled_ten_times_and_resumed(f: &LocalFleet) {
     let spec = f.write_spec("crashy", &pacing(1)).unwrap();
-    approve_all(&f, &spec);
+    approve_all(f, &spec);
 
     // Progress milestones: each host's start, connected and done, over all runs.
     let milestones = 3 * f.hosts.len();
     let mut seen = std::collections::BTreeSet::new();
     let mut kills: Vec<String> = Vec::new();
     let mut reattached = 0;
-    let mut c = Coordinator::run(&f, &spec);
+    let mut c = Coordinator::run(f, &spec);
     while kills.len() < 10 {
         let i = kills.len();
         let target = (i + 1) * milestones / 11;
@@ -306,7 +312,7 @@ async fn coordinator_sigkilled_ten_times_and_resumed_patches_every_host_exactly_
             .count();
         c.sigkill().await;
         kills.push(format!("after {} milestones: {last}", seen.len()));
-        c = Coordinator::resume(&f, "crashy");
+        c = Coordinator::resume(f, "crashy");
     }
     let (code, stderr) = c.finish(WAVE_LIMIT).await;
     assert_eq!(
@@ -325,11 +331,11 @@ async fn coordinator_sigkilled_ten_times_and_resumed_patches_every_host_exactly_
             vec![local_fleet::NEW_VERSION.to_string()],
             "{id}: the patch command ran exactly once; kills: {kills:#?}"
         );
-        let tasks = journal(&f, id).await;
+        let tasks = journal(f, id).await;
         let patches: Vec<_> = tasks.iter().filter(|t| t.action == "patch").collect();
         assert_eq!(patches.len(), 1, "{id}: one patch task: {tasks:?}");
         assert_eq!(patches[0].state, pb::TaskState::Succeeded as i32, "{id}");
-        let report = health(&f, id).await;
+        let report = health(f, id).await;
         assert_eq!(report.driver_version, local_fleet::NEW_VERSION, "{id}");
         assert!(!report.draining, "{id} back in service");
     }

@@ -17,6 +17,7 @@ mod common;
 
 mod approvals;
 mod cli_operator;
+mod etcd_waves;
 mod evidence;
 mod fleet_inprocess;
 mod fleet_processes;
@@ -28,4 +29,5 @@ mod operator_week;
 mod plan_sequencer;
 mod quickstart;
 mod soak;
+mod store_backends;
 mod wave_engine;

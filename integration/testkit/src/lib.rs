@@ -3,7 +3,7 @@
 //! ([`trust`]), a host's mTLS files and client identities from a throwaway
 //! CA ([`pki`]), the agent's `agent.toml` ([`agent_config`]), task actions and
 //! coordinator-signed tasks ([`tasks`]), raw gRPC calls that no generated
-//! client would make ([`grpc`]), free loopback addresses ([`net`]) and the
+//! client would make ([`grpc`]), free loopback addresses ([`net`]), real etcd members ([`etcd`]) and the
 //! build's output directory ([`artifacts`]), the fake NVML library
 //! ([`fake_nvml`]), the real Prometheus and promtool for the metrics tests
 //! ([`prometheus`]); and [`set_key`] to change one
@@ -17,6 +17,7 @@
 
 pub mod agent_config;
 pub mod artifacts;
+pub mod etcd;
 pub mod fake_nvml;
 pub mod grpc;
 pub mod net;

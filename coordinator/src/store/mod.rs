@@ -18,18 +18,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, mpsc};
 
 use nix::fcntl::{Flock, FlockArg};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use ringfence::time::Clock;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
-const HOSTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("hosts");
-const SEQ: TableDefinition<'_, &str, u64> = TableDefinition::new("sequence");
-const EVENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("events");
+pub use crate::settings::Store as StoreSettings;
+
+pub mod etcd;
+mod redb;
 
 /// The wave store could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +76,26 @@ pub enum StoreError {
         wave: String,
         /// The state directory searched.
         dir: PathBuf,
+    },
+    /// this coordinator no longer holds the wave's lock (its etcd lease
+    /// expired or another coordinator took the wave over): nothing more
+    /// is written or dispatched
+    #[error(
+        "wave `{wave}`: this coordinator lost the wave's lock ({reason}); it stops dispatching — another coordinator may be driving the wave now"
+    )]
+    LostLock {
+        /// The wave id.
+        wave: String,
+        /// What was seen (lease expired, lock key taken by another holder).
+        reason: String,
+    },
+    /// etcd could not be reached or answered with an error
+    #[error("etcd store {endpoints}: {reason}")]
+    Etcd {
+        /// The configured endpoints, comma-separated.
+        endpoints: String,
+        /// The client's error.
+        reason: String,
     },
     /// hosts of this wave belong to another active wave
     #[error(
@@ -133,409 +151,418 @@ impl WavePaths {
     }
 }
 
+/// The two tables of byte records the backends keep.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Table {
+    /// Wave-level records (spec, plan, sequencer state, decisions).
+    Meta,
+    /// One record per host.
+    Hosts,
+}
+
+/// The engine behind a [`WaveStore`]: byte-level records, sequences,
+/// events, status, halt flag and the wave's lock.
+#[derive(Debug)]
+enum Backend {
+    Redb(Box<redb::RedbStore>),
+    Etcd(Box<etcd::EtcdStore>),
+}
+
 /// An open, exclusively held wave store.
 #[derive(Debug)]
 pub struct WaveStore {
-    db: Arc<Database>,
-    /// Paths of this wave's files.
+    backend: Backend,
+    /// Paths of this wave's local files (evidence packets, the status
+    /// snapshot copy; with redb also the database, lock and halt file).
     pub paths: WavePaths,
-    committer: Option<Committer>,
-    _lock: Flock<File>,
 }
 
-/// A write host runs wait for: durable when its reply comes.
-#[derive(Debug)]
-enum GroupOp {
-    /// Store a host record.
-    Host { key: String, bytes: Vec<u8> },
-    /// Hand out the next sequence number of a host (see [`WaveStore::next_sequence`]).
-    Sequence { host: String, floor: u64 },
-}
-
-#[derive(Debug)]
-struct Pending {
-    op: GroupOp,
-    done: tokio::sync::oneshot::Sender<Result<u64, String>>,
-}
-
-/// Group commit: one thread takes every write queued while the previous
-/// commit was syncing and commits them in one redb transaction, so thousands
-/// of host runs share a handful of fsyncs instead of one each. Every writer
-/// still waits until its write is durable.
-#[derive(Debug)]
-struct Committer {
-    queue: mpsc::Sender<Pending>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-/// Most writes in one group commit.
-const MAX_GROUP: usize = 4096;
-
-impl Committer {
-    fn start(db: Arc<Database>) -> Self {
-        let (queue, rx) = mpsc::channel::<Pending>();
-        let thread = std::thread::spawn(move || {
-            while let Ok(first) = rx.recv() {
-                let mut group = vec![first];
-                while group.len() < MAX_GROUP {
-                    match rx.try_recv() {
-                        Ok(p) => group.push(p),
-                        Err(_) => break,
-                    }
-                }
-                match commit_group(&db, &group) {
-                    Ok(results) => {
-                        for (p, r) in group.into_iter().zip(results) {
-                            let _ = p.done.send(Ok(r));
-                        }
-                    }
-                    Err(e) => {
-                        for p in group {
-                            let _ = p.done.send(Err(e.clone()));
-                        }
-                    }
-                }
-            }
-        });
-        Self { queue, thread }
-    }
-}
-
-/// Apply `group` in order in one write transaction; per op, the sequence
-/// number handed out (0 for host records).
-fn commit_group(db: &Database, group: &[Pending]) -> Result<Vec<u64>, String> {
-    let tx = db.begin_write().map_err(|e| e.to_string())?;
-    let mut out = Vec::with_capacity(group.len());
-    {
-        let mut hosts = tx.open_table(HOSTS).map_err(|e| e.to_string())?;
-        let mut seq = tx.open_table(SEQ).map_err(|e| e.to_string())?;
-        for p in group {
-            match &p.op {
-                GroupOp::Host { key, bytes } => {
-                    hosts
-                        .insert(key.as_str(), bytes.as_slice())
-                        .map_err(|e| e.to_string())?;
-                    out.push(0);
-                }
-                GroupOp::Sequence { host, floor } => {
-                    out.push(bump_sequence(&mut seq, host, *floor).map_err(|e| e.to_string())?);
-                }
-            }
-        }
-    }
-    tx.commit().map_err(|e| e.to_string())?;
-    Ok(out)
-}
-
-/// The next sequence number of `host`: above every one handed out and
-/// above `floor`; stored before it is returned.
-fn bump_sequence(
-    t: &mut redb::Table<'_, &str, u64>,
-    host: &str,
-    floor: u64,
-) -> Result<u64, redb::StorageError> {
-    let cur = t.get(host)?.map(|v| v.value()).unwrap_or(0);
-    let next = cur.max(floor).saturating_add(1);
-    t.insert(host, next)?;
-    Ok(next)
-}
-
-impl Drop for WaveStore {
-    fn drop(&mut self) {
-        // Closing the queue ends the committer once it has committed what
-        // is queued; wait for it so the database closes after the last write.
-        if let Some(c) = self.committer.take() {
-            drop(c.queue);
-            let _ = c.thread.join();
-        }
-    }
+/// Who holds a wave: pid, host and since when (`clock`'s time).
+pub(crate) fn holder_note(clock: &dyn Clock) -> String {
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!(
+        "pid {} on {} since {}",
+        std::process::id(),
+        host,
+        clock.now_ms()
+    )
 }
 
 impl WaveStore {
-    /// Open (or create) the store of `wave`, taking the wave's lock; the
-    /// lock file names the holder (pid, host) and `clock`'s time.
+    /// Open (or create) the redb store of `wave` under `state_dir`, taking
+    /// the wave's lock; the lock file names the holder (pid, host) and
+    /// `clock`'s time.
     pub fn open(state_dir: &Path, wave: &str, clock: &dyn Clock) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Io {
-            path: state_dir.to_path_buf(),
-            source,
-        })?;
         let paths = WavePaths::new(state_dir, wave);
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| StoreError::Io { path, source }
-        };
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&paths.lock)
-            .map_err(io(&paths.lock))?;
-        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => l,
-            Err((_, _)) => {
-                let holder = std::fs::read_to_string(&paths.lock)
-                    .unwrap_or_default()
-                    .trim()
-                    .to_string();
-                return Err(StoreError::Held {
-                    wave: wave.to_string(),
-                    holder: if holder.is_empty() {
-                        "unknown holder".into()
-                    } else {
-                        holder
-                    },
-                });
-            }
-        };
-        let host = nix::unistd::gethostname()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        lock.set_len(0).map_err(io(&paths.lock))?;
-        write!(
-            &mut *lock,
-            "pid {} on {} since {}",
-            std::process::id(),
-            host,
-            clock.now_ms()
-        )
-        .map_err(io(&paths.lock))?;
-        lock.sync_all().map_err(io(&paths.lock))?;
-        let db = Database::create(&paths.db).map_err(|e| StoreError::Db {
-            path: paths.db.clone(),
-            reason: e.to_string(),
-        })?;
-        let db = Arc::new(db);
-        let store = Self {
-            committer: Some(Committer::start(db.clone())),
-            db,
-            paths,
-            _lock: lock,
-        };
-        store.init_tables()?;
-        Ok(store)
+        let backend = Backend::Redb(Box::new(redb::RedbStore::open(state_dir, &paths, clock)?));
+        Ok(Self { backend, paths })
     }
 
-    /// Whether state for `wave` exists under `state_dir`.
+    /// Open the store of `wave` in the backend `[store]` names: redb under
+    /// `state_dir`, or etcd (the wave's lease-backed lock is taken; local
+    /// files such as evidence packets still go under `state_dir`).
+    pub fn open_in(
+        store: &StoreSettings,
+        state_dir: &Path,
+        wave: &str,
+        clock: &dyn Clock,
+    ) -> Result<Self, StoreError> {
+        match store.backend {
+            crate::settings::Backend::Redb => Self::open(state_dir, wave, clock),
+            crate::settings::Backend::Etcd => {
+                std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Io {
+                    path: state_dir.to_path_buf(),
+                    source,
+                })?;
+                let paths = WavePaths::new(state_dir, wave);
+                let backend = Backend::Etcd(Box::new(etcd::EtcdStore::open(
+                    store,
+                    wave,
+                    &holder_note(clock),
+                    etcd::DEFAULT_LEASE_TTL_S,
+                )?));
+                Ok(Self { backend, paths })
+            }
+        }
+    }
+
+    /// Whether state for `wave` exists under `state_dir` (redb).
     pub fn exists(state_dir: &Path, wave: &str) -> bool {
         WavePaths::new(state_dir, wave).db.exists()
     }
 
-    fn db_err(&self, e: impl std::fmt::Display) -> StoreError {
-        StoreError::Db {
-            path: self.paths.db.clone(),
-            reason: e.to_string(),
+    /// Where this store's records live, for error messages.
+    fn location(&self) -> PathBuf {
+        match &self.backend {
+            Backend::Redb(_) => self.paths.db.clone(),
+            Backend::Etcd(e) => e.location(),
         }
     }
 
-    fn init_tables(&self) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(|e| self.db_err(e))?;
-        {
-            tx.open_table(META).map_err(|e| self.db_err(e))?;
-            tx.open_table(HOSTS).map_err(|e| self.db_err(e))?;
-            tx.open_table(SEQ).map_err(|e| self.db_err(e))?;
-            tx.open_table(EVENTS).map_err(|e| self.db_err(e))?;
-        }
-        tx.commit().map_err(|e| self.db_err(e))
-    }
-
-    fn put(
-        &self,
-        table: TableDefinition<'_, &str, &[u8]>,
-        key: &str,
-        bytes: &[u8],
-    ) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(|e| self.db_err(e))?;
-        {
-            let mut t = tx.open_table(table).map_err(|e| self.db_err(e))?;
-            t.insert(key, bytes).map_err(|e| self.db_err(e))?;
-        }
-        tx.commit().map_err(|e| self.db_err(e))
-    }
-
-    fn get<T: DeserializeOwned>(
-        &self,
-        table: TableDefinition<'_, &str, &[u8]>,
-        key: &str,
-    ) -> Result<Option<T>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.db_err(e))?;
-        let t = tx.open_table(table).map_err(|e| self.db_err(e))?;
-        let Some(v) = t.get(key).map_err(|e| self.db_err(e))? else {
-            return Ok(None);
-        };
-        serde_json::from_slice(v.value())
-            .map(Some)
-            .map_err(|e| StoreError::Corrupt {
-                path: self.paths.db.clone(),
-                key: key.to_string(),
-                reason: e.to_string(),
-            })
-    }
-
-    fn encode<T: Serialize>(&self, key: &str, v: &T) -> Result<Vec<u8>, StoreError> {
-        serde_json::to_vec(v).map_err(|e| StoreError::Corrupt {
-            path: self.paths.db.clone(),
+    fn decode<T: DeserializeOwned>(&self, key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+            path: self.location(),
             key: key.to_string(),
             reason: e.to_string(),
         })
     }
 
+    fn encode<T: Serialize>(&self, key: &str, v: &T) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(v).map_err(|e| StoreError::Corrupt {
+            path: self.location(),
+            key: key.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn put(&self, t: Table, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => r.put(t, key, bytes),
+            Backend::Etcd(e) => e.put(t, key, bytes),
+        }
+    }
+
+    fn get<T: DeserializeOwned>(&self, t: Table, key: &str) -> Result<Option<T>, StoreError> {
+        let bytes = match &self.backend {
+            Backend::Redb(r) => r.get(t, key)?,
+            Backend::Etcd(e) => e.get(t, key)?,
+        };
+        bytes.map(|b| self.decode(key, &b)).transpose()
+    }
+
     /// Store a wave-level record (spec, plan, sequencer state, decisions).
     pub fn put_meta<T: Serialize>(&self, key: &str, v: &T) -> Result<(), StoreError> {
         let bytes = self.encode(key, v)?;
-        self.put(META, key, &bytes)
+        self.put(Table::Meta, key, &bytes)
     }
 
     /// Read a wave-level record.
     pub fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
-        self.get(META, key)
+        self.get(Table::Meta, key)
     }
 
     /// Store one host's record (durable when this returns).
     pub fn put_host<T: Serialize>(&self, host: &str, v: &T) -> Result<(), StoreError> {
         let bytes = self.encode(host, v)?;
-        self.put(HOSTS, host, &bytes)
+        self.put(Table::Hosts, host, &bytes)
     }
 
     /// Store one host's record through the group commit (durable when this
     /// returns, like [`put_host`](Self::put_host)).
     pub async fn put_host_async<T: Serialize>(&self, host: &str, v: &T) -> Result<(), StoreError> {
         let bytes = self.encode(host, v)?;
-        self.grouped(GroupOp::Host {
-            key: host.to_string(),
-            bytes,
-        })
-        .await
-        .map(|_| ())
-    }
-
-    /// [`next_sequence`](Self::next_sequence) through the group commit.
-    pub async fn next_sequence_async(&self, host: &str, floor: u64) -> Result<u64, StoreError> {
-        self.grouped(GroupOp::Sequence {
-            host: host.to_string(),
-            floor,
-        })
-        .await
-    }
-
-    async fn grouped(&self, op: GroupOp) -> Result<u64, StoreError> {
-        let (done, wait) = tokio::sync::oneshot::channel();
-        let sent = self
-            .committer
-            .as_ref()
-            .is_some_and(|c| c.queue.send(Pending { op, done }).is_ok());
-        if !sent {
-            return Err(self.db_err("the group commit thread has stopped"));
+        match &self.backend {
+            Backend::Redb(r) => r.put_host_async(host, bytes).await,
+            Backend::Etcd(e) => e.put_async(Table::Hosts, host, bytes).await,
         }
-        match wait.await {
-            Ok(Ok(n)) => Ok(n),
-            Ok(Err(e)) => Err(self.db_err(e)),
-            Err(_) => Err(self.db_err("the group commit thread stopped before committing")),
+    }
+
+    /// [`next_sequence`](Self::next_sequence) without blocking the runtime
+    /// (redb: through the group commit).
+    pub async fn next_sequence_async(&self, host: &str, floor: u64) -> Result<u64, StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => r.next_sequence_async(host, floor).await,
+            Backend::Etcd(e) => e.next_sequence_async(host, floor).await,
         }
     }
 
     /// Read one host's record.
     pub fn get_host<T: DeserializeOwned>(&self, host: &str) -> Result<Option<T>, StoreError> {
-        self.get(HOSTS, host)
+        self.get(Table::Hosts, host)
     }
 
     /// Every host record, by host id.
     pub fn hosts<T: DeserializeOwned>(&self) -> Result<Vec<(String, T)>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.db_err(e))?;
-        let t = tx.open_table(HOSTS).map_err(|e| self.db_err(e))?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(|e| self.db_err(e))? {
-            let (k, v) = row.map_err(|e| self.db_err(e))?;
-            let key = k.value().to_string();
-            let rec = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
-                path: self.paths.db.clone(),
-                key: key.clone(),
-                reason: e.to_string(),
-            })?;
-            out.push((key, rec));
-        }
-        Ok(out)
+        let rows = match &self.backend {
+            Backend::Redb(r) => r.hosts()?,
+            Backend::Etcd(e) => e.hosts()?,
+        };
+        rows.into_iter()
+            .map(|(k, v)| {
+                let rec = self.decode(&k, &v)?;
+                Ok((k, rec))
+            })
+            .collect()
     }
 
     /// The next task sequence number for `host`: above both what this store
     /// has handed out and `floor` (the agent's reported high-water mark).
-    /// Durable before it returns, so numbers only grow.
+    /// Durable before it returns, so numbers only grow. On etcd the
+    /// number also carries the lock's fencing token in its high bits
+    /// (see [`etcd::fenced_sequence`]), so any task of a later holder is
+    /// above every task of an earlier one.
     pub fn next_sequence(&self, host: &str, floor: u64) -> Result<u64, StoreError> {
-        let tx = self.db.begin_write().map_err(|e| self.db_err(e))?;
-        let next;
-        {
-            let mut t = tx.open_table(SEQ).map_err(|e| self.db_err(e))?;
-            next = bump_sequence(&mut t, host, floor).map_err(|e| self.db_err(e))?;
+        match &self.backend {
+            Backend::Redb(r) => r.next_sequence(host, floor),
+            Backend::Etcd(e) => e.next_sequence(host, floor),
         }
-        tx.commit().map_err(|e| self.db_err(e))?;
-        Ok(next)
     }
 
     /// Append an audit event; returns its index.
     pub fn append_event<T: Serialize>(&self, event: &T) -> Result<u64, StoreError> {
         let bytes = self.encode("event", event)?;
-        let tx = self.db.begin_write().map_err(|e| self.db_err(e))?;
-        let idx;
-        {
-            let mut t = tx.open_table(EVENTS).map_err(|e| self.db_err(e))?;
-            idx = t
-                .last()
-                .map_err(|e| self.db_err(e))?
-                .map(|(k, _)| k.value() + 1)
-                .unwrap_or(0);
-            t.insert(idx, bytes.as_slice())
-                .map_err(|e| self.db_err(e))?;
+        match &self.backend {
+            Backend::Redb(r) => r.append_event(&bytes),
+            Backend::Etcd(e) => e.append_event(&bytes),
         }
-        tx.commit().map_err(|e| self.db_err(e))?;
-        Ok(idx)
     }
 
     /// Every audit event, oldest first.
     pub fn events<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.db_err(e))?;
-        let t = tx.open_table(EVENTS).map_err(|e| self.db_err(e))?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(|e| self.db_err(e))? {
-            let (k, v) = row.map_err(|e| self.db_err(e))?;
-            out.push(
-                serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
-                    path: self.paths.db.clone(),
-                    key: format!("event {}", k.value()),
-                    reason: e.to_string(),
-                })?,
-            );
-        }
-        Ok(out)
+        let rows = match &self.backend {
+            Backend::Redb(r) => r.events()?,
+            Backend::Etcd(e) => e.events()?,
+        };
+        rows.into_iter()
+            .map(|(i, v)| self.decode(&format!("event {i}"), &v))
+            .collect()
     }
 
-    /// Write the status snapshot other terminals read (atomic rename).
+    /// Write the status snapshot other terminals read: the local file
+    /// (atomic rename) and, on etcd, the wave's status key as well.
     pub fn write_status<T: Serialize>(&self, status: &T) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec_pretty(status).map_err(|e| StoreError::Corrupt {
             path: self.paths.status.clone(),
             key: "status".into(),
             reason: e.to_string(),
         })?;
+        if let Backend::Etcd(e) = &self.backend {
+            e.write_status(&bytes)?;
+        }
         write_atomic(&self.paths.status, &bytes)
     }
 
-    /// Whether `wave halt` asked this wave to stop.
+    /// Whether `wave halt` asked this wave to stop (etcd: the halt key,
+    /// followed by a watch, so this is a memory read).
     pub fn halt_requested(&self) -> bool {
-        self.paths.halt.exists()
+        match &self.backend {
+            Backend::Redb(_) => self.paths.halt.exists(),
+            Backend::Etcd(e) => e.halt_requested(),
+        }
     }
+
+    /// The halt request as it stands now (`None`: none); see [`halt_request`].
+    pub fn halt_request(&self) -> Option<String> {
+        match &self.backend {
+            Backend::Redb(_) => halt_request(&self.paths),
+            Backend::Etcd(e) => e.halt_request().ok().flatten(),
+        }
+    }
+
+    /// Clear the halt request `seen` and nothing newer; `true` when a newer
+    /// one stands (see [`clear_halt`]).
+    pub fn clear_halt(&self, seen: Option<&str>) -> Result<bool, StoreError> {
+        match &self.backend {
+            Backend::Redb(_) => clear_halt(&self.paths, seen),
+            Backend::Etcd(e) => e.clear_halt(seen),
+        }
+    }
+
+    /// The pool ledger this wave shares with the other waves of its store:
+    /// `pools.json` under the state dir (redb), or one etcd key under a
+    /// distributed mutex (etcd), so that waves driven from different
+    /// machines over one pool stay within its reserve together.
+    pub fn ledger(&self) -> PoolLedger {
+        match &self.backend {
+            Backend::Redb(_) => PoolLedger::new(&self.paths),
+            Backend::Etcd(e) => PoolLedger {
+                etcd: Some(e.ledger()),
+                ..PoolLedger::new(&self.paths)
+            },
+        }
+    }
+
+    /// Claim `hosts` for this wave before it drains anything (see
+    /// [`claim_hosts`]); on etcd across every coordinator of the prefix.
+    pub fn claim_hosts<'a>(
+        &self,
+        hosts: impl IntoIterator<Item = &'a String>,
+    ) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Redb(_) => claim_hosts(&self.paths, hosts),
+            Backend::Etcd(e) => e
+                .ledger()
+                .claims(Some(hosts.into_iter().cloned().collect())),
+        }
+    }
+
+    /// Release this wave's hosts (an aborted wave; see [`release_hosts`]).
+    pub fn release_hosts(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Redb(_) => release_hosts(&self.paths),
+            Backend::Etcd(e) => e.ledger().claims(None),
+        }
+    }
+
+    /// Whether this coordinator still holds the wave (redb: always, the
+    /// flock lives as long as the store; etcd: the lease is alive and the
+    /// lock key is ours).
+    pub fn holds_lock(&self) -> bool {
+        match &self.backend {
+            Backend::Redb(_) => true,
+            Backend::Etcd(e) => e.holds_lock(),
+        }
+    }
+}
+
+/// Request a halt of `wave` in the backend `[store]` names (`wave halt`
+/// from any machine): redb writes `<wave>.halt` under `state_dir`; etcd
+/// puts the wave's halt key, which the driving coordinator watches.
+pub fn request_halt_in(
+    store: &StoreSettings,
+    state_dir: &Path,
+    wave: &str,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    match store.backend {
+        crate::settings::Backend::Redb => request_halt(&WavePaths::new(state_dir, wave), now_ms),
+        crate::settings::Backend::Etcd => etcd::request_halt(store, wave, &halt_text(now_ms)),
+    }
+}
+
+/// The status snapshot of `wave` in the backend `[store]` names (`wave
+/// status` from any machine): redb's `<wave>.status.json`, or etcd's status key.
+pub fn read_status_in(
+    store: &StoreSettings,
+    state_dir: &Path,
+    wave: &str,
+) -> Result<String, StoreError> {
+    match store.backend {
+        crate::settings::Backend::Redb => {
+            let path = WavePaths::new(state_dir, wave).status;
+            std::fs::read_to_string(&path).map_err(|source| StoreError::Io { path, source })
+        }
+        crate::settings::Backend::Etcd => etcd::read_status(store, wave),
+    }
+}
+
+/// Every wave in the configured store with its state and holder (`wave list`).
+pub fn list_waves_in(
+    store: &StoreSettings,
+    state_dir: &Path,
+) -> Result<Vec<WaveListing>, StoreError> {
+    match store.backend {
+        crate::settings::Backend::Redb => list_local(state_dir),
+        crate::settings::Backend::Etcd => etcd::list_waves(store),
+    }
+}
+
+/// One wave as `wave list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaveListing {
+    /// The wave id.
+    pub wave: String,
+    /// The phase from its status snapshot (`unknown` when none was written yet).
+    pub phase: String,
+    /// Who drives it now (pid, host, since when), if anyone.
+    pub holder: Option<String>,
+}
+
+fn phase_of(status: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(status)
+        .ok()
+        .and_then(|v| v["phase"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The waves under a redb state dir.
+fn list_local(state_dir: &Path) -> Result<Vec<WaveListing>, StoreError> {
+    let rd = match std::fs::read_dir(state_dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(StoreError::Io {
+                path: state_dir.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let mut out = Vec::new();
+    for entry in rd.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(wave) = name.strip_suffix(".redb") else {
+            continue;
+        };
+        let paths = WavePaths::new(state_dir, wave);
+        let phase = std::fs::read(&paths.status)
+            .map(|b| phase_of(&b))
+            .unwrap_or_else(|_| "unknown".into());
+        let holder = match std::fs::File::open(&paths.lock) {
+            Ok(f) => match Flock::lock(f, FlockArg::LockSharedNonblock) {
+                Ok(_) => None,
+                Err(_) => std::fs::read_to_string(&paths.lock)
+                    .ok()
+                    .map(|s| s.trim().to_string()),
+            },
+            Err(_) => None,
+        };
+        out.push(WaveListing {
+            wave: wave.to_string(),
+            phase,
+            holder,
+        });
+    }
+    out.sort_by(|a, b| a.wave.cmp(&b.wave));
+    Ok(out)
+}
+
+fn halt_text(now_ms: i64) -> String {
+    let mut id = [0u8; 8];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut id);
+    format!(
+        "halt requested at {now_ms} by pid {} id {}\n",
+        std::process::id(),
+        hex::encode(id)
+    )
 }
 
 /// Request a halt of the wave (`wave halt`): writes `<wave>.halt` naming
 /// when, by which process, with a unique id, so that a resume can tell a
 /// halt it decided over from one requested after it began.
 pub fn request_halt(paths: &WavePaths, now_ms: i64) -> Result<(), StoreError> {
-    let mut id = [0u8; 8];
-    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut id);
-    let text = format!(
-        "halt requested at {now_ms} by pid {} id {}\n",
-        std::process::id(),
-        hex::encode(id)
-    );
-    write_atomic(&paths.halt, text.as_bytes())
+    write_atomic(&paths.halt, halt_text(now_ms).as_bytes())
 }
 
 /// The halt request of the wave as it stands now (`None`: none).
@@ -591,6 +618,8 @@ pub fn clear_halt(paths: &WavePaths, seen: Option<&str>) -> Result<bool, StoreEr
 pub struct PoolLedger {
     file: PathBuf,
     lock: PathBuf,
+    /// On etcd: the ledger key, under the store's distributed mutex.
+    etcd: Option<etcd::EtcdLedger>,
 }
 
 /// One wave's entry: pool → hosts out of service.
@@ -605,6 +634,7 @@ impl PoolLedger {
         Self {
             file: paths.pools.clone(),
             lock: paths.pools_lock.clone(),
+            etcd: None,
         }
     }
 
@@ -641,13 +671,38 @@ impl PoolLedger {
         Ok(LedgerGuard {
             file: self.file.clone(),
             waves,
-            _lock: lock,
+            _lock: Some(lock),
+            etcd: None,
+        })
+    }
+
+    /// The etcd ledger, taken: read under the mutex.
+    fn etcd_guard(
+        e: &etcd::EtcdLedger,
+        (guard, waves): (etcd::EtcdLedgerGuard, Option<Vec<u8>>),
+    ) -> Result<LedgerGuard, StoreError> {
+        let waves = match waves {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|err| StoreError::Corrupt {
+                path: e.location(),
+                key: "pool ledger".into(),
+                reason: err.to_string(),
+            })?,
+            None => BTreeMap::new(),
+        };
+        Ok(LedgerGuard {
+            file: e.location(),
+            waves,
+            _lock: None,
+            etcd: Some(guard),
         })
     }
 
     /// Take the ledger (waits, without blocking the runtime, while another
     /// coordinator holds it; every holder keeps it for one short read/write).
     pub async fn lock(&self) -> Result<LedgerGuard, StoreError> {
+        if let Some(e) = &self.etcd {
+            return Self::etcd_guard(e, e.lock().await?);
+        }
         let mut file = self.open_lock()?;
         loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
@@ -668,6 +723,9 @@ impl PoolLedger {
 
     /// [`lock`](Self::lock) for synchronous callers (blocks the thread).
     pub fn lock_blocking(&self) -> Result<LedgerGuard, StoreError> {
+        if let Some(e) = &self.etcd {
+            return Self::etcd_guard(e, e.lock_blocking()?);
+        }
         let file = self.open_lock()?;
         match Flock::lock(file, FlockArg::LockExclusive) {
             Ok(l) => self.guard(l),
@@ -684,7 +742,8 @@ impl PoolLedger {
 pub struct LedgerGuard {
     file: PathBuf,
     waves: BTreeMap<String, LedgerEntry>,
-    _lock: Flock<File>,
+    _lock: Option<Flock<File>>,
+    etcd: Option<etcd::EtcdLedgerGuard>,
 }
 
 impl LedgerGuard {
@@ -722,7 +781,10 @@ impl LedgerGuard {
             key: wave.to_string(),
             reason: e.to_string(),
         })?;
-        replace_file(&self.file, &bytes, false)
+        match &self.etcd {
+            Some(g) => g.set(bytes),
+            None => replace_file(&self.file, &bytes, false),
+        }
     }
 }
 
@@ -860,6 +922,7 @@ fn replace_file(path: &Path, bytes: &[u8], sync: bool) -> Result<(), StoreError>
 mod tests {
     use super::*;
     use ringfence::time::SystemClock;
+    use std::sync::Arc;
 
     #[test]
     fn second_holder_is_refused_and_named() {
