@@ -7,7 +7,7 @@
 # target/release/docgen/.
 #
 #   packaging/build.sh                                  # version from Cargo.toml
-#   RINGFENCE_VERSION=0.1.0~rc1 DIST_DIR=/tmp/old packaging/build.sh
+#   RINGFENCE_VERSION=0.2.1~rc1 DIST_DIR=/tmp/rc packaging/build.sh
 #
 # RINGFENCE_VERSION overrides the package version. SKIP_CARGO_BUILD=1 reuses
 # the release binaries already in target/release (ringfenced, ringfence and

@@ -4,17 +4,20 @@
 #   integration/container/run.sh
 #
 # 1. Builds the current packages, ringfenced (agent) and ringfence (operator
-#    CLI), .deb and .rpm, and the previous single `ringfenced` package (which
-#    also carried /usr/bin/ringfence) as version 0.0.0~prev from the last
-#    commit before the split ($RINGFENCE_PREV_REV, default 7f7a609) with
-#    that commit's packaging and the same release binaries; lintian on both
-#    current .debs, systemd-analyze verify and exposure score.
+#    CLI), .deb and .rpm, and the previous single `ringfenced` package of
+#    0.1.0 (which also carried /usr/bin/ringfence) from the frozen "single"
+#    variant in agent/Cargo.toml with the same release binaries (no git
+#    history needed); checks the Breaks/Replaces/Conflicts bound covers it;
+#    lintian on both current .debs, systemd-analyze verify and exposure
+#    score.
 # 2. In a fresh Debian bookworm container (base image from base-image.sh):
 #    install the previous single .deb, check files, owners, modes, conffile
 #    and enablement; edit the config and put an agent key and journal in
 #    place; upgrade to both current .debs in one dpkg run (config, key and
-#    journal kept; /usr/bin/ringfence now from ringfence; man pages and
-#    completions in place); remove (state kept); purge (state gone).
+#    journal kept; /usr/bin/ringfence now from ringfence; man pages,
+#    completions and the Slurm hooks in place, the hooks failing with their
+#    own message where there is no Slurm); remove (state kept); purge
+#    (state gone).
 #    A workstation: only the ringfence .deb (no agent, no unit, no config;
 #    `man ringfence-wave-run` renders; completions in place).
 # 3. Under real systemd as PID 1 (see packaging/README.md): install, check
@@ -63,29 +66,25 @@ fail() {
 }
 pass() { echo "ok: $*"; }
 
-prev_version="0.0.0~prev"
+# The last release of the single `ringfenced` package (agent and operator
+# CLI in one package); 0.2.0 split it in two.
+prev_version="0.1.0"
 # [workspace.package] version, the first version line of the root manifest.
 cur_version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
 [ -n "$cur_version" ] || fail "no version in Cargo.toml"
 
-# The last commit whose packaging built the single `ringfenced` package.
-prev_rev="${RINGFENCE_PREV_REV:-7f7a609}"
-
-echo "== packages: $prev_version (previous, single package from $prev_rev) and $cur_version (current)"
+echo "== packages: $prev_version (previous, single package) and $cur_version (current)"
 # The fake NVML library the agent loads in the container (debug build).
 cargo build --locked -q -p fake-nvml
 DIST_DIR="$work/cur" packaging/build.sh >/dev/null
-# The previous package: that commit's tree and packaging, today's release
-# binaries (only the packaging differs).
-command -v git >/dev/null 2>&1 || fail "git is not installed (apt-get install git)"
-git rev-parse -q --verify "$prev_rev^{commit}" >/dev/null \
-    || fail "commit $prev_rev (the single-package packaging) is not in this clone (a shallow clone? fetch it or set RINGFENCE_PREV_REV)"
-mkdir -p "$work/prev-src/target/release"
-git archive "$prev_rev" | tar -x -C "$work/prev-src"
-cp target/release/ringfenced target/release/ringfence "$work/prev-src/target/release/"
-(cd "$work/prev-src" && env -u CARGO_TARGET_DIR SKIP_CARGO_BUILD=1 RINGFENCE_VERSION="$prev_version" \
-    DIST_DIR="$work/prev" packaging/build.sh >/dev/null) || fail "building the previous package from $prev_rev"
-rm -rf "$work/prev-src"
+# The previous package: the "single" variant of agent/Cargo.toml's package
+# metadata (0.1.0's layout, frozen there for this test), today's release
+# binaries (only the packaging and the version differ).
+mkdir -p "$work/prev"
+cargo deb -p ringfenced --no-build --variant single --deb-version "$prev_version" -o "$work/prev/" >/dev/null \
+    || fail "cargo deb --variant single (the previous single .deb)"
+cargo generate-rpm -p agent --variant single -s "version = \"$prev_version\"" -o "$work/prev/" >/dev/null \
+    || fail "cargo generate-rpm --variant single (the previous single .rpm)"
 cur_deb=$(ls "$work"/cur/ringfenced_*.deb)
 cli_deb=$(ls "$work"/cur/ringfence_*.deb)
 prev_deb=$(ls "$work"/prev/ringfenced_*.deb)
@@ -101,6 +100,19 @@ cur_deb_version=$(dpkg-deb -f "$cur_deb" Version)
 prev_deb_version=$(dpkg-deb -f "$prev_deb" Version)
 dpkg --compare-versions "$prev_deb_version" lt "$cur_deb_version" \
     || fail "previous .deb version $prev_deb_version is not older than $cur_deb_version"
+# ringfence's Breaks/Replaces bound: every single package (up to
+# $prev_version) below it, no pre-release of the current version
+# (${cur_version}~rc1) at or above it.
+for field in Breaks Replaces; do
+    got=$(dpkg-deb -f "$cli_deb" "$field")
+    bound=$(sed -n 's/^ringfenced (<< \(.*\))$/\1/p' <<<"$got")
+    [ -n "$bound" ] || fail "ringfence .deb $field: expected 'ringfenced (<< VERSION)', got '$got'"
+    dpkg --compare-versions "$prev_deb_version" lt "$bound" \
+        || fail "ringfence $field ringfenced << $bound does not cover the single package $prev_deb_version"
+    dpkg --compare-versions "${cur_version}~rc1-1" ge "$bound" \
+        || fail "ringfence $field ringfenced << $bound would also hit ringfenced ${cur_version}~rc1"
+done
+pass "previous single package $prev_deb_version (variant single), current $cur_deb_version; ringfence Breaks/Replaces ringfenced << $bound"
 
 echo "== lintian and unit checks"
 command -v lintian >/dev/null 2>&1 || fail "lintian is not installed (apt-get install lintian)"
@@ -157,9 +169,15 @@ check_installed_files() { # version [single]
     if [ "${2:-}" = single ]; then
         expect_stat /usr/bin/ringfence "755 root:root regular file"
         [ "$(owner /usr/bin/ringfence)" = ringfenced ] || fail "the single package does not own /usr/bin/ringfence"
+        expect_absent /usr/lib/ringfence "the single package of $prev_version had no hooks"
+        expect_absent /usr/share/man/man1/ringfenced.1.gz "the single package of $prev_version had no man pages"
     else
         [ "$(owner /usr/bin/ringfence)" != ringfenced ] || fail "ringfenced $1 still ships /usr/bin/ringfence"
         check_docs ringfenced
+        check_hooks
+        for hook in $slurm_hooks slurm-common.sh; do
+            [ "$(owner "$hooks_dir/$hook")" = ringfenced ] || fail "$hooks_dir/$hook is not owned by ringfenced"
+        done
     fi
     expect_stat /lib/systemd/system/ringfenced.service "644 root:root regular file"
     expect_stat /etc/ringfence "755 root:root directory"
@@ -182,6 +200,38 @@ check_installed_files() { # version [single]
     in_ct systemd-analyze verify /lib/systemd/system/ringfenced.service \
         || fail "systemd-analyze verify of the installed unit"
     pass "installed ringfenced $1${2:+ ($2)}: files, owners, modes, conffile, unit enabled, unit verifies"
+}
+
+# The Slurm hooks (packaging/hooks/): executables, and the file they source.
+hooks_dir=/usr/lib/ringfence/hooks
+slurm_hooks="slurm-drain slurm-wait-drained slurm-resume slurm-health-check"
+# expect_hook_error EXIT-STATUS MESSAGE-PREFIX HOOK ARGS...: run with the
+# clean environment the agent gives hooks, in an image without Slurm.
+expect_hook_error() {
+    local want_rc="$1" prefix="$2" hook="$3" out rc=0
+    shift 3
+    out=$(in_ct env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$hooks_dir/$hook" "$@" 2>&1) || rc=$?
+    [ "$rc" = "$want_rc" ] || fail "$hook $*: expected exit $want_rc, got $rc: $out"
+    [ "$(printf '%s\n' "$out" | wc -l)" = 1 ] || fail "$hook $*: expected one line of error, got: $out"
+    case "$out" in "$prefix"*) ;; *) fail "$hook $*: expected '$prefix...', got: $out" ;; esac
+}
+check_hooks() {
+    local hook
+    for hook in $slurm_hooks; do
+        expect_stat "$hooks_dir/$hook" "755 root:root regular file"
+    done
+    # Sourced by the hooks from their own directory, not run.
+    expect_stat "$hooks_dir/slurm-common.sh" "644 root:root regular file"
+    # No Slurm here: each hook stops with its own message (and found
+    # slurm-common.sh next to it), not with a shell error.
+    expect_hook_error 3 "slurm-wait-drained: unknown option --help (options: --node NAME, --conf PATH, --)" \
+        slurm-wait-drained --help
+    expect_hook_error 3 "slurm-wait-drained: cannot read node ct-node from slurmctld: " \
+        slurm-wait-drained --node ct-node
+    expect_hook_error 1 "slurm-drain: cannot read node ct-node from slurmctld: " \
+        slurm-drain --node ct-node -- test
+    expect_hook_error 1 "slurm-resume: cannot read node ct-node from slurmctld: " \
+        slurm-resume --node ct-node
 }
 
 # `man PAGE` as plain text, runs of spaces (justification) squeezed.
@@ -240,7 +290,7 @@ key_sum=$(sha /var/lib/ringfence/host.key)
 journal_sum=$(sha /var/lib/ringfence/journal.redb)
 
 # The CLI alone cannot take /usr/bin/ringfence from the single package:
-# ringfence Breaks ringfenced (<< 0.1.0), so dpkg refuses it.
+# ringfence Breaks ringfenced (<< 0.2.0~), so dpkg refuses it.
 if out=$(in_ct dpkg -i "/pkgs/cur/$(basename "$cli_deb")" 2>&1); then
     fail "dpkg installed ringfence alone over the single ringfenced package (Breaks missing)"
 fi
@@ -267,6 +317,7 @@ case "$(pkg_status ringfence)" in "" | un* | rc*) ;; *) fail "ringfence still in
 expect_absent /usr/bin/ringfenced "removed package"
 expect_absent /usr/bin/ringfence "removed package"
 expect_absent /lib/systemd/system/ringfenced.service "removed package"
+expect_absent "$hooks_dir" "removed package"
 expect_absent "$wants" "unit must be disabled on remove"
 [ "$(sha /var/lib/ringfence/host.key)" = "$key_sum" ] || fail "remove lost /var/lib/ringfence/host.key"
 in_ct test -f /var/lib/ringfence/journal.redb || fail "remove lost the journal"
@@ -559,7 +610,7 @@ expect_healthy ops "after the upgrade (enrolled key unchanged)"
 pass "upgrade single $prev_deb_version -> ringfenced + ringfence $cur_deb_version with the agent running: restarted on the new binary, config, key and journal kept"
 
 # Self-upgrade: the agent's own patch profile runs dpkg inside the unit.
-# Back to the single package first: ringfence (Breaks ringfenced << 0.1.0)
+# Back to the single package first: ringfence (Breaks ringfenced << 0.2.0~)
 # goes, then the previous ringfenced; the profile installs the new agent
 # package only (a GPU host without the operator CLI).
 in_ct systemctl reset-failed ringfenced.service # clears the start-limit counter (see above)
@@ -643,6 +694,10 @@ expect_rpm_file '-rwxr-xr-x root:root  /usr/bin/ringfenced'
 expect_rpm_file '-rw-r--r-- root:root  /usr/lib/systemd/system/ringfenced.service'
 expect_rpm_file '-rw-r--r-- root:root cn /etc/ringfence/agent.toml'
 expect_rpm_file '-rw-r--r-- root:root d /usr/share/doc/ringfenced/README.md'
+for hook in $slurm_hooks; do
+    expect_rpm_file "-rwxr-xr-x root:root  $hooks_dir/$hook"
+done
+expect_rpm_file "-rw-r--r-- root:root  $hooks_dir/slurm-common.sh"
 expect_rpm_docs ringfenced
 if grep -q ' /usr/bin/ringfence$' <<<"$files"; then fail "the ringfenced rpm still ships /usr/bin/ringfence"; fi
 files=$(rpm -qp --qf '[%{FILEMODES:perms} %{FILEUSERNAME}:%{FILEGROUPNAME} %{FILEFLAGS:fflags} %{FILENAMES}\n]' "$cli_rpm")
@@ -652,7 +707,7 @@ expect_rpm_file '-rw-r--r-- root:root d /usr/share/doc/ringfence/examples/wave.t
 expect_rpm_file '-rw-r--r-- root:root d /usr/share/doc/ringfence/examples/ringfence.toml'
 expect_rpm_docs ringfence
 if grep -qE 'ringfenced|systemd|/etc/' <<<"$files"; then fail "the ringfence rpm ships agent files: $files"; fi
-rpm -qp --conflicts "$cli_rpm" | grep -qx 'ringfenced < 0.1.0' \
+rpm -qp --conflicts "$cli_rpm" | grep -qx 'ringfenced < 0.2.0~' \
     || fail "the ringfence rpm does not conflict with the single package: $(rpm -qp --conflicts "$cli_rpm")"
 if rpm -qp --requires "$cli_rpm" | grep -q ringfenced; then fail "the ringfence rpm requires ringfenced"; fi
 scripts=$(rpm -qp --scripts "$cur_rpm")
@@ -692,7 +747,7 @@ journal_sum=$(sha /var/lib/ringfence/journal.redb)
 # shared.)
 conflicts() { rpm_in -U --test "$@" 2>&1 | grep -F 'conflicts with' || true; }
 alone=$(conflicts "/pkgs/cur/$(basename "$cli_rpm")")
-grep -qF 'ringfenced < 0.1.0 conflicts with ringfence-' <<<"$alone" \
+grep -qF 'ringfenced < 0.2.0~ conflicts with ringfence-' <<<"$alone" \
     || fail "rpm: ringfence alone over the single package is not refused by its Conflicts: '$alone'"
 both=$(conflicts "/pkgs/cur/$(basename "$cur_rpm")" "/pkgs/cur/$(basename "$cli_rpm")")
 [ -z "$both" ] || fail "rpm: ringfenced + ringfence over the single package conflict: $both"
@@ -705,6 +760,9 @@ rpm_in -U --nodeps "/pkgs/cur/$(basename "$cur_rpm")" "/pkgs/cur/$(basename "$cl
 [ "$(sha /var/lib/ringfence/host.key)" = "$key_sum" ] || fail "rpm upgrade changed host.key"
 [ "$(sha /var/lib/ringfence/journal.redb)" = "$journal_sum" ] || fail "rpm upgrade changed the journal"
 expect_stat /usr/bin/ringfence "755 root:root regular file"
+check_hooks
+[ "$(in_ct rpm -qf "$hooks_dir/slurm-common.sh")" = "ringfenced-${cur_version}-1.x86_64" ] \
+    || fail "rpm: $hooks_dir/slurm-common.sh owned by '$(in_ct rpm -qf "$hooks_dir/slurm-common.sh")'"
 expect_stat /usr/share/man/man1/ringfence-wave-run.1.gz "644 root:root regular file"
 man_page ringfence-wave-run | has "ringfence wave run" \
     || fail "rpm: man ringfence-wave-run does not render"
