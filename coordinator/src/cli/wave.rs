@@ -488,7 +488,12 @@ pub(super) async fn run(config: Option<&Path>, cmd: WaveCommand) -> Result<(), W
         }
         WaveCommand::Abort { wave } => {
             let settings = input::settings(config)?;
-            let store = match WaveStore::open(&settings.state_dir, &wave, input::clock().as_ref()) {
+            let store = match WaveStore::open_in(
+                &settings.store,
+                &settings.state_dir,
+                &wave,
+                input::clock().as_ref(),
+            ) {
                 Ok(s) => s,
                 Err(StoreError::Held { wave, holder }) => {
                     return Err(WaveCmdError::AbortWhileRunning {
@@ -499,7 +504,7 @@ pub(super) async fn run(config: Option<&Path>, cmd: WaveCommand) -> Result<(), W
                 Err(e) => return Err(WaveCmdError::OpenStore(e)),
             };
             wave::abort(&store, input::clock().as_ref()).map_err(WaveCmdError::Store)?;
-            mark_aborted(&store).map_err(WaveCmdError::Store)?;
+            mark_aborted(&settings, &store).map_err(WaveCmdError::Store)?;
             println!(
                 "wave {wave} aborted; hosts left drained stay drained until an operator undrains them"
             );
@@ -777,8 +782,12 @@ fn finished_at(path: &Path) -> Option<String> {
 
 /// After `abort`: the status snapshot says so (phase `aborted`, no next
 /// step), so `wave status` no longer shows the wave halted.
-fn mark_aborted(store: &WaveStore) -> Result<(), StoreError> {
-    let Ok(text) = std::fs::read_to_string(&store.paths.status) else {
+fn mark_aborted(settings: &Settings, store: &WaveStore) -> Result<(), StoreError> {
+    // The snapshot where `wave status` reads it: the local file, or the
+    // etcd status key (an abort from another machine than the driver's).
+    let Ok(text) =
+        crate::store::read_status_in(&settings.store, &settings.state_dir, &store.paths.wave)
+    else {
         // A wave that never wrote a snapshot has none to correct.
         return Ok(());
     };

@@ -337,6 +337,30 @@ async fn etcd_wave_halt_from_another_machine_stops_the_wave() {
         patched < f.hosts.len(),
         "the halt stopped the wave before its end"
     );
+    // The third machine ends the wave for good: `wave status` says aborted
+    // on every machine of the store, the driver's included.
+    let out = Command::new(env!("CARGO_BIN_EXE_ringfence"))
+        .arg("--config")
+        .arg(&c_cfg)
+        .args(["wave", "abort", "--wave", "halted"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for cfg in [&a_cfg, &c_cfg] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ringfence"))
+            .arg("--config")
+            .arg(cfg)
+            .args(["wave", "status", "--wave", "halted", "--json"])
+            .output()
+            .unwrap();
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        assert_eq!(status["phase"], "aborted", "{status}");
+    }
 }
 
 /// Scenario 1: the kill-at-10-points exactly-once test, on etcd: the same
