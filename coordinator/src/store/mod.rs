@@ -921,74 +921,10 @@ fn replace_file(path: &Path, bytes: &[u8], sync: bool) -> Result<(), StoreError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ringfence::time::SystemClock;
     use std::sync::Arc;
 
-    #[test]
-    fn second_holder_is_refused_and_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let _a = WaveStore::open(dir.path(), "w1", &SystemClock).unwrap();
-        let err = WaveStore::open(dir.path(), "w1", &SystemClock)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("held by another coordinator"), "{err}");
-        assert!(
-            err.contains(&format!("pid {}", std::process::id())),
-            "{err}"
-        );
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn grouped_writes_are_durable_and_sequences_stay_ordered() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let s = Arc::new(WaveStore::open(dir.path(), "w", &SystemClock).unwrap());
-            let mut tasks = Vec::new();
-            for i in 0..200u64 {
-                let s = s.clone();
-                tasks.push(tokio::spawn(async move {
-                    let host = format!("gpu-{}", i % 10);
-                    let n = s.next_sequence_async(&host, 0).await.unwrap();
-                    s.put_host_async(&format!("h{i}"), &serde_json::json!({ "seq": n }))
-                        .await
-                        .unwrap();
-                    (host, n)
-                }));
-            }
-            let mut per_host: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
-            for t in tasks {
-                let (h, n) = t.await.unwrap();
-                per_host.entry(h).or_default().push(n);
-            }
-            for (h, mut ns) in per_host {
-                ns.sort_unstable();
-                assert_eq!(ns, (1..=20).collect::<Vec<u64>>(), "{h}");
-            }
-        }
-        let s = WaveStore::open(dir.path(), "w", &SystemClock).unwrap();
-        assert_eq!(s.hosts::<serde_json::Value>().unwrap().len(), 200);
-        assert_eq!(s.next_sequence("gpu-3", 0).unwrap(), 21);
-    }
-
-    #[test]
-    fn records_survive_reopen_and_sequences_only_grow() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let s = WaveStore::open(dir.path(), "w", &SystemClock).unwrap();
-            s.put_host("gpu-1", &serde_json::json!({"phase": "patching"}))
-                .unwrap();
-            assert_eq!(s.next_sequence("gpu-1", 0).unwrap(), 1);
-            assert_eq!(s.next_sequence("gpu-1", 0).unwrap(), 2);
-            assert_eq!(s.next_sequence("gpu-1", 10).unwrap(), 11);
-            s.append_event(&"started").unwrap();
-        }
-        let s = WaveStore::open(dir.path(), "w", &SystemClock).unwrap();
-        let rec: serde_json::Value = s.get_host("gpu-1").unwrap().unwrap();
-        assert_eq!(rec["phase"], "patching");
-        assert_eq!(s.next_sequence("gpu-1", 3).unwrap(), 12);
-        let ev: Vec<String> = s.events().unwrap();
-        assert_eq!(ev, vec!["started".to_string()]);
-    }
+    // Reopen, sequences, concurrent writes and the second holder are tested
+    // once for both backends: `coordinator/tests/it/store_backends.rs`.
 
     #[test]
     fn atomic_write_never_follows_a_planted_temp_file_and_leaves_none() {
