@@ -379,24 +379,7 @@ async fn soak_watchers_stop_when_the_ring_is_promoted() {
         opened: opened.clone(),
         open_at_ring_1: open_at_ring_1.clone(),
     });
-    let store =
-        Arc::new(WaveStore::open(&settings.state_dir, &spec.wave_id, &SystemClock).unwrap());
-    let mut driver = ringfence_coordinator::cli::driver(
-        &settings,
-        TrustSet::load(&settings.trust_file).unwrap(),
-        inv,
-        spec,
-        store,
-        connector,
-        Reporter::new(true),
-        Vec::new(),
-    )
-    .unwrap();
-    driver.poll_interval = Duration::from_millis(50);
-    let outcome = tokio::time::timeout(Duration::from_secs(30), driver.run())
-        .await
-        .expect("the wave finishes")
-        .unwrap();
+    let outcome = drive(&settings, inv, spec, connector, Duration::from_secs(30)).await;
     assert_eq!(outcome, Outcome::Completed);
     assert_eq!(
         opened.load(Ordering::SeqCst),
@@ -577,24 +560,7 @@ async fn scripted_wave(
         calls: Arc::default(),
         wrong_key: Arc::new(ringfence::keys::generate()),
     });
-    let store =
-        Arc::new(WaveStore::open(&settings.state_dir, &spec.wave_id, &SystemClock).unwrap());
-    let mut driver = ringfence_coordinator::cli::driver(
-        &settings,
-        TrustSet::load(&settings.trust_file).unwrap(),
-        inv,
-        spec,
-        store,
-        connector,
-        Reporter::new(true),
-        Vec::new(),
-    )
-    .unwrap();
-    driver.poll_interval = Duration::from_millis(50);
-    let outcome = tokio::time::timeout(Duration::from_secs(60), driver.run())
-        .await
-        .expect("the wave ends")
-        .unwrap();
+    let outcome = drive(&settings, inv, spec, connector, Duration::from_secs(60)).await;
     (f, outcome)
 }
 
@@ -1022,4 +988,34 @@ async fn an_unhealthy_end_of_soak_attestation_is_a_soak_regression() {
         .map(|s| (s.purpose.as_str(), s.verdict.as_str()))
         .collect();
     assert_eq!(kept, [("end_of_soak", "UNHEALTHY")]);
+}
+
+/// The wave of `spec` driven in-process through `connector`, as `wave run`
+/// builds it (the fleet's settings and trust file, a quiet live view), to
+/// its outcome within `limit`.
+async fn drive(
+    settings: &Settings,
+    inv: Inventory,
+    spec: WaveSpec,
+    connector: Arc<dyn Connector>,
+    limit: Duration,
+) -> Outcome {
+    let store =
+        Arc::new(WaveStore::open(&settings.state_dir, &spec.wave_id, &SystemClock).unwrap());
+    let mut driver = ringfence_coordinator::cli::driver(
+        settings,
+        TrustSet::load(&settings.trust_file).unwrap(),
+        inv,
+        spec,
+        store,
+        connector,
+        Reporter::new(true),
+        Vec::new(),
+    )
+    .unwrap();
+    driver.poll_interval = Duration::from_millis(50);
+    tokio::time::timeout(limit, driver.run())
+        .await
+        .expect("the wave ends in time")
+        .unwrap()
 }
