@@ -61,6 +61,36 @@ fn store_section(etcd: &EtcdCluster) -> String {
     )
 }
 
+/// One etcd cluster of `members` and a fleet of four slow hosts in one pool
+/// (reserve 50 %), under `dir`.
+async fn four_slow_hosts_on_etcd(dir: &Path, members: usize) -> (EtcdCluster, LocalFleet) {
+    let etcd = EtcdCluster::start(&dir.join("etcd").tap_mkdir(), members).unwrap();
+    let f = start(
+        &dir.join("fleet").tap_mkdir(),
+        slow_hosts(4),
+        &[("h100-train", 50)],
+    )
+    .await;
+    (etcd, f)
+}
+
+/// `ringfence --config CFG ARGS..` run to its end: it must succeed; its
+/// standard output.
+fn ringfence_ok(cfg: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_ringfence"))
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ringfence {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A `ringfence` process with its output in files.
 struct Proc {
     child: Child,
@@ -194,13 +224,7 @@ async fn assert_each_host_patched_once(f: &LocalFleet) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_a_frozen_driver_is_taken_over_and_dispatches_nothing_after() {
     let dir = tempfile::tempdir().unwrap();
-    let etcd = EtcdCluster::start(&dir.path().join("etcd").tap_mkdir(), 1).unwrap();
-    let f = start(
-        &dir.path().join("fleet").tap_mkdir(),
-        slow_hosts(4),
-        &[("h100-train", 50)],
-    )
-    .await;
+    let (etcd, f) = four_slow_hosts_on_etcd(dir.path(), 1).await;
     let spec = f.write_spec("takeover", &pacing(1)).unwrap();
     let a_cfg = coordinator_settings(&f, &etcd, "a");
     let b_cfg = coordinator_settings(&f, &etcd, "b");
@@ -275,18 +299,7 @@ async fn etcd_a_frozen_driver_is_taken_over_and_dispatches_nothing_after() {
 
     // `wave list` from a third machine shows the wave, completed, not held.
     let c_cfg = coordinator_settings(&f, &etcd, "c");
-    let out = Command::new(env!("CARGO_BIN_EXE_ringfence"))
-        .arg("--config")
-        .arg(&c_cfg)
-        .args(["wave", "list"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = ringfence_ok(&c_cfg, &["wave", "list"]);
     assert!(
         text.lines()
             .any(|l| l.starts_with("takeover\tcompleted\tnot held")),
@@ -299,30 +312,14 @@ async fn etcd_a_frozen_driver_is_taken_over_and_dispatches_nothing_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_wave_halt_from_another_machine_stops_the_wave() {
     let dir = tempfile::tempdir().unwrap();
-    let etcd = EtcdCluster::start(&dir.path().join("etcd").tap_mkdir(), 1).unwrap();
-    let f = start(
-        &dir.path().join("fleet").tap_mkdir(),
-        slow_hosts(4),
-        &[("h100-train", 50)],
-    )
-    .await;
+    let (etcd, f) = four_slow_hosts_on_etcd(dir.path(), 1).await;
     let spec = f.write_spec("halted", &pacing(1)).unwrap();
     let a_cfg = coordinator_settings(&f, &etcd, "a");
     let c_cfg = coordinator_settings(&f, &etcd, "c");
 
     let mut a = Proc::spawn(&a_cfg, &run_args(&f, &spec), "a-run");
     a.until(Duration::from_secs(60), host_event("start")).await;
-    let out = Command::new(env!("CARGO_BIN_EXE_ringfence"))
-        .arg("--config")
-        .arg(&c_cfg)
-        .args(["wave", "halt", "--wave", "halted"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ringfence_ok(&c_cfg, &["wave", "halt", "--wave", "halted"]);
     let code = a.exit(WAVE_LIMIT).await;
     assert_eq!(code, 4, "halted: {}", a.stderr());
     let err = a.stderr();
@@ -339,26 +336,10 @@ async fn etcd_wave_halt_from_another_machine_stops_the_wave() {
     );
     // The third machine ends the wave for good: `wave status` says aborted
     // on every machine of the store, the driver's included.
-    let out = Command::new(env!("CARGO_BIN_EXE_ringfence"))
-        .arg("--config")
-        .arg(&c_cfg)
-        .args(["wave", "abort", "--wave", "halted"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ringfence_ok(&c_cfg, &["wave", "abort", "--wave", "halted"]);
     for cfg in [&a_cfg, &c_cfg] {
-        let out = Command::new(env!("CARGO_BIN_EXE_ringfence"))
-            .arg("--config")
-            .arg(cfg)
-            .args(["wave", "status", "--wave", "halted", "--json"])
-            .output()
-            .unwrap();
-        let status: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        let text = ringfence_ok(cfg, &["wave", "status", "--wave", "halted", "--json"]);
+        let status: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(status["phase"], "aborted", "{status}");
     }
 }
@@ -502,13 +483,7 @@ async fn leader(etcd: &EtcdCluster) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_a_three_member_cluster_losing_its_leader_mid_wave_still_patches_every_host_once() {
     let dir = tempfile::tempdir().unwrap();
-    let mut etcd = EtcdCluster::start(&dir.path().join("etcd").tap_mkdir(), 3).unwrap();
-    let f = start(
-        &dir.path().join("fleet").tap_mkdir(),
-        slow_hosts(4),
-        &[("h100-train", 50)],
-    )
-    .await;
+    let (mut etcd, f) = four_slow_hosts_on_etcd(dir.path(), 3).await;
     let spec = f.write_spec("leaderless", &pacing(1)).unwrap();
     let a_cfg = coordinator_settings(&f, &etcd, "a");
     let mut a = Proc::spawn(&a_cfg, &run_args(&f, &spec), "a-run");
