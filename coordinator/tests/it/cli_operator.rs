@@ -618,11 +618,7 @@ async fn inventory_check_warns_when_a_pools_reserve_rounds_down_to_no_host() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_to_a_closed_pipe_is_no_panic() {
     let dir = tempfile::tempdir().unwrap();
-    let lab = dir.path().join("lab");
-    let mut init = Command::new(env!("CARGO_BIN_EXE_ringfence"));
-    init.args(["lab", "init", "--hosts", "2", "--base-port", "1", "--dir"])
-        .arg(&lab);
-    assert!(output(init).await.status.success());
+    let lab = lab_init(dir.path(), 2).await;
     // A wave's status snapshot, as a running coordinator leaves it.
     std::fs::create_dir_all(lab.join("state")).unwrap();
     std::fs::write(
@@ -665,11 +661,7 @@ async fn output_to_a_closed_pipe_is_no_panic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approvals_that_cannot_count_and_a_reused_wave_id_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let lab = dir.path().join("lab");
-    let mut init = Command::new(env!("CARGO_BIN_EXE_ringfence"));
-    init.args(["lab", "init", "--hosts", "4", "--base-port", "1", "--dir"])
-        .arg(&lab);
-    assert!(output(init).await.status.success());
+    let lab = lab_init(dir.path(), 4).await;
     let settings = lab.join("ringfence.toml");
     let approve = |ring: &str, key: &str| {
         let mut c = ringfence(&settings);
@@ -771,11 +763,7 @@ async fn approvals_that_cannot_count_and_a_reused_wave_id_are_refused_with_the_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plan_and_run_name_the_reserve_percent_that_lets_one_host_out() {
     let dir = tempfile::tempdir().unwrap();
-    let lab = dir.path().join("lab");
-    let mut init = Command::new(env!("CARGO_BIN_EXE_ringfence"));
-    init.args(["lab", "init", "--hosts", "4", "--base-port", "1", "--dir"])
-        .arg(&lab);
-    assert!(output(init).await.status.success());
+    let lab = lab_init(dir.path(), 4).await;
     let inventory = lab.join("inventory.toml");
     let text_of = std::fs::read_to_string(&inventory).unwrap();
     assert!(text_of.contains("reserve_percent = 25"), "{text_of}");
@@ -837,4 +825,23 @@ async fn plan_and_run_name_the_reserve_percent_that_lets_one_host_out() {
         "{}",
         text(&out)
     );
+}
+
+/// `ringfence lab init --hosts N` under `dir` (ports from 1: nothing is
+/// started); the lab's directory.
+async fn lab_init(dir: &std::path::Path, hosts: usize) -> std::path::PathBuf {
+    let lab = dir.join("lab");
+    let mut init = Command::new(env!("CARGO_BIN_EXE_ringfence"));
+    init.args([
+        "lab",
+        "init",
+        "--hosts",
+        &hosts.to_string(),
+        "--base-port",
+        "1",
+        "--dir",
+    ])
+    .arg(&lab);
+    assert!(output(init).await.status.success());
+    lab
 }
