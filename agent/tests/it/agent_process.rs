@@ -63,15 +63,6 @@ async fn watch_health(host: &Host) -> tonic::Streaming<pb::HealthReport> {
         .into_inner()
 }
 
-async fn identity(host: &Host) -> pb::Identity {
-    host.client()
-        .await
-        .get_identity(pb::GetIdentityRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 /// kill -9 in the middle of a patch command, restart on the same state dir:
 /// the journal says INTERRUPTED, the host is still drained, and the same
 /// signed task sent again is answered from the journal, not run again.
@@ -126,7 +117,7 @@ async fn kill_9_during_a_patch_is_interrupted_after_restart_and_never_rerun() {
     let p1 = task_state(&mut client, "p1").await;
     assert_eq!(p1.state(), TaskState::Interrupted, "{p1:?}");
     assert!(p1.message.contains("command"), "{}", p1.message);
-    let id = identity(&host).await;
+    let id = host.identity().await;
     assert!(
         id.draining,
         "the host stays drained after the crash: {id:?}"
@@ -168,7 +159,7 @@ async fn kill_9_during_a_patch_is_interrupted_after_restart_and_never_rerun() {
             ("v1".to_string(), TaskState::Succeeded),
         ]
     );
-    assert!(identity(&host).await.draining, "still drained");
+    assert!(host.identity().await.draining, "still drained");
 }
 
 /// Split datagrams into `KEY=VALUE` lines, stamped with their arrival.
@@ -231,7 +222,7 @@ async fn notify_socket_sees_ready_watchdog_and_stopping() {
         seen.iter().any(|l| l.starts_with("STATUS=")),
         "a STATUS line for systemctl status: {seen:?}"
     );
-    let id = identity(&host).await;
+    let id = host.identity().await;
     assert_eq!(id.host_id, "gpu-notify");
     // GetIdentity reports the configured ring (proc_common sets `ring = 0`).
     assert_eq!((id.ring, id.protected_ring), (Some(0), false));
@@ -295,7 +286,7 @@ async fn grpc_health_follows_row_remap_and_drain() {
     })
     .await;
     wait_task(&mut client, "d1", TaskState::Succeeded, TASK_LIMIT).await;
-    assert!(identity(&well).await.draining);
+    assert!(well.identity().await.draining);
     // The cached answer carries the drain mark at once, not a poll later.
     assert!(get_health(&well, false).await.draining);
     // Still healthy GPUs: it is the drain mark that keeps it out of service.
@@ -424,7 +415,7 @@ async fn missing_nvml_library_is_unhealthy_and_the_agent_keeps_serving() {
         "{:?}",
         reason_codes(&report)
     );
-    assert_eq!(identity(&host).await.host_id, "gpu-nonvml");
+    assert_eq!(host.identity().await.host_id, "gpu-nonvml");
     assert_eq!(serving_status(&host, "").await, ServingStatus::NotServing);
     // Still up after further polls, still answering fresh reads.
     let fresh = get_health(&host, true).await;
@@ -571,7 +562,7 @@ async fn sighup_reloads_rotated_certificate_for_new_connections() {
         agent.try_status().is_none(),
         "SIGHUP must not stop the agent"
     );
-    assert_eq!(identity(&host).await.host_id, "gpu-rotate");
+    assert_eq!(host.identity().await.host_id, "gpu-rotate");
 }
 
 /// With stderr in a file (no terminal) the log has no ANSI colour codes,
@@ -1296,7 +1287,7 @@ async fn an_agent_without_a_ring_says_it_is_protected_and_asks_approvals() {
         "{}",
         host.log()
     );
-    let id = identity(&host).await;
+    let id = host.identity().await;
     assert_eq!((id.ring, id.protected_ring), (None, true));
 
     let mut client = host.client().await;
@@ -1387,7 +1378,7 @@ version_pattern = '^[0-9.]+$'
     );
     let mut agent = host.spawn();
     host.wait_listening(&mut agent).await;
-    let id = identity(&host).await;
+    let id = host.identity().await;
     assert_eq!(id.patch_profiles, vec!["cuda-toolkit", "nvidia-driver"]);
     assert_eq!(id.drain_mark, None);
     assert_eq!(get_health(&host, false).await.drain_mark, None);
@@ -1399,7 +1390,8 @@ version_pattern = '^[0-9.]+$'
         .await
         .unwrap();
     wait_task(&mut client, "d1", TaskState::Succeeded, TASK_LIMIT).await;
-    let mark = identity(&host)
+    let mark = host
+        .identity()
         .await
         .drain_mark
         .expect("GetIdentity carries the drain mark");
@@ -1463,7 +1455,7 @@ version_pattern = '^[0-9.]+$'
         .await
         .unwrap();
     wait_task(&mut client, "u1", TaskState::Succeeded, TASK_LIMIT).await;
-    assert_eq!(identity(&host).await.drain_mark, None);
+    assert_eq!(host.identity().await.drain_mark, None);
     let r = get_health(&host, false).await;
     assert!(!r.draining);
     assert_eq!(r.drain_mark, None);

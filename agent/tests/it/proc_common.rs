@@ -225,6 +225,16 @@ impl Host {
         AgentClient::new(self.channel(&self.ops).await)
     }
 
+    /// The agent's GetIdentity answer (its ring, drain mark, profiles…).
+    pub async fn identity(&self) -> pb::Identity {
+        self.client()
+            .await
+            .get_identity(pb::GetIdentityRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     /// A scheduler's standard grpc.health.v1 client (role scheduler).
     pub async fn health_client(&self) -> HealthClient<Channel> {
         HealthClient::new(self.channel(&self.scheduler).await)

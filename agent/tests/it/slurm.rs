@@ -345,15 +345,6 @@ hook_timeout_s = 60
     }
 }
 
-async fn identity(host: &Host) -> pb::Identity {
-    host.client()
-        .await
-        .get_identity(pb::GetIdentityRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 /// Send a signed task and wait for its end state.
 async fn task_ends(
     host: &Host,
@@ -440,7 +431,7 @@ async fn wave_drain_waits_for_the_running_job_and_undrain_returns_the_node_to_id
     );
     assert_eq!(slurm.job(&job1).0, "COMPLETED");
     assert_eq!(slurm.node_state().0, "IDLE+DRAIN");
-    assert!(identity(&host).await.drain_mark.is_some());
+    assert!(host.identity().await.drain_mark.is_some());
 
     // A new job stays pending: the scheduler refuses the drained node.
     let marker = slurm.path("jobs/job2-ran");
@@ -462,7 +453,7 @@ async fn wave_drain_waits_for_the_running_job_and_undrain_returns_the_node_to_id
     )
     .await;
     assert_eq!(u.state(), TaskState::Succeeded, "{u:?}");
-    assert!(identity(&host).await.drain_mark.is_none());
+    assert!(host.identity().await.drain_mark.is_none());
 
     // Back in service: the pending job runs and the node ends IDLE.
     slurm.wait_for("job 2 COMPLETED", || slurm.job(&job2).0 == "COMPLETED");
@@ -523,7 +514,7 @@ async fn a_node_an_admin_drained_stays_drained_and_the_undrain_says_so() {
         "the admin's drain is left alone"
     );
     assert!(
-        identity(&host).await.drain_mark.is_some(),
+        host.identity().await.drain_mark.is_some(),
         "host stays marked draining"
     );
 
@@ -556,7 +547,8 @@ async fn a_drain_with_slurmctld_down_fails_naming_the_cause_and_the_host_stays_m
     ] {
         assert!(d.message.contains(part), "{part:?} in {}", d.message);
     }
-    let mark = identity(&host)
+    let mark = host
+        .identity()
         .await
         .drain_mark
         .expect("the host stays marked draining");
