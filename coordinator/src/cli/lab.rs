@@ -149,7 +149,7 @@ fn ring_of(i: usize) -> u32 {
 
 /// Write a lab of `hosts` agents into `dir` (empty or missing).
 pub fn init(dir: &Path, hosts: u16, base_port: u16, trust_domain: &str) -> Result<Lab, LabError> {
-    if base_port.checked_add(hosts - 1).is_none() || hosts == 0 {
+    if hosts == 0 || base_port.checked_add(hosts - 1).is_none() {
         return Err(LabError::Ports { base_port, hosts });
     }
     if dir.exists() {
